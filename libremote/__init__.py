@@ -1,0 +1,100 @@
+"""libremote: use GPUs that sit in other servers from PyTorch programs on CPU-only hosts.
+
+``import libremote`` makes ``cuda`` mean a GPU on a libremote daemon: tensors and modules moved to
+``cuda`` live there, ops on them run there, and only what the program reads comes back. The
+daemon's address comes from ``LIBREMOTE_SERVER=tcp://host:port`` or :func:`connect`; the session
+opens on first use.
+
+Public API: :func:`connect`, :func:`disconnect`, :func:`is_connected`, :func:`synchronize`,
+:func:`server_info`, :func:`memory_stats` and the exceptions in :mod:`libremote.errors`.
+"""
+
+from __future__ import annotations
+
+import os as _os
+from typing import Any
+
+__version__ = "0.1.0"
+
+# In a source checkout, server/ and shims/ sit beside libremote/ and are installed as
+# libremote.server and libremote.shims (setup.py's package_dir). Let the checkout import them the
+# same way, so tests and `python -m libremote.server` run from the repository without installing.
+_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_checkout, "setup.py")) and _os.path.isdir(_os.path.join(_checkout, "server")):
+    __path__.append(_checkout)  # type: ignore[name-defined]
+
+from .errors import (  # noqa: E402
+    ConnectionFailed,
+    LibremoteError,
+    NotConfiguredError,
+    RemoteOpError,
+    RemoteOutOfMemoryError,
+)
+
+
+from .client import activation as _activation  # noqa: E402
+
+_activation.activate()
+
+
+def connect(address: str | None = None) -> dict[str, Any]:
+    """Open a session with the daemon at ``address`` (default: ``LIBREMOTE_SERVER``).
+
+    Closes the current session first (its tensors become unusable). Returns what the daemon said
+    about itself: versions, session id, devices. Raises :class:`ConnectionFailed` within
+    ``LIBREMOTE_TIMEOUT`` seconds if no daemon answers.
+    """
+    from .client import runtime
+
+    return dict(runtime.connect(address).daemon_info)
+
+
+def disconnect() -> None:
+    """Close the session; the daemon frees its memory at once."""
+    from .client import runtime
+
+    runtime.disconnect()
+
+
+def is_connected() -> bool:
+    from .client import runtime
+
+    session = runtime.current_if_open()
+    return session is not None and not session.closed and not session.connection.broken
+
+
+def synchronize() -> None:
+    """Wait until the daemon has run every op sent so far (raises a pending remote error)."""
+    from .client import runtime
+
+    runtime.current().synchronize()
+
+
+def server_info() -> dict[str, Any]:
+    """The daemon's self-description from the handshake (connects if needed)."""
+    from .client import runtime
+
+    return dict(runtime.current().daemon_info)
+
+
+def memory_stats() -> dict[str, int]:
+    """This session's memory on the daemon: allocated, peak, reserved, device free/total."""
+    from .client import cuda_api
+
+    return cuda_api._memory()
+
+
+__all__ = [
+    "ConnectionFailed",
+    "LibremoteError",
+    "NotConfiguredError",
+    "RemoteOpError",
+    "RemoteOutOfMemoryError",
+    "__version__",
+    "connect",
+    "disconnect",
+    "is_connected",
+    "memory_stats",
+    "server_info",
+    "synchronize",
+]

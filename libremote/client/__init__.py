@@ -1,0 +1,1 @@
+"""The libremote client: remote tensors, the op path, and the ``cuda`` facade."""

@@ -1,0 +1,121 @@
+"""``torch.autocast("cuda")`` for remote tensors.
+
+torch ships autocast kernels for CUDA, CPU, XPU, MPS, ... but none for PrivateUse1 (the key our
+tensors carry): with autocast enabled for it, every op would fail; with it off, ``autocast("cuda")``
+would be silently ignored. So:
+
+* entering ``autocast("cuda")`` also enables autocast for the ``remote`` device with the same
+  dtype (patched ``__enter__``/``__exit__``), and
+* a Python fallback on the ``AutocastPrivateUse1`` key applies CUDA's cast policy (the op lists
+  of torch's ``aten/src/ATen/autocast_mode.cpp``): lower-precision ops cast floating inputs to the
+  autocast dtype, fp32 ops to float32, promote ops to the widest input type; then the op runs
+  below autocast. Casts happen above autograd, so gradients flow back through them as with CUDA.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_map
+
+from . import backend
+
+LOWER_PRECISION_OPS = frozenset(
+    """_convolution conv1d conv2d conv3d conv_tbc conv_transpose1d conv_transpose2d conv_transpose3d
+    convolution prelu addmm addmv addr matmul einsum mm mv linalg_vecdot linear addbmm baddbmm bmm
+    chain_matmul linalg_multi_dot _thnn_fused_lstm_cell _thnn_fused_gru_cell lstm_cell gru_cell
+    rnn_tanh_cell rnn_relu_cell _scaled_dot_product_flash_attention scaled_dot_product_attention""".split()
+)
+FP32_OPS = frozenset(
+    """acos asin cosh erfinv exp expm1 log log10 log2 log1p reciprocal rsqrt sinh tan pow softplus
+    layer_norm native_layer_norm group_norm frobenius_norm nuclear_norm cosine_similarity
+    poisson_nll_loss cosine_embedding_loss nll_loss nll_loss2d hinge_embedding_loss kl_div l1_loss
+    smooth_l1_loss huber_loss mse_loss margin_ranking_loss multilabel_margin_loss soft_margin_loss
+    triplet_margin_loss multi_margin_loss binary_cross_entropy_with_logits dist pdist cdist renorm
+    logsumexp upsample_nearest1d _upsample_nearest_exact1d upsample_nearest2d
+    _upsample_nearest_exact2d upsample_nearest3d _upsample_nearest_exact3d upsample_linear1d
+    upsample_bilinear2d _upsample_bilinear2d_aa upsample_trilinear3d upsample_bicubic2d
+    _upsample_bicubic2d_aa prod softmax log_softmax cumprod cumsum sum norm linalg_vector_norm
+    linalg_matrix_norm""".split()
+)
+PROMOTE_OPS = frozenset(
+    """addcdiv addcmul atan2 bilinear cross dot grid_sampler index_put scatter_add tensordot cat
+    stack""".split()
+)
+
+_EXCLUDE_AUTOCAST = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastPrivateUse1)
+
+
+def _eligible(value: Any) -> bool:
+    return (
+        isinstance(value, torch.Tensor)
+        and value.device.type in ("cuda", backend.BACKEND_NAME)
+        and value.is_floating_point()
+        and value.dtype is not torch.float64
+    )
+
+
+def _cast_to(dtype: torch.dtype) -> Any:
+    def cast(value: Any) -> Any:
+        return value.to(dtype) if _eligible(value) and value.dtype is not dtype else value
+
+    return cast
+
+
+def _autocast_fallback(op: torch._ops.OpOverload, *args: Any, **kwargs: Any) -> Any:
+    name = op._schema.name.split("::", 1)[-1]
+    with torch._C._ExcludeDispatchKeyGuard(_EXCLUDE_AUTOCAST):
+        if name in LOWER_PRECISION_OPS:
+            cast = _cast_to(torch.get_autocast_dtype(backend.BACKEND_NAME))
+            args, kwargs = tree_map(cast, args), tree_map(cast, kwargs)
+        elif name in FP32_OPS:
+            cast = _cast_to(torch.float32)
+            args, kwargs = tree_map(cast, args), tree_map(cast, kwargs)
+        elif name in PROMOTE_OPS:
+            widest = None
+            for value in torch.utils._pytree.tree_leaves((args, kwargs)):
+                if _eligible(value):
+                    widest = value.dtype if widest is None else torch.promote_types(widest, value.dtype)
+            if widest is not None:
+                cast = _cast_to(widest)
+                args, kwargs = tree_map(cast, args), tree_map(cast, kwargs)
+        return op(*args, **kwargs)
+
+
+#: Whether ``autocast("cuda")`` also drives the remote device (off in the daemon's process).
+enabled = True
+
+
+def _patch_autocast_context() -> None:
+    autocast = torch.amp.autocast_mode.autocast
+    if getattr(autocast, "_libremote_patched", False):
+        return
+    original_enter, original_exit = autocast.__enter__, autocast.__exit__
+
+    def __enter__(self: Any) -> Any:
+        result = original_enter(self)
+        if enabled and self.device == "cuda" and not torch._jit_internal.is_scripting():
+            name = backend.BACKEND_NAME
+            self._libremote_saved = (torch.is_autocast_enabled(name), torch.get_autocast_dtype(name))
+            torch.set_autocast_enabled(name, self._enabled)
+            torch.set_autocast_dtype(name, self.fast_dtype)
+        return result
+
+    def __exit__(self: Any, *exc_info: Any) -> Any:
+        saved = self.__dict__.pop("_libremote_saved", None)
+        if saved is not None:
+            torch.set_autocast_enabled(backend.BACKEND_NAME, saved[0])
+            torch.set_autocast_dtype(backend.BACKEND_NAME, saved[1])
+        return original_exit(self, *exc_info)
+
+    autocast.__enter__ = __enter__
+    autocast.__exit__ = __exit__
+    autocast._libremote_patched = True
+
+
+def register() -> torch.library.Library:
+    library = torch.library.Library("_", "IMPL")
+    library.fallback(_autocast_fallback, "AutocastPrivateUse1")
+    _patch_autocast_context()
+    return library

@@ -1,0 +1,155 @@
+"""The client's end of the wire: one ZeroMQ DEALER socket to one daemon.
+
+Not thread-safe on its own: :class:`~libremote.client.session.ClientSession` serialises access.
+A connection that lost its daemon stays broken: messages in flight may have been dropped, so
+continuing would silently compute on missing state. The user reconnects explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import secrets
+import socket
+import sys
+import time
+from typing import Any
+
+import torch
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from .. import protocol
+from ..errors import ConnectionFailed
+from ..protocol import Msg
+
+_POLL_SLICE_MS = 100
+
+
+class Connection:
+    def __init__(self, address: str, *, timeout_s: float, heartbeat_s: float) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.pid = os.getpid()
+        self.broken: str | None = None
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.ROUTING_ID, secrets.token_bytes(16))
+        # Queue nothing for a peer that is not connected: the handshake then fails fast.
+        self._socket.setsockopt(zmq.IMMEDIATE, 1)
+        self._socket.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat_s * 1000))
+        self._socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(heartbeat_s * 3000))
+        self._socket.setsockopt(zmq.SNDHWM, 0)
+        self._socket.setsockopt(zmq.RCVHWM, 0)
+        self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._connected_once = False
+        try:
+            self._socket.connect(address)
+        except zmq.ZMQError as exc:
+            self._close_sockets()
+            raise ConnectionFailed(
+                f"libremote: {address!r} is not a ZeroMQ address ({exc}); expected tcp://host:port"
+            ) from None
+        self.welcome: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------------
+    def handshake(self, libremote_version: str) -> dict[str, Any]:
+        hello = {
+            "protocol": protocol.PROTOCOL_VERSION,
+            "libremote": libremote_version,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "argv": " ".join(sys.argv)[:200],
+        }
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            self._socket.send(protocol.packb([Msg.HELLO, hello]), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            # IMMEDIATE: no connection yet; wait for one until the deadline.
+            self._socket.setsockopt(zmq.SNDTIMEO, max(1, int(self.timeout_s * 1000)))
+            try:
+                self._socket.send(protocol.packb([Msg.HELLO, hello]))
+            except zmq.Again:
+                raise self._unreachable() from None
+            finally:
+                self._socket.setsockopt(zmq.SNDTIMEO, -1)
+        remaining_ms = int((deadline - time.monotonic()) * 1000)
+        if remaining_ms <= 0 or not self._socket.poll(remaining_ms, zmq.POLLIN):
+            raise self._unreachable()
+        header = protocol.unpackb(self._socket.recv())
+        self._drain_monitor()
+        if header[0] == Msg.REFUSED:
+            raise ConnectionFailed(f"libremote: the daemon at {self.address} refused this client: {header[1]}")
+        if header[0] != Msg.WELCOME:
+            raise ConnectionFailed(f"libremote: {self.address} answered the handshake with message kind {header[0]}")
+        self.welcome = header[1]
+        return self.welcome
+
+    def _unreachable(self) -> ConnectionFailed:
+        self.close()
+        return ConnectionFailed(
+            f"libremote: no daemon answered at {self.address} within {self.timeout_s:g} s. "
+            f"Check that libremote-server is running there (libremote-server --listen {self.address}), "
+            "that host and port are right and reachable from this machine (firewall), and that the "
+            "variable LIBREMOTE_SERVER or libremote.connect() names it. LIBREMOTE_TIMEOUT sets this wait."
+        )
+
+    # ------------------------------------------------------------------------------------------
+    def send(self, header: list[Any], frames: list[Any] = (), *, track: bool = False) -> zmq.MessageTracker | None:
+        self._check_usable()
+        data = [protocol.packb(header), *frames]
+        if track:
+            return self._socket.send_multipart(data, copy=False, track=True)
+        self._socket.send_multipart(data, copy=False)
+        return None
+
+    def receive(self) -> tuple[list[Any], list[zmq.Frame]]:
+        """Wait for the next message; raise :class:`ConnectionFailed` if the daemon goes away."""
+        self._check_usable()
+        while True:
+            if self._socket.poll(_POLL_SLICE_MS, zmq.POLLIN):
+                frames = self._socket.recv_multipart(copy=False)
+                return protocol.unpackb(frames[0].buffer), frames[1:]
+            self._drain_monitor()
+            if self.broken:
+                raise ConnectionFailed(self.broken)
+
+    def _drain_monitor(self) -> None:
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._connected_once = True
+            elif event == zmq.EVENT_DISCONNECTED and self._connected_once and not self.broken:
+                self.broken = (
+                    f"libremote: lost the connection to the daemon at {self.address} (it stopped, "
+                    "crashed or became unreachable). Tensors on it are gone; call "
+                    "libremote.connect() to start a new session."
+                )
+
+    def _check_usable(self) -> None:
+        if os.getpid() != self.pid:
+            raise ConnectionFailed(
+                "libremote: this process was forked from the one that opened the connection; a "
+                "child cannot use its parent's remote tensors. Call libremote.connect() in the child."
+            )
+        if self.broken:
+            raise ConnectionFailed(self.broken)
+
+    def close(self) -> None:
+        if os.getpid() != self.pid:
+            return  # never touch ZeroMQ state inherited through fork
+        if not self.broken:
+            self.broken = "libremote: the connection was closed; call libremote.connect() to open another"
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        try:
+            self._socket.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close(0)
+        self._socket.close(0)
+        self._context.term()

@@ -1,0 +1,407 @@
+"""``torch.cuda`` and ``torch.accelerator`` answered by the daemon.
+
+On a CPU build of torch these functions say there is no GPU (or raise). After ``install()`` they
+describe the daemon's device: properties and memory figures are the daemon's real ones, seeding
+seeds the session's generator on the daemon, and ``synchronize`` waits for the daemon's device.
+Streams and events are minimal but real: a session has one stream on the daemon, so ordering
+between streams always holds; events record timestamps on the daemon for ``elapsed_time``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import random
+import warnings
+from typing import Any, Iterator
+
+import torch
+
+from ..errors import ConnectionFailed, NotConfiguredError
+from ..protocol import Cmd
+from . import runtime
+
+_current_device = 0
+_warned: set[str] = set()
+
+
+def _session() -> Any:
+    return runtime.current()
+
+
+def _index(device: Any = None) -> int:
+    if device is None:
+        return _current_device
+    if isinstance(device, int):
+        return device
+    if isinstance(device, str):
+        device = torch.device(device)
+    if isinstance(device, torch.device):
+        return _current_device if device.index is None else device.index
+    raise ValueError(f"libremote: {device!r} does not name a device")
+
+
+def _facts(device: Any = None) -> dict[str, Any]:
+    devices = _session().devices
+    index = _index(device)
+    if not 0 <= index < len(devices):
+        raise RuntimeError(f"libremote: device cuda:{index} does not exist; the daemon gave this session {len(devices)}")
+    return devices[index]
+
+
+# ------------------------------------------------------------------------------------------------
+# Availability and devices
+# ------------------------------------------------------------------------------------------------
+def is_available() -> bool:
+    try:
+        _session()
+    except NotConfiguredError as exc:
+        _warn_once("not configured", str(exc))
+        return False
+    except ConnectionFailed as exc:
+        _warn_once("unreachable", str(exc))
+        return False
+    return True
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def device_count() -> int:
+    return len(_session().devices) if is_available() else 0
+
+
+def current_device() -> int:
+    return _current_device
+
+
+def set_device(device: Any) -> None:
+    global _current_device
+    index = _index(device)
+    if index < 0:
+        return
+    _facts(index)
+    _current_device = index
+
+
+def _exchange_device(index: int) -> int:
+    global _current_device
+    previous = _current_device
+    if index >= 0:
+        _current_device = index
+    return previous
+
+
+def synchronize(device: Any = None) -> None:
+    _session().synchronize()
+
+
+def is_initialized() -> bool:
+    return runtime.current_if_open() is not None
+
+
+def init() -> None:
+    _session()
+
+
+class DeviceProperties:
+    """What ``torch.cuda.get_device_properties`` returns for a remote device."""
+
+    def __init__(self, facts: dict[str, Any]) -> None:
+        self.name: str = facts["name"]
+        self.total_memory: int = facts["total_memory"]
+        self.major: int = facts["major"]
+        self.minor: int = facts["minor"]
+        self.multi_processor_count: int = facts["multi_processor_count"]
+        self.is_integrated = False
+        self.is_multi_gpu_board = False
+        self.backend_type: str = facts["type"]
+
+    def __repr__(self) -> str:
+        return (
+            f"_CudaDeviceProperties(name='{self.name}', major={self.major}, minor={self.minor}, "
+            f"total_memory={self.total_memory // (1 << 20)}MB, "
+            f"multi_processor_count={self.multi_processor_count}, backend='{self.backend_type}' via libremote)"
+        )
+
+
+def get_device_properties(device: Any = None) -> DeviceProperties:
+    return DeviceProperties(_facts(device))
+
+
+def get_device_name(device: Any = None) -> str:
+    return _facts(device)["name"]
+
+
+def get_device_capability(device: Any = None) -> tuple[int, int]:
+    facts = _facts(device)
+    return facts["major"], facts["minor"]
+
+
+def is_bf16_supported(including_emulation: bool = True) -> bool:
+    return bool(_facts().get("bf16_supported", True))
+
+
+# ------------------------------------------------------------------------------------------------
+# Random numbers: the session's generator on the daemon
+# ------------------------------------------------------------------------------------------------
+_initial_seed: int | None = None
+
+
+def manual_seed(seed: int) -> None:
+    global _initial_seed
+    seed = int(seed)
+    _initial_seed = seed
+    if runtime.configured_address() is None and runtime.current_if_open() is None:
+        return  # torch.manual_seed() calls this too; without a daemon there is nothing to seed
+    _session().submit([Cmd.SEED, seed])
+
+
+manual_seed_all = manual_seed
+
+
+def seed() -> None:
+    manual_seed(random.getrandbits(63))
+
+
+seed_all = seed
+
+
+def initial_seed() -> int:
+    if _initial_seed is None:
+        seed()
+    assert _initial_seed is not None
+    return _initial_seed
+
+
+def get_rng_state(device: Any = "cuda") -> torch.Tensor:
+    state, _ = _session().request([Cmd.RNG_STATE])
+    return torch.frombuffer(bytearray(state), dtype=torch.uint8)
+
+
+def set_rng_state(new_state: torch.Tensor, device: Any = "cuda") -> None:
+    data = bytes(new_state.detach().cpu().contiguous().view(torch.uint8).numpy())
+    _session().request([Cmd.RNG_STATE, data])
+
+
+def get_rng_state_all() -> list[torch.Tensor]:
+    return [get_rng_state(index) for index in range(device_count())]
+
+
+def set_rng_state_all(new_states: list[torch.Tensor]) -> None:
+    for state in new_states:
+        set_rng_state(state)
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory: this session's figures on the daemon
+# ------------------------------------------------------------------------------------------------
+def _memory() -> dict[str, int]:
+    result, _ = _session().request([Cmd.QUERY, "memory"])
+    return result
+
+
+def memory_allocated(device: Any = None) -> int:
+    return _memory()["allocated"]
+
+
+def max_memory_allocated(device: Any = None) -> int:
+    return _memory()["peak"]
+
+
+def memory_reserved(device: Any = None) -> int:
+    return _memory()["reserved"]
+
+
+def max_memory_reserved(device: Any = None) -> int:
+    stats = _memory()
+    return max(stats["reserved"], stats["peak"])
+
+
+def reset_peak_memory_stats(device: Any = None) -> None:
+    _session().request([Cmd.QUERY, "reset_peak_memory"])
+
+
+reset_max_memory_allocated = reset_peak_memory_stats
+
+
+def empty_cache() -> None:
+    if runtime.current_if_open() is not None:
+        _session().request([Cmd.QUERY, "empty_cache"])
+
+
+def mem_get_info(device: Any = None) -> tuple[int, int]:
+    stats = _memory()
+    return stats["device_free"], stats["device_total"]
+
+
+def memory_stats(device: Any = None) -> dict[str, int]:
+    stats = _memory()
+    return {
+        "allocated_bytes.all.current": stats["allocated"],
+        "allocated_bytes.all.peak": stats["peak"],
+        "reserved_bytes.all.current": stats["reserved"],
+        "active_bytes.all.current": stats["allocated"],
+        "num_alloc_retries": 0,
+        "num_ooms": 0,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Streams and events
+# ------------------------------------------------------------------------------------------------
+class Stream:
+    """A remote stream. The daemon runs a session's work in order on one stream, so waits
+    between streams are already satisfied; ``synchronize``/``query`` wait for the daemon."""
+
+    def __init__(self, device: Any = None, priority: int = 0, **kwargs: Any) -> None:
+        self.device = torch.device("cuda", _index(device))
+        self.priority = priority
+        self.cuda_stream = 0
+
+    def synchronize(self) -> None:
+        synchronize()
+
+    def query(self) -> bool:
+        synchronize()
+        return True
+
+    def wait_stream(self, stream: "Stream") -> None:
+        pass
+
+    def wait_event(self, event: "Event") -> None:
+        pass
+
+    def record_event(self, event: "Event | None" = None) -> "Event":
+        event = event or Event()
+        event.record(self)
+        return event
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Stream) and other.device == self.device
+
+    def __hash__(self) -> int:
+        return hash(("libremote.Stream", self.device))
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"<libremote Stream device={self.device}>"
+
+
+_event_ids = itertools.count(1)
+
+
+class Event:
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False, **kwargs: Any) -> None:
+        self.enable_timing = enable_timing
+        self._id = next(_event_ids)
+        self._recorded = False
+
+    def record(self, stream: Stream | None = None) -> None:
+        _session().submit([Cmd.EVENT, self._id])
+        self._recorded = True
+
+    def wait(self, stream: Stream | None = None) -> None:
+        pass
+
+    def query(self) -> bool:
+        synchronize()
+        return True
+
+    def synchronize(self) -> None:
+        synchronize()
+
+    def elapsed_time(self, end_event: "Event") -> float:
+        if not (self._recorded and end_event._recorded):
+            raise RuntimeError("Both events must be recorded before calculating elapsed time.")
+        value, _ = _session().request([Cmd.ELAPSED, self._id, end_event._id])
+        return float(value)
+
+
+def current_stream(device: Any = None) -> Stream:
+    return Stream(device)
+
+
+default_stream = current_stream
+
+
+def set_stream(stream: Stream) -> None:
+    pass
+
+
+@contextlib.contextmanager
+def stream(stream: Stream | None = None) -> Iterator[Stream | None]:
+    yield stream
+
+
+# ------------------------------------------------------------------------------------------------
+_CUDA_FUNCTIONS = {
+    name: globals()[name]
+    for name in """is_available device_count current_device set_device synchronize is_initialized
+    init get_device_properties get_device_name get_device_capability is_bf16_supported manual_seed
+    manual_seed_all seed seed_all initial_seed get_rng_state set_rng_state get_rng_state_all
+    set_rng_state_all memory_allocated max_memory_allocated memory_reserved max_memory_reserved
+    reset_peak_memory_stats reset_max_memory_allocated empty_cache mem_get_info memory_stats
+    Stream Event current_stream default_stream set_stream stream _exchange_device""".split()
+}
+
+
+def _current_accelerator(check_available: bool = False) -> torch.device | None:
+    return torch.device("cuda") if not check_available or is_available() else None
+
+
+_MEMORY_FUNCTIONS = ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved",
+                     "reset_peak_memory_stats", "empty_cache", "mem_get_info", "memory_stats")
+
+
+def _replacements() -> list[tuple[Any, str, Any]]:
+    """(module, attribute, replacement) for everything ``install`` patches."""
+    cuda, accelerator = torch.cuda, torch.accelerator
+    patches: list[tuple[Any, str, Any]] = [(cuda, name, fn) for name, fn in _CUDA_FUNCTIONS.items()]
+    patches += [
+        (cuda, "_maybe_exchange_device", _exchange_device),
+        (cuda, "_lazy_init", lambda: None),
+        (cuda, "is_current_stream_capturing", lambda: False),
+        (cuda, "ipc_collect", lambda: None),
+        (cuda.random, "manual_seed", manual_seed),
+        (cuda.random, "manual_seed_all", manual_seed_all),
+        (accelerator, "is_available", is_available),
+        (accelerator, "device_count", device_count),
+        (accelerator, "current_accelerator", _current_accelerator),
+        (accelerator, "current_device_index", current_device),
+        (accelerator, "current_device_idx", current_device),
+        (accelerator, "set_device_index", set_device),
+        (accelerator, "set_device_idx", set_device),
+        (accelerator, "synchronize", synchronize),
+    ]
+    patches += [(cuda.memory, name, globals()[name]) for name in _MEMORY_FUNCTIONS if hasattr(cuda.memory, name)]
+    memory = getattr(accelerator, "memory", None)
+    if memory is not None:
+        patches += [(memory, name, globals()[name]) for name in _MEMORY_FUNCTIONS if hasattr(memory, name)]
+    return patches
+
+
+_saved: list[tuple[Any, str, Any]] = []
+
+
+def install() -> None:
+    """Point ``torch.cuda`` and ``torch.accelerator`` at the daemon."""
+    if _saved:
+        return
+    for module, name, replacement in _replacements():
+        _saved.append((module, name, getattr(module, name, None)))
+        setattr(module, name, replacement)
+
+
+def uninstall() -> None:
+    while _saved:
+        module, name, original = _saved.pop()
+        setattr(module, name, original)

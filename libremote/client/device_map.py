@@ -1,0 +1,152 @@
+"""Makes ``cuda`` mean the remote device, wherever a program names a device.
+
+A torch-function mode sees every call of the torch API before it runs and rewrites device
+arguments: ``device="cuda"``, ``torch.device("cuda", 1)``, ``.to("cuda:0")``, ``.cuda()``, a bare
+ordinal in ``.to(0)``. It also turns ``pin_memory()`` into a no-op (host memory needs no pinning
+when the bytes travel over the network anyway; a CPU build of torch cannot pin).
+
+torch keeps mode stacks per thread, so the mode is entered in the importing thread and in every
+thread started afterwards (``threading.Thread._bootstrap_inner`` is wrapped); autograd's own
+worker threads inherit it from the thread that calls ``backward()``.
+
+``torch.set_default_device("cuda")`` and ``with torch.device("cuda"):`` push torch's own device
+mode above ours; the device it injects is rewritten by ours underneath.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from . import backend
+
+_Tensor = torch.Tensor
+
+
+def _current_index() -> int:
+    from . import cuda_api
+
+    return cuda_api.current_device()
+
+
+def map_device(device: Any) -> Any:
+    """``cuda``/``cuda:N``/``torch.device('cuda', N)`` -> ``remote:N``; anything else unchanged."""
+    if isinstance(device, str):
+        if not device.startswith("cuda"):
+            return device
+        device = torch.device(device)
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return backend.device(_current_index() if device.index is None else device.index)
+    return device
+
+
+def _map_ordinal(device: Any) -> Any:
+    """In device positions a bare int is a CUDA ordinal (``x.to(0)``, ``device=1``)."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        return backend.device(device)
+    return map_device(device)
+
+
+def _tensor_to(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if len(args) > 1:
+        args = (args[0], _map_ordinal(args[1]), *args[2:])
+    if "device" in kwargs:
+        kwargs["device"] = _map_ordinal(kwargs["device"])
+    return func(*args, **kwargs)
+
+
+def _tensor_cuda(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    tensor = args[0]
+    device = args[1] if len(args) > 1 else kwargs.pop("device", None)
+    target = backend.device(_current_index()) if device is None else _map_ordinal(device)
+    non_blocking = args[2] if len(args) > 2 else kwargs.pop("non_blocking", False)
+    return _Tensor.to(tensor, target, non_blocking=non_blocking, **kwargs)
+
+
+def _pin_memory(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return args[0]
+
+
+def _is_pinned(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return False
+
+
+_SPECIAL: dict[Any, Callable[..., Any]] = {
+    _Tensor.to: _tensor_to,
+    _Tensor.cuda: _tensor_cuda,
+    _Tensor.pin_memory: _pin_memory,
+    _Tensor.is_pinned: _is_pinned,
+}
+
+
+class CudaIsRemote(TorchFunctionMode):
+    """The mode that rewrites ``cuda`` device arguments to the remote device."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        if kwargs is None:
+            kwargs = {}
+        special = _SPECIAL.get(func)
+        if special is not None:
+            return special(func, args, kwargs)
+        device = kwargs.get("device")
+        if device is not None:
+            kwargs["device"] = _map_ordinal(device)
+        return func(*args, **kwargs)
+
+
+_mode = CudaIsRemote()
+_installed = False
+_original_bootstrap_inner = threading.Thread._bootstrap_inner  # type: ignore[attr-defined]
+
+
+def _bootstrap_inner_with_mode(self: threading.Thread) -> None:
+    with CudaIsRemote():
+        _original_bootstrap_inner(self)
+
+
+_original_set_default_device = torch.set_default_device
+_original_get_default_device = torch.get_default_device
+
+
+def _patch_default_device() -> None:
+    original_set = _original_set_default_device
+    original_get = _original_get_default_device
+
+    def set_default_device(device: Any) -> None:
+        original_set(_map_ordinal(device) if device is not None else None)
+
+    def get_default_device() -> torch.device:
+        device = original_get()
+        if device.type == backend.BACKEND_NAME:
+            return torch.device("cuda", device.index or 0)
+        return device
+
+    set_default_device.__doc__ = original_set.__doc__
+    get_default_device.__doc__ = original_get.__doc__
+    torch.set_default_device = set_default_device
+    torch.get_default_device = get_default_device
+
+
+def install() -> None:
+    """Enter the mode in this thread and every thread started from now on (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    _mode.__enter__()
+    threading.Thread._bootstrap_inner = _bootstrap_inner_with_mode  # type: ignore[attr-defined]
+    _patch_default_device()
+
+
+def uninstall() -> None:
+    global _installed
+    if not _installed:
+        return
+    _installed = False
+    _mode.__exit__(None, None, None)
+    threading.Thread._bootstrap_inner = _original_bootstrap_inner  # type: ignore[attr-defined]
+    torch.set_default_device = _original_set_default_device
+    torch.get_default_device = _original_get_default_device

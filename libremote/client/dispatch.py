@@ -1,0 +1,195 @@
+"""The op path: every aten op on a RemoteTensor (or a factory call on the remote device).
+
+``dispatch`` is called from ``RemoteTensor.__torch_dispatch__`` and from the PrivateUse1 fallback.
+Autograd, autocast and composite ops have already run above it, on the client: the daemon only
+ever sees aten ops.
+
+Streaming path (almost every op): infer output metadata locally (cached), allocate handles, queue
+an OP command, return wrappers at once. Sync path (ops whose results depend on data: ``.item()``,
+``nonzero``, boolean masks, ``equal``, ops without a meta kernel): send OP_SYNC and build results
+from the daemon's answer. Data movement between host and device (``.cpu()``, ``copy_`` across
+devices) is handled by :mod:`.sync`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..protocol import Cmd
+from . import meta, runtime, sync
+from .ops import OpInfo, Return, WireEncoder, op_info
+from .tensor import RemoteTensor, make
+
+aten = torch.ops.aten
+
+
+def dispatch(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    special = _SPECIAL.get(func)
+    if special is not None:
+        return special(func, args, kwargs)
+    return run(func, args, kwargs)
+
+
+def run(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Forward ``func`` to the daemon: streamed when its metadata can be inferred, else synchronous."""
+    info = op_info(func)
+    if not info.needs_daemon_answer:
+        try:
+            specs = meta.infer(func, info, args, kwargs)
+        except meta.NeedsDaemon:
+            pass
+        else:
+            return _stream(func, info, specs, args, kwargs)
+    return _run_synchronously(func, info, args, kwargs)
+
+
+def _device_index(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    for value in args:
+        if isinstance(value, RemoteTensor):
+            return value._device_index
+    device = kwargs.get("device")
+    if isinstance(device, torch.device) and device.index is not None:
+        return device.index
+    for value in args:
+        if isinstance(value, (list, tuple)):
+            for item in value:
+                if isinstance(item, RemoteTensor):
+                    return item._device_index
+    return 0
+
+
+def _mutated_input(source: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    where, key = source
+    return args[key] if where == "arg" else kwargs[key]
+
+
+def _stream(func: torch._ops.OpOverload, info: OpInfo, specs: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    session = runtime.current()
+    encoder = WireEncoder(session, info.name)
+    wire_args, wire_kwargs = encoder.arguments(info, args, kwargs)
+    index = _device_index(args, kwargs)
+    outs: list[Any] = []
+    results: list[Any] = []
+    for kind, source, spec in zip(info.returns, info.return_sources, specs):
+        if kind is Return.NEW:
+            if spec is None:
+                outs.append(None)
+                results.append(None)
+            else:
+                tensor = make(spec, session, index)
+                outs.append(tensor._ref.id)
+                results.append(tensor)
+        elif kind is Return.NEW_LIST:
+            tensors = [make(item, session, index) for item in spec]
+            outs.append([tensor._ref.id for tensor in tensors])
+            results.append(tensors)
+        else:  # MUTATED_INPUT
+            outs.append(None)
+            mutated = _mutated_input(source, args, kwargs) if source else None
+            if isinstance(mutated, RemoteTensor) and spec is not None and mutated._spec != spec:
+                _set_spec(mutated, spec)
+            results.append(mutated)
+    session.submit([Cmd.OP, session.op_ref(info.name), wire_args, wire_kwargs, outs])
+    return _pack_results(info, results)
+
+
+def _pack_results(info: OpInfo, results: list[Any]) -> Any:
+    if len(info.returns) == 1:
+        return results[0]
+    if not info.returns:
+        return None
+    return tuple(results)
+
+
+def _run_synchronously(func: torch._ops.OpOverload, info: OpInfo, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run on the daemon and wait: the results' metadata (or values) come from its answer."""
+    session = runtime.current()
+    encoder = WireEncoder(session, info.name)
+    wire_args, wire_kwargs = encoder.arguments(info, args, kwargs)
+    index = _device_index(args, kwargs)
+    outs: list[Any] = []
+    for kind in info.returns:
+        if kind is Return.NEW:
+            outs.append(session.new_handle())
+        elif kind is Return.NEW_LIST:
+            count = next((len(a) for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)), None)
+            if count is None:
+                raise NotImplementedError(f"libremote: {info.name} returns a list of unknown length")
+            outs.append([session.new_handle() for _ in range(count)])
+        else:
+            outs.append(None)
+    try:
+        (values, metas), _ = session.request([Cmd.OP_SYNC, session.op_ref(info.name), wire_args, wire_kwargs, outs])
+    except BaseException:
+        for handle in _flat(outs):
+            session.release(handle)
+        raise
+    results: list[Any] = []
+    for kind, source, out, value, tensor_meta in zip(info.returns, info.return_sources, outs, values, metas):
+        if kind is Return.NEW:
+            results.append(None if tensor_meta is None else _adopt(tensor_meta, out, session, index))
+        elif kind is Return.NEW_LIST:
+            results.append([_adopt(m, h, session, index) for m, h in zip(tensor_meta, out)])
+        elif kind is Return.MUTATED_INPUT:
+            mutated = _mutated_input(source, args, kwargs) if source else None
+            if isinstance(mutated, RemoteTensor) and tensor_meta is not None:
+                spec = _spec_from_wire(tensor_meta)
+                if mutated._spec != spec:
+                    _set_spec(mutated, spec)
+            results.append(mutated)
+        else:
+            results.append(value)
+    return _pack_results(info, results)
+
+
+def _flat(outs: list[Any]) -> list[int]:
+    flat: list[int] = []
+    for out in outs:
+        if isinstance(out, list):
+            flat.extend(out)
+        elif out is not None:
+            flat.append(out)
+    return flat
+
+
+def _spec_from_wire(tensor_meta: list[Any]) -> tuple[Any, ...]:
+    dtype, shape, stride, offset = tensor_meta
+    return (dtype, tuple(shape), tuple(stride), offset)
+
+
+def _adopt(tensor_meta: list[Any], handle: int, session: Any, index: int) -> RemoteTensor:
+    from .tensor import _HandleRef
+
+    return RemoteTensor(_spec_from_wire(tensor_meta), _HandleRef(handle, session), index)
+
+
+def _set_spec(tensor: RemoteTensor, spec: tuple[Any, ...]) -> None:
+    """Give ``tensor`` new metadata in place (after resize_, t_, unsqueeze_, ...)."""
+    template = RemoteTensor(spec, tensor._ref, tensor._device_index)
+    torch._C.TensorBase.data.__set__(tensor, template)
+    tensor._spec = spec
+
+
+def rebind(target: RemoteTensor, new: torch.Tensor) -> None:
+    """``target.data = new``: target becomes an alias of ``new`` (metadata and daemon handle)."""
+    if not isinstance(new, RemoteTensor):
+        raise RuntimeError(
+            f"data set to a tensor on {new.device} for a tensor on {target.device}: move it first "
+            "(.data = t.to(param.device))"
+        )
+    with torch.no_grad():
+        alias = aten.alias.default(new)
+    torch._C.TensorBase.data.__set__(target, alias)
+    target._ref = alias._ref
+    target._spec = alias._spec
+    target._device_index = alias._device_index
+
+
+_SPECIAL: dict[torch._ops.OpOverload, Callable[..., Any]] = {
+    aten._to_copy.default: sync.to_copy,
+    aten.copy_.default: sync.copy_,
+    aten.is_pinned.default: lambda func, args, kwargs: False,
+    aten._fused_sdp_choice.default: sync.sdp_choice,
+}

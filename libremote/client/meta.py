@@ -1,0 +1,133 @@
+"""Local shape inference: what an op will produce, worked out without asking the daemon.
+
+The op runs on ``meta`` tensors (shape, stride, dtype, no data), which also raises torch's own
+errors for bad shapes and dtypes on the user's line. Results are cached by the op and the
+*signature* of its arguments (tensor metadata, and scalar values where they can matter), because
+torch's meta kernels cost tens of microseconds and a training loop repeats the same calls.
+
+Where meta inference cannot answer (ops whose output shape depends on data, ops without a meta
+kernel), :class:`NeedsDaemon` tells the caller to run the op synchronously and take the daemon's
+metadata instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import backend
+from .ops import OpInfo, Return
+from .tensor import RemoteTensor
+
+_META = torch.device("meta")
+_MAX_CACHE = 1 << 16
+
+_cache: dict[Any, tuple[Any, ...]] = {}
+#: Ops whose meta inference failed for want of a kernel: go straight to the daemon next time.
+ops_without_meta: set[torch._ops.OpOverload] = set()
+
+
+class NeedsDaemon(Exception):
+    """Metadata for this call can only come from running it."""
+
+
+def _scalar_key(value: Any) -> Any:
+    return (type(value), value)
+
+
+def signature(value: Any, values_matter: bool) -> Any:
+    """A hashable key of everything in ``value`` that can change an op's output metadata."""
+    kind = type(value)
+    if kind is RemoteTensor:
+        return value._spec
+    if kind is int or kind is str or value is None:
+        return value if values_matter else kind
+    if kind is float or kind is bool or kind is complex:
+        return (kind, value) if values_matter else kind
+    if kind is list or kind is tuple or kind is torch.Size:
+        return tuple(signature(item, values_matter) for item in value)
+    if isinstance(value, RemoteTensor):
+        return value._spec
+    if isinstance(value, torch.Tensor):
+        return ("host", value.dtype, tuple(value.shape), value.stride(), value.device.type)
+    if kind is dict:
+        return tuple((key, signature(item, values_matter)) for key, item in value.items())
+    try:
+        hash(value)
+    except TypeError:
+        return (kind, id(value))
+    return (kind, value)
+
+
+def _to_meta(value: Any) -> Any:
+    kind = type(value)
+    if kind is RemoteTensor or isinstance(value, RemoteTensor):
+        dtype, shape, stride, offset = value._spec
+        if offset:
+            span = offset + sum((size - 1) * step for size, step in zip(shape, stride) if size) + 1
+            return torch.empty((span,), dtype=dtype, device=_META).as_strided(shape, stride, offset)
+        return torch.empty_strided(shape, stride, dtype=dtype, device=_META)
+    if kind is list or kind is tuple:
+        return kind(_to_meta(item) for item in value)
+    if kind is torch.device and value.type == backend.BACKEND_NAME:
+        return _META
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.device.type == "cpu":
+        # Host tensors next to device tensors (index tensors): only their metadata matters here.
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=_META)
+    return value
+
+
+def spec_of(tensor: torch.Tensor) -> tuple[Any, ...]:
+    return (tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset())
+
+
+def _describe_result(info: OpInfo, result: Any, meta_args: tuple[Any, ...], meta_kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    values = (result,) if len(info.returns) == 1 else (result if result is not None else ())
+    specs = []
+    for kind, source, value in zip(info.returns, info.return_sources, values):
+        if kind is Return.NEW:
+            specs.append(None if value is None else spec_of(value))
+        elif kind is Return.NEW_LIST:
+            specs.append(tuple(spec_of(item) for item in value))
+        elif kind is Return.MUTATED_INPUT:
+            # The input after the op: in-place ops such as resize_ or t_ change its metadata.
+            mutated = meta_args[source[1]] if source and source[0] == "arg" else meta_kwargs.get(source[1]) if source else value
+            specs.append(spec_of(mutated) if isinstance(mutated, torch.Tensor) else None)
+        else:
+            raise NeedsDaemon()
+    return tuple(specs)
+
+
+def _device_names(message: str) -> str:
+    return message.replace("device meta", "device cuda:0").replace("meta and", "cuda:0 and").replace(
+        "and meta", "and cuda:0").replace("expected device meta", "expected device cuda:0")
+
+
+def infer(func: torch._ops.OpOverload, info: OpInfo, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """Output specs per return (see :func:`spec_of`); raises :class:`NeedsDaemon` or torch's error."""
+    values_matter = not info.pointwise
+    key = (func, signature(args, values_matter), signature(kwargs, values_matter) if kwargs else None)
+    specs = _cache.get(key)
+    if specs is not None:
+        return specs
+    if func in ops_without_meta:
+        raise NeedsDaemon()
+    meta_args = _to_meta(args)
+    meta_kwargs = {name: _to_meta(value) for name, value in kwargs.items()}
+    try:
+        result = func(*meta_args, **meta_kwargs)
+    except NotImplementedError:
+        ops_without_meta.add(func)
+        raise NeedsDaemon() from None
+    except RuntimeError as exc:
+        message = str(exc)
+        lowered = message.lower()
+        if "meta" in lowered and "device" not in lowered or "data pointer" in lowered or "data_ptr" in lowered:
+            raise NeedsDaemon() from None
+        raise type(exc)(_device_names(message)) from None
+    specs = _describe_result(info, result, meta_args, meta_kwargs)
+    if len(_cache) >= _MAX_CACHE:
+        _cache.clear()
+    _cache[key] = specs
+    return specs

@@ -1,0 +1,204 @@
+"""What the client learns once from each op's schema, and how arguments go on the wire.
+
+An :class:`OpInfo` is computed the first time an op is dispatched and cached on the op: its wire
+name, its defaults (arguments equal to a default are dropped so older daemons still understand
+the call), and what each return is: a new tensor, a list of new tensors, one of the inputs
+mutated in place (``Tensor(a!)``), or a plain value (which needs the daemon's answer).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import protocol
+from . import backend
+from .tensor import RemoteTensor
+
+
+class Return(enum.Enum):
+    NEW = "new"  # a new tensor (including views): gets a new handle
+    NEW_LIST = "new_list"  # Tensor[]: a list of new tensors
+    MUTATED_INPUT = "mutated_input"  # Tensor(a!): the input object itself
+    VALUE = "value"  # int/float/bool/...: the daemon must compute it
+
+
+_NO_DEFAULT = object()
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    name: str
+    positional_defaults: tuple[Any, ...]  # per positional argument: default or _NO_DEFAULT
+    kwarg_defaults: dict[str, Any]
+    returns: tuple[Return, ...]
+    #: For MUTATED_INPUT returns: ("arg", index) or ("kwarg", name) of the mutated argument.
+    return_sources: tuple[Any, ...]
+    pointwise: bool
+    #: The op's result metadata depends on tensor *values*: it must run on the daemon first.
+    needs_daemon_answer: bool
+
+
+_infos: dict[torch._ops.OpOverload, OpInfo] = {}
+
+
+def _return_kind(ret: torch._C.Argument) -> Return:
+    if ret.alias_info is not None and ret.alias_info.is_write:
+        return Return.MUTATED_INPUT
+    kind = ret.type
+    if isinstance(kind, torch._C.OptionalType):
+        kind = kind.getElementType()
+    if isinstance(kind, torch._C.TensorType):
+        return Return.NEW
+    if isinstance(kind, torch._C.ListType) and isinstance(kind.getElementType(), torch._C.TensorType):
+        return Return.NEW_LIST
+    return Return.VALUE
+
+
+def op_info(func: torch._ops.OpOverload) -> OpInfo:
+    info = _infos.get(func)
+    if info is not None:
+        return info
+    schema = func._schema
+    name = schema.name if not schema.overload_name else f"{schema.name}.{schema.overload_name}"
+    positional = []
+    kwarg_defaults = {}
+    alias_sources: dict[Any, Any] = {}
+    for index, arg in enumerate(schema.arguments):
+        default = arg.default_value if arg.has_default_value() else _NO_DEFAULT
+        if arg.kwarg_only:
+            kwarg_defaults[arg.name] = default
+            where: Any = ("kwarg", arg.name)
+        else:
+            positional.append(default)
+            where = ("arg", index)
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            for alias_set in arg.alias_info.before_set:
+                alias_sources[alias_set] = where
+    returns = tuple(_return_kind(ret) for ret in schema.returns)
+    sources = []
+    for ret, kind in zip(schema.returns, returns):
+        source = None
+        if kind is Return.MUTATED_INPUT:
+            source = next((alias_sources[s] for s in ret.alias_info.before_set if s in alias_sources), None)
+        sources.append(source)
+    tags = func.tags
+    info = OpInfo(
+        name=name,
+        positional_defaults=tuple(positional),
+        kwarg_defaults=kwarg_defaults,
+        returns=returns,
+        return_sources=tuple(sources),
+        pointwise=torch.Tag.pointwise in tags,
+        needs_daemon_answer=(
+            Return.VALUE in returns
+            or torch.Tag.dynamic_output_shape in tags
+            or torch.Tag.data_dependent_output in tags
+        ),
+    )
+    _infos[func] = info
+    return info
+
+
+def _same(value: Any, default: Any) -> bool:
+    if value is default:
+        return True
+    if default is _NO_DEFAULT or type(value) is not type(default):
+        return isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)) and list(value) == list(default)
+    try:
+        return bool(value == default)
+    except Exception:
+        return False
+
+
+class WireEncoder:
+    """Encodes one op's arguments for the daemon, checking they belong to ``session``."""
+
+    __slots__ = ("session", "op_name", "keepalive")
+
+    def __init__(self, session: Any, op_name: str) -> None:
+        self.session = session
+        self.op_name = op_name
+        #: Temporaries uploaded for this op; they must outlive its submission.
+        self.keepalive: list[Any] = []
+
+    def arguments(self, info: OpInfo, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+        count = len(args)
+        defaults = info.positional_defaults
+        while count and count <= len(defaults) and _same(args[count - 1], defaults[count - 1]):
+            count -= 1
+        wire_args = [self.value(arg) for arg in args[:count]]
+        wire_kwargs = {
+            key: self.value(value)
+            for key, value in kwargs.items()
+            if not _same(value, info.kwarg_defaults.get(key, _NO_DEFAULT))
+        }
+        return wire_args, wire_kwargs
+
+    def value(self, value: Any) -> Any:
+        kind = type(value)
+        if kind is RemoteTensor:
+            return self.tensor(value)
+        if value is None or kind is int or kind is float or kind is bool or kind is str:
+            return value
+        if kind is list or kind is tuple or kind is torch.Size:
+            return [self.value(item) for item in value]
+        if isinstance(value, RemoteTensor):
+            return self.tensor(value)
+        if isinstance(value, torch.Tensor):
+            return self.host_tensor(value)
+        if kind is torch.dtype:
+            return protocol.dtype_ext(value)
+        if kind is torch.device:
+            if value.type != backend.BACKEND_NAME:
+                raise RuntimeError(
+                    f"libremote: {self.op_name} was asked for device {value}; it can create tensors "
+                    "on the remote device only (make it on the remote device, then call .cpu())"
+                )
+            return protocol.device_ext(value.index or 0)
+        if kind is torch.memory_format:
+            return protocol.memory_format_ext(value)
+        if kind is torch.layout:
+            return protocol.layout_ext(value)
+        if kind is complex:
+            return protocol.complex_ext(value)
+        if isinstance(value, bool):
+            return bool(value)
+        if isinstance(value, int):  # IntEnum and other int subclasses
+            return int(value)
+        if isinstance(value, float):
+            return float(value)
+        if hasattr(value, "dtype") and hasattr(value, "item"):  # numpy scalars
+            return self.value(value.item())
+        if isinstance(value, torch.Generator):
+            raise NotImplementedError(
+                f"libremote: {self.op_name} got an explicit torch.Generator; remote random numbers "
+                "come from the session's generator (seed it with torch.cuda.manual_seed)"
+            )
+        raise TypeError(f"libremote: cannot send a {kind.__name__} argument of {self.op_name} to the daemon")
+
+    def tensor(self, tensor: RemoteTensor) -> Any:
+        ref = tensor._ref
+        if ref.session is not self.session:
+            raise RuntimeError(
+                "libremote: this tensor belongs to an earlier session (the connection was closed "
+                "or re-opened, and the daemon freed its memory); recreate it"
+            )
+        return protocol.handle_ext(ref.id)
+
+    def host_tensor(self, tensor: torch.Tensor) -> Any:
+        if tensor.device.type != "cpu":
+            raise RuntimeError(
+                f"Expected all tensors to be on the same device, but found at least two devices, "
+                f"cuda:0 and {tensor.device}! (in {self.op_name})"
+            )
+        if tensor.nbytes <= protocol.INLINE_TENSOR_BYTES:
+            return protocol.inline_tensor_ext(tensor.resolve_conj().resolve_neg())
+        # A large host tensor mixed into a device op (CUDA allows this for index tensors):
+        # upload it first; it is released after the op in command order.
+        remote = tensor.to(backend.device(0))
+        self.keepalive.append(remote)
+        return self.tensor(remote)

@@ -1,0 +1,101 @@
+"""Process-wide client state: which daemon, and the session with it (opened on first use)."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+
+from ..config import Settings
+from ..errors import ConnectionFailed, NotConfiguredError
+from .session import ClientSession
+
+_session: ClientSession | None = None
+_address: str | None = None
+#: The last failure to connect: raised again at once instead of waiting out another timeout.
+_failure: Exception | None = None
+_lock = threading.Lock()
+
+
+def _libremote_version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def configured_address() -> str | None:
+    return _address or Settings.from_env().server
+
+
+def current() -> ClientSession:
+    """The session, connecting on first use. Raises if no daemon address is known."""
+    session = _session
+    if session is not None:
+        return session
+    with _lock:
+        if _session is None:
+            if _failure is not None:
+                raise _failure
+            _open(configured_address())
+        assert _session is not None
+        return _session
+
+
+def current_if_open() -> ClientSession | None:
+    return _session
+
+
+def connect(address: str | None = None) -> ClientSession:
+    """Open a new session (closing the current one); ``address`` defaults to LIBREMOTE_SERVER."""
+    global _address
+    with _lock:
+        if address is not None:
+            _address = address
+        _close()
+        _open(configured_address())
+        assert _session is not None
+        return _session
+
+
+def disconnect() -> None:
+    with _lock:
+        _close()
+
+
+def _open(address: str | None) -> None:
+    global _session, _failure
+    _failure = None
+    try:
+        _session = _new_session(address)
+    except ConnectionFailed as exc:
+        _failure = exc
+        raise
+
+
+def _new_session(address: str | None) -> ClientSession:
+    if not address:
+        raise NotConfiguredError(
+            "libremote: no daemon address. Set LIBREMOTE_SERVER=tcp://host:port (for example "
+            "tcp://127.0.0.1:7777, where `libremote-server` listens by default) or call "
+            "libremote.connect('tcp://host:port') before using the device."
+        )
+    return ClientSession(Settings.from_env(), address, _libremote_version())
+
+
+def _close() -> None:
+    global _session
+    session, _session = _session, None
+    if session is not None:
+        session.close()
+
+
+def _forget_after_fork() -> None:
+    # The child must not use (or close) the parent's ZeroMQ socket; it connects afresh if needed.
+    global _session, _lock, _failure
+    _session = None
+    _failure = None
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+atexit.register(disconnect)

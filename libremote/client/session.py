@@ -1,0 +1,177 @@
+"""The client's side of a daemon session: handles, the command stream, and sync points.
+
+Ops stream: each becomes a command appended to the pending batch, and the batch goes out when it
+fills or when the program needs something back (a *sync point*: ``.item()``, ``.cpu()``,
+``print``, ``torch.cuda.synchronize()``, a dynamic-shape op). Only sync points wait. Handles are
+integers this side allocates, so an op never waits to learn the name of its result.
+
+Thread safety: autograd runs backward on a device thread and handles are released from whatever
+thread drops the last reference, so every method that touches the batch or the socket takes
+``self._lock``. Releases only append to a deque (no lock), which makes them safe to run from a
+garbage-collector pass that interrupts a locked section.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import threading
+from typing import Any
+
+import torch
+
+from .. import errors, protocol
+from ..config import Settings
+from ..protocol import Cmd, Msg
+from .connection import Connection
+
+#: Pending upload bytes above which the batch is sent at once.
+_MAX_PENDING_BYTES = 4 << 20
+
+
+class ClientSession:
+    def __init__(self, settings: Settings, address: str, libremote_version: str) -> None:
+        self.settings = settings
+        self.address = address
+        self.connection = Connection(address, timeout_s=settings.timeout_s, heartbeat_s=settings.heartbeat_s)
+        welcome = self.connection.handshake(libremote_version)
+        self.session_id: str = welcome["session"]
+        self.devices: list[dict[str, Any]] = welcome["devices"]
+        self.daemon_info = welcome
+        self.pid = os.getpid()
+        self._lock = threading.RLock()
+        self._next_handle = itertools.count(1).__next__
+        self._next_seq = itertools.count(1).__next__
+        self._op_ids: dict[str, int] = {}
+        self._commands: list[list[Any]] = []
+        self._frames: list[Any] = []
+        self._pending_bytes = 0
+        self._released: collections.deque[int] = collections.deque()
+        self._deferred_error: Exception | None = None
+        self.closed = False
+
+    # ------------------------------------------------------------------------------------------
+    # Handles
+    # ------------------------------------------------------------------------------------------
+    def new_handle(self) -> int:
+        return self._next_handle()
+
+    def release(self, handle: int) -> None:
+        """Called when a tensor's last reference goes; the FREE travels with the next batch."""
+        if not self.closed:
+            self._released.append(handle)
+
+    def op_ref(self, name: str) -> Any:
+        """The wire reference for op ``name``: its id, defined by name on first use."""
+        op_id = self._op_ids.get(name)
+        if op_id is not None:
+            return op_id
+        with self._lock:
+            op_id = self._op_ids.get(name)
+            if op_id is None:
+                op_id = self._op_ids[name] = len(self._op_ids) + 1
+                return [op_id, name]
+            return op_id
+
+    # ------------------------------------------------------------------------------------------
+    # Streaming
+    # ------------------------------------------------------------------------------------------
+    def submit(self, command: list[Any]) -> None:
+        """Queue a command that needs no answer."""
+        with self._lock:
+            self._commands.append(command)
+            if self.settings.sync:
+                self._roundtrip()
+            elif len(self._commands) >= self.settings.batch:
+                self._flush(want_reply=False)
+
+    def submit_data(self, fields: list[Any], tensor: torch.Tensor) -> None:
+        """Queue a command that carries ``tensor``'s bytes (UPLOAD, PUT) as its last field.
+
+        The bytes are taken now: the program may overwrite its tensor as soon as this returns.
+        Small tensors are copied into the batch; large ones go out at once, zero-copy, and this
+        returns when ZeroMQ is done reading them.
+        """
+        source = tensor.detach()
+        if source.is_conj() or source.is_neg():
+            source = source.resolve_conj().resolve_neg()
+        contiguous = source.contiguous()
+        large = contiguous.nbytes > protocol.INLINE_TENSOR_BYTES
+        data = protocol.tensor_bytes(contiguous) if large else bytes(protocol.tensor_bytes(contiguous))
+        with self._lock:
+            self._frames.append(data)
+            self._commands.append([*fields, len(self._frames)])
+            self._pending_bytes += contiguous.nbytes
+            if self.settings.sync:
+                self._roundtrip()
+            elif large:
+                tracker = self._flush(want_reply=False, track=True)
+                tracker.wait()
+            elif self._pending_bytes > _MAX_PENDING_BYTES or len(self._commands) >= self.settings.batch:
+                self._flush(want_reply=False)
+
+    def request(self, command: list[Any]) -> tuple[Any, list[Any]]:
+        """Send ``command`` with everything pending, wait, and return (its result, reply frames)."""
+        with self._lock:
+            self._commands.append(command)
+            results, frames = self._roundtrip()
+        return results[-1], frames
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._commands or self._released:
+                self._flush(want_reply=False)
+
+    def synchronize(self) -> None:
+        self.request([Cmd.SYNC])
+
+    # ------------------------------------------------------------------------------------------
+    def _take_released(self) -> list[int]:
+        released = []
+        while self._released:
+            released.append(self._released.popleft())
+        return released
+
+    def _flush(self, *, want_reply: bool, track: bool = False) -> Any:
+        commands = self._commands
+        released = self._take_released()
+        if released:
+            commands.append([Cmd.FREE, released])
+        frames = self._frames
+        self._commands, self._frames, self._pending_bytes = [], [], 0
+        seq = self._next_seq()
+        tracker = self.connection.send([Msg.BATCH, seq, commands, want_reply], frames, track=track)
+        return tracker if track else seq
+
+    def _roundtrip(self) -> tuple[list[Any], list[Any]]:
+        seq = self._flush(want_reply=True)
+        while True:
+            header, frames = self.connection.receive()
+            if header[0] != Msg.REPLY:
+                continue
+            _, reply_seq, results, error = header
+            if reply_seq != seq:
+                # An answer to a message that expected none: the daemon found it malformed.
+                if error and self._deferred_error is None:
+                    self._deferred_error = errors.from_wire(error)
+                continue
+            if self._deferred_error is not None:
+                error_to_raise, self._deferred_error = self._deferred_error, None
+                raise error_to_raise
+            if error:
+                raise errors.from_wire(error)
+            return results, frames
+
+    # ------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            if os.getpid() == self.pid and not self.connection.broken:
+                try:
+                    self.connection.send([Msg.BYE])
+                except Exception:
+                    pass
+            self.connection.close()

@@ -1,0 +1,115 @@
+"""Sync points that move data between the host and the daemon.
+
+``.cpu()`` / ``.to("cpu")`` arrive as ``aten._to_copy(device=cpu)``, ``cpu_t.copy_(remote)`` and
+``remote.copy_(cpu_t)`` as ``aten.copy_``; printing fetches the data once and lets torch's own
+formatter lay it out. Downloads arrive as one ZeroMQ frame that the result tensor views without a
+copy.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from .. import protocol
+from ..protocol import Cmd
+from . import backend
+from .tensor import RemoteTensor
+
+aten = torch.ops.aten
+
+
+def fetch(tensor: RemoteTensor) -> torch.Tensor:
+    """The tensor's data as a new CPU tensor with the same shape (and, when dense, strides)."""
+    session = tensor._ref.session
+    if session.closed:
+        raise RuntimeError("libremote: this tensor belongs to a closed session; its data is gone")
+    result, frames = session.request([Cmd.FETCH, tensor._ref.id])
+    dtype, shape, stride, frame_index = result
+    numel = 1
+    for size in shape:
+        numel *= size
+    if numel == 0:
+        return torch.empty_strided(shape, stride, dtype=dtype)
+    with warnings.catch_warnings():
+        # The frame is read-only to Python but ours alone: the tensor may write to it.
+        warnings.simplefilter("ignore", UserWarning)
+        flat = protocol.tensor_from_bytes(frames[frame_index - 1].buffer, dtype, [numel])
+    return flat.as_strided(shape, stride)
+
+
+def to_copy(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    from .dispatch import run
+
+    device = kwargs.get("device")
+    source = args[0]
+    if not isinstance(source, RemoteTensor):
+        return _upload_new(source, kwargs)
+    if device is None or device.type == backend.BACKEND_NAME:
+        return run(func, args, kwargs)
+    if device.type != "cpu":
+        raise RuntimeError(f"libremote: cannot copy a remote tensor to {device}")
+    host = fetch(source)
+    rest = {key: value for key, value in kwargs.items() if key not in ("device", "non_blocking", "pin_memory")}
+    if (
+        rest.get("dtype") not in (None, host.dtype)
+        or rest.get("memory_format") not in (None, torch.preserve_format)
+        or rest.get("layout") not in (None, torch.strided)
+    ):
+        host = aten._to_copy.default(host, **rest)
+    return host
+
+
+def _upload_new(source: torch.Tensor, kwargs: dict[str, Any]) -> RemoteTensor:
+    """``host_tensor.to(remote)``: a new remote tensor holding the host tensor's data."""
+    from . import runtime
+    from .meta import spec_of
+    from .tensor import make
+
+    device = kwargs["device"]
+    dtype = kwargs.get("dtype") or source.dtype
+    host = source if dtype == source.dtype else source.to(dtype)
+    fmt = kwargs.get("memory_format") or torch.preserve_format
+    layout_template = torch.empty_like(host, device="meta", memory_format=fmt)
+    spec = spec_of(layout_template)
+    target = make(spec, runtime.current(), device.index or 0)
+    dtype_ext = protocol.dtype_ext(spec[0])
+    target._ref.session.submit_data([Cmd.PUT, target._ref.id, dtype_ext, list(spec[1]), list(spec[2])], host)
+    return target
+
+
+def copy_(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    from .dispatch import run
+
+    destination, source = args[0], args[1]
+    remote_destination = isinstance(destination, RemoteTensor)
+    remote_source = isinstance(source, RemoteTensor)
+    if remote_destination and remote_source:
+        return run(func, args, kwargs)
+    if remote_destination:
+        if source.device.type != "cpu":
+            raise RuntimeError(f"libremote: cannot copy from {source.device} to a remote tensor")
+        fields = [Cmd.UPLOAD, destination._ref.id, protocol.dtype_ext(source.dtype), list(source.shape)]
+        destination._ref.session.submit_data(fields, source)
+        return destination
+    # Download into an existing host tensor.
+    destination.copy_(fetch(source))
+    return destination
+
+
+def tensor_repr(tensor: RemoteTensor) -> str:
+    host = fetch(tensor)
+    contents = torch._tensor_str._tensor_str(host, indent=len("tensor("))
+    text = torch._tensor_str._str(tensor, tensor_contents=contents)
+    # torch prefixes a subclass's repr with its class name; a CUDA tensor prints as "tensor(".
+    prefix = type(tensor).__name__ + "("
+    return "tensor(" + text[len(prefix):] if text.startswith(prefix) else text
+
+
+def sdp_choice(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """Which attention kernel scaled_dot_product_attention uses on the remote device."""
+    from torch.nn.attention import SDPBackend
+
+    return int(SDPBackend.MATH.value)

@@ -1,0 +1,147 @@
+"""RemoteTensor: the client's stand-in for a tensor that lives on the daemon.
+
+A wrapper subclass (``_make_wrapper_subclass``): it has shape, strides and dtype but no data; its
+``__torch_dispatch__`` forwards every aten op to the daemon (see :mod:`.dispatch`). Its C++ device
+is the renamed PrivateUse1 backend (``remote:N``) because a CPU build of torch cannot host a
+``cuda`` tensor (the autograd engine aborts), and PrivateUse1 gives autograd a real device to run
+backward on. To Python code it reports ``device='cuda:N'`` and ``is_cuda=True``: the program
+asked for ``cuda`` and sees ``cuda``.
+
+Lifetime: each tensor holds a :class:`_HandleRef` in its ``__dict__``. When torch finally frees the
+Python object (which it keeps alive while C++, e.g. autograd, still holds the tensor), the ref's
+``__del__`` queues a FREE for the daemon. Rebinding (``t.data = other``) swaps the ref.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from . import backend
+
+Spec = tuple  # (dtype, shape tuple, stride tuple, storage offset)
+
+_CUDA_DEVICES: dict[int, torch.device] = {}
+
+
+def cuda_device(index: int) -> torch.device:
+    device = _CUDA_DEVICES.get(index)
+    if device is None:
+        device = _CUDA_DEVICES[index] = torch.device("cuda", index)
+    return device
+
+
+class _HandleRef:
+    """Owns one daemon handle; releases it when the tensor that holds it is freed."""
+
+    __slots__ = ("id", "session", "__weakref__")
+
+    def __init__(self, handle: int, session: Any) -> None:
+        self.id = handle
+        self.session = session
+
+    def __del__(self) -> None:
+        try:
+            self.session.release(self.id)
+        except Exception:  # interpreter shutdown: nothing left to free
+            pass
+
+
+class RemoteTensor(torch.Tensor):
+    """A tensor on a libremote daemon. Shown to the program as a ``cuda`` tensor."""
+
+    _ref: _HandleRef
+    _spec: Spec
+    _device_index: int
+
+    # Ops reach us through __torch_dispatch__ only; no per-call Python torch-function layer.
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(cls, spec: Spec, ref: _HandleRef, device_index: int = 0) -> "RemoteTensor":
+        dtype, shape, stride, offset = spec
+        tensor = torch.Tensor._make_wrapper_subclass(
+            cls, shape, strides=stride, storage_offset=offset, dtype=dtype,
+            device=backend.device(device_index), requires_grad=False,
+        )
+        tensor._ref = ref
+        tensor._spec = spec
+        tensor._device_index = device_index
+        return tensor
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        from .dispatch import dispatch
+
+        return dispatch(func, args, kwargs or {})
+
+    # ------------------------------------------------------------------------------------------
+    # What the program sees: a cuda tensor
+    # ------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return cuda_device(self._device_index)
+
+    @property
+    def is_cuda(self) -> bool:  # type: ignore[override]
+        return True
+
+    def get_device(self) -> int:  # type: ignore[override]
+        return self._device_index
+
+    @property
+    def data(self) -> "RemoteTensor":  # type: ignore[override]
+        with torch.no_grad():
+            return self.detach()
+
+    @data.setter
+    def data(self, new: torch.Tensor) -> None:
+        from .dispatch import rebind
+
+        rebind(self, new)
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
+        from .sync import tensor_repr
+
+        return tensor_repr(self)
+
+    def tolist(self) -> Any:  # type: ignore[override]
+        return self.cpu().tolist()
+
+    def numpy(self, *, force: bool = False) -> Any:  # type: ignore[override]
+        if force:
+            return self.detach().cpu().numpy()
+        raise TypeError(
+            f"can't convert {self.device} device type tensor to numpy. Use Tensor.cpu() to copy "
+            "the tensor to host memory first."
+        )
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> Any:
+        return self.numpy()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "RemoteTensor":
+        if id(self) in memo:
+            return memo[id(self)]
+        with torch.no_grad():
+            new = self.clone(memory_format=torch.preserve_format)
+        new.requires_grad_(self.requires_grad)
+        for key, value in self.__dict__.items():
+            if key not in ("_ref", "_spec", "_device_index"):
+                setattr(new, key, copy.deepcopy(value, memo))
+        memo[id(self)] = new
+        return new
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        from .serialization import reduce_remote_tensor
+
+        return reduce_remote_tensor(self)
+
+
+def make(spec: Spec, session: Any, device_index: int = 0) -> RemoteTensor:
+    """A new tensor with a fresh handle (the caller tells the daemon what to put there)."""
+    return RemoteTensor(spec, _HandleRef(session.new_handle(), session), device_index)

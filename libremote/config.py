@@ -1,0 +1,56 @@
+"""Client settings, read from the environment once per connection.
+
+=========================  =======  ===========================================================
+variable                   default  meaning
+=========================  =======  ===========================================================
+LIBREMOTE_SERVER           (none)   daemon address, ``tcp://host:port``; also opts unmodified
+                                    programs in (see ``libremote.shims.autostart``)
+LIBREMOTE_TIMEOUT          10       seconds to wait for the daemon to answer the handshake
+LIBREMOTE_SYNC             0        1: every op waits for the daemon, so an error is raised on
+                                    the line that caused it (like ``CUDA_LAUNCH_BLOCKING``)
+LIBREMOTE_BATCH            256      commands sent per message at most while streaming
+LIBREMOTE_HEARTBEAT        2        seconds between transport heartbeats; a daemon silent for
+                                    three of them counts as gone
+=========================  =======  ===========================================================
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {raw!r}")
+    return value
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: str | None
+    timeout_s: float
+    sync: bool
+    batch: int
+    heartbeat_s: float
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        return cls(
+            server=os.environ.get("LIBREMOTE_SERVER", "").strip() or None,
+            timeout_s=_float("LIBREMOTE_TIMEOUT", 10.0),
+            sync=_flag("LIBREMOTE_SYNC"),
+            batch=max(1, int(_float("LIBREMOTE_BATCH", 256))),
+            heartbeat_s=_float("LIBREMOTE_HEARTBEAT", 2.0),
+        )

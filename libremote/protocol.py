@@ -1,0 +1,310 @@
+"""The libremote wire format: the one place that says what travels between client and daemon.
+
+Transport
+---------
+ZeroMQ DEALER (client) <-> ROUTER (daemon). Every message is multipart: frame 0 is a msgpack
+*header*; frames 1.. are raw tensor bytes that the header refers to by index. Tensor bytes never
+travel inside msgpack (large frames go zero-copy through ZeroMQ). Nothing is ever pickled: the
+daemon is a security boundary, and every value on the wire is one of msgpack's own types or one of
+the extension types declared below.
+
+Messages (header = msgpack array, first element a :class:`Msg`)
+----------------------------------------------------------------
+=========  ===========================================  ==========================================
+kind       header                                       meaning
+=========  ===========================================  ==========================================
+HELLO      [HELLO, info]                                client introduces itself (versions, pid)
+WELCOME    [WELCOME, info]                              daemon accepts: session id, devices, caps
+REFUSED    [REFUSED, reason]                            daemon refuses the client (and says why)
+BATCH      [BATCH, seq, commands, want_reply]           a run of commands, executed in order
+REPLY      [REPLY, seq, results, error]                 answer to a BATCH that asked for one
+BYE        [BYE]                                        client is leaving; free the session
+=========  ===========================================  ==========================================
+
+A BATCH that does not ask for a reply gets none: ops stream. When one asks (a sync point), the
+REPLY carries the results of the commands that produce one (:data:`RESULT_COMMANDS`), in order,
+and ``error``: the first failure since the last reply, if any, so that an asynchronous failure
+surfaces at the next sync point, as on CUDA.
+
+Commands (each a msgpack array, first element a :class:`Cmd`)
+--------------------------------------------------------------
+=========  ==========================================  ==========================================
+command    fields                                      effect on the daemon
+=========  ==========================================  ==========================================
+OP         [OP, op, args, kwargs, outs]                run an aten op; store new outputs as outs
+OP_SYNC    [OP_SYNC, op, args, kwargs, outs]           same, and return values and output metadata
+UPLOAD     [UPLOAD, dst, dtype, shape, frame]          copy bytes of ``frame`` into tensor ``dst``
+PUT        [PUT, new, dtype, shape, stride, frame]     a new tensor ``new`` holding ``frame``'s bytes
+FETCH      [FETCH, handle]                             return the tensor's bytes (one frame)
+FREE       [FREE, [handle, ...]]                       drop these handles
+SYNC       [SYNC]                                      wait for the device; return nothing
+SEED       [SEED, seed]                                seed the session's generator
+RNG_STATE  [RNG_STATE] / [RNG_STATE, state bytes]      get / set the session generator's state
+EVENT      [EVENT, event_id]                           record a timing event in the stream
+ELAPSED    [ELAPSED, start_id, end_id]                 milliseconds between two recorded events
+QUERY      [QUERY, what]                               "devices" or "memory": daemon facts
+=========  ==========================================  ==========================================
+
+``op`` is an integer interned per session, or ``[id, "aten::add.Tensor"]`` the first time a
+session uses that op: ops travel by schema name, so a client and a daemon on different torch
+versions agree on what an op is. Arguments travel by schema position (positional) and name
+(keyword-only), with arguments equal to their defaults dropped, so an op whose newer schema grew
+a defaulted argument still runs on an older daemon. ``outs`` mirrors the op's returns: a handle,
+a list of handles (``Tensor[]``) or nil for a return that is not a new tensor (in-place results,
+scalars). Handles are integers the *client* allocates, so no op ever waits for the daemon.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Any, Callable
+
+import msgpack
+import torch
+
+PROTOCOL_VERSION = 1
+
+#: Frame 0 larger than this is refused before decoding.
+MAX_HEADER_BYTES = 64 << 20
+#: Bounds handed to msgpack so a hostile header cannot make the decoder allocate without limit.
+_UNPACK_LIMITS = dict(
+    max_str_len=1 << 20,
+    max_bin_len=MAX_HEADER_BYTES,
+    max_array_len=1 << 22,
+    max_map_len=1 << 16,
+    max_ext_len=MAX_HEADER_BYTES,
+)
+#: CPU tensors up to this size travel inside the header (op arguments such as a 0-dim scalar).
+INLINE_TENSOR_BYTES = 64 << 10
+
+
+class Msg(enum.IntEnum):
+    HELLO = 1
+    WELCOME = 2
+    REFUSED = 3
+    BATCH = 4
+    REPLY = 5
+    BYE = 6
+
+
+class Cmd(enum.IntEnum):
+    OP = 0
+    OP_SYNC = 1
+    UPLOAD = 2
+    FETCH = 3
+    FREE = 4
+    SYNC = 5
+    SEED = 6
+    RNG_STATE = 7
+    EVENT = 8
+    ELAPSED = 9
+    QUERY = 10
+    PUT = 11
+
+
+#: Commands whose execution yields an entry in REPLY.results.
+RESULT_COMMANDS = frozenset(
+    {Cmd.OP_SYNC, Cmd.FETCH, Cmd.SYNC, Cmd.RNG_STATE, Cmd.ELAPSED, Cmd.QUERY}
+)
+
+
+class ErrorKind(str, enum.Enum):
+    """What went wrong, as the daemon reports it in REPLY.error = [kind, op, message]."""
+
+    OP = "op"  # the op itself raised (bad arguments that local inference could not catch, ...)
+    OOM = "oom"  # out of device memory or over the session's quota
+    REFUSED = "refused"  # the op is not on the daemon's allowlist
+    HANDLE = "handle"  # a handle that this session does not own (or that a failed op never made)
+    PROTOCOL = "protocol"  # a malformed message
+    SESSION = "session"  # the daemon does not know this session (restarted, reclaimed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Extension types
+# ----------------------------------------------------------------------------------------------
+EXT_HANDLE = 1  # uint64 little endian: a tensor owned by the sending session
+EXT_DTYPE = 2  # ascii name, "float32"
+EXT_DEVICE = 3  # uint16 little endian: index of the client's remote device (never a host device)
+EXT_LAYOUT = 4  # ascii name, "strided"
+EXT_MEMORY_FORMAT = 5  # ascii name, "channels_last"
+EXT_TENSOR = 6  # small CPU tensor: msgpack [dtype name, shape, bytes]
+EXT_COMPLEX = 7  # two float64, real then imaginary
+
+_U64 = struct.Struct("<Q")
+_U16 = struct.Struct("<H")
+_C128 = struct.Struct("<dd")
+
+DTYPES: dict[str, torch.dtype] = {
+    name: value for name, value in vars(torch).items() if isinstance(value, torch.dtype)
+}
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+for _name, _dtype in DTYPES.items():
+    # Prefer the canonical name ("float32" over the alias "float") as str(dtype) spells it.
+    if str(_dtype) == f"torch.{_name}":
+        _DTYPE_NAMES[_dtype] = _name
+LAYOUTS: dict[str, torch.layout] = {"strided": torch.strided}
+MEMORY_FORMATS: dict[str, torch.memory_format] = {
+    "contiguous_format": torch.contiguous_format,
+    "channels_last": torch.channels_last,
+    "channels_last_3d": torch.channels_last_3d,
+    "preserve_format": torch.preserve_format,
+}
+_MEMORY_FORMAT_NAMES = {value: name for name, value in MEMORY_FORMATS.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES[dtype]
+
+
+class HandleRef:
+    """A decoded EXT_HANDLE: the daemon resolves it against the sending session's table."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+
+    def __repr__(self) -> str:
+        return f"HandleRef({self.handle})"
+
+
+class DeviceRef:
+    """A decoded EXT_DEVICE: index into the devices the daemon gave this session."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"DeviceRef({self.index})"
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this module's format."""
+
+
+_dtype_exts = {dtype: msgpack.ExtType(EXT_DTYPE, name.encode()) for dtype, name in _DTYPE_NAMES.items()}
+_device_exts: dict[int, msgpack.ExtType] = {}
+_memory_format_exts = {
+    fmt: msgpack.ExtType(EXT_MEMORY_FORMAT, name.encode()) for fmt, name in _MEMORY_FORMAT_NAMES.items()
+}
+_layout_exts = {torch.strided: msgpack.ExtType(EXT_LAYOUT, b"strided")}
+
+
+def handle_ext(handle: int) -> msgpack.ExtType:
+    return msgpack.ExtType(EXT_HANDLE, _U64.pack(handle))
+
+
+def dtype_ext(dtype: torch.dtype) -> msgpack.ExtType:
+    return _dtype_exts[dtype]
+
+
+def device_ext(index: int) -> msgpack.ExtType:
+    ext = _device_exts.get(index)
+    if ext is None:
+        ext = _device_exts[index] = msgpack.ExtType(EXT_DEVICE, _U16.pack(index))
+    return ext
+
+
+def layout_ext(layout: torch.layout) -> msgpack.ExtType:
+    try:
+        return _layout_exts[layout]
+    except KeyError:
+        raise NotImplementedError(f"libremote supports strided tensors only, not {layout}") from None
+
+
+def memory_format_ext(fmt: torch.memory_format) -> msgpack.ExtType:
+    return _memory_format_exts[fmt]
+
+
+def complex_ext(value: complex) -> msgpack.ExtType:
+    return msgpack.ExtType(EXT_COMPLEX, _C128.pack(value.real, value.imag))
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy (any dtype, bfloat16 included)."""
+    flat = tensor.reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def tensor_from_bytes(buffer: Any, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    """A CPU tensor that views ``buffer`` (kept alive by the tensor). Checks the length."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    numel = 1
+    for size in shape:
+        if size < 0:
+            raise ProtocolError(f"negative size in shape {shape}")
+        numel *= size
+    view = memoryview(buffer)
+    if view.nbytes != numel * itemsize:
+        raise ProtocolError(
+            f"a {dtype} tensor of shape {list(shape)} needs {numel * itemsize} bytes, "
+            f"the frame holds {view.nbytes}"
+        )
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    flat = torch.frombuffer(view, dtype=torch.uint8)
+    return flat.view(dtype).view(shape)
+
+
+def inline_tensor_ext(tensor: torch.Tensor) -> msgpack.ExtType:
+    tensor = tensor.detach().contiguous()
+    payload = packb([_DTYPE_NAMES[tensor.dtype], list(tensor.shape), bytes(tensor_bytes(tensor))])
+    return msgpack.ExtType(EXT_TENSOR, payload)
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    try:
+        if code == EXT_HANDLE:
+            return HandleRef(_U64.unpack(data)[0])
+        if code == EXT_DTYPE:
+            return DTYPES[data.decode()]
+        if code == EXT_DEVICE:
+            return DeviceRef(_U16.unpack(data)[0])
+        if code == EXT_LAYOUT:
+            return LAYOUTS[data.decode()]
+        if code == EXT_MEMORY_FORMAT:
+            return MEMORY_FORMATS[data.decode()]
+        if code == EXT_COMPLEX:
+            real, imag = _C128.unpack(data)
+            return complex(real, imag)
+        if code == EXT_TENSOR:
+            dtype_str, shape, raw = msgpack.unpackb(data, raw=False, **_UNPACK_LIMITS)
+            # Copy: the header buffer is not ours to keep.
+            return tensor_from_bytes(bytearray(raw), DTYPES[dtype_str], shape).clone()
+    except (KeyError, struct.error, ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"bad extension value (type {code}): {exc}") from None
+    raise ProtocolError(f"unknown extension type {code}")
+
+
+def packb(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpackb(data: bytes | memoryview, *, max_bytes: int = MAX_HEADER_BYTES) -> Any:
+    """Decode a header, refusing anything malformed or oversized with :class:`ProtocolError`."""
+    if len(data) > max_bytes:
+        raise ProtocolError(f"header of {len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        return msgpack.unpackb(
+            data, raw=False, ext_hook=_ext_hook, strict_map_key=False, **_UNPACK_LIMITS
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types for garbage input
+        raise ProtocolError(f"undecodable message: {exc}") from None
+
+
+def tensor_meta(tensor: torch.Tensor) -> list[Any]:
+    """What the client needs to build a wrapper for a tensor the daemon made."""
+    return [dtype_ext(tensor.dtype), list(tensor.shape), list(tensor.stride()), tensor.storage_offset()]
+
+
+def check(condition: bool, message: str | Callable[[], str]) -> None:
+    """Raise :class:`ProtocolError` unless ``condition``; used to validate decoded headers."""
+    if not condition:
+        raise ProtocolError(message() if callable(message) else message)

@@ -1,0 +1,134 @@
+"""Which device the daemon executes on, and the facts about it that clients are shown.
+
+``--device auto`` takes the accelerator torch reports (``torch.accelerator``: CUDA, ROCm as CUDA,
+XPU, MPS, ...), falling back to the CPU. On the CPU backend (CI, laptops) the daemon is fully
+functional; only the device facts differ.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+def resolve_device(spec: str) -> torch.device:
+    """Turn ``auto|cpu|cuda|cuda:N|<accelerator>[:N]`` into a device torch can use, or explain."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        if torch.accelerator.is_available():
+            accelerator = torch.accelerator.current_accelerator()
+            assert accelerator is not None
+            return torch.device(accelerator.type, torch.accelerator.current_device_index())
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {spec!r} is not a device torch knows: {exc}") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    module = getattr(torch, device.type, None)
+    if module is None or not module.is_available():
+        raise ValueError(
+            f"--device {spec}: this torch ({torch.__version__}) sees no {device.type} device; "
+            "use --device cpu or --device auto"
+        )
+    index = 0 if device.index is None else device.index
+    count = module.device_count()
+    if index >= count:
+        raise ValueError(f"--device {spec}: only {count} {device.type} device(s) are visible")
+    return torch.device(device.type, index)
+
+
+def _host_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What ``torch.cuda.get_device_properties`` shows on the client."""
+
+    name: str
+    type: str
+    total_memory: int
+    major: int
+    minor: int
+    multi_processor_count: int
+    bf16_supported: bool
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "type": self.type,
+            "total_memory": self.total_memory,
+            "major": self.major,
+            "minor": self.minor,
+            "multi_processor_count": self.multi_processor_count,
+            "bf16_supported": self.bf16_supported,
+        }
+
+
+def describe(device: torch.device) -> DeviceFacts:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return DeviceFacts(
+            name=props.name,
+            type="cuda",
+            total_memory=props.total_memory,
+            major=props.major,
+            minor=props.minor,
+            multi_processor_count=props.multi_processor_count,
+            bf16_supported=torch.cuda.is_bf16_supported(),
+        )
+    if device.type == "cpu":
+        cpu = platform.processor() or platform.machine() or "cpu"
+        return DeviceFacts(
+            name=f"libremote CPU backend ({cpu}, {os.cpu_count()} cores)",
+            type="cpu",
+            total_memory=_host_memory_bytes(),
+            major=0,
+            minor=0,
+            multi_processor_count=os.cpu_count() or 1,
+            bf16_supported=True,
+        )
+    return DeviceFacts(
+        name=str(device), type=device.type, total_memory=0, major=0, minor=0,
+        multi_processor_count=0, bf16_supported=True,
+    )
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
+def default_generator(device: torch.device) -> torch.Generator:
+    """The generator that ops without a ``generator`` argument (native_dropout) draw from."""
+    if device.type == "cpu":
+        return torch.default_generator
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index or 0]
+    module = getattr(torch, device.type)
+    return module.default_generators[device.index or 0]
+
+
+def memory_info(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes of the device; for the CPU backend, of the host."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(free), int(total)
+    total = _host_memory_bytes()
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, total
+    except OSError:
+        pass
+    return total, total

@@ -1,0 +1,447 @@
+"""One client's state on the daemon, and the handlers that execute its commands.
+
+Each handler below implements one command of :mod:`libremote.protocol`; ``execute`` runs a
+batch in order. A command that fails records the session's *pending error* (reported in the next
+REPLY, like an asynchronous CUDA error) and poisons the handles it would have produced, so later
+commands that use them fail with a message naming the original failure instead of "unknown
+handle". The session stays usable: commands that do not depend on the failure run normally.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import secrets
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+
+from libremote import protocol
+from libremote.protocol import Cmd, DeviceRef, ErrorKind, HandleRef, ProtocolError
+
+from . import devices, op_policy
+from .memory import MemoryAccount
+
+log = logging.getLogger("libremote.server")
+
+#: Ops after which the mutated tensor's storage may have a new size.
+_RESIZING_OPS = frozenset({"aten::resize_", "aten::resize_as_", "aten::set_.source_Tensor", "aten::set_"})
+_MAX_EVENTS = 4096
+
+
+class CommandError(Exception):
+    """A command failed; ``kind`` is an :class:`ErrorKind`, ``op`` names what failed."""
+
+    def __init__(self, kind: ErrorKind, op: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.op = op
+        self.message = message
+
+    def to_wire(self) -> list[str]:
+        return [self.kind.value, self.op, self.message]
+
+
+class Session:
+    """Handles, RNG, events and memory accounting of one connected client."""
+
+    def __init__(self, session_id: str, device: torch.device, client_info: dict[str, Any]) -> None:
+        self.id = session_id
+        self.device = device
+        self.client_info = client_info
+        self.tensors: dict[int, torch.Tensor] = {}
+        self._storage_keys: dict[int, int] = {}
+        self._failed: dict[int, str] = {}
+        self._ops: dict[int, op_policy.OpEntry] = {}
+        self._refused_ops: dict[int, CommandError] = {}
+        self._events: collections.OrderedDict[int, Any] = collections.OrderedDict()
+        self.memory = MemoryAccount()
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(secrets.randbits(63))
+        self.pending_error: CommandError | None = None
+        self.ops_executed = 0
+        self.created = time.time()
+        self.last_seen = time.monotonic()
+        self._handlers: dict[int, Callable[[list[Any], list[Any]], Any]] = {
+            Cmd.OP: self._op,
+            Cmd.OP_SYNC: self._op_sync,
+            Cmd.UPLOAD: self._upload,
+            Cmd.PUT: self._put,
+            Cmd.FETCH: self._fetch,
+            Cmd.FREE: self._free,
+            Cmd.SYNC: self._sync,
+            Cmd.SEED: self._seed,
+            Cmd.RNG_STATE: self._rng_state,
+            Cmd.EVENT: self._event,
+            Cmd.ELAPSED: self._elapsed,
+            Cmd.QUERY: self._query,
+        }
+
+    # ------------------------------------------------------------------------------------------
+    # Batch execution
+    # ------------------------------------------------------------------------------------------
+    def execute(self, commands: Any, frames: list[Any]) -> tuple[list[Any], list[Any]]:
+        """Run ``commands`` in order; return (results of result-producing commands, out frames)."""
+        protocol.check(isinstance(commands, list), "BATCH commands must be a list")
+        results: list[Any] = []
+        out_frames: list[Any] = []
+        for command in commands:
+            protocol.check(
+                isinstance(command, list) and command and isinstance(command[0], int),
+                lambda: f"malformed command {command!r:.200}",
+            )
+            kind = command[0]
+            handler = self._handlers.get(kind)
+            protocol.check(handler is not None, lambda: f"unknown command kind {kind}")
+            try:
+                value = handler(command, frames)
+            except CommandError as exc:
+                self._fail(exc, command)
+                value = None
+            except ProtocolError:
+                raise
+            except torch.OutOfMemoryError as exc:
+                self._fail(CommandError(ErrorKind.OOM, self._describe(command), str(exc)), command)
+                value = None
+            except Exception as exc:  # the op's own error: report it, keep serving
+                self._fail(CommandError(ErrorKind.OP, self._describe(command), _message(exc)), command)
+                value = None
+            if kind in protocol.RESULT_COMMANDS:
+                if kind == Cmd.FETCH and value is not None:
+                    meta, buffer = value
+                    out_frames.append(buffer)
+                    value = meta + [len(out_frames)]
+                results.append(value)
+        return results, out_frames
+
+    def take_error(self) -> list[str] | None:
+        error, self.pending_error = self.pending_error, None
+        return None if error is None else error.to_wire()
+
+    def _fail(self, error: CommandError, command: list[Any]) -> None:
+        if self.pending_error is None:
+            self.pending_error = error
+        if command[0] in (Cmd.OP, Cmd.OP_SYNC) and len(command) >= 5:
+            produced: Any = command[4]
+        elif command[0] == Cmd.PUT and len(command) >= 2:
+            produced = command[1]
+        else:
+            return
+        origin = f"{error.op} failed: {error.message}"
+        for handle in _flatten_handles(produced):
+            if isinstance(handle, int) and handle not in self.tensors:
+                self._failed[handle] = origin
+
+    def _describe(self, command: list[Any]) -> str:
+        if command[0] in (Cmd.OP, Cmd.OP_SYNC) and len(command) > 1:
+            ref = command[1]
+            if isinstance(ref, list) and len(ref) == 2:
+                return str(ref[1])
+            entry = self._ops.get(ref) if isinstance(ref, int) else None
+            return entry.name if entry else f"op #{ref}"
+        try:
+            return Cmd(command[0]).name
+        except ValueError:
+            return f"command {command[0]}"
+
+    # ------------------------------------------------------------------------------------------
+    # Handles
+    # ------------------------------------------------------------------------------------------
+    def tensor(self, handle: int) -> torch.Tensor:
+        try:
+            return self.tensors[handle]
+        except (KeyError, TypeError):
+            origin = self._failed.get(handle)
+            if origin is not None:
+                raise CommandError(ErrorKind.HANDLE, "", f"input was never computed: {origin}") from None
+            raise CommandError(
+                ErrorKind.HANDLE, "", f"handle {handle!r} does not belong to this session"
+            ) from None
+
+    def _store(self, handle: Any, tensor: Any) -> None:
+        if not isinstance(handle, int) or isinstance(handle, bool):
+            raise ProtocolError(f"output handle must be an integer, not {handle!r:.50}")
+        if not isinstance(tensor, torch.Tensor):
+            raise CommandError(ErrorKind.OP, "", f"expected a tensor result for handle {handle}, got {type(tensor).__name__}")
+        if handle in self.tensors:
+            raise ProtocolError(f"handle {handle} is already in use")
+        self._failed.pop(handle, None)
+        self.tensors[handle] = tensor
+        self._storage_keys[handle] = self.memory.add(tensor)
+
+    def _drop(self, handle: int) -> None:
+        if self.tensors.pop(handle, None) is not None:
+            self.memory.release(self._storage_keys.pop(handle))
+        else:
+            self._failed.pop(handle, None)
+
+    def close(self) -> int:
+        """Drop every handle; return the bytes released."""
+        released = self.memory.allocated
+        for handle in list(self.tensors):
+            self._drop(handle)
+        self._failed.clear()
+        self._events.clear()
+        return released
+
+    def _resolve(self, value: Any) -> Any:
+        if isinstance(value, HandleRef):
+            return self.tensor(value.handle)
+        if isinstance(value, list):
+            return [self._resolve(item) for item in value]
+        if isinstance(value, DeviceRef):
+            if value.index != 0:
+                raise CommandError(ErrorKind.OP, "", f"device index {value.index}: this session has one device (0)")
+            return self.device
+        return value
+
+    # ------------------------------------------------------------------------------------------
+    # Command handlers, one per protocol command
+    # ------------------------------------------------------------------------------------------
+    def _op_entry(self, ref: Any) -> op_policy.OpEntry:
+        if isinstance(ref, list):
+            protocol.check(len(ref) == 2 and isinstance(ref[0], int), "op reference must be [id, name]")
+            op_id, name = ref
+            try:
+                entry = op_policy.resolve(name)
+            except op_policy.OpRefused as exc:
+                # Remember the refusal: the client will name this op by its id from now on.
+                refusal = self._refused_ops[op_id] = CommandError(ErrorKind.REFUSED, str(name)[:200], str(exc))
+                raise refusal from None
+            self._ops[op_id] = entry
+            return entry
+        entry = self._ops.get(ref) if isinstance(ref, int) else None
+        if entry is None:
+            refusal = self._refused_ops.get(ref) if isinstance(ref, int) else None
+            if refusal is not None:
+                raise CommandError(refusal.kind, refusal.op, refusal.message)
+            raise ProtocolError(f"op id {ref!r:.50} was never defined in this session")
+        return entry
+
+    def _run_op(self, command: list[Any]) -> tuple[op_policy.OpEntry, Any]:
+        protocol.check(len(command) == 5, "OP takes [OP, op, args, kwargs, outs]")
+        _, ref, args, kwargs, outs = command
+        entry = self._op_entry(ref)
+        protocol.check(isinstance(args, list) and isinstance(kwargs, dict), "OP args must be a list and kwargs a map")
+        try:
+            args = self._resolve(args)
+            kwargs = {key: self._resolve(value) for key, value in kwargs.items()}
+        except CommandError as exc:
+            exc.op = entry.name
+            raise
+        if entry.sanitize is not None:
+            entry.sanitize(args, kwargs)
+        if entry.takes_generator and kwargs.get("generator") is None:
+            kwargs["generator"] = self.generator
+        if entry.seeded_without_generator:
+            with self._session_rng():
+                result = entry.overload(*args, **kwargs)
+        else:
+            result = entry.overload(*args, **kwargs)
+        if entry.zero_fill_result and isinstance(result, torch.Tensor):
+            result.zero_()
+        self.ops_executed += 1
+        if entry.name in _RESIZING_OPS and args and isinstance(args[0], torch.Tensor):
+            self.memory.refresh(args[0])
+        self._store_outputs(entry, result, outs)
+        return entry, result
+
+    def _store_outputs(self, entry: op_policy.OpEntry, result: Any, outs: Any) -> None:
+        if outs is None:
+            return
+        protocol.check(isinstance(outs, list), "OP outs must be a list")
+        values = (result,) if len(entry.overload._schema.returns) == 1 else result
+        protocol.check(len(outs) <= len(values), lambda: f"{entry.name} returns {len(values)} values, outs names {len(outs)}")
+        for value, out in zip(values, outs):
+            if out is None:
+                continue
+            if isinstance(out, list):
+                protocol.check(isinstance(value, (list, tuple)) and len(value) == len(out),
+                               lambda: f"{entry.name}: outs do not match the returned list")
+                for item, handle in zip(value, out):
+                    self._store(handle, item)
+            else:
+                self._store(out, value)
+
+    def _op(self, command: list[Any], frames: list[Any]) -> None:
+        self._run_op(command)
+
+    def _op_sync(self, command: list[Any], frames: list[Any]) -> list[Any]:
+        entry, result = self._run_op(command)
+        values = (result,) if len(entry.overload._schema.returns) == 1 else result
+        return [[_wire_value(value) for value in values], [_wire_meta(value) for value in values]]
+
+    def _upload(self, command: list[Any], frames: list[Any]) -> None:
+        protocol.check(len(command) == 5, "UPLOAD takes [UPLOAD, dst, dtype, shape, frame]")
+        _, handle, dtype, shape, index = command
+        protocol.check(isinstance(dtype, torch.dtype) and isinstance(shape, list), "UPLOAD needs a dtype and a shape")
+        protocol.check(isinstance(index, int) and 1 <= index < len(frames) + 1, "UPLOAD names a missing frame")
+        source = protocol.tensor_from_bytes(frames[index - 1], dtype, shape)
+        self.tensor(handle).copy_(source)
+
+    def _put(self, command: list[Any], frames: list[Any]) -> None:
+        protocol.check(len(command) == 6, "PUT takes [PUT, new, dtype, shape, stride, frame]")
+        _, handle, dtype, shape, stride, index = command
+        protocol.check(isinstance(dtype, torch.dtype) and isinstance(shape, list) and isinstance(stride, list),
+                       "PUT needs a dtype, a shape and strides")
+        protocol.check(isinstance(index, int) and 1 <= index < len(frames) + 1, "PUT names a missing frame")
+        protocol.check(_is_dense_layout(shape, stride), lambda: f"PUT strides {stride} do not lay out {shape} densely")
+        source = protocol.tensor_from_bytes(frames[index - 1], dtype, shape)
+        tensor = torch.empty_strided(shape, stride, dtype=dtype, device=self.device)
+        tensor.copy_(source)
+        self._store(handle, tensor)
+
+    def _fetch(self, command: list[Any], frames: list[Any]) -> tuple[list[Any], Any]:
+        protocol.check(len(command) == 2, "FETCH takes [FETCH, handle]")
+        tensor = self.tensor(command[1])
+        # A fresh host copy: ZeroMQ sends it after this returns, while later ops may mutate the
+        # original. preserve_format keeps the strides of dense tensors (channels_last, .t()).
+        host = tensor.to("cpu", copy=True)
+        if not _is_dense(host):
+            host = host.contiguous()
+        flat = host.as_strided((host.numel(),), (1,), 0) if host.numel() else host.reshape(-1)
+        meta = [protocol.dtype_ext(host.dtype), list(host.shape), list(host.stride())]
+        return meta, protocol.tensor_bytes(flat)
+
+    def _free(self, command: list[Any], frames: list[Any]) -> None:
+        protocol.check(len(command) == 2 and isinstance(command[1], list), "FREE takes [FREE, [handles]]")
+        for handle in command[1]:
+            if isinstance(handle, int):
+                self._drop(handle)
+
+    def _sync(self, command: list[Any], frames: list[Any]) -> None:
+        devices.synchronize(self.device)
+        return None
+
+    def _seed(self, command: list[Any], frames: list[Any]) -> None:
+        protocol.check(len(command) == 2 and isinstance(command[1], int), "SEED takes [SEED, int]")
+        self.generator.manual_seed(command[1] & ((1 << 64) - 1))
+
+    def _rng_state(self, command: list[Any], frames: list[Any]) -> bytes | None:
+        if len(command) == 1:
+            return bytes(self.generator.get_state().numpy())
+        protocol.check(len(command) == 2 and isinstance(command[1], bytes), "RNG_STATE takes bytes")
+        self.generator.set_state(torch.frombuffer(bytearray(command[1]), dtype=torch.uint8))
+        return None
+
+    def _event(self, command: list[Any], frames: list[Any]) -> None:
+        protocol.check(len(command) == 2 and isinstance(command[1], int), "EVENT takes [EVENT, id]")
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        else:
+            event = time.perf_counter()
+        self._events[command[1]] = event
+        while len(self._events) > _MAX_EVENTS:
+            self._events.popitem(last=False)
+
+    def _elapsed(self, command: list[Any], frames: list[Any]) -> float:
+        protocol.check(len(command) == 3, "ELAPSED takes [ELAPSED, start, end]")
+        try:
+            start, end = self._events[command[1]], self._events[command[2]]
+        except (KeyError, TypeError):
+            raise CommandError(ErrorKind.OP, "Event.elapsed_time", "both events must be recorded first") from None
+        if isinstance(start, float):
+            return (end - start) * 1000.0
+        end.synchronize()
+        return float(start.elapsed_time(end))
+
+    def _query(self, command: list[Any], frames: list[Any]) -> Any:
+        protocol.check(len(command) == 2 and isinstance(command[1], str), "QUERY takes [QUERY, what]")
+        what = command[1]
+        if what == "memory":
+            return self.memory_stats()
+        if what == "reset_peak_memory":
+            self.memory.reset_peak()
+            return None
+        if what == "empty_cache":
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
+        raise CommandError(ErrorKind.OP, f"QUERY {what}", f"unknown query {what!r:.50}")
+
+    def memory_stats(self) -> dict[str, int]:
+        reserved = self.memory.allocated
+        if self.device.type == "cuda":
+            reserved = max(reserved, torch.cuda.memory_reserved(self.device))
+        free, total = devices.memory_info(self.device)
+        return {
+            "device_free": free,
+            "device_total": total,
+            "allocated": self.memory.allocated,
+            "peak": self.memory.peak,
+            "reserved": reserved,
+            "storages": self.memory.storage_count,
+            "handles": len(self.tensors),
+        }
+
+    @contextmanager
+    def _session_rng(self) -> Iterator[None]:
+        """Run an op that draws from the device's default generator on this session's stream."""
+        default = devices.default_generator(self.device)
+        saved = default.get_state()
+        default.set_state(self.generator.get_state())
+        try:
+            yield
+        finally:
+            self.generator.set_state(default.get_state())
+            default.set_state(saved)
+
+
+def _flatten_handles(outs: Any) -> Iterator[Any]:
+    if isinstance(outs, list):
+        for item in outs:
+            yield from _flatten_handles(item)
+    elif outs is not None:
+        yield outs
+
+
+def _is_dense(tensor: torch.Tensor) -> bool:
+    """Non-overlapping and dense from offset 0: its storage holds exactly its elements."""
+    return tensor.storage_offset() == 0 and _is_dense_layout(list(tensor.shape), list(tensor.stride()))
+
+
+def _is_dense_layout(shape: list[Any], stride: list[Any]) -> bool:
+    """Whether ``stride`` lays ``shape`` out without gaps or overlaps (some permutation of
+    contiguous): the storage then holds exactly numel elements."""
+    if len(shape) != len(stride) or not all(isinstance(v, int) and v >= 0 for v in [*shape, *stride]):
+        return False
+    expected = 1
+    for size, step in sorted(zip(shape, stride), key=lambda pair: pair[1]):
+        if size == 1:
+            continue
+        if size == 0:
+            return True
+        if step != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _wire_value(value: Any) -> Any:
+    """A non-tensor op result as msgpack can carry it (tensors travel as handles instead)."""
+    if isinstance(value, torch.Tensor) or value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_wire_value(item) for item in value]
+    if isinstance(value, complex):
+        return protocol.complex_ext(value)
+    if isinstance(value, torch.dtype):
+        return protocol.dtype_ext(value)
+    return value
+
+
+def _wire_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return protocol.tensor_meta(value)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return [protocol.tensor_meta(v) for v in value]
+    return None
+
+
+def _message(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    # torch appends long C++ backtraces in some builds; the first paragraph is what users need.
+    return text.split("\nException raised from")[0][:4000]

@@ -1,0 +1,54 @@
+"""libremote: one distribution with the client (libremote), the daemon (libremote.server) and
+the shims (libremote.shims). The repository keeps server/ and shims/ at the top level; they
+install inside the libremote namespace so no generic top-level ``server`` module is created."""
+
+import os
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+#: Installed at the top of site-packages: the startup hook for LIBREMOTE_SERVER opt-in.
+TOP_LEVEL_SHIM_FILES = ("shims/libremote-autostart.pth", "shims/_libremote_autostart.py")
+
+
+class BuildPyWithStartupHook(build_py):
+    """Also place the .pth startup hook and its tiny module at the root of the build."""
+
+    def run(self) -> None:
+        super().run()
+        for relative in TOP_LEVEL_SHIM_FILES:
+            self.copy_file(os.path.join(HERE, relative), os.path.join(self.build_lib, os.path.basename(relative)))
+
+    def get_outputs(self, include_bytecode: bool = True) -> list:
+        return list(super().get_outputs(include_bytecode)) + [
+            os.path.join(self.build_lib, os.path.basename(relative)) for relative in TOP_LEVEL_SHIM_FILES
+        ]
+
+
+def read_version() -> str:
+    with open(os.path.join(HERE, "libremote", "__init__.py")) as source:
+        for line in source:
+            if line.startswith("__version__"):
+                return line.split("=", 1)[1].strip().strip('"')
+    raise RuntimeError("no __version__ in libremote/__init__.py")
+
+
+setup(
+    name="libremote",
+    version=read_version(),
+    description="Use GPUs in other servers from PyTorch programs on CPU-only hosts; share GPUs among many clients.",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["libremote", "libremote.client", "libremote.server", "libremote.shims"],
+    package_dir={"libremote.server": "server", "libremote.shims": "shims"},
+    install_requires=["torch>=2.6", "pyzmq>=25", "msgpack>=1.0", "numpy", "cffi>=1.15"],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={
+        "console_scripts": [
+            "libremote-server = libremote.server.cli:main",
+        ]
+    },
+    cmdclass={"build_py": BuildPyWithStartupHook},
+)

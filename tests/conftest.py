@@ -1,0 +1,93 @@
+"""Fixtures: a real daemon process on a free loopback port, and a client session against it.
+
+The daemon runs ``python -m libremote.server --device cpu`` from this checkout (``PYTHONPATH``),
+exactly as a user would start it; tests compare remote results with plain local torch.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    env.pop("LIBREMOTE_SERVER", None)
+    env.update(extra)
+    return env
+
+
+class Daemon:
+    """A libremote-server subprocess; ``address`` is where it listens."""
+
+    def __init__(self, *args: str, device: str = "cpu") -> None:
+        self.port = free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"libremote-daemon-{self.port}.log"
+        self._log = open(self.log_path, "w+")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "libremote.server", "--listen", self.address, "--device", device, *args],
+            env=subprocess_env(),
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self._wait_listening()
+
+    def _wait_listening(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"daemon exited early:\n{self.log()}")
+            if "listening on" in self.log():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"daemon did not start within {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+@pytest.fixture(scope="session")
+def daemon() -> Iterator[Daemon]:
+    server = Daemon()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def remote(daemon: Daemon):
+    """A connected client session (libremote imported in this test process)."""
+    import libremote
+
+    libremote.connect(daemon.address)
+    yield libremote
+    libremote.disconnect()
