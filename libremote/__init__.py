@@ -11,8 +11,9 @@ Public API: :func:`connect`, :func:`disconnect`, :func:`is_connected`, :func:`sy
 
 from __future__ import annotations
 
+import contextlib as _contextlib
 import os as _os
-from typing import Any
+from typing import Any, Iterator
 
 __version__ = "0.1.0"
 
@@ -77,6 +78,24 @@ def server_info() -> dict[str, Any]:
     return dict(runtime.current().daemon_info)
 
 
+@_contextlib.contextmanager
+def op_trace() -> Iterator[list[str]]:
+    """Record the schema name of every op sent to the daemon inside the ``with`` block.
+
+    ``with libremote.op_trace() as ops: model(x)`` leaves e.g. ``["aten::addmm", ...]`` in
+    ``ops``: what the daemon executes for that code, after autograd and decompositions.
+    """
+    from .client import runtime
+
+    session = runtime.current()
+    names: list[str] = []
+    previous, session.op_log = session.op_log, names
+    try:
+        yield names
+    finally:
+        session.op_log = previous
+
+
 def memory_stats() -> dict[str, int]:
     """This session's memory on the daemon: allocated, peak, reserved, device free/total."""
     from .client import cuda_api
@@ -95,6 +114,7 @@ __all__ = [
     "disconnect",
     "is_connected",
     "memory_stats",
+    "op_trace",
     "server_info",
     "synchronize",
 ]

@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 import torch
 
+from .translations import TRANSLATIONS
+
 ALLOWED_NAMESPACES = frozenset({"aten"})
 
 DENIED_OPS = frozenset(
@@ -68,6 +70,8 @@ class OpEntry:
 
     name: str
     overload: torch._ops.OpOverload
+    #: What runs: the overload itself, or a translation for ops the device has no kernel for.
+    call: Callable[..., Any]
     #: The schema has a ``Generator? generator`` argument: inject the session's generator.
     takes_generator: bool
     #: Draws random numbers without a generator argument: run under the session's RNG state.
@@ -120,6 +124,7 @@ def resolve(name: str) -> OpEntry:
     entry = OpEntry(
         name=name,
         overload=overload,
+        call=TRANSLATIONS.get(f"{namespace}::{op_name}", overload),
         takes_generator=takes_generator,
         seeded_without_generator=seeded and not takes_generator,
         zero_fill_result=base in UNINITIALISED_RESULT_OPS,

@@ -237,9 +237,9 @@ class Session:
             kwargs["generator"] = self.generator
         if entry.seeded_without_generator:
             with self._session_rng():
-                result = entry.overload(*args, **kwargs)
+                result = entry.call(*args, **kwargs)
         else:
-            result = entry.overload(*args, **kwargs)
+            result = entry.call(*args, **kwargs)
         if entry.zero_fill_result and isinstance(result, torch.Tensor):
             result.zero_()
         self.ops_executed += 1

@@ -1,5 +1,8 @@
 """Makes ``cuda`` mean the remote device, wherever a program names a device.
 
+(The same torch-function mode also routes ``scaled_dot_product_attention`` to the fused remote
+op, see :mod:`.attention`: it is the one place that sees torch API calls before dispatch.)
+
 A torch-function mode sees every call of the torch API before it runs and rewrites device
 arguments: ``device="cuda"``, ``torch.device("cuda", 1)``, ``.to("cuda:0")``, ``.cuda()``, a bare
 ordinal in ``.to(0)``. It also turns ``pin_memory()`` into a no-op (host memory needs no pinning
@@ -74,12 +77,19 @@ def _is_pinned(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str
     return False
 
 
-_SPECIAL: dict[Any, Callable[..., Any]] = {
-    _Tensor.to: _tensor_to,
-    _Tensor.cuda: _tensor_cuda,
-    _Tensor.pin_memory: _pin_memory,
-    _Tensor.is_pinned: _is_pinned,
-}
+def _special_functions() -> dict[Any, Callable[..., Any]]:
+    from . import attention
+
+    return {
+        _Tensor.to: _tensor_to,
+        _Tensor.cuda: _tensor_cuda,
+        _Tensor.pin_memory: _pin_memory,
+        _Tensor.is_pinned: _is_pinned,
+        **attention.HOOKS,
+    }
+
+
+_SPECIAL: dict[Any, Callable[..., Any]] = {}
 
 
 class CudaIsRemote(TorchFunctionMode):
@@ -136,6 +146,7 @@ def install() -> None:
     if _installed:
         return
     _installed = True
+    _SPECIAL.update(_special_functions())
     _mode.__enter__()
     threading.Thread._bootstrap_inner = _bootstrap_inner_with_mode  # type: ignore[attr-defined]
     _patch_default_device()

@@ -85,6 +85,9 @@ def _stream(func: torch._ops.OpOverload, info: OpInfo, specs: tuple[Any, ...], a
             tensors = [make(item, session, index) for item in spec]
             outs.append([tensor._ref.id for tensor in tensors])
             results.append(tensors)
+        elif kind is Return.SIZE:
+            outs.append(None)
+            results.append(spec)
         else:  # MUTATED_INPUT
             outs.append(None)
             mutated = _mutated_input(source, args, kwargs) if source else None
@@ -191,5 +194,4 @@ _SPECIAL: dict[torch._ops.OpOverload, Callable[..., Any]] = {
     aten._to_copy.default: sync.to_copy,
     aten.copy_.default: sync.copy_,
     aten.is_pinned.default: lambda func, args, kwargs: False,
-    aten._fused_sdp_choice.default: sync.sdp_choice,
 }

@@ -94,6 +94,8 @@ def _describe_result(info: OpInfo, result: Any, meta_args: tuple[Any, ...], meta
             # The input after the op: in-place ops such as resize_ or t_ change its metadata.
             mutated = meta_args[source[1]] if source and source[0] == "arg" else meta_kwargs.get(source[1]) if source else value
             specs.append(spec_of(mutated) if isinstance(mutated, torch.Tensor) else None)
+        elif kind is Return.SIZE and isinstance(value, int):
+            specs.append(value)
         else:
             raise NeedsDaemon()
     return tuple(specs)

@@ -23,7 +23,8 @@ class Return(enum.Enum):
     NEW = "new"  # a new tensor (including views): gets a new handle
     NEW_LIST = "new_list"  # Tensor[]: a list of new tensors
     MUTATED_INPUT = "mutated_input"  # Tensor(a!): the input object itself
-    VALUE = "value"  # int/float/bool/...: the daemon must compute it
+    SIZE = "size"  # int/SymInt: shape arithmetic, which local inference computes
+    VALUE = "value"  # float/bool/Scalar/...: depends on data, the daemon must compute it
 
 
 _NO_DEFAULT = object()
@@ -55,6 +56,8 @@ def _return_kind(ret: torch._C.Argument) -> Return:
         return Return.NEW
     if isinstance(kind, torch._C.ListType) and isinstance(kind.getElementType(), torch._C.TensorType):
         return Return.NEW_LIST
+    if isinstance(kind, (torch._C.IntType, torch._C.SymIntType)):
+        return Return.SIZE
     return Return.VALUE
 
 

@@ -49,6 +49,8 @@ class ClientSession:
         self._pending_bytes = 0
         self._released: collections.deque[int] = collections.deque()
         self._deferred_error: Exception | None = None
+        #: When a list, the name of every op sent is appended (``libremote.op_trace()``).
+        self.op_log: list[str] | None = None
         self.closed = False
 
     # ------------------------------------------------------------------------------------------
@@ -64,6 +66,8 @@ class ClientSession:
 
     def op_ref(self, name: str) -> Any:
         """The wire reference for op ``name``: its id, defined by name on first use."""
+        if self.op_log is not None:
+            self.op_log.append(name)
         op_id = self._op_ids.get(name)
         if op_id is not None:
             return op_id

@@ -106,10 +106,3 @@ def tensor_repr(tensor: RemoteTensor) -> str:
     # torch prefixes a subclass's repr with its class name; a CUDA tensor prints as "tensor(".
     prefix = type(tensor).__name__ + "("
     return "tensor(" + text[len(prefix):] if text.startswith(prefix) else text
-
-
-def sdp_choice(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
-    """Which attention kernel scaled_dot_product_attention uses on the remote device."""
-    from torch.nn.attention import SDPBackend
-
-    return int(SDPBackend.MATH.value)
