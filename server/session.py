@@ -252,7 +252,7 @@ class Session:
         if outs is None:
             return
         protocol.check(isinstance(outs, list), "OP outs must be a list")
-        values = (result,) if len(entry.overload._schema.returns) == 1 else result
+        values = _returned_values(entry, result)
         protocol.check(len(outs) <= len(values), lambda: f"{entry.name} returns {len(values)} values, outs names {len(outs)}")
         for value, out in zip(values, outs):
             if out is None:
@@ -270,7 +270,7 @@ class Session:
 
     def _op_sync(self, command: list[Any], frames: list[Any]) -> list[Any]:
         entry, result = self._run_op(command)
-        values = (result,) if len(entry.overload._schema.returns) == 1 else result
+        values = _returned_values(entry, result)
         return [[_wire_value(value) for value in values], [_wire_meta(value) for value in values]]
 
     def _upload(self, command: list[Any], frames: list[Any]) -> None:
@@ -388,6 +388,16 @@ class Session:
         finally:
             self.generator.set_state(default.get_state())
             default.set_state(saved)
+
+
+def _returned_values(entry: op_policy.OpEntry, result: Any) -> tuple[Any, ...]:
+    """The op's result as one value per schema return (ops returning ``()`` give None)."""
+    count = len(entry.overload._schema.returns)
+    if count == 0:
+        return ()
+    if count == 1:
+        return (result,)
+    return tuple(result)
 
 
 def _flatten_handles(outs: Any) -> Iterator[Any]:

@@ -1,5 +1,10 @@
 """Ops the client sends that the daemon's device has no kernel for, implemented with ones it has.
 
+The client decomposes ops as a GPU backend would, so some ops it sends have kernels on CUDA only:
+the fused LSTM/GRU cells that ``nn.LSTM``/``nn.GRU`` use on an accelerator. On other devices they
+are computed here from ordinary ops, with the same workspace layout as CUDA's kernels (activated
+gates, so the backward needs no recomputation).
+
 ``scaled_dot_product_attention`` on the client's ``remote`` device picks the *overrideable* fused
 backend (PrivateUse1's hook for backends with their own attention kernel), so attention travels as
 one op, forward and backward, instead of ~17 decomposed ones. Here it maps to the device's fused
@@ -75,8 +80,78 @@ def attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.T
     return tuple(next(grads) if need and t is not None else None for t, need in zip(inputs, grad_input_mask))
 
 
+def lstm_cell(input_gates: torch.Tensor, hidden_gates: torch.Tensor, cx: torch.Tensor,
+              input_bias: Any = None, hidden_bias: Any = None) -> tuple[torch.Tensor, ...]:
+    """``aten::_thnn_fused_lstm_cell``: (hy, cy, workspace = activated gates i|f|g|o)."""
+    if input_gates.device.type == "cuda":
+        return aten._thnn_fused_lstm_cell(input_gates, hidden_gates, cx, input_bias, hidden_bias)
+    gates = input_gates + hidden_gates
+    if input_bias is not None:
+        gates = gates + input_bias + hidden_bias
+    i, f, g, o = gates.chunk(4, 1)
+    i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+    cy = f * cx + i * g
+    hy = o * cy.tanh()
+    return hy, cy, torch.cat((i, f, g, o), 1)
+
+
+def lstm_cell_backward(grad_hy: Any, grad_cy: Any, cx: torch.Tensor, cy: torch.Tensor,
+                       workspace: torch.Tensor, has_bias: bool) -> tuple[Any, ...]:
+    """``aten::_thnn_fused_lstm_cell_backward_impl``: (grad_gates, grad_cx, grad_bias)."""
+    if workspace.device.type == "cuda":
+        return aten._thnn_fused_lstm_cell_backward_impl(grad_hy, grad_cy, cx, cy, workspace, has_bias)
+    i, f, g, o = workspace.chunk(4, 1)
+    tanh_cy = cy.tanh()
+    grad_c = torch.zeros_like(cy) if grad_cy is None else grad_cy.clone()
+    grad_o = torch.zeros_like(cy)
+    if grad_hy is not None:
+        grad_c = grad_c + grad_hy * o * (1 - tanh_cy * tanh_cy)
+        grad_o = grad_hy * tanh_cy
+    grad_gates = torch.cat(
+        (grad_c * g * i * (1 - i), grad_c * cx * f * (1 - f), grad_c * i * (1 - g * g), grad_o * o * (1 - o)), 1
+    )
+    return grad_gates, grad_c * f, grad_gates.sum(0) if has_bias else None
+
+
+def gru_cell(input_gates: torch.Tensor, hidden_gates: torch.Tensor, hx: torch.Tensor,
+             input_bias: Any = None, hidden_bias: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``aten::_thnn_fused_gru_cell``: (hy, workspace = r|z|n|hx|hidden new-gate)."""
+    if input_gates.device.type == "cuda":
+        return aten._thnn_fused_gru_cell(input_gates, hidden_gates, hx, input_bias, hidden_bias)
+    if input_bias is not None:
+        input_gates = input_gates + input_bias
+        hidden_gates = hidden_gates + hidden_bias
+    ir, iz, in_ = input_gates.chunk(3, 1)
+    hr, hz, hn = hidden_gates.chunk(3, 1)
+    r = (ir + hr).sigmoid()
+    z = (iz + hz).sigmoid()
+    n = (in_ + r * hn).tanh()
+    hy = n + z * (hx - n)
+    return hy, torch.cat((r, z, n, hx, hn), 1)
+
+
+def gru_cell_backward(grad_hy: torch.Tensor, workspace: torch.Tensor, has_bias: bool) -> tuple[Any, ...]:
+    """``aten::_thnn_fused_gru_cell_backward``: grads of input gates, hidden gates, hx, biases."""
+    if workspace.device.type == "cuda":
+        return aten._thnn_fused_gru_cell_backward(grad_hy, workspace, has_bias)
+    r, z, n, hx, hn = workspace.chunk(5, 1)
+    grad_n = grad_hy * (1 - z) * (1 - n * n)
+    grad_z = grad_hy * (hx - n) * z * (1 - z)
+    grad_r = grad_n * hn * r * (1 - r)
+    grad_input_gates = torch.cat((grad_r, grad_z, grad_n), 1)
+    grad_hidden_gates = torch.cat((grad_r, grad_z, grad_n * r), 1)
+    grad_hx = grad_hy * z
+    if not has_bias:
+        return grad_input_gates, grad_hidden_gates, grad_hx, None, None
+    return grad_input_gates, grad_hidden_gates, grad_hx, grad_input_gates.sum(0), grad_hidden_gates.sum(0)
+
+
 #: op schema name -> implementation on the daemon's devices
 TRANSLATIONS: dict[str, Callable[..., Any]] = {
+    "aten::_thnn_fused_lstm_cell": lstm_cell,
+    "aten::_thnn_fused_lstm_cell_backward_impl": lstm_cell_backward,
+    "aten::_thnn_fused_gru_cell": gru_cell,
+    "aten::_thnn_fused_gru_cell_backward": gru_cell_backward,
     "aten::_scaled_dot_product_fused_attention_overrideable": attention_forward,
     "aten::_scaled_dot_product_fused_attention_overrideable_backward": attention_backward,
 }

@@ -6,15 +6,16 @@ would be silently ignored. So:
 
 * entering ``autocast("cuda")`` also enables autocast for the ``remote`` device with the same
   dtype (patched ``__enter__``/``__exit__``), and
-* a Python fallback on the ``AutocastPrivateUse1`` key applies CUDA's cast policy (the op lists
-  of torch's ``aten/src/ATen/autocast_mode.cpp``): lower-precision ops cast floating inputs to the
-  autocast dtype, fp32 ops to float32, promote ops to the widest input type; then the op runs
-  below autocast. Casts happen above autograd, so gradients flow back through them as with CUDA.
+* kernels on the ``AutocastPrivateUse1`` key apply CUDA's cast policy (the op lists of torch's
+  ``aten/src/ATen/autocast_mode.cpp``): lower-precision ops cast floating inputs to the autocast
+  dtype, fp32 ops to float32, promote ops to the widest input type; then the op runs below
+  autocast. Every other op falls through. Casts happen above autograd, so gradients flow back
+  through them as with CUDA. (Unlike CUDA's, casts are not cached across ops in a region.)
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils._pytree import tree_map
@@ -57,31 +58,36 @@ def _eligible(value: Any) -> bool:
     )
 
 
-def _cast_to(dtype: torch.dtype) -> Any:
+def _cast_all(args: Any, kwargs: Any, dtype: torch.dtype) -> tuple[Any, Any]:
     def cast(value: Any) -> Any:
         return value.to(dtype) if _eligible(value) and value.dtype is not dtype else value
 
-    return cast
+    return tree_map(cast, args), tree_map(cast, kwargs)
 
 
-def _autocast_fallback(op: torch._ops.OpOverload, *args: Any, **kwargs: Any) -> Any:
-    name = op._schema.name.split("::", 1)[-1]
-    with torch._C._ExcludeDispatchKeyGuard(_EXCLUDE_AUTOCAST):
-        if name in LOWER_PRECISION_OPS:
-            cast = _cast_to(torch.get_autocast_dtype(backend.BACKEND_NAME))
-            args, kwargs = tree_map(cast, args), tree_map(cast, kwargs)
-        elif name in FP32_OPS:
-            cast = _cast_to(torch.float32)
-            args, kwargs = tree_map(cast, args), tree_map(cast, kwargs)
-        elif name in PROMOTE_OPS:
-            widest = None
-            for value in torch.utils._pytree.tree_leaves((args, kwargs)):
-                if _eligible(value):
-                    widest = value.dtype if widest is None else torch.promote_types(widest, value.dtype)
-            if widest is not None:
-                cast = _cast_to(widest)
-                args, kwargs = tree_map(cast, args), tree_map(cast, kwargs)
-        return op(*args, **kwargs)
+def _lower_precision(op: Any, args: Any, kwargs: Any) -> Any:
+    return _cast_all(args, kwargs, torch.get_autocast_dtype(backend.BACKEND_NAME))
+
+
+def _fp32(op: Any, args: Any, kwargs: Any) -> Any:
+    return _cast_all(args, kwargs, torch.float32)
+
+
+def _promote(op: Any, args: Any, kwargs: Any) -> Any:
+    widest = None
+    for value in torch.utils._pytree.tree_leaves((args, kwargs)):
+        if _eligible(value):
+            widest = value.dtype if widest is None else torch.promote_types(widest, value.dtype)
+    return (args, kwargs) if widest is None else _cast_all(args, kwargs, widest)
+
+
+def _autocast_kernel(op: torch._ops.OpOverload, policy: Callable[..., Any]) -> Callable[..., Any]:
+    def kernel(*args: Any, **kwargs: Any) -> Any:
+        with torch._C._ExcludeDispatchKeyGuard(_EXCLUDE_AUTOCAST):
+            args, kwargs = policy(op, args, kwargs)
+            return op(*args, **kwargs)
+
+    return kernel
 
 
 #: Whether ``autocast("cuda")`` also drives the remote device (off in the daemon's process).
@@ -115,8 +121,23 @@ def _patch_autocast_context() -> None:
     autocast._libremote_patched = True
 
 
-def register() -> torch.library.Library:
-    library = torch.library.Library("_", "IMPL")
-    library.fallback(_autocast_fallback, "AutocastPrivateUse1")
+def register() -> list[torch.library.Library]:
+    """Autocast kernels for every overload of the listed ops; all other ops fall through.
+
+    (Per-op kernels, not one Python fallback: torch's Python fallback path cannot take
+    tensor-subclass arguments, see the README's notes.)
+    """
+    fallthrough = torch.library.Library("_", "IMPL")
+    fallthrough.fallback(torch.library.fallthrough_kernel, "AutocastPrivateUse1")
+    kernels = torch.library.Library("aten", "IMPL")
+    for names, policy in ((LOWER_PRECISION_OPS, _lower_precision), (FP32_OPS, _fp32), (PROMOTE_OPS, _promote)):
+        for name in names:
+            packet = getattr(torch.ops.aten, name, None)
+            if packet is None:
+                continue
+            for overload_name in packet.overloads():
+                overload = getattr(packet, overload_name)
+                qualified = name if overload_name == "default" else f"{name}.{overload_name}"
+                kernels.impl(qualified, _autocast_kernel(overload, policy), "AutocastPrivateUse1")
     _patch_autocast_context()
-    return library
+    return [fallthrough, kernels]

@@ -125,7 +125,8 @@ def register() -> None:
         for name in _OPS_WITH_KERNELS:
             aten_library.impl(name, _kernel_for(name), "PrivateUse1")
         _libraries.append(aten_library)
-        from . import amp
+        from . import amp, meta
 
-        _libraries.append(amp.register())
+        _libraries.extend(amp.register())
+        meta.register_missing_meta_kernels()
         _registered = True

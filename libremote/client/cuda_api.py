@@ -354,6 +354,16 @@ _CUDA_FUNCTIONS = {
 }
 
 
+_original_cudnn_is_acceptable = torch.backends.cudnn.is_acceptable
+
+
+def _cudnn_is_acceptable(tensor: torch.Tensor) -> bool:
+    """cuDNN is the daemon's business: client code (nn.RNN's weight flattening) must not try it."""
+    if tensor.device.type == "cuda":
+        return False
+    return _original_cudnn_is_acceptable(tensor)
+
+
 def _current_accelerator(check_available: bool = False) -> torch.device | None:
     return torch.device("cuda") if not check_available or is_available() else None
 
@@ -381,6 +391,7 @@ def _replacements() -> list[tuple[Any, str, Any]]:
         (accelerator, "set_device_index", set_device),
         (accelerator, "set_device_idx", set_device),
         (accelerator, "synchronize", synchronize),
+        (torch.backends.cudnn, "is_acceptable", _cudnn_is_acceptable),
     ]
     patches += [(cuda.memory, name, globals()[name]) for name in _MEMORY_FUNCTIONS if hasattr(cuda.memory, name)]
     memory = getattr(accelerator, "memory", None)

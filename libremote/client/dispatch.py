@@ -35,6 +35,10 @@ def dispatch(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[st
 def run(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Forward ``func`` to the daemon: streamed when its metadata can be inferred, else synchronous."""
     info = op_info(func)
+    if info.composite:
+        decomposed = func.decompose(*args, **kwargs)
+        if decomposed is not NotImplemented:
+            return decomposed
     if not info.needs_daemon_answer:
         try:
             specs = meta.infer(func, info, args, kwargs)

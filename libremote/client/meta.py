@@ -101,6 +101,39 @@ def _describe_result(info: OpInfo, result: Any, meta_args: tuple[Any, ...], meta
     return tuple(specs)
 
 
+# ------------------------------------------------------------------------------------------------
+# Meta kernels torch lacks for ops the client sends. Registered on torch's Meta key, so they are
+# ordinary shape rules for this process; without them each call would wait for the daemon.
+# ------------------------------------------------------------------------------------------------
+def _gru_cell_meta(input_gates, hidden_gates, hx, input_bias=None, hidden_bias=None):
+    batch, hidden = hx.shape
+    return hx.new_empty((batch, hidden)), hx.new_empty((batch, 5 * hidden))
+
+
+def _gru_cell_backward_meta(grad_hy, workspace, has_bias):
+    batch, hidden = grad_hy.shape
+    gates = grad_hy.new_empty((batch, 3 * hidden))
+    bias = grad_hy.new_empty((3 * hidden,)) if has_bias else None
+    return gates, gates.clone(), grad_hy.new_empty((batch, hidden)), bias, None if bias is None else bias.clone()
+
+
+_META_KERNELS = {
+    "_thnn_fused_gru_cell": _gru_cell_meta,
+    "_thnn_fused_gru_cell_backward": _gru_cell_backward_meta,
+}
+_meta_library: list[torch.library.Library] = []
+
+
+def register_missing_meta_kernels() -> None:
+    if _meta_library:
+        return
+    library = torch.library.Library("aten", "IMPL")
+    for name, kernel in _META_KERNELS.items():
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{name}", "Meta"):
+            library.impl(name, kernel, "Meta")
+    _meta_library.append(library)
+
+
 def _device_names(message: str) -> str:
     return message.replace("device meta", "device cuda:0").replace("meta and", "cuda:0 and").replace(
         "and meta", "and cuda:0").replace("expected device meta", "expected device cuda:0")

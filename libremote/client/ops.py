@@ -41,6 +41,9 @@ class OpInfo:
     pointwise: bool
     #: The op's result metadata depends on tensor *values*: it must run on the daemon first.
     needs_daemon_answer: bool
+    #: CompositeImplicitAutograd: torch decomposes it above us, except for tensors without
+    #: autograd keys (made under inference_mode), where we decompose it ourselves.
+    composite: bool
 
 
 _infos: dict[torch._ops.OpOverload, OpInfo] = {}
@@ -101,6 +104,7 @@ def op_info(func: torch._ops.OpOverload) -> OpInfo:
             or torch.Tag.dynamic_output_shape in tags
             or torch.Tag.data_dependent_output in tags
         ),
+        composite=torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"),
     )
     _infos[func] = info
     return info

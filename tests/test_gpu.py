@@ -1,0 +1,97 @@
+"""Checks that need a daemon on a real CUDA device (skipped on machines without one).
+
+The daemon runs with ``--device cuda``; this process stays a client (its own torch.cuda is the
+libremote facade), so CUDA availability is probed in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import Daemon, subprocess_env
+
+
+def _cuda_on_this_machine() -> bool:
+    probe = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+        capture_output=True, text=True, env=subprocess_env(), timeout=120,
+    )
+    return probe.stdout.strip() == "True"
+
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not _cuda_on_this_machine(), reason="needs a CUDA device for the daemon"),
+]
+
+
+@pytest.fixture(scope="module")
+def gpu_remote():
+    import libremote
+
+    server = Daemon(device="cuda")
+    libremote.connect(server.address)
+    yield libremote
+    libremote.disconnect()
+    server.stop()
+
+
+def test_device_facts_are_the_gpus(gpu_remote):
+    props = torch.cuda.get_device_properties(0)
+    assert props.total_memory > 1 << 30
+    assert props.major >= 7
+    assert "CPU backend" not in torch.cuda.get_device_name()
+
+
+def test_matmul_and_training_step_match_cpu(gpu_remote):
+    torch.manual_seed(0)
+    a, b = torch.randn(256, 128), torch.randn(128, 64)
+    torch.testing.assert_close((a.cuda() @ b.cuda()).cpu(), a @ b, rtol=1e-4, atol=1e-4)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    remote_model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    remote_model.load_state_dict(model.state_dict())
+    remote_model.cuda()
+    x, y = torch.randn(16, 32), torch.randn(16, 1)
+    for net, data, target in ((model, x, y), (remote_model, x.cuda(), y.cuda())):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        for _ in range(3):
+            loss = torch.nn.functional.mse_loss(net(data), target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    for p_local, p_remote in zip(model.parameters(), remote_model.parameters()):
+        torch.testing.assert_close(p_remote.cpu(), p_local.detach(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_attention_on_gpu(gpu_remote, dtype):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 64, 32) for _ in range(3))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    qc, kc, vc = (t.to("cuda", dtype).requires_grad_() for t in (q, k, v))
+    with gpu_remote.op_trace() as ops:
+        out = torch.nn.functional.scaled_dot_product_attention(qc, kc, vc, is_causal=True)
+        out.float().sum().backward()
+    tolerance = 2e-2 if dtype is torch.bfloat16 else 1e-4
+    torch.testing.assert_close(out.float().cpu(), expected, rtol=tolerance, atol=tolerance)
+    assert "aten::_scaled_dot_product_fused_attention_overrideable" in ops
+    assert qc.grad is not None and torch.isfinite(qc.grad.float().cpu()).all()
+
+
+def test_autocast_bf16_on_gpu(gpu_remote):
+    x = torch.randn(8, 16, device="cuda")
+    w = torch.randn(16, 4, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert (x @ w).dtype == torch.bfloat16
+
+
+def test_memory_figures_track_allocations(gpu_remote):
+    before = torch.cuda.memory_allocated()
+    block = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    assert torch.cuda.memory_allocated() - before >= 64 << 20
+    del block
+    assert torch.cuda.memory_allocated() - before < 64 << 20
