@@ -36,13 +36,13 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 class Daemon:
     """A libremote-server subprocess; ``address`` is where it listens."""
 
-    def __init__(self, *args: str, device: str = "cpu") -> None:
+    def __init__(self, *args: str, device: str = "cpu", python: str = sys.executable) -> None:
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"libremote-daemon-{self.port}.log"
         self._log = open(self.log_path, "w+")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "libremote.server", "--listen", self.address, "--device", device, *args],
+            [python, "-m", "libremote.server", "--listen", self.address, "--device", device, *args],
             env=subprocess_env(),
             cwd=REPO,
             stdout=self._log,
