@@ -19,7 +19,11 @@ REFUSED    [REFUSED, reason]                            daemon refuses the clien
 BATCH      [BATCH, seq, commands, want_reply]           a run of commands, executed in order
 REPLY      [REPLY, seq, results, error]                 answer to a BATCH that asked for one
 BYE        [BYE]                                        client is leaving; free the session
+PING       [PING]                                       client is alive (sent when otherwise idle)
 =========  ===========================================  ==========================================
+
+A session whose client sends nothing, not even PING, for the daemon's heartbeat timeout is
+reclaimed (the client was killed or lost its network); WELCOME says how often to PING.
 
 A BATCH that does not ask for a reply gets none: ops stream. When one asks (a sync point), the
 REPLY carries the results of the commands that produce one (:data:`RESULT_COMMANDS`), in order,
@@ -86,6 +90,7 @@ class Msg(enum.IntEnum):
     BATCH = 4
     REPLY = 5
     BYE = 6
+    PING = 7
 
 
 class Cmd(enum.IntEnum):

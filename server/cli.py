@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-message-size", type=_size, default=16 << 30, metavar="SIZE",
         help="largest message frame accepted, e.g. 4GiB (default 16GiB); larger ones disconnect the peer",
     )
+    parser.add_argument(
+        "--heartbeat", type=float, default=2.0, metavar="SECONDS",
+        help="how often clients must show they are alive (default 2 s)",
+    )
+    parser.add_argument(
+        "--heartbeat-timeout", type=float, default=10.0, metavar="SECONDS",
+        help="a client silent this long is presumed dead and its session and memory are reclaimed (default 10 s)",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
@@ -67,7 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"libremote-server: {exc}", file=sys.stderr)
         return 2
     try:
-        daemon = Daemon(args.listen, device, max_message_bytes=args.max_message_size)
+        daemon = Daemon(
+            args.listen, device, max_message_bytes=args.max_message_size,
+            heartbeat_s=args.heartbeat, heartbeat_timeout_s=args.heartbeat_timeout,
+        )
     except Exception as exc:  # zmq.ZMQError: address in use, bad endpoint
         print(f"libremote-server: cannot listen on {args.listen}: {exc}", file=sys.stderr)
         return 2

@@ -39,8 +39,12 @@ class Daemon:
         *,
         max_message_bytes: int = 16 << 30,
         heartbeat_s: float = 2.0,
+        heartbeat_timeout_s: float = 10.0,
     ) -> None:
         self.device = device
+        self.heartbeat_s = heartbeat_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self._next_reclaim_check = 0.0
         self.facts = devices.describe(device)
         self.sessions: dict[bytes, Session] = {}
         self._stop = threading.Event()
@@ -75,7 +79,9 @@ class Daemon:
         poller.register(self._socket, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                if not poller.poll(200):
+                ready = poller.poll(200)
+                self._reclaim_silent_sessions()
+                if not ready:
                     continue
                 while True:
                     try:
@@ -109,6 +115,10 @@ class Daemon:
                 self._on_hello(identity, header[1])
             elif kind == Msg.BYE:
                 self._end_session(identity, "client said goodbye")
+            elif kind == Msg.PING:
+                session = self.sessions.get(identity)
+                if session is not None:
+                    session.last_seen = time.monotonic()
             else:
                 raise ProtocolError(f"unknown message kind {kind}")
         except ProtocolError as exc:
@@ -146,6 +156,7 @@ class Daemon:
                     "host": socket.gethostname(),
                     "pid": os.getpid(),
                     "devices": [self.facts.to_wire()],
+                    "heartbeat_s": self.heartbeat_s,
                 },
             ],
         )
@@ -167,6 +178,17 @@ class Daemon:
             return
         if want_reply:
             self._send(identity, [Msg.REPLY, seq, results, session.take_error()], out_frames)
+
+    def _reclaim_silent_sessions(self) -> None:
+        """Free the sessions of clients that stopped sending anything, PINGs included."""
+        now = time.monotonic()
+        if now < self._next_reclaim_check:
+            return
+        self._next_reclaim_check = now + 0.5
+        for identity, session in list(self.sessions.items()):
+            silent = now - session.last_seen
+            if silent > self.heartbeat_timeout_s:
+                self._end_session(identity, f"client silent for {silent:.0f} s: killed, hung or unreachable")
 
     def _end_session(self, identity: bytes, why: str) -> None:
         session = self.sessions.pop(identity, None)

@@ -13,7 +13,7 @@ import secrets
 import socket
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import zmq
@@ -44,6 +44,7 @@ class Connection:
         self._socket.setsockopt(zmq.RCVHWM, 0)
         self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self._connected_once = False
+        self.last_send = time.monotonic()
         try:
             self._socket.connect(address)
         except zmq.ZMQError as exc:
@@ -66,30 +67,25 @@ class Connection:
         }
         deadline = time.monotonic() + self.timeout_s
         try:
-            self._socket.send(protocol.packb([Msg.HELLO, hello]), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            # IMMEDIATE: no connection yet; wait for one until the deadline.
-            self._socket.setsockopt(zmq.SNDTIMEO, max(1, int(self.timeout_s * 1000)))
-            try:
-                self._socket.send(protocol.packb([Msg.HELLO, hello]))
-            except zmq.Again:
-                raise self._unreachable() from None
-            finally:
-                self._socket.setsockopt(zmq.SNDTIMEO, -1)
-        remaining_ms = int((deadline - time.monotonic()) * 1000)
-        if remaining_ms <= 0 or not self._socket.poll(remaining_ms, zmq.POLLIN):
-            raise self._unreachable()
+            self.send([Msg.HELLO, hello], timeout_s=self.timeout_s)
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not self._socket.poll(remaining_ms, zmq.POLLIN):
+                raise TimeoutError
+        except (TimeoutError, ConnectionFailed):
+            self.close()
+            raise self._unreachable() from None
         header = protocol.unpackb(self._socket.recv())
         self._drain_monitor()
         if header[0] == Msg.REFUSED:
+            self.close()
             raise ConnectionFailed(f"libremote: the daemon at {self.address} refused this client: {header[1]}")
         if header[0] != Msg.WELCOME:
+            self.close()
             raise ConnectionFailed(f"libremote: {self.address} answered the handshake with message kind {header[0]}")
         self.welcome = header[1]
         return self.welcome
 
     def _unreachable(self) -> ConnectionFailed:
-        self.close()
         return ConnectionFailed(
             f"libremote: no daemon answered at {self.address} within {self.timeout_s:g} s. "
             f"Check that libremote-server is running there (libremote-server --listen {self.address}), "
@@ -98,16 +94,31 @@ class Connection:
         )
 
     # ------------------------------------------------------------------------------------------
-    def send(self, header: list[Any], frames: list[Any] = (), *, track: bool = False) -> zmq.MessageTracker | None:
+    def send(self, header: list[Any], frames: list[Any] = (), *, track: bool = False,
+             timeout_s: float | None = None) -> zmq.MessageTracker | None:
+        """Send one message. While no daemon is connected (``IMMEDIATE``: nothing is queued for
+        a missing peer) wait, until the connection is reported lost or ``timeout_s`` passes
+        (then :class:`TimeoutError`)."""
         self._check_usable()
         data = [protocol.packb(header), *frames]
-        if track:
-            return self._socket.send_multipart(data, copy=False, track=True)
-        self._socket.send_multipart(data, copy=False)
-        return None
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            try:
+                tracker = self._socket.send_multipart(data, flags=zmq.NOBLOCK, copy=False, track=track)
+                self.last_send = time.monotonic()
+                return tracker
+            except zmq.Again:
+                pass
+            self._socket.poll(_POLL_SLICE_MS, zmq.POLLOUT)
+            self._drain_monitor()
+            if self.broken:
+                raise ConnectionFailed(self.broken)
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"could not send to {self.address} within {timeout_s:g} s")
 
-    def receive(self) -> tuple[list[Any], list[zmq.Frame]]:
-        """Wait for the next message; raise :class:`ConnectionFailed` if the daemon goes away."""
+    def receive(self, while_waiting: Callable[[], None] | None = None) -> tuple[list[Any], list[zmq.Frame]]:
+        """Wait for the next message; raise :class:`ConnectionFailed` if the daemon goes away.
+        ``while_waiting`` runs between poll slices (heartbeats during long waits)."""
         self._check_usable()
         while True:
             if self._socket.poll(_POLL_SLICE_MS, zmq.POLLIN):
@@ -116,6 +127,8 @@ class Connection:
             self._drain_monitor()
             if self.broken:
                 raise ConnectionFailed(self.broken)
+            if while_waiting is not None:
+                while_waiting()
 
     def _drain_monitor(self) -> None:
         while self._monitor.poll(0):
@@ -130,6 +143,7 @@ class Connection:
                 )
 
     def _check_usable(self) -> None:
+        self._drain_monitor()
         if os.getpid() != self.pid:
             raise ConnectionFailed(
                 "libremote: this process was forked from the one that opened the connection; a "

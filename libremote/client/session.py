@@ -17,6 +17,7 @@ import collections
 import itertools
 import os
 import threading
+import time
 from typing import Any
 
 import torch
@@ -52,6 +53,8 @@ class ClientSession:
         #: When a list, the name of every op sent is appended (``libremote.op_trace()``).
         self.op_log: list[str] | None = None
         self.closed = False
+        self.ping_interval_s = float(welcome.get("heartbeat_s", 2.0))
+        threading.Thread(target=self._heartbeat, name="libremote-heartbeat", daemon=True).start()
 
     # ------------------------------------------------------------------------------------------
     # Handles
@@ -148,10 +151,32 @@ class ClientSession:
         tracker = self.connection.send([Msg.BATCH, seq, commands, want_reply], frames, track=track)
         return tracker if track else seq
 
+    def _ping_if_due(self) -> None:
+        """Tell the daemon we are alive if nothing else went out lately (caller holds the lock)."""
+        if time.monotonic() - self.connection.last_send >= self.ping_interval_s:
+            try:
+                self.connection.send([Msg.PING], timeout_s=0)
+            except (TimeoutError, errors.ConnectionFailed):
+                pass
+
+    def _heartbeat(self) -> None:
+        """Background PINGs while the program is busy elsewhere (a thread that holds the lock
+        while waiting for a reply pings from its wait loop instead)."""
+        while not self.closed and os.getpid() == self.pid:
+            time.sleep(self.ping_interval_s / 2)
+            if self.closed or self.connection.broken:
+                return
+            if self._lock.acquire(blocking=False):
+                try:
+                    if not self.closed:
+                        self._ping_if_due()
+                finally:
+                    self._lock.release()
+
     def _roundtrip(self) -> tuple[list[Any], list[Any]]:
         seq = self._flush(want_reply=True)
         while True:
-            header, frames = self.connection.receive()
+            header, frames = self.connection.receive(while_waiting=self._ping_if_due)
             if header[0] != Msg.REPLY:
                 continue
             _, reply_seq, results, error = header
@@ -175,7 +200,7 @@ class ClientSession:
             self.closed = True
             if os.getpid() == self.pid and not self.connection.broken:
                 try:
-                    self.connection.send([Msg.BYE])
-                except Exception:
+                    self.connection.send([Msg.BYE], timeout_s=1.0)
+                except Exception:  # the daemon is gone: nothing to say goodbye to
                     pass
             self.connection.close()
