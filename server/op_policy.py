@@ -106,9 +106,12 @@ def resolve(name: str) -> OpEntry:
     overload_name = match["overload"] or "default"
     if namespace not in ALLOWED_NAMESPACES:
         raise OpRefused(f"{name}: namespace {namespace!r} is not allowed on this daemon")
-    if op_name in DENIED_OPS or op_name.startswith(DENIED_PREFIXES) or op_name.startswith("__"):
+    if op_name in DENIED_OPS or op_name.startswith(DENIED_PREFIXES):
         raise OpRefused(f"{name} is refused by the daemon's op policy")
     try:
+        # Look the name up in the dispatcher's registry first: only registered ops resolve, never
+        # an arbitrary attribute of torch.ops (names like __class__ included).
+        torch._C._dispatch_find_schema_or_throw(f"{namespace}::{op_name}", "" if overload_name == "default" else overload_name)
         packet = getattr(getattr(torch.ops, namespace), op_name)
         overload = getattr(packet, overload_name)
     except (AttributeError, RuntimeError):

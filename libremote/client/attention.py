@@ -40,7 +40,7 @@ def scaled_dot_product_attention(func: Callable[..., Any], args: tuple[Any, ...]
         return func(*args, **kwargs)
     if mask is not None and mask.dtype == torch.bool:
         # As torch does before its fused kernels: a boolean mask becomes an additive bias.
-        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~mask, float("-inf"))
+        mask = query.new_zeros(mask.shape).masked_fill_(~mask, float("-inf"))
     outputs = torch.ops.aten._scaled_dot_product_fused_attention_overrideable(
         query, key, value, mask, 0.0, bool(bound["is_causal"]), False, scale=kwargs.get("scale")
     )

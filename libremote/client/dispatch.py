@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from ..protocol import Cmd
-from . import meta, runtime, sync
+from . import backend, meta, runtime, sync
 from .ops import OpInfo, Return, WireEncoder, op_info
 from .tensor import RemoteTensor, make
 
@@ -39,6 +39,11 @@ def run(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, An
         decomposed = func.decompose(*args, **kwargs)
         if decomposed is not NotImplemented:
             return decomposed
+    device = kwargs.get("device")
+    if isinstance(device, torch.device) and device.type not in (backend.BACKEND_NAME, "meta"):
+        # zeros_like(remote, device="cpu"), x.new_empty(..., device="cpu"): only the remote
+        # tensor's metadata matters, and the result belongs to the host.
+        return func(*meta.stand_in(args), **{key: meta.stand_in(value) for key, value in kwargs.items()})
     if not info.needs_daemon_answer:
         try:
             specs = meta.infer(func, info, args, kwargs)

@@ -12,6 +12,7 @@ metadata instead.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from .ops import OpInfo, Return
 from .tensor import RemoteTensor
 
 _META = torch.device("meta")
+_CPU = torch.device("cpu")
 _MAX_CACHE = 1 << 16
 
 _cache: dict[Any, tuple[Any, ...]] = {}
@@ -30,10 +32,6 @@ ops_without_meta: set[torch._ops.OpOverload] = set()
 
 class NeedsDaemon(Exception):
     """Metadata for this call can only come from running it."""
-
-
-def _scalar_key(value: Any) -> Any:
-    return (type(value), value)
 
 
 def signature(value: Any, values_matter: bool) -> Any:
@@ -60,22 +58,47 @@ def signature(value: Any, values_matter: bool) -> Any:
     return (kind, value)
 
 
-def _to_meta(value: Any) -> Any:
+def _stand_in(value: Any, device: torch.device) -> Any:
+    """``value`` with each remote tensor replaced by a data-less tensor of the same metadata on
+    ``device`` (meta; or the CPU for empty tensors, see :func:`infer`). Host tensors follow
+    CUDA's rules: a 0-dim one acts as a scalar next to device tensors, a larger one stays on the
+    host so that torch's own device checks (which accept host index tensors) apply."""
     kind = type(value)
     if kind is RemoteTensor or isinstance(value, RemoteTensor):
         dtype, shape, stride, offset = value._spec
         if offset:
             span = offset + sum((size - 1) * step for size, step in zip(shape, stride) if size) + 1
-            return torch.empty((span,), dtype=dtype, device=_META).as_strided(shape, stride, offset)
-        return torch.empty_strided(shape, stride, dtype=dtype, device=_META)
+            return torch.empty((span,), dtype=dtype, device=device).as_strided(shape, stride, offset)
+        return torch.empty_strided(shape, stride, dtype=dtype, device=device)
     if kind is list or kind is tuple:
-        return kind(_to_meta(item) for item in value)
+        return kind(_stand_in(item, device) for item in value)
     if kind is torch.device and value.type == backend.BACKEND_NAME:
-        return _META
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.device.type == "cpu":
-        # Host tensors next to device tensors (index tensors): only their metadata matters here.
-        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=_META)
+        return device
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.device.type == "cpu":
+        return torch.empty((), dtype=value.dtype, device=device)
     return value
+
+
+def stand_in(value: Any) -> Any:
+    """``value`` with remote tensors replaced by meta tensors of the same metadata."""
+    return _stand_in(value, _META)
+
+
+def _all_remote_tensors_empty(value: Any) -> bool:
+    """True if ``value`` holds remote tensors and every one of them has no elements."""
+    found = False
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, RemoteTensor):
+            if item.numel():
+                return False
+            found = True
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+    return found
 
 
 def spec_of(tensor: torch.Tensor) -> tuple[Any, ...]:
@@ -134,7 +157,50 @@ def register_missing_meta_kernels() -> None:
     _meta_library.append(library)
 
 
+_DEVICE_MISMATCH = re.compile(r"Tensor on device (\S+) is not on the expected device (\S+)!")
+
+
+_NATIVE_ERROR_MAX_ELEMENTS = 1 << 22
+
+
+def _raise_native_error(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Re-raise a user error with torch's own CPU message (meta decompositions word some
+    differently, e.g. matmul shape errors), by running the op on zero-filled host tensors of the
+    same metadata. Skipped for big tensors; returns if the host run does not fail the same way."""
+    total = 0
+
+    def host(value: Any) -> Any:
+        nonlocal total
+        if isinstance(value, RemoteTensor):
+            total += value.numel()
+            if total > _NATIVE_ERROR_MAX_ELEMENTS:
+                raise OverflowError
+            return torch.zeros_like(_stand_in(value, _META), device=_CPU)
+        if isinstance(value, (list, tuple)):
+            return type(value)(host(item) for item in value)
+        if isinstance(value, torch.device) and value.type == backend.BACKEND_NAME:
+            return _CPU
+        return value
+
+    try:
+        host_args = host(args)
+        host_kwargs = {key: host(value) for key, value in kwargs.items()}
+        func(*host_args, **host_kwargs)
+    except OverflowError:
+        return
+    except RuntimeError as native:
+        raise type(native)(str(native)) from None
+    except Exception:
+        return
+
+
 def _device_names(message: str) -> str:
+    """torch's message, as it reads for CUDA tensors (meta stands in for cuda:0 here)."""
+    mismatch = _DEVICE_MISMATCH.search(message)
+    if mismatch:
+        found, expected = (("cuda:0" if d == "meta" else d) for d in mismatch.groups())
+        return (f"Expected all tensors to be on the same device, but found at least two devices, "
+                f"{expected} and {found}!")
     return message.replace("device meta", "device cuda:0").replace("meta and", "cuda:0 and").replace(
         "and meta", "and cuda:0").replace("expected device meta", "expected device cuda:0")
 
@@ -148,8 +214,11 @@ def infer(func: torch._ops.OpOverload, info: OpInfo, args: tuple[Any, ...], kwar
         return specs
     if func in ops_without_meta:
         raise NeedsDaemon()
-    meta_args = _to_meta(args)
-    meta_kwargs = {name: _to_meta(value) for name, value in kwargs.items()}
+    # Tensors without elements: infer on real (empty) CPU tensors, which also raises the errors
+    # CUDA raises on the host for them (max() of an empty tensor); meta kernels skip those checks.
+    device = _CPU if _all_remote_tensors_empty((args, kwargs)) else _META
+    meta_args = _stand_in(args, device)
+    meta_kwargs = {name: _stand_in(value, device) for name, value in kwargs.items()}
     try:
         result = func(*meta_args, **meta_kwargs)
     except NotImplementedError:
@@ -160,6 +229,7 @@ def infer(func: torch._ops.OpOverload, info: OpInfo, args: tuple[Any, ...], kwar
         lowered = message.lower()
         if "meta" in lowered and "device" not in lowered or "data pointer" in lowered or "data_ptr" in lowered:
             raise NeedsDaemon() from None
+        _raise_native_error(func, args, kwargs)
         raise type(exc)(_device_names(message)) from None
     specs = _describe_result(info, result, meta_args, meta_kwargs)
     if len(_cache) >= _MAX_CACHE:
