@@ -168,6 +168,25 @@ def wait_for_log(server: Daemon, text: str, timeout: float = 30.0) -> str:
         time.sleep(0.05)
 
 
+def spawn_client(code: str, address: str, **env: str) -> subprocess.Popen:
+    """A library client in its own interpreter, opted in through LIBREMOTE_SERVER."""
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=subprocess_env(LIBREMOTE_SERVER=address, **env),
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def finish(client: subprocess.Popen, what_went_wrong: str, timeout: float = 60.0) -> tuple[str, str]:
+    """The client's output; if it does not end in time, kill it and fail with its output."""
+    try:
+        return client.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        client.kill()
+        out, err = client.communicate()
+        raise AssertionError(f"{what_went_wrong}:\n{out}\n{err}") from None
+
+
 @pytest.fixture
 def raw(daemon: Daemon):
     """A raw client that has said HELLO to the shared daemon."""
@@ -757,21 +776,12 @@ def test_daemon_killed_mid_run_client_gets_connection_failed(own_daemon, tmp_pat
             out["second"] = str(exc)
         print(json.dumps(out), flush=True)
     """
-    client = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env=subprocess_env(LIBREMOTE_SERVER=own_daemon.address, LIBREMOTE_HEARTBEAT="1"),
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        wait_for_file(ready, client)
-        own_daemon.process.kill()
-        own_daemon.process.wait(timeout=30)
-        go.touch()
-        out, err = client.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        client.kill()
-        out, err = client.communicate()
-        raise AssertionError(f"the client hung after the daemon died:\n{out}\n{err}")
+    client = spawn_client(code, own_daemon.address, LIBREMOTE_HEARTBEAT="1")
+    wait_for_file(ready, client)
+    own_daemon.process.kill()
+    own_daemon.process.wait(timeout=30)
+    go.touch()
+    out, err = finish(client, "the client hung after the daemon died")
     assert client.returncode == 0, err
     report = last_json(out)
     assert report.get("type") == "ConnectionFailed", report
@@ -800,21 +810,13 @@ def test_daemon_killed_while_client_waits_for_reply(tmp_path):
             out = {{"type": type(exc).__name__, "message": str(exc)}}
         print(json.dumps(out), flush=True)
     """
-    client = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env=subprocess_env(LIBREMOTE_SERVER=server.address, LIBREMOTE_HEARTBEAT="1"),
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    client = spawn_client(code, server.address, LIBREMOTE_HEARTBEAT="1")
     try:
         wait_for_file(ready, client)
         time.sleep(0.5)
         server.process.kill()
         server.process.wait(timeout=30)
-        out, err = client.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        client.kill()
-        out, err = client.communicate()
-        raise AssertionError(f"the client hung after the daemon died:\n{out}\n{err}")
+        out, err = finish(client, "the client hung after the daemon died")
     finally:
         server.stop()
     assert client.returncode == 0, err
@@ -835,21 +837,12 @@ def test_client_exits_after_its_daemon_died(own_daemon, tmp_path):
             time.sleep(0.05)
         print("exiting", flush=True)
     """
-    client = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env=subprocess_env(LIBREMOTE_SERVER=own_daemon.address, LIBREMOTE_HEARTBEAT="1"),
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        wait_for_file(ready, client)
-        own_daemon.process.kill()
-        own_daemon.process.wait(timeout=30)
-        go.touch()
-        out, err = client.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        client.kill()
-        out, err = client.communicate()
-        raise AssertionError(f"the client did not exit after its daemon died:\n{out}\n{err}")
+    client = spawn_client(code, own_daemon.address, LIBREMOTE_HEARTBEAT="1")
+    wait_for_file(ready, client)
+    own_daemon.process.kill()
+    own_daemon.process.wait(timeout=30)
+    go.touch()
+    out, err = finish(client, "the client did not exit after its daemon died")
     assert "exiting" in out
     assert client.returncode == 0, err
 
@@ -1001,21 +994,12 @@ def test_sigterm_with_a_library_client_connected(own_daemon, tmp_path):
             out = {{"type": type(exc).__name__, "message": str(exc)}}
         print(json.dumps(out), flush=True)
     """
-    client = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env=subprocess_env(LIBREMOTE_SERVER=own_daemon.address, LIBREMOTE_HEARTBEAT="1"),
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        wait_for_file(ready, client)
-        own_daemon.process.send_signal(signal.SIGTERM)
-        assert own_daemon.process.wait(timeout=30) == 0, own_daemon.log()
-        go.touch()
-        out, err = client.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        client.kill()
-        out, err = client.communicate()
-        raise AssertionError(f"the client hung after the daemon stopped:\n{out}\n{err}")
+    client = spawn_client(code, own_daemon.address, LIBREMOTE_HEARTBEAT="1")
+    wait_for_file(ready, client)
+    own_daemon.process.send_signal(signal.SIGTERM)
+    assert own_daemon.process.wait(timeout=30) == 0, own_daemon.log()
+    go.touch()
+    out, err = finish(client, "the client hung after the daemon stopped")
     assert "libremote-server stopped" in own_daemon.log()
     report = last_json(out)
     assert report.get("type") == "ConnectionFailed", report
