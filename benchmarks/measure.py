@@ -1,0 +1,119 @@
+"""One benchmark process: prints a JSON object of figures.
+
+    python -m benchmarks.measure local  --device cpu          # references, without libremote
+    python -m benchmarks.measure remote --server tcp://...     # the same through libremote
+
+Local references run in a process that never imports libremote, so they pay none of its costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from .workloads import make_step
+
+TRAINING = ("mlp", "cnn", "gpt")
+
+
+def _time_steps(step, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        loss = step()
+    float(loss)
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    float(loss)  # one sync point at the end: the device finishes everything queued
+    return steps / (time.perf_counter() - start)
+
+
+def _chain(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, count: int) -> tuple[torch.Tensor, float]:
+    start = time.perf_counter()
+    for _ in range(count):
+        x = x * a + b
+    return x, time.perf_counter() - start
+
+
+def local(args: argparse.Namespace) -> dict:
+    device = args.device
+    results: dict = {}
+    x, a, b = (torch.randn(1024, device=device) for _ in range(3))
+    _chain(x, a, b, 1000)
+    x, elapsed = _chain(x, a, b, args.chain)
+    float(x.sum())
+    results["chain_ops_per_s"] = 2 * args.chain / elapsed
+    for kind in TRAINING:
+        results[f"{kind}_steps_per_s"] = _time_steps(make_step(kind, device, args.size), args.steps, 2)
+    return results
+
+
+def remote(args: argparse.Namespace) -> dict:
+    import libremote
+
+    libremote.connect(args.server)
+    results: dict = {"daemon_device": torch.cuda.get_device_name()}
+    x = torch.ones(1024, device="cuda")
+    for _ in range(50):
+        x.sum().item()
+    start = time.perf_counter()
+    for _ in range(args.round_trips):
+        x.sum().item()
+    results["sync_round_trip_us"] = (time.perf_counter() - start) / args.round_trips * 1e6
+
+    x, a, b = (torch.randn(1024, device="cuda") for _ in range(3))
+    _chain(x, a, b, 1000)
+    float(x.sum())
+    before = libremote.session_stats()
+    x, client_elapsed = _chain(x, a, b, args.chain)
+    drain_start = time.perf_counter()
+    float(x.sum())
+    total = client_elapsed + time.perf_counter() - drain_start
+    after = libremote.session_stats()
+    ops = 2 * args.chain
+    results["client_us_per_op"] = client_elapsed / ops * 1e6
+    results["daemon_us_per_op"] = (after["busy_s"] - before["busy_s"]) / (after["ops"] - before["ops"]) * 1e6
+    results["chain_ops_per_s"] = ops / total
+
+    nbytes = args.transfer_mib << 20
+    host = torch.randn(nbytes // 4)
+    best_up = best_down = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        device_copy = host.cuda()
+        torch.cuda.synchronize()
+        best_up = min(best_up, time.perf_counter() - start)
+        start = time.perf_counter()
+        device_copy.cpu()
+        best_down = min(best_down, time.perf_counter() - start)
+        del device_copy
+    results["upload_gbps"] = nbytes / best_up / 1e9
+    results["download_gbps"] = nbytes / best_down / 1e9
+
+    for kind in TRAINING:
+        results[f"{kind}_steps_per_s"] = _time_steps(make_step(kind, "cuda", args.size), args.steps, 2)
+    libremote.disconnect()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["local", "remote"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--server")
+    parser.add_argument("--size", default="ci", choices=["ci", "full"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--chain", type=int, default=5000)
+    parser.add_argument("--round-trips", type=int, default=1000)
+    parser.add_argument("--transfer-mib", type=int, default=64)
+    args = parser.parse_args()
+    results = local(args) if args.mode == "local" else remote(args)
+    json.dump(results, sys.stdout)
+    print()
+
+
+if __name__ == "__main__":
+    main()
