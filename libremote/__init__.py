@@ -96,6 +96,15 @@ def op_trace() -> Iterator[list[str]]:
         session.op_log = previous
 
 
+def session_stats() -> dict[str, Any]:
+    """What the daemon did for this session: ops executed, batches, seconds spent executing."""
+    from .client import runtime
+    from .protocol import Cmd
+
+    result, _ = runtime.current().request([Cmd.QUERY, "stats"])
+    return dict(result)
+
+
 def memory_stats() -> dict[str, int]:
     """This session's memory on the daemon: allocated, peak, reserved, device free/total."""
     from .client import cuda_api
@@ -116,5 +125,6 @@ __all__ = [
     "memory_stats",
     "op_trace",
     "server_info",
+    "session_stats",
     "synchronize",
 ]

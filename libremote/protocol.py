@@ -198,8 +198,14 @@ _memory_format_exts = {
 _layout_exts = {torch.strided: msgpack.ExtType(EXT_LAYOUT, b"strided")}
 
 
+def _ext(code: int, data: bytes) -> msgpack.ExtType:
+    # ExtType is a namedtuple whose __new__ re-checks its fields in Python; on the per-op path
+    # (a handle per tensor) build the tuple directly.
+    return tuple.__new__(msgpack.ExtType, (code, data))
+
+
 def handle_ext(handle: int) -> msgpack.ExtType:
-    return msgpack.ExtType(EXT_HANDLE, _U64.pack(handle))
+    return _ext(EXT_HANDLE, _U64.pack(handle))
 
 
 def dtype_ext(dtype: torch.dtype) -> msgpack.ExtType:

@@ -198,6 +198,6 @@ class Daemon:
 
     def _send(self, identity: bytes, header: list[Any], frames: list[Any] = ()) -> None:
         try:
-            self._socket.send_multipart([identity, protocol.packb(header), *frames], copy=False)
+            self._socket.send_multipart([identity, protocol.packb(header), *frames], copy=not frames)
         except zmq.ZMQError as exc:  # the peer is gone (ROUTER_MANDATORY): nothing to deliver
             log.debug("could not reply to %s: %s", identity.hex()[:12], exc)

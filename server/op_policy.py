@@ -127,7 +127,8 @@ def resolve(name: str) -> OpEntry:
     entry = OpEntry(
         name=name,
         overload=overload,
-        call=TRANSLATIONS.get(f"{namespace}::{op_name}", overload),
+        # The overload's C++ callable: one Python frame less per op than OpOverload.__call__.
+        call=TRANSLATIONS.get(f"{namespace}::{op_name}", overload._op),
         takes_generator=takes_generator,
         seeded_without_generator=seeded and not takes_generator,
         zero_fill_result=base in UNINITIALISED_RESULT_OPS,

@@ -62,6 +62,8 @@ class Session:
         self.generator.manual_seed(secrets.randbits(63))
         self.pending_error: CommandError | None = None
         self.ops_executed = 0
+        self.batches = 0
+        self.busy_s = 0.0  # time spent executing this session's commands (host side)
         self.created = time.time()
         self.last_seen = time.monotonic()
         self._handlers: dict[int, Callable[[list[Any], list[Any]], Any]] = {
@@ -85,6 +87,14 @@ class Session:
     def execute(self, commands: Any, frames: list[Any]) -> tuple[list[Any], list[Any]]:
         """Run ``commands`` in order; return (results of result-producing commands, out frames)."""
         protocol.check(isinstance(commands, list), "BATCH commands must be a list")
+        started = time.perf_counter()
+        try:
+            return self._execute(commands, frames)
+        finally:
+            self.busy_s += time.perf_counter() - started
+            self.batches += 1
+
+    def _execute(self, commands: list[Any], frames: list[Any]) -> tuple[list[Any], list[Any]]:
         results: list[Any] = []
         out_frames: list[Any] = []
         for command in commands:
@@ -353,6 +363,9 @@ class Session:
         what = command[1]
         if what == "memory":
             return self.memory_stats()
+        if what == "stats":
+            return {"ops": self.ops_executed, "batches": self.batches, "busy_s": self.busy_s,
+                    "handles": len(self.tensors)}
         if what == "reset_peak_memory":
             self.memory.reset_peak()
             return None

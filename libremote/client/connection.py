@@ -102,9 +102,12 @@ class Connection:
         self._check_usable()
         data = [protocol.packb(header), *frames]
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        # Zero-copy only pays for big frames; a header alone goes faster copied.
+        zero_copy = bool(frames)
         while True:
             try:
-                tracker = self._socket.send_multipart(data, flags=zmq.NOBLOCK, copy=False, track=track)
+                tracker = self._socket.send_multipart(data, flags=zmq.NOBLOCK, copy=not zero_copy,
+                                                      track=track and zero_copy)
                 self.last_send = time.monotonic()
                 return tracker
             except zmq.Again:
@@ -143,7 +146,8 @@ class Connection:
                 )
 
     def _check_usable(self) -> None:
-        self._drain_monitor()
+        # (Loss of the daemon is noticed where waiting starts: a send that cannot go out, or a
+        # reply that does not come; both drain the monitor.)
         if os.getpid() != self.pid:
             raise ConnectionFailed(
                 "libremote: this process was forked from the one that opened the connection; a "

@@ -79,6 +79,10 @@ def _stream(func: torch._ops.OpOverload, info: OpInfo, specs: tuple[Any, ...], a
     encoder = WireEncoder(session, info.name)
     wire_args, wire_kwargs = encoder.arguments(info, args, kwargs)
     index = _device_index(args, kwargs)
+    if info.returns_one_new_tensor and specs[0] is not None:
+        tensor = make(specs[0], session, index)
+        session.submit([Cmd.OP, session.op_ref(info.name), wire_args, wire_kwargs, [tensor._ref.id]])
+        return tensor
     outs: list[Any] = []
     results: list[Any] = []
     for kind, source, spec in zip(info.returns, info.return_sources, specs):

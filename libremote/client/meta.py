@@ -208,7 +208,11 @@ def _device_names(message: str) -> str:
 def infer(func: torch._ops.OpOverload, info: OpInfo, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
     """Output specs per return (see :func:`spec_of`); raises :class:`NeedsDaemon` or torch's error."""
     values_matter = not info.pointwise
-    key = (func, signature(args, values_matter), signature(kwargs, values_matter) if kwargs else None)
+    key = (
+        func,
+        tuple([arg._spec if type(arg) is RemoteTensor else signature(arg, values_matter) for arg in args]),
+        signature(kwargs, values_matter) if kwargs else None,
+    )
     specs = _cache.get(key)
     if specs is not None:
         return specs

@@ -34,6 +34,8 @@ _NO_DEFAULT = object()
 class OpInfo:
     name: str
     positional_defaults: tuple[Any, ...]  # per positional argument: default or _NO_DEFAULT
+    #: Positional arguments before this index have no default (are always sent).
+    required_positional: int
     kwarg_defaults: dict[str, Any]
     returns: tuple[Return, ...]
     #: For MUTATED_INPUT returns: ("arg", index) or ("kwarg", name) of the mutated argument.
@@ -44,6 +46,8 @@ class OpInfo:
     #: CompositeImplicitAutograd: torch decomposes it above us, except for tensors without
     #: autograd keys (made under inference_mode), where we decompose it ourselves.
     composite: bool
+    #: The common case, one new tensor returned: the op path takes a shortcut.
+    returns_one_new_tensor: bool
 
 
 _infos: dict[torch._ops.OpOverload, OpInfo] = {}
@@ -92,9 +96,13 @@ def op_info(func: torch._ops.OpOverload) -> OpInfo:
             source = next((alias_sources[s] for s in ret.alias_info.before_set if s in alias_sources), None)
         sources.append(source)
     tags = func.tags
+    required = 0
+    while required < len(positional) and positional[required] is _NO_DEFAULT:
+        required += 1
     info = OpInfo(
         name=name,
         positional_defaults=tuple(positional),
+        required_positional=required,
         kwarg_defaults=kwarg_defaults,
         returns=returns,
         return_sources=tuple(sources),
@@ -105,6 +113,7 @@ def op_info(func: torch._ops.OpOverload) -> OpInfo:
             or torch.Tag.data_dependent_output in tags
         ),
         composite=torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"),
+        returns_one_new_tensor=returns == (Return.NEW,),
     )
     _infos[func] = info
     return info
@@ -134,14 +143,23 @@ class WireEncoder:
 
     def arguments(self, info: OpInfo, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
         count = len(args)
-        defaults = info.positional_defaults
-        while count and count <= len(defaults) and _same(args[count - 1], defaults[count - 1]):
-            count -= 1
-        wire_args = [self.value(arg) for arg in args[:count]]
+        required = info.required_positional
+        if count > required:
+            defaults = info.positional_defaults
+            while count > required and count <= len(defaults) and _same(args[count - 1], defaults[count - 1]):
+                count -= 1
+        session, value = self.session, self.value
+        wire_args = [
+            arg._ref.wire if type(arg) is RemoteTensor and arg._ref.session is session else value(arg)
+            for arg in (args if count == len(args) else args[:count])
+        ]
+        if not kwargs:
+            return wire_args, {}
+        kwarg_defaults = info.kwarg_defaults
         wire_kwargs = {
-            key: self.value(value)
-            for key, value in kwargs.items()
-            if not _same(value, info.kwarg_defaults.get(key, _NO_DEFAULT))
+            key: value(item)
+            for key, item in kwargs.items()
+            if not _same(item, kwarg_defaults.get(key, _NO_DEFAULT))
         }
         return wire_args, wire_kwargs
 
@@ -194,7 +212,7 @@ class WireEncoder:
                 "libremote: this tensor belongs to an earlier session (the connection was closed "
                 "or re-opened, and the daemon freed its memory); recreate it"
             )
-        return protocol.handle_ext(ref.id)
+        return ref.wire
 
     def host_tensor(self, tensor: torch.Tensor) -> Any:
         if tensor.device.type != "cpu":

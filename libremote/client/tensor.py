@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..protocol import handle_ext
 from . import backend
 
 Spec = tuple  # (dtype, shape tuple, stride tuple, storage offset)
@@ -36,11 +37,12 @@ def cuda_device(index: int) -> torch.device:
 class _HandleRef:
     """Owns one daemon handle; releases it when the tensor that holds it is freed."""
 
-    __slots__ = ("id", "session", "__weakref__")
+    __slots__ = ("id", "session", "wire", "__weakref__")
 
     def __init__(self, handle: int, session: Any) -> None:
         self.id = handle
         self.session = session
+        self.wire = handle_ext(handle)  # how the handle travels as an op argument
 
     def __del__(self) -> None:
         try:
