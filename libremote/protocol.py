@@ -244,7 +244,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 def tensor_from_bytes(buffer: Any, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
     """A CPU tensor that views ``buffer`` (kept alive by the tensor) or, when the buffer is not
-    16-byte aligned, a copy of it. Checks the length."""
+    aligned for ``dtype``, a copy of it. Checks the length."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     numel = 1
     for size in shape:
@@ -260,9 +260,10 @@ def tensor_from_bytes(buffer: Any, dtype: torch.dtype, shape: list[int]) -> torc
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     flat = torch.frombuffer(view, dtype=torch.uint8)
-    if flat.data_ptr() % 16:
-        # ZeroMQ frames may start at any address; kernels for wide types (complex128) need
-        # natural alignment, so a misaligned frame is copied into a fresh (aligned) tensor.
+    if flat.data_ptr() % itemsize:
+        # ZeroMQ frames start wherever its buffers put them (large ones 8 bytes in); kernels need
+        # natural alignment (complex128 crashes without it), so such a frame is copied into a
+        # fresh, aligned tensor.
         flat = flat.clone()
     return flat.view(dtype).view(shape)
 

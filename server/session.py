@@ -61,6 +61,7 @@ class Session:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(secrets.randbits(63))
         self.pending_error: CommandError | None = None
+        self._last_in_batch = False
         self.ops_executed = 0
         self.batches = 0
         self.busy_s = 0.0  # time spent executing this session's commands (host side)
@@ -97,7 +98,9 @@ class Session:
     def _execute(self, commands: list[Any], frames: list[Any]) -> tuple[list[Any], list[Any]]:
         results: list[Any] = []
         out_frames: list[Any] = []
-        for command in commands:
+        last = len(commands) - 1
+        for position, command in enumerate(commands):
+            self._last_in_batch = position == last
             protocol.check(
                 isinstance(command, list) and command and isinstance(command[0], int),
                 lambda: f"malformed command {command!r:.200}",
@@ -299,19 +302,28 @@ class Session:
         protocol.check(isinstance(index, int) and 1 <= index < len(frames) + 1, "PUT names a missing frame")
         protocol.check(_is_dense_layout(shape, stride), lambda: f"PUT strides {stride} do not lay out {shape} densely")
         source = protocol.tensor_from_bytes(frames[index - 1], dtype, shape)
-        tensor = torch.empty_strided(shape, stride, dtype=dtype, device=self.device)
-        tensor.copy_(source)
+        if self.device.type == "cpu" and list(source.stride()) == stride:
+            tensor = source  # the received frame becomes the tensor's memory: no copy
+        else:
+            tensor = torch.empty_strided(shape, stride, dtype=dtype, device=self.device)
+            tensor.copy_(source)
         self._store(handle, tensor)
 
     def _fetch(self, command: list[Any], frames: list[Any]) -> tuple[list[Any], Any]:
         protocol.check(len(command) == 2, "FETCH takes [FETCH, handle]")
         tensor = self.tensor(command[1])
-        # A fresh host copy: ZeroMQ sends it after this returns, while later ops may mutate the
-        # original. preserve_format keeps the strides of dense tensors (channels_last, .t()).
-        host = tensor.to("cpu", copy=True)
-        if not _is_dense(host):
-            host = host.contiguous()
-        flat = host.as_strided((host.numel(),), (1,), 0) if host.numel() else host.reshape(-1)
+        if self.device.type == "cpu" and self._last_in_batch and _is_dense(tensor, any_offset=True):
+            # ZeroMQ sends the bytes after this returns. Nothing of this session runs before its
+            # client has the whole reply (FETCH ends the batch, and the client sends nothing
+            # while it waits), and no other session can name this tensor: no copy needed.
+            host = tensor
+        else:
+            # A fresh host copy (preserve_format keeps the strides of dense tensors).
+            host = tensor.to("cpu", copy=True)
+            if not _is_dense(host):
+                host = host.contiguous()
+        numel = host.numel()
+        flat = host.as_strided((numel,), (1,), host.storage_offset()) if numel else host.reshape(-1)
         meta = [protocol.dtype_ext(host.dtype), list(host.shape), list(host.stride())]
         return meta, protocol.tensor_bytes(flat)
 
@@ -421,9 +433,10 @@ def _flatten_handles(outs: Any) -> Iterator[Any]:
         yield outs
 
 
-def _is_dense(tensor: torch.Tensor) -> bool:
-    """Non-overlapping and dense from offset 0: its storage holds exactly its elements."""
-    return tensor.storage_offset() == 0 and _is_dense_layout(list(tensor.shape), list(tensor.stride()))
+def _is_dense(tensor: torch.Tensor, *, any_offset: bool = False) -> bool:
+    """Non-overlapping and dense (from offset 0 unless ``any_offset``): its elements fill one
+    contiguous span of its storage."""
+    return (any_offset or tensor.storage_offset() == 0) and _is_dense_layout(list(tensor.shape), list(tensor.stride()))
 
 
 def _is_dense_layout(shape: list[Any], stride: list[Any]) -> bool:
