@@ -302,11 +302,11 @@ class Session:
         protocol.check(isinstance(index, int) and 1 <= index < len(frames) + 1, "PUT names a missing frame")
         protocol.check(_is_dense_layout(shape, stride), lambda: f"PUT strides {stride} do not lay out {shape} densely")
         source = protocol.tensor_from_bytes(frames[index - 1], dtype, shape)
-        if self.device.type == "cpu" and list(source.stride()) == stride:
-            tensor = source  # the received frame becomes the tensor's memory: no copy
-        else:
-            tensor = torch.empty_strided(shape, stride, dtype=dtype, device=self.device)
-            tensor.copy_(source)
+        # Always a copy into memory torch owns: a tensor over the frame's buffer could never be
+        # resized (resize_, out= arguments). Receiving straight into torch-owned (pinned, on a
+        # GPU server) buffers is the way to drop this copy.
+        tensor = torch.empty_strided(shape, stride, dtype=dtype, device=self.device)
+        tensor.copy_(source)
         self._store(handle, tensor)
 
     def _fetch(self, command: list[Any], frames: list[Any]) -> tuple[list[Any], Any]:
