@@ -60,6 +60,7 @@ scalars). Handles are integers the *client* allocates, so no op ever waits for t
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import struct
 from typing import Any, Callable
@@ -235,11 +236,18 @@ def complex_ext(value: complex) -> msgpack.ExtType:
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy (any dtype, bfloat16 included)."""
+    """The bytes of a contiguous CPU tensor, without a copy (any dtype, bfloat16 included).
+
+    The view keeps the tensor alive (ZeroMQ may send it after the caller returns). It does not
+    go through ``Tensor.numpy()``, which would mark the tensor's storage as never resizable.
+    """
     flat = tensor.reshape(-1)
-    if flat.numel() == 0:
+    nbytes = flat.numel() * flat.element_size()
+    if nbytes == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    buffer = (ctypes.c_char * nbytes).from_address(flat.data_ptr())
+    buffer._owner = flat  # type: ignore[attr-defined]
+    return memoryview(buffer).cast("B")
 
 
 def tensor_from_bytes(buffer: Any, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:

@@ -312,7 +312,8 @@ class Session:
     def _fetch(self, command: list[Any], frames: list[Any]) -> tuple[list[Any], Any]:
         protocol.check(len(command) == 2, "FETCH takes [FETCH, handle]")
         tensor = self.tensor(command[1])
-        if self.device.type == "cpu" and self._last_in_batch and _is_dense(tensor, any_offset=True):
+        if (self.device.type == "cpu" and self._last_in_batch and not tensor.is_conj() and not tensor.is_neg()
+                and _is_dense(tensor, any_offset=True)):
             # ZeroMQ sends the bytes after this returns. Nothing of this session runs before its
             # client has the whole reply (FETCH ends the batch, and the client sends nothing
             # while it waits), and no other session can name this tensor: no copy needed.

@@ -55,3 +55,14 @@ def test_shape_errors_raise_locally_on_the_calling_line(remote):
         a + b
     # The session is still fine afterwards.
     assert (a + 1).sum().item() == 6.0
+
+
+def test_uploading_leaves_the_host_tensor_resizable(remote):
+    host = torch.arange(200_000, dtype=torch.float32)  # large enough to travel zero-copy
+    device_tensor = host.cuda()
+    host.resize_(10)  # would fail if the upload had pinned the host storage's size
+    assert host.tolist() == list(range(10))
+    assert device_tensor.cpu()[:10].tolist() == list(range(10))
+    fetched = device_tensor.cpu()
+    fetched.resize_(5)
+    assert fetched.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
