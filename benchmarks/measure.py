@@ -43,9 +43,12 @@ def local(args: argparse.Namespace) -> dict:
     results: dict = {}
     x, a, b = (torch.randn(1024, device=device) for _ in range(3))
     _chain(x, a, b, 1000)
-    x, elapsed = _chain(x, a, b, args.chain)
-    float(x.sum())
-    results["chain_ops_per_s"] = 2 * args.chain / elapsed
+    best = float("inf")
+    for _ in range(5):
+        x, elapsed = _chain(x, a, b, args.chain)
+        float(x.sum())
+        best = min(best, elapsed)
+    results["chain_ops_per_s"] = 2 * args.chain / best
     for kind in TRAINING:
         results[f"{kind}_steps_per_s"] = _time_steps(make_step(kind, device, args.size), args.steps, 2)
     return results
@@ -67,16 +70,20 @@ def remote(args: argparse.Namespace) -> dict:
     x, a, b = (torch.randn(1024, device="cuda") for _ in range(3))
     _chain(x, a, b, 1000)
     float(x.sum())
-    before = libremote.session_stats()
-    x, client_elapsed = _chain(x, a, b, args.chain)
-    drain_start = time.perf_counter()
-    float(x.sum())
-    total = client_elapsed + time.perf_counter() - drain_start
-    after = libremote.session_stats()
     ops = 2 * args.chain
-    results["client_us_per_op"] = client_elapsed / ops * 1e6
-    results["daemon_us_per_op"] = (after["busy_s"] - before["busy_s"]) / (after["ops"] - before["ops"]) * 1e6
-    results["chain_ops_per_s"] = ops / total
+    best_client = best_total = best_daemon = float("inf")
+    for _ in range(5):  # best of five: the two-core VM is noisy
+        before = libremote.session_stats()
+        x, client_elapsed = _chain(x, a, b, args.chain)
+        drain_start = time.perf_counter()
+        float(x.sum())
+        after = libremote.session_stats()
+        best_client = min(best_client, client_elapsed)
+        best_total = min(best_total, client_elapsed + time.perf_counter() - drain_start)
+        best_daemon = min(best_daemon, (after["busy_s"] - before["busy_s"]) / (after["ops"] - before["ops"]))
+    results["client_us_per_op"] = best_client / ops * 1e6
+    results["daemon_us_per_op"] = best_daemon * 1e6
+    results["chain_ops_per_s"] = ops / best_total
 
     nbytes = args.transfer_mib << 20
     host = torch.randn(nbytes // 4)
