@@ -48,6 +48,7 @@ setup(
     entry_points={
         "console_scripts": [
             "libremote-server = libremote.server.cli:main",
+            "libremote = libremote.cli:main",
         ]
     },
     cmdclass={"build_py": BuildPyWithStartupHook},

@@ -11,6 +11,11 @@ LIBREMOTE_SYNC             0        1: every op waits for the daemon, so an erro
 LIBREMOTE_BATCH            256      commands sent per message at most while streaming
 LIBREMOTE_HEARTBEAT        2        seconds between transport heartbeats; a daemon silent for
                                     three of them counts as gone
+LIBREMOTE_TENANT           (none)   tenant name, for daemons with a tenants file
+LIBREMOTE_TOKEN            (none)   that tenant's token
+LIBREMOTE_PRIORITY         normal   high, normal or low (a tenant's priority is the ceiling)
+LIBREMOTE_QUEUE_TIMEOUT    300      seconds to wait in the daemon's admission queue when its
+                                    sessions are all taken
 =========================  =======  ===========================================================
 """
 
@@ -37,6 +42,13 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _priority() -> str | None:
+    raw = os.environ.get("LIBREMOTE_PRIORITY", "").strip().lower()
+    if raw and raw not in ("high", "normal", "low"):
+        raise ValueError(f"LIBREMOTE_PRIORITY={raw!r}: use high, normal or low")
+    return raw or None
+
+
 @dataclass(frozen=True)
 class Settings:
     server: str | None
@@ -44,6 +56,10 @@ class Settings:
     sync: bool
     batch: int
     heartbeat_s: float
+    tenant: str | None
+    token: str | None
+    priority: str | None
+    queue_timeout_s: float
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -53,4 +69,8 @@ class Settings:
             sync=_flag("LIBREMOTE_SYNC"),
             batch=max(1, int(_float("LIBREMOTE_BATCH", 256))),
             heartbeat_s=_float("LIBREMOTE_HEARTBEAT", 2.0),
+            tenant=os.environ.get("LIBREMOTE_TENANT", "").strip() or None,
+            token=os.environ.get("LIBREMOTE_TOKEN", "").strip() or None,
+            priority=_priority(),
+            queue_timeout_s=_float("LIBREMOTE_QUEUE_TIMEOUT", 300.0),
         )

@@ -20,7 +20,14 @@ BATCH      [BATCH, seq, commands, want_reply]           a run of commands, execu
 REPLY      [REPLY, seq, results, error]                 answer to a BATCH that asked for one
 BYE        [BYE]                                        client is leaving; free the session
 PING       [PING]                                       client is alive (sent when otherwise idle)
+QUEUED     [QUEUED, info]                               the pool is full: HELLO waits in line
+STATUS     [STATUS] / [STATUS, report]                  ask for / answer with the pool's state
+ADMIN      [ADMIN, request] / [ADMIN, result]           change quotas, weights, priorities live
 =========  ===========================================  ==========================================
+
+HELLO's info may carry ``tenant``, ``token`` and ``priority``; a daemon whose sessions are all
+taken answers QUEUED (with the position in line) and sends WELCOME when a place frees up, or
+REFUSED. STATUS and ADMIN need no session (``libremote status``, ``libremote admin``).
 
 A session whose client sends nothing, not even PING, for the daemon's heartbeat timeout is
 reclaimed (the client was killed or lost its network); WELCOME says how often to PING.
@@ -92,6 +99,9 @@ class Msg(enum.IntEnum):
     REPLY = 5
     BYE = 6
     PING = 7
+    QUEUED = 8
+    STATUS = 9
+    ADMIN = 10
 
 
 class Cmd(enum.IntEnum):

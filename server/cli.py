@@ -8,26 +8,17 @@ import signal
 import sys
 from typing import Sequence
 
-from . import devices
+from . import devices, pool
 from .daemon import Daemon
 
 DEFAULT_LISTEN = "tcp://127.0.0.1:7777"
 
 
 def _size(text: str) -> int:
-    """Parse ``8GiB``, ``512MiB``, ``1.5GB`` or a plain byte count."""
-    units = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
-             "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12,
-             "tib": 1 << 40}
-    stripped = text.strip().lower()
-    number = stripped.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = stripped[len(number):].strip()
-    if unit not in units:
-        raise argparse.ArgumentTypeError(f"unknown size unit in {text!r}")
     try:
-        return int(float(number) * units[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+        return pool.parse_size(text)
+    except pool.PolicyError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,8 +34,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--device", default="auto",
-        help="auto (the best accelerator torch sees, else the CPU), cpu, cuda, cuda:N, or any "
-        "torch accelerator type (default auto)",
+        help="what the pool serves: auto (every accelerator torch sees, else the CPU), cpu, cuda, "
+        "cuda:N, or a comma-separated list such as cuda:0,cuda:2 (default auto). On the CPU backend "
+        "cpu,cpu makes two devices (for testing placement).",
+    )
+    parser.add_argument(
+        "--memory-quota", type=_size, default=8 << 30, metavar="SIZE",
+        help="device memory each session may hold, e.g. 8GiB (default 8GiB; tenants may set their own)",
+    )
+    parser.add_argument(
+        "--max-sessions", type=int, default=None, metavar="N",
+        help="sessions per device; further clients wait in a queue (default: no limit)",
+    )
+    parser.add_argument(
+        "--placement", choices=["binpack", "spread"], default="binpack",
+        help="binpack fills one device before the next; spread balances sessions (default binpack)",
+    )
+    parser.add_argument("--tenants", metavar="FILE", help="TOML file of tenants: tokens, quotas, weights, priorities")
+    parser.add_argument(
+        "--idle-timeout", type=float, default=None, metavar="SECONDS",
+        help="reclaim sessions that sent no work for this long (default: never)",
     )
     parser.add_argument(
         "--max-message-size", type=_size, default=16 << 30, metavar="SIZE",
@@ -70,13 +79,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        device = devices.resolve_device(args.device)
-    except ValueError as exc:
+        device_list = devices.resolve_devices(args.device)
+        pool_config = pool.PoolConfig(
+            default_memory_quota=args.memory_quota,
+            max_sessions_per_device=args.max_sessions,
+            placement=args.placement,
+            idle_timeout_s=args.idle_timeout,
+        )
+        if args.tenants:
+            pool_config.tenants, pool_config.admin_token = pool.load_tenants(args.tenants)
+    except (ValueError, pool.PolicyError) as exc:
         print(f"libremote-server: {exc}", file=sys.stderr)
         return 2
     try:
         daemon = Daemon(
-            args.listen, device, max_message_bytes=args.max_message_size,
+            args.listen, device_list, pool_config=pool_config, max_message_bytes=args.max_message_size,
             heartbeat_s=args.heartbeat, heartbeat_timeout_s=args.heartbeat_timeout,
         )
     except Exception as exc:  # zmq.ZMQError: address in use, bad endpoint

@@ -1,19 +1,24 @@
-"""The daemon's message loop: a ZeroMQ ROUTER that turns messages into session work.
+"""The daemon's loop: a ZeroMQ ROUTER, the sessions behind it, and the scheduler between them.
 
-One thread owns the socket and every session. Ops are launched on the device asynchronously
-(a GPU works through them while this loop receives the next batch); the loop waits on the device
-only where a client asked for data back. Whatever a client sends, the loop answers it or drops
-it and keeps serving everyone else.
+One thread owns the socket and every session. Each turn of the loop it takes in every message
+that has arrived (HELLO, BATCH, PING, STATUS, ADMIN, ...), does its housekeeping (reclaiming
+sessions whose clients went silent or idle, admitting queued clients), and then, per device,
+runs one slice of work for the session the scheduler picks. Batches are queued per session, so a
+client streaming a long run of ops never keeps another's work waiting longer than a slice.
+Ops are launched on accelerators asynchronously; the loop waits on a device only where a client
+asked for data back. Whatever a client sends, the loop answers it or drops it and keeps serving.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,30 +28,79 @@ import libremote
 from libremote import protocol
 from libremote.protocol import ErrorKind, Msg, ProtocolError
 
-from . import devices
-from .session import Session
+from . import devices, pool
+from .pool import PoolConfig, PolicyError, Tenant
+from .scheduler import Scheduler
+from .session import Reply, Session
 
 log = logging.getLogger("libremote.server")
 
+#: Commands one slice runs at most before the scheduler may pick another session.
+SLICE_COMMANDS = 64
+_HOUSEKEEPING_S = 0.5
+_UTILIZATION_WINDOW_S = 2.0
+
+
+@dataclass
+class DeviceSlot:
+    """One device of the pool: its facts, its sessions and their scheduler."""
+
+    index: int
+    device: torch.device
+    facts: devices.DeviceFacts
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    sessions: list[Session] = field(default_factory=list)
+    busy_s: float = 0.0
+    utilization: float = 0.0
+    _window_start: float = field(default_factory=time.monotonic)
+    _window_busy: float = 0.0
+
+    def record_busy(self, seconds: float) -> None:
+        self.busy_s += seconds
+        self._window_busy += seconds
+        now = time.monotonic()
+        if now - self._window_start >= _UTILIZATION_WINDOW_S:
+            self.utilization = min(1.0, self._window_busy / (now - self._window_start))
+            self._window_start, self._window_busy = now, 0.0
+
+    def refresh_utilization(self) -> None:
+        if time.monotonic() - self._window_start >= 2 * _UTILIZATION_WINDOW_S:
+            self.record_busy(0.0)
+
+
+@dataclass
+class Waiting:
+    """A client in the admission queue."""
+
+    identity: bytes
+    info: dict[str, Any]
+    tenant: Tenant
+    priority: str
+    since: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+
 
 class Daemon:
-    """Serve clients on ``address`` with ops executed on ``device``."""
+    """Serve clients on ``address`` with ops executed on a pool of ``device_list``."""
 
     def __init__(
         self,
         address: str,
-        device: torch.device,
+        device_list: list[torch.device],
         *,
+        pool_config: PoolConfig | None = None,
         max_message_bytes: int = 16 << 30,
         heartbeat_s: float = 2.0,
         heartbeat_timeout_s: float = 10.0,
     ) -> None:
-        self.device = device
+        self.pool = pool_config or PoolConfig()
+        self.slots = [DeviceSlot(index, device, devices.describe(device)) for index, device in enumerate(device_list)]
         self.heartbeat_s = heartbeat_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
-        self._next_reclaim_check = 0.0
-        self.facts = devices.describe(device)
         self.sessions: dict[bytes, Session] = {}
+        self.waiting: list[Waiting] = []
+        self._gone: collections.OrderedDict[bytes, str] = collections.OrderedDict()
+        self._next_housekeeping = 0.0
         self._stop = threading.Event()
         self._context = zmq.Context.instance()
         self._socket = self._context.socket(zmq.ROUTER)
@@ -65,36 +119,56 @@ class Daemon:
         torch.set_grad_enabled(False)
 
     # ------------------------------------------------------------------------------------------
+    # The loop
+    # ------------------------------------------------------------------------------------------
     def stop(self) -> None:
         """Ask the loop to finish (safe from a signal handler or another thread)."""
         self._stop.set()
 
     def serve_forever(self) -> None:
+        names = ", ".join(f"{slot.device} ({slot.facts.name})" for slot in self.slots)
         log.info(
-            "libremote-server %s listening on %s, executing on %s (%s), torch %s, protocol %d",
-            libremote.__version__, self.address, self.device, self.facts.name, torch.__version__,
-            protocol.PROTOCOL_VERSION,
+            "libremote-server %s listening on %s, executing on %s, torch %s, protocol %d",
+            libremote.__version__, self.address, names, torch.__version__, protocol.PROTOCOL_VERSION,
         )
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                ready = poller.poll(200)
-                self._reclaim_silent_sessions()
-                if not ready:
-                    continue
-                while True:
-                    try:
-                        frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self._on_message(frames)
+                busy = any(session.has_work() for session in self.sessions.values())
+                if poller.poll(0 if busy else 200):
+                    self._take_messages()
+                self._housekeeping()
+                self._run_slices()
         finally:
             for identity in list(self.sessions):
                 self._end_session(identity, "daemon stopping")
             self._socket.close(0)
             log.info("libremote-server stopped")
 
+    def _take_messages(self, limit: int = 256) -> None:
+        for _ in range(limit):
+            try:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._on_message(frames)
+
+    def _run_slices(self) -> None:
+        for slot in self.slots:
+            session = slot.scheduler.pick(slot.sessions)
+            if session is None:
+                continue
+            started = time.perf_counter()
+            replies = session.run_slice(SLICE_COMMANDS)
+            elapsed = time.perf_counter() - started
+            slot.scheduler.charge(session, elapsed)
+            slot.record_busy(elapsed)
+            for reply in replies:
+                self._send_reply(session.identity, reply)
+
+    # ------------------------------------------------------------------------------------------
+    # Messages
     # ------------------------------------------------------------------------------------------
     def _on_message(self, frames: list[zmq.Frame]) -> None:
         identity = frames[0].bytes
@@ -110,94 +184,251 @@ class Daemon:
                 protocol.check(len(header) == 4, "BATCH is [BATCH, seq, commands, want_reply]")
                 seq = header[1]
                 self._on_batch(identity, seq, header[2], bool(header[3]), [f.buffer for f in frames[2:]])
+            elif kind == Msg.PING:
+                self._on_ping(identity)
             elif kind == Msg.HELLO:
                 protocol.check(len(header) == 2 and isinstance(header[1], dict), "HELLO is [HELLO, info]")
                 self._on_hello(identity, header[1])
             elif kind == Msg.BYE:
                 self._end_session(identity, "client said goodbye")
-            elif kind == Msg.PING:
-                session = self.sessions.get(identity)
-                if session is not None:
-                    session.last_seen = time.monotonic()
+                self.waiting = [w for w in self.waiting if w.identity != identity]
+            elif kind == Msg.STATUS:
+                self._send(identity, [Msg.STATUS, self.status()])
+            elif kind == Msg.ADMIN:
+                protocol.check(len(header) == 2 and isinstance(header[1], dict), "ADMIN is [ADMIN, request]")
+                self._send(identity, [Msg.ADMIN, self._on_admin(header[1], frames[1].get("Peer-Address"))])
             else:
                 raise ProtocolError(f"unknown message kind {kind}")
         except ProtocolError as exc:
             log.warning("malformed message from %s: %s", identity.hex()[:12], exc)
             self._send(identity, [Msg.REPLY, seq, [], [ErrorKind.PROTOCOL.value, "", str(exc)]])
 
-    def _on_hello(self, identity: bytes, info: dict[str, Any]) -> None:
-        client_protocol = info.get("protocol")
-        if client_protocol != protocol.PROTOCOL_VERSION:
-            reason = (
-                f"protocol mismatch: the client speaks libremote protocol {client_protocol} "
-                f"(libremote {info.get('libremote')}), this daemon speaks {protocol.PROTOCOL_VERSION} "
-                f"(libremote {libremote.__version__}); install the same libremote release on both sides"
-            )
-            log.warning("refused %s: %s", identity.hex()[:12], reason)
-            self._send(identity, [Msg.REFUSED, reason])
+    def _on_ping(self, identity: bytes) -> None:
+        session = self.sessions.get(identity)
+        if session is not None:
+            session.last_seen = time.monotonic()
             return
-        if identity in self.sessions:
-            self._end_session(identity, "client said hello again")
-        session = Session(uuid.uuid4().hex[:12], self.device, info)
-        self.sessions[identity] = session
-        log.info(
-            "session %s opened: pid %s on %s, torch %s",
-            session.id, info.get("pid"), info.get("host"), info.get("torch"),
-        )
-        self._send(
-            identity,
-            [
-                Msg.WELCOME,
-                {
-                    "session": session.id,
-                    "protocol": protocol.PROTOCOL_VERSION,
-                    "libremote": libremote.__version__,
-                    "torch": torch.__version__,
-                    "host": socket.gethostname(),
-                    "pid": os.getpid(),
-                    "devices": [self.facts.to_wire()],
-                    "heartbeat_s": self.heartbeat_s,
-                },
-            ],
-        )
+        for waiter in self.waiting:
+            if waiter.identity == identity:
+                waiter.last_seen = time.monotonic()
 
     def _on_batch(self, identity: bytes, seq: Any, commands: Any, want_reply: bool, frames: list[Any]) -> None:
         session = self.sessions.get(identity)
         if session is None:
             if want_reply:
-                error = [ErrorKind.SESSION.value, "", "this daemon has no session for the client "
-                         "(it restarted or reclaimed the session); reconnect"]
+                why = self._gone.get(identity, "it restarted, or never admitted this client")
+                error = [ErrorKind.SESSION.value, "", f"this daemon has no session for the client ({why}); reconnect"]
                 self._send(identity, [Msg.REPLY, seq, [], error])
             return
-        session.last_seen = time.monotonic()
-        try:
-            results, out_frames = session.execute(commands, frames)
-        except ProtocolError as exc:
-            log.warning("session %s sent a malformed batch: %s", session.id, exc)
-            self._send(identity, [Msg.REPLY, seq, [], [ErrorKind.PROTOCOL.value, "", str(exc)]])
-            return
-        if want_reply:
-            self._send(identity, [Msg.REPLY, seq, results, session.take_error()], out_frames)
+        session.last_seen = session.last_active = time.monotonic()
+        if not session.has_work():
+            session.slot.scheduler.rejoin(session)
+        session.enqueue(seq, commands, frames, want_reply)
 
-    def _reclaim_silent_sessions(self) -> None:
-        """Free the sessions of clients that stopped sending anything, PINGs included."""
-        now = time.monotonic()
-        if now < self._next_reclaim_check:
-            return
-        self._next_reclaim_check = now + 0.5
-        for identity, session in list(self.sessions.items()):
-            silent = now - session.last_seen
-            if silent > self.heartbeat_timeout_s:
-                self._end_session(identity, f"client silent for {silent:.0f} s: killed, hung or unreachable")
-
-    def _end_session(self, identity: bytes, why: str) -> None:
-        session = self.sessions.pop(identity, None)
-        if session is not None:
-            released = session.close()
-            log.info("session %s closed (%s), released %d bytes", session.id, why, released)
+    def _send_reply(self, identity: bytes, reply: Reply) -> None:
+        if reply.malformed:
+            log.warning("session %s sent a malformed batch: %s", self.sessions[identity].id, reply.error[2])
+        self._send(identity, [Msg.REPLY, reply.seq, reply.results, reply.error], reply.frames)
 
     def _send(self, identity: bytes, header: list[Any], frames: list[Any] = ()) -> None:
         try:
             self._socket.send_multipart([identity, protocol.packb(header), *frames], copy=not frames)
         except zmq.ZMQError as exc:  # the peer is gone (ROUTER_MANDATORY): nothing to deliver
             log.debug("could not reply to %s: %s", identity.hex()[:12], exc)
+
+    # ------------------------------------------------------------------------------------------
+    # Admission: HELLO, the queue, placement
+    # ------------------------------------------------------------------------------------------
+    def _on_hello(self, identity: bytes, info: dict[str, Any]) -> None:
+        client_protocol = info.get("protocol")
+        if client_protocol != protocol.PROTOCOL_VERSION:
+            self._refuse(identity, (
+                f"protocol mismatch: the client speaks libremote protocol {client_protocol} "
+                f"(libremote {info.get('libremote')}), this daemon speaks {protocol.PROTOCOL_VERSION} "
+                f"(libremote {libremote.__version__}); install the same libremote release on both sides"
+            ))
+            return
+        try:
+            tenant = self.pool.authenticate(info.get("tenant"), info.get("token"))
+            priority = self._admitted_priority(tenant, info.get("priority"))
+        except PolicyError as exc:
+            self._refuse(identity, str(exc))
+            return
+        if not any(tenant.allows_device(slot.facts.name) for slot in self.slots):
+            self._refuse(identity, f"tenant {tenant.name!r} may use {tenant.device_names}, and this daemon has "
+                                   f"{[slot.facts.name for slot in self.slots]}")
+            return
+        if identity in self.sessions:
+            self._end_session(identity, "client said hello again")
+        self.waiting = [w for w in self.waiting if w.identity != identity]
+        waiter = Waiting(identity, info, tenant, priority)
+        if not self._admit(waiter):
+            self.waiting.append(waiter)
+            position = self._queue_position(waiter)
+            log.info("client pid %s (tenant %s) queued at position %d: all session slots are taken",
+                     info.get("pid"), tenant.name, position)
+            self._send(identity, [Msg.QUEUED, {"position": position, "heartbeat_s": self.heartbeat_s,
+                                               "reason": "every device has its maximum number of sessions"}])
+
+    def _admitted_priority(self, tenant: Tenant, requested: Any) -> str:
+        priority = pool.parse_priority(requested) if requested else "normal"
+        if self.pool.has_tenants and pool.PRIORITIES[priority] > pool.PRIORITIES[tenant.priority]:
+            return tenant.priority  # a tenant's priority is its clients' ceiling
+        return priority
+
+    def _place(self, tenant: Tenant) -> DeviceSlot | None:
+        limit = self.pool.max_sessions_per_device
+        candidates = [slot for slot in self.slots
+                      if tenant.allows_device(slot.facts.name) and (limit is None or len(slot.sessions) < limit)]
+        if not candidates:
+            return None
+        if self.pool.placement == "spread":
+            return min(candidates, key=lambda slot: (len(slot.sessions), slot.index))
+        if limit is None:  # binpack without a limit: everyone on the first allowed device
+            return candidates[0]
+        return max(candidates, key=lambda slot: (len(slot.sessions), -slot.index))
+
+    def _admit(self, waiter: Waiting) -> bool:
+        slot = self._place(waiter.tenant)
+        if slot is None:
+            return False
+        session = Session(uuid.uuid4().hex[:12], slot.device, waiter.info, tenant=waiter.tenant,
+                          priority=waiter.priority, identity=waiter.identity, slot=slot)
+        slot.sessions.append(session)
+        self.sessions[waiter.identity] = session
+        self._gone.pop(waiter.identity, None)
+        info = waiter.info
+        log.info(
+            "session %s opened on %s: tenant %s, priority %s, pid %s on %s, torch %s",
+            session.id, slot.device, waiter.tenant.name, waiter.priority, info.get("pid"), info.get("host"),
+            info.get("torch"),
+        )
+        self._send(waiter.identity, [Msg.WELCOME, {
+            "session": session.id,
+            "protocol": protocol.PROTOCOL_VERSION,
+            "libremote": libremote.__version__,
+            "torch": torch.__version__,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "devices": [slot.facts.to_wire()],
+            "heartbeat_s": self.heartbeat_s,
+            "tenant": waiter.tenant.name,
+            "priority": waiter.priority,
+            "memory_quota": session.memory_quota,
+        }])
+        return True
+
+    def _queue_position(self, waiter: Waiting) -> int:
+        return sorted(self.waiting, key=self._queue_order).index(waiter) + 1
+
+    @staticmethod
+    def _queue_order(waiter: Waiting) -> tuple[int, float]:
+        return (-pool.PRIORITIES[waiter.priority], waiter.since)
+
+    def _refuse(self, identity: bytes, reason: str) -> None:
+        log.warning("refused %s: %s", identity.hex()[:12], reason)
+        self._send(identity, [Msg.REFUSED, reason])
+
+    # ------------------------------------------------------------------------------------------
+    # Housekeeping: reclaim, admit
+    # ------------------------------------------------------------------------------------------
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now < self._next_housekeeping:
+            return
+        self._next_housekeeping = now + _HOUSEKEEPING_S
+        for identity, session in list(self.sessions.items()):
+            silent = now - session.last_seen
+            if silent > self.heartbeat_timeout_s:
+                self._end_session(identity, f"client silent for {silent:.0f} s: killed, hung or unreachable")
+            elif (self.pool.idle_timeout_s is not None and not session.has_work()
+                  and now - session.last_active > self.pool.idle_timeout_s):
+                self._end_session(identity, f"idle for more than {self.pool.idle_timeout_s:g} s (--idle-timeout)")
+        self.waiting = [w for w in self.waiting if now - w.last_seen <= self.heartbeat_timeout_s]
+        for waiter in sorted(self.waiting, key=self._queue_order):
+            if self._admit(waiter):
+                self.waiting.remove(waiter)
+        for slot in self.slots:
+            slot.refresh_utilization()
+
+    def _end_session(self, identity: bytes, why: str) -> None:
+        session = self.sessions.pop(identity, None)
+        if session is None:
+            return
+        session.slot.sessions.remove(session)
+        released = session.close()
+        self._gone[identity] = f"session {session.id} was closed: {why}"
+        while len(self._gone) > 4096:
+            self._gone.popitem(last=False)
+        log.info("session %s closed (%s), released %d bytes", session.id, why, released)
+
+    # ------------------------------------------------------------------------------------------
+    # Status and live changes
+    # ------------------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        device_rows = []
+        for slot in self.slots:
+            free, total = devices.memory_info(slot.device)
+            device_rows.append({
+                "index": slot.index, "device": str(slot.device), "name": slot.facts.name,
+                "memory_used": sum(s.memory.allocated for s in slot.sessions), "memory_total": total,
+                "memory_free": free, "utilization": slot.utilization, "sessions": len(slot.sessions),
+                "busy_s": slot.busy_s,
+            })
+        session_rows = [{
+            "session": s.id, "tenant": s.tenant.name, "priority": s.priority, "weight": s.weight,
+            "device": s.slot.index, "memory_allocated": s.memory.allocated, "memory_peak": s.memory.peak,
+            "memory_quota": s.memory_quota, "ops": s.ops_executed, "device_time_s": s.busy_s,
+            "queued_batches": len(s.queue), "pid": s.client_info.get("pid"), "host": s.client_info.get("host"),
+            "age_s": time.time() - s.created,
+        } for s in self.sessions.values()]
+        waiting_rows = [{"tenant": w.tenant.name, "priority": w.priority, "waited_s": now - w.since,
+                         "pid": w.info.get("pid"), "host": w.info.get("host")}
+                        for w in sorted(self.waiting, key=self._queue_order)]
+        return {"daemon": {"address": self.address, "libremote": libremote.__version__, "torch": torch.__version__,
+                           "pid": os.getpid(), "host": socket.gethostname()},
+                "devices": device_rows, "sessions": session_rows, "waiting": waiting_rows}
+
+    def _on_admin(self, request: dict[str, Any], peer_address: str | None) -> dict[str, Any]:
+        loopback = peer_address in ("127.0.0.1", "::1") or (peer_address or "").startswith("127.")
+        if not self.pool.admin_allowed(request.get("token"), loopback):
+            return {"ok": False, "message": "not allowed: give the daemon's admin token (libremote admin --token), "
+                                            "or run admin commands on the daemon's own host when it has none"}
+        try:
+            return self._apply_admin(request)
+        except PolicyError as exc:
+            return {"ok": False, "message": str(exc)}
+
+    def _apply_admin(self, request: dict[str, Any]) -> dict[str, Any]:
+        changes = {key: request[key] for key in ("memory_quota", "weight", "priority") if request.get(key) is not None}
+        if not changes:
+            raise PolicyError("nothing to change: give memory_quota, weight and/or priority")
+        quota = pool.parse_size(changes["memory_quota"]) if "memory_quota" in changes else None
+        weight = pool.parse_weight(changes["weight"]) if "weight" in changes else None
+        priority = pool.parse_priority(changes["priority"]) if "priority" in changes else None
+        session_id, tenant_name = request.get("session"), request.get("tenant")
+        if bool(session_id) == bool(tenant_name):
+            raise PolicyError("name exactly one target: a session id or a tenant")
+        if tenant_name:
+            tenant = self.pool.tenants.get(tenant_name)
+            if tenant is not None:  # future sessions of the tenant too
+                tenant.memory_quota = quota or tenant.memory_quota
+                tenant.weight = weight or tenant.weight
+                tenant.priority = priority or tenant.priority
+            targets = [s for s in self.sessions.values() if s.tenant.name == tenant_name]
+            if tenant is None and not targets:
+                raise PolicyError(f"no tenant or session of tenant {tenant_name!r}")
+        else:
+            targets = [s for s in self.sessions.values() if s.id == session_id]
+            if not targets:
+                raise PolicyError(f"no session {session_id!r} (see libremote status)")
+        for session in targets:
+            if quota is not None:
+                session.memory_quota = quota
+            if weight is not None:
+                session.weight = weight
+            if priority is not None:
+                session.priority = priority
+        log.info("admin: %s %s -> %s", "tenant" if tenant_name else "session", tenant_name or session_id, changes)
+        return {"ok": True, "message": f"updated {len(targets)} session(s)", "sessions": [s.id for s in targets]}

@@ -43,6 +43,25 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device(device.type, index)
 
 
+def resolve_devices(spec: str) -> list[torch.device]:
+    """The pool for ``--device``: ``auto`` is every accelerator torch sees (else the CPU); a
+    comma-separated list names devices one by one (``cpu,cpu`` is two CPU-backed devices)."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        if torch.accelerator.is_available():
+            accelerator = torch.accelerator.current_accelerator()
+            assert accelerator is not None
+            return [torch.device(accelerator.type, index) for index in range(torch.accelerator.device_count())]
+        return [torch.device("cpu")]
+    found = [resolve_device(part) for part in spec.split(",") if part.strip()]
+    if not found:
+        raise ValueError("--device names no device")
+    accelerators = [device for device in found if device.type != "cpu"]
+    if len(set(accelerators)) != len(accelerators):
+        raise ValueError(f"--device {spec}: an accelerator is named twice")
+    return found
+
+
 def _host_memory_bytes() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -14,6 +14,7 @@ import logging
 import secrets
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
@@ -23,6 +24,7 @@ from libremote.protocol import Cmd, DeviceRef, ErrorKind, HandleRef, ProtocolErr
 
 from . import devices, op_policy
 from .memory import MemoryAccount
+from .pool import ANONYMOUS, Tenant
 
 log = logging.getLogger("libremote.server")
 
@@ -44,13 +46,47 @@ class CommandError(Exception):
         return [self.kind.value, self.op, self.message]
 
 
-class Session:
-    """Handles, RNG, events and memory accounting of one connected client."""
+@dataclass
+class PendingBatch:
+    """A BATCH waiting to run (or partly run): its commands run from ``cursor`` on."""
 
-    def __init__(self, session_id: str, device: torch.device, client_info: dict[str, Any]) -> None:
+    seq: Any
+    commands: list[Any]
+    frames: list[Any]
+    want_reply: bool
+    cursor: int = 0
+    results: list[Any] = field(default_factory=list)
+    out_frames: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class Reply:
+    """What the daemon sends back for a finished batch that asked for an answer."""
+
+    seq: Any
+    results: list[Any]
+    frames: list[Any]
+    error: list[str] | None
+    malformed: bool = False
+
+
+class Session:
+    """Handles, RNG, events, memory account and scheduling state of one connected client."""
+
+    def __init__(self, session_id: str, device: torch.device, client_info: dict[str, Any],
+                 *, tenant: Tenant | None = None, priority: str = "normal", identity: bytes = b"",
+                 slot: Any = None) -> None:
         self.id = session_id
         self.device = device
         self.client_info = client_info
+        self.identity = identity  # the client's ZeroMQ routing id
+        self.slot = slot  # the pool's DeviceSlot this session is placed on
+        self.tenant = tenant or Tenant(ANONYMOUS, None, 8 << 30)
+        self.memory_quota = self.tenant.memory_quota
+        self.weight = self.tenant.weight
+        self.priority = priority
+        self.virtual_time = 0.0
+        self.queue: collections.deque[PendingBatch] = collections.deque()
         self.tensors: dict[int, torch.Tensor] = {}
         self._storage_keys: dict[int, int] = {}
         self._failed: dict[int, str] = {}
@@ -66,7 +102,8 @@ class Session:
         self.batches = 0
         self.busy_s = 0.0  # time spent executing this session's commands (host side)
         self.created = time.time()
-        self.last_seen = time.monotonic()
+        self.last_seen = time.monotonic()  # any message, PINGs included
+        self.last_active = self.last_seen  # last BATCH (for --idle-timeout)
         self._handlers: dict[int, Callable[[list[Any], list[Any]], Any]] = {
             Cmd.OP: self._op,
             Cmd.OP_SYNC: self._op_sync,
@@ -83,51 +120,84 @@ class Session:
         }
 
     # ------------------------------------------------------------------------------------------
-    # Batch execution
+    # Batch execution: batches queue up and run in slices the scheduler hands out
     # ------------------------------------------------------------------------------------------
-    def execute(self, commands: Any, frames: list[Any]) -> tuple[list[Any], list[Any]]:
-        """Run ``commands`` in order; return (results of result-producing commands, out frames)."""
+    def enqueue(self, seq: Any, commands: Any, frames: list[Any], want_reply: bool) -> None:
         protocol.check(isinstance(commands, list), "BATCH commands must be a list")
+        self.queue.append(PendingBatch(seq, commands, frames, want_reply))
+
+    def has_work(self) -> bool:
+        return bool(self.queue)
+
+    def run_slice(self, max_commands: int) -> list[Reply]:
+        """Run up to ``max_commands`` queued commands; return replies for batches that finished.
+
+        A malformed batch is dropped at the command that is malformed and answered with a
+        protocol error; the commands before it have run.
+        """
+        replies: list[Reply] = []
         started = time.perf_counter()
         try:
-            return self._execute(commands, frames)
+            while self.queue and max_commands > 0:
+                batch = self.queue[0]
+                stop = min(len(batch.commands), batch.cursor + max_commands)
+                try:
+                    for position in range(batch.cursor, stop):
+                        self._run_command(batch, position)
+                except ProtocolError as exc:
+                    self.queue.popleft()
+                    replies.append(Reply(batch.seq, [], [], [ErrorKind.PROTOCOL.value, "", str(exc)], malformed=True))
+                    continue
+                max_commands -= stop - batch.cursor
+                batch.cursor = stop
+                if stop == len(batch.commands):
+                    self.queue.popleft()
+                    self.batches += 1
+                    if batch.want_reply:
+                        replies.append(Reply(batch.seq, batch.results, batch.out_frames, self.take_error()))
         finally:
             self.busy_s += time.perf_counter() - started
-            self.batches += 1
+        return replies
 
-    def _execute(self, commands: list[Any], frames: list[Any]) -> tuple[list[Any], list[Any]]:
-        results: list[Any] = []
-        out_frames: list[Any] = []
-        last = len(commands) - 1
-        for position, command in enumerate(commands):
-            self._last_in_batch = position == last
-            protocol.check(
-                isinstance(command, list) and command and isinstance(command[0], int),
-                lambda: f"malformed command {command!r:.200}",
-            )
-            kind = command[0]
-            handler = self._handlers.get(kind)
-            protocol.check(handler is not None, lambda: f"unknown command kind {kind}")
-            try:
-                value = handler(command, frames)
-            except CommandError as exc:
-                self._fail(exc, command)
-                value = None
-            except ProtocolError:
-                raise
-            except torch.OutOfMemoryError as exc:
-                self._fail(CommandError(ErrorKind.OOM, self._describe(command), str(exc)), command)
-                value = None
-            except Exception as exc:  # the op's own error: report it, keep serving
-                self._fail(CommandError(ErrorKind.OP, self._describe(command), _message(exc)), command)
-                value = None
-            if kind in protocol.RESULT_COMMANDS:
-                if kind == Cmd.FETCH and value is not None:
-                    meta, buffer = value
-                    out_frames.append(buffer)
-                    value = meta + [len(out_frames)]
-                results.append(value)
-        return results, out_frames
+    def execute(self, commands: Any, frames: list[Any]) -> tuple[list[Any], list[Any]]:
+        """Run a whole batch now (tests and tools); return (results, out frames)."""
+        self.enqueue(None, commands, frames, True)
+        reply = self.run_slice(1 << 62)[-1]
+        if reply.malformed:
+            raise ProtocolError(reply.error[2])
+        if reply.error is not None:  # keep it pending, as the daemon would until a reply
+            self.pending_error = CommandError(ErrorKind(reply.error[0]), reply.error[1], reply.error[2])
+        return reply.results, reply.frames
+
+    def _run_command(self, batch: "PendingBatch", position: int) -> None:
+        command = batch.commands[position]
+        self._last_in_batch = position == len(batch.commands) - 1
+        protocol.check(
+            isinstance(command, list) and command and isinstance(command[0], int),
+            lambda: f"malformed command {command!r:.200}",
+        )
+        kind = command[0]
+        handler = self._handlers.get(kind)
+        protocol.check(handler is not None, lambda: f"unknown command kind {kind}")
+        try:
+            value = handler(command, batch.frames)
+        except CommandError as exc:
+            self._fail(exc, command)
+            value = None
+        except ProtocolError:
+            raise
+        except torch.OutOfMemoryError as exc:
+            self._fail(CommandError(ErrorKind.OOM, self._describe(command), _message(exc)), command)
+            value = None
+        except Exception as exc:  # the op's own error: report it, keep serving
+            self._fail(CommandError(ErrorKind.OP, self._describe(command), _message(exc)), command)
+            value = None
+        if kind in protocol.RESULT_COMMANDS:
+            if kind == Cmd.FETCH and value is not None:
+                meta, buffer = value
+                batch.out_frames.append(buffer)
+                value = meta + [len(batch.out_frames)]
+            batch.results.append(value)
 
     def take_error(self) -> list[str] | None:
         error, self.pending_error = self.pending_error, None
@@ -246,6 +316,7 @@ class Session:
             raise
         if entry.sanitize is not None:
             entry.sanitize(args, kwargs)
+        allocated_before = self.memory.allocated
         if entry.takes_generator and kwargs.get("generator") is None:
             kwargs["generator"] = self.generator
         if entry.seeded_without_generator:
@@ -259,7 +330,24 @@ class Session:
         if entry.name in _RESIZING_OPS and args and isinstance(args[0], torch.Tensor):
             self.memory.refresh(args[0])
         self._store_outputs(entry, result, outs)
+        if self.memory.allocated > self.memory_quota:
+            self._refuse_over_quota(entry.name, allocated_before, outs)
         return entry, result
+
+    def _refuse_over_quota(self, what: str, allocated_before: int, outs: Any) -> None:
+        """The op left the session over its quota: undo its outputs and raise the OOM error."""
+        needed = self.memory.allocated - allocated_before
+        for handle in _flatten_handles(outs):
+            if isinstance(handle, int):
+                self._drop(handle)
+        raise CommandError(ErrorKind.OOM, what, self._quota_message(allocated_before, needed))
+
+    def _quota_message(self, in_use: int, needed: int) -> str:
+        return (
+            f"CUDA out of memory: this session's quota is {_gib(self.memory_quota)}, {_gib(in_use)} "
+            f"are in use and the request needs {_gib(needed)} more (tenant {self.tenant.name!r}). "
+            "Free tensors you no longer need (del them), or ask the operator for a larger quota."
+        )
 
     def _store_outputs(self, entry: op_policy.OpEntry, result: Any, outs: Any) -> None:
         if outs is None:
@@ -302,6 +390,8 @@ class Session:
         protocol.check(isinstance(index, int) and 1 <= index < len(frames) + 1, "PUT names a missing frame")
         protocol.check(_is_dense_layout(shape, stride), lambda: f"PUT strides {stride} do not lay out {shape} densely")
         source = protocol.tensor_from_bytes(frames[index - 1], dtype, shape)
+        if self.memory.allocated + source.nbytes > self.memory_quota:
+            raise CommandError(ErrorKind.OOM, "upload", self._quota_message(self.memory.allocated, source.nbytes))
         # Always a copy into memory torch owns: a tensor over the frame's buffer could never be
         # resized (resize_, out= arguments). Receiving straight into torch-owned (pinned, on a
         # GPU server) buffers is the way to drop this copy.
@@ -414,6 +504,12 @@ class Session:
         finally:
             self.generator.set_state(default.get_state())
             default.set_state(saved)
+
+
+def _gib(nbytes: int) -> str:
+    if nbytes >= 1 << 30:
+        return f"{nbytes / (1 << 30):.2f} GiB"
+    return f"{nbytes / (1 << 20):.2f} MiB"
 
 
 def _returned_values(entry: op_policy.OpEntry, result: Any) -> tuple[Any, ...]:

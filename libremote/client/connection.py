@@ -55,7 +55,9 @@ class Connection:
         self.welcome: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------
-    def handshake(self, libremote_version: str) -> dict[str, Any]:
+    def handshake(self, libremote_version: str, *, tenant: str | None = None, token: str | None = None,
+                  priority: str | None = None, queue_timeout_s: float = 300.0) -> dict[str, Any]:
+        """Say HELLO and wait for WELCOME; while queued (QUEUED), wait up to ``queue_timeout_s``."""
         hello = {
             "protocol": protocol.PROTOCOL_VERSION,
             "libremote": libremote_version,
@@ -64,6 +66,9 @@ class Connection:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "argv": " ".join(sys.argv)[:200],
+            "tenant": tenant,
+            "token": token,
+            "priority": priority,
         }
         deadline = time.monotonic() + self.timeout_s
         try:
@@ -76,6 +81,8 @@ class Connection:
             raise self._unreachable() from None
         header = protocol.unpackb(self._socket.recv())
         self._drain_monitor()
+        if header[0] == Msg.QUEUED:
+            header = self._wait_in_queue(header[1], queue_timeout_s)
         if header[0] == Msg.REFUSED:
             self.close()
             raise ConnectionFailed(f"libremote: the daemon at {self.address} refused this client: {header[1]}")
@@ -84,6 +91,33 @@ class Connection:
             raise ConnectionFailed(f"libremote: {self.address} answered the handshake with message kind {header[0]}")
         self.welcome = header[1]
         return self.welcome
+
+    def _wait_in_queue(self, info: dict[str, Any], queue_timeout_s: float) -> list[Any]:
+        """The daemon's sessions are all taken: wait for WELCOME (or REFUSED), PINGing."""
+        interval = float(info.get("heartbeat_s", 2.0))
+        deadline = time.monotonic() + queue_timeout_s
+        position = info.get("position")
+        while time.monotonic() < deadline:
+            wait_ms = int(min(interval, max(0.0, deadline - time.monotonic())) * 1000)
+            if self._socket.poll(max(1, wait_ms), zmq.POLLIN):
+                header = protocol.unpackb(self._socket.recv())
+                if header[0] == Msg.QUEUED:
+                    position = header[1].get("position", position)
+                    continue
+                return header
+            self._drain_monitor()
+            if self.broken:
+                raise ConnectionFailed(self.broken)
+            self.send([Msg.PING], timeout_s=1.0)
+        try:
+            self.send([Msg.BYE], timeout_s=1.0)
+        finally:
+            self.close()
+        raise ConnectionFailed(
+            f"libremote: waited {queue_timeout_s:g} s in the admission queue of the daemon at {self.address} "
+            f"(position {position}): {info.get('reason', 'its sessions are all taken')}. "
+            "LIBREMOTE_QUEUE_TIMEOUT sets how long to wait; the operator can raise --max-sessions."
+        )
 
     def _unreachable(self) -> ConnectionFailed:
         return ConnectionFailed(

@@ -36,7 +36,10 @@ class ClientSession:
         self.settings = settings
         self.address = address
         self.connection = Connection(address, timeout_s=settings.timeout_s, heartbeat_s=settings.heartbeat_s)
-        welcome = self.connection.handshake(libremote_version)
+        welcome = self.connection.handshake(
+            libremote_version, tenant=settings.tenant, token=settings.token, priority=settings.priority,
+            queue_timeout_s=settings.queue_timeout_s,
+        )
         self.session_id: str = welcome["session"]
         self.devices: list[dict[str, Any]] = welcome["devices"]
         self.daemon_info = welcome

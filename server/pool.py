@@ -1,0 +1,149 @@
+"""The pool's policy: tenants, their quotas, weights and priorities, and the daemon's defaults.
+
+Without a tenants file every client is an anonymous tenant with the defaults (``--memory-quota``,
+weight 1, any priority it asks for). With ``--tenants FILE`` (TOML), a client must present a
+tenant name and its token (``LIBREMOTE_TENANT``/``LIBREMOTE_TOKEN``); the tenant's priority is
+the highest its clients may ask for::
+
+    [admin]
+    token = "operator-secret"          # required by `libremote admin` (see below)
+
+    [tenants.research]
+    token = "research-secret"
+    memory_quota = "16GiB"             # per session
+    weight = 2                         # share of device time when several sessions want it
+    priority = "high"                  # high | normal | low: the ceiling for its clients
+    devices = ["H100", "A100"]         # optional: device names it may be placed on
+
+Without an admin token, admin commands are accepted from loopback peers only.
+"""
+
+from __future__ import annotations
+
+import hmac
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+PRIORITIES = {"low": 0, "normal": 1, "high": 2}
+ANONYMOUS = "anonymous"
+
+
+class PolicyError(ValueError):
+    """A tenants file, client request or admin command that the policy cannot accept."""
+
+
+def parse_size(text: Any) -> int:
+    """``8GiB``, ``512MiB``, ``1.5GB``, a plain byte count (str or int)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    units = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
+             "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12,
+             "tib": 1 << 40}
+    stripped = str(text).strip().lower()
+    number = stripped.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = stripped[len(number):].strip()
+    if unit not in units:
+        raise PolicyError(f"unknown size unit in {text!r} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")
+    try:
+        value = int(float(number) * units[unit])
+    except ValueError:
+        raise PolicyError(f"not a size: {text!r}") from None
+    if value <= 0:
+        raise PolicyError(f"a size must be positive: {text!r}")
+    return value
+
+
+def parse_priority(text: Any) -> str:
+    value = str(text).strip().lower()
+    if value not in PRIORITIES:
+        raise PolicyError(f"priority must be one of high, normal, low (got {text!r})")
+    return value
+
+
+def parse_weight(value: Any) -> float:
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        raise PolicyError(f"weight must be a number (got {value!r})") from None
+    if not 0 < weight <= 1e6:
+        raise PolicyError(f"weight must be positive (got {value!r})")
+    return weight
+
+
+@dataclass
+class Tenant:
+    name: str
+    token: str | None
+    memory_quota: int
+    weight: float = 1.0
+    priority: str = "normal"
+    device_names: list[str] | None = None
+
+    def allows_device(self, device_name: str) -> bool:
+        return self.device_names is None or any(name.lower() in device_name.lower() for name in self.device_names)
+
+
+@dataclass
+class PoolConfig:
+    default_memory_quota: int = 8 << 30
+    max_sessions_per_device: int | None = None
+    placement: str = "binpack"
+    idle_timeout_s: float | None = None
+    tenants: dict[str, Tenant] = field(default_factory=dict)
+    admin_token: str | None = None
+
+    @property
+    def has_tenants(self) -> bool:
+        return bool(self.tenants)
+
+    def authenticate(self, name: Any, token: Any) -> Tenant:
+        """The tenant a client belongs to, or :class:`PolicyError` saying why not."""
+        if not self.has_tenants:
+            label = str(name) if name else ANONYMOUS
+            return Tenant(label[:64], None, self.default_memory_quota)
+        tenant = self.tenants.get(str(name)) if name else None
+        if tenant is None or not isinstance(token, str) or not hmac.compare_digest(tenant.token or "", token):
+            raise PolicyError(
+                "this daemon serves registered tenants only: set LIBREMOTE_TENANT and LIBREMOTE_TOKEN "
+                "to a tenant name and token its operator gave you (unknown tenant or wrong token)"
+            )
+        return tenant
+
+    def admin_allowed(self, token: Any, peer_is_loopback: bool) -> bool:
+        if self.admin_token:
+            return isinstance(token, str) and hmac.compare_digest(self.admin_token, token)
+        return peer_is_loopback
+
+
+def load_tenants(path: str) -> tuple[dict[str, Tenant], str | None]:
+    """Read a tenants file: (tenants by name, admin token)."""
+    try:
+        with open(path, "rb") as source:
+            document = tomllib.load(source)
+    except OSError as exc:
+        raise PolicyError(f"cannot read tenants file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"tenants file {path} is not valid TOML: {exc}") from None
+    admin_token = (document.get("admin") or {}).get("token")
+    tenants: dict[str, Tenant] = {}
+    for name, entry in (document.get("tenants") or {}).items():
+        if not isinstance(entry, dict):
+            raise PolicyError(f"tenants file {path}: [tenants.{name}] must be a table")
+        token = entry.get("token")
+        if not isinstance(token, str) or not token:
+            raise PolicyError(f"tenants file {path}: tenant {name!r} needs a token")
+        devices = entry.get("devices")
+        if devices is not None and not (isinstance(devices, list) and all(isinstance(d, str) for d in devices)):
+            raise PolicyError(f"tenants file {path}: tenant {name!r}: devices must be a list of names")
+        tenants[name] = Tenant(
+            name=name,
+            token=token,
+            memory_quota=parse_size(entry.get("memory_quota", 8 << 30)),
+            weight=parse_weight(entry.get("weight", 1.0)),
+            priority=parse_priority(entry.get("priority", "normal")),
+            device_names=devices,
+        )
+    if not tenants:
+        raise PolicyError(f"tenants file {path} defines no [tenants.NAME] table")
+    return tenants, admin_token if isinstance(admin_token, str) and admin_token else None

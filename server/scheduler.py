@@ -1,0 +1,55 @@
+"""Which session runs next: priority classes first, then weighted fair share of device time.
+
+Every session with queued work competes for its device. The scheduler picks, among those in the
+highest priority class with work, the one with the smallest *virtual time*: a session's virtual
+time advances by the device time it used divided by its weight, so over any busy period each
+session receives device time in proportion to its weight (start-time fair queueing). A session
+that was idle rejoins at the current virtual time instead of spending credit it saved while idle.
+
+Work runs in slices of a bounded number of commands, so a long batch from a low-priority session
+yields to a high-priority arrival within one slice. "Device time" is the host time spent
+executing the slice; on the CPU backend that is the compute itself, on a GPU it is the launch
+cost (kernels run asynchronously), which tracks device time for launch-bound workloads.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Protocol
+
+from .pool import PRIORITIES
+
+
+class Schedulable(Protocol):
+    priority: str
+    weight: float
+    virtual_time: float
+
+    def has_work(self) -> bool: ...
+
+
+class Scheduler:
+    """One per device: picks the next session to run a slice for."""
+
+    def __init__(self) -> None:
+        self._virtual_now = 0.0
+
+    def rejoin(self, session: Schedulable) -> None:
+        """A session that had no queued work now has some."""
+        if session.virtual_time < self._virtual_now:
+            session.virtual_time = self._virtual_now
+
+    def pick(self, sessions: Iterable[Schedulable]) -> Schedulable | None:
+        best = None
+        best_key = None
+        for session in sessions:
+            if not session.has_work():
+                continue
+            key = (-PRIORITIES[session.priority], session.virtual_time)
+            if best_key is None or key < best_key:
+                best, best_key = session, key
+        if best is not None:
+            self._virtual_now = max(self._virtual_now, best.virtual_time)
+        return best
+
+    def charge(self, session: Schedulable, seconds: float) -> None:
+        session.virtual_time += seconds / session.weight
