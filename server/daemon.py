@@ -93,6 +93,11 @@ class Daemon:
         heartbeat_s: float = 2.0,
         heartbeat_timeout_s: float = 10.0,
     ) -> None:
+        # This process is a daemon: it must drive the real devices. Importing the package ran
+        # libremote/__init__.py, which pointed torch.cuda at a daemon; undo that first.
+        from libremote.client import activation
+
+        activation.deactivate()
         self.pool = pool_config or PoolConfig()
         self.slots = [DeviceSlot(index, device, devices.describe(device)) for index, device in enumerate(device_list)]
         self.heartbeat_s = heartbeat_s
