@@ -14,6 +14,7 @@ LIBREMOTE_HEARTBEAT        2        seconds between transport heartbeats; a daem
 LIBREMOTE_TENANT           (none)   tenant name, for daemons with a tenants file
 LIBREMOTE_TOKEN            (none)   that tenant's token
 LIBREMOTE_PRIORITY         normal   high, normal or low (a tenant's priority is the ceiling)
+LIBREMOTE_DEVICES          1        how many of the pool's devices to ask for (cuda:0..N-1)
 LIBREMOTE_QUEUE_TIMEOUT    300      seconds to wait in the daemon's admission queue when its
                                     sessions are all taken
 =========================  =======  ===========================================================
@@ -42,6 +43,15 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _positive_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{name}={raw!r} must be a positive integer")
+    return int(raw)
+
+
 def _priority() -> str | None:
     raw = os.environ.get("LIBREMOTE_PRIORITY", "").strip().lower()
     if raw and raw not in ("high", "normal", "low"):
@@ -60,6 +70,7 @@ class Settings:
     token: str | None
     priority: str | None
     queue_timeout_s: float
+    devices: int
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -73,4 +84,5 @@ class Settings:
             token=os.environ.get("LIBREMOTE_TOKEN", "").strip() or None,
             priority=_priority(),
             queue_timeout_s=_float("LIBREMOTE_QUEUE_TIMEOUT", 300.0),
+            devices=_positive_int("LIBREMOTE_DEVICES", 1),
         )

@@ -45,12 +45,12 @@ command    fields                                      effect on the daemon
 OP         [OP, op, args, kwargs, outs]                run an aten op; store new outputs as outs
 OP_SYNC    [OP_SYNC, op, args, kwargs, outs]           same, and return values and output metadata
 UPLOAD     [UPLOAD, dst, dtype, shape, frame]          copy bytes of ``frame`` into tensor ``dst``
-PUT        [PUT, new, dtype, shape, stride, frame]     a new tensor ``new`` holding ``frame``'s bytes
+PUT        [PUT, new, dtype, shape, stride, dev, frame]  a new tensor on device ``dev`` from ``frame``
 FETCH      [FETCH, handle]                             return the tensor's bytes (one frame)
 FREE       [FREE, [handle, ...]]                       drop these handles
 SYNC       [SYNC]                                      wait for the device; return nothing
-SEED       [SEED, seed]                                seed the session's generator
-RNG_STATE  [RNG_STATE] / [RNG_STATE, state bytes]      get / set the session generator's state
+SEED       [SEED, seed] / [SEED, seed, dev]            seed the session's generators (or one device's)
+RNG_STATE  [RNG_STATE, dev] / [..., dev, state bytes]  get / set a device generator's state
 EVENT      [EVENT, event_id]                           record a timing event in the stream
 ELAPSED    [ELAPSED, start_id, end_id]                 milliseconds between two recorded events
 QUERY      [QUERY, what]                               "devices" or "memory": daemon facts

@@ -76,6 +76,7 @@ class Waiting:
     info: dict[str, Any]
     tenant: Tenant
     priority: str
+    device_count: int = 1
     since: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
 
@@ -161,7 +162,8 @@ class Daemon:
 
     def _run_slices(self) -> None:
         for slot in self.slots:
-            session = slot.scheduler.pick(slot.sessions)
+            # A session spanning several devices is scheduled on its first one only.
+            session = slot.scheduler.pick(s for s in slot.sessions if s.slots[0] is slot)
             if session is None:
                 continue
             started = time.perf_counter()
@@ -227,7 +229,7 @@ class Daemon:
             return
         session.last_seen = session.last_active = time.monotonic()
         if not session.has_work():
-            session.slot.scheduler.rejoin(session)
+            session.slots[0].scheduler.rejoin(session)
         session.enqueue(seq, commands, frames, want_reply)
 
     def _send_reply(self, identity: bytes, reply: Reply) -> None:
@@ -256,6 +258,7 @@ class Daemon:
         try:
             tenant = self.pool.authenticate(info.get("tenant"), info.get("token"))
             priority = self._admitted_priority(tenant, info.get("priority"))
+            device_count = self._requested_devices(info, tenant)
         except PolicyError as exc:
             self._refuse(identity, str(exc))
             return
@@ -266,7 +269,7 @@ class Daemon:
         if identity in self.sessions:
             self._end_session(identity, "client said hello again")
         self.waiting = [w for w in self.waiting if w.identity != identity]
-        waiter = Waiting(identity, info, tenant, priority)
+        waiter = Waiting(identity, info, tenant, priority, device_count)
         if not self._admit(waiter):
             self.waiting.append(waiter)
             position = self._queue_position(waiter)
@@ -281,31 +284,46 @@ class Daemon:
             return tenant.priority  # a tenant's priority is its clients' ceiling
         return priority
 
-    def _place(self, tenant: Tenant) -> DeviceSlot | None:
+    def _place(self, tenant: Tenant, count: int) -> list[DeviceSlot] | None:
+        """``count`` distinct devices for a new session, by the placement policy, or None."""
         limit = self.pool.max_sessions_per_device
         candidates = [slot for slot in self.slots
                       if tenant.allows_device(slot.facts.name) and (limit is None or len(slot.sessions) < limit)]
-        if not candidates:
+        if len(candidates) < count:
             return None
         if self.pool.placement == "spread":
-            return min(candidates, key=lambda slot: (len(slot.sessions), slot.index))
-        if limit is None:  # binpack without a limit: everyone on the first allowed device
-            return candidates[0]
-        return max(candidates, key=lambda slot: (len(slot.sessions), -slot.index))
+            ordered = sorted(candidates, key=lambda slot: (len(slot.sessions), slot.index))
+        elif limit is None:  # binpack without a limit: everyone on the first allowed devices
+            ordered = candidates
+        else:  # binpack: the fullest device that still has room first
+            ordered = sorted(candidates, key=lambda slot: (-len(slot.sessions), slot.index))
+        return ordered[:count]
+
+    def _requested_devices(self, info: dict[str, Any], tenant: Tenant) -> int:
+        count = info.get("devices", 1)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise PolicyError(f"LIBREMOTE_DEVICES must be a positive integer (got {count!r})")
+        available = sum(1 for slot in self.slots if tenant.allows_device(slot.facts.name))
+        if count > available:
+            raise PolicyError(f"asked for {count} devices (LIBREMOTE_DEVICES); this daemon can give "
+                              f"tenant {tenant.name!r} at most {available}")
+        return count
 
     def _admit(self, waiter: Waiting) -> bool:
-        slot = self._place(waiter.tenant)
-        if slot is None:
+        slots = self._place(waiter.tenant, waiter.device_count)
+        if slots is None:
             return False
-        session = Session(uuid.uuid4().hex[:12], slot.device, waiter.info, tenant=waiter.tenant,
-                          priority=waiter.priority, identity=waiter.identity, slot=slot)
-        slot.sessions.append(session)
+        slot = slots[0]
+        session = Session(uuid.uuid4().hex[:12], [s.device for s in slots], waiter.info, tenant=waiter.tenant,
+                          priority=waiter.priority, identity=waiter.identity, slots=slots)
+        for placed in slots:
+            placed.sessions.append(session)
         self.sessions[waiter.identity] = session
         self._gone.pop(waiter.identity, None)
         info = waiter.info
         log.info(
             "session %s opened on %s: tenant %s, priority %s, pid %s on %s, torch %s",
-            session.id, slot.device, waiter.tenant.name, waiter.priority, info.get("pid"), info.get("host"),
+            session.id, ", ".join(f"{s.index}:{s.device}" for s in slots), waiter.tenant.name, waiter.priority, info.get("pid"), info.get("host"),
             info.get("torch"),
         )
         self._send(waiter.identity, [Msg.WELCOME, {
@@ -315,7 +333,7 @@ class Daemon:
             "torch": torch.__version__,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "devices": [slot.facts.to_wire()],
+            "devices": [placed.facts.to_wire() for placed in slots],
             "heartbeat_s": self.heartbeat_s,
             "tenant": waiter.tenant.name,
             "priority": waiter.priority,
@@ -360,7 +378,8 @@ class Daemon:
         session = self.sessions.pop(identity, None)
         if session is None:
             return
-        session.slot.sessions.remove(session)
+        for slot in session.slots:
+            slot.sessions.remove(session)
         released = session.close()
         self._gone[identity] = f"session {session.id} was closed: {why}"
         while len(self._gone) > 4096:
@@ -377,13 +396,14 @@ class Daemon:
             free, total = devices.memory_info(slot.device)
             device_rows.append({
                 "index": slot.index, "device": str(slot.device), "name": slot.facts.name,
-                "memory_used": sum(s.memory.allocated for s in slot.sessions), "memory_total": total,
+                "memory_used": sum(s.memory.allocated for s in slot.sessions if s.slots[0] is slot),
+                "memory_total": total,
                 "memory_free": free, "utilization": slot.utilization, "sessions": len(slot.sessions),
                 "busy_s": slot.busy_s,
             })
         session_rows = [{
             "session": s.id, "tenant": s.tenant.name, "priority": s.priority, "weight": s.weight,
-            "device": s.slot.index, "memory_allocated": s.memory.allocated, "memory_peak": s.memory.peak,
+            "device": s.slots[0].index, "devices": [slot.index for slot in s.slots], "memory_allocated": s.memory.allocated, "memory_peak": s.memory.peak,
             "memory_quota": s.memory_quota, "ops": s.ops_executed, "device_time_s": s.busy_s,
             "queued_batches": len(s.queue), "pid": s.client_info.get("pid"), "host": s.client_info.get("host"),
             "age_s": time.time() - s.created,

@@ -73,14 +73,16 @@ class Reply:
 class Session:
     """Handles, RNG, events, memory account and scheduling state of one connected client."""
 
-    def __init__(self, session_id: str, device: torch.device, client_info: dict[str, Any],
+    def __init__(self, session_id: str, devices_: list[torch.device], client_info: dict[str, Any],
                  *, tenant: Tenant | None = None, priority: str = "normal", identity: bytes = b"",
-                 slot: Any = None) -> None:
+                 slots: list[Any] | None = None) -> None:
         self.id = session_id
-        self.device = device
+        #: The devices this session was given; the client's cuda:i is devices[i].
+        self.devices = list(devices_)
         self.client_info = client_info
         self.identity = identity  # the client's ZeroMQ routing id
-        self.slot = slot  # the pool's DeviceSlot this session is placed on
+        #: The pool's DeviceSlots behind ``devices``; the first is where the session is scheduled.
+        self.slots = list(slots or [])
         self.tenant = tenant or Tenant(ANONYMOUS, None, 8 << 30)
         self.memory_quota = self.tenant.memory_quota
         self.weight = self.tenant.weight
@@ -94,8 +96,9 @@ class Session:
         self._refused_ops: dict[int, CommandError] = {}
         self._events: collections.OrderedDict[int, Any] = collections.OrderedDict()
         self.memory = MemoryAccount()
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(secrets.randbits(63))
+        self.generators = [torch.Generator(device=device) for device in self.devices]
+        for generator in self.generators:
+            generator.manual_seed(secrets.randbits(63))
         self.pending_error: CommandError | None = None
         self._last_in_batch = False
         self.ops_executed = 0
@@ -269,15 +272,31 @@ class Session:
         self._events.clear()
         return released
 
+    @property
+    def device(self) -> torch.device:
+        """The session's first device (where it is scheduled)."""
+        return self.devices[0]
+
+    def _device(self, index: Any) -> torch.device:
+        if not isinstance(index, int) or not 0 <= index < len(self.devices):
+            raise CommandError(ErrorKind.OP, "", f"device cuda:{index} does not exist: this session has "
+                                                 f"{len(self.devices)} device(s) (LIBREMOTE_DEVICES)")
+        return self.devices[index]
+
+    def _index_of(self, device: torch.device | None) -> int:
+        if device is not None:
+            for index, candidate in enumerate(self.devices):
+                if candidate == device or (candidate.type == device.type == "cpu"):
+                    return index
+        return 0
+
     def _resolve(self, value: Any) -> Any:
         if isinstance(value, HandleRef):
             return self.tensor(value.handle)
         if isinstance(value, list):
             return [self._resolve(item) for item in value]
         if isinstance(value, DeviceRef):
-            if value.index != 0:
-                raise CommandError(ErrorKind.OP, "", f"device index {value.index}: this session has one device (0)")
-            return self.device
+            return self._device(value.index)
         return value
 
     # ------------------------------------------------------------------------------------------
@@ -318,9 +337,9 @@ class Session:
             entry.sanitize(args, kwargs)
         allocated_before = self.memory.allocated
         if entry.takes_generator and kwargs.get("generator") is None:
-            kwargs["generator"] = self.generator
+            kwargs["generator"] = self.generators[self._index_of(_device_of(args, kwargs))]
         if entry.seeded_without_generator:
-            with self._session_rng():
+            with self._session_rng(_device_of(args, kwargs)):
                 result = entry.call(*args, **kwargs)
         else:
             result = entry.call(*args, **kwargs)
@@ -383,8 +402,9 @@ class Session:
         self.tensor(handle).copy_(source)
 
     def _put(self, command: list[Any], frames: list[Any]) -> None:
-        protocol.check(len(command) == 6, "PUT takes [PUT, new, dtype, shape, stride, frame]")
-        _, handle, dtype, shape, stride, index = command
+        protocol.check(len(command) == 7, "PUT takes [PUT, new, dtype, shape, stride, device, frame]")
+        _, handle, dtype, shape, stride, device_index, index = command
+        device = self._device(device_index)
         protocol.check(isinstance(dtype, torch.dtype) and isinstance(shape, list) and isinstance(stride, list),
                        "PUT needs a dtype, a shape and strides")
         protocol.check(isinstance(index, int) and 1 <= index < len(frames) + 1, "PUT names a missing frame")
@@ -395,7 +415,7 @@ class Session:
         # Always a copy into memory torch owns: a tensor over the frame's buffer could never be
         # resized (resize_, out= arguments). Receiving straight into torch-owned (pinned, on a
         # GPU server) buffers is the way to drop this copy.
-        tensor = torch.empty_strided(shape, stride, dtype=dtype, device=self.device)
+        tensor = torch.empty_strided(shape, stride, dtype=dtype, device=device)
         tensor.copy_(source)
         self._store(handle, tensor)
 
@@ -425,18 +445,23 @@ class Session:
                 self._drop(handle)
 
     def _sync(self, command: list[Any], frames: list[Any]) -> None:
-        devices.synchronize(self.device)
+        for device in set(self.devices):
+            devices.synchronize(device)
         return None
 
     def _seed(self, command: list[Any], frames: list[Any]) -> None:
-        protocol.check(len(command) == 2 and isinstance(command[1], int), "SEED takes [SEED, int]")
-        self.generator.manual_seed(command[1] & ((1 << 64) - 1))
+        protocol.check(len(command) in (2, 3) and isinstance(command[1], int), "SEED takes [SEED, int, device?]")
+        chosen = self.generators if len(command) == 2 else [self.generators[self._index_of(self._device(command[2]))]]
+        for generator in chosen:
+            generator.manual_seed(command[1] & ((1 << 64) - 1))
 
     def _rng_state(self, command: list[Any], frames: list[Any]) -> bytes | None:
-        if len(command) == 1:
-            return bytes(self.generator.get_state().numpy())
-        protocol.check(len(command) == 2 and isinstance(command[1], bytes), "RNG_STATE takes bytes")
-        self.generator.set_state(torch.frombuffer(bytearray(command[1]), dtype=torch.uint8))
+        protocol.check(len(command) in (2, 3), "RNG_STATE takes [RNG_STATE, device] or [RNG_STATE, device, state]")
+        generator = self.generators[self._index_of(self._device(command[1]))]
+        if len(command) == 2:
+            return bytes(generator.get_state().numpy())
+        protocol.check(isinstance(command[2], bytes), "RNG_STATE's state must be bytes")
+        generator.set_state(torch.frombuffer(bytearray(command[2]), dtype=torch.uint8))
         return None
 
     def _event(self, command: list[Any], frames: list[Any]) -> None:
@@ -494,16 +519,30 @@ class Session:
         }
 
     @contextmanager
-    def _session_rng(self) -> Iterator[None]:
+    def _session_rng(self, device: torch.device | None) -> Iterator[None]:
         """Run an op that draws from the device's default generator on this session's stream."""
-        default = devices.default_generator(self.device)
+        generator = self.generators[self._index_of(device)]
+        default = devices.default_generator(generator.device)
         saved = default.get_state()
-        default.set_state(self.generator.get_state())
+        default.set_state(generator.get_state())
         try:
             yield
         finally:
-            self.generator.set_state(default.get_state())
+            generator.set_state(default.get_state())
             default.set_state(saved)
+
+
+def _device_of(args: list[Any], kwargs: dict[str, Any]) -> torch.device | None:
+    """The device an op runs on: its first tensor's, else its ``device`` argument."""
+    for value in args:
+        if isinstance(value, torch.Tensor):
+            return value.device
+        if isinstance(value, list):
+            for item in value:
+                if isinstance(item, torch.Tensor):
+                    return item.device
+    device = kwargs.get("device")
+    return device if isinstance(device, torch.device) else None
 
 
 def _gib(nbytes: int) -> str:

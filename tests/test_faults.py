@@ -108,7 +108,7 @@ class RawClient:
     def put(self, handle: int, tensor: torch.Tensor) -> Any:
         tensor = tensor.contiguous()
         results, error, _ = self.call(
-            [[Cmd.PUT, handle, protocol.dtype_ext(tensor.dtype), list(tensor.shape), list(tensor.stride()), 1]],
+            [[Cmd.PUT, handle, protocol.dtype_ext(tensor.dtype), list(tensor.shape), list(tensor.stride()), 0, 1]],
             [bytes(protocol.tensor_bytes(tensor))],
         )
         assert error is None, error
@@ -493,7 +493,7 @@ def _assert_protocol_error(header: Any, seq: Any = None) -> str:
         b"\xc7\x05\x01abc",  # truncated extension
         msgpack.packb([Msg.BATCH, 1, [[Cmd.FETCH, msgpack.ExtType(1, b"\x01")]], True]),  # bad handle ext
         msgpack.packb([Msg.BATCH, 1, [[Cmd.OP, [1, "aten::add.Tensor"], [msgpack.ExtType(99, b"x")], {}, [1]]], True]),
-        msgpack.packb([Msg.BATCH, 1, [[Cmd.PUT, 1, msgpack.ExtType(2, b"float99"), [1], [1], 1]], True]),
+        msgpack.packb([Msg.BATCH, 1, [[Cmd.PUT, 1, msgpack.ExtType(2, b"float99"), [1], [1], 0, 1]], True]),
         random.Random(0).randbytes(256),
     ],
 )
@@ -537,7 +537,7 @@ def test_garbage_header_gets_protocol_error_and_daemon_keeps_serving(raw, remote
         ([Msg.BATCH, 1, [[Cmd.FREE, 3]], True], "FREE takes"),
         ([Msg.BATCH, 1, [[Cmd.SEED, "x"]], True], "SEED takes"),
         ([Msg.BATCH, 1, [[Cmd.QUERY, 5]], True], "QUERY takes"),
-        ([Msg.BATCH, 1, [[Cmd.PUT, 1, None, [1], [1], 1]], True], "PUT needs"),
+        ([Msg.BATCH, 1, [[Cmd.PUT, 1, None, [1], [1], 0, 1]], True], "PUT needs"),
         ([Msg.BATCH, 1, [[Cmd.UPLOAD, 1, None, [1], 1]], True], "UPLOAD needs"),
         ([Msg.HELLO], "HELLO is"),
         ([Msg.HELLO, "hi"], "HELLO is"),
@@ -643,7 +643,7 @@ def test_upload_with_wrong_frame_length_is_a_protocol_error(raw):
 @pytest.mark.parametrize("frame_bytes", [0, 4, 7, 9, 12, 100])
 def test_put_with_wrong_frame_length_is_a_protocol_error(raw, frame_bytes):
     before = raw.memory()
-    seq = raw.batch([[Cmd.PUT, 1, F32, [2], [1], 1]], [b"\x01" * frame_bytes])
+    seq = raw.batch([[Cmd.PUT, 1, F32, [2], [1], 0, 1]], [b"\x01" * frame_bytes])
     message = _assert_protocol_error(raw.receive()[0], seq)
     assert "8 bytes" in message, message
     assert raw.memory()["allocated"] == before["allocated"]
@@ -668,7 +668,7 @@ def test_put_with_wrong_frame_length_is_a_protocol_error(raw, frame_bytes):
 )
 def test_put_with_hostile_layout_is_refused_without_allocating(raw, daemon, shape, stride):
     before = raw.memory()
-    seq = raw.batch([[Cmd.PUT, 1, F32, shape, stride, 1]], [_float_bytes(1.0, 2.0)])
+    seq = raw.batch([[Cmd.PUT, 1, F32, shape, stride, 0, 1]], [_float_bytes(1.0, 2.0)])
     reply, frames = raw.receive()
     message = _assert_protocol_error(reply, seq)
     assert message

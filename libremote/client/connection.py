@@ -56,7 +56,7 @@ class Connection:
 
     # ------------------------------------------------------------------------------------------
     def handshake(self, libremote_version: str, *, tenant: str | None = None, token: str | None = None,
-                  priority: str | None = None, queue_timeout_s: float = 300.0) -> dict[str, Any]:
+                  priority: str | None = None, queue_timeout_s: float = 300.0, devices: int = 1) -> dict[str, Any]:
         """Say HELLO and wait for WELCOME; while queued (QUEUED), wait up to ``queue_timeout_s``."""
         hello = {
             "protocol": protocol.PROTOCOL_VERSION,
@@ -69,6 +69,7 @@ class Connection:
             "tenant": tenant,
             "token": token,
             "priority": priority,
+            "devices": devices,
         }
         deadline = time.monotonic() + self.timeout_s
         try:

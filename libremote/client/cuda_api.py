@@ -151,16 +151,23 @@ def is_bf16_supported(including_emulation: bool = True) -> bool:
 _initial_seed: int | None = None
 
 
-def manual_seed(seed: int) -> None:
+def _seed(seed: int, device: int | None) -> None:
     global _initial_seed
     seed = int(seed)
     _initial_seed = seed
     if runtime.configured_address() is None and runtime.current_if_open() is None:
         return  # torch.manual_seed() calls this too; without a daemon there is nothing to seed
-    _session().submit([Cmd.SEED, seed])
+    _session().submit([Cmd.SEED, seed] if device is None else [Cmd.SEED, seed, device])
 
 
-manual_seed_all = manual_seed
+def manual_seed(seed: int) -> None:
+    """Seed the current device's generator on the daemon."""
+    _seed(seed, _current_device)
+
+
+def manual_seed_all(seed: int) -> None:
+    """Seed every device's generator of this session on the daemon."""
+    _seed(seed, None)
 
 
 def seed() -> None:
@@ -178,13 +185,13 @@ def initial_seed() -> int:
 
 
 def get_rng_state(device: Any = "cuda") -> torch.Tensor:
-    state, _ = _session().request([Cmd.RNG_STATE])
+    state, _ = _session().request([Cmd.RNG_STATE, _index(device)])
     return torch.frombuffer(bytearray(state), dtype=torch.uint8)
 
 
 def set_rng_state(new_state: torch.Tensor, device: Any = "cuda") -> None:
     data = bytes(new_state.detach().cpu().contiguous().view(torch.uint8).numpy())
-    _session().request([Cmd.RNG_STATE, data])
+    _session().request([Cmd.RNG_STATE, _index(device), data])
 
 
 def get_rng_state_all() -> list[torch.Tensor]:
@@ -192,8 +199,8 @@ def get_rng_state_all() -> list[torch.Tensor]:
 
 
 def set_rng_state_all(new_states: list[torch.Tensor]) -> None:
-    for state in new_states:
-        set_rng_state(state)
+    for index, state in enumerate(new_states):
+        set_rng_state(state, index)
 
 
 # ------------------------------------------------------------------------------------------------

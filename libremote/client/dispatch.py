@@ -32,8 +32,10 @@ def dispatch(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[st
     return run(func, args, kwargs)
 
 
-def run(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Forward ``func`` to the daemon: streamed when its metadata can be inferred, else synchronous."""
+def run(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
+        device_index: int | None = None) -> Any:
+    """Forward ``func`` to the daemon: streamed when its metadata can be inferred, else synchronous.
+    ``device_index``: where results live, for the ops that may span devices (copy_)."""
     info = op_info(func)
     if info.composite:
         decomposed = func.decompose(*args, **kwargs)
@@ -50,23 +52,34 @@ def run(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, An
         except meta.NeedsDaemon:
             pass
         else:
-            return _stream(func, info, specs, args, kwargs)
-    return _run_synchronously(func, info, args, kwargs)
+            return _stream(func, info, specs, args, kwargs, device_index)
+    return _run_synchronously(func, info, args, kwargs, device_index)
 
 
 def _device_index(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
-    for value in args:
-        if isinstance(value, RemoteTensor):
-            return value._device_index
+    """The device the op's results live on: its ``device`` argument, else its tensors' device,
+    which must then be one device (as on CUDA)."""
     device = kwargs.get("device")
     if isinstance(device, torch.device) and device.index is not None:
         return device.index
+    found = None
     for value in args:
-        if isinstance(value, (list, tuple)):
-            for item in value:
-                if isinstance(item, RemoteTensor):
-                    return item._device_index
-    return 0
+        if type(value) is RemoteTensor or isinstance(value, RemoteTensor):
+            index = value._device_index
+        elif isinstance(value, (list, tuple)):
+            index = next((item._device_index for item in value if isinstance(item, RemoteTensor)), None)
+            if index is None:
+                continue
+        else:
+            continue
+        if found is None:
+            found = index
+        elif index != found:
+            raise RuntimeError(
+                "Expected all tensors to be on the same device, but found at least two devices, "
+                f"cuda:{found} and cuda:{index}!"
+            )
+    return found or 0
 
 
 def _mutated_input(source: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -74,11 +87,12 @@ def _mutated_input(source: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     return args[key] if where == "arg" else kwargs[key]
 
 
-def _stream(func: torch._ops.OpOverload, info: OpInfo, specs: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _stream(func: torch._ops.OpOverload, info: OpInfo, specs: tuple[Any, ...], args: tuple[Any, ...],
+            kwargs: dict[str, Any], device_index: int | None = None) -> Any:
     session = runtime.current()
     encoder = WireEncoder(session, info.name)
     wire_args, wire_kwargs = encoder.arguments(info, args, kwargs)
-    index = _device_index(args, kwargs)
+    index = _device_index(args, kwargs) if device_index is None else device_index
     if info.returns_one_new_tensor and specs[0] is not None:
         tensor = make(specs[0], session, index)
         session.submit([Cmd.OP, session.op_ref(info.name), wire_args, wire_kwargs, [tensor._ref.id]])
@@ -119,12 +133,13 @@ def _pack_results(info: OpInfo, results: list[Any]) -> Any:
     return tuple(results)
 
 
-def _run_synchronously(func: torch._ops.OpOverload, info: OpInfo, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _run_synchronously(func: torch._ops.OpOverload, info: OpInfo, args: tuple[Any, ...], kwargs: dict[str, Any],
+                       device_index: int | None = None) -> Any:
     """Run on the daemon and wait: the results' metadata (or values) come from its answer."""
     session = runtime.current()
     encoder = WireEncoder(session, info.name)
     wire_args, wire_kwargs = encoder.arguments(info, args, kwargs)
-    index = _device_index(args, kwargs)
+    index = _device_index(args, kwargs) if device_index is None else device_index
     outs: list[Any] = []
     for kind in info.returns:
         if kind is Return.NEW:

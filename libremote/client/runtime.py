@@ -79,7 +79,17 @@ def _new_session(address: str | None) -> ClientSession:
             "tcp://127.0.0.1:7777, where `libremote-server` listens by default) or call "
             "libremote.connect('tcp://host:port') before using the device."
         )
-    return ClientSession(Settings.from_env(), address, _libremote_version())
+    settings = Settings.from_env()
+    if settings.devices > 1:
+        # torch's Python PrivateUse1 backend tells the autograd engine it has one device
+        # (PythonDeviceGuard::deviceCount in torch/csrc/acc/Module.cpp is fixed at 1), so backward
+        # through a tensor on remote:1 trips an internal assert. Refuse up front instead.
+        raise NotConfiguredError(
+            f"libremote: LIBREMOTE_DEVICES={settings.devices}: this client drives one remote device per "
+            "process with this torch (its Python device backend reports a single device to autograd). "
+            "Run one process per device, as DistributedDataParallel does, each with LIBREMOTE_DEVICES=1."
+        )
+    return ClientSession(settings, address, _libremote_version())
 
 
 def _close() -> None:

@@ -38,7 +38,7 @@ class ClientSession:
         self.connection = Connection(address, timeout_s=settings.timeout_s, heartbeat_s=settings.heartbeat_s)
         welcome = self.connection.handshake(
             libremote_version, tenant=settings.tenant, token=settings.token, priority=settings.priority,
-            queue_timeout_s=settings.queue_timeout_s,
+            queue_timeout_s=settings.queue_timeout_s, devices=settings.devices,
         )
         self.session_id: str = welcome["session"]
         self.devices: list[dict[str, Any]] = welcome["devices"]

@@ -76,7 +76,8 @@ def _upload_new(source: torch.Tensor, kwargs: dict[str, Any]) -> RemoteTensor:
     spec = spec_of(layout_template)
     target = make(spec, runtime.current(), device.index or 0)
     dtype_ext = protocol.dtype_ext(spec[0])
-    target._ref.session.submit_data([Cmd.PUT, target._ref.id, dtype_ext, list(spec[1]), list(spec[2])], host)
+    fields = [Cmd.PUT, target._ref.id, dtype_ext, list(spec[1]), list(spec[2]), target._device_index]
+    target._ref.session.submit_data(fields, host)
     return target
 
 
@@ -86,8 +87,8 @@ def copy_(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     destination, source = args[0], args[1]
     remote_destination = isinstance(destination, RemoteTensor)
     remote_source = isinstance(source, RemoteTensor)
-    if remote_destination and remote_source:
-        return run(func, args, kwargs)
+    if remote_destination and remote_source:  # also between devices, as CUDA allows
+        return run(func, args, kwargs, device_index=destination._device_index)
     if remote_destination:
         if source.device.type != "cpu":
             raise RuntimeError(f"libremote: cannot copy from {source.device} to a remote tensor")
