@@ -49,15 +49,14 @@ def _measure(mode: str, extra: list[str]) -> dict:
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 
-def _start_daemon(address: str, device: str) -> subprocess.Popen:
+def _start_daemon(address: str, device: str, extra: list[str] = ()) -> subprocess.Popen:
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "libremote.server", "--listen", address, "--device", device, "--log-level", "WARNING"],
+        [sys.executable, "-m", "libremote.server", "--listen", address, "--device", device, "--log-level", "WARNING",
+         *extra],
         cwd=REPO, env=_env(),
     )
     time.sleep(0.5)
     deadline = time.monotonic() + 60
-    import zmq
-
     while time.monotonic() < deadline:  # wait until the port accepts connections
         with socket.socket() as sock:
             host, port = address.rsplit("//", 1)[1].rsplit(":", 1)

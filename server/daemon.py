@@ -35,8 +35,11 @@ from .session import Reply, Session
 
 log = logging.getLogger("libremote.server")
 
-#: Commands one slice runs at most before the scheduler may pick another session.
+#: A slice runs at most this many commands, or this long, before the scheduler may pick another
+#: session (time matters on the CPU backend, where a command is its compute; on a GPU launches
+#: are asynchronous and the command count bounds the slice).
 SLICE_COMMANDS = 64
+SLICE_SECONDS = 0.002
 _HOUSEKEEPING_S = 0.5
 _UTILIZATION_WINDOW_S = 2.0
 
@@ -167,7 +170,7 @@ class Daemon:
             if session is None:
                 continue
             started = time.perf_counter()
-            replies = session.run_slice(SLICE_COMMANDS)
+            replies = session.run_slice(SLICE_COMMANDS, SLICE_SECONDS)
             elapsed = time.perf_counter() - started
             slot.scheduler.charge(session, elapsed)
             slot.record_busy(elapsed)
@@ -257,14 +260,13 @@ class Daemon:
             return
         try:
             tenant = self.pool.authenticate(info.get("tenant"), info.get("token"))
+            if not any(tenant.allows_device(slot.facts.name) for slot in self.slots):
+                raise PolicyError(f"tenant {tenant.name!r} may use {tenant.device_names}, and this daemon has "
+                                  f"{[slot.facts.name for slot in self.slots]}")
             priority = self._admitted_priority(tenant, info.get("priority"))
             device_count = self._requested_devices(info, tenant)
         except PolicyError as exc:
             self._refuse(identity, str(exc))
-            return
-        if not any(tenant.allows_device(slot.facts.name) for slot in self.slots):
-            self._refuse(identity, f"tenant {tenant.name!r} may use {tenant.device_names}, and this daemon has "
-                                   f"{[slot.facts.name for slot in self.slots]}")
             return
         if identity in self.sessions:
             self._end_session(identity, "client said hello again")

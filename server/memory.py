@@ -41,17 +41,20 @@ class MemoryAccount:
             del self._storages[key]
             self.allocated -= entry[1]
 
-    def refresh(self, tensor: torch.Tensor) -> None:
-        """Re-read the size of ``tensor``'s storage after an op resized it (``resize_``)."""
+    def refresh(self, tensor: torch.Tensor) -> bool:
+        """Re-read the size of ``tensor``'s storage after an op may have resized it (``resize_``,
+        an ``out=`` argument); return whether it grew."""
         storage = tensor.untyped_storage()
         entry = self._storages.get(storage._cdata)
         if entry is None:
-            return
+            return False
         nbytes = storage.nbytes()
+        grew = nbytes > entry[1]
         self.allocated += nbytes - entry[1]
         entry[1] = nbytes
         if self.allocated > self.peak:
             self.peak = self.allocated
+        return grew
 
     def reset_peak(self) -> None:
         self.peak = self.allocated

@@ -77,6 +77,9 @@ class OpEntry:
     #: Draws random numbers without a generator argument: run under the session's RNG state.
     seeded_without_generator: bool
     zero_fill_result: bool
+    #: Arguments the op writes to, as ("arg", position) or ("kwarg", name), when it may change
+    #: their storage's size (resize_, set_, out= arguments): memory is re-measured after it.
+    resized_arguments: tuple[tuple[str, Any], ...] = ()
     sanitize: Callable[[list[Any], dict[str, Any]], None] | None = None
 
 
@@ -122,6 +125,12 @@ def resolve(name: str) -> OpEntry:
         raise OpRefused(f"{name} is not an op overload")
     schema = overload._schema
     takes_generator = any(arg.name == "generator" for arg in schema.arguments)
+    resizing_op = op_name in ("resize_", "resize_as_", "set_", "resize_as_sparse_")
+    resized = tuple(
+        ("kwarg", arg.name) if arg.kwarg_only else ("arg", position)
+        for position, arg in enumerate(schema.arguments)
+        if arg.alias_info is not None and arg.alias_info.is_write and (arg.kwarg_only or resizing_op)
+    )
     seeded = torch.Tag.nondeterministic_seeded in overload.tags
     base = op_name.rstrip("_")
     entry = OpEntry(
@@ -132,6 +141,7 @@ def resolve(name: str) -> OpEntry:
         takes_generator=takes_generator,
         seeded_without_generator=seeded and not takes_generator,
         zero_fill_result=base in UNINITIALISED_RESULT_OPS,
+        resized_arguments=resized,
         sanitize=_SANITIZERS.get(f"{namespace}::{op_name}"),
     )
     _cache[name] = entry

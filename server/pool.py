@@ -136,14 +136,17 @@ def load_tenants(path: str) -> tuple[dict[str, Tenant], str | None]:
         devices = entry.get("devices")
         if devices is not None and not (isinstance(devices, list) and all(isinstance(d, str) for d in devices)):
             raise PolicyError(f"tenants file {path}: tenant {name!r}: devices must be a list of names")
-        tenants[name] = Tenant(
-            name=name,
-            token=token,
-            memory_quota=parse_size(entry.get("memory_quota", 8 << 30)),
-            weight=parse_weight(entry.get("weight", 1.0)),
-            priority=parse_priority(entry.get("priority", "normal")),
-            device_names=devices,
-        )
+        try:
+            tenants[name] = Tenant(
+                name=name,
+                token=token,
+                memory_quota=parse_size(entry.get("memory_quota", 8 << 30)),
+                weight=parse_weight(entry.get("weight", 1.0)),
+                priority=parse_priority(entry.get("priority", "normal")),
+                device_names=devices,
+            )
+        except PolicyError as exc:
+            raise PolicyError(f"tenants file {path}: tenant {name!r}: {exc}") from None
     if not tenants:
         raise PolicyError(f"tenants file {path} defines no [tenants.NAME] table")
     return tenants, admin_token if isinstance(admin_token, str) and admin_token else None

@@ -28,8 +28,6 @@ from .pool import ANONYMOUS, Tenant
 
 log = logging.getLogger("libremote.server")
 
-#: Ops after which the mutated tensor's storage may have a new size.
-_RESIZING_OPS = frozenset({"aten::resize_", "aten::resize_as_", "aten::set_.source_Tensor", "aten::set_"})
 _MAX_EVENTS = 4096
 
 
@@ -132,28 +130,36 @@ class Session:
     def has_work(self) -> bool:
         return bool(self.queue)
 
-    def run_slice(self, max_commands: int) -> list[Reply]:
-        """Run up to ``max_commands`` queued commands; return replies for batches that finished.
+    def run_slice(self, max_commands: int, max_seconds: float = float("inf")) -> list[Reply]:
+        """Run queued commands until ``max_commands`` ran or ``max_seconds`` passed (checked
+        between commands); return replies for the batches that finished.
 
         A malformed batch is dropped at the command that is malformed and answered with a
         protocol error; the commands before it have run.
         """
         replies: list[Reply] = []
         started = time.perf_counter()
+        deadline = started + max_seconds
         try:
             while self.queue and max_commands > 0:
                 batch = self.queue[0]
                 stop = min(len(batch.commands), batch.cursor + max_commands)
+                position = batch.cursor
                 try:
-                    for position in range(batch.cursor, stop):
+                    while position < stop:
                         self._run_command(batch, position)
+                        position += 1
+                        if time.perf_counter() > deadline:
+                            break
                 except ProtocolError as exc:
                     self.queue.popleft()
                     replies.append(Reply(batch.seq, [], [], [ErrorKind.PROTOCOL.value, "", str(exc)], malformed=True))
                     continue
-                max_commands -= stop - batch.cursor
-                batch.cursor = stop
-                if stop == len(batch.commands):
+                max_commands -= position - batch.cursor
+                batch.cursor = position
+                if position < stop:  # out of time
+                    break
+                if position == len(batch.commands):
                     self.queue.popleft()
                     self.batches += 1
                     if batch.want_reply:
@@ -346,20 +352,34 @@ class Session:
         if entry.zero_fill_result and isinstance(result, torch.Tensor):
             result.zero_()
         self.ops_executed += 1
-        if entry.name in _RESIZING_OPS and args and isinstance(args[0], torch.Tensor):
-            self.memory.refresh(args[0])
+        grown = self._remeasure(entry, args, kwargs, command[2], command[3]) if entry.resized_arguments else ()
         self._store_outputs(entry, result, outs)
         if self.memory.allocated > self.memory_quota:
-            self._refuse_over_quota(entry.name, allocated_before, outs)
+            self._refuse_over_quota(entry.name, allocated_before, outs, grown)
         return entry, result
 
-    def _refuse_over_quota(self, what: str, allocated_before: int, outs: Any) -> None:
-        """The op left the session over its quota: undo its outputs and raise the OOM error."""
+    def _remeasure(self, entry: op_policy.OpEntry, args: list[Any], kwargs: dict[str, Any],
+                   wire_args: list[Any], wire_kwargs: dict[str, Any]) -> list[int]:
+        """Re-read storage sizes of arguments the op may have resized; the handles that grew."""
+        grown = []
+        for where, key in entry.resized_arguments:
+            value = (args[key] if key < len(args) else None) if where == "arg" else kwargs.get(key)
+            wire = (wire_args[key] if key < len(wire_args) else None) if where == "arg" else wire_kwargs.get(key)
+            if isinstance(value, torch.Tensor) and isinstance(wire, HandleRef) and self.memory.refresh(value):
+                grown.append(wire.handle)
+        return grown
+
+    def _refuse_over_quota(self, what: str, allocated_before: int, outs: Any, grown: Any = ()) -> None:
+        """The op left the session over its quota: undo its outputs and raise the OOM error.
+        Tensors it grew in place (resize_, out=) cannot be shrunk back consistently with the
+        client's view of them, so they are dropped and poisoned: using them raises this error."""
         needed = self.memory.allocated - allocated_before
-        for handle in _flatten_handles(outs):
+        message = self._quota_message(allocated_before, needed)
+        for handle in [*_flatten_handles(outs), *grown]:
             if isinstance(handle, int):
                 self._drop(handle)
-        raise CommandError(ErrorKind.OOM, what, self._quota_message(allocated_before, needed))
+                self._failed[handle] = f"{what} failed: {message}"
+        raise CommandError(ErrorKind.OOM, what, message)
 
     def _quota_message(self, in_use: int, needed: int) -> str:
         return (

@@ -90,6 +90,8 @@ class ClientSession:
     def submit(self, command: list[Any]) -> None:
         """Queue a command that needs no answer."""
         with self._lock:
+            if self._released:
+                self._queue_frees()
             self._commands.append(command)
             if self.settings.sync:
                 self._roundtrip()
@@ -110,6 +112,8 @@ class ClientSession:
         large = contiguous.nbytes > protocol.INLINE_TENSOR_BYTES
         data = protocol.tensor_bytes(contiguous) if large else bytes(protocol.tensor_bytes(contiguous))
         with self._lock:
+            if self._released:
+                self._queue_frees()
             self._frames.append(data)
             self._commands.append([*fields, len(self._frames)])
             self._pending_bytes += contiguous.nbytes
@@ -124,6 +128,8 @@ class ClientSession:
     def request(self, command: list[Any]) -> tuple[Any, list[Any]]:
         """Send ``command`` with everything pending, wait, and return (its result, reply frames)."""
         with self._lock:
+            if self._released:
+                self._queue_frees()
             self._commands.append(command)
             results, frames = self._roundtrip()
         return results[-1], frames
@@ -137,17 +143,18 @@ class ClientSession:
         self.request([Cmd.SYNC])
 
     # ------------------------------------------------------------------------------------------
-    def _take_released(self) -> list[int]:
+    def _queue_frees(self) -> None:
+        """Queue a FREE for the handles released so far, in order with the other commands: the
+        daemon frees a dropped tensor before the next op runs (quotas see it gone at once)."""
         released = []
         while self._released:
             released.append(self._released.popleft())
-        return released
+        if released:
+            self._commands.append([Cmd.FREE, released])
 
     def _flush(self, *, want_reply: bool, track: bool = False) -> Any:
         commands = self._commands
-        released = self._take_released()
-        if released:
-            commands.append([Cmd.FREE, released])
+        self._queue_frees()
         frames = self._frames
         self._commands, self._frames, self._pending_bytes = [], [], 0
         seq = self._next_seq()
