@@ -10,6 +10,7 @@ handle". The session stays usable: commands that do not depend on the failure ru
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import secrets
 import time
@@ -94,6 +95,9 @@ class Session:
         self._refused_ops: dict[int, CommandError] = {}
         self._events: collections.OrderedDict[int, Any] = collections.OrderedDict()
         self.memory = MemoryAccount()
+        # Each session launches on its own CUDA stream, so different sessions' kernels overlap
+        # on the device and one session's sync waits for its own work only.
+        self.stream = torch.cuda.Stream(self.devices[0]) if self.devices[0].type == "cuda" else None
         self.generators = [torch.Generator(device=device) for device in self.devices]
         for generator in self.generators:
             generator.manual_seed(secrets.randbits(63))
@@ -137,46 +141,39 @@ class Session:
         A malformed batch is dropped at the command that is malformed and answered with a
         protocol error; the commands before it have run.
         """
-        replies: list[Reply] = []
         started = time.perf_counter()
-        deadline = started + max_seconds
         try:
-            while self.queue and max_commands > 0:
-                batch = self.queue[0]
-                stop = min(len(batch.commands), batch.cursor + max_commands)
-                position = batch.cursor
-                try:
-                    while position < stop:
-                        self._run_command(batch, position)
-                        position += 1
-                        if time.perf_counter() > deadline:
-                            break
-                except ProtocolError as exc:
-                    self.queue.popleft()
-                    replies.append(Reply(batch.seq, [], [], [ErrorKind.PROTOCOL.value, "", str(exc)], malformed=True))
-                    continue
-                max_commands -= position - batch.cursor
-                batch.cursor = position
-                if position < stop:  # out of time
-                    break
-                if position == len(batch.commands):
-                    self.queue.popleft()
-                    self.batches += 1
-                    if batch.want_reply:
-                        replies.append(Reply(batch.seq, batch.results, batch.out_frames, self.take_error()))
+            with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+                return self._run_queued(max_commands, started + max_seconds)
         finally:
             self.busy_s += time.perf_counter() - started
-        return replies
 
-    def execute(self, commands: Any, frames: list[Any]) -> tuple[list[Any], list[Any]]:
-        """Run a whole batch now (tests and tools); return (results, out frames)."""
-        self.enqueue(None, commands, frames, True)
-        reply = self.run_slice(1 << 62)[-1]
-        if reply.malformed:
-            raise ProtocolError(reply.error[2])
-        if reply.error is not None:  # keep it pending, as the daemon would until a reply
-            self.pending_error = CommandError(ErrorKind(reply.error[0]), reply.error[1], reply.error[2])
-        return reply.results, reply.frames
+    def _run_queued(self, max_commands: int, deadline: float) -> list[Reply]:
+        replies: list[Reply] = []
+        while self.queue and max_commands > 0:
+            batch = self.queue[0]
+            stop = min(len(batch.commands), batch.cursor + max_commands)
+            position = batch.cursor
+            try:
+                while position < stop:
+                    self._run_command(batch, position)
+                    position += 1
+                    if time.perf_counter() > deadline:
+                        break
+            except ProtocolError as exc:
+                self.queue.popleft()
+                replies.append(Reply(batch.seq, [], [], [ErrorKind.PROTOCOL.value, "", str(exc)], malformed=True))
+                continue
+            max_commands -= position - batch.cursor
+            batch.cursor = position
+            if position == len(batch.commands):
+                self.queue.popleft()
+                self.batches += 1
+                if batch.want_reply:
+                    replies.append(Reply(batch.seq, batch.results, batch.out_frames, self.take_error()))
+            if time.perf_counter() > deadline:
+                break
+        return replies
 
     def _run_command(self, batch: "PendingBatch", position: int) -> None:
         command = batch.commands[position]
@@ -465,8 +462,11 @@ class Session:
                 self._drop(handle)
 
     def _sync(self, command: list[Any], frames: list[Any]) -> None:
-        for device in set(self.devices):
-            devices.synchronize(device)
+        if self.stream is not None:
+            self.stream.synchronize()  # this session's work only, not other tenants'
+        else:
+            for device in set(self.devices):
+                devices.synchronize(device)
         return None
 
     def _seed(self, command: list[Any], frames: list[Any]) -> None:
@@ -486,9 +486,9 @@ class Session:
 
     def _event(self, command: list[Any], frames: list[Any]) -> None:
         protocol.check(len(command) == 2 and isinstance(command[1], int), "EVENT takes [EVENT, id]")
-        if self.device.type == "cuda":
+        if self.stream is not None:
             event = torch.cuda.Event(enable_timing=True)
-            event.record()
+            event.record(self.stream)
         else:
             event = time.perf_counter()
         self._events[command[1]] = event
