@@ -52,6 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--tenants", metavar="FILE", help="TOML file of tenants: tokens, quotas, weights, priorities")
     parser.add_argument(
+        "--device-memory", type=_size, default=None, metavar="SIZE",
+        help="device memory the pool may keep resident per device, e.g. 40GiB (default: the device's "
+        "own size); on the CPU backend it is the budget that spilling is tested against",
+    )
+    parser.add_argument(
+        "--host-spill", type=_size, default=0, metavar="SIZE",
+        help="host RAM for storages spilled off the device when it is full, e.g. 64GiB (default 0: "
+        "no spilling; a full device raises out-of-memory)",
+    )
+    parser.add_argument(
+        "--oversubscribe", type=float, default=None, metavar="RATIO",
+        help="admit sessions while their quotas add up to at most RATIO x device memory, e.g. 2.0 "
+        "(default: quotas are not summed at admission)",
+    )
+    parser.add_argument(
         "--idle-timeout", type=float, default=None, metavar="SECONDS",
         help="reclaim sessions that sent no work for this long (default: never)",
     )
@@ -88,6 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_sessions_per_device=args.max_sessions,
             placement=args.placement,
             idle_timeout_s=args.idle_timeout,
+            device_memory=args.device_memory,
+            host_spill=args.host_spill,
+            oversubscribe=args.oversubscribe,
         )
         if args.tenants:
             pool_config.tenants, pool_config.admin_token = pool.load_tenants(args.tenants)

@@ -30,6 +30,7 @@ from libremote.protocol import ErrorKind, Msg, ProtocolError
 
 from . import devices, pool
 from .pool import PoolConfig, PolicyError, Tenant
+from .residency import DeviceMemory
 from .scheduler import Scheduler
 from .session import Reply, Session
 
@@ -53,6 +54,7 @@ class DeviceSlot:
     facts: devices.DeviceFacts
     scheduler: Scheduler = field(default_factory=Scheduler)
     sessions: list[Session] = field(default_factory=list)
+    memory: DeviceMemory | None = None  # residency manager, when oversubscription is on
     busy_s: float = 0.0
     utilization: float = 0.0
     _window_start: float = field(default_factory=time.monotonic)
@@ -104,6 +106,12 @@ class Daemon:
         activation.deactivate()
         self.pool = pool_config or PoolConfig()
         self.slots = [DeviceSlot(index, device, devices.describe(device)) for index, device in enumerate(device_list)]
+        if self.pool.manages_residency:
+            for slot in self.slots:
+                budget = self.pool.device_memory
+                if budget is None and slot.device.type == "cpu":
+                    budget = slot.facts.total_memory  # the CPU backend has no allocator to say "full"
+                slot.memory = DeviceMemory(slot.device, budget, self.pool.host_spill)
         self.heartbeat_s = heartbeat_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.sessions: dict[bytes, Session] = {}
@@ -290,7 +298,8 @@ class Daemon:
         """``count`` distinct devices for a new session, by the placement policy, or None."""
         limit = self.pool.max_sessions_per_device
         candidates = [slot for slot in self.slots
-                      if tenant.allows_device(slot.facts.name) and (limit is None or len(slot.sessions) < limit)]
+                      if tenant.allows_device(slot.facts.name) and (limit is None or len(slot.sessions) < limit)
+                      and self._quota_fits(slot, tenant.memory_quota)]
         if len(candidates) < count:
             return None
         if self.pool.placement == "spread":
@@ -300,6 +309,15 @@ class Daemon:
         else:  # binpack: the fullest device that still has room first
             ordered = sorted(candidates, key=lambda slot: (-len(slot.sessions), slot.index))
         return ordered[:count]
+
+    def _quota_fits(self, slot: DeviceSlot, quota: int) -> bool:
+        """With --oversubscribe R, the quotas of a device's sessions add up to at most R times
+        its memory (the device budget, or its real size)."""
+        if self.pool.oversubscribe is None:
+            return True
+        capacity = self.pool.device_memory or slot.facts.total_memory
+        committed = sum(session.memory_quota for session in slot.sessions)
+        return committed + quota <= self.pool.oversubscribe * capacity
 
     def _requested_devices(self, info: dict[str, Any], tenant: Tenant) -> int:
         count = info.get("devices", 1)
@@ -317,7 +335,8 @@ class Daemon:
             return False
         slot = slots[0]
         session = Session(uuid.uuid4().hex[:12], [s.device for s in slots], waiter.info, tenant=waiter.tenant,
-                          priority=waiter.priority, identity=waiter.identity, slots=slots)
+                          priority=waiter.priority, identity=waiter.identity, slots=slots,
+                          device_memories=[s.memory for s in slots])
         for placed in slots:
             placed.sessions.append(session)
         self.sessions[waiter.identity] = session
@@ -402,11 +421,13 @@ class Daemon:
                 "memory_total": total,
                 "memory_free": free, "utilization": slot.utilization, "sessions": len(slot.sessions),
                 "busy_s": slot.busy_s,
+                **({"residency": slot.memory.stats()} if slot.memory is not None else {}),
             })
         session_rows = [{
             "session": s.id, "tenant": s.tenant.name, "priority": s.priority, "weight": s.weight,
             "device": s.slots[0].index, "devices": [slot.index for slot in s.slots], "memory_allocated": s.memory.allocated, "memory_peak": s.memory.peak,
-            "memory_quota": s.memory_quota, "ops": s.ops_executed, "device_time_s": s.busy_s,
+            "memory_quota": s.memory_quota, "memory_spilled": s.memory.spilled,
+            "ops": s.ops_executed, "device_time_s": s.busy_s,
             "queued_batches": len(s.queue), "pid": s.client_info.get("pid"), "host": s.client_info.get("host"),
             "age_s": time.time() - s.created,
         } for s in self.sessions.values()]

@@ -2,63 +2,100 @@
 
 Views share their base's storage, so a session is charged once per storage, however many handles
 point into it. Storages are keyed by their ``StorageImpl`` address (``_cdata``), which stays the
-same for the storage's whole life, even when its bytes are resized.
+same for the storage's whole life, even when its bytes are resized or spilled.
+
+``allocated`` is the session's *virtual* figure (what its quota and ``torch.cuda.memory_allocated``
+see); with oversubscription on, each storage also has a :class:`~.residency.StorageRecord` with
+its device's memory manager, and ``spilled`` says how much of it lives in host RAM right now.
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
+
+from .residency import DeviceMemory, StorageRecord
+
+
+class _Entry:
+    __slots__ = ("handles", "nbytes", "record")
+
+    def __init__(self, nbytes: int, record: StorageRecord | None) -> None:
+        self.handles = 1
+        self.nbytes = nbytes
+        self.record = record
 
 
 class MemoryAccount:
-    __slots__ = ("_storages", "allocated", "peak")
-
-    def __init__(self) -> None:
-        # storage key -> [number of handles on it, bytes charged for it]
-        self._storages: dict[int, list[int]] = {}
+    def __init__(self, owner: Any = None,
+                 device_memory_for: Callable[[torch.Tensor], DeviceMemory | None] | None = None) -> None:
+        self._entries: dict[int, _Entry] = {}
+        self._owner = owner
+        self._device_memory_for = device_memory_for
         self.allocated = 0
         self.peak = 0
+        self.spilled = 0  # maintained by the device memory managers
+
+    @property
+    def managed(self) -> bool:
+        """Whether storages are residency-managed (oversubscription or a device budget is on)."""
+        return self._device_memory_for is not None
 
     def add(self, tensor: torch.Tensor) -> int:
         """Charge for ``tensor``'s storage (once per storage); return the key to release it by."""
         storage = tensor.untyped_storage()
         key = storage._cdata
-        entry = self._storages.get(key)
+        entry = self._entries.get(key)
         if entry is not None:
-            entry[0] += 1
+            entry.handles += 1
             return key
         nbytes = storage.nbytes()
-        self._storages[key] = [1, nbytes]
+        record = None
+        if self._device_memory_for is not None:
+            device_memory = self._device_memory_for(tensor)
+            if device_memory is not None:
+                record = StorageRecord(storage, nbytes, self._owner)
+                device_memory.track(record)
+        self._entries[key] = _Entry(nbytes, record)
         self.allocated += nbytes
         if self.allocated > self.peak:
             self.peak = self.allocated
         return key
 
     def release(self, key: int) -> None:
-        entry = self._storages[key]
-        entry[0] -= 1
-        if entry[0] == 0:
-            del self._storages[key]
-            self.allocated -= entry[1]
+        entry = self._entries[key]
+        entry.handles -= 1
+        if entry.handles == 0:
+            del self._entries[key]
+            self.allocated -= entry.nbytes
+            if entry.record is not None and entry.record.device_memory is not None:
+                entry.record.device_memory.forget(entry.record)
 
     def refresh(self, tensor: torch.Tensor) -> bool:
         """Re-read the size of ``tensor``'s storage after an op may have resized it (``resize_``,
         an ``out=`` argument); return whether it grew."""
         storage = tensor.untyped_storage()
-        entry = self._storages.get(storage._cdata)
+        entry = self._entries.get(storage._cdata)
         if entry is None:
             return False
         nbytes = storage.nbytes()
-        grew = nbytes > entry[1]
-        self.allocated += nbytes - entry[1]
-        entry[1] = nbytes
+        grew = nbytes > entry.nbytes
+        self.allocated += nbytes - entry.nbytes
+        entry.nbytes = nbytes
+        if entry.record is not None and entry.record.device_memory is not None:
+            entry.record.device_memory.resized(entry.record, nbytes)
         if self.allocated > self.peak:
             self.peak = self.allocated
         return grew
+
+    def record_of(self, tensor: torch.Tensor) -> StorageRecord | None:
+        entry = self._entries.get(tensor.untyped_storage()._cdata)
+        return None if entry is None else entry.record
 
     def reset_peak(self) -> None:
         self.peak = self.allocated
 
     @property
     def storage_count(self) -> int:
-        return len(self._storages)
+        return len(self._entries)

@@ -92,6 +92,15 @@ class PoolConfig:
     idle_timeout_s: float | None = None
     tenants: dict[str, Tenant] = field(default_factory=dict)
     admin_token: str | None = None
+    #: Oversubscription: the device budget (None: the device's own size), host RAM for spilled
+    #: storages (0: no spilling), and how far quotas of admitted sessions may exceed the budget.
+    device_memory: int | None = None
+    host_spill: int = 0
+    oversubscribe: float | None = None
+
+    @property
+    def manages_residency(self) -> bool:
+        return self.host_spill > 0 or self.device_memory is not None
 
     @property
     def has_tenants(self) -> bool:

@@ -25,6 +25,7 @@ from libremote.protocol import Cmd, DeviceRef, ErrorKind, HandleRef, ProtocolErr
 
 from . import devices, op_policy
 from .memory import MemoryAccount
+from .residency import DeviceMemory, SpillExhausted, StorageRecord
 from .pool import ANONYMOUS, Tenant
 
 log = logging.getLogger("libremote.server")
@@ -74,7 +75,7 @@ class Session:
 
     def __init__(self, session_id: str, devices_: list[torch.device], client_info: dict[str, Any],
                  *, tenant: Tenant | None = None, priority: str = "normal", identity: bytes = b"",
-                 slots: list[Any] | None = None) -> None:
+                 slots: list[Any] | None = None, device_memories: list[DeviceMemory | None] | None = None) -> None:
         self.id = session_id
         #: The devices this session was given; the client's cuda:i is devices[i].
         self.devices = list(devices_)
@@ -94,7 +95,10 @@ class Session:
         self._ops: dict[int, op_policy.OpEntry] = {}
         self._refused_ops: dict[int, CommandError] = {}
         self._events: collections.OrderedDict[int, Any] = collections.OrderedDict()
-        self.memory = MemoryAccount()
+        #: Per device: the memory manager that spills to host RAM (None: no oversubscription).
+        self.device_memories = list(device_memories or [None] * len(self.devices))
+        managed = any(dm is not None for dm in self.device_memories)
+        self.memory = MemoryAccount(self, self._device_memory_of if managed else None)
         # Each session launches on its own CUDA stream, so different sessions' kernels overlap
         # on the device and one session's sync waits for its own work only.
         self.stream = torch.cuda.Stream(self.devices[0]) if self.devices[0].type == "cuda" else None
@@ -341,11 +345,12 @@ class Session:
         allocated_before = self.memory.allocated
         if entry.takes_generator and kwargs.get("generator") is None:
             kwargs["generator"] = self.generators[self._index_of(_device_of(args, kwargs))]
+        inputs = self._make_resident(entry.name, _tensors_in(args, kwargs)) if self.memory.managed else ()
         if entry.seeded_without_generator:
             with self._session_rng(_device_of(args, kwargs)):
-                result = entry.call(*args, **kwargs)
+                result = self._call(entry, args, kwargs, inputs)
         else:
-            result = entry.call(*args, **kwargs)
+            result = self._call(entry, args, kwargs, inputs)
         if entry.zero_fill_result and isinstance(result, torch.Tensor):
             result.zero_()
         self.ops_executed += 1
@@ -353,7 +358,60 @@ class Session:
         self._store_outputs(entry, result, outs)
         if self.memory.allocated > self.memory_quota:
             self._refuse_over_quota(entry.name, allocated_before, outs, grown)
+        if self.memory.managed:
+            self._fit_on_device(entry.name, inputs, outs)
         return entry, result
+
+    # ------------------------------------------------------------------------------------------
+    # Oversubscription: keep what an op touches resident, and the device within its budget
+    # ------------------------------------------------------------------------------------------
+    def _device_memory_of(self, tensor: torch.Tensor) -> DeviceMemory | None:
+        return self.device_memories[self._index_of(tensor.device)]
+
+    def _make_resident(self, what: str, tensors: list[torch.Tensor]) -> list[StorageRecord]:
+        """Restore the storages these tensors use (spilled ones come back first)."""
+        records = list({id(r): r for r in map(self.memory.record_of, tensors) if r is not None}.values())
+        try:
+            for device_memory in {id(r.device_memory): r.device_memory for r in records}.values():
+                device_memory.ensure_resident([r for r in records if r.device_memory is device_memory])
+        except SpillExhausted as exc:
+            raise CommandError(ErrorKind.OOM, what, str(exc)) from None
+        return records
+
+    def _call(self, entry: op_policy.OpEntry, args: list[Any], kwargs: dict[str, Any],
+              inputs: Any) -> Any:
+        """Run the op; with oversubscription on, a real out-of-memory error from the device makes
+        room (evicting other storages, more each time) and retries."""
+        if not self.memory.managed:
+            return entry.call(*args, **kwargs)
+        device_memory = self.device_memories[self._index_of(_device_of(args, kwargs))]
+        for attempt in range(4):
+            try:
+                return entry.call(*args, **kwargs)
+            except torch.OutOfMemoryError:
+                if device_memory is None or attempt == 3:
+                    raise
+                try:
+                    device_memory.evict((64 << 20) << (2 * attempt), protect=inputs)
+                except SpillExhausted as exc:
+                    raise CommandError(ErrorKind.OOM, entry.name, str(exc)) from None
+        raise AssertionError("unreachable")
+
+    def _fit_on_device(self, what: str, inputs: list[StorageRecord], outs: Any) -> None:
+        """New outputs are resident: evict others to get back within the device budget, or undo
+        the op and raise out-of-memory when host RAM cannot take the overflow either."""
+        outputs = [self.tensors[h] for h in _flatten_handles(outs) if isinstance(h, int) and h in self.tensors]
+        records = inputs + [r for r in map(self.memory.record_of, outputs) if r is not None]
+        try:
+            for device_memory in {id(dm): dm for dm in self.device_memories if dm is not None}.values():
+                device_memory.fit(protect=records)
+                device_memory.touch(records)
+        except SpillExhausted as exc:
+            for handle in _flatten_handles(outs):
+                if isinstance(handle, int):
+                    self._drop(handle)
+                    self._failed[handle] = f"{what} failed: {exc}"
+            raise CommandError(ErrorKind.OOM, what, str(exc)) from None
 
     def _remeasure(self, entry: op_policy.OpEntry, args: list[Any], kwargs: dict[str, Any],
                    wire_args: list[Any], wire_kwargs: dict[str, Any]) -> list[int]:
@@ -416,7 +474,10 @@ class Session:
         protocol.check(isinstance(dtype, torch.dtype) and isinstance(shape, list), "UPLOAD needs a dtype and a shape")
         protocol.check(isinstance(index, int) and 1 <= index < len(frames) + 1, "UPLOAD names a missing frame")
         source = protocol.tensor_from_bytes(frames[index - 1], dtype, shape)
-        self.tensor(handle).copy_(source)
+        destination = self.tensor(handle)
+        if self.memory.managed:
+            self._make_resident("upload", [destination])
+        destination.copy_(source)
 
     def _put(self, command: list[Any], frames: list[Any]) -> None:
         protocol.check(len(command) == 7, "PUT takes [PUT, new, dtype, shape, stride, device, frame]")
@@ -435,10 +496,14 @@ class Session:
         tensor = torch.empty_strided(shape, stride, dtype=dtype, device=device)
         tensor.copy_(source)
         self._store(handle, tensor)
+        if self.memory.managed:
+            self._fit_on_device("upload", [], [handle])
 
     def _fetch(self, command: list[Any], frames: list[Any]) -> tuple[list[Any], Any]:
         protocol.check(len(command) == 2, "FETCH takes [FETCH, handle]")
         tensor = self.tensor(command[1])
+        if self.memory.managed:
+            self._make_resident("FETCH", [tensor])
         if (self.device.type == "cpu" and self._last_in_batch and not tensor.is_conj() and not tensor.is_neg()
                 and _is_dense(tensor, any_offset=True)):
             # ZeroMQ sends the bytes after this returns. Nothing of this session runs before its
@@ -528,15 +593,24 @@ class Session:
         if self.device.type == "cuda":
             reserved = max(reserved, torch.cuda.memory_reserved(self.device))
         free, total = devices.memory_info(self.device)
-        return {
+        device_memory = self.device_memories[0]
+        if device_memory is not None and device_memory.budget is not None:
+            total = min(total, device_memory.budget)
+            free = max(0, total - device_memory.resident_bytes)
+        stats = {
             "device_free": free,
             "device_total": total,
             "allocated": self.memory.allocated,
             "peak": self.memory.peak,
             "reserved": reserved,
+            "resident": self.memory.allocated - self.memory.spilled,
+            "spilled": self.memory.spilled,
             "storages": self.memory.storage_count,
             "handles": len(self.tensors),
         }
+        if device_memory is not None:
+            stats["device"] = device_memory.stats()
+        return stats
 
     @contextmanager
     def _session_rng(self, device: torch.device | None) -> Iterator[None]:
@@ -550,6 +624,16 @@ class Session:
         finally:
             generator.set_state(default.get_state())
             default.set_state(saved)
+
+
+def _tensors_in(args: list[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    tensors = []
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+        elif isinstance(value, list):
+            tensors.extend(item for item in value if isinstance(item, torch.Tensor))
+    return tensors
 
 
 def _device_of(args: list[Any], kwargs: dict[str, Any]) -> torch.device | None:

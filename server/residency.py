@@ -1,0 +1,189 @@
+"""Memory oversubscription: which storages of a device are resident, and spilling the rest.
+
+Sessions on one device may hold more than the device has. Every storage a session holds has a
+:class:`StorageRecord`; the device's :class:`DeviceMemory` keeps the resident ones within its
+budget (``--device-memory``, or what the device really has) by *evicting* others to host RAM
+(up to ``--host-spill``) and *restoring* them before any command reads or writes them.
+
+Eviction copies the storage's bytes to a host buffer (pinned on a GPU server) and frees the
+device memory in place with ``untyped_storage().resize_(0)``; restoring resizes it back and copies
+the bytes in. The storage object never changes, so every tensor and view on it keeps its identity
+and the client notices nothing but time. Victims are chosen by priority class (low first), then
+sessions with no queued work, then least recent use; the storages of the command being run are
+never evicted. On a GPU, a real out-of-memory error from an op also triggers eviction and a retry.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from .pool import PRIORITIES
+
+
+class SpillExhausted(Exception):
+    """Neither the device budget nor the host spill space can take what is asked."""
+
+
+class StorageRecord:
+    """One storage held by a session, as the device's memory manager sees it."""
+
+    __slots__ = ("storage", "nbytes", "owner", "last_use", "host", "device_memory")
+
+    def __init__(self, storage: torch.UntypedStorage, nbytes: int, owner: Any) -> None:
+        self.storage = storage
+        self.nbytes = nbytes
+        self.owner = owner  # the Session: its priority, queue and stream matter for eviction
+        self.last_use = 0
+        self.host: torch.Tensor | None = None  # the bytes while spilled
+        self.device_memory: DeviceMemory | None = None
+
+    @property
+    def resident(self) -> bool:
+        return self.host is None
+
+
+def _byte_view(storage: torch.UntypedStorage, nbytes: int) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, 0, (nbytes,), (1,))
+
+
+class DeviceMemory:
+    """Residency of one device's session storages, within a device budget and a host budget."""
+
+    def __init__(self, device: torch.device, budget: int | None, host_limit: int) -> None:
+        self.device = device
+        self.budget = budget  # None: no logical limit (a GPU's own capacity still applies)
+        self.host_limit = host_limit
+        self.records: set[StorageRecord] = set()
+        self.resident_bytes = 0
+        self.spilled_bytes = 0
+        self.evictions = 0
+        self.restores = 0
+        self.bytes_evicted = 0
+        self.bytes_restored = 0
+        self._clock = 0
+
+    # ------------------------------------------------------------------------------------------
+    def track(self, record: StorageRecord) -> None:
+        record.device_memory = self
+        self.records.add(record)
+        self.resident_bytes += record.nbytes
+        self.touch((record,))
+
+    def forget(self, record: StorageRecord) -> None:
+        if record not in self.records:
+            return
+        self.records.discard(record)
+        if record.resident:
+            self.resident_bytes -= record.nbytes
+        else:
+            self.spilled_bytes -= record.nbytes
+            record.owner.memory.spilled -= record.nbytes
+            record.host = None
+        record.storage = None  # type: ignore[assignment]
+
+    def resized(self, record: StorageRecord, nbytes: int) -> None:
+        if record.resident and record in self.records:
+            self.resident_bytes += nbytes - record.nbytes
+        record.nbytes = nbytes
+
+    def touch(self, records: Iterable[StorageRecord]) -> None:
+        self._clock += 1
+        for record in records:
+            record.last_use = self._clock
+
+    # ------------------------------------------------------------------------------------------
+    def ensure_resident(self, records: list[StorageRecord]) -> None:
+        """Restore every spilled record in ``records`` (making room first), keeping all of
+        ``records`` safe from eviction meanwhile."""
+        spilled = [record for record in records if not record.resident]
+        if spilled:
+            needed = sum(record.nbytes for record in spilled)
+            self.fit(needed, protect=records)
+            for record in spilled:
+                self._restore(record)
+        self.touch(records)
+
+    def fit(self, extra: int = 0, *, protect: Iterable[StorageRecord] = ()) -> None:
+        """Evict until ``extra`` more bytes fit in the budget; :class:`SpillExhausted` if not."""
+        if self.budget is None:
+            return
+        excess = self.resident_bytes + extra - self.budget
+        if excess > 0:
+            self.evict(excess, protect=protect)
+
+    def evict(self, at_least: int, *, protect: Iterable[StorageRecord] = ()) -> int:
+        """Spill resident records (least valuable first) totalling ``at_least`` bytes."""
+        protected = set(protect)
+        candidates = sorted(
+            (r for r in self.records if r.resident and r not in protected and r.nbytes),
+            key=self._eviction_order,
+        )
+        freed = 0
+        for record in candidates:
+            if freed >= at_least:
+                break
+            if self.spilled_bytes + record.nbytes > self.host_limit:
+                continue
+            self._evict(record)
+            freed += record.nbytes
+        if freed < at_least:
+            raise SpillExhausted(self.describe_shortage(at_least - freed))
+        return freed
+
+    def describe_shortage(self, short_by: int) -> str:
+        budget = "no set limit" if self.budget is None else _size(self.budget)
+        return (
+            f"device memory exhausted on {self.device}: {_size(self.resident_bytes)} resident "
+            f"(budget {budget}), {_size(self.spilled_bytes)} spilled to host RAM (limit "
+            f"{_size(self.host_limit)}), {_size(short_by)} more could not be made room for"
+        )
+
+    @staticmethod
+    def _eviction_order(record: StorageRecord) -> tuple[int, int, int]:
+        owner = record.owner
+        return (PRIORITIES.get(owner.priority, 1), 1 if owner.has_work() else 0, record.last_use)
+
+    # ------------------------------------------------------------------------------------------
+    def _evict(self, record: StorageRecord) -> None:
+        owner = record.owner
+        if owner.stream is not None:
+            owner.stream.synchronize()  # its kernels may still be writing these bytes
+        source = _byte_view(record.storage, record.nbytes)
+        host = torch.empty(record.nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        host.copy_(source)
+        record.storage.resize_(0)
+        record.host = host
+        self.resident_bytes -= record.nbytes
+        self.spilled_bytes += record.nbytes
+        owner.memory.spilled += record.nbytes
+        self.evictions += 1
+        self.bytes_evicted += record.nbytes
+
+    def _restore(self, record: StorageRecord) -> None:
+        host = record.host
+        assert host is not None
+        record.storage.resize_(record.nbytes)
+        _byte_view(record.storage, record.nbytes).copy_(host, non_blocking=host.is_pinned())
+        record.host = None
+        self.resident_bytes += record.nbytes
+        self.spilled_bytes -= record.nbytes
+        record.owner.memory.spilled -= record.nbytes
+        self.restores += 1
+        self.bytes_restored += record.nbytes
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "resident_bytes": self.resident_bytes, "spilled_bytes": self.spilled_bytes,
+            "device_budget": self.budget, "host_spill_limit": self.host_limit,
+            "evictions": self.evictions, "restores": self.restores,
+            "bytes_evicted": self.bytes_evicted, "bytes_restored": self.bytes_restored,
+        }
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{int(nbytes)} B"
