@@ -15,6 +15,7 @@ never evicted. On a GPU, a real out-of-memory error from an op also triggers evi
 
 from __future__ import annotations
 
+import time
 from typing import Any, Iterable
 
 import torch
@@ -62,6 +63,8 @@ class DeviceMemory:
         self.restores = 0
         self.bytes_evicted = 0
         self.bytes_restored = 0
+        self.evict_seconds = 0.0
+        self.restore_seconds = 0.0
         self._clock = 0
 
     # ------------------------------------------------------------------------------------------
@@ -150,6 +153,7 @@ class DeviceMemory:
         owner = record.owner
         if owner.stream is not None:
             owner.stream.synchronize()  # its kernels may still be writing these bytes
+        started = time.perf_counter()
         source = _byte_view(record.storage, record.nbytes)
         host = torch.empty(record.nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         host.copy_(source)
@@ -160,18 +164,23 @@ class DeviceMemory:
         owner.memory.spilled += record.nbytes
         self.evictions += 1
         self.bytes_evicted += record.nbytes
+        self.evict_seconds += time.perf_counter() - started
 
     def _restore(self, record: StorageRecord) -> None:
         host = record.host
         assert host is not None
+        started = time.perf_counter()
         record.storage.resize_(record.nbytes)
         _byte_view(record.storage, record.nbytes).copy_(host, non_blocking=host.is_pinned())
+        if host.is_pinned():
+            torch.cuda.current_stream(self.device).synchronize()  # (timing only; the copy is ordered anyway)
         record.host = None
         self.resident_bytes += record.nbytes
         self.spilled_bytes -= record.nbytes
         record.owner.memory.spilled -= record.nbytes
         self.restores += 1
         self.bytes_restored += record.nbytes
+        self.restore_seconds += time.perf_counter() - started
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -179,6 +188,7 @@ class DeviceMemory:
             "device_budget": self.budget, "host_spill_limit": self.host_limit,
             "evictions": self.evictions, "restores": self.restores,
             "bytes_evicted": self.bytes_evicted, "bytes_restored": self.bytes_restored,
+            "evict_seconds": self.evict_seconds, "restore_seconds": self.restore_seconds,
         }
 
 
