@@ -279,14 +279,21 @@ class Daemon:
         if identity in self.sessions:
             self._end_session(identity, "client said hello again")
         self.waiting = [w for w in self.waiting if w.identity != identity]
+        if self.pool.oversubscribe is not None and not any(
+                tenant.allows_device(slot.facts.name) and self._quota_fits(slot, tenant.memory_quota, alone=True)
+                for slot in self.slots):
+            self._refuse(identity, f"tenant {tenant.name!r}'s memory quota ({tenant.memory_quota} bytes) is more "
+                                   f"than --oversubscribe {self.pool.oversubscribe:g} lets any device admit")
+            return
         waiter = Waiting(identity, info, tenant, priority, device_count)
         if not self._admit(waiter):
             self.waiting.append(waiter)
             position = self._queue_position(waiter)
-            log.info("client pid %s (tenant %s) queued at position %d: all session slots are taken",
-                     info.get("pid"), tenant.name, position)
-            self._send(identity, [Msg.QUEUED, {"position": position, "heartbeat_s": self.heartbeat_s,
-                                               "reason": "every device has its maximum number of sessions"}])
+            reason = ("every device has its maximum number of sessions (--max-sessions)"
+                      if self._sessions_full(tenant) else
+                      "admitting it would commit more memory than --oversubscribe allows")
+            log.info("client pid %s (tenant %s) queued at position %d: %s", info.get("pid"), tenant.name, position, reason)
+            self._send(identity, [Msg.QUEUED, {"position": position, "heartbeat_s": self.heartbeat_s, "reason": reason}])
 
     def _admitted_priority(self, tenant: Tenant, requested: Any) -> str:
         priority = pool.parse_priority(requested) if requested else "normal"
@@ -310,14 +317,19 @@ class Daemon:
             ordered = sorted(candidates, key=lambda slot: (-len(slot.sessions), slot.index))
         return ordered[:count]
 
-    def _quota_fits(self, slot: DeviceSlot, quota: int) -> bool:
+    def _quota_fits(self, slot: DeviceSlot, quota: int, *, alone: bool = False) -> bool:
         """With --oversubscribe R, the quotas of a device's sessions add up to at most R times
         its memory (the device budget, or its real size)."""
         if self.pool.oversubscribe is None:
             return True
         capacity = self.pool.device_memory or slot.facts.total_memory
-        committed = sum(session.memory_quota for session in slot.sessions)
+        committed = 0 if alone else sum(session.memory_quota for session in slot.sessions)
         return committed + quota <= self.pool.oversubscribe * capacity
+
+    def _sessions_full(self, tenant: Tenant) -> bool:
+        limit = self.pool.max_sessions_per_device
+        return limit is not None and all(len(slot.sessions) >= limit for slot in self.slots
+                                         if tenant.allows_device(slot.facts.name))
 
     def _requested_devices(self, info: dict[str, Any], tenant: Tenant) -> int:
         count = info.get("devices", 1)

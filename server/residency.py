@@ -10,7 +10,8 @@ device memory in place with ``untyped_storage().resize_(0)``; restoring resizes 
 the bytes in. The storage object never changes, so every tensor and view on it keeps its identity
 and the client notices nothing but time. Victims are chosen by priority class (low first), then
 sessions with no queued work, then least recent use; the storages of the command being run are
-never evicted. On a GPU, a real out-of-memory error from an op also triggers eviction and a retry.
+never evicted. On a GPU, a real out-of-memory error from an op also triggers eviction and a retry. The storages
+one command works on stay resident together, even when they alone exceed the budget.
 """
 
 from __future__ import annotations
@@ -117,21 +118,28 @@ class DeviceMemory:
             self.evict(excess, protect=protect)
 
     def evict(self, at_least: int, *, protect: Iterable[StorageRecord] = ()) -> int:
-        """Spill resident records (least valuable first) totalling ``at_least`` bytes."""
+        """Spill resident records (least valuable first) totalling ``at_least`` bytes.
+
+        What the current command itself touches (``protect``) stays resident even if that alone
+        exceeds the budget: an op needs its operands on the device. :class:`SpillExhausted`
+        only when host RAM cannot take what would have to go.
+        """
         protected = set(protect)
         candidates = sorted(
             (r for r in self.records if r.resident and r not in protected and r.nbytes),
             key=self._eviction_order,
         )
         freed = 0
+        blocked = 0
         for record in candidates:
             if freed >= at_least:
                 break
             if self.spilled_bytes + record.nbytes > self.host_limit:
+                blocked += record.nbytes
                 continue
             self._evict(record)
             freed += record.nbytes
-        if freed < at_least:
+        if freed < at_least and blocked:
             raise SpillExhausted(self.describe_shortage(at_least - freed))
         return freed
 

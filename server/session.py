@@ -504,11 +504,12 @@ class Session:
         tensor = self.tensor(command[1])
         if self.memory.managed:
             self._make_resident("FETCH", [tensor])
-        if (self.device.type == "cpu" and self._last_in_batch and not tensor.is_conj() and not tensor.is_neg()
-                and _is_dense(tensor, any_offset=True)):
+        if (self.device.type == "cpu" and self._last_in_batch and not self.memory.managed
+                and not tensor.is_conj() and not tensor.is_neg() and _is_dense(tensor, any_offset=True)):
             # ZeroMQ sends the bytes after this returns. Nothing of this session runs before its
             # client has the whole reply (FETCH ends the batch, and the client sends nothing
-            # while it waits), and no other session can name this tensor: no copy needed.
+            # while it waits), and no other session can name this tensor: no copy needed. (Not
+            # with oversubscription: another session's work may spill the storage meanwhile.)
             host = tensor
         else:
             # A fresh host copy (preserve_format keeps the strides of dense tensors).
