@@ -44,7 +44,7 @@ setup(
     packages=["libremote", "libremote.client", "libremote.server", "libremote.shims"],
     package_dir={"libremote.server": "server", "libremote.shims": "shims"},
     install_requires=["torch>=2.6", "pyzmq>=25", "msgpack>=1.0", "numpy", "cffi>=1.15"],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7"], "multidevice": ["ninja"]},
     entry_points={
         "console_scripts": [
             "libremote-server = libremote.server.cli:main",

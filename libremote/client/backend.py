@@ -112,7 +112,13 @@ def register() -> None:
             )
         from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 
+        from ..config import Settings
+        from . import device_guard
+
         if current == "privateuseone":
+            # Several remote devices need a guard that reports them all (see device_guard.py);
+            # it must be registered before torch's Python guard, which is first-wins.
+            device_guard.install(Settings.from_env().devices)
             _setup_privateuseone_for_python_backend(BACKEND_NAME, backend_module=_BackendModule())
         library = torch.library.Library("_", "IMPL")
         library.fallback(_fallback, "PrivateUse1")

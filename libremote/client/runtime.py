@@ -80,14 +80,14 @@ def _new_session(address: str | None) -> ClientSession:
             "libremote.connect('tcp://host:port') before using the device."
         )
     settings = Settings.from_env()
-    if settings.devices > 1:
-        # torch's Python PrivateUse1 backend tells the autograd engine it has one device
-        # (PythonDeviceGuard::deviceCount in torch/csrc/acc/Module.cpp is fixed at 1), so backward
-        # through a tensor on remote:1 trips an internal assert. Refuse up front instead.
+    from . import device_guard
+
+    if settings.devices > device_guard.device_count:
+        # The device guard that tells autograd how many devices exist is chosen at import.
         raise NotConfiguredError(
-            f"libremote: LIBREMOTE_DEVICES={settings.devices}: this client drives one remote device per "
-            "process with this torch (its Python device backend reports a single device to autograd). "
-            "Run one process per device, as DistributedDataParallel does, each with LIBREMOTE_DEVICES=1."
+            f"libremote: LIBREMOTE_DEVICES={settings.devices} was set after libremote was imported "
+            f"(it registered support for {device_guard.device_count} device(s)); set it in the "
+            "environment before the program starts"
         )
     return ClientSession(settings, address, _libremote_version())
 
