@@ -57,8 +57,21 @@ class DeviceSlot:
     memory: DeviceMemory | None = None  # residency manager, when oversubscription is on
     busy_s: float = 0.0
     utilization: float = 0.0
+    timers: collections.deque = field(default_factory=collections.deque)  # SliceTimers in flight
     _window_start: float = field(default_factory=time.monotonic)
     _window_busy: float = 0.0
+
+    def settle_device_time(self) -> None:
+        """Charge sessions for the device time of their finished GPU slices (see SliceTimer)."""
+        while self.timers:
+            extra = self.timers[0].device_extra_s()
+            if extra is None:
+                return
+            timer = self.timers.popleft()
+            if extra and timer.session.slots:
+                self.scheduler.charge(timer.session, extra)
+                timer.session.busy_s += extra
+                self.record_busy(extra)
 
     def record_busy(self, seconds: float) -> None:
         self.busy_s += seconds
@@ -71,6 +84,35 @@ class DeviceSlot:
     def refresh_utilization(self) -> None:
         if time.monotonic() - self._window_start >= 2 * _UTILIZATION_WINDOW_S:
             self.record_busy(0.0)
+
+
+class SliceTimer:
+    """Device time of one slice on a GPU: events around it on the session's stream.
+
+    A slice is charged its host time at once (kernels launch asynchronously, so that is the launch
+    cost); once the events have completed, whatever the device took beyond that is charged too, so
+    a session with long kernels pays for them in the fair share.
+    """
+
+    __slots__ = ("start", "end", "session", "host_s")
+
+    def __init__(self, stream: Any) -> None:
+        self.start = self.end = self.session = None
+        self.host_s = 0.0
+        if stream is not None:
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.start.record(stream)
+
+    def finish(self, session: Session, host_s: float) -> None:
+        self.end = torch.cuda.Event(enable_timing=True)
+        self.end.record(session.stream)
+        self.session, self.host_s = session, host_s
+
+    def device_extra_s(self) -> float | None:
+        """Device time beyond the host time already charged, or None while still running."""
+        if not self.end.query():
+            return None
+        return max(0.0, self.start.elapsed_time(self.end) / 1000.0 - self.host_s)
 
 
 @dataclass
@@ -173,15 +215,20 @@ class Daemon:
 
     def _run_slices(self) -> None:
         for slot in self.slots:
+            slot.settle_device_time()
             # A session spanning several devices is scheduled on its first one only.
             session = slot.scheduler.pick(s for s in slot.sessions if s.slots[0] is slot)
             if session is None:
                 continue
+            timer = SliceTimer(session.stream)
             started = time.perf_counter()
             replies = session.run_slice(SLICE_COMMANDS, SLICE_SECONDS)
             elapsed = time.perf_counter() - started
             slot.scheduler.charge(session, elapsed)
             slot.record_busy(elapsed)
+            if timer.start is not None:
+                timer.finish(session, elapsed)
+                slot.timers.append(timer)
             for reply in replies:
                 self._send_reply(session.identity, reply)
 

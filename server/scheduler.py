@@ -8,8 +8,9 @@ that was idle rejoins at the current virtual time instead of spending credit it 
 
 Work runs in slices of a bounded number of commands, so a long batch from a low-priority session
 yields to a high-priority arrival within one slice. "Device time" is the host time spent
-executing the slice; on the CPU backend that is the compute itself, on a GPU it is the launch
-cost (kernels run asynchronously), which tracks device time for launch-bound workloads.
+executing the slice (on the CPU backend that is the compute itself), plus, on a GPU, what the
+device took beyond it, measured with CUDA events once the slice's kernels have run (the daemon's
+``SliceTimer``).
 """
 
 from __future__ import annotations
