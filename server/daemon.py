@@ -86,6 +86,13 @@ class DeviceSlot:
             self.record_busy(0.0)
 
 
+def is_loopback_peer(peer_address: str | None) -> bool:
+    """Whether a ZeroMQ peer address (``Peer-Address`` of a received frame) is this host."""
+    if not peer_address:
+        return False
+    return peer_address == "::1" or peer_address.startswith("127.") or peer_address.startswith("::ffff:127.")
+
+
 class SliceTimer:
     """Device time of one slice on a GPU: events around it on the session's stream.
 
@@ -392,7 +399,6 @@ class Daemon:
         slots = self._place(waiter.tenant, waiter.device_count)
         if slots is None:
             return False
-        slot = slots[0]
         session = Session(uuid.uuid4().hex[:12], [s.device for s in slots], waiter.info, tenant=waiter.tenant,
                           priority=waiter.priority, identity=waiter.identity, slots=slots,
                           device_memories=[s.memory for s in slots])
@@ -498,8 +504,7 @@ class Daemon:
                 "devices": device_rows, "sessions": session_rows, "waiting": waiting_rows}
 
     def _on_admin(self, request: dict[str, Any], peer_address: str | None) -> dict[str, Any]:
-        loopback = peer_address in ("127.0.0.1", "::1") or (peer_address or "").startswith("127.")
-        if not self.pool.admin_allowed(request.get("token"), loopback):
+        if not self.pool.admin_allowed(request.get("token"), is_loopback_peer(peer_address)):
             return {"ok": False, "message": "not allowed: give the daemon's admin token (libremote admin --token), "
                                             "or run admin commands on the daemon's own host when it has none"}
         try:

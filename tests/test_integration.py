@@ -12,7 +12,6 @@ import copy
 import io
 import json
 import math
-import os
 import subprocess
 import sys
 import zipfile
