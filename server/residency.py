@@ -9,8 +9,8 @@ Eviction copies the storage's bytes to a host buffer (pinned on a GPU server) an
 device memory in place with ``untyped_storage().resize_(0)``; restoring resizes it back and copies
 the bytes in. The storage object never changes, so every tensor and view on it keeps its identity
 and the client notices nothing but time. Victims are chosen by priority class (low first), then
-sessions with no queued work, then least recent use; the storages of the command being run are
-never evicted. On a GPU, a real out-of-memory error from an op also triggers eviction and a retry. The storages
+storages no queued command is about to use, then sessions with no queued work, then least
+recent use; the storages of the command being run are never evicted. On a GPU, a real out-of-memory error from an op also triggers eviction and a retry. The storages
 one command works on stay resident together, even when they alone exceed the budget.
 """
 
@@ -22,6 +22,10 @@ from typing import Any, Iterable
 import torch
 
 from .pool import PRIORITIES
+
+
+#: How many queued commands per session eviction looks ahead at.
+LOOKAHEAD_COMMANDS = 64
 
 
 class SpillExhausted(Exception):
@@ -125,9 +129,10 @@ class DeviceMemory:
         only when host RAM cannot take what would have to go.
         """
         protected = set(protect)
+        soon = self._needed_soon()
         candidates = sorted(
             (r for r in self.records if r.resident and r not in protected and r.nbytes),
-            key=self._eviction_order,
+            key=lambda record: self._eviction_order(record, soon),
         )
         freed = 0
         blocked = 0
@@ -151,10 +156,20 @@ class DeviceMemory:
             f"{_size(self.host_limit)}), {_size(short_by)} more could not be made room for"
         )
 
+    def _needed_soon(self) -> set[int]:
+        """Records that commands already queued (the next few of each session) will touch:
+        evicting them now would only bring them straight back."""
+        soon: set[int] = set()
+        for owner in {id(r.owner): r.owner for r in self.records}.values():
+            for record in owner.upcoming_records(LOOKAHEAD_COMMANDS):
+                soon.add(id(record))
+        return soon
+
     @staticmethod
-    def _eviction_order(record: StorageRecord) -> tuple[int, int, int]:
+    def _eviction_order(record: StorageRecord, soon: set[int]) -> tuple[int, int, int, int]:
         owner = record.owner
-        return (PRIORITIES.get(owner.priority, 1), 1 if owner.has_work() else 0, record.last_use)
+        return (PRIORITIES.get(owner.priority, 1), 1 if id(record) in soon else 0,
+                1 if owner.has_work() else 0, record.last_use)
 
     # ------------------------------------------------------------------------------------------
     def _evict(self, record: StorageRecord) -> None:

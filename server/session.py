@@ -107,6 +107,7 @@ class Session:
             generator.manual_seed(secrets.randbits(63))
         self.pending_error: CommandError | None = None
         self._last_in_batch = False
+        self._running: tuple[Any, int] = (None, -1)  # (batch, position) of the command running
         self.ops_executed = 0
         self.batches = 0
         self.busy_s = 0.0  # time spent executing this session's commands (host side)
@@ -179,7 +180,23 @@ class Session:
                 break
         return replies
 
+    def upcoming_records(self, limit: int) -> Iterator[StorageRecord]:
+        """Storage records the next ``limit`` queued commands (after the running one) name."""
+        seen = 0
+        for batch in self.queue:
+            start = self._running[1] + 1 if self._running[0] is batch else batch.cursor
+            for command in batch.commands[start:]:
+                if seen >= limit:
+                    return
+                seen += 1
+                for handle in _handles_named(command):
+                    tensor = self.tensors.get(handle)
+                    record = self.memory.record_of(tensor) if tensor is not None else None
+                    if record is not None:
+                        yield record
+
     def _run_command(self, batch: "PendingBatch", position: int) -> None:
+        self._running = (batch, position)
         command = batch.commands[position]
         self._last_in_batch = position == len(batch.commands) - 1
         protocol.check(
@@ -625,6 +642,23 @@ class Session:
         finally:
             generator.set_state(default.get_state())
             default.set_state(saved)
+
+
+def _handles_named(command: Any) -> Iterator[int]:
+    """Handles a queued (still encoded) command reads or writes."""
+    if not isinstance(command, list) or not command:
+        return
+    kind = command[0]
+    if kind in (Cmd.OP, Cmd.OP_SYNC) and len(command) == 5:
+        stack = [command[2], list(command[3].values()) if isinstance(command[3], dict) else []]
+        while stack:
+            value = stack.pop()
+            if isinstance(value, HandleRef):
+                yield value.handle
+            elif isinstance(value, list):
+                stack.extend(value)
+    elif kind in (Cmd.FETCH, Cmd.UPLOAD) and len(command) >= 2 and isinstance(command[1], int):
+        yield command[1]
 
 
 def _tensors_in(args: list[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:

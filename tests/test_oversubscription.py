@@ -792,3 +792,32 @@ def test_an_op_larger_than_the_budget_runs_with_its_operands_resident():
     with pool_daemon("--device-memory", "8MiB", "--host-spill", "512MiB") as server:
         out = run_client(code, server.address)
     assert out["exact"] and out["sum_close"], out
+
+
+# ------------------------------------------------------------------------------------------------
+# Eviction looks ahead: what a queued op is about to use is not the one spilled
+# ------------------------------------------------------------------------------------------------
+def test_eviction_spares_what_queued_ops_are_about_to_use():
+    code = """
+        import json, torch, libremote
+        MiB = 1 << 20
+        a = torch.ones(MiB, device="cuda")          # 4 MiB each; budget 12 MiB holds three
+        c = torch.full((MiB,), 2.0, device="cuda")
+        d = torch.full((MiB,), 3.0, device="cuda")
+        torch.cuda.synchronize()
+        d.add_(0); a.add_(0); torch.cuda.synchronize()   # c is now the least recently used
+        before = libremote.memory_stats()["device"]
+        # One batch: making b evicts something; the next op uses c. LRU alone would spill c and
+        # bring it straight back; looking at the queue spills another one instead.
+        b = torch.full((MiB,), 4.0, device="cuda")
+        total = (c * 2).sum()
+        value = total.item()
+        after = libremote.memory_stats()["device"]
+        print(json.dumps({"value": value, "restores": after["restores"] - before["restores"],
+                          "evictions": after["evictions"] - before["evictions"]}))
+    """
+    with pool_daemon("--device-memory", "12MiB", "--host-spill", "512MiB") as server:
+        out = run_client(code, server.address)
+    assert out["value"] == 4.0 * (1 << 20), out
+    assert out["evictions"] >= 1, out
+    assert out["restores"] == 0, out
