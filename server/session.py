@@ -23,7 +23,7 @@ import torch
 from libremote import protocol
 from libremote.protocol import Cmd, DeviceRef, ErrorKind, HandleRef, ProtocolError
 
-from . import devices, op_policy
+from . import devices, op_policy, values
 from .memory import MemoryAccount
 from .residency import DeviceMemory, SpillExhausted, StorageRecord
 from .pool import ANONYMOUS, Tenant
@@ -189,7 +189,7 @@ class Session:
                 if seen >= limit:
                     return
                 seen += 1
-                for handle in _handles_named(command):
+                for handle in values.handles_named(command):
                     tensor = self.tensors.get(handle)
                     record = self.memory.record_of(tensor) if tensor is not None else None
                     if record is not None:
@@ -214,10 +214,10 @@ class Session:
         except ProtocolError:
             raise
         except torch.OutOfMemoryError as exc:
-            self._fail(CommandError(ErrorKind.OOM, self._describe(command), _message(exc)), command)
+            self._fail(CommandError(ErrorKind.OOM, self._describe(command), values.error_message(exc)), command)
             value = None
         except Exception as exc:  # the op's own error: report it, keep serving
-            self._fail(CommandError(ErrorKind.OP, self._describe(command), _message(exc)), command)
+            self._fail(CommandError(ErrorKind.OP, self._describe(command), values.error_message(exc)), command)
             value = None
         if kind in protocol.RESULT_COMMANDS:
             if kind == Cmd.FETCH and value is not None:
@@ -240,7 +240,7 @@ class Session:
         else:
             return
         origin = f"{error.op} failed: {error.message}"
-        for handle in _flatten_handles(produced):
+        for handle in values.flatten_handles(produced):
             if isinstance(handle, int) and handle not in self.tensors:
                 self._failed[handle] = origin
 
@@ -361,10 +361,10 @@ class Session:
             entry.sanitize(args, kwargs)
         allocated_before = self.memory.allocated
         if entry.takes_generator and kwargs.get("generator") is None:
-            kwargs["generator"] = self.generators[self._index_of(_device_of(args, kwargs))]
-        inputs = self._make_resident(entry.name, _tensors_in(args, kwargs)) if self.memory.managed else ()
+            kwargs["generator"] = self.generators[self._index_of(values.device_of(args, kwargs))]
+        inputs = self._make_resident(entry.name, values.tensors_in(args, kwargs)) if self.memory.managed else ()
         if entry.seeded_without_generator:
-            with self._session_rng(_device_of(args, kwargs)):
+            with self._session_rng(values.device_of(args, kwargs)):
                 result = self._call(entry, args, kwargs, inputs)
         else:
             result = self._call(entry, args, kwargs, inputs)
@@ -401,7 +401,7 @@ class Session:
         room (evicting other storages, more each time) and retries."""
         if not self.memory.managed:
             return entry.call(*args, **kwargs)
-        device_memory = self.device_memories[self._index_of(_device_of(args, kwargs))]
+        device_memory = self.device_memories[self._index_of(values.device_of(args, kwargs))]
         for attempt in range(4):
             try:
                 return entry.call(*args, **kwargs)
@@ -417,14 +417,14 @@ class Session:
     def _fit_on_device(self, what: str, inputs: list[StorageRecord], outs: Any) -> None:
         """New outputs are resident: evict others to get back within the device budget, or undo
         the op and raise out-of-memory when host RAM cannot take the overflow either."""
-        outputs = [self.tensors[h] for h in _flatten_handles(outs) if isinstance(h, int) and h in self.tensors]
+        outputs = [self.tensors[h] for h in values.flatten_handles(outs) if isinstance(h, int) and h in self.tensors]
         records = inputs + [r for r in map(self.memory.record_of, outputs) if r is not None]
         try:
             for device_memory in {id(dm): dm for dm in self.device_memories if dm is not None}.values():
                 device_memory.fit(protect=records)
                 device_memory.touch(records)
         except SpillExhausted as exc:
-            for handle in _flatten_handles(outs):
+            for handle in values.flatten_handles(outs):
                 if isinstance(handle, int):
                     self._drop(handle)
                     self._failed[handle] = f"{what} failed: {exc}"
@@ -447,7 +447,7 @@ class Session:
         client's view of them, so they are dropped and poisoned: using them raises this error."""
         needed = self.memory.allocated - allocated_before
         message = self._quota_message(allocated_before, needed)
-        for handle in [*_flatten_handles(outs), *grown]:
+        for handle in [*values.flatten_handles(outs), *grown]:
             if isinstance(handle, int):
                 self._drop(handle)
                 self._failed[handle] = f"{what} failed: {message}"
@@ -455,8 +455,8 @@ class Session:
 
     def _quota_message(self, in_use: int, needed: int) -> str:
         return (
-            f"CUDA out of memory: this session's quota is {_gib(self.memory_quota)}, {_gib(in_use)} "
-            f"are in use and the request needs {_gib(needed)} more (tenant {self.tenant.name!r}). "
+            f"CUDA out of memory: this session's quota is {values.size_text(self.memory_quota)}, {values.size_text(in_use)} "
+            f"are in use and the request needs {values.size_text(needed)} more (tenant {self.tenant.name!r}). "
             "Free tensors you no longer need (del them), or ask the operator for a larger quota."
         )
 
@@ -464,9 +464,9 @@ class Session:
         if outs is None:
             return
         protocol.check(isinstance(outs, list), "OP outs must be a list")
-        values = _returned_values(entry, result)
-        protocol.check(len(outs) <= len(values), lambda: f"{entry.name} returns {len(values)} values, outs names {len(outs)}")
-        for value, out in zip(values, outs):
+        returned = values.returned_values(entry, result)
+        protocol.check(len(outs) <= len(returned), lambda: f"{entry.name} returns {len(returned)} values, outs names {len(outs)}")
+        for value, out in zip(returned, outs):
             if out is None:
                 continue
             if isinstance(out, list):
@@ -482,8 +482,8 @@ class Session:
 
     def _op_sync(self, command: list[Any], frames: list[Any]) -> list[Any]:
         entry, result = self._run_op(command)
-        values = _returned_values(entry, result)
-        return [[_wire_value(value) for value in values], [_wire_meta(value) for value in values]]
+        returned = values.returned_values(entry, result)
+        return [[values.wire_value(value) for value in returned], [values.wire_meta(value) for value in returned]]
 
     def _upload(self, command: list[Any], frames: list[Any]) -> None:
         protocol.check(len(command) == 5, "UPLOAD takes [UPLOAD, dst, dtype, shape, frame]")
@@ -503,7 +503,7 @@ class Session:
         protocol.check(isinstance(dtype, torch.dtype) and isinstance(shape, list) and isinstance(stride, list),
                        "PUT needs a dtype, a shape and strides")
         protocol.check(isinstance(index, int) and 1 <= index < len(frames) + 1, "PUT names a missing frame")
-        protocol.check(_is_dense_layout(shape, stride), lambda: f"PUT strides {stride} do not lay out {shape} densely")
+        protocol.check(values.is_dense_layout(shape, stride), lambda: f"PUT strides {stride} do not lay out {shape} densely")
         source = protocol.tensor_from_bytes(frames[index - 1], dtype, shape)
         if self.memory.allocated + source.nbytes > self.memory_quota:
             raise CommandError(ErrorKind.OOM, "upload", self._quota_message(self.memory.allocated, source.nbytes))
@@ -522,7 +522,7 @@ class Session:
         if self.memory.managed:
             self._make_resident("FETCH", [tensor])
         if (self.device.type == "cpu" and self._last_in_batch and not self.memory.managed
-                and not tensor.is_conj() and not tensor.is_neg() and _is_dense(tensor, any_offset=True)):
+                and not tensor.is_conj() and not tensor.is_neg() and values.is_dense(tensor, any_offset=True)):
             # ZeroMQ sends the bytes after this returns. Nothing of this session runs before its
             # client has the whole reply (FETCH ends the batch, and the client sends nothing
             # while it waits), and no other session can name this tensor: no copy needed. (Not
@@ -531,7 +531,7 @@ class Session:
         else:
             # A fresh host copy (preserve_format keeps the strides of dense tensors).
             host = tensor.to("cpu", copy=True)
-            if not _is_dense(host):
+            if not values.is_dense(host):
                 host = host.contiguous()
         numel = host.numel()
         flat = host.as_strided((numel,), (1,), host.storage_offset()) if numel else host.reshape(-1)
@@ -642,117 +642,3 @@ class Session:
         finally:
             generator.set_state(default.get_state())
             default.set_state(saved)
-
-
-def _handles_named(command: Any) -> Iterator[int]:
-    """Handles a queued (still encoded) command reads or writes."""
-    if not isinstance(command, list) or not command:
-        return
-    kind = command[0]
-    if kind in (Cmd.OP, Cmd.OP_SYNC) and len(command) == 5:
-        stack = [command[2], list(command[3].values()) if isinstance(command[3], dict) else []]
-        while stack:
-            value = stack.pop()
-            if isinstance(value, HandleRef):
-                yield value.handle
-            elif isinstance(value, list):
-                stack.extend(value)
-    elif kind in (Cmd.FETCH, Cmd.UPLOAD) and len(command) >= 2 and isinstance(command[1], int):
-        yield command[1]
-
-
-def _tensors_in(args: list[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
-    tensors = []
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            tensors.append(value)
-        elif isinstance(value, list):
-            tensors.extend(item for item in value if isinstance(item, torch.Tensor))
-    return tensors
-
-
-def _device_of(args: list[Any], kwargs: dict[str, Any]) -> torch.device | None:
-    """The device an op runs on: its first tensor's, else its ``device`` argument."""
-    for value in args:
-        if isinstance(value, torch.Tensor):
-            return value.device
-        if isinstance(value, list):
-            for item in value:
-                if isinstance(item, torch.Tensor):
-                    return item.device
-    device = kwargs.get("device")
-    return device if isinstance(device, torch.device) else None
-
-
-def _gib(nbytes: int) -> str:
-    if nbytes >= 1 << 30:
-        return f"{nbytes / (1 << 30):.2f} GiB"
-    return f"{nbytes / (1 << 20):.2f} MiB"
-
-
-def _returned_values(entry: op_policy.OpEntry, result: Any) -> tuple[Any, ...]:
-    """The op's result as one value per schema return (ops returning ``()`` give None)."""
-    count = len(entry.overload._schema.returns)
-    if count == 0:
-        return ()
-    if count == 1:
-        return (result,)
-    return tuple(result)
-
-
-def _flatten_handles(outs: Any) -> Iterator[Any]:
-    if isinstance(outs, list):
-        for item in outs:
-            yield from _flatten_handles(item)
-    elif outs is not None:
-        yield outs
-
-
-def _is_dense(tensor: torch.Tensor, *, any_offset: bool = False) -> bool:
-    """Non-overlapping and dense (from offset 0 unless ``any_offset``): its elements fill one
-    contiguous span of its storage."""
-    return (any_offset or tensor.storage_offset() == 0) and _is_dense_layout(list(tensor.shape), list(tensor.stride()))
-
-
-def _is_dense_layout(shape: list[Any], stride: list[Any]) -> bool:
-    """Whether ``stride`` lays ``shape`` out without gaps or overlaps (some permutation of
-    contiguous): the storage then holds exactly numel elements."""
-    if len(shape) != len(stride) or not all(isinstance(v, int) and v >= 0 for v in [*shape, *stride]):
-        return False
-    expected = 1
-    for size, step in sorted(zip(shape, stride), key=lambda pair: pair[1]):
-        if size == 1:
-            continue
-        if size == 0:
-            return True
-        if step != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _wire_value(value: Any) -> Any:
-    """A non-tensor op result as msgpack can carry it (tensors travel as handles instead)."""
-    if isinstance(value, torch.Tensor) or value is None:
-        return None
-    if isinstance(value, (list, tuple)):
-        return [_wire_value(item) for item in value]
-    if isinstance(value, complex):
-        return protocol.complex_ext(value)
-    if isinstance(value, torch.dtype):
-        return protocol.dtype_ext(value)
-    return value
-
-
-def _wire_meta(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return protocol.tensor_meta(value)
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
-        return [protocol.tensor_meta(v) for v in value]
-    return None
-
-
-def _message(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    # torch appends long C++ backtraces in some builds; the first paragraph is what users need.
-    return text.split("\nException raised from")[0][:4000]

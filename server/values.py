@@ -1,0 +1,127 @@
+"""Helpers for the values commands carry: handles inside encoded commands, tensors inside
+resolved arguments, op results as the wire carries them, and tensor layouts."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+
+from libremote import protocol
+from libremote.protocol import Cmd, HandleRef
+
+from .op_policy import OpEntry
+
+
+def handles_named(command: Any) -> Iterator[int]:
+    """Handles a queued (still encoded) command reads or writes."""
+    if not isinstance(command, list) or not command:
+        return
+    kind = command[0]
+    if kind in (Cmd.OP, Cmd.OP_SYNC) and len(command) == 5:
+        stack = [command[2], list(command[3].values()) if isinstance(command[3], dict) else []]
+        while stack:
+            value = stack.pop()
+            if isinstance(value, HandleRef):
+                yield value.handle
+            elif isinstance(value, list):
+                stack.extend(value)
+    elif kind in (Cmd.FETCH, Cmd.UPLOAD) and len(command) >= 2 and isinstance(command[1], int):
+        yield command[1]
+
+
+def tensors_in(args: list[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    tensors = []
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+        elif isinstance(value, list):
+            tensors.extend(item for item in value if isinstance(item, torch.Tensor))
+    return tensors
+
+
+def device_of(args: list[Any], kwargs: dict[str, Any]) -> torch.device | None:
+    """The device an op runs on: its first tensor's, else its ``device`` argument."""
+    for value in args:
+        if isinstance(value, torch.Tensor):
+            return value.device
+        if isinstance(value, list):
+            for item in value:
+                if isinstance(item, torch.Tensor):
+                    return item.device
+    device = kwargs.get("device")
+    return device if isinstance(device, torch.device) else None
+
+
+def size_text(nbytes: int) -> str:
+    if nbytes >= 1 << 30:
+        return f"{nbytes / (1 << 30):.2f} GiB"
+    return f"{nbytes / (1 << 20):.2f} MiB"
+
+
+def returned_values(entry: OpEntry, result: Any) -> tuple[Any, ...]:
+    """The op's result as one value per schema return (ops returning ``()`` give None)."""
+    count = len(entry.overload._schema.returns)
+    if count == 0:
+        return ()
+    if count == 1:
+        return (result,)
+    return tuple(result)
+
+
+def flatten_handles(outs: Any) -> Iterator[Any]:
+    if isinstance(outs, list):
+        for item in outs:
+            yield from flatten_handles(item)
+    elif outs is not None:
+        yield outs
+
+
+def is_dense(tensor: torch.Tensor, *, any_offset: bool = False) -> bool:
+    """Non-overlapping and dense (from offset 0 unless ``any_offset``): its elements fill one
+    contiguous span of its storage."""
+    return (any_offset or tensor.storage_offset() == 0) and is_dense_layout(list(tensor.shape), list(tensor.stride()))
+
+
+def is_dense_layout(shape: list[Any], stride: list[Any]) -> bool:
+    """Whether ``stride`` lays ``shape`` out without gaps or overlaps (some permutation of
+    contiguous): the storage then holds exactly numel elements."""
+    if len(shape) != len(stride) or not all(isinstance(v, int) and v >= 0 for v in [*shape, *stride]):
+        return False
+    expected = 1
+    for size, step in sorted(zip(shape, stride), key=lambda pair: pair[1]):
+        if size == 1:
+            continue
+        if size == 0:
+            return True
+        if step != expected:
+            return False
+        expected *= size
+    return True
+
+
+def wire_value(value: Any) -> Any:
+    """A non-tensor op result as msgpack can carry it (tensors travel as handles instead)."""
+    if isinstance(value, torch.Tensor) or value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [wire_value(item) for item in value]
+    if isinstance(value, complex):
+        return protocol.complex_ext(value)
+    if isinstance(value, torch.dtype):
+        return protocol.dtype_ext(value)
+    return value
+
+
+def wire_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return protocol.tensor_meta(value)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return [protocol.tensor_meta(v) for v in value]
+    return None
+
+
+def error_message(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    # torch appends long C++ backtraces in some builds; the first paragraph is what users need.
+    return text.split("\nException raised from")[0][:4000]
