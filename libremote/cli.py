@@ -53,18 +53,21 @@ def format_status(report: dict[str, Any]) -> str:
     daemon = report["daemon"]
     lines = [f"libremote daemon {daemon['address']} (libremote {daemon['libremote']}, torch {daemon['torch']}, "
              f"pid {daemon['pid']} on {daemon['host']})", ""]
-    lines.append(f"{'DEV':<4}{'NAME':<44}{'MEMORY USED / TOTAL':>24}{'UTIL':>7}{'SESSIONS':>10}")
+    lines.append(f"{'DEV':<4}{'NAME':<44}{'MEMORY USED / TOTAL':>24}{'UTIL':>7}{'SESSIONS':>10}{'SPILLED':>12}")
     for device in report["devices"]:
         memory = f"{_size(device['memory_used'])} / {_size(device['memory_total'])}"
+        residency = device.get("residency")
+        spilled = _size(residency["spilled_bytes"]) if residency else "-"
         lines.append(f"{device['index']:<4}{device['name'][:43]:<44}{memory:>24}{device['utilization']:>7.0%}"
-                     f"{device['sessions']:>10}")
+                     f"{device['sessions']:>10}{spilled:>12}")
     lines.append("")
     if report["sessions"]:
-        lines.append(f"{'SESSION':<14}{'TENANT':<14}{'PRIO':<8}{'WEIGHT':>7}{'DEV':>5}{'MEMORY':>12}{'QUOTA':>12}"
-                     f"{'OPS':>11}{'DEV TIME':>11}  CLIENT")
+        lines.append(f"{'SESSION':<14}{'TENANT':<14}{'PRIO':<8}{'WEIGHT':>7}{'DEV':>5}{'MEMORY':>12}{'SPILLED':>12}"
+                     f"{'QUOTA':>12}{'OPS':>11}{'DEV TIME':>11}  CLIENT")
         for s in report["sessions"]:
             lines.append(f"{s['session']:<14}{s['tenant'][:13]:<14}{s['priority']:<8}{s['weight']:>7g}{s['device']:>5}"
-                         f"{_size(s['memory_allocated']):>12}{_size(s['memory_quota']):>12}{s['ops']:>11}"
+                         f"{_size(s['memory_allocated']):>12}{_size(s.get('memory_spilled', 0)):>12}"
+                         f"{_size(s['memory_quota']):>12}{s['ops']:>11}"
                          f"{s['device_time_s']:>10.2f}s  pid {s['pid']} on {s['host']}")
     else:
         lines.append("no sessions")

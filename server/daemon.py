@@ -480,6 +480,8 @@ class Daemon:
         device_rows = []
         for slot in self.slots:
             free, total = devices.memory_info(slot.device)
+            if slot.memory is not None and slot.memory.budget is not None:
+                total = min(total, slot.memory.budget)  # what the pool may keep resident
             device_rows.append({
                 "index": slot.index, "device": str(slot.device), "name": slot.facts.name,
                 "memory_used": sum(s.memory.allocated for s in slot.sessions if s.slots[0] is slot),
