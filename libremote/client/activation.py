@@ -15,13 +15,14 @@ def activate() -> None:
     global active
     if active:
         return
-    from . import amp, backend, cuda_api, device_map, serialization
+    from . import amp, backend, cuda_api, device_map, eager_compile, serialization
 
     backend.register()
     amp.enabled = True
     cuda_api.install()
     device_map.install()
     serialization.install()
+    eager_compile.install()
     active = True
 
 
@@ -29,8 +30,9 @@ def deactivate() -> None:
     global active
     if not active:
         return
-    from . import amp, cuda_api, device_map, serialization
+    from . import amp, cuda_api, device_map, eager_compile, serialization
 
+    eager_compile.uninstall()
     serialization.uninstall()
     device_map.uninstall()
     cuda_api.uninstall()
