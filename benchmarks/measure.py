@@ -15,9 +15,7 @@ import time
 
 import torch
 
-from .workloads import make_step
-
-TRAINING = ("mlp", "cnn", "gpt")
+from .workloads import make_step, training_kinds
 
 
 def _time_steps(step, steps: int, warmup: int) -> float:
@@ -49,7 +47,7 @@ def local(args: argparse.Namespace) -> dict:
         float(x.sum())
         best = min(best, elapsed)
     results["chain_ops_per_s"] = 2 * args.chain / best
-    for kind in TRAINING:
+    for kind in training_kinds(args.size):
         results[f"{kind}_steps_per_s"] = _time_steps(make_step(kind, device, args.size), args.steps, 2)
     return results
 
@@ -100,7 +98,7 @@ def remote(args: argparse.Namespace) -> dict:
     results["upload_gbps"] = nbytes / best_up / 1e9
     results["download_gbps"] = nbytes / best_down / 1e9
 
-    for kind in TRAINING:
+    for kind in training_kinds(args.size):
         results[f"{kind}_steps_per_s"] = _time_steps(make_step(kind, "cuda", args.size), args.steps, 2)
     libremote.disconnect()
     return results

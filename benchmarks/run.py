@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.raw_zmq import RawPeer  # noqa: E402
+from benchmarks.workloads import training_kinds  # noqa: E402
 
 
 def _free_address() -> str:
@@ -99,7 +100,7 @@ def main() -> None:
         ("upload 64 MiB (GB/s)", remote["upload_gbps"], raw["upload_gbps"], "raw zmq send", ">= 0.8x"),
         ("download 64 MiB (GB/s)", remote["download_gbps"], raw["download_gbps"], "raw zmq recv", ">= 0.8x"),
     ]
-    for kind in ("mlp", "cnn", "gpt"):
+    for kind in training_kinds(args.size):
         rows.append((f"{kind} training steps/s", remote[f"{kind}_steps_per_s"], local[f"{kind}_steps_per_s"], "local eager", ""))
 
     print(f"\nlibremote benchmarks on {platform.node()} ({os.cpu_count()} cores), daemon device: "

@@ -38,6 +38,12 @@ class _GPT(nn.Module):
 Step = Callable[[], float]
 
 
+def training_kinds(size: str) -> tuple[str, ...]:
+    """The training workloads of a benchmark size: CI-sized ones, or the issue's GPU shapes
+    (GPT-2-small at batch 2 x 256 and 8 x 512, ResNet-50 at batch 64)."""
+    return ("mlp", "cnn", "gpt") if size == "ci" else ("mlp", "resnet50", "gpt2-2x256", "gpt2-8x512")
+
+
 def make_step(kind: str, device: str, size: str = "ci") -> Step:
     """A training step closure for ``kind`` (mlp, cnn, gpt) on ``device``; returns the loss."""
     torch.manual_seed(0)
@@ -52,10 +58,16 @@ def make_step(kind: str, device: str, size: str = "ci") -> Step:
                               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10))
         data, target = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
         loss_fn = nn.functional.cross_entropy
-    elif kind == "gpt":
-        vocab, width, layers, heads, context, batch = (
-            (512, 128, 2, 4, 256, 2) if size == "ci" else (50257, 768, 12, 12, 512, 8)
-        )
+    elif kind == "resnet50":
+        import torchvision  # on GPU servers only; the CI-sized runs use "cnn"
+
+        model = torchvision.models.resnet50()
+        data, target = torch.randn(64, 3, 224, 224), torch.randint(0, 1000, (64,))
+        loss_fn = nn.functional.cross_entropy
+    elif kind.startswith("gpt"):
+        shapes = {"gpt": (512, 128, 2, 4, 256, 2), "gpt2-2x256": (50257, 768, 12, 12, 256, 2),
+                  "gpt2-8x512": (50257, 768, 12, 12, 512, 8)}
+        vocab, width, layers, heads, context, batch = shapes[kind]
         model = _GPT(vocab, width, layers, heads, context)
         data = torch.randint(0, vocab, (batch, context))
         target = torch.randint(0, vocab, (batch, context))

@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tenants", metavar="FILE", help="TOML file of tenants: tokens, quotas, weights, priorities")
     parser.add_argument(
         "--device-memory", type=_size, default=None, metavar="SIZE",
-        help="device memory the pool may keep resident per device, e.g. 40GiB (default: the device's "
-        "own size); on the CPU backend it is the budget that spilling is tested against",
+        help="device memory the pool may keep resident per device, e.g. 40GiB (default: a GPU's own "
+        "size less 6%% headroom, at least 2GiB, for the CUDA context and workspaces); on the CPU "
+        "backend it is the budget that spilling is tested against",
     )
     parser.add_argument(
         "--host-spill", type=_size, default=0, metavar="SIZE",

@@ -30,7 +30,7 @@ from libremote.protocol import ErrorKind, Msg, ProtocolError
 
 from . import devices, pool
 from .pool import PoolConfig, PolicyError, Tenant
-from .residency import DeviceMemory
+from .residency import default_device_budget, DeviceMemory
 from .scheduler import Scheduler
 from .session import Reply, Session
 
@@ -158,8 +158,8 @@ class Daemon:
         if self.pool.manages_residency:
             for slot in self.slots:
                 budget = self.pool.device_memory
-                if budget is None and slot.device.type == "cpu":
-                    budget = slot.facts.total_memory  # the CPU backend has no allocator to say "full"
+                if budget is None:
+                    budget = default_device_budget(slot.device, slot.facts.total_memory)
                 slot.memory = DeviceMemory(slot.device, budget, self.pool.host_spill)
         self.heartbeat_s = heartbeat_s
         self.heartbeat_timeout_s = heartbeat_timeout_s

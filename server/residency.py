@@ -10,14 +10,15 @@ device memory in place with ``untyped_storage().resize_(0)``; restoring resizes 
 the bytes in. The storage object never changes, so every tensor and view on it keeps its identity
 and the client notices nothing but time. Victims are chosen by priority class (low first), then
 storages no queued command is about to use, then sessions with no queued work, then least
-recent use; the storages of the command being run are never evicted. On a GPU, a real out-of-memory error from an op also triggers eviction and a retry. The storages
-one command works on stay resident together, even when they alone exceed the budget.
+recent use; the storages of the command being run are never evicted. On a GPU, a real
+out-of-memory error (from an op, an upload or a restore) also triggers eviction and a retry. The
+storages one command works on stay resident together, even when they alone exceed the budget.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -26,6 +27,20 @@ from .pool import PRIORITIES
 
 #: How many queued commands per session eviction looks ahead at.
 LOOKAHEAD_COMMANDS = 64
+
+#: On a GPU with no ``--device-memory``, the budget for session storages is the card's size less
+#: this headroom (at least 2 GiB, or 6%): the CUDA context, cuBLAS/cuDNN workspaces and the
+#: temporaries inside ops live there. What the estimate misses, the out-of-memory retry catches.
+GPU_HEADROOM_FRACTION = 0.06
+GPU_HEADROOM_MIN = 2 << 30
+
+
+def default_device_budget(device: torch.device, total_memory: int) -> int:
+    """The resident budget of a device when the operator set none."""
+    if device.type == "cpu":
+        return total_memory  # the CPU backend has no allocator that says "full"
+    headroom = max(GPU_HEADROOM_MIN, int(total_memory * GPU_HEADROOM_FRACTION))
+    return max(total_memory - headroom, total_memory // 2)
 
 
 class SpillExhausted(Exception):
@@ -110,8 +125,20 @@ class DeviceMemory:
             needed = sum(record.nbytes for record in spilled)
             self.fit(needed, protect=records)
             for record in spilled:
-                self._restore(record)
+                self._restore(record, protect=records)
         self.touch(records)
+
+    def retrying_oom(self, allocate: Callable[[], Any], *, protect: Iterable[StorageRecord] = ()) -> Any:
+        """Run ``allocate``; when the device's own allocator reports out of memory (workspaces,
+        fragmentation, memory the budget does not see), spill more and retry, more each time."""
+        for attempt in range(4):
+            try:
+                return allocate()
+            except torch.OutOfMemoryError:
+                if attempt == 3:
+                    raise
+                self.evict((64 << 20) << (2 * attempt), protect=protect)
+        raise AssertionError("unreachable")
 
     def fit(self, extra: int = 0, *, protect: Iterable[StorageRecord] = ()) -> None:
         """Evict until ``extra`` more bytes fit in the budget; :class:`SpillExhausted` if not."""
@@ -189,11 +216,11 @@ class DeviceMemory:
         self.bytes_evicted += record.nbytes
         self.evict_seconds += time.perf_counter() - started
 
-    def _restore(self, record: StorageRecord) -> None:
+    def _restore(self, record: StorageRecord, *, protect: Iterable[StorageRecord] = ()) -> None:
         host = record.host
         assert host is not None
         started = time.perf_counter()
-        record.storage.resize_(record.nbytes)
+        self.retrying_oom(lambda: record.storage.resize_(record.nbytes), protect=protect)
         _byte_view(record.storage, record.nbytes).copy_(host, non_blocking=host.is_pinned())
         if host.is_pinned():
             torch.cuda.current_stream(self.device).synchronize()  # (timing only; the copy is ordered anyway)

@@ -402,17 +402,12 @@ class Session:
         if not self.memory.managed:
             return entry.call(*args, **kwargs)
         device_memory = self.device_memories[self._index_of(values.device_of(args, kwargs))]
-        for attempt in range(4):
-            try:
-                return entry.call(*args, **kwargs)
-            except torch.OutOfMemoryError:
-                if device_memory is None or attempt == 3:
-                    raise
-                try:
-                    device_memory.evict((64 << 20) << (2 * attempt), protect=inputs)
-                except SpillExhausted as exc:
-                    raise CommandError(ErrorKind.OOM, entry.name, str(exc)) from None
-        raise AssertionError("unreachable")
+        if device_memory is None:
+            return entry.call(*args, **kwargs)
+        try:
+            return device_memory.retrying_oom(lambda: entry.call(*args, **kwargs), protect=inputs)
+        except SpillExhausted as exc:
+            raise CommandError(ErrorKind.OOM, entry.name, str(exc)) from None
 
     def _fit_on_device(self, what: str, inputs: list[StorageRecord], outs: Any) -> None:
         """New outputs are resident: evict others to get back within the device budget, or undo
@@ -474,6 +469,11 @@ class Session:
                                lambda: f"{entry.name}: outs do not match the returned list")
                 for item, handle in zip(value, out):
                     self._store(handle, item)
+            elif value is None and isinstance(out, int):
+                # An optional result the kernel left undefined (e.g. the bias gradient of an
+                # attention backward that did not need one). OP_SYNC tells the client it is None;
+                # a streamed op's client expected a tensor, so using it names this op.
+                self._failed[out] = f"{entry.name} returned no tensor for this output"
             else:
                 self._store(out, value)
 
@@ -510,7 +510,15 @@ class Session:
         # Always a copy into memory torch owns: a tensor over the frame's buffer could never be
         # resized (resize_, out= arguments). Receiving straight into torch-owned (pinned, on a
         # GPU server) buffers is the way to drop this copy.
-        tensor = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        device_memory = self.device_memories[self._index_of(device)] if self.memory.managed else None
+        if device_memory is None:
+            tensor = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        else:
+            try:
+                tensor = device_memory.retrying_oom(
+                    lambda: torch.empty_strided(shape, stride, dtype=dtype, device=device))
+            except SpillExhausted as exc:
+                raise CommandError(ErrorKind.OOM, "upload", str(exc)) from None
         tensor.copy_(source)
         self._store(handle, tensor)
         if self.memory.managed:

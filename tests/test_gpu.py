@@ -95,3 +95,32 @@ def test_memory_figures_track_allocations(gpu_remote):
     assert torch.cuda.memory_allocated() - before >= 64 << 20
     del block
     assert torch.cuda.memory_allocated() - before < 64 << 20
+
+
+OVER_CAPACITY_CLIENT = r"""
+import json, os, torch, libremote
+libremote.connect(os.environ["TEST_SERVER"])
+total = torch.cuda.get_device_properties(0).total_memory
+block = 2 << 30
+count = total // block + 4  # 8 GiB more than the card holds
+held = [torch.full((block // 4,), float(i), device="cuda") for i in range(count)]
+intact = [bool((t == i).all().item()) for i, t in enumerate(held)]
+print(json.dumps({"count": count, "intact": intact, "device": libremote.memory_stats()["device"]}))
+"""
+
+
+def test_real_out_of_memory_spills_and_retries(tmp_path):
+    """A device budget far above the card: only the GPU allocator's own out-of-memory error can
+    trigger spilling, and the daemon must spill and retry rather than fail the op."""
+    import json
+
+    server = Daemon("--device-memory", "1TiB", "--host-spill", "32GiB", "--memory-quota", "1TiB", device="cuda")
+    try:
+        out = subprocess.run([sys.executable, "-c", OVER_CAPACITY_CLIENT], capture_output=True, text=True,
+                             env=subprocess_env() | {"TEST_SERVER": server.address}, timeout=600)
+        assert out.returncode == 0, out.stderr + server.log()
+        report = json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        server.stop()
+    assert all(report["intact"]), report["intact"]
+    assert report["device"]["evictions"] > 0 and report["device"]["bytes_evicted"] >= 8 << 30

@@ -263,9 +263,12 @@ TRAIN_CLIENT = """
     local_losses, local_params, local_state, _ = train("cpu")
     remote_losses, remote_params, remote_state, stats = train("cuda")
     torch.testing.assert_close(torch.tensor(remote_losses), torch.tensor(local_losses), rtol=1e-5, atol=1e-6)
+    # Adam divides by sqrt(exp_avg_sq): where that is tiny, a last-bit difference in a gradient
+    # (the daemon's matmul may split its reduction across threads differently from this process)
+    # moves a weight by ~lr * 1e-3. Spilling bugs show as wrong values, far beyond this tolerance.
     for name, remote, local in (("param", remote_params, local_params), ("state", remote_state, local_state)):
         for i, (r, l) in enumerate(zip(remote, local)):
-            torch.testing.assert_close(r, l, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {i}: {m}")
+            torch.testing.assert_close(r, l, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name} {i}: {m}")
     print(json.dumps({"local": local_losses, "remote": remote_losses, "stats": stats}), flush=True)
 """
 

@@ -160,7 +160,11 @@ def _run_synchronously(func: torch._ops.OpOverload, info: OpInfo, args: tuple[An
     results: list[Any] = []
     for kind, source, out, value, tensor_meta in zip(info.returns, info.return_sources, outs, values, metas):
         if kind is Return.NEW:
-            results.append(None if tensor_meta is None else _adopt(tensor_meta, out, session, index))
+            if tensor_meta is None:  # an undefined optional result: the handle stays unused
+                session.release(out)
+                results.append(None)
+            else:
+                results.append(_adopt(tensor_meta, out, session, index))
         elif kind is Return.NEW_LIST:
             results.append([_adopt(m, h, session, index) for m, h in zip(tensor_meta, out)])
         elif kind is Return.MUTATED_INPUT:

@@ -140,9 +140,20 @@ def _gru_cell_backward_meta(grad_hy, workspace, has_bias):
     return gates, gates.clone(), grad_hy.new_empty((batch, hidden)), bias, None if bias is None else bias.clone()
 
 
+def _attention_backward_meta(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attn_bias: torch.Tensor | None, grad_input_mask: list[bool], *args: Any,
+                             **kwargs: Any) -> tuple[Any, ...]:
+    """torch < 2.12 has no meta kernel for the overrideable attention backward (the one
+    SDPA uses on the remote device); without it every attention backward waits for a round trip.
+    Same shapes as torch's own later kernel."""
+    bias_grad = torch.empty_like(attn_bias) if attn_bias is not None and grad_input_mask[3] else None
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), bias_grad
+
+
 _META_KERNELS = {
     "_thnn_fused_gru_cell": _gru_cell_meta,
     "_thnn_fused_gru_cell_backward": _gru_cell_backward_meta,
+    "_scaled_dot_product_fused_attention_overrideable_backward": _attention_backward_meta,
 }
 _meta_library: list[torch.library.Library] = []
 
