@@ -50,7 +50,7 @@ class SpillExhausted(Exception):
 class StorageRecord:
     """One storage held by a session, as the device's memory manager sees it."""
 
-    __slots__ = ("storage", "nbytes", "owner", "last_use", "host", "device_memory")
+    __slots__ = ("storage", "nbytes", "owner", "last_use", "host", "spilled", "device_memory")
 
     def __init__(self, storage: torch.UntypedStorage, nbytes: int, owner: Any) -> None:
         self.storage = storage
@@ -58,6 +58,7 @@ class StorageRecord:
         self.owner = owner  # the Session: its priority, queue and stream matter for eviction
         self.last_use = 0
         self.host: torch.Tensor | None = None  # the bytes while spilled
+        self.spilled: Any = None  # on a GPU: a CUDA event, set once the bytes are all in ``host``
         self.device_memory: DeviceMemory | None = None
 
     @property
@@ -86,6 +87,7 @@ class DeviceMemory:
         self.evict_seconds = 0.0
         self.restore_seconds = 0.0
         self._clock = 0
+        self._untimed_evictions: list[tuple[Any, Any]] = []  # (start, end) CUDA events
 
     # ------------------------------------------------------------------------------------------
     def track(self, record: StorageRecord) -> None:
@@ -103,7 +105,7 @@ class DeviceMemory:
         else:
             self.spilled_bytes -= record.nbytes
             record.owner.memory.spilled -= record.nbytes
-            record.host = None
+            record.host = record.spilled = None
         record.storage = None  # type: ignore[assignment]
 
     def resized(self, record: StorageRecord, nbytes: int) -> None:
@@ -201,26 +203,44 @@ class DeviceMemory:
     # ------------------------------------------------------------------------------------------
     def _evict(self, record: StorageRecord) -> None:
         owner = record.owner
-        if owner.stream is not None:
-            owner.stream.synchronize()  # its kernels may still be writing these bytes
-        started = time.perf_counter()
         source = _byte_view(record.storage, record.nbytes)
-        host = torch.empty(record.nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        host.copy_(source)
-        record.storage.resize_(0)
+        if owner.stream is None:  # CPU backend: a plain copy
+            started = time.perf_counter()
+            host = torch.empty(record.nbytes, dtype=torch.uint8)
+            host.copy_(source)
+            record.storage.resize_(0)
+            self.evict_seconds += time.perf_counter() - started
+        else:
+            # On the owner's stream, after the kernels it queued that may still write these bytes;
+            # the host does not wait. The freed device block is marked as used by that stream, so
+            # the allocator hands it out again only after the copy; a restore waits for ``spilled``.
+            host = torch.empty(record.nbytes, dtype=torch.uint8, pin_memory=True)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(owner.stream):
+                start.record()
+                host.copy_(source, non_blocking=True)
+                end.record()
+                source.record_stream(owner.stream)
+                record.storage.resize_(0)
+            record.spilled = end
+            self._untimed_evictions.append((start, end))
+            if len(self._untimed_evictions) > 256:
+                self._collect_eviction_times(wait=False)
         record.host = host
         self.resident_bytes -= record.nbytes
         self.spilled_bytes += record.nbytes
         owner.memory.spilled += record.nbytes
         self.evictions += 1
         self.bytes_evicted += record.nbytes
-        self.evict_seconds += time.perf_counter() - started
 
     def _restore(self, record: StorageRecord, *, protect: Iterable[StorageRecord] = ()) -> None:
         host = record.host
         assert host is not None
         started = time.perf_counter()
         self.retrying_oom(lambda: record.storage.resize_(record.nbytes), protect=protect)
+        if record.spilled is not None:  # the spill copy (on its owner's stream) must be complete
+            torch.cuda.current_stream(self.device).wait_event(record.spilled)
+            record.spilled = None
         _byte_view(record.storage, record.nbytes).copy_(host, non_blocking=host.is_pinned())
         if host.is_pinned():
             torch.cuda.current_stream(self.device).synchronize()  # (timing only; the copy is ordered anyway)
@@ -232,7 +252,20 @@ class DeviceMemory:
         self.bytes_restored += record.nbytes
         self.restore_seconds += time.perf_counter() - started
 
+    def _collect_eviction_times(self, *, wait: bool) -> None:
+        """Add the device time of finished GPU spill copies to ``evict_seconds``."""
+        pending = []
+        for start, end in self._untimed_evictions:
+            if wait:
+                end.synchronize()
+            elif not end.query():
+                pending.append((start, end))
+                continue
+            self.evict_seconds += start.elapsed_time(end) / 1e3
+        self._untimed_evictions = pending
+
     def stats(self) -> dict[str, Any]:
+        self._collect_eviction_times(wait=True)
         return {
             "resident_bytes": self.resident_bytes, "spilled_bytes": self.spilled_bytes,
             "device_budget": self.budget, "host_spill_limit": self.host_limit,
