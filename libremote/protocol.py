@@ -117,6 +117,8 @@ class Cmd(enum.IntEnum):
     ELAPSED = 9
     QUERY = 10
     PUT = 11
+    GRAPH = 12  # [GRAPH, graph id, input count, nodes, outputs]: define a graph (graph mode)
+    RUN_GRAPH = 13  # [RUN_GRAPH, graph id, inputs, outs]: run it on handles; outs get the results
 
 
 #: Commands whose execution yields an entry in REPLY.results.
@@ -146,9 +148,11 @@ EXT_LAYOUT = 4  # ascii name, "strided"
 EXT_MEMORY_FORMAT = 5  # ascii name, "channels_last"
 EXT_TENSOR = 6  # small CPU tensor: msgpack [dtype name, shape, bytes]
 EXT_COMPLEX = 7  # two float64, real then imaginary
+EXT_VALUE = 8  # uint32 little endian: a value of the graph being defined (its inputs, then nodes)
 
 _U64 = struct.Struct("<Q")
 _U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
 _C128 = struct.Struct("<dd")
 
 DTYPES: dict[str, torch.dtype] = {
@@ -185,6 +189,18 @@ class HandleRef:
         return f"HandleRef({self.handle})"
 
 
+class ValueRef:
+    """A decoded EXT_VALUE: in a GRAPH definition, the value of an input or of an earlier node."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"ValueRef({self.index})"
+
+
 class DeviceRef:
     """A decoded EXT_DEVICE: index into the devices the daemon gave this session."""
 
@@ -217,6 +233,10 @@ def _ext(code: int, data: bytes) -> msgpack.ExtType:
 
 def handle_ext(handle: int) -> msgpack.ExtType:
     return _ext(EXT_HANDLE, _U64.pack(handle))
+
+
+def value_ext(index: int) -> msgpack.ExtType:
+    return _ext(EXT_VALUE, _U32.pack(index))
 
 
 def dtype_ext(dtype: torch.dtype) -> msgpack.ExtType:
@@ -304,6 +324,8 @@ def _ext_hook(code: int, data: bytes) -> Any:
             return LAYOUTS[data.decode()]
         if code == EXT_MEMORY_FORMAT:
             return MEMORY_FORMATS[data.decode()]
+        if code == EXT_VALUE:
+            return ValueRef(_U32.unpack(data)[0])
         if code == EXT_COMPLEX:
             real, imag = _C128.unpack(data)
             return complex(real, imag)

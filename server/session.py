@@ -23,7 +23,7 @@ import torch
 from libremote import protocol
 from libremote.protocol import Cmd, DeviceRef, ErrorKind, HandleRef, ProtocolError
 
-from . import devices, op_policy, values
+from . import devices, graphs, op_policy, values
 from .memory import MemoryAccount
 from .residency import DeviceMemory, SpillExhausted, StorageRecord
 from .pool import ANONYMOUS, Tenant
@@ -92,6 +92,7 @@ class Session:
         self.tensors: dict[int, torch.Tensor] = {}
         self._storage_keys: dict[int, int] = {}
         self._failed: dict[int, str] = {}
+        self._graphs: dict[int, graphs.Graph] = {}
         self._ops: dict[int, op_policy.OpEntry] = {}
         self._refused_ops: dict[int, CommandError] = {}
         self._events: collections.OrderedDict[int, Any] = collections.OrderedDict()
@@ -119,6 +120,8 @@ class Session:
             Cmd.OP_SYNC: self._op_sync,
             Cmd.UPLOAD: self._upload,
             Cmd.PUT: self._put,
+            Cmd.GRAPH: self._define_graph,
+            Cmd.RUN_GRAPH: self._run_graph,
             Cmd.FETCH: self._fetch,
             Cmd.FREE: self._free,
             Cmd.SYNC: self._sync,
@@ -237,6 +240,8 @@ class Session:
             produced: Any = command[4]
         elif command[0] == Cmd.PUT and len(command) >= 2:
             produced = command[1]
+        elif command[0] == Cmd.RUN_GRAPH and len(command) >= 4:
+            produced = command[3]
         else:
             return
         origin = f"{error.op} failed: {error.message}"
@@ -357,9 +362,21 @@ class Session:
         except CommandError as exc:
             exc.op = entry.name
             raise
+        allocated_before = self.memory.allocated
+        result, inputs = self._invoke(entry, args, kwargs)
+        grown = self._remeasure(entry, args, kwargs, command[2], command[3]) if entry.resized_arguments else ()
+        self._store_outputs(entry, result, outs)
+        if self.memory.allocated > self.memory_quota:
+            self._refuse_over_quota(entry.name, allocated_before, outs, grown)
+        if self.memory.managed:
+            self._fit_on_device(entry.name, inputs, outs)
+        return entry, result
+
+    def _invoke(self, entry: op_policy.OpEntry, args: list[Any], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        """Run one op on resolved arguments: the session's generator for random ops, operands
+        resident first. Returns the result and the storage records it was given."""
         if entry.sanitize is not None:
             entry.sanitize(args, kwargs)
-        allocated_before = self.memory.allocated
         if entry.takes_generator and kwargs.get("generator") is None:
             kwargs["generator"] = self.generators[self._index_of(values.device_of(args, kwargs))]
         inputs = self._make_resident(entry.name, values.tensors_in(args, kwargs)) if self.memory.managed else ()
@@ -371,13 +388,57 @@ class Session:
         if entry.zero_fill_result and isinstance(result, torch.Tensor):
             result.zero_()
         self.ops_executed += 1
-        grown = self._remeasure(entry, args, kwargs, command[2], command[3]) if entry.resized_arguments else ()
-        self._store_outputs(entry, result, outs)
+        return result, inputs
+
+    # ------------------------------------------------------------------------------------------
+    # Graph mode: graphs defined once, run on handles (see server/graphs.py)
+    # ------------------------------------------------------------------------------------------
+    def _define_graph(self, command: list[Any], frames: list[Any]) -> None:
+        protocol.check(len(command) == 5, "GRAPH takes [GRAPH, id, input count, nodes, outputs]")
+        _, graph_id, input_count, nodes, outputs = command
+        protocol.check(isinstance(graph_id, int) and not isinstance(graph_id, bool), "graph id must be an integer")
+        if graph_id not in self._graphs and len(self._graphs) >= graphs.MAX_GRAPHS_PER_SESSION:
+            raise CommandError(ErrorKind.OP, "graph", f"a session may define at most {graphs.MAX_GRAPHS_PER_SESSION} "
+                               "graphs; recompiling on every new input shape? mark dynamic shapes or pad inputs")
+        try:
+            self._graphs[graph_id] = graphs.define(input_count, nodes, outputs)
+        except op_policy.OpRefused as exc:
+            raise CommandError(ErrorKind.REFUSED, "graph", str(exc)) from None
+
+    def _run_graph(self, command: list[Any], frames: list[Any]) -> None:
+        protocol.check(len(command) == 4, "RUN_GRAPH takes [RUN_GRAPH, id, inputs, outs]")
+        _, graph_id, wire_inputs, outs = command
+        graph = self._graphs.get(graph_id) if isinstance(graph_id, int) else None
+        protocol.check(graph is not None, lambda: f"graph {graph_id!r:.20} was never defined in this session")
+        protocol.check(isinstance(wire_inputs, list) and len(wire_inputs) == graph.input_count,
+                       lambda: f"the graph takes {graph.input_count} inputs")
+        protocol.check(isinstance(outs, list) and len(outs) == len(graph.outputs), "RUN_GRAPH outs do not match the graph")
+        allocated_before = self.memory.allocated
+        inputs = self._resolve(wire_inputs)
+        failing = [""]
+
+        def call(entry: op_policy.OpEntry, args: list[Any], kwargs: dict[str, Any]) -> Any:
+            failing[0] = entry.name
+            return self._invoke(entry, args, kwargs)[0]
+
+        try:
+            results = graphs.run(graph, inputs, call, self._resolve)
+        except CommandError as exc:
+            exc.op = f"{failing[0]} (in a compiled {graph.name})"
+            raise
+        except torch.OutOfMemoryError as exc:
+            raise CommandError(ErrorKind.OOM, f"{failing[0]} (in a compiled {graph.name})",
+                               values.error_message(exc)) from None
+        except Exception as exc:
+            raise CommandError(ErrorKind.OP, f"{failing[0]} (in a compiled {graph.name})",
+                               values.error_message(exc)) from None
+        for handle, value in zip(outs, results):
+            if handle is not None:
+                self._store(handle, value)
         if self.memory.allocated > self.memory_quota:
-            self._refuse_over_quota(entry.name, allocated_before, outs, grown)
+            self._refuse_over_quota(graph.name, allocated_before, outs, ())
         if self.memory.managed:
-            self._fit_on_device(entry.name, inputs, outs)
-        return entry, result
+            self._fit_on_device(graph.name, [], outs)
 
     # ------------------------------------------------------------------------------------------
     # Oversubscription: keep what an op touches resident, and the device within its budget

@@ -788,22 +788,3 @@ def test_env_var_activates_on_import_torch(daemon):
     result = run_python(code, LIBREMOTE_SERVER=daemon.address)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["True", "True 1", "cuda:0 12.0"]
-
-
-def test_torch_compile_runs_eagerly_with_a_warning(remote):
-    import warnings
-
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    x = torch.randn(3, 4)
-    expected = model(x)
-    remote_model = model.cuda()
-    with warnings.catch_warnings(record=True):
-        warnings.simplefilter("always")
-        compiled = torch.compile(remote_model)
-
-        @torch.compile(mode="reduce-overhead")
-        def double(t):
-            return t * 2
-
-    torch.testing.assert_close(compiled(x.cuda()).cpu(), expected)
-    torch.testing.assert_close(double(x.cuda()).cpu(), x * 2)

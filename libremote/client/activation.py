@@ -15,14 +15,16 @@ def activate() -> None:
     global active
     if active:
         return
-    from . import amp, backend, cuda_api, device_map, eager_compile, serialization
+    from . import amp, backend, cuda_api, device_map, optim, serialization
+    from . import compile as graph_compile
 
     backend.register()
     amp.enabled = True
     cuda_api.install()
     device_map.install()
     serialization.install()
-    eager_compile.install()
+    graph_compile.install()
+    optim.install()
     active = True
 
 
@@ -30,9 +32,11 @@ def deactivate() -> None:
     global active
     if not active:
         return
-    from . import amp, cuda_api, device_map, eager_compile, serialization
+    from . import amp, cuda_api, device_map, optim, serialization
+    from . import compile as graph_compile
 
-    eager_compile.uninstall()
+    optim.uninstall()
+    graph_compile.uninstall()
     serialization.uninstall()
     device_map.uninstall()
     cuda_api.uninstall()

@@ -138,6 +138,12 @@ class RemoteTensor(torch.Tensor):
         memo[id(self)] = new
         return new
 
+    def __coerce_same_metadata_as_tangent__(self, expected_meta: Any, expected_type: Any = None) -> "RemoteTensor":
+        """Graph mode (:mod:`.compile`) traces on plain meta tensors; at run time AOT autograd
+        checks that each incoming gradient has the traced type and asks a subclass to coerce.
+        A RemoteTensor already is what the shipped graph takes."""
+        return self
+
     def __reduce_ex__(self, protocol: int) -> Any:
         from .serialization import reduce_remote_tensor
 
