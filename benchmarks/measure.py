@@ -100,6 +100,8 @@ def remote(args: argparse.Namespace) -> dict:
 
     for kind in training_kinds(args.size):
         results[f"{kind}_steps_per_s"] = _time_steps(make_step(kind, "cuda", args.size), args.steps, 2)
+        results[f"{kind}_graph_steps_per_s"] = _time_steps(make_step(kind, "cuda", args.size, compiled=True),
+                                                           args.steps, 2)
     libremote.disconnect()
     return results
 

@@ -102,6 +102,8 @@ def main() -> None:
     ]
     for kind in training_kinds(args.size):
         rows.append((f"{kind} training steps/s", remote[f"{kind}_steps_per_s"], local[f"{kind}_steps_per_s"], "local eager", ""))
+        rows.append((f"{kind} training, graph mode", remote[f"{kind}_graph_steps_per_s"], local[f"{kind}_steps_per_s"],
+                     "local eager", ""))
 
     print(f"\nlibremote benchmarks on {platform.node()} ({os.cpu_count()} cores), daemon device: "
           f"{remote['daemon_device']}, workloads: {args.size}")

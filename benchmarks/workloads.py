@@ -44,8 +44,9 @@ def training_kinds(size: str) -> tuple[str, ...]:
     return ("mlp", "cnn", "gpt") if size == "ci" else ("mlp", "resnet50", "gpt2-2x256", "gpt2-8x512")
 
 
-def make_step(kind: str, device: str, size: str = "ci") -> Step:
-    """A training step closure for ``kind`` (mlp, cnn, gpt) on ``device``; returns the loss."""
+def make_step(kind: str, device: str, size: str = "ci", compiled: bool = False) -> Step:
+    """A training step closure for ``kind`` (mlp, cnn, gpt) on ``device``; returns the loss.
+    ``compiled``: the model goes through ``torch.compile`` (graph mode under libremote)."""
     torch.manual_seed(0)
     if kind == "mlp":
         width = 512 if size == "ci" else 4096
@@ -79,9 +80,10 @@ def make_step(kind: str, device: str, size: str = "ci") -> Step:
     model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     data, target = data.to(device), target.to(device)
+    forward = torch.compile(model) if compiled else model
 
     def step() -> float:
-        loss = loss_fn(model(data), target)
+        loss = loss_fn(forward(data), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -29,6 +29,19 @@ def _math_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     )[0]
 
 
+def _like(result: Any, reference: torch.Tensor) -> Any:
+    """``result`` laid out as torch's meta kernels promise, the same dimension order as
+    ``reference`` (``alloc_with_matching_layout``/``empty_like``); the device kernels pick their
+    own. The client infers strides from those meta kernels, and graphs reshape with ``view`` on
+    the strength of them, so what the daemon stores must match."""
+    if not isinstance(result, torch.Tensor) or result.stride() == reference.stride() or result.dim() != reference.dim():
+        return result
+    order = sorted(range(reference.dim()), key=lambda d: (-reference.stride(d), d))
+    target = torch.empty([result.shape[d] for d in order], dtype=result.dtype, device=result.device)
+    target = target.permute([order.index(d) for d in range(reference.dim())])
+    return target.copy_(result) if target.stride() != result.stride() else result
+
+
 def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_bias: Any = None,
                       dropout_p: float = 0.0, is_causal: bool = False, return_debug_mask: bool = False,
                       *, scale: Any = None) -> tuple[Any, ...]:
@@ -40,17 +53,17 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
             out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(
                 query, key, value, attn_bias, True, dropout_p, is_causal, scale=scale
             )
-            return out, lse, None, None, max_q, max_k, seed, offset, None
+            return _like(out, query), lse, None, None, max_q, max_k, seed, offset, None
         except RuntimeError:
             pass
     elif query.device.type == "cpu" and dropout_p == 0.0:
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
             query, key, value, dropout_p, is_causal, attn_mask=attn_bias, scale=scale
         )
-        return out, lse, None, None, max_q, max_k, no_rng, no_rng.clone(), None
+        return _like(out, query), lse, None, None, max_q, max_k, no_rng, no_rng.clone(), None
     out = _math_attention(query, key, value, attn_bias, dropout_p, is_causal, scale)
     empty_lse = torch.empty((0,), dtype=torch.float32, device=query.device)
-    return out, empty_lse, None, None, max_q, max_k, no_rng, no_rng.clone(), None
+    return _like(out, query), empty_lse, None, None, max_q, max_k, no_rng, no_rng.clone(), None
 
 
 def attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -64,12 +77,13 @@ def attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.T
                 grad_out, query, key, value, attn_bias, out, logsumexp, philox_seed, philox_offset,
                 dropout_p, grad_input_mask, is_causal, scale=scale,
             )
-            return tuple(grads[i] if grad_input_mask[i] else None for i in range(4))
+            return tuple(_like(grads[i], ref) if grad_input_mask[i] else None
+                         for i, ref in enumerate((query, key, value, attn_bias)))
         if query.device.type == "cpu" and not grad_input_mask[3]:
             gq, gk, gv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 grad_out, query, key, value, out, logsumexp, dropout_p, is_causal, attn_mask=attn_bias, scale=scale
             )
-            return gq, gk, gv, None
+            return _like(gq, query), _like(gk, key), _like(gv, value), None
     # Recompute through autograd (math attention; also the only way to a bias gradient on CPU).
     inputs = [t.detach().requires_grad_(need) if t is not None else None
               for t, need in zip((query, key, value, attn_bias), grad_input_mask)]
@@ -77,7 +91,7 @@ def attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.T
         result = _math_attention(inputs[0], inputs[1], inputs[2], inputs[3], dropout_p, is_causal, scale)
         wanted = [t for t, need in zip(inputs, grad_input_mask) if need and t is not None]
         grads = iter(torch.autograd.grad(result, wanted, grad_out))
-    return tuple(next(grads) if need and t is not None else None for t, need in zip(inputs, grad_input_mask))
+    return tuple(_like(next(grads), t) if need and t is not None else None for t, need in zip(inputs, grad_input_mask))
 
 
 def lstm_cell(input_gates: torch.Tensor, hidden_gates: torch.Tensor, cx: torch.Tensor,

@@ -15,7 +15,7 @@ def activate() -> None:
     global active
     if active:
         return
-    from . import amp, backend, cuda_api, device_map, optim, serialization
+    from . import amp, attention, backend, cuda_api, device_map, optim, serialization
     from . import compile as graph_compile
 
     backend.register()
@@ -25,6 +25,7 @@ def activate() -> None:
     serialization.install()
     graph_compile.install()
     optim.install()
+    attention.install()
     active = True
 
 
@@ -32,9 +33,10 @@ def deactivate() -> None:
     global active
     if not active:
         return
-    from . import amp, cuda_api, device_map, optim, serialization
+    from . import amp, attention, cuda_api, device_map, optim, serialization
     from . import compile as graph_compile
 
+    attention.uninstall()
     optim.uninstall()
     graph_compile.uninstall()
     serialization.uninstall()

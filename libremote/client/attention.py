@@ -19,6 +19,16 @@ import torch
 from .tensor import RemoteTensor
 
 _NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+
+#: Set by graph mode (:mod:`.compile`) while it traces on ``meta`` stand-ins: the graph will run
+#: on the daemon, so attention goes into it as the one fused op, as it would run eagerly.
+tracing_graph = False
+
+
+def _on_daemon(tensor: Any) -> bool:
+    if isinstance(tensor, RemoteTensor):
+        return True
+    return tracing_graph and isinstance(tensor, torch.Tensor) and tensor.device.type == "meta"
 _DEFAULTS = (None, None, None, None, 0.0, False)
 
 
@@ -28,13 +38,13 @@ def scaled_dot_product_attention(func: Callable[..., Any], args: tuple[Any, ...]
     bound.update((k, v) for k, v in kwargs.items() if k in _NAMES)
     query, key, value, mask = bound["query"], bound["key"], bound["value"], bound["attn_mask"]
     fused = (
-        isinstance(query, RemoteTensor) and isinstance(key, RemoteTensor) and isinstance(value, RemoteTensor)
+        _on_daemon(query) and _on_daemon(key) and _on_daemon(value)
         and query.dim() == 4 and key.dim() == 4 and value.dim() == 4
         and query.is_floating_point()
         and not bound["dropout_p"]
         and not kwargs.get("enable_gqa", False)
         and query.shape[1] == key.shape[1] == value.shape[1]
-        and (mask is None or (isinstance(mask, RemoteTensor) and not bound["is_causal"]))
+        and (mask is None or (_on_daemon(mask) and not bound["is_causal"]))
     )
     if not fused:
         return func(*args, **kwargs)
@@ -50,3 +60,20 @@ def scaled_dot_product_attention(func: Callable[..., Any], args: tuple[Any, ...]
 HOOKS: dict[Any, Callable[..., Any]] = {
     torch.nn.functional.scaled_dot_product_attention: scaled_dot_product_attention,
 }
+
+_original = torch.nn.functional.scaled_dot_product_attention
+
+
+def _patched(*args: Any, **kwargs: Any) -> Any:
+    return scaled_dot_product_attention(_original, args, kwargs)
+
+
+def install() -> None:
+    """Also route ``torch.nn.functional``'s own global: ``multi_head_attention_forward`` (every
+    ``nn.MultiheadAttention``/``nn.Transformer*``) calls it from inside its own
+    ``__torch_function__`` handling, where the torch-function mode is switched off."""
+    torch.nn.functional.scaled_dot_product_attention = _patched
+
+
+def uninstall() -> None:
+    torch.nn.functional.scaled_dot_product_attention = _original

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 
+from . import attention
 from .graphs import RemoteGraph
 from .tensor import RemoteTensor
 
@@ -106,12 +107,15 @@ class GraphFunction:
             return graph
 
         compiled = aot_function(flat_fn, fw_compiler=ship, bw_compiler=ship)
+        attention.tracing_graph = True
         try:
             with torch.set_grad_enabled(grad):
                 compiled(*[_stand_in(value) for value in flat])  # trace now, on meta: nothing is sent
         except Exception as exc:  # noqa: BLE001 - any trace failure means "run eagerly"
             _warn_eager(exc)
             return _Eager
+        finally:
+            attention.tracing_graph = False
         self.compiles += 1
         return compiled
 
