@@ -102,6 +102,8 @@ def remote(args: argparse.Namespace) -> dict:
         results[f"{kind}_steps_per_s"] = _time_steps(make_step(kind, "cuda", args.size), args.steps, 2)
         results[f"{kind}_graph_steps_per_s"] = _time_steps(make_step(kind, "cuda", args.size, compiled=True),
                                                            args.steps, 2)
+        replay = libremote.capture_step(make_step(kind, "cuda", args.size, compiled=True, capturable=True))
+        results[f"{kind}_captured_steps_per_s"] = _time_steps(replay, args.steps, 2)
     libremote.disconnect()
     return results
 

@@ -104,6 +104,8 @@ def main() -> None:
         rows.append((f"{kind} training steps/s", remote[f"{kind}_steps_per_s"], local[f"{kind}_steps_per_s"], "local eager", ""))
         rows.append((f"{kind} training, graph mode", remote[f"{kind}_graph_steps_per_s"], local[f"{kind}_steps_per_s"],
                      "local eager", ""))
+        rows.append((f"{kind} training, captured step", remote[f"{kind}_captured_steps_per_s"],
+                     local[f"{kind}_steps_per_s"], "local eager", ""))
 
     print(f"\nlibremote benchmarks on {platform.node()} ({os.cpu_count()} cores), daemon device: "
           f"{remote['daemon_device']}, workloads: {args.size}")

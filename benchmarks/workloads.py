@@ -44,9 +44,10 @@ def training_kinds(size: str) -> tuple[str, ...]:
     return ("mlp", "cnn", "gpt") if size == "ci" else ("mlp", "resnet50", "gpt2-2x256", "gpt2-8x512")
 
 
-def make_step(kind: str, device: str, size: str = "ci", compiled: bool = False) -> Step:
+def make_step(kind: str, device: str, size: str = "ci", compiled: bool = False, capturable: bool = False) -> Step:
     """A training step closure for ``kind`` (mlp, cnn, gpt) on ``device``; returns the loss.
-    ``compiled``: the model goes through ``torch.compile`` (graph mode under libremote)."""
+    ``compiled``: the model goes through ``torch.compile`` (graph mode under libremote);
+    ``capturable``: AdamW keeps its step count on the device (for ``libremote.capture_step``)."""
     torch.manual_seed(0)
     if kind == "mlp":
         width = 512 if size == "ci" else 4096
@@ -78,13 +79,13 @@ def make_step(kind: str, device: str, size: str = "ci", compiled: bool = False) 
     else:
         raise ValueError(kind)
     model = model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=capturable)
     data, target = data.to(device), target.to(device)
     forward = torch.compile(model) if compiled else model
 
     def step() -> float:
         loss = loss_fn(forward(data), target)
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not capturable)
         loss.backward()
         optimizer.step()
         return loss

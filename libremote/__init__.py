@@ -25,6 +25,7 @@ if _os.path.isfile(_os.path.join(_checkout, "setup.py")) and _os.path.isdir(_os.
     __path__.append(_checkout)  # type: ignore[name-defined]
 
 from .errors import (  # noqa: E402
+    CaptureError,
     ConnectionFailed,
     LibremoteError,
     NotConfiguredError,
@@ -105,6 +106,18 @@ def session_stats() -> dict[str, Any]:
     return dict(result)
 
 
+def capture_step(fn: Any, *example_inputs: Any, warmup: int = 1) -> Any:
+    """Record a training step once; calling the result replays it on the daemon with one command.
+
+    ``step = libremote.capture_step(train_step, x, y)`` then ``loss = step(x, y)`` per batch.
+    The contract is CUDA graphs' (static inputs and outputs, no sync inside, ``capturable=True``
+    optimizers); see :mod:`libremote.client.capture`.
+    """
+    from .client.capture import capture_step as _capture_step
+
+    return _capture_step(fn, *example_inputs, warmup=warmup)
+
+
 def memory_stats() -> dict[str, int]:
     """This session's memory on the daemon: allocated, peak, reserved, device free/total."""
     from .client import cuda_api
@@ -113,12 +126,14 @@ def memory_stats() -> dict[str, int]:
 
 
 __all__ = [
+    "CaptureError",
     "ConnectionFailed",
     "LibremoteError",
     "NotConfiguredError",
     "RemoteOpError",
     "RemoteOutOfMemoryError",
     "__version__",
+    "capture_step",
     "connect",
     "disconnect",
     "is_connected",

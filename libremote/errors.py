@@ -22,6 +22,10 @@ class ConnectionFailed(LibremoteError):
     """The daemon could not be reached, refused the client, or went away."""
 
 
+class CaptureError(LibremoteError):
+    """Something in a step given to ``libremote.capture_step`` cannot be replayed by the daemon."""
+
+
 class RemoteOpError(LibremoteError):
     """An op failed on the daemon. ``kind``: what failed (see ``protocol.ErrorKind``)."""
 

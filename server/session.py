@@ -93,6 +93,7 @@ class Session:
         self._storage_keys: dict[int, int] = {}
         self._failed: dict[int, str] = {}
         self._graphs: dict[int, graphs.Graph] = {}
+        self._programs: dict[int, graphs.Program] = {}
         self._ops: dict[int, op_policy.OpEntry] = {}
         self._refused_ops: dict[int, CommandError] = {}
         self._events: collections.OrderedDict[int, Any] = collections.OrderedDict()
@@ -122,6 +123,8 @@ class Session:
             Cmd.PUT: self._put,
             Cmd.GRAPH: self._define_graph,
             Cmd.RUN_GRAPH: self._run_graph,
+            Cmd.PROGRAM: self._define_program,
+            Cmd.REPLAY: self._replay,
             Cmd.FETCH: self._fetch,
             Cmd.FREE: self._free,
             Cmd.SYNC: self._sync,
@@ -439,6 +442,37 @@ class Session:
             self._refuse_over_quota(graph.name, allocated_before, outs, ())
         if self.memory.managed:
             self._fit_on_device(graph.name, [], outs)
+
+    # ------------------------------------------------------------------------------------------
+    # Whole-step capture: a recorded command list, replayed (libremote.capture_step)
+    # ------------------------------------------------------------------------------------------
+    def _define_program(self, command: list[Any], frames: list[Any]) -> None:
+        protocol.check(len(command) == 3 and isinstance(command[1], int) and isinstance(command[2], list),
+                       "PROGRAM takes [PROGRAM, id, commands]")
+        _, program_id, commands = command
+        if program_id not in self._programs and len(self._programs) >= graphs.MAX_GRAPHS_PER_SESSION:
+            raise CommandError(ErrorKind.OP, "capture", f"a session may keep at most {graphs.MAX_GRAPHS_PER_SESSION} "
+                               "captured steps")
+        self._programs[program_id] = graphs.define_program(commands)
+
+    def _replay(self, command: list[Any], frames: list[Any]) -> None:
+        protocol.check(len(command) == 2, "REPLAY takes [REPLAY, id]")
+        program = self._programs.get(command[1]) if isinstance(command[1], int) else None
+        protocol.check(program is not None, lambda: f"captured step {command[1]!r:.20} was never defined in this session")
+        for handle in program.created:  # last replay's results make way for this one's
+            self._drop(handle)
+        for recorded in program.commands:
+            try:
+                self._handlers[recorded[0]](recorded, frames)
+            except CommandError as exc:
+                for handle in program.created:
+                    if handle not in self.tensors:
+                        self._failed.setdefault(handle, f"the captured step failed in {exc.op}: {exc.message}")
+                exc.op = f"{exc.op or self._describe(recorded)} (in a captured step)"
+                if exc.kind == ErrorKind.HANDLE:
+                    exc.message += ("; a tensor the captured step uses was freed since it was recorded: keep "
+                                    "the model, optimizer and tensors the step uses alive while replaying it")
+                raise
 
     # ------------------------------------------------------------------------------------------
     # Oversubscription: keep what an op touches resident, and the device within its budget

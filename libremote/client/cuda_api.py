@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ConnectionFailed, NotConfiguredError
 from ..protocol import Cmd
-from . import runtime
+from . import capture, runtime
 
 _current_device = 0
 _warned: set[str] = set()
@@ -279,6 +279,10 @@ class Stream:
     def wait_stream(self, stream: "Stream") -> None:
         pass
 
+    def is_capturing(self) -> bool:
+        """True while ``libremote.capture_step`` records (optimizers check this, see capture.py)."""
+        return capture.is_capturing()
+
     def wait_event(self, event: "Event") -> None:
         pass
 
@@ -386,7 +390,7 @@ def _replacements() -> list[tuple[Any, str, Any]]:
     patches += [
         (cuda, "_maybe_exchange_device", _exchange_device),
         (cuda, "_lazy_init", lambda: None),
-        (cuda, "is_current_stream_capturing", lambda: False),
+        (cuda, "is_current_stream_capturing", capture.is_capturing),
         (cuda, "ipc_collect", lambda: None),
         (cuda.random, "manual_seed", manual_seed),
         (cuda.random, "manual_seed_all", manual_seed_all),
@@ -398,6 +402,7 @@ def _replacements() -> list[tuple[Any, str, Any]]:
         (accelerator, "set_device_index", set_device),
         (accelerator, "set_device_idx", set_device),
         (accelerator, "synchronize", synchronize),
+        (accelerator, "current_stream", current_stream),
         (torch.backends.cudnn, "is_acceptable", _cudnn_is_acceptable),
     ]
     patches += [(cuda.memory, name, globals()[name]) for name in _MEMORY_FUNCTIONS if hasattr(cuda.memory, name)]

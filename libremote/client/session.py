@@ -55,6 +55,8 @@ class ClientSession:
         self._deferred_error: Exception | None = None
         #: When a list, the name of every op sent is appended (``libremote.op_trace()``).
         self.op_log: list[str] | None = None
+        #: When a list, every command sent is also appended to it (``libremote.capture_step``).
+        self._recording: list[Any] | None = None
         self.closed = False
         self.ping_interval_s = float(welcome.get("heartbeat_s", 2.0))
         threading.Thread(target=self._heartbeat, name="libremote-heartbeat", daemon=True).start()
@@ -105,6 +107,12 @@ class ClientSession:
         Small tensors are copied into the batch; large ones go out at once, zero-copy, and this
         returns when ZeroMQ is done reading them.
         """
+        if self._recording is not None:
+            raise errors.CaptureError(
+                "libremote: a captured step cannot send new host data (a CPU tensor moved to the device, "
+                "torch.tensor(..., device='cuda')): a replay would reuse the old bytes. Pass the data as "
+                "an input of the step instead."
+            )
         source = tensor.detach()
         if source.is_conj() or source.is_neg():
             source = source.resolve_conj().resolve_neg()
@@ -127,6 +135,12 @@ class ClientSession:
 
     def request(self, command: list[Any]) -> tuple[Any, list[Any]]:
         """Send ``command`` with everything pending, wait, and return (its result, reply frames)."""
+        if self._recording is not None:
+            raise errors.CaptureError(
+                "libremote: a captured step cannot wait for the device (.item(), .cpu(), print, "
+                f"synchronize, ops whose result shape depends on data; here: {_command_name(command)}): a "
+                "replay sends one command and reads nothing back. Move it out of the step, after the call."
+            )
         with self._lock:
             if self._released:
                 self._queue_frees()
@@ -152,9 +166,19 @@ class ClientSession:
         if released:
             self._commands.append([Cmd.FREE, released])
 
+    def start_recording(self, recording: list[Any]) -> None:
+        """From now on, also append every command sent to ``recording`` (pending ones go first)."""
+        self.flush()
+        self._recording = recording
+
+    def stop_recording(self) -> None:
+        self._recording = None
+
     def _flush(self, *, want_reply: bool, track: bool = False) -> Any:
         commands = self._commands
         self._queue_frees()
+        if self._recording is not None:  # graph definitions stay defined: not part of the program
+            self._recording.extend(command for command in commands if command[0] != Cmd.GRAPH)
         frames = self._frames
         self._commands, self._frames, self._pending_bytes = [], [], 0
         seq = self._next_seq()
@@ -214,3 +238,13 @@ class ClientSession:
                 except Exception:  # the daemon is gone: nothing to say goodbye to
                     pass
             self.connection.close()
+
+
+def _command_name(command: list[Any]) -> str:
+    if command and command[0] in (Cmd.OP, Cmd.OP_SYNC) and len(command) > 1:
+        ref = command[1]
+        return str(ref[1]) if isinstance(ref, list) else "an op that needs its result"
+    try:
+        return Cmd(command[0]).name
+    except (ValueError, IndexError):
+        return "a command"

@@ -1,0 +1,163 @@
+"""Whole-step capture (``libremote.capture_step``): a training step recorded once and replayed by
+the daemon with one command per step. Parity with local eager torch, and the contract's errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import libremote
+from libremote.protocol import Cmd
+from test_faults import raw  # noqa: F401  (fixture)
+
+F = nn.functional
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, 3))
+
+
+def _batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(6, 12, generator=generator), torch.randint(0, 3, (6,), generator=generator))
+            for _ in range(count)]
+
+
+@pytest.mark.parametrize("optimizer_name,compiled", [("sgd", False), ("adam", False), ("adam", True)])
+def test_replayed_steps_match_local_eager(remote, optimizer_name, compiled):
+    local = _model()
+    model = copy.deepcopy(local).cuda()
+    if optimizer_name == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        local_optimizer = torch.optim.SGD(local.parameters(), lr=0.05, momentum=0.9)
+    else:  # the step count must live on the device to be replayed, as for CUDA graphs
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01, capturable=True)
+        local_optimizer = torch.optim.Adam(local.parameters(), lr=0.01)
+    forward = torch.compile(model) if compiled else model
+
+    def train_step(x, y):
+        loss = F.cross_entropy(forward(x), y)
+        optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    batches = _batches(6)
+    step = libremote.capture_step(train_step, batches[0][0].cuda(), batches[0][1].cuda())
+    # Capturing ran the step twice on the first batch (warm-up, then the recorded run).
+    local_losses = []
+    for x, y in [batches[0], *batches]:
+        loss = F.cross_entropy(local(x), y)
+        local_optimizer.zero_grad()
+        loss.backward()
+        local_optimizer.step()
+        local_losses.append(loss.item())
+    remote_losses = []
+    for x, y in batches[1:]:
+        with remote.op_trace() as ops:
+            remote_losses.append(step(x.cuda(), y.cuda()).item())
+        assert [op for op in ops if op.startswith("libremote::")] == [f"libremote::replay({step.op_count} ops)"], ops
+        assert not any(op.startswith(("aten::addmm", "aten::mm", "aten::_foreach")) for op in ops), ops
+    torch.testing.assert_close(torch.tensor(remote_losses), torch.tensor(local_losses[2:]), rtol=1e-5, atol=1e-5)
+    for remote_param, local_param in zip(model.parameters(), local.parameters()):
+        torch.testing.assert_close(remote_param.detach().cpu(), local_param.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_replays_keep_memory_steady(remote):
+    model = _model().cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def train_step(x, y):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)  # grads are made anew in every replay
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    (x, y), = _batches(1)
+    step = libremote.capture_step(train_step, x.cuda(), y.cuda())
+    readings = []
+    for _ in range(5):
+        step(x.cuda(), y.cuda())
+        torch.cuda.synchronize()
+        readings.append(torch.cuda.memory_allocated())
+    assert len(set(readings)) == 1, readings
+    assert model[0].weight.grad is not None and torch.isfinite(model[0].weight.grad.cpu()).all()
+
+
+def test_a_sync_point_inside_the_step_is_refused_clearly(remote):
+    model = _model().cuda()
+
+    def logs_its_loss(x):
+        loss = model(x).sum()
+        print(loss.item())  # waits for the device: cannot be replayed
+        return loss
+
+    x = torch.randn(2, 12, device="cuda")
+    with pytest.raises(libremote.CaptureError, match=r"cannot wait for the device"):
+        libremote.capture_step(logs_its_loss, x)
+    assert model(x).shape == (2, 3)  # the session goes on
+    torch.cuda.synchronize()
+
+
+def test_new_host_data_inside_the_step_is_refused(remote):
+    def makes_a_constant(x):
+        return x * torch.tensor([1.0, 2.0], device="cuda")
+
+    with pytest.raises(libremote.CaptureError, match="new host data"):
+        libremote.capture_step(makes_a_constant, torch.ones(2, device="cuda"))
+
+
+def test_adam_without_capturable_is_refused_by_torch(remote):
+    model = _model().cuda()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)  # step count on the host: baked in
+
+    def train_step(x):
+        model(x).sum().backward()
+        optimizer.step()
+        return model[0].weight
+
+    with pytest.raises(RuntimeError, match="capturable is False"):
+        libremote.capture_step(train_step, torch.randn(2, 12, device="cuda"))
+
+
+def test_inputs_must_keep_their_shape(remote):
+    step = libremote.capture_step(lambda x: x * 2, torch.ones(3, device="cuda"))
+    torch.testing.assert_close(step(torch.arange(3.0, device="cuda")).cpu(), torch.tensor([0.0, 2.0, 4.0]))
+    with pytest.raises(ValueError, match="keep their shape"):
+        step(torch.ones(4, device="cuda"))
+
+
+def test_raw_programs_hold_only_replayable_commands(raw):  # noqa: F811
+    _, error, _ = raw.call([[Cmd.PROGRAM, 1, [[Cmd.FETCH, 1]]]])
+    assert error is not None and error[0] == "protocol" and "replayed" in error[2], error
+    _, error, _ = raw.call([[Cmd.REPLAY, 99]])
+    assert error is not None and "never defined" in error[2], error
+
+
+def test_the_step_keeps_what_it_closes_over_alive(remote):
+    import gc
+
+    def build():
+        model = _model().cuda()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        (x, y), = _batches(1)
+        x, y = x.cuda(), y.cuda()
+
+        def train_step():
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=False)
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        return train_step
+
+    step = libremote.capture_step(build())  # nothing else holds the model, optimizer or data
+    gc.collect()
+    losses = [step().item() for _ in range(4)]
+    assert losses == sorted(losses, reverse=True) and losses[0] > losses[-1], losses  # it trains
