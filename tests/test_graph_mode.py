@@ -220,3 +220,38 @@ def test_raw_graph_op_failure_names_the_op_and_poisons_outputs(raw):  # noqa: F8
     assert error is not None and error[0] == "op" and "aten::mm" in error[1] and "compiled graph" in error[1], error
     results, error, _ = raw.call([[Cmd.FETCH, 2]])
     assert error[0] == "handle" and "aten::mm" in error[2], error
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, cell: type) -> None:
+        super().__init__()
+        self.rnn = cell(8, 16, batch_first=True)
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("name,build,data", [
+    ("lstm", lambda: _Recurrent(nn.LSTM), lambda: torch.randn(3, 5, 8)),
+    ("gru", lambda: _Recurrent(nn.GRU), lambda: torch.randn(3, 5, 8)),
+    ("dropout", lambda: nn.Sequential(nn.Linear(8, 32), nn.Dropout(0.5), nn.Linear(32, 1)), lambda: torch.randn(4, 8)),
+    ("embedding", lambda: nn.Sequential(nn.Embedding(50, 8), nn.Flatten(), nn.Linear(24, 1)),
+     lambda: torch.randint(0, 50, (4, 3))),
+])
+def test_more_module_kinds_compile_and_match(remote, name, build, data):
+    torch.manual_seed(0)
+    model = build()
+    local = copy.deepcopy(model)
+    x = data()
+    torch.manual_seed(1)  # dropout: the CPU daemon's generator gives local CPU's numbers
+    compiled = torch.compile(model.cuda())
+    out = compiled(x.cuda())
+    out.sum().backward()  # an expanded (zero-stride) gradient reaches the compiled backward
+    torch.manual_seed(1)
+    expected = local(x)
+    expected.sum().backward()
+    assert compiled.compiles == 1
+    torch.testing.assert_close(out.detach().cpu(), expected.detach(), rtol=1e-5, atol=1e-6)
+    for remote_param, local_param in zip(model.parameters(), local.parameters()):
+        torch.testing.assert_close(remote_param.grad.cpu(), local_param.grad, rtol=1e-5, atol=1e-6)

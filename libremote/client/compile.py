@@ -80,7 +80,11 @@ class GraphFunction:
             compiled = self.cache[key] = self._trace(state_names, spec, flat, grad)
         if compiled is _Eager:
             return self.fn(*args, **kwargs)
-        return compiled(*flat)
+        outputs = compiled(*flat)
+        for output in pytree.tree_leaves(outputs):
+            if isinstance(output, RemoteTensor) and output.requires_grad:
+                output.register_hook(functools.partial(_as_traced, stride=output.stride()))
+        return outputs
 
     def _state(self) -> tuple[list[str], list[torch.Tensor]]:
         if self.module is None:
@@ -118,6 +122,18 @@ class GraphFunction:
             attention.tracing_graph = False
         self.compiles += 1
         return compiled
+
+
+def _as_traced(grad: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+    """A gradient arriving at a compiled output, laid out as the traced backward expects.
+
+    AOT autograd would re-stride it itself (``coerce_to_expected_memory_format``) with
+    ``torch.empty_strided(device=grad.device)``, but a remote tensor reports ``cuda`` and that
+    code runs inside ``backward()``, outside libremote's device mapping. ``x.sum().backward()``
+    is the common case: its gradient is an expanded tensor with zero strides."""
+    if grad.stride() == stride or not isinstance(grad, RemoteTensor):
+        return grad
+    return grad.new_empty_strided(grad.shape, stride).copy_(grad)
 
 
 class CompiledModule(torch.nn.Module):
