@@ -1003,3 +1003,24 @@ def test_sigterm_with_a_library_client_connected(own_daemon, tmp_path):
     assert "libremote-server stopped" in own_daemon.log()
     report = last_json(out)
     assert report.get("type") == "ConnectionFailed", report
+
+
+def test_raw_undefined_optional_result_poisons_only_its_handle(raw):
+    """A kernel may leave an optional result undefined (an attention backward asked for no bias
+    gradient); the handle the client named for it says so, the others hold their tensors."""
+    q = torch.randn(1, 2, 4, 8)
+    for handle in (1, 2, 3):
+        raw.put(handle, q)
+    h = [protocol.handle_ext(i) for i in (1, 2, 3)]
+    results, error, _ = raw.call([
+        [Cmd.OP, [1, "aten::_scaled_dot_product_fused_attention_overrideable"], h, {}, [4, 5, None, None, None, None, 6, 7, None]],
+        [Cmd.OP, [2, "aten::ones_like"], [protocol.handle_ext(4)], {}, [8]],
+        [Cmd.OP, [3, "aten::_scaled_dot_product_fused_attention_overrideable_backward"],
+         [protocol.handle_ext(8), *h, None, [True, True, True, False], protocol.handle_ext(4), protocol.handle_ext(5),
+          None, None, 4, 4, 0.0, False, protocol.handle_ext(6), protocol.handle_ext(7)], {}, [9, 10, 11, 12]],
+        [Cmd.SYNC],
+    ])
+    assert error is None, error
+    assert raw.fetch(9).shape == q.shape
+    results, error, _ = raw.call([[Cmd.FETCH, 12]])
+    assert error is not None and error[0] == "handle" and "returned no tensor" in error[2], error

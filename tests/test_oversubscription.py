@@ -824,3 +824,15 @@ def test_eviction_spares_what_queued_ops_are_about_to_use():
     assert out["value"] == 4.0 * (1 << 20), out
     assert out["evictions"] >= 1, out
     assert out["restores"] == 0, out
+
+
+def test_a_gpu_without_a_set_budget_keeps_headroom_for_the_cuda_context():
+    from server.residency import default_device_budget
+
+    import torch
+
+    GiB = 1 << 30
+    assert default_device_budget(torch.device("cpu"), 64 * GiB) == 64 * GiB  # the CPU backend: all of it
+    assert default_device_budget(torch.device("cuda", 0), 80 * GiB) == 80 * GiB - int(80 * GiB * 0.06)
+    assert default_device_budget(torch.device("cuda", 0), 16 * GiB) == 14 * GiB  # at least 2 GiB headroom
+    assert default_device_budget(torch.device("cuda", 0), 3 * GiB) == 3 * GiB // 2  # never below half
