@@ -7,7 +7,9 @@ budget (``--device-memory``, or what the device really has) by *evicting* others
 
 Eviction copies the storage's bytes to a host buffer (pinned on a GPU server) and frees the
 device memory in place with ``untyped_storage().resize_(0)``; restoring resizes it back and copies
-the bytes in. The storage object never changes, so every tensor and view on it keeps its identity
+the bytes in. On a GPU both copies are stream-ordered (the spill on the owner's stream, the
+restore on the stream of the command that needs the bytes, after an event wait on the spill), so
+the host never waits for them; their device time is read from CUDA events when stats are asked. The storage object never changes, so every tensor and view on it keeps its identity
 and the client notices nothing but time. Victims are chosen by priority class (low first), then
 storages no queued command is about to use, then sessions with no queued work, then least
 recent use; the storages of the command being run are never evicted. On a GPU, a real
@@ -87,7 +89,7 @@ class DeviceMemory:
         self.evict_seconds = 0.0
         self.restore_seconds = 0.0
         self._clock = 0
-        self._untimed_evictions: list[tuple[Any, Any]] = []  # (start, end) CUDA events
+        self._untimed: list[tuple[str, Any, Any]] = []  # GPU copies: ("evict"|"restore", start, end) events
 
     # ------------------------------------------------------------------------------------------
     def track(self, record: StorageRecord) -> None:
@@ -223,9 +225,7 @@ class DeviceMemory:
                 source.record_stream(owner.stream)
                 record.storage.resize_(0)
             record.spilled = end
-            self._untimed_evictions.append((start, end))
-            if len(self._untimed_evictions) > 256:
-                self._collect_eviction_times(wait=False)
+            self._time_copy("evict", start, end)
         record.host = host
         self.resident_bytes -= record.nbytes
         self.spilled_bytes += record.nbytes
@@ -238,34 +238,52 @@ class DeviceMemory:
         assert host is not None
         started = time.perf_counter()
         self.retrying_oom(lambda: record.storage.resize_(record.nbytes), protect=protect)
-        if record.spilled is not None:  # the spill copy (on its owner's stream) must be complete
-            torch.cuda.current_stream(self.device).wait_event(record.spilled)
-            record.spilled = None
-        _byte_view(record.storage, record.nbytes).copy_(host, non_blocking=host.is_pinned())
         if host.is_pinned():
-            torch.cuda.current_stream(self.device).synchronize()  # (timing only; the copy is ordered anyway)
+            # On the stream of the command that needs the bytes (its session's): ordered before
+            # that command's kernels, so the host does not wait. The host buffer goes back to
+            # torch's pinned pool, which holds it until the copy is done.
+            stream = torch.cuda.current_stream(self.device)
+            if record.spilled is not None:  # the spill copy (on the owner's stream) must be complete
+                stream.wait_event(record.spilled)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            _byte_view(record.storage, record.nbytes).copy_(host, non_blocking=True)
+            end.record(stream)
+            self._time_copy("restore", start, end)
+        else:
+            _byte_view(record.storage, record.nbytes).copy_(host)
+            self.restore_seconds += time.perf_counter() - started
+        record.spilled = None
         record.host = None
         self.resident_bytes += record.nbytes
         self.spilled_bytes -= record.nbytes
         record.owner.memory.spilled -= record.nbytes
         self.restores += 1
         self.bytes_restored += record.nbytes
-        self.restore_seconds += time.perf_counter() - started
 
-    def _collect_eviction_times(self, *, wait: bool) -> None:
-        """Add the device time of finished GPU spill copies to ``evict_seconds``."""
+    def _time_copy(self, kind: str, start: Any, end: Any) -> None:
+        self._untimed.append((kind, start, end))
+        if len(self._untimed) > 256:
+            self._collect_copy_times(wait=False)
+
+    def _collect_copy_times(self, *, wait: bool) -> None:
+        """Add the device time of finished GPU spill and restore copies to the totals."""
         pending = []
-        for start, end in self._untimed_evictions:
+        for kind, start, end in self._untimed:
             if wait:
                 end.synchronize()
             elif not end.query():
-                pending.append((start, end))
+                pending.append((kind, start, end))
                 continue
-            self.evict_seconds += start.elapsed_time(end) / 1e3
-        self._untimed_evictions = pending
+            seconds = start.elapsed_time(end) / 1e3
+            if kind == "evict":
+                self.evict_seconds += seconds
+            else:
+                self.restore_seconds += seconds
+        self._untimed = pending
 
     def stats(self) -> dict[str, Any]:
-        self._collect_eviction_times(wait=True)
+        self._collect_copy_times(wait=True)
         return {
             "resident_bytes": self.resident_bytes, "spilled_bytes": self.spilled_bytes,
             "device_budget": self.budget, "host_spill_limit": self.host_limit,
