@@ -69,6 +69,7 @@ def install(count: int) -> None:
         return
     from torch.utils.cpp_extension import load_inline
 
+    _clear_stale_build_lock()
     try:
         module = load_inline(name="libremote_device_guard", cpp_sources=_SOURCE, functions=["register_guard"])
     except Exception as exc:  # no compiler, no headers
@@ -82,3 +83,29 @@ def install(count: int) -> None:
             "before the first `import libremote` (or `import torch` with the LIBREMOTE_SERVER opt-in)"
         )
     device_count = count
+
+
+#: A build of this extension takes about a minute; a lock older than this was left by a build
+#: that was killed, and torch's file lock would wait for it forever.
+_STALE_LOCK_S = 600
+
+
+def _clear_stale_build_lock() -> None:
+    import os
+    import time
+    import warnings
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory("libremote_device_guard", verbose=False), "lock")
+    try:
+        age = time.time() - os.stat(lock).st_mtime
+    except OSError:
+        return  # no lock: nobody is building
+    if age > _STALE_LOCK_S:
+        warnings.warn(f"libremote: removing a stale build lock ({lock}, {age / 60:.0f} min old) left by a "
+                      "killed build of the device-guard extension", RuntimeWarning, stacklevel=3)
+        try:
+            os.remove(lock)
+        except OSError:
+            pass
