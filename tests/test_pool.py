@@ -472,18 +472,27 @@ def test_admission_queue_admits_high_priority_first(tmp_path):
 
 
 def test_idle_reclaim_frees_the_slot_for_a_queued_client(tmp_path):
+    # B starts first and waits, torch imported, so that it asks for the slot the moment A holds it:
+    # on a slow machine, starting an interpreter can take longer than A's idle timeout.
     code = """
-        import json, torch, libremote
+        import json, os, time, torch, libremote
+        from pathlib import Path
+        folder = Path(os.environ["DIR"])
+        (folder / "B.ready").touch()
+        while not (folder / "B.go").exists():
+            time.sleep(0.02)
         x = torch.full((1024,), 2.0, device="cuda")
         print(json.dumps({"total": (x * 3).sum().item(), "session": libremote.server_info()["session"]}), flush=True)
     """
     with pool_daemon("--max-sessions", "1", "--idle-timeout", "2") as server:
-        a = spawn_holder(server.address, tmp_path, "A")  # connects, then idles (alive, heartbeating)
-        clients = [a]
+        b = spawn_client(code, server.address, DIR=str(tmp_path))
+        clients = [b]
         try:
+            wait_for_file(tmp_path / "B.ready", b, timeout=CLIENT_TIMEOUT_S)
+            a = spawn_holder(server.address, tmp_path, "A")  # connects, then idles (alive, heartbeating)
+            clients.append(a)
             wait_for_file(tmp_path / "A.in", a, timeout=CLIENT_TIMEOUT_S)
-            b = spawn_client(code, server.address)
-            clients.append(b)
+            (tmp_path / "B.go").touch()
             out, err = finish(b, "the queued client was never admitted", timeout=CLIENT_TIMEOUT_S)
             assert b.returncode == 0, err
             assert last_json(out)["total"] == 6144.0
