@@ -117,55 +117,6 @@ def run(graph: Graph, inputs: list[Any], call: Callable[[op_policy.OpEntry, list
     return [bind(output) for output in graph.outputs]
 
 
-@dataclass
-class Program:
-    """A recorded step (``libremote.capture_step``): the commands a client sent while recording,
-    replayed in order. ``created``: handles its commands produce; a replay drops the previous
-    replay's before running. FREEs of handles made before the recording are left out (those
-    tensors are long gone), so a replay frees only what the step itself made."""
-
-    commands: list[list[Any]]
-    created: frozenset[int]
-
-
-#: What a recording may hold: commands that need no answer and carry no host data.
-_PROGRAM_COMMANDS = {protocol.Cmd.OP: 4, protocol.Cmd.RUN_GRAPH: 3}
-
-
-def define_program(wire_commands: Any) -> Program:
-    protocol.check(isinstance(wire_commands, list) and len(wire_commands) <= MAX_GRAPH_NODES,
-                   lambda: f"a captured step holds at most {MAX_GRAPH_NODES} commands")
-    created: set[int] = set()
-    commands: list[list[Any]] = []
-    for position, command in enumerate(wire_commands):
-        protocol.check(isinstance(command, list) and command and isinstance(command[0], int),
-                       lambda: f"captured command {position} is malformed")
-        kind = command[0]
-        if kind == protocol.Cmd.FREE:
-            protocol.check(len(command) == 2 and isinstance(command[1], list), "FREE takes [FREE, [handles]]")
-            kept = [handle for handle in command[1] if handle in created]
-            if kept:
-                commands.append([protocol.Cmd.FREE, kept])
-            continue
-        protocol.check(kind in _PROGRAM_COMMANDS,
-                       lambda: f"captured command {position}: only ops, graph runs and frees can be replayed")
-        outs_at = _PROGRAM_COMMANDS[kind]
-        protocol.check(len(command) > outs_at, lambda: f"captured command {position} is malformed")
-        created.update(_handles(command[outs_at]))
-        commands.append(command)
-    return Program(commands, frozenset(created))
-
-
-def _handles(outs: Any) -> list[int]:
-    if isinstance(outs, bool):
-        return []
-    if isinstance(outs, int):
-        return [outs]
-    if isinstance(outs, list):
-        return [handle for item in outs for handle in _handles(item)]
-    return []
-
-
 def _visit(value: Any, note: Callable[[ValueRef], None]) -> None:
     if isinstance(value, ValueRef):
         note(value)
@@ -177,4 +128,4 @@ def _visit(value: Any, note: Callable[[ValueRef], None]) -> None:
             _visit(item, note)
 
 
-__all__ = ["Graph", "Program", "define", "define_program", "run", "GETITEM", "MAX_GRAPH_NODES", "MAX_GRAPHS_PER_SESSION", "ProtocolError"]
+__all__ = ["Graph", "define", "run", "GETITEM", "MAX_GRAPH_NODES", "MAX_GRAPHS_PER_SESSION", "ProtocolError"]

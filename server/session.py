@@ -23,7 +23,7 @@ import torch
 from libremote import protocol
 from libremote.protocol import Cmd, DeviceRef, ErrorKind, HandleRef, ProtocolError
 
-from . import devices, graphs, op_policy, values
+from . import devices, graphs, op_policy, programs, values
 from .memory import MemoryAccount
 from .residency import DeviceMemory, SpillExhausted, StorageRecord
 from .pool import ANONYMOUS, Tenant
@@ -93,7 +93,7 @@ class Session:
         self._storage_keys: dict[int, int] = {}
         self._failed: dict[int, str] = {}
         self._graphs: dict[int, graphs.Graph] = {}
-        self._programs: dict[int, graphs.Program] = {}
+        self._programs: dict[int, programs.Program] = {}
         self._ops: dict[int, op_policy.OpEntry] = {}
         self._refused_ops: dict[int, CommandError] = {}
         self._events: collections.OrderedDict[int, Any] = collections.OrderedDict()
@@ -450,10 +450,10 @@ class Session:
         protocol.check(len(command) == 3 and isinstance(command[1], int) and isinstance(command[2], list),
                        "PROGRAM takes [PROGRAM, id, commands]")
         _, program_id, commands = command
-        if program_id not in self._programs and len(self._programs) >= graphs.MAX_GRAPHS_PER_SESSION:
-            raise CommandError(ErrorKind.OP, "capture", f"a session may keep at most {graphs.MAX_GRAPHS_PER_SESSION} "
-                               "captured steps")
-        self._programs[program_id] = graphs.define_program(commands)
+        if program_id not in self._programs and len(self._programs) >= programs.MAX_PROGRAMS_PER_SESSION:
+            raise CommandError(ErrorKind.OP, "capture", f"a session may keep at most "
+                               f"{programs.MAX_PROGRAMS_PER_SESSION} captured steps")
+        self._programs[program_id] = programs.define(commands)
 
     def _replay(self, command: list[Any], frames: list[Any]) -> None:
         protocol.check(len(command) == 2, "REPLAY takes [REPLAY, id]")

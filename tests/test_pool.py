@@ -320,17 +320,21 @@ def test_memory_allocated_does_not_count_dropped_temporaries():
     assert out["after"] == out["before"], out
 
 
-def test_quota_cannot_be_bypassed_through_an_out_argument():
-    """An ``out=`` tensor that the op grows is charged like a new allocation."""
-    code = """
+@pytest.mark.parametrize("growth", [
+    "x = torch.empty(0, device='cuda'); torch.ones(20 << 20, out=x)",  # 80 MiB written into a 0-byte out=
+    "x = torch.empty(0, device='cuda'); x.resize_(20 << 20)",  # 80 MiB: resized past the 64 MiB quota
+], ids=["out_argument", "resize"])
+def test_growing_a_tensor_in_place_cannot_bypass_the_quota(growth):
+    """A tensor an op grows in place (``out=``, ``resize_``) is charged like a new allocation, and
+    the refused request leaves the session holding nothing more."""
+    code = f"""
         import json, torch, libremote
-        x = torch.empty(0, device="cuda")
-        torch.ones(20 << 20, out=x)  # 80 MiB written into a 0-byte tensor
+        {growth}
         try:
             torch.cuda.synchronize()
-            out = {"raised": None}
+            out = {{"raised": None}}
         except torch.cuda.OutOfMemoryError as exc:
-            out = {"raised": str(exc)}
+            out = {{"raised": str(exc)}}
         out["allocated"] = torch.cuda.memory_allocated()
         print(json.dumps(out))
     """
@@ -340,27 +344,6 @@ def test_quota_cannot_be_bypassed_through_an_out_argument():
     out = last_json(result.stdout)
     assert out["raised"] is not None and "quota" in out["raised"], out
     assert out["allocated"] <= 64 * MiB, out
-
-
-def test_refused_resize_leaves_the_session_within_its_quota():
-    code = """
-        import json, torch, libremote
-        y = torch.empty(0, device="cuda")
-        y.resize_(20 << 20)  # 80 MiB: over the 64 MiB quota
-        try:
-            torch.cuda.synchronize()
-            out = {"raised": None}
-        except torch.cuda.OutOfMemoryError as exc:
-            out = {"raised": str(exc)}
-        out["allocated"] = torch.cuda.memory_allocated()
-        print(json.dumps(out))
-    """
-    with pool_daemon("--memory-quota", "64MiB") as server:
-        result = run_python(code, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=server.address)
-    assert result.returncode == 0, result.stderr
-    out = last_json(result.stdout)
-    assert out["raised"] is not None and "quota" in out["raised"], out
-    assert out["allocated"] <= 64 * MiB, out  # the refused request holds nothing
 
 
 # ------------------------------------------------------------------------------------------------

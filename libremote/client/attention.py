@@ -19,6 +19,7 @@ import torch
 from .tensor import RemoteTensor
 
 _NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+_DEFAULTS = (None, None, None, None, 0.0, False)
 
 #: Set by graph mode (:mod:`.compile`) while it traces on ``meta`` stand-ins: the graph will run
 #: on the daemon, so attention goes into it as the one fused op, as it would run eagerly.
@@ -29,7 +30,6 @@ def _on_daemon(tensor: Any) -> bool:
     if isinstance(tensor, RemoteTensor):
         return True
     return tracing_graph and isinstance(tensor, torch.Tensor) and tensor.device.type == "meta"
-_DEFAULTS = (None, None, None, None, 0.0, False)
 
 
 def scaled_dot_product_attention(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -51,7 +51,6 @@ class CapturedStep:
         self.session.synchronize()  # warm-up errors surface here, not in the recording
         self.id = next(_program_ids)
         self.outputs = self._record(fn)
-        self.replays = 0
 
     def _record(self, fn: Callable[..., Any]) -> Any:
         global _capturing
@@ -92,7 +91,6 @@ class CapturedStep:
         if self.session.op_log is not None:
             self.session.op_log.append(f"libremote::replay({self.op_count} ops)")
         self.session.submit([Cmd.REPLAY, self.id])
-        self.replays += 1
         return self.outputs
 
 

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 
-from . import attention
+from . import attention, meta
 from .graphs import RemoteGraph
 from .tensor import RemoteTensor
 
@@ -42,18 +42,17 @@ def _signature(leaves: list[Any]) -> tuple:
     key = []
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
-            key.append(("T", leaf.dtype, tuple(leaf.shape), tuple(leaf.stride()), leaf.requires_grad,
-                        isinstance(leaf, RemoteTensor)))
+            key.append(("T", leaf.dtype, tuple(leaf.shape), tuple(leaf.stride()), leaf.requires_grad))
         else:
             key.append(("V", type(leaf).__name__, repr(leaf)[:200]))
     return tuple(key)
 
 
 def _stand_in(value: Any) -> Any:
-    if not isinstance(value, torch.Tensor):
+    """A meta tensor with a remote tensor's metadata and ``requires_grad``, to trace on."""
+    if not isinstance(value, RemoteTensor):
         return value
-    meta = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
-    return meta.requires_grad_(value.requires_grad)
+    return meta.stand_in(value).requires_grad_(value.requires_grad)
 
 
 class GraphFunction:
@@ -65,14 +64,14 @@ class GraphFunction:
         self.module = module
         self.cache: dict[tuple, Any] = {}
         self.compiles = 0  # traces done (one per new signature); tests and users can watch it
-        self.graphs: list[RemoteGraph] = []
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         state_names, state = self._state()
         leaves, spec = pytree.tree_flatten((args, kwargs))
         flat = [*state, *leaves]
-        if not any(isinstance(value, RemoteTensor) for value in flat):
-            return self.fn(*args, **kwargs)  # nothing remote: nothing to ship
+        tensors = [value for value in flat if isinstance(value, torch.Tensor)]
+        if not tensors or not all(isinstance(value, RemoteTensor) for value in tensors):
+            return self.fn(*args, **kwargs)  # host tensors take part: eager, with torch's own rules
         grad = torch.is_grad_enabled()
         key = (spec, _signature(flat), grad, self.module.training if self.module is not None else None)
         compiled = self.cache.get(key)
@@ -105,12 +104,7 @@ class GraphFunction:
             return torch.func.functional_call(module, dict(zip(state_names, values[:count])), args, kwargs,
                                               strict=False, tie_weights=False)
 
-        def ship(gm: torch.fx.GraphModule, example_inputs: Any) -> RemoteGraph:
-            graph = RemoteGraph(gm)
-            self.graphs.append(graph)
-            return graph
-
-        compiled = aot_function(flat_fn, fw_compiler=ship, bw_compiler=ship)
+        compiled = aot_function(flat_fn, fw_compiler=_ship, bw_compiler=_ship)
         attention.tracing_graph = True
         try:
             with torch.set_grad_enabled(grad):
@@ -122,6 +116,11 @@ class GraphFunction:
             attention.tracing_graph = False
         self.compiles += 1
         return compiled
+
+
+def _ship(gm: torch.fx.GraphModule, example_inputs: Any) -> RemoteGraph:
+    """AOT autograd's compiler hook: the traced graph becomes a graph the daemon runs."""
+    return RemoteGraph(gm)
 
 
 def _as_traced(grad: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
