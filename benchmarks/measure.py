@@ -18,15 +18,30 @@ import torch
 from .workloads import make_step, training_kinds
 
 
-def _time_steps(step, steps: int, warmup: int) -> float:
+def _time_steps(step, steps: int, warmup: int, profile: dict | None = None) -> float:
+    """Steps per second. With ``profile`` (a remote run): where a step's time goes, in ms per
+    step: the client's host time to issue it, and the daemon's host time to execute it."""
     for _ in range(warmup):
         loss = step()
     float(loss)
+    before = _daemon_host_s() if profile is not None else 0.0
     start = time.perf_counter()
     for _ in range(steps):
         loss = step()
+    issued = time.perf_counter()
     float(loss)  # one sync point at the end: the device finishes everything queued
-    return steps / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    if profile is not None:
+        profile["client_ms"] = (issued - start) / steps * 1e3
+        profile["daemon_host_ms"] = (_daemon_host_s() - before) / steps * 1e3
+        profile["wall_ms"] = elapsed / steps * 1e3
+    return steps / elapsed
+
+
+def _daemon_host_s() -> float:
+    import libremote
+
+    return libremote.session_stats()["host_s"]
 
 
 def _chain(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, count: int) -> tuple[torch.Tensor, float]:
@@ -34,6 +49,10 @@ def _chain(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, count: int) -> tup
     for _ in range(count):
         x = x * a + b
     return x, time.perf_counter() - start
+
+
+def _kinds(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(args.kinds.split(",")) if args.kinds else training_kinds(args.size)
 
 
 def local(args: argparse.Namespace) -> dict:
@@ -47,7 +66,7 @@ def local(args: argparse.Namespace) -> dict:
         float(x.sum())
         best = min(best, elapsed)
     results["chain_ops_per_s"] = 2 * args.chain / best
-    for kind in training_kinds(args.size):
+    for kind in _kinds(args):
         results[f"{kind}_steps_per_s"] = _time_steps(make_step(kind, device, args.size), args.steps, 2)
     return results
 
@@ -98,12 +117,18 @@ def remote(args: argparse.Namespace) -> dict:
     results["upload_gbps"] = nbytes / best_up / 1e9
     results["download_gbps"] = nbytes / best_down / 1e9
 
-    for kind in training_kinds(args.size):
-        results[f"{kind}_steps_per_s"] = _time_steps(make_step(kind, "cuda", args.size), args.steps, 2)
+    for kind in _kinds(args):
+        profiles: dict = {"eager": {}, "graph": {}, "captured": {}}
+        results[f"{kind}_steps_per_s"] = _time_steps(make_step(kind, "cuda", args.size), args.steps, 2,
+                                                     profiles["eager"])
         results[f"{kind}_graph_steps_per_s"] = _time_steps(make_step(kind, "cuda", args.size, compiled=True),
-                                                           args.steps, 2)
+                                                           args.steps, 2, profiles["graph"])
         replay = libremote.capture_step(make_step(kind, "cuda", args.size, compiled=True, capturable=True))
-        results[f"{kind}_captured_steps_per_s"] = _time_steps(replay, args.steps, 2)
+        results[f"{kind}_captured_steps_per_s"] = _time_steps(replay, args.steps, 2, profiles["captured"])
+        results[f"{kind}_profile_ms"] = profiles
+        stats = libremote.session_stats()
+        results[f"{kind}_cuda_graph_replays"] = stats.get("cuda_graph_replays", 0)
+        results[f"{kind}_cuda_graph_interpreted"] = stats.get("cuda_graph_interpreted", {})
     libremote.disconnect()
     return results
 
@@ -115,6 +140,7 @@ def main() -> None:
     parser.add_argument("--server")
     parser.add_argument("--size", default="ci", choices=["ci", "full"])
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--kinds", help="comma-separated training workloads (default: all of --size)")
     parser.add_argument("--chain", type=int, default=5000)
     parser.add_argument("--round-trips", type=int, default=1000)
     parser.add_argument("--transfer-mib", type=int, default=64)

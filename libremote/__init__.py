@@ -98,7 +98,8 @@ def op_trace() -> Iterator[list[str]]:
 
 
 def session_stats() -> dict[str, Any]:
-    """What the daemon did for this session: ops executed, batches, seconds spent executing."""
+    """What the daemon did for this session: ops executed, batches, seconds spent executing, and
+    on a GPU how many graph-mode graphs it captured and replayed as CUDA graphs."""
     from .client import runtime
     from .protocol import Cmd
 

@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: quotas are not summed at admission)",
     )
     parser.add_argument(
+        "--no-cuda-graphs", dest="cuda_graphs", action="store_const", const="off", default="auto",
+        help="interpret graph-mode graphs node by node on GPUs instead of replaying them as CUDA graphs",
+    )
+    parser.add_argument(
+        "--emulate-cuda-graphs", dest="cuda_graphs", action="store_const", const="emulate",
+        help="replay graph-mode graphs by the CUDA-graph rules on the CPU backend too (for testing libremote)",
+    )
+    parser.add_argument(
         "--idle-timeout", type=float, default=None, metavar="SECONDS",
         help="reclaim sessions that sent no work for this long (default: never)",
     )
@@ -107,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             device_memory=args.device_memory,
             host_spill=args.host_spill,
             oversubscribe=args.oversubscribe,
+            cuda_graphs=args.cuda_graphs,
         )
         if args.tenants:
             pool_config.tenants, pool_config.admin_token = pool.load_tenants(args.tenants)

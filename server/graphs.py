@@ -66,8 +66,8 @@ def define(input_count: Any, wire_nodes: Any, wire_outputs: Any) -> Graph:
                            lambda: f"graph node {position} uses value {ref.index} before it exists")
             last_use[ref.index] = position
 
-        _visit(args, note)
-        _visit(kwargs, note)
+        visit(args, note)
+        visit(kwargs, note)
         if name == GETITEM:
             protocol.check(len(args) == 2 and isinstance(args[0], ValueRef) and isinstance(args[1], int),
                            lambda: f"graph node {position}: getitem takes [value, index]")
@@ -94,38 +94,43 @@ def run(graph: Graph, inputs: list[Any], call: Callable[[op_policy.OpEntry, list
     """Interpret ``graph`` on ``inputs``; ``call`` runs one op (the session's, with its generator,
     residency and out-of-memory handling). Returns the output values."""
     values: list[Any] = list(inputs) + [None] * len(graph.nodes)
-
-    def bind(value: Any) -> Any:
-        if isinstance(value, ValueRef):
-            return values[value.index]
-        if isinstance(value, list):
-            return [bind(item) for item in value]
-        if isinstance(value, DeviceRef):
-            return device_of(value)
-        return value
-
     slot = graph.input_count
     for node in graph.nodes:
-        args = [bind(arg) for arg in node.args]
+        args = [_bind(arg, values, device_of) for arg in node.args]
         if node.entry is None:
             values[slot] = args[0][args[1]]
         else:
-            values[slot] = call(node.entry, args, {key: bind(value) for key, value in node.kwargs.items()})
+            values[slot] = call(node.entry, args, {key: _bind(value, values, device_of)
+                                                   for key, value in node.kwargs.items()})
         for index in node.drop_after:
             values[index] = None
         slot += 1
-    return [bind(output) for output in graph.outputs]
+    return [_bind(output, values, device_of) for output in graph.outputs]
 
 
-def _visit(value: Any, note: Callable[[ValueRef], None]) -> None:
+def _bind(value: Any, values: list[Any], device_of: Callable[[DeviceRef], Any]) -> Any:
+    """``value`` with references to graph values and devices resolved. (A module function, not a
+    closure: a recursive closure is a reference cycle that would keep ``values``, and every
+    tensor in it, alive until the garbage collector runs.)"""
+    if isinstance(value, ValueRef):
+        return values[value.index]
+    if isinstance(value, list):
+        return [_bind(item, values, device_of) for item in value]
+    if isinstance(value, DeviceRef):
+        return device_of(value)
+    return value
+
+
+def visit(value: Any, note: Callable[[ValueRef], None]) -> None:
+    """Call ``note`` on every value reference inside ``value`` (lists and maps included)."""
     if isinstance(value, ValueRef):
         note(value)
     elif isinstance(value, list):
         for item in value:
-            _visit(item, note)
+            visit(item, note)
     elif isinstance(value, dict):
         for item in value.values():
-            _visit(item, note)
+            visit(item, note)
 
 
 __all__ = ["Graph", "define", "run", "GETITEM", "MAX_GRAPH_NODES", "MAX_GRAPHS_PER_SESSION", "ProtocolError"]

@@ -97,6 +97,9 @@ class PoolConfig:
     device_memory: int | None = None
     host_spill: int = 0
     oversubscribe: float | None = None
+    #: Replay graph-mode graphs as CUDA graphs on GPUs (server/cuda_graphs.py): "auto", "off",
+    #: or "emulate" (the same rules on the CPU backend, for testing libremote itself).
+    cuda_graphs: str = "auto"
 
     @property
     def manages_residency(self) -> bool:

@@ -24,6 +24,7 @@ from libremote import protocol
 from libremote.protocol import Cmd, DeviceRef, ErrorKind, HandleRef, ProtocolError
 
 from . import devices, graphs, op_policy, programs, values
+from .cuda_graphs import GraphCapture
 from .memory import MemoryAccount
 from .residency import DeviceMemory, SpillExhausted, StorageRecord
 from .pool import ANONYMOUS, Tenant
@@ -75,7 +76,8 @@ class Session:
 
     def __init__(self, session_id: str, devices_: list[torch.device], client_info: dict[str, Any],
                  *, tenant: Tenant | None = None, priority: str = "normal", identity: bytes = b"",
-                 slots: list[Any] | None = None, device_memories: list[DeviceMemory | None] | None = None) -> None:
+                 slots: list[Any] | None = None, device_memories: list[DeviceMemory | None] | None = None,
+                 cuda_graphs: str = "auto") -> None:
         self.id = session_id
         #: The devices this session was given; the client's cuda:i is devices[i].
         self.devices = list(devices_)
@@ -107,15 +109,22 @@ class Session:
         self.generators = [torch.Generator(device=device) for device in self.devices]
         for generator in self.generators:
             generator.manual_seed(secrets.randbits(63))
+        #: Graph-mode graphs replayed as CUDA graphs (not under residency management: see there).
+        replays = cuda_graphs == "emulate" or (cuda_graphs == "auto" and self.stream is not None)
+        self._cuda_graphs = (GraphCapture(self.devices[0], self.generators[0], lambda: self._session_rng(self.devices[0]))
+                             if replays and not managed else None)
         self.pending_error: CommandError | None = None
         self._last_in_batch = False
         self._running: tuple[Any, int] = (None, -1)  # (batch, position) of the command running
         self.ops_executed = 0
         self.batches = 0
-        self.busy_s = 0.0  # time spent executing this session's commands (host side)
+        self.busy_s = 0.0  # time charged for this session's commands: host time, and device time beyond it
+        self.host_s = 0.0  # host time the daemon spent executing this session's commands
         self.created = time.time()
         self.last_seen = time.monotonic()  # any message, PINGs included
         self.last_active = self.last_seen  # last BATCH (for --idle-timeout)
+        #: While a captured step is captured as a CUDA graph: every handle its commands read.
+        self.touched: dict[int, torch.Tensor] | None = None
         self._handlers: dict[int, Callable[[list[Any], list[Any]], Any]] = {
             Cmd.OP: self._op,
             Cmd.OP_SYNC: self._op_sync,
@@ -157,7 +166,9 @@ class Session:
             with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
                 return self._run_queued(max_commands, started + max_seconds)
         finally:
-            self.busy_s += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            self.busy_s += elapsed
+            self.host_s += elapsed
 
     def _run_queued(self, max_commands: int, deadline: float) -> list[Reply]:
         replies: list[Reply] = []
@@ -269,7 +280,10 @@ class Session:
     # ------------------------------------------------------------------------------------------
     def tensor(self, handle: int) -> torch.Tensor:
         try:
-            return self.tensors[handle]
+            tensor = self.tensors[handle]
+            if self.touched is not None:
+                self.touched[handle] = tensor
+            return tensor
         except (KeyError, TypeError):
             origin = self._failed.get(handle)
             if origin is not None:
@@ -289,6 +303,10 @@ class Session:
         self.tensors[handle] = tensor
         self._storage_keys[handle] = self.memory.add(tensor)
 
+    def release_handles(self, handles: Any) -> None:
+        for handle in handles:
+            self._drop(handle)
+
     def _drop(self, handle: int) -> None:
         if self.tensors.pop(handle, None) is not None:
             self.memory.release(self._storage_keys.pop(handle))
@@ -302,6 +320,8 @@ class Session:
             self._drop(handle)
         self._failed.clear()
         self._events.clear()
+        if self._cuda_graphs is not None:
+            self._cuda_graphs.close()
         return released
 
     @property
@@ -383,7 +403,7 @@ class Session:
         if entry.takes_generator and kwargs.get("generator") is None:
             kwargs["generator"] = self.generators[self._index_of(values.device_of(args, kwargs))]
         inputs = self._make_resident(entry.name, values.tensors_in(args, kwargs)) if self.memory.managed else ()
-        if entry.seeded_without_generator:
+        if entry.seeded_without_generator and not (self._cuda_graphs is not None and self._cuda_graphs.capturing):
             with self._session_rng(values.device_of(args, kwargs)):
                 result = self._call(entry, args, kwargs, inputs)
         else:
@@ -424,8 +444,14 @@ class Session:
             failing[0] = entry.name
             return self._invoke(entry, args, kwargs)[0]
 
+        def interpret(inputs: list[Any]) -> list[Any]:
+            return graphs.run(graph, inputs, call, self._resolve)
+
         try:
-            results = graphs.run(graph, inputs, call, self._resolve)
+            if self._cuda_graphs is not None:
+                results = self._cuda_graphs.run(graph_id, graph, inputs, interpret, call, self._resolve)
+            else:
+                results = interpret(inputs)
         except CommandError as exc:
             exc.op = f"{failing[0]} (in a compiled {graph.name})"
             raise
@@ -459,6 +485,12 @@ class Session:
         protocol.check(len(command) == 2, "REPLAY takes [REPLAY, id]")
         program = self._programs.get(command[1]) if isinstance(command[1], int) else None
         protocol.check(program is not None, lambda: f"captured step {command[1]!r:.20} was never defined in this session")
+        if self._cuda_graphs is not None:
+            self._cuda_graphs.replay_program(command[1], program, lambda: self._run_program(program, frames), self)
+        else:
+            self._run_program(program, frames)
+
+    def _run_program(self, program: programs.Program, frames: list[Any]) -> None:
         for handle in program.created:  # last replay's results make way for this one's
             self._drop(handle)
         for recorded in program.commands:
@@ -698,8 +730,11 @@ class Session:
         if what == "memory":
             return self.memory_stats()
         if what == "stats":
-            return {"ops": self.ops_executed, "batches": self.batches, "busy_s": self.busy_s,
-                    "handles": len(self.tensors)}
+            return {"ops": self.ops_executed, "batches": self.batches, "busy_s": self.busy_s, "host_s": self.host_s,
+                    "handles": len(self.tensors),
+                    "cuda_graph_captures": self._cuda_graphs.captures if self._cuda_graphs else 0,
+                    "cuda_graph_replays": self._cuda_graphs.replays if self._cuda_graphs else 0,
+                    "cuda_graph_interpreted": dict(self._cuda_graphs.interpreted) if self._cuda_graphs else {}}
         if what == "reset_peak_memory":
             self.memory.reset_peak()
             return None

@@ -40,6 +40,8 @@ class OpInfo:
     returns: tuple[Return, ...]
     #: For MUTATED_INPUT returns: ("arg", index) or ("kwarg", name) of the mutated argument.
     return_sources: tuple[Any, ...]
+    #: Scalar values cannot change the result's metadata (pointwise and foreach ops): the
+    #: metadata cache keys on their types only.
     pointwise: bool
     #: The op's result metadata depends on tensor *values*: it must run on the daemon first.
     needs_daemon_answer: bool
@@ -106,7 +108,8 @@ def op_info(func: torch._ops.OpOverload) -> OpInfo:
         kwarg_defaults=kwarg_defaults,
         returns=returns,
         return_sources=tuple(sources),
-        pointwise=torch.Tag.pointwise in tags,
+        # foreach ops are elementwise per tensor although torch does not tag them pointwise.
+        pointwise=torch.Tag.pointwise in tags or func._schema.name.startswith("aten::_foreach_"),
         needs_daemon_answer=(
             Return.VALUE in returns
             or torch.Tag.dynamic_output_shape in tags

@@ -1,0 +1,258 @@
+"""Replaying graph-mode graphs as CUDA graphs (server/cuda_graphs.py).
+
+A CUDA graph reads and writes fixed addresses, so the daemon's replay rules decide what is safe:
+new inputs are copied into the captured ones only when nobody else holds those, outputs a client
+kept are never overwritten, inputs the graph writes are written back, random ops draw from the
+session's stream. On machines without a GPU the daemon runs with ``--emulate-cuda-graphs``: the
+same rules, with a stand-in that overwrites the captured outputs in place on every replay, so a
+broken rule shows up here as a wrong result. The last test runs the real thing on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import Daemon, subprocess_env
+from libremote import protocol
+from libremote.protocol import Cmd
+from test_faults import RawClient
+from test_gpu import _cuda_on_this_machine
+
+WARMUP_RUNS = 2  # server/cuda_graphs.py: interpreted runs before a capture
+BIG = 300_000  # floats: 1.2 MB, above the size of outputs cloned after every replay
+
+
+@pytest.fixture(scope="module")
+def emulating():
+    server = Daemon("--emulate-cuda-graphs")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def raw(emulating):
+    with RawClient(emulating.address) as client:
+        client.hello()
+        yield client
+
+
+def _value(index: int):
+    return protocol.value_ext(index)
+
+
+def _handles(*handles: int) -> list:
+    return [protocol.handle_ext(h) for h in handles]
+
+
+def _stats(raw: RawClient) -> dict:
+    results, error, _ = raw.call([[Cmd.QUERY, "stats"]])
+    assert error is None, error
+    return results[0]
+
+
+def _run(raw: RawClient, graph_id: int, inputs: list[int], outs: list) -> None:
+    _, error, _ = raw.call([[Cmd.RUN_GRAPH, graph_id, _handles(*inputs), outs]])
+    assert error is None, error
+
+
+# y = x * w + x  (value 2: x * w, value 3: the sum)
+AFFINE = [["aten::mul.Tensor", [_value(0), _value(1)], {}], ["aten::add.Tensor", [_value(2), _value(0)], {}]]
+
+
+def test_a_graph_replays_after_warming_up_and_new_inputs_are_copied_in(raw):
+    raw.put(1, w := torch.randn(BIG))
+    _, error, _ = raw.call([[Cmd.GRAPH, 1, 2, AFFINE, [_value(3)]]])
+    assert error is None, error
+    for call in range(6):
+        x = torch.randn(BIG)
+        raw.put(100 + call, x)
+        _run(raw, 1, [100 + call, 1], [200 + call])
+        torch.testing.assert_close(raw.fetch(200 + call), x * w + x, rtol=0, atol=0)
+        raw.call([[Cmd.FREE, [100 + call, 200 + call]]])  # a training loop's batch and result go
+    stats = _stats(raw)
+    assert stats["cuda_graph_captures"] == 1 and stats["cuda_graph_replays"] == 6 - WARMUP_RUNS, stats
+
+
+def test_an_input_the_client_still_holds_is_never_overwritten(raw):
+    raw.put(1, w := torch.randn(BIG))
+    raw.call([[Cmd.GRAPH, 1, 2, AFFINE, [_value(3)]]])
+    inputs = [torch.randn(BIG) for _ in range(5)]
+    for call, x in enumerate(inputs):  # every input stays alive: none may serve as the captured one
+        raw.put(100 + call, x)
+        _run(raw, 1, [100 + call, 1], [200 + call])
+        raw.call([[Cmd.FREE, [200 + call]]])
+    for call, x in enumerate(inputs):
+        torch.testing.assert_close(raw.fetch(100 + call), x, rtol=0, atol=0)
+    stats = _stats(raw)
+    assert stats["cuda_graph_replays"] == 1, stats  # only the capture itself
+    assert any("still held" in why for why in stats["cuda_graph_interpreted"]), stats
+
+
+def test_outputs_kept_past_later_calls_stay_intact(raw):
+    raw.put(1, w := torch.randn(BIG))
+    raw.call([[Cmd.GRAPH, 1, 2, AFFINE, [_value(3)]]])
+    inputs = [torch.randn(BIG) for _ in range(8)]
+    for call, x in enumerate(inputs):
+        raw.put(100 + call, x)
+        _run(raw, 1, [100 + call, 1], [200 + call])  # results are all kept
+        raw.call([[Cmd.FREE, [100 + call]]])
+    for call, x in enumerate(inputs):
+        torch.testing.assert_close(raw.fetch(200 + call), x * w + x, rtol=0, atol=0)
+    stats = _stats(raw)
+    # The first capture handed its output out; the client kept it, so the graph was captured
+    # again to clone its outputs, and replayed from then on.
+    assert stats["cuda_graph_captures"] == 2 and stats["cuda_graph_replays"] >= 3, stats
+
+
+def test_a_graph_that_writes_a_new_input_writes_the_callers_tensor(raw):
+    # x.add_(b) returns x itself: the output must be the caller's tensor, not the captured one.
+    nodes = [["aten::add_.Tensor", [_value(0), _value(1)], {}]]
+    raw.put(1, b := torch.randn(4))
+    raw.call([[Cmd.GRAPH, 1, 2, nodes, [_value(2)]]])
+    for call in range(5):
+        x = torch.randn(4)
+        raw.put(100 + call, x)
+        _run(raw, 1, [100 + call, 1], [200 + call])
+        torch.testing.assert_close(raw.fetch(100 + call), x + b, rtol=0, atol=0)
+        # The output aliases the input: writing one shows in the other.
+        _, error, _ = raw.call([[Cmd.OP, [1, "aten::mul_.Scalar"], [protocol.handle_ext(200 + call), 3.0], {}, None]])
+        assert error is None, error
+        torch.testing.assert_close(raw.fetch(100 + call), (x + b) * 3, rtol=0, atol=0)
+        raw.call([[Cmd.FREE, [100 + call, 200 + call]]])
+    assert _stats(raw)["cuda_graph_replays"] == 5 - WARMUP_RUNS
+
+
+def _random_graph_results(address: str) -> list[torch.Tensor]:
+    # bernoulli takes the session's generator; native_dropout draws from the device's default.
+    nodes = [["aten::bernoulli.p", [_value(0), 0.3], {}], ["aten::native_dropout", [_value(0), 0.5, True], {}],
+             ["getitem", [_value(2), 0], {}], ["aten::add.Tensor", [_value(1), _value(3)], {}]]
+    with RawClient(address) as client:
+        client.hello()
+        client.put(1, torch.ones(BIG))
+        client.call([[Cmd.SEED, 1234], [Cmd.GRAPH, 1, 1, nodes, [_value(4)]]])
+        results = []
+        for call in range(5):
+            _run(client, 1, [1], [100 + call])
+            results.append(client.fetch(100 + call))
+            client.call([[Cmd.FREE, [100 + call]]])
+        return results
+
+
+def test_random_ops_draw_the_same_numbers_as_interpreted(emulating, daemon):
+    replayed, interpreted = _random_graph_results(emulating.address), _random_graph_results(daemon.address)
+    for a, b in zip(replayed, interpreted):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(replayed[-1], replayed[-2])  # the stream moves on between calls
+
+
+TRAINING_CLIENT = r"""
+import json, os, sys, torch, libremote
+from torch import nn
+libremote.connect(os.environ["TEST_SERVER"])
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(64, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Dropout(0.1), nn.Linear(256, 10)).cuda()
+layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.1, batch_first=True).cuda()
+compiled_model, compiled_layer = torch.compile(model), torch.compile(layer)
+optimizer = torch.optim.AdamW([*model.parameters(), *layer.parameters()], lr=1e-3)
+torch.cuda.manual_seed(1234)
+losses, kept = [], []
+for step in range(8):
+    x = torch.randn(32, 64, device="cuda")  # a new batch every step: copied into the captured input
+    tokens = torch.randn(32, 256, 64, device="cuda")  # a 2 MiB output: handed out of the pool, not cloned
+    y = torch.randint(0, 10, (32,), device="cuda")
+    out = compiled_layer(tokens)
+    kept.append(out)  # kept past the next call: a replay must not overwrite it
+    loss = nn.functional.cross_entropy(compiled_model(x), y) + out.square().mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    losses.append(loss.item())
+state = {k: v.cpu() for k, v in [*model.state_dict().items(), *(("layer." + k, v) for k, v in layer.state_dict().items())]}
+state["kept"] = torch.stack([k.detach().cpu() for k in kept])
+torch.save(state, sys.argv[1])
+stats = libremote.session_stats()
+print(json.dumps({"losses": losses, "replays": stats["cuda_graph_replays"], "captures": stats["cuda_graph_captures"],
+                  "interpreted": stats["cuda_graph_interpreted"]}))
+"""
+
+
+def _train(tmp_path, device: str, *daemon_args: str, client: str = TRAINING_CLIENT) -> tuple[dict, dict]:
+    server = Daemon(*daemon_args, device=device)
+    path = tmp_path / f"state{'-'.join(daemon_args) or '-default'}.pt"
+    try:
+        out = subprocess.run([sys.executable, "-c", client, str(path)], capture_output=True, text=True,
+                             env=subprocess_env() | {"TEST_SERVER": server.address}, timeout=600)
+        assert out.returncode == 0, out.stderr + server.log()
+    finally:
+        server.stop()
+    return json.loads(out.stdout.strip().splitlines()[-1]), torch.load(path)
+
+
+def _compare_training(tmp_path, device: str, replaying: str, interpreting: str, tolerance: float) -> None:
+    replayed, replayed_state = _train(tmp_path, device, *filter(None, [replaying]))
+    interpreted, interpreted_state = _train(tmp_path, device, interpreting)
+    summary = {key: replayed[key] for key in ("captures", "replays", "interpreted")}
+    assert replayed["captures"] >= 4 and replayed["replays"] >= 16, summary
+    assert interpreted["replays"] == 0
+    torch.testing.assert_close(torch.tensor(replayed["losses"]), torch.tensor(interpreted["losses"]),
+                               rtol=tolerance, atol=tolerance)
+    assert replayed_state.keys() == interpreted_state.keys()
+    for name in replayed_state:
+        torch.testing.assert_close(replayed_state[name], interpreted_state[name], rtol=tolerance, atol=tolerance,
+                                   msg=name)
+
+
+def test_compiled_training_replayed_matches_interpreted_bit_for_bit(tmp_path):
+    """Dropout, BatchNorm statistics, a new batch every step and an output kept past the next
+    call, through the replay rules and through the interpreter: the same bits."""
+    _compare_training(tmp_path, "cpu", "--emulate-cuda-graphs", "--no-cuda-graphs", tolerance=0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_on_this_machine(), reason="needs a CUDA device for the daemon")
+def test_compiled_training_replayed_as_cuda_graphs_matches_interpreted(tmp_path):
+    _compare_training(tmp_path, "cuda", "", "--no-cuda-graphs", tolerance=1e-5)
+
+
+CAPTURED_STEP_CLIENT = r"""
+import json, os, sys, torch, libremote
+from torch import nn
+libremote.connect(os.environ["TEST_SERVER"])
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(64, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Dropout(0.1), nn.Linear(256, 10)).cuda()
+compiled = torch.compile(model)
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=True)
+torch.cuda.manual_seed(1234)
+
+def train_step(x, y):
+    loss = nn.functional.cross_entropy(compiled(x), y)
+    optimizer.zero_grad(set_to_none=False)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+step = libremote.capture_step(train_step, torch.randn(32, 64, device="cuda"), torch.randint(0, 10, (32,), device="cuda"))
+losses = [step(torch.randn(32, 64, device="cuda"), torch.randint(0, 10, (32,), device="cuda")).item() for _ in range(8)]
+state = {k: v.cpu() for k, v in model.state_dict().items()}
+torch.save(state, sys.argv[1])
+stats = libremote.session_stats()
+print(json.dumps({"losses": losses, "replays": stats["cuda_graph_replays"], "captures": stats["cuda_graph_captures"],
+                  "interpreted": stats["cuda_graph_interpreted"]}))
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_on_this_machine(), reason="needs a CUDA device for the daemon")
+def test_captured_step_launched_as_one_cuda_graph_matches_interpreted(tmp_path):
+    replayed, replayed_state = _train(tmp_path, "cuda", client=CAPTURED_STEP_CLIENT)
+    interpreted, interpreted_state = _train(tmp_path, "cuda", "--no-cuda-graphs", client=CAPTURED_STEP_CLIENT)
+    summary = {key: replayed[key] for key in ("captures", "replays", "interpreted")}
+    assert replayed["replays"] >= 6 and interpreted["replays"] == 0, summary
+    torch.testing.assert_close(torch.tensor(replayed["losses"]), torch.tensor(interpreted["losses"]), rtol=1e-5, atol=1e-6)
+    for name in replayed_state:
+        torch.testing.assert_close(replayed_state[name], interpreted_state[name], rtol=1e-5, atol=1e-6, msg=name)
