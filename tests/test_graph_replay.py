@@ -79,7 +79,7 @@ def test_a_graph_replays_after_warming_up_and_new_inputs_are_copied_in(raw):
 
 
 def test_an_input_the_client_still_holds_is_never_overwritten(raw):
-    raw.put(1, w := torch.randn(BIG))
+    raw.put(1, torch.randn(BIG))
     raw.call([[Cmd.GRAPH, 1, 2, AFFINE, [_value(3)]]])
     inputs = [torch.randn(BIG) for _ in range(5)]
     for call, x in enumerate(inputs):  # every input stays alive: none may serve as the captured one
