@@ -81,6 +81,9 @@ class OpEntry:
     #: their storage's size (resize_, set_, out= arguments): memory is re-measured after it.
     resized_arguments: tuple[tuple[str, Any], ...] = ()
     sanitize: Callable[[list[Any], dict[str, Any]], None] | None = None
+    #: A foreach op that returns nothing (in place) or one tensor per index: under
+    #: oversubscription it may run on slices of its lists (server/foreach_chunks.py).
+    foreach: bool = False
 
 
 def _force_safe_index_put(args: list[Any], kwargs: dict[str, Any]) -> None:
@@ -143,6 +146,8 @@ def resolve(name: str) -> OpEntry:
         zero_fill_result=base in UNINITIALISED_RESULT_OPS,
         resized_arguments=resized,
         sanitize=_SANITIZERS.get(f"{namespace}::{op_name}"),
+        foreach=op_name.startswith("_foreach_") and (
+            not schema.returns or (len(schema.returns) == 1 and str(schema.returns[0].type) == "List[Tensor]")),
     )
     _cache[name] = entry
     return entry

@@ -14,7 +14,9 @@ and the client notices nothing but time. Victims are chosen by priority class (l
 storages no queued command is about to use, then sessions with no queued work, then least
 recent use; the storages of the command being run are never evicted. On a GPU, a real
 out-of-memory error (from an op, an upload or a restore) also triggers eviction and a retry. The
-storages one command works on stay resident together, even when they alone exceed the budget.
+storages one command works on stay resident together, even when they alone exceed the budget,
+except for in-place foreach ops (an optimizer's step), which run on slices that fit
+(server/foreach_chunks.py).
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ class DeviceMemory:
         self.bytes_restored = 0
         self.evict_seconds = 0.0
         self.restore_seconds = 0.0
+        #: The most bytes resident when a command's operands had just been made resident.
+        self.peak_resident_bytes = 0
         self._clock = 0
         self._untimed: list[tuple[str, Any, Any]] = []  # GPU copies: ("evict"|"restore", start, end) events
 
@@ -130,6 +134,7 @@ class DeviceMemory:
             self.fit(needed, protect=records)
             for record in spilled:
                 self._restore(record, protect=records)
+        self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
         self.touch(records)
 
     def retrying_oom(self, allocate: Callable[[], Any], *, protect: Iterable[StorageRecord] = ()) -> Any:
@@ -290,6 +295,7 @@ class DeviceMemory:
             "evictions": self.evictions, "restores": self.restores,
             "bytes_evicted": self.bytes_evicted, "bytes_restored": self.bytes_restored,
             "evict_seconds": self.evict_seconds, "restore_seconds": self.restore_seconds,
+            "peak_resident_bytes": self.peak_resident_bytes,
         }
 
 

@@ -23,7 +23,7 @@ import torch
 from libremote import protocol
 from libremote.protocol import Cmd, DeviceRef, ErrorKind, HandleRef, ProtocolError
 
-from . import devices, graphs, op_policy, programs, values
+from . import devices, foreach_chunks, graphs, op_policy, programs, values
 from .cuda_graphs import GraphCapture
 from .memory import MemoryAccount
 from .residency import DeviceMemory, SpillExhausted, StorageRecord
@@ -386,6 +386,12 @@ class Session:
             exc.op = entry.name
             raise
         allocated_before = self.memory.allocated
+        if entry.foreach and self.memory.managed:
+            sliced = self._foreach_in_slices(entry, args, kwargs, outs)
+            if sliced is not None:
+                if self.memory.allocated > self.memory_quota:
+                    self._refuse_over_quota(entry.name, allocated_before, outs)
+                return entry, sliced[0]
         result, inputs = self._invoke(entry, args, kwargs)
         grown = self._remeasure(entry, args, kwargs, command[2], command[3]) if entry.resized_arguments else ()
         self._store_outputs(entry, result, outs)
@@ -521,6 +527,51 @@ class Session:
         except SpillExhausted as exc:
             raise CommandError(ErrorKind.OOM, what, str(exc)) from None
         return records
+
+    def _foreach_in_slices(self, entry: op_policy.OpEntry, args: list[Any], kwargs: dict[str, Any],
+                           outs: Any) -> tuple[Any] | None:
+        """Run a foreach op whose operands (and results) do not fit the device budget together on
+        slices of its lists that do, storing each slice's results as it goes so that the budget
+        sees them (server/foreach_chunks.py). Returns ``(result,)``, or None when not split."""
+        lists = list(foreach_chunks.tensor_lists(args, kwargs))
+        device_memory = self._device_memory_of(lists[0][0]) if lists else None
+        if device_memory is None or device_memory.budget is None:
+            return None
+        returns_list = bool(entry.overload._schema.returns)
+        per_index = []
+        for index in range(len(lists[0])):
+            records = {id(r): r for r in (self.memory.record_of(lst[index]) for lst in lists if index < len(lst))
+                       if r is not None}
+            largest = max((r.nbytes for r in records.values()), default=0)
+            per_index.append(sum(r.nbytes for r in records.values()) + (largest if returns_list else 0))
+        if sum(per_index) <= device_memory.budget:
+            return None  # it fits: one op moves less than several slices would
+        ranges = foreach_chunks.slices(args, kwargs, per_index.__getitem__, device_memory.budget)
+        handles = outs[0] if returns_list and isinstance(outs, list) and outs and isinstance(outs[0], list) else None
+        if ranges is None or (returns_list and (handles is None or len(handles) != len(lists[0]))):
+            return None
+
+        def spilled_bytes(span: tuple[int, int]) -> int:
+            records = {id(r): r for lst in lists for r in map(self.memory.record_of, lst[span[0]:span[1]])
+                       if r is not None and not r.resident}
+            return sum(r.nbytes for r in records.values())
+
+        # Slices already resident first: the last op left its last slices on the device, and
+        # starting there (not at index 0, which it spilled first) moves the least.
+        ranges.sort(key=spilled_bytes)
+        results: list[Any] = [None] * len(lists[0])
+        for start, stop in ranges:
+            slice_args, slice_kwargs = foreach_chunks.arguments(args, kwargs, start, stop)
+            records = self._make_resident(entry.name, values.tensors_in(slice_args, slice_kwargs))
+            produced = self._call(entry, slice_args, slice_kwargs, records)
+            if handles is not None:
+                results[start:stop] = produced
+                for handle, tensor in zip(handles[start:stop], produced):
+                    if handle is not None:
+                        self._store(handle, tensor)
+                self._fit_on_device(entry.name, records, [handles[start:stop]])
+        self.ops_executed += 1
+        return (results if returns_list else None,)
 
     def _call(self, entry: op_policy.OpEntry, args: list[Any], kwargs: dict[str, Any],
               inputs: Any) -> Any:

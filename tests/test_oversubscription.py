@@ -836,3 +836,37 @@ def test_a_gpu_without_a_set_budget_keeps_headroom_for_the_cuda_context():
     assert default_device_budget(torch.device("cuda", 0), 80 * GiB) == 80 * GiB - int(80 * GiB * 0.06)
     assert default_device_budget(torch.device("cuda", 0), 16 * GiB) == 14 * GiB  # at least 2 GiB headroom
     assert default_device_budget(torch.device("cuda", 0), 3 * GiB) == 3 * GiB // 2  # never below half
+
+
+# ------------------------------------------------------------------------------------------------
+# An optimizer step larger than the device budget runs in slices that fit
+# ------------------------------------------------------------------------------------------------
+def test_a_foreach_step_larger_than_the_budget_runs_in_slices_that_fit():
+    """Adam's foreach ops name every parameter and state tensor at once: 32 MiB of operands
+    against a 16 MiB budget. Whole, the op would need them all resident together (more than the
+    device holds); split into slices of indices, nothing is ever resident above the budget, and
+    the results equal local torch's bit for bit."""
+    code = """
+        import json, torch, libremote
+        torch.manual_seed(0)
+        params = [torch.randn(1024, 1024) for _ in range(4)]        # 4 MiB each
+        grads = [torch.randn(1024, 1024) for _ in range(4)]
+        remote = [p.cuda().requires_grad_() for p in params]
+        local = [p.clone().requires_grad_() for p in params]
+        for tensors, grad_list in ((remote, [g.cuda() for g in grads]), (local, grads)):
+            for t, g in zip(tensors, grad_list):
+                t.grad = g
+        for tensors in (remote, local):
+            optimizer = torch.optim.Adam(tensors, lr=0.1, foreach=True)
+            for _ in range(3):
+                optimizer.step()
+        stats = libremote.memory_stats()["device"]
+        print(json.dumps({"equal": [torch.equal(r.detach().cpu(), l.detach()) for r, l in zip(remote, local)],
+                          "peak": stats["peak_resident_bytes"], "budget": stats["device_budget"],
+                          "evictions": stats["evictions"]}))
+    """
+    with pool_daemon("--device-memory", "16MiB", "--host-spill", "512MiB") as server:
+        out = run_client(code, server.address)
+    assert all(out["equal"]), out
+    assert out["evictions"] > 0, out
+    assert 0 < out["peak"] <= out["budget"], out
