@@ -29,10 +29,12 @@ keeps replay exact:
 
 **Captured steps** (``libremote.capture_step``: a PROGRAM of recorded commands) follow CUDA graphs'
 contract already, so after :data:`WARMUP_RUNS` interpreted replays the whole step (forward,
-backward, optimizer) is captured as one CUDA graph, and a REPLAY is one launch. The handles the
-step creates stay bound to the graph's memory and are updated in place; the tensors it reads are
-kept alive by the capture and checked before every launch: if one was freed or replaced, the step
-is interpreted from then on.
+backward, optimizer) is captured as one CUDA graph, and a REPLAY is one launch. Every replay,
+interpreted or launched, writes the step's results into the same tensors (so the client's views of
+them follow); the capture records those copies too. The tensors the step reads are kept alive by
+the capture and checked before every launch: if one was freed or replaced, the step is
+interpreted from then on (and fails as the interpreter does when a tensor is gone). With
+``--emulate-cuda-graphs`` the same bookkeeping runs, with interpreted replays in place of launches.
 
 Sessions under residency management (``--device-memory``/``--host-spill``) are not captured: the
 pool lives outside the device budget the manager enforces, and spilling moves storages.
@@ -218,9 +220,10 @@ def _distinct_tensors(captured: _Captured) -> list[torch.Tensor]:
 
 @dataclass
 class _CapturedProgram:
-    cuda_graph: Any
+    cuda_graph: Any  # None in the emulation
     #: handle -> (the session's tensor, an alias keeping its memory alive, storage key, address)
     reads: dict[int, tuple[torch.Tensor, torch.Tensor, int, int]]
+    written: list[torch.Tensor]  # aliases of the step's results, which every launch writes
 
 
 class _ProgramState:
@@ -323,18 +326,22 @@ class GraphCapture:
     # Captured steps (PROGRAM/REPLAY)
     # ------------------------------------------------------------------------------------------
     def replay_program(self, program_id: int, program: Any, run: Callable[[], None], session: Any) -> None:
-        """Replay a captured step: ``run`` interprets it (the session's own replay); after
-        :data:`WARMUP_RUNS` of those it is captured and launched as one CUDA graph."""
+        """Replay a captured step: ``run()`` interprets it (the session's own replay, results in
+        place); after :data:`WARMUP_RUNS` of those, ``run()`` under capture records it, and the
+        step is launched as one CUDA graph from then on."""
         state = self._programs.get(program_id)
         if state is None or state.program is not program:
             state = self._programs[program_id] = _ProgramState(program)
-        if self.emulated or state.disabled or len(session.devices) > 1:
+        if state.disabled or len(session.devices) > 1:
             return run()  # a step on several devices: work off the captured device would run, not record
         if state.captured is not None:
             changed = _program_reads_changed(state.captured, session.tensors)
             if changed is None:
-                with self.session_rng():
-                    state.captured.cuda_graph.replay()
+                if self.emulated:
+                    run()  # what a launch does to memory: the results, in place
+                else:
+                    with self.session_rng():
+                        state.captured.cuda_graph.replay()
                 self.replays += 1
                 return None
             log.info("captured step %d is interpreted from now on: %s", program_id, changed)
@@ -345,7 +352,36 @@ class GraphCapture:
         if state.runs <= WARMUP_RUNS:
             self.interpreted["warming up"] += 1
             return run()
-        session.release_handles(program.created)  # outside the capture: they were not made in it
+        if self.emulated:
+            session.touched = {}
+            try:
+                run()  # the emulation's capture runs the step, in place like every replay
+            finally:
+                touched, session.touched = session.touched, None
+            cuda_graph = None
+        else:
+            touched, cuda_graph = self._capture_program(program_id, state, run, session)
+            if cuda_graph is None:
+                return None
+        reads = {}
+        for handle, tensor in touched.items():
+            if handle not in program.created:
+                storage = tensor.untyped_storage()
+                reads[handle] = (tensor, tensor.detach(), storage._cdata, storage.data_ptr())
+        # The step's results: each launch writes them, so their memory must outlive their handles.
+        written = [session.tensors[handle].detach() for handle in program.created if handle in session.tensors]
+        state.captured = _CapturedProgram(cuda_graph, reads, written)
+        self.captures += 1
+        if cuda_graph is not None:
+            with self.session_rng():
+                cuda_graph.replay()
+        self.replays += 1
+        return None
+
+    def _capture_program(self, program_id: int, state: _ProgramState, run: Callable[[], None],
+                         session: Any) -> tuple[dict[int, torch.Tensor], Any]:
+        """Capture a step's commands as a CUDA graph: (the handles they read, the graph). When the
+        capture fails, the step has been run interpreted instead and the graph is None."""
         cuda_graph = torch.cuda.CUDAGraph()
         if self.generator is not None:
             cuda_graph.register_generator_state(self.generator)
@@ -363,24 +399,15 @@ class GraphCapture:
         finally:
             self.capturing = self.capturing_program = False
             touched, session.touched = session.touched, None
-        if failure is not None:
-            reason = f"capture failed: {str(failure).splitlines()[0][:200] if str(failure) else type(failure).__name__}"
-            log.warning("captured step %d stays interpreted: %s", program_id, reason)
-            self._after_failed_capture()
-            state.disabled = reason
-            self.interpreted[reason] += 1
-            return run()  # for real this time (it drops whatever the failed capture bound)
-        reads = {}
-        for handle, tensor in touched.items():
-            if handle not in program.created:
-                storage = tensor.untyped_storage()
-                reads[handle] = (tensor, tensor.detach(), storage._cdata, storage.data_ptr())
-        state.captured = _CapturedProgram(cuda_graph, reads)
-        self.captures += 1
-        with self.session_rng():
-            cuda_graph.replay()
-        self.replays += 1
-        return None
+        if failure is None:
+            return touched, cuda_graph
+        reason = f"capture failed: {str(failure).splitlines()[0][:200] if str(failure) else type(failure).__name__}"
+        log.warning("captured step %d stays interpreted: %s", program_id, reason)
+        self._after_failed_capture()
+        state.disabled = reason
+        self.interpreted[reason] += 1
+        run()  # for real this time
+        return touched, None
 
     def _after_failed_capture(self) -> None:
         """A capture that failed leaves the generators it registered (the device's default one

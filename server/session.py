@@ -307,6 +307,7 @@ class Session:
         for handle in handles:
             self._drop(handle)
 
+
     def _drop(self, handle: int) -> None:
         if self.tensors.pop(handle, None) is not None:
             self.memory.release(self._storage_keys.pop(handle))
@@ -497,7 +498,12 @@ class Session:
             self._run_program(program, frames)
 
     def _run_program(self, program: programs.Program, frames: list[Any]) -> None:
-        for handle in program.created:  # last replay's results make way for this one's
+        """Run a captured step's commands. Its results go into the tensors the last run made, so
+        a replay updates the step's outputs in place (views of them too), as a CUDA graph's
+        replay does; a result the client has freed since stays freed. (Under a CUDA graph
+        capture, those copies are recorded too: each launch writes the same tensors.)"""
+        previous = {h: self.tensors[h] for h in program.created if h in self.tensors}
+        for handle in program.created:
             self._drop(handle)
         for recorded in program.commands:
             try:
@@ -511,6 +517,16 @@ class Session:
                     exc.message += ("; a tensor the captured step uses was freed since it was recorded: keep "
                                     "the model, optimizer and tensors the step uses alive while replaying it")
                 raise
+        for handle in program.created:
+            new, old = self.tensors.get(handle), previous.get(handle)
+            if new is None:
+                continue
+            if old is None:
+                self._drop(handle)
+            elif (old.shape, old.stride(), old.dtype, old.device) == (new.shape, new.stride(), new.dtype, new.device):
+                old.copy_(new)
+                self._drop(handle)
+                self._store(handle, old)
 
     # ------------------------------------------------------------------------------------------
     # Oversubscription: keep what an op touches resident, and the device within its budget

@@ -246,6 +246,71 @@ print(json.dumps({"losses": losses, "replays": stats["cuda_graph_replays"], "cap
 """
 
 
+def test_captured_step_replayed_in_place_matches_interpreted_bit_for_bit(tmp_path):
+    replayed, replayed_state = _train(tmp_path, "cpu", "--emulate-cuda-graphs", client=CAPTURED_STEP_CLIENT)
+    interpreted, interpreted_state = _train(tmp_path, "cpu", "--no-cuda-graphs", client=CAPTURED_STEP_CLIENT)
+    summary = {key: replayed[key] for key in ("captures", "replays", "interpreted")}
+    assert replayed["replays"] >= 6 and interpreted["replays"] == 0, summary
+    assert replayed["losses"] == interpreted["losses"]
+    for name in replayed_state:
+        assert torch.equal(replayed_state[name], interpreted_state[name]), name
+
+
+STATIC_OUTPUTS_CLIENT = r"""
+import json, os, torch, libremote
+from torch import nn
+libremote.connect(os.environ["TEST_SERVER"])
+torch.manual_seed(0)
+model = nn.Linear(8, 1).cuda()
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+def train_step(x, y):
+    loss = nn.functional.mse_loss(model(x), y)
+    optimizer.zero_grad(set_to_none=False)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+step = libremote.capture_step(train_step, torch.randn(4, 8, device="cuda"), torch.randn(4, 1, device="cuda"))
+first = step(torch.randn(4, 8, device="cuda"), torch.randn(4, 1, device="cuda"))
+view = first.reshape(1)  # made after the capture, on the step's output
+same, seen = [], []
+for _ in range(6):
+    out = step(torch.randn(4, 8, device="cuda"), torch.randn(4, 1, device="cuda"))
+    same.append(out is first)
+    seen.append([out.item(), view.item()])
+model.weight.data = torch.zeros(1, 8, device="cuda")  # the step reads the old weight's handle
+try:
+    step(torch.randn(4, 8, device="cuda"), torch.randn(4, 1, device="cuda"))
+    torch.cuda.synchronize()
+    error = None
+except Exception as exc:
+    error = str(exc)
+stats = libremote.session_stats()
+print(json.dumps({"same": same, "seen": seen, "error": error, "replays": stats["cuda_graph_replays"],
+                  "interpreted": stats["cuda_graph_interpreted"]}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["--emulate-cuda-graphs", "--no-cuda-graphs"])
+def test_captured_step_outputs_update_in_place_and_a_replaced_tensor_is_an_error(emulating, mode):
+    server = Daemon(mode)
+    try:
+        out = subprocess.run([sys.executable, "-c", STATIC_OUTPUTS_CLIENT], capture_output=True, text=True,
+                             env=subprocess_env() | {"TEST_SERVER": server.address}, timeout=300)
+        assert out.returncode == 0, out.stderr + server.log()
+    finally:
+        server.stop()
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert all(report["same"]), report
+    assert all(loss == viewed for loss, viewed in report["seen"]), report  # the view sees each replay
+    assert len({loss for loss, _ in report["seen"]}) > 1, report  # and the values do change
+    assert report["error"] and "freed since it was recorded" in report["error"], report
+    if mode == "--emulate-cuda-graphs":
+        assert report["replays"] >= 4, report
+        assert any("freed or replaced" in why for why in report["interpreted"]), report
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cuda_on_this_machine(), reason="needs a CUDA device for the daemon")
 def test_captured_step_launched_as_one_cuda_graph_matches_interpreted(tmp_path):
