@@ -503,6 +503,10 @@ class Session:
         replay does; a result the client has freed since stays freed. (Under a CUDA graph
         capture, those copies are recorded too: each launch writes the same tensors.)"""
         previous = {h: self.tensors[h] for h in program.created if h in self.tensors}
+        if previous and self.memory.managed:
+            # Resident before they leave the memory manager's sight: a spilled tensor has no
+            # device bytes to copy the new results into.
+            self._make_resident("captured step", list(previous.values()))
         for handle in program.created:
             self._drop(handle)
         for recorded in program.commands:

@@ -870,3 +870,29 @@ def test_a_foreach_step_larger_than_the_budget_runs_in_slices_that_fit():
     assert all(out["equal"]), out
     assert out["evictions"] > 0, out
     assert 0 < out["peak"] <= out["budget"], out
+
+
+def test_a_captured_step_whose_output_was_spilled_replays_exactly():
+    """A captured step writes its results into the same tensors every replay; one of them was
+    spilled to host RAM in between (other tensors took the device), so it comes back first."""
+    code = """
+        import json, torch, libremote
+        torch.manual_seed(0)
+        w = torch.randint(-8, 9, (1024, 1024)).float()                     # 4 MiB, budget 8 MiB
+        xs = [torch.randint(-8, 9, (1024, 1024)).float() for _ in range(5)]
+        wd = w.cuda()
+        step = libremote.capture_step(lambda x: x * 2 + wd, xs[0].cuda())
+        out, results, spilled = None, [], []
+        for x in xs:
+            out = step(x.cuda())
+            results.append(torch.equal(out.cpu(), x * 2 + w))
+            filler = torch.ones(1024, 1024, device="cuda") * 3             # pushes the step's tensors out
+            spilled.append(libremote.memory_stats()["spilled"] > 0)
+            del filler
+        print(json.dumps({"results": results, "spilled": spilled,
+                          "restores": libremote.memory_stats()["device"]["restores"]}))
+    """
+    with pool_daemon("--device-memory", "8MiB", "--host-spill", "256MiB") as server:
+        out = run_client(code, server.address)
+    assert all(out["results"]), out
+    assert any(out["spilled"]) and out["restores"] > 0, out
