@@ -163,11 +163,11 @@ class _Captured:
     outputs: list[Any]  # what the capture produced: tensors in the pool or aliasing an input
     output_input: list[int | None]  # the input an output aliases, if any
     cloned: list[bool]  # outputs cloned after each replay
+    handed_out: list[int] = field(default_factory=list)  # pool storages given out by the last replay
 
     @property
     def aliased_inputs(self) -> set[int]:
         return {index for index in self.output_input if index is not None}
-    handed_out: list[int] = field(default_factory=list)  # pool storages given out by the last replay
 
 
 class _EmulatedGraph:
@@ -239,7 +239,7 @@ class _GraphState:
         self.graph = graph
         self.runs = 0
         self.captured: _Captured | None = None
-        self.disabled: str | None = graph_refusal if (graph_refusal := refusal(graph)) else None
+        self.disabled: str | None = refusal(graph)
         self.written = written_inputs(graph)
         self.uses_default_generator = any(n.entry is not None and n.entry.seeded_without_generator for n in graph.nodes)
         self.clone_all = False
@@ -250,8 +250,9 @@ class _GraphState:
 class GraphCapture:
     """One session's CUDA graphs: captures, replays, and the references captures hold.
 
-    ``run`` is the whole interface: the session passes the graph, its inputs, how to interpret it
-    and how to run one op, and gets the outputs, from a replay when it can."""
+    Two entry points: :meth:`run` for a compiled graph (the session passes the graph, its inputs,
+    how to interpret it and how to run one op, and gets the outputs, from a replay when it can),
+    and :meth:`replay_program` for a captured step."""
 
     def __init__(self, device: torch.device, generator: torch.Generator | None,
                  session_rng: Callable[[], ContextManager[None]]) -> None:
