@@ -39,7 +39,10 @@ interpreted from then on (and fails as the interpreter does when a tensor is gon
 Sessions under residency management (``--device-memory``/``--host-spill``) are not captured: the
 pool lives outside the device budget the manager enforces, and spilling moves storages.
 The pool's intermediates are not charged to the session's quota either (an interpreted run's are
-transient and not charged; a captured graph keeps its peak reserved for as long as it lives).
+transient and not charged; a captured graph keeps its peak reserved for as long as it lives). So
+that a finished model does not pin its memory, the daemon's housekeeping drops the captures whose
+parameters (the inputs a graph was last called with as the very tensors it was captured on) or
+whose step's tensors the client has freed (:meth:`GraphCapture.reclaim`).
 """
 
 from __future__ import annotations
@@ -164,6 +167,9 @@ class _Captured:
     output_input: list[int | None]  # the input an output aliases, if any
     cloned: list[bool]  # outputs cloned after each replay
     handed_out: list[int] = field(default_factory=list)  # pool storages given out by the last replay
+    #: Inputs the last call passed as the very tensors captured on (parameters, state): when
+    #: the client frees one of those, the model is gone and the capture only holds memory.
+    static_inputs: set[int] = field(default_factory=set)
 
     @property
     def aliased_inputs(self) -> set[int]:
@@ -206,6 +212,12 @@ def _plain_aliases(outputs: list[Any]) -> list[Any]:
     from C++ (``_base``), which counts on the storage where ``held`` cannot see it; a detached
     alias keeps nothing but the storage."""
     return [output.detach() if isinstance(output, torch.Tensor) else output for output in outputs]
+
+
+def _pool_keys(captured: _Captured) -> set[int]:
+    """Storages of a capture's outputs that live in its pool (not aliases of its inputs)."""
+    return {_key(output) for output, aliased in zip(captured.outputs, captured.output_input)
+            if isinstance(output, torch.Tensor) and aliased is None}
 
 
 def _distinct_tensors(captured: _Captured) -> list[torch.Tensor]:
@@ -268,6 +280,8 @@ class GraphCapture:
         self._programs: dict[int, _ProgramState] = {}
         #: storage key -> how many tensors captured graphs hold on it (inputs kept alive, outputs).
         self.held: collections.Counter[int] = collections.Counter()
+        #: storage keys of captured graphs' own outputs (their memory pools).
+        self.pool_keys: collections.Counter[int] = collections.Counter()
         self._states: dict[int, _GraphState] = {}
         self.captures = 0
         self.replays = 0
@@ -322,6 +336,33 @@ class GraphCapture:
             self._release(state)
         self._states.clear()
         self._programs.clear()
+
+    @property
+    def live(self) -> int:
+        """Captures alive now (each holds its inputs and its memory pool)."""
+        return (sum(1 for state in self._states.values() if state.captured is not None)
+                + sum(1 for state in self._programs.values() if state.captured is not None))
+
+    def reclaim(self, tensors: dict[int, torch.Tensor]) -> None:
+        """Drop the captures of models the client has let go of, so their memory returns: a
+        graph whose captured-on parameters only captures still hold, a step whose tensors are
+        gone. (Called from the daemon's housekeeping; a later call captures again if needed.)"""
+        for state in self._states.values():
+            captured = state.captured
+            if captured is None:
+                continue
+            for index in captured.static_inputs:
+                key = _key(captured.inputs[index])
+                # Another graph's output (activations passed to a backward graph) is not the
+                # client's: between steps only captures hold it, and that is normal.
+                if key not in self.pool_keys and _use_count(key) <= self.held[key]:
+                    self._release(state)
+                    state.runs = 0  # if it is called again, it warms up and is captured anew
+                    break
+        for state in self._programs.values():
+            if state.captured is not None and _program_reads_changed(state.captured, tensors):
+                state.captured = None
+                state.disabled = "a tensor the step reads was freed or replaced since it was captured"
 
     # ------------------------------------------------------------------------------------------
     # Captured steps (PROGRAM/REPLAY)
@@ -478,9 +519,11 @@ class GraphCapture:
             output_input.append(aliased)
             cloned.append(aliased is None and output.untyped_storage().nbytes() <= CLONED_OUTPUT_BYTES)
         state.captured = _Captured(replayable, list(inputs), [_layout(t) for t in inputs], _storage_groups(inputs),
-                                   outputs, output_input, cloned)
+                                   outputs, output_input, cloned, static_inputs=set(range(len(inputs))))
         for tensor in _distinct_tensors(state.captured):
             self.held[_key(tensor)] += 1
+        for key in _pool_keys(state.captured):
+            self.pool_keys[key] += 1
         self.captures += 1
         return self.emulated
 
@@ -522,6 +565,7 @@ class GraphCapture:
                 ran: bool = False) -> list[Any]:
         for index in copies:
             captured.inputs[index].copy_(inputs[index])
+        captured.static_inputs = set(range(len(captured.inputs))).difference(copies)
         if ran:
             pass
         elif state.uses_default_generator and not self.emulated:
@@ -572,6 +616,10 @@ class GraphCapture:
             self.held[key] -= 1
             if self.held[key] <= 0:
                 del self.held[key]
+        for key in _pool_keys(captured):
+            self.pool_keys[key] -= 1
+            if self.pool_keys[key] <= 0:
+                del self.pool_keys[key]
 
 
 __all__ = ["GraphCapture", "refusal", "written_inputs", "WARMUP_RUNS", "CLONED_OUTPUT_BYTES"]

@@ -453,6 +453,8 @@ class Daemon:
             elif (self.pool.idle_timeout_s is not None and not session.has_work()
                   and now - session.last_active > self.pool.idle_timeout_s):
                 self._end_session(identity, f"idle for more than {self.pool.idle_timeout_s:g} s (--idle-timeout)")
+            else:
+                session.reclaim_captures()
         self.waiting = [w for w in self.waiting if now - w.last_seen <= self.heartbeat_timeout_s]
         for waiter in sorted(self.waiting, key=self._queue_order):
             if self._admit(waiter):

@@ -303,6 +303,11 @@ class Session:
         self.tensors[handle] = tensor
         self._storage_keys[handle] = self.memory.add(tensor)
 
+    def reclaim_captures(self) -> None:
+        """Let go of CUDA-graph captures whose models the client has dropped (housekeeping)."""
+        if self._cuda_graphs is not None:
+            self._cuda_graphs.reclaim(self.tensors)
+
     def release_handles(self, handles: Any) -> None:
         for handle in handles:
             self._drop(handle)
@@ -805,7 +810,8 @@ class Session:
                     "handles": len(self.tensors),
                     "cuda_graph_captures": self._cuda_graphs.captures if self._cuda_graphs else 0,
                     "cuda_graph_replays": self._cuda_graphs.replays if self._cuda_graphs else 0,
-                    "cuda_graph_interpreted": dict(self._cuda_graphs.interpreted) if self._cuda_graphs else {}}
+                    "cuda_graph_interpreted": dict(self._cuda_graphs.interpreted) if self._cuda_graphs else {},
+                    "cuda_graphs_live": self._cuda_graphs.live if self._cuda_graphs else 0}
         if what == "reset_peak_memory":
             self.memory.reset_peak()
             return None

@@ -127,6 +127,33 @@ def test_a_graph_that_writes_a_new_input_writes_the_callers_tensor(raw):
     assert _stats(raw)["cuda_graph_replays"] == 5 - WARMUP_RUNS
 
 
+def test_a_capture_lets_go_once_the_client_frees_what_it_was_captured_on(raw):
+    """A finished model's graphs must not pin its memory: when the client frees a tensor the
+    capture was made on (a parameter), the daemon's housekeeping drops the capture."""
+    import time
+
+    raw.put(1, torch.randn(BIG))  # "the parameter"
+    raw.call([[Cmd.GRAPH, 1, 2, AFFINE, [_value(3)]]])
+    for call in range(4):
+        raw.put(100 + call, torch.randn(BIG))
+        _run(raw, 1, [100 + call, 1], [200 + call])
+        raw.call([[Cmd.FREE, [100 + call, 200 + call]]])
+    assert _stats(raw)["cuda_graphs_live"] == 1
+    raw.call([[Cmd.FREE, [1]]])
+    deadline = time.monotonic() + 30
+    while _stats(raw)["cuda_graphs_live"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _stats(raw)["cuda_graphs_live"] == 0
+    raw.put(2, w := torch.randn(BIG))  # a new model: the graph warms up and is captured again
+    for call in range(4):
+        raw.put(300 + call, x := torch.randn(BIG))
+        _run(raw, 1, [300 + call, 2], [400 + call])
+        torch.testing.assert_close(raw.fetch(400 + call), x * w + x, rtol=0, atol=0)
+        raw.call([[Cmd.FREE, [300 + call, 400 + call]]])
+    stats = _stats(raw)
+    assert stats["cuda_graphs_live"] == 1 and stats["cuda_graph_captures"] == 2, stats
+
+
 def _random_graph_results(address: str) -> list[torch.Tensor]:
     # bernoulli takes the session's generator; native_dropout draws from the device's default.
     nodes = [["aten::bernoulli.p", [_value(0), 0.3], {}], ["aten::native_dropout", [_value(0), 0.5, True], {}],
