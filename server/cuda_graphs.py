@@ -167,8 +167,9 @@ class _Captured:
     output_input: list[int | None]  # the input an output aliases, if any
     cloned: list[bool]  # outputs cloned after each replay
     handed_out: list[int] = field(default_factory=list)  # pool storages given out by the last replay
-    #: Inputs the last call passed as the very tensors captured on (parameters, state): when
+    #: Inputs the last replay passed as the very tensors captured on (parameters, state): when
     #: the client frees one of those, the model is gone and the capture only holds memory.
+    #: (Unknown until a call after the capture: a batch looks just like a parameter at first.)
     static_inputs: set[int] = field(default_factory=set)
 
     @property
@@ -324,6 +325,7 @@ class GraphCapture:
                 self._drop(state, f"{FALLBACKS_BEFORE_DROPPING} calls in a row could not replay ({plan})")
             return self._interpret(graph_id, plan, interpret, inputs)
         state.fallbacks = 0
+        state.captured.static_inputs = set(range(len(inputs))).difference(plan)
         return self._replay(state, state.captured, inputs, plan)
 
     def _interpret(self, graph_id: int, why: str, interpret: Callable[[list[Any]], list[Any]], inputs: list[Any]) -> list[Any]:
@@ -395,21 +397,17 @@ class GraphCapture:
             self.interpreted["warming up"] += 1
             return run()
         if self.emulated:
-            session.touched = {}
-            try:
-                run()  # the emulation's capture runs the step, in place like every replay
-            finally:
-                touched, session.touched = session.touched, None
+            run()  # the emulation's capture runs the step, in place like every replay
             cuda_graph = None
         else:
-            touched, cuda_graph = self._capture_program(program_id, state, run, session)
+            cuda_graph = self._capture_program(program_id, state, run)
             if cuda_graph is None:
                 return None
         reads = {}
-        for handle, tensor in touched.items():
-            if handle not in program.created:
-                storage = tensor.untyped_storage()
-                reads[handle] = (tensor, tensor.detach(), storage._cdata, storage.data_ptr())
+        for handle in program.reads:
+            tensor = session.tensors[handle]  # the capture ran, so every one of them resolved
+            storage = tensor.untyped_storage()
+            reads[handle] = (tensor, tensor.detach(), storage._cdata, storage.data_ptr())
         # The step's results: each launch writes them, so their memory must outlive their handles.
         written = [session.tensors[handle].detach() for handle in program.created if handle in session.tensors]
         state.captured = _CapturedProgram(cuda_graph, reads, written)
@@ -420,14 +418,12 @@ class GraphCapture:
         self.replays += 1
         return None
 
-    def _capture_program(self, program_id: int, state: _ProgramState, run: Callable[[], None],
-                         session: Any) -> tuple[dict[int, torch.Tensor], Any]:
-        """Capture a step's commands as a CUDA graph: (the handles they read, the graph). When the
-        capture fails, the step has been run interpreted instead and the graph is None."""
+    def _capture_program(self, program_id: int, state: _ProgramState, run: Callable[[], None]) -> Any:
+        """Capture a step's commands as a CUDA graph and return it. When the capture fails, the
+        step has been run interpreted instead and the result is None."""
         cuda_graph = torch.cuda.CUDAGraph()
         if self.generator is not None:
             cuda_graph.register_generator_state(self.generator)
-        session.touched = {}
         self.capturing = self.capturing_program = True
         failure: Exception | None = None
         try:
@@ -440,16 +436,15 @@ class GraphCapture:
             failure = exc
         finally:
             self.capturing = self.capturing_program = False
-            touched, session.touched = session.touched, None
         if failure is None:
-            return touched, cuda_graph
+            return cuda_graph
         reason = f"capture failed: {str(failure).splitlines()[0][:200] if str(failure) else type(failure).__name__}"
         log.warning("captured step %d stays interpreted: %s", program_id, reason)
         self._after_failed_capture()
         state.disabled = reason
         self.interpreted[reason] += 1
         run()  # for real this time
-        return touched, None
+        return None
 
     def _after_failed_capture(self) -> None:
         """A capture that failed leaves the generators it registered (the device's default one
@@ -519,7 +514,7 @@ class GraphCapture:
             output_input.append(aliased)
             cloned.append(aliased is None and output.untyped_storage().nbytes() <= CLONED_OUTPUT_BYTES)
         state.captured = _Captured(replayable, list(inputs), [_layout(t) for t in inputs], _storage_groups(inputs),
-                                   outputs, output_input, cloned, static_inputs=set(range(len(inputs))))
+                                   outputs, output_input, cloned)
         for tensor in _distinct_tensors(state.captured):
             self.held[_key(tensor)] += 1
         for key in _pool_keys(state.captured):
@@ -565,7 +560,6 @@ class GraphCapture:
                 ran: bool = False) -> list[Any]:
         for index in copies:
             captured.inputs[index].copy_(inputs[index])
-        captured.static_inputs = set(range(len(captured.inputs))).difference(copies)
         if ran:
             pass
         elif state.uses_default_generator and not self.emulated:

@@ -14,22 +14,23 @@ the budget cannot see them.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 
 
-def slices(args: list[Any], kwargs: dict[str, Any], index_bytes: Callable[[int], int],
+def slices(args: list[Any], kwargs: dict[str, Any], index_bytes: list[int],
            limit: int) -> list[tuple[int, int]] | None:
-    """Index ranges whose operands take at most ``limit`` bytes each (a range of one index may
-    take more), or None when the op's arguments cannot be split by index."""
+    """Index ranges whose operands (``index_bytes`` per index) take at most ``limit`` bytes each
+    (a range of one index may take more), or None when the op's arguments cannot be split by
+    index."""
     length = _list_length(args, kwargs)
-    if length is None or length < 2:
+    if length is None or length < 2 or length != len(index_bytes):
         return None
     ranges: list[tuple[int, int]] = []
     start, taken = 0, 0
     for index in range(length):
-        size = index_bytes(index)
+        size = index_bytes[index]
         if index > start and taken + size > limit:
             ranges.append((start, index))
             start, taken = index, 0

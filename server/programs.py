@@ -29,6 +29,8 @@ class Program:
 
     commands: list[list[Any]]
     created: frozenset[int]
+    #: Handles made before the recording that its commands read (a CUDA-graph capture holds them).
+    reads: frozenset[int] = frozenset()
 
 
 #: What a recording may hold: commands that need no answer and carry no host data.
@@ -39,6 +41,7 @@ def define(wire_commands: Any) -> Program:
     protocol.check(isinstance(wire_commands, list) and len(wire_commands) <= MAX_COMMANDS,
                    lambda: f"a captured step holds at most {MAX_COMMANDS} commands")
     created: set[int] = set()
+    named: set[int] = set()
     commands: list[list[Any]] = []
     for position, command in enumerate(wire_commands):
         protocol.check(isinstance(command, list) and command and isinstance(command[0], int),
@@ -54,6 +57,7 @@ def define(wire_commands: Any) -> Program:
                        lambda: f"captured command {position}: only ops, graph runs and frees can be replayed")
         outs_at = _PROGRAM_COMMANDS[kind]
         protocol.check(len(command) > outs_at, lambda: f"captured command {position} is malformed")
+        named.update(values.handles_named(command) if kind == protocol.Cmd.OP else values.handle_refs(command[2]))
         created.update(h for h in values.flatten_handles(command[outs_at]) if type(h) is int)
         commands.append(command)
-    return Program(commands, frozenset(created))
+    return Program(commands, frozenset(created), frozenset(named - created))

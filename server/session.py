@@ -123,8 +123,6 @@ class Session:
         self.created = time.time()
         self.last_seen = time.monotonic()  # any message, PINGs included
         self.last_active = self.last_seen  # last BATCH (for --idle-timeout)
-        #: While a captured step is captured as a CUDA graph: every handle its commands read.
-        self.touched: dict[int, torch.Tensor] | None = None
         self._handlers: dict[int, Callable[[list[Any], list[Any]], Any]] = {
             Cmd.OP: self._op,
             Cmd.OP_SYNC: self._op_sync,
@@ -280,10 +278,7 @@ class Session:
     # ------------------------------------------------------------------------------------------
     def tensor(self, handle: int) -> torch.Tensor:
         try:
-            tensor = self.tensors[handle]
-            if self.touched is not None:
-                self.touched[handle] = tensor
-            return tensor
+            return self.tensors[handle]
         except (KeyError, TypeError):
             origin = self._failed.get(handle)
             if origin is not None:
@@ -311,7 +306,6 @@ class Session:
     def release_handles(self, handles: Any) -> None:
         for handle in handles:
             self._drop(handle)
-
 
     def _drop(self, handle: int) -> None:
         if self.tensors.pop(handle, None) is not None:
@@ -563,28 +557,27 @@ class Session:
         if device_memory is None or device_memory.budget is None:
             return None
         returns_list = bool(entry.overload._schema.returns)
-        per_index = []
-        for index in range(len(lists[0])):
-            records = {id(r): r for r in (self.memory.record_of(lst[index]) for lst in lists if index < len(lst))
-                       if r is not None}
-            largest = max((r.nbytes for r in records.values()), default=0)
-            per_index.append(sum(r.nbytes for r in records.values()) + (largest if returns_list else 0))
+        length = len(lists[0])
+        records_at = [list({id(r): r for r in (self.memory.record_of(lst[i]) for lst in lists if i < len(lst))
+                            if r is not None}.values()) for i in range(length)]
+        # Bytes per index: its operands, and for ops that return tensors, room for the largest.
+        per_index = [sum(r.nbytes for r in records) + (max((r.nbytes for r in records), default=0) if returns_list else 0)
+                     for records in records_at]
         if sum(per_index) <= device_memory.budget:
             return None  # it fits: one op moves less than several slices would
-        ranges = foreach_chunks.slices(args, kwargs, per_index.__getitem__, device_memory.budget)
+        ranges = foreach_chunks.slices(args, kwargs, per_index, device_memory.budget)
         handles = outs[0] if returns_list and isinstance(outs, list) and outs and isinstance(outs[0], list) else None
-        if ranges is None or (returns_list and (handles is None or len(handles) != len(lists[0]))):
+        if ranges is None or (returns_list and (handles is None or len(handles) != length)):
             return None
 
         def spilled_bytes(span: tuple[int, int]) -> int:
-            records = {id(r): r for lst in lists for r in map(self.memory.record_of, lst[span[0]:span[1]])
-                       if r is not None and not r.resident}
-            return sum(r.nbytes for r in records.values())
+            spilled = {id(r): r for records in records_at[span[0]:span[1]] for r in records if not r.resident}
+            return sum(r.nbytes for r in spilled.values())
 
         # Slices already resident first: the last op left its last slices on the device, and
         # starting there (not at index 0, which it spilled first) moves the least.
         ranges.sort(key=spilled_bytes)
-        results: list[Any] = [None] * len(lists[0])
+        results: list[Any] = [None] * length
         for start, stop in ranges:
             slice_args, slice_kwargs = foreach_chunks.arguments(args, kwargs, start, stop)
             records = self._make_resident(entry.name, values.tensors_in(slice_args, slice_kwargs))

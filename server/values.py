@@ -19,15 +19,20 @@ def handles_named(command: Any) -> Iterator[int]:
         return
     kind = command[0]
     if kind in (Cmd.OP, Cmd.OP_SYNC) and len(command) == 5:
-        stack = [command[2], list(command[3].values()) if isinstance(command[3], dict) else []]
-        while stack:
-            value = stack.pop()
-            if isinstance(value, HandleRef):
-                yield value.handle
-            elif isinstance(value, list):
-                stack.extend(value)
+        yield from handle_refs([command[2], list(command[3].values()) if isinstance(command[3], dict) else []])
     elif kind in (Cmd.FETCH, Cmd.UPLOAD) and len(command) >= 2 and isinstance(command[1], int):
         yield command[1]
+
+
+def handle_refs(value: Any) -> Iterator[int]:
+    """Handles referenced (``HandleRef``) anywhere inside ``value``'s nested lists."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, HandleRef):
+            yield item.handle
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def tensors_in(args: list[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
