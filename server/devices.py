@@ -1,8 +1,12 @@
 """Which device the daemon executes on, and the facts about it that clients are shown.
 
-``--device auto`` takes the accelerator torch reports (``torch.accelerator``: CUDA, ROCm as CUDA,
-XPU, MPS, ...), falling back to the CPU. On the CPU backend (CI, laptops) the daemon is fully
-functional; only the device facts differ.
+``--device auto`` takes the first kind of accelerator this torch has (CUDA, ROCm as CUDA, XPU,
+MPS), falling back to the CPU. It does not ask ``torch.accelerator``: that prefers a registered
+PrivateUse1 backend over everything else, and libremote's own client registers one (the daemon
+lives in the ``libremote`` package, so that registration has happened in the daemon's process
+too and cannot be undone), so ``torch.accelerator`` would name the client's remote device.
+
+On the CPU backend (CI, laptops) the daemon is fully functional; only the device facts differ.
 """
 
 from __future__ import annotations
@@ -15,15 +19,26 @@ from typing import Any
 import torch
 
 
+#: The accelerator kinds ``--device auto`` looks for, in order (each a ``torch.<kind>`` module).
+_AUTO_KINDS = ("cuda", "xpu", "mps")
+
+
+def _local_accelerators() -> list[torch.device]:
+    """Every device of the first accelerator kind this machine has, else ``[cpu]``."""
+    for kind in _AUTO_KINDS:
+        module = getattr(torch, kind, None)
+        if module is not None and module.is_available():
+            count = module.device_count() if hasattr(module, "device_count") else 1
+            if count > 0:
+                return [torch.device(kind, index) for index in range(count)]
+    return [torch.device("cpu")]
+
+
 def resolve_device(spec: str) -> torch.device:
     """Turn ``auto|cpu|cuda|cuda:N|<accelerator>[:N]`` into a device torch can use, or explain."""
     spec = spec.strip().lower()
     if spec == "auto":
-        if torch.accelerator.is_available():
-            accelerator = torch.accelerator.current_accelerator()
-            assert accelerator is not None
-            return torch.device(accelerator.type, torch.accelerator.current_device_index())
-        return torch.device("cpu")
+        return _local_accelerators()[0]
     try:
         device = torch.device(spec)
     except RuntimeError as exc:
@@ -48,11 +63,7 @@ def resolve_devices(spec: str) -> list[torch.device]:
     comma-separated list names devices one by one (``cpu,cpu`` is two CPU-backed devices)."""
     spec = spec.strip().lower()
     if spec == "auto":
-        if torch.accelerator.is_available():
-            accelerator = torch.accelerator.current_accelerator()
-            assert accelerator is not None
-            return [torch.device(accelerator.type, index) for index in range(torch.accelerator.device_count())]
-        return [torch.device("cpu")]
+        return _local_accelerators()
     found = [resolve_device(part) for part in spec.split(",") if part.strip()]
     if not found:
         raise ValueError("--device names no device")

@@ -1024,3 +1024,31 @@ def test_raw_undefined_optional_result_poisons_only_its_handle(raw):
     assert raw.fetch(9).shape == q.shape
     results, error, _ = raw.call([[Cmd.FETCH, 12]])
     assert error is not None and error[0] == "handle" and "returned no tensor" in error[2], error
+
+
+def test_default_device_auto_serves_this_machines_device():
+    """``libremote-server`` with no ``--device`` (auto) must pick a real device of this machine.
+
+    Regression: ``torch.accelerator`` prefers a registered PrivateUse1 backend, and the daemon's
+    process registers libremote's own client backend, so ``auto`` resolved to the client's
+    remote device and the daemon served no device at all.
+    """
+    import torch
+
+    server = Daemon(device="auto")
+    try:
+        expected = "cuda" if torch.cuda.is_available() else "cpu"
+        assert f"executing on {expected}" in server.log(), server.log()
+        result = run_python(
+            f"""
+            import json, torch, libremote
+            libremote.connect({server.address!r})
+            x = torch.arange(6.0).reshape(2, 3)
+            print(json.dumps({{"sum": (x.cuda() * 2).sum().item()}}))
+            """,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        assert last_json(result.stdout)["sum"] == 30.0
+    finally:
+        server.stop()
