@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from .timing import best_block_us
 from .workloads import make_step, training_kinds
 
 
@@ -77,12 +78,7 @@ def remote(args: argparse.Namespace) -> dict:
     libremote.connect(args.server)
     results: dict = {"daemon_device": torch.cuda.get_device_name()}
     x = torch.ones(1024, device="cuda")
-    for _ in range(50):
-        x.sum().item()
-    start = time.perf_counter()
-    for _ in range(args.round_trips):
-        x.sum().item()
-    results["sync_round_trip_us"] = (time.perf_counter() - start) / args.round_trips * 1e6
+    results["sync_round_trip_us"] = best_block_us(lambda: x.sum().item())
 
     x, a, b = (torch.randn(1024, device="cuda") for _ in range(3))
     _chain(x, a, b, 1000)
@@ -142,7 +138,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--kinds", help="comma-separated training workloads (default: all of --size)")
     parser.add_argument("--chain", type=int, default=5000)
-    parser.add_argument("--round-trips", type=int, default=1000)
     parser.add_argument("--transfer-mib", type=int, default=64)
     args = parser.parse_args()
     results = local(args) if args.mode == "local" else remote(args)
