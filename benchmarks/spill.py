@@ -39,13 +39,17 @@ if mode == "train":
     def step():
         loss = nn.functional.mse_loss(model(x), y); opt.zero_grad(); loss.backward(); opt.step(); return loss
     step().item(); step().item()
+    before = libremote.memory_stats().get("device", {})
     start = time.perf_counter()
     for _ in range(steps): loss = step()
     loss.item()
     elapsed = time.perf_counter() - start
     stats = libremote.memory_stats()
+    after = stats.get("device", {})
+    moved = {key: (after.get(key, 0) - before.get(key, 0)) / steps for key in ("bytes_evicted", "bytes_restored")}
     print(json.dumps({"steps_per_s": steps / elapsed, "allocated": stats["allocated"], "spilled": stats["spilled"],
-                      "evicted": stats.get("device", {}).get("bytes_evicted", 0)}))
+                      "evicted_per_step": moved["bytes_evicted"], "restored_per_step": moved["bytes_restored"],
+                      "prefetched_per_step": (after.get("bytes_prefetched", 0) - before.get("bytes_prefetched", 0)) / steps}))
 else:  # bandwidth and resume
     n = 64 << 20
     a = torch.empty(n, dtype=torch.uint8, device="cuda").fill_(1); torch.cuda.synchronize()
@@ -121,6 +125,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     rows = []
+    traffic = []
 
     free = _with_daemon(args.device, [], "train", str(args.width), str(args.steps))
     working_set = free["allocated"]
@@ -130,6 +135,7 @@ def main() -> None:
                               "train", str(args.width), str(args.steps))
         rows.append((f"training, memory {factor:.1f}x the budget (steps/s)", result["steps_per_s"],
                      free["steps_per_s"], "unconstrained"))
+        traffic.append((factor, result))
 
     n = 64 << 20
     measured = _with_daemon(args.device, ["--device-memory", str(n + (8 << 20)), "--host-spill", str(4 * n)], "bandwidth")
@@ -144,6 +150,10 @@ def main() -> None:
     print(f"{'figure':52} {'value':>10} {'reference':>10} {'ratio':>7}  reference")
     for name, value, reference, what in rows:
         print(f"{name:52} {value:10.3f} {reference:10.3f} {value / reference:7.2f}  {what}")
+    print("\nspill traffic per training step (MiB): spilled to host / restored (of which prefetched ahead of use)")
+    for factor, result in traffic:
+        print(f"  memory {factor:.1f}x the budget: {result['evicted_per_step'] / (1 << 20):8.1f} / "
+              f"{result['restored_per_step'] / (1 << 20):8.1f} ({result['prefetched_per_step'] / (1 << 20):.1f})")
 
 
 if __name__ == "__main__":

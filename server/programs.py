@@ -57,7 +57,7 @@ def define(wire_commands: Any) -> Program:
                        lambda: f"captured command {position}: only ops, graph runs and frees can be replayed")
         outs_at = _PROGRAM_COMMANDS[kind]
         protocol.check(len(command) > outs_at, lambda: f"captured command {position} is malformed")
-        named.update(values.handles_named(command) if kind == protocol.Cmd.OP else values.handle_refs(command[2]))
+        named.update(values.handles_named(command))
         created.update(h for h in values.flatten_handles(command[outs_at]) if type(h) is int)
         commands.append(command)
     return Program(commands, frozenset(created), frozenset(named - created))

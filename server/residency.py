@@ -10,9 +10,10 @@ device memory in place with ``untyped_storage().resize_(0)``; restoring resizes 
 the bytes in. On a GPU both copies are stream-ordered (the spill on the owner's stream, the
 restore on the stream of the command that needs the bytes, after an event wait on the spill), so
 the host never waits for them; their device time is read from CUDA events when stats are asked. The storage object never changes, so every tensor and view on it keeps its identity
-and the client notices nothing but time. Victims are chosen by priority class (low first), then
-storages no queued command is about to use, then sessions with no queued work, then least
-recent use; the storages of the command being run are never evicted. On a GPU, a real
+and the client notices nothing but time. Victims are chosen by priority class (low first); within a class, storages no
+queued command is about to use go first (idle sessions' before busy ones', least recently used
+first), then those the queue needs, the one needed last first (Belady's rule over the lookahead);
+the storages of the command being run are never evicted. On a GPU, a real
 out-of-memory error (from an op, an upload or a restore) also triggers eviction and a retry. The
 storages one command works on stay resident together, even when they alone exceed the budget,
 except for in-place foreach ops (an optimizer's step), which run on slices that fit
@@ -165,10 +166,10 @@ class DeviceMemory:
         only when host RAM cannot take what would have to go.
         """
         protected = set(protect)
-        soon = self._needed_soon()
+        next_use = self._next_uses()
         candidates = sorted(
             (r for r in self.records if r.resident and r not in protected and r.nbytes),
-            key=lambda record: self._eviction_order(record, soon),
+            key=lambda record: self._eviction_order(record, next_use),
         )
         freed = 0
         blocked = 0
@@ -192,20 +193,25 @@ class DeviceMemory:
             f"{_size(self.host_limit)}), {_size(short_by)} more could not be made room for"
         )
 
-    def _needed_soon(self) -> set[int]:
-        """Records that commands already queued (the next few of each session) will touch:
-        evicting them now would only bring them straight back."""
-        soon: set[int] = set()
+    def _next_uses(self) -> dict[int, int]:
+        """For records that commands already queued (the next few of each session) will touch:
+        how many commands ahead the first of them is. Evicting those would only bring them
+        straight back, and of two, the one needed later should go first (Belady's rule)."""
+        next_use: dict[int, int] = {}
         for owner in {id(r.owner): r.owner for r in self.records}.values():
-            for record in owner.upcoming_records(LOOKAHEAD_COMMANDS):
-                soon.add(id(record))
-        return soon
+            for distance, record in enumerate(owner.upcoming_records(LOOKAHEAD_COMMANDS)):
+                next_use.setdefault(id(record), distance)
+        return next_use
 
     @staticmethod
-    def _eviction_order(record: StorageRecord, soon: set[int]) -> tuple[int, int, int, int]:
+    def _eviction_order(record: StorageRecord, next_use: dict[int, int]) -> tuple[int, int, int, int]:
+        """Sort key, first evicted first: low priority classes; then what no queued command
+        needs (idle sessions' first, least recently used first); then what is needed latest."""
         owner = record.owner
-        return (PRIORITIES.get(owner.priority, 1), 1 if id(record) in soon else 0,
-                1 if owner.has_work() else 0, record.last_use)
+        distance = next_use.get(id(record))
+        if distance is None:
+            return (PRIORITIES.get(owner.priority, 1), 0, 1 if owner.has_work() else 0, record.last_use)
+        return (PRIORITIES.get(owner.priority, 1), 1, -distance, record.last_use)
 
     # ------------------------------------------------------------------------------------------
     def _evict(self, record: StorageRecord) -> None:

@@ -16,7 +16,7 @@ import secrets
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -196,7 +196,8 @@ class Session:
         return replies
 
     def upcoming_records(self, limit: int) -> Iterator[StorageRecord]:
-        """Storage records the next ``limit`` queued commands (after the running one) name."""
+        """Storage records the next ``limit`` queued commands (after the running one) read or
+        write, in the order those commands come (a record may come more than once)."""
         seen = 0
         for batch in self.queue:
             start = self._running[1] + 1 if self._running[0] is batch else batch.cursor
@@ -204,7 +205,12 @@ class Session:
                 if seen >= limit:
                     return
                 seen += 1
-                for handle in values.handles_named(command):
+                if isinstance(command, list) and len(command) == 2 and command[0] == Cmd.REPLAY:
+                    program = self._programs.get(command[1]) if isinstance(command[1], int) else None
+                    handles: Iterable[int] = program.reads if program is not None else ()
+                else:
+                    handles = values.handles_named(command)
+                for handle in handles:
                     tensor = self.tensors.get(handle)
                     record = self.memory.record_of(tensor) if tensor is not None else None
                     if record is not None:

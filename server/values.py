@@ -20,6 +20,8 @@ def handles_named(command: Any) -> Iterator[int]:
     kind = command[0]
     if kind in (Cmd.OP, Cmd.OP_SYNC) and len(command) == 5:
         yield from handle_refs([command[2], list(command[3].values()) if isinstance(command[3], dict) else []])
+    elif kind == Cmd.RUN_GRAPH and len(command) == 4:
+        yield from handle_refs(command[2])
     elif kind in (Cmd.FETCH, Cmd.UPLOAD) and len(command) >= 2 and isinstance(command[1], int):
         yield command[1]
 

@@ -826,6 +826,30 @@ def test_eviction_spares_what_queued_ops_are_about_to_use():
     assert out["restores"] == 0, out
 
 
+def test_of_what_queued_ops_need_the_one_needed_last_is_spilled_first():
+    """Belady's rule over the queue: when everything resident is about to be used, the tensor
+    used last goes. Least-recent-use alone would spill c, bring it back and cascade (4 restores)."""
+    code = """
+        import json, torch, libremote
+        MiB = 1 << 20
+        c = torch.full((MiB,), 2.0, device="cuda")   # 4 MiB each; the budget holds three
+        d = torch.full((MiB,), 3.0, device="cuda")
+        a = torch.ones(MiB, device="cuda")
+        torch.cuda.synchronize()
+        d.add_(0); a.add_(0); torch.cuda.synchronize()   # least recently used first: c, d, a
+        before = libremote.memory_stats()["device"]
+        # One batch: making b evicts one of c, d, a; the ops after it use c, then d, then a, then b.
+        b = torch.full((MiB,), 4.0, device="cuda")
+        sums = torch.stack([c.sum(), d.sum(), a.sum(), b.sum()]).cpu()
+        after = libremote.memory_stats()["device"]
+        print(json.dumps({"sums": sums.tolist(), "restores": after["restores"] - before["restores"]}))
+    """
+    with pool_daemon("--device-memory", "13MiB", "--host-spill", "512MiB") as server:
+        out = run_client(code, server.address)
+    assert out["sums"] == [2.0 * (1 << 20), 3.0 * (1 << 20), 1.0 * (1 << 20), 4.0 * (1 << 20)], out
+    assert out["restores"] == 1, out  # a, spilled for b, comes back once; c and d never left
+
+
 def test_a_gpu_without_a_set_budget_keeps_headroom_for_the_cuda_context():
     from server.residency import default_device_budget
 
