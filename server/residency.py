@@ -7,17 +7,23 @@ budget (``--device-memory``, or what the device really has) by *evicting* others
 
 Eviction copies the storage's bytes to a host buffer (pinned on a GPU server) and frees the
 device memory in place with ``untyped_storage().resize_(0)``; restoring resizes it back and copies
-the bytes in. On a GPU both copies are stream-ordered (the spill on the owner's stream, the
-restore on the stream of the command that needs the bytes, after an event wait on the spill), so
-the host never waits for them; their device time is read from CUDA events when stats are asked. The storage object never changes, so every tensor and view on it keeps its identity
-and the client notices nothing but time. Victims are chosen by priority class (low first); within a class, storages no
-queued command is about to use go first (idle sessions' before busy ones', least recently used
-first), then those the queue needs, the one needed last first (Belady's rule over the lookahead);
-the storages of the command being run are never evicted. On a GPU, a real
-out-of-memory error (from an op, an upload or a restore) also triggers eviction and a retry. The
-storages one command works on stay resident together, even when they alone exceed the budget,
-except for in-place foreach ops (an optimizer's step), which run on slices that fit
-(server/foreach_chunks.py).
+the bytes in. The storage object never changes, so every tensor and view on it keeps its identity
+and the client notices nothing but time. On a GPU every copy is stream-ordered, so the host never
+waits for one: a spill runs on the owner's stream; a restore on demand on the stream of the
+command that needs the bytes, after an event wait on the spill; their device time is read from
+CUDA events when stats are asked.
+
+Which storage goes: low priority classes first; within a class, storages no queued command is
+about to use (idle sessions' before busy ones', least recently used first), then those the queue
+needs, the one needed last first (Belady's rule over a lookahead of the queued commands). The
+storages of the command being run are never evicted, and stay resident together even when they
+alone exceed the budget, except for in-place foreach ops (an optimizer's step), which run on
+slices that fit (server/foreach_chunks.py). On a GPU, a real out-of-memory error (from an op, an
+upload or a restore) also triggers eviction and a retry.
+
+Between slices, :meth:`DeviceMemory.prefetch` restores what a session's queued commands will
+need, ahead of use: on a GPU on a side stream, overlapping the kernels already queued. It spills
+only what a restore on demand would spill first anyway, so it never adds traffic.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ class SpillExhausted(Exception):
 class StorageRecord:
     """One storage held by a session, as the device's memory manager sees it."""
 
-    __slots__ = ("storage", "nbytes", "owner", "last_use", "host", "spilled", "device_memory")
+    __slots__ = ("storage", "nbytes", "owner", "last_use", "host", "spilled", "ready", "device_memory")
 
     def __init__(self, storage: torch.UntypedStorage, nbytes: int, owner: Any) -> None:
         self.storage = storage
@@ -64,6 +70,9 @@ class StorageRecord:
         self.last_use = 0
         self.host: torch.Tensor | None = None  # the bytes while spilled
         self.spilled: Any = None  # on a GPU: a CUDA event, set once the bytes are all in ``host``
+        #: On a GPU, after a prefetch: a CUDA event on the prefetch stream, set once the bytes are
+        #: back on the device. The first stream to use them waits for it (:meth:`ensure_resident`).
+        self.ready: Any = None
         self.device_memory: DeviceMemory | None = None
 
     @property
@@ -91,6 +100,9 @@ class DeviceMemory:
         self.bytes_restored = 0
         self.evict_seconds = 0.0
         self.restore_seconds = 0.0
+        self.prefetches = 0
+        self.bytes_prefetched = 0
+        self._prefetch_stream: Any = None  # on a GPU: the side stream prefetches copy on
         #: The most bytes resident when a command's operands had just been made resident.
         self.peak_resident_bytes = 0
         self._clock = 0
@@ -135,8 +147,61 @@ class DeviceMemory:
             self.fit(needed, protect=records)
             for record in spilled:
                 self._restore(record, protect=records)
+        for record in records:
+            if record.ready is not None:  # prefetched on the side stream: order after that copy
+                torch.cuda.current_stream(self.device).wait_event(record.ready)
+                record.ready = None
         self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
         self.touch(records)
+
+    def prefetch(self, owner: Any) -> int:
+        """Bring back, ahead of use, the spilled storages ``owner``'s queued commands will need;
+        return the bytes brought back.
+
+        Called between slices, so on a GPU the copies run on a side stream while the kernels
+        already queued run (the first command that uses a prefetched storage waits for its copy
+        on the device, not on the host). A prefetch never adds spill traffic: it fills free room,
+        and otherwise spills only storages no queued command needs that belong to a lower
+        priority class or to a session with no queued work (what a restore on demand would spill
+        first anyway). A busy session's storage beyond the lookahead is not "never needed", so
+        spilling it early would cost a spill now and a restore later. Best effort: what does not
+        fit is restored on demand as before, and nothing here raises.
+        """
+        if self.budget is None:
+            return 0
+        wanted: dict[int, StorageRecord] = {}
+        for record in owner.upcoming_records(LOOKAHEAD_COMMANDS):
+            if record.device_memory is self:
+                wanted.setdefault(id(record), record)
+        spilled = [record for record in wanted.values() if not record.resident]  # nearest use first
+        if not spilled:
+            return 0
+        next_use = self._next_uses()
+        own_class = PRIORITIES.get(owner.priority, 1)
+
+        def gives_way(victim: StorageRecord) -> bool:
+            if id(victim) in next_use or not victim.resident or not victim.nbytes:
+                return False
+            victim_class = PRIORITIES.get(victim.owner.priority, 1)
+            return victim_class < own_class or (victim_class == own_class and not victim.owner.has_work())
+
+        victims = sorted(filter(gives_way, self.records), key=lambda victim: self._eviction_order(victim, next_use))
+        brought = 0
+        for record in spilled:
+            excess = self.resident_bytes + record.nbytes - self.budget
+            while excess > 0 and victims and self.spilled_bytes + victims[0].nbytes <= self.host_limit:
+                victim = victims.pop(0)
+                self._evict(victim)
+                excess -= victim.nbytes
+            if excess > 0:
+                break
+            try:
+                self._restore(record, prefetch=True)
+            except torch.OutOfMemoryError:
+                break  # the card itself is fuller than the budget says: leave it to demand
+            brought += record.nbytes
+            self.touch((record,))
+        return brought
 
     def retrying_oom(self, allocate: Callable[[], Any], *, protect: Iterable[StorageRecord] = ()) -> Any:
         """Run ``allocate``; when the device's own allocator reports out of memory (workspaces,
@@ -217,6 +282,9 @@ class DeviceMemory:
     def _evict(self, record: StorageRecord) -> None:
         owner = record.owner
         source = _byte_view(record.storage, record.nbytes)
+        if record.ready is not None:  # prefetched and never used: the spill waits for that copy
+            owner.stream.wait_event(record.ready)
+            record.ready = None
         if owner.stream is None:  # CPU backend: a plain copy
             started = time.perf_counter()
             host = torch.empty(record.nbytes, dtype=torch.uint8)
@@ -244,26 +312,43 @@ class DeviceMemory:
         self.evictions += 1
         self.bytes_evicted += record.nbytes
 
-    def _restore(self, record: StorageRecord, *, protect: Iterable[StorageRecord] = ()) -> None:
+    def _restore(self, record: StorageRecord, *, protect: Iterable[StorageRecord] = (), prefetch: bool = False) -> None:
         host = record.host
         assert host is not None
         started = time.perf_counter()
-        self.retrying_oom(lambda: record.storage.resize_(record.nbytes), protect=protect)
+        if prefetch:  # no eviction and retry for a prefetch: an out-of-memory error ends it
+            record.storage.resize_(record.nbytes)
+        else:
+            self.retrying_oom(lambda: record.storage.resize_(record.nbytes), protect=protect)
+        target = _byte_view(record.storage, record.nbytes)
         if host.is_pinned():
-            # On the stream of the command that needs the bytes (its session's): ordered before
-            # that command's kernels, so the host does not wait. The host buffer goes back to
-            # torch's pinned pool, which holds it until the copy is done.
-            stream = torch.cuda.current_stream(self.device)
+            # A restore on demand runs on the stream of the command that needs the bytes (its
+            # session's, current here): ordered before that command's kernels, so the host does
+            # not wait. A prefetch runs on the side stream, after what the current stream queued
+            # (the block it was just given may be one that stream's earlier kernels still use),
+            # and leaves ``ready`` for the first stream to use the bytes to wait for. The host
+            # buffer goes back to torch's pinned pool, which holds it until the copy is done.
+            stream = consumer = torch.cuda.current_stream(self.device)
+            if prefetch:
+                stream = self._side_stream()
+                stream.wait_stream(consumer)
             if record.spilled is not None:  # the spill copy (on the owner's stream) must be complete
                 stream.wait_event(record.spilled)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(stream)
-            _byte_view(record.storage, record.nbytes).copy_(host, non_blocking=True)
-            end.record(stream)
+            with torch.cuda.stream(stream):
+                start.record(stream)
+                target.copy_(host, non_blocking=True)
+                end.record(stream)
+            if prefetch:
+                target.record_stream(stream)  # freed before use: not reused until the copy is done
+                record.ready = end
             self._time_copy("restore", start, end)
         else:
-            _byte_view(record.storage, record.nbytes).copy_(host)
+            target.copy_(host)
             self.restore_seconds += time.perf_counter() - started
+        if prefetch:
+            self.prefetches += 1
+            self.bytes_prefetched += record.nbytes
         record.spilled = None
         record.host = None
         self.resident_bytes += record.nbytes
@@ -271,6 +356,11 @@ class DeviceMemory:
         record.owner.memory.spilled -= record.nbytes
         self.restores += 1
         self.bytes_restored += record.nbytes
+
+    def _side_stream(self) -> Any:
+        if self._prefetch_stream is None:
+            self._prefetch_stream = torch.cuda.Stream(self.device)
+        return self._prefetch_stream
 
     def _time_copy(self, kind: str, start: Any, end: Any) -> None:
         self._untimed.append((kind, start, end))
@@ -302,6 +392,7 @@ class DeviceMemory:
             "bytes_evicted": self.bytes_evicted, "bytes_restored": self.bytes_restored,
             "evict_seconds": self.evict_seconds, "restore_seconds": self.restore_seconds,
             "peak_resident_bytes": self.peak_resident_bytes,
+            "prefetches": self.prefetches, "bytes_prefetched": self.bytes_prefetched,
         }
 
 

@@ -162,7 +162,10 @@ class Session:
         started = time.perf_counter()
         try:
             with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-                return self._run_queued(max_commands, started + max_seconds)
+                replies = self._run_queued(max_commands, started + max_seconds)
+                if self.queue and self.memory.managed:
+                    self._prefetch()
+                return replies
         finally:
             elapsed = time.perf_counter() - started
             self.busy_s += elapsed
@@ -542,6 +545,11 @@ class Session:
     # ------------------------------------------------------------------------------------------
     def _device_memory_of(self, tensor: torch.Tensor) -> DeviceMemory | None:
         return self.device_memories[self._index_of(tensor.device)]
+
+    def _prefetch(self) -> None:
+        """Between slices: bring back what the queued commands will need (DeviceMemory.prefetch)."""
+        for device_memory in {id(dm): dm for dm in self.device_memories if dm is not None}.values():
+            device_memory.prefetch(self)
 
     def _make_resident(self, what: str, tensors: list[torch.Tensor]) -> list[StorageRecord]:
         """Restore the storages these tensors use (spilled ones come back first)."""

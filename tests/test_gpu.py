@@ -124,3 +124,53 @@ def test_real_out_of_memory_spills_and_retries(tmp_path):
         server.stop()
     assert all(report["intact"]), report["intact"]
     assert report["device"]["evictions"] > 0 and report["device"]["bytes_evicted"] >= 8 << 30
+
+
+PREFETCH_CLIENT = r"""
+import json, os, torch, libremote
+from torch import nn
+libremote.connect(os.environ["TEST_SERVER"])
+MiB = 1 << 20
+# 1. A spilled tensor that queued ops will read is prefetched on the side stream while the
+#    kernels before it run; the op that reads it must see its bytes, not the block's old ones.
+a = torch.full((16 * MiB,), 5.0, device="cuda")              # 64 MiB each; the budget holds three
+spare = [torch.zeros(16 * MiB, device="cuda") for _ in range(3)]
+del spare
+s = torch.zeros(4, device="cuda")
+for _ in range(300):
+    s = s + 1
+total = (a.sum() + s.sum()).item()
+# 2. Training through spills and prefetches (about 2x the budget): parameters after Adam steps.
+torch.manual_seed(0)
+model = nn.Sequential(*[nn.Sequential(nn.Linear(2048, 2048), nn.ReLU()) for _ in range(6)], nn.Linear(2048, 1)).cuda()
+opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+x, y = torch.randn(256, 2048, device="cuda"), torch.randn(256, 1, device="cuda")
+for _ in range(4):
+    loss = nn.functional.mse_loss(model(x), y); opt.zero_grad(); loss.backward(); opt.step()
+params = [p.detach().cpu() for p in model.parameters()]
+torch.save(params, os.environ["PARAMS_OUT"])
+print(json.dumps({"total": total, "device": libremote.memory_stats().get("device", {})}))
+"""
+
+
+def test_prefetch_on_the_side_stream_is_exact(tmp_path):
+    """Prefetched bytes are used only after their copy on the side stream: the same program gives
+    the same results with a device budget that forces spills and prefetches, and with none."""
+    import json
+
+    reports = {}
+    for name, flags in (("budget", ("--device-memory", "200MiB", "--host-spill", "16GiB")), ("free", ())):
+        server = Daemon(*flags, device="cuda")
+        try:
+            out = subprocess.run([sys.executable, "-c", PREFETCH_CLIENT], capture_output=True, text=True, timeout=600,
+                                 env=subprocess_env() | {"TEST_SERVER": server.address,
+                                                         "PARAMS_OUT": str(tmp_path / f"{name}.pt")})
+            assert out.returncode == 0, out.stderr + server.log()
+            reports[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        finally:
+            server.stop()
+    assert reports["budget"]["total"] == reports["free"]["total"], reports
+    assert abs(reports["free"]["total"] - (5.0 * 16 * (1 << 20) + 4 * 300)) < 1e-6 * reports["free"]["total"]
+    assert reports["budget"]["device"]["prefetches"] > 0, reports["budget"]
+    for got, expected in zip(torch.load(tmp_path / "budget.pt"), torch.load(tmp_path / "free.pt")):
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)

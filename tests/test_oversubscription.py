@@ -850,6 +850,94 @@ def test_of_what_queued_ops_need_the_one_needed_last_is_spilled_first():
     assert out["restores"] == 1, out  # a, spilled for b, comes back once; c and d never left
 
 
+def test_what_queued_ops_will_need_is_prefetched_into_free_room():
+    """Between slices the daemon restores, ahead of use, what the queued commands will read, when
+    there is room for it: the op that reads it then finds it resident (no restore on demand)."""
+    code = """
+        import json, torch, libremote
+        MiB = 1 << 20
+        a = torch.full((MiB,), 5.0, device="cuda")   # 4 MiB each; the budget holds three
+        b = torch.full((MiB,), 6.0, device="cuda")
+        c = torch.full((MiB,), 7.0, device="cuda")
+        d = torch.full((MiB,), 8.0, device="cuda")   # spills a, the least recently used
+        torch.cuda.synchronize()
+        before = libremote.memory_stats()["device"]
+        del d                                        # room for a again
+        s = torch.zeros(4, device="cuda")
+        for _ in range(300):                         # several slices of small ops ...
+            s = s + 1
+        total = (a.sum() + s.sum()).item()           # ... then one that reads a
+        after = libremote.memory_stats()["device"]
+        print(json.dumps({"total": total, "spilled_a": before["spilled_bytes"],
+                          **{k: after[k] - before[k] for k in ("prefetches", "restores", "bytes_prefetched")}}))
+    """
+    with pool_daemon("--device-memory", "13MiB", "--host-spill", "512MiB") as server:
+        out = run_client(code, server.address)
+    assert out["total"] == 5.0 * (1 << 20) + 4 * 300, out
+    assert out["spilled_a"] == 4 * MiB, out
+    assert out["prefetches"] == 1 and out["bytes_prefetched"] == 4 * MiB, out
+    assert out["restores"] == 1, out  # the prefetch was its only restore: none on demand
+
+
+PREFETCHING_CLIENT = """
+    import json, os, time, torch, libremote
+    from pathlib import Path
+    folder, MiB = Path(os.environ["DIR"]), 1 << 20
+    a = torch.full((MiB,), 5.0, device="cuda")            # 4 MiB each; the budget holds three
+    spare = [torch.zeros(MiB, device="cuda") for _ in range(3)]   # the third spills a
+    del spare
+    torch.cuda.synchronize()
+    (folder / "A.in").touch()
+    while not (folder / "A.go").exists():
+        time.sleep(0.05)
+    before = libremote.memory_stats()["device"]
+    s = torch.zeros(4, device="cuda")
+    for _ in range(300):
+        s = s + 1
+    total = (a.sum() + s.sum()).item()
+    after = libremote.memory_stats()["device"]
+    print(json.dumps({"total": total, "spilled_a": before["spilled_bytes"],
+                      **{k: after[k] - before[k] for k in ("prefetches", "restores")}}), flush=True)
+"""
+
+IDLE_CLIENT = """
+    import os, time, torch, libremote
+    from pathlib import Path
+    folder, MiB = Path(os.environ["DIR"]), 1 << 20
+    held = [torch.full((MiB,), 9.0, device="cuda") for _ in range(3)]   # fills the budget
+    torch.cuda.synchronize()
+    (folder / "B.in").touch()
+    while not (folder / "B.exit").exists():
+        time.sleep(0.05)
+    assert all(t.sum().item() == 9.0 * MiB for t in held)
+"""
+
+
+def test_an_idle_sessions_storages_make_room_for_a_busy_ones_prefetch(tmp_path):
+    """A session with no queued work gives way to one whose queue needs its spilled data: the
+    prefetch spills the idle session's storages, so the busy one never waits on a restore."""
+    with pool_daemon("--device-memory", "13MiB", "--host-spill", "512MiB") as server:
+        busy = spawn_client(PREFETCHING_CLIENT, server.address, DIR=str(tmp_path))
+        clients = [busy]
+        try:
+            wait_for_file(tmp_path / "A.in", busy, timeout=TIMEOUT_S)
+            idle = spawn_client(IDLE_CLIENT, server.address, DIR=str(tmp_path))
+            clients.append(idle)
+            wait_for_file(tmp_path / "B.in", idle, timeout=TIMEOUT_S)
+            (tmp_path / "A.go").touch()
+            out, err = finish(busy, "the busy client hung", timeout=TIMEOUT_S)
+            assert busy.returncode == 0, err
+            result = last_json(out)
+            (tmp_path / "B.exit").touch()
+            out, err = finish(idle, "the idle client hung", timeout=TIMEOUT_S)
+            assert idle.returncode == 0, err        # its tensors came back intact
+        finally:
+            kill_all(clients)
+    assert result["total"] == 5.0 * MiB + 4 * 300, result
+    assert result["spilled_a"] == 4 * MiB, result
+    assert result["prefetches"] == 1 and result["restores"] == 1, result
+
+
 def test_a_gpu_without_a_set_budget_keeps_headroom_for_the_cuda_context():
     from server.residency import default_device_budget
 
