@@ -1033,11 +1033,10 @@ def test_default_device_auto_serves_this_machines_device():
     process registers libremote's own client backend, so ``auto`` resolved to the client's
     remote device and the daemon served no device at all.
     """
-    import torch
-
+    probe = run_python("import torch; print(torch.cuda.is_available())", timeout=120)  # without libremote
+    expected = "cuda" if probe.stdout.strip() == "True" else "cpu"
     server = Daemon(device="auto")
     try:
-        expected = "cuda" if torch.cuda.is_available() else "cpu"
         assert f"executing on {expected}" in server.log(), server.log()
         result = run_python(
             f"""
