@@ -17,6 +17,10 @@ LIBREMOTE_PRIORITY         normal   high, normal or low (a tenant's priority is 
 LIBREMOTE_DEVICES          1        how many of the pool's devices to ask for (cuda:0..N-1)
 LIBREMOTE_QUEUE_TIMEOUT    300      seconds to wait in the daemon's admission queue when its
                                     sessions are all taken
+LIBREMOTE_SPIN_US          500      microseconds a thread waiting for the daemon's answer polls
+                                    without sleeping before it blocks, when the last answer came
+                                    that fast (0: always block at once); see
+                                    ``libremote.client.connection.Connection.receive``
 =========================  =======  ===========================================================
 """
 
@@ -52,6 +56,15 @@ def _positive_int(name: str, default: int) -> int:
     return int(raw)
 
 
+def _non_negative_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit():
+        raise ValueError(f"{name}={raw!r} must be a whole number, 0 or more")
+    return int(raw)
+
+
 def _priority() -> str | None:
     raw = os.environ.get("LIBREMOTE_PRIORITY", "").strip().lower()
     if raw and raw not in ("high", "normal", "low"):
@@ -71,6 +84,7 @@ class Settings:
     priority: str | None
     queue_timeout_s: float
     devices: int
+    spin_us: int
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -85,4 +99,5 @@ class Settings:
             priority=_priority(),
             queue_timeout_s=_float("LIBREMOTE_QUEUE_TIMEOUT", 300.0),
             devices=_positive_int("LIBREMOTE_DEVICES", 1),
+            spin_us=_non_negative_int("LIBREMOTE_SPIN_US", 500),
         )

@@ -1051,3 +1051,40 @@ def test_default_device_auto_serves_this_machines_device():
         assert last_json(result.stdout)["sum"] == 30.0
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("spin", ["0", "5000"])
+def test_waiting_for_answers_with_or_without_spinning_is_exact(daemon, spin):
+    """LIBREMOTE_SPIN_US only changes how a thread waits for the daemon's answer (polling
+    before it blocks), never what it gets: short and long waits both return the right values."""
+    result = run_python(
+        f"""
+        import json, torch, libremote
+        libremote.connect({daemon.address!r})
+        x = torch.arange(1024.0, device="cuda")
+        quick = [(x + i).sum().item() for i in range(50)]               # answers within the spin
+        local = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
+        remote = local.cuda()
+        for _ in range(20):                                             # a longer wait
+            local, remote = torch.tanh(local @ local.T / 16), torch.tanh(remote @ remote.T / 16)
+        print(json.dumps({{"quick": quick, "slow": torch.allclose(remote.cpu(), local, atol=1e-4),
+                          "varied": local.std().item() > 0.1}}))
+        """,
+        timeout=120, LIBREMOTE_SPIN_US=spin,
+    )
+    assert result.returncode == 0, result.stderr
+    out = last_json(result.stdout)
+    assert out["quick"] == [float(sum(range(1024)) + 1024 * i) for i in range(50)]
+    assert out["slow"] is True and out["varied"] is True
+
+
+def test_a_malformed_spin_setting_is_a_clear_error(daemon):
+    result = run_python(
+        f"""
+        import torch, libremote
+        libremote.connect({daemon.address!r})
+        """,
+        timeout=120, LIBREMOTE_SPIN_US="fast",
+    )
+    assert result.returncode != 0
+    assert "LIBREMOTE_SPIN_US='fast' must be a whole number" in result.stderr, result.stderr

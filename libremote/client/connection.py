@@ -27,9 +27,11 @@ _POLL_SLICE_MS = 100
 
 
 class Connection:
-    def __init__(self, address: str, *, timeout_s: float, heartbeat_s: float) -> None:
+    def __init__(self, address: str, *, timeout_s: float, heartbeat_s: float, spin_s: float = 0.0) -> None:
         self.address = address
         self.timeout_s = timeout_s
+        self.spin_s = spin_s
+        self._last_wait_s = 0.0  # how long the last answer took (receive spins only after short ones)
         self.pid = os.getpid()
         self.broken: str | None = None
         self._context = zmq.Context()
@@ -156,11 +158,24 @@ class Connection:
 
     def receive(self, while_waiting: Callable[[], None] | None = None) -> tuple[list[Any], list[zmq.Frame]]:
         """Wait for the next message; raise :class:`ConnectionFailed` if the daemon goes away.
-        ``while_waiting`` runs between poll slices (heartbeats during long waits)."""
+        ``while_waiting`` runs between poll slices (heartbeats during long waits).
+
+        When the last answer came within ``spin_s``, the wait first polls without sleeping for
+        up to ``spin_s``: a thread that blocks at once pays the operating system's wake-up on
+        the reply, which on a small VM is a large part of a short round trip (see the round-trip
+        notes in benchmarks/README.md). When the last answer took longer (a training step's
+        sync), the wait blocks at once, so a client sharing cores with its daemon does not take
+        CPU time from the work it waits for."""
         self._check_usable()
+        started = time.perf_counter()
+        if self.spin_s and self._last_wait_s < self.spin_s:
+            poll, give_up = self._socket.poll, started + self.spin_s
+            while not poll(0, zmq.POLLIN) and time.perf_counter() < give_up:
+                os.sched_yield()  # a thread of the daemon (or of ZeroMQ) on this core goes first
         while True:
             if self._socket.poll(_POLL_SLICE_MS, zmq.POLLIN):
                 frames = self._socket.recv_multipart(copy=False)
+                self._last_wait_s = time.perf_counter() - started
                 return protocol.unpackb(frames[0].buffer), frames[1:]
             self._drain_monitor()
             if self.broken:

@@ -35,7 +35,8 @@ class ClientSession:
     def __init__(self, settings: Settings, address: str, libremote_version: str) -> None:
         self.settings = settings
         self.address = address
-        self.connection = Connection(address, timeout_s=settings.timeout_s, heartbeat_s=settings.heartbeat_s)
+        self.connection = Connection(address, timeout_s=settings.timeout_s, heartbeat_s=settings.heartbeat_s,
+                                     spin_s=settings.spin_us * 1e-6)
         welcome = self.connection.handshake(
             libremote_version, tenant=settings.tenant, token=settings.token, priority=settings.priority,
             queue_timeout_s=settings.queue_timeout_s, devices=settings.devices,
