@@ -864,7 +864,8 @@ def test_what_queued_ops_will_need_is_prefetched_into_free_room():
         before = libremote.memory_stats()["device"]
         del d                                        # room for a again
         s = torch.zeros(4, device="cuda")
-        for _ in range(300):                         # several slices of small ops ...
+        for _ in range(200):                         # several slices of small ops, all in one
+                                                     # message with the read of a (LIBREMOTE_BATCH)
             s = s + 1
         total = (a.sum() + s.sum()).item()           # ... then one that reads a
         after = libremote.memory_stats()["device"]
@@ -872,8 +873,8 @@ def test_what_queued_ops_will_need_is_prefetched_into_free_room():
                           **{k: after[k] - before[k] for k in ("prefetches", "restores", "bytes_prefetched")}}))
     """
     with pool_daemon("--device-memory", "13MiB", "--host-spill", "512MiB") as server:
-        out = run_client(code, server.address)
-    assert out["total"] == 5.0 * (1 << 20) + 4 * 300, out
+        out = run_client(code, server.address, LIBREMOTE_BATCH="1024")
+    assert out["total"] == 5.0 * (1 << 20) + 4 * 200, out
     assert out["spilled_a"] == 4 * MiB, out
     assert out["prefetches"] == 1 and out["bytes_prefetched"] == 4 * MiB, out
     assert out["restores"] == 1, out  # the prefetch was its only restore: none on demand
@@ -892,7 +893,7 @@ PREFETCHING_CLIENT = """
         time.sleep(0.05)
     before = libremote.memory_stats()["device"]
     s = torch.zeros(4, device="cuda")
-    for _ in range(300):
+    for _ in range(200):
         s = s + 1
     total = (a.sum() + s.sum()).item()
     after = libremote.memory_stats()["device"]
@@ -917,7 +918,7 @@ def test_an_idle_sessions_storages_make_room_for_a_busy_ones_prefetch(tmp_path):
     """A session with no queued work gives way to one whose queue needs its spilled data: the
     prefetch spills the idle session's storages, so the busy one never waits on a restore."""
     with pool_daemon("--device-memory", "13MiB", "--host-spill", "512MiB") as server:
-        busy = spawn_client(PREFETCHING_CLIENT, server.address, DIR=str(tmp_path))
+        busy = spawn_client(PREFETCHING_CLIENT, server.address, DIR=str(tmp_path), LIBREMOTE_BATCH="1024")
         clients = [busy]
         try:
             wait_for_file(tmp_path / "A.in", busy, timeout=TIMEOUT_S)
@@ -933,7 +934,7 @@ def test_an_idle_sessions_storages_make_room_for_a_busy_ones_prefetch(tmp_path):
             assert idle.returncode == 0, err        # its tensors came back intact
         finally:
             kill_all(clients)
-    assert result["total"] == 5.0 * MiB + 4 * 300, result
+    assert result["total"] == 5.0 * MiB + 4 * 200, result
     assert result["spilled_a"] == 4 * MiB, result
     assert result["prefetches"] == 1 and result["restores"] == 1, result
 
