@@ -49,6 +49,14 @@ def _size(nbytes: float) -> str:
     return f"{int(nbytes)} B"
 
 
+def _residency_line(index: int, r: dict[str, Any]) -> str:
+    """One device's oversubscription figures: what is where now, and the traffic so far."""
+    budget = "no set budget" if r.get("device_budget") is None else f"budget {_size(r['device_budget'])}"
+    return (f"dev {index}: {_size(r['resident_bytes'])} resident ({budget}), {_size(r['spilled_bytes'])} spilled to "
+            f"host (limit {_size(r['host_spill_limit'])}); since start {_size(r['bytes_evicted'])} spilled, "
+            f"{_size(r['bytes_restored'])} restored ({_size(r.get('bytes_prefetched', 0))} prefetched ahead of use)")
+
+
 def format_status(report: dict[str, Any]) -> str:
     daemon = report["daemon"]
     lines = [f"libremote daemon {daemon['address']} (libremote {daemon['libremote']}, torch {daemon['torch']}, "
@@ -60,6 +68,9 @@ def format_status(report: dict[str, Any]) -> str:
         spilled = _size(residency["spilled_bytes"]) if residency else "-"
         lines.append(f"{device['index']:<4}{device['name'][:43]:<44}{memory:>24}{device['utilization']:>7.0%}"
                      f"{device['sessions']:>10}{spilled:>12}")
+    for device in report["devices"]:
+        if device.get("residency"):
+            lines.append(_residency_line(device["index"], device["residency"]))
     lines.append("")
     if report["sessions"]:
         lines.append(f"{'SESSION':<14}{'TENANT':<14}{'PRIO':<8}{'WEIGHT':>7}{'DEV':>5}{'MEMORY':>12}{'SPILLED':>12}"

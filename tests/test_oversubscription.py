@@ -11,8 +11,10 @@ test synchronise through files, never sleeps; subprocess timeouts only prove "no
 from __future__ import annotations
 
 import json
+import re
 
 from helpers import (
+    cli,
     finish,
     kill_all,
     last_json,
@@ -350,6 +352,7 @@ def test_concurrent_clients_three_times_the_budget_get_exact_results(tmp_path):
             for name, client in clients.items():
                 wait_for_file(tmp_path / f"{name}.done", client, timeout=TIMEOUT_S)
             report = status(server.address)
+            table = cli("status", "--server", server.address).stdout
             (tmp_path / "exit").touch()
             results = {}
             for name, client in clients.items():
@@ -366,6 +369,9 @@ def test_concurrent_clients_three_times_the_budget_get_exact_results(tmp_path):
         assert held["resident_bytes"] <= 16 * MiB, held
         assert held["spilled_bytes"] >= 32 * MiB, held    # at least 48 MiB held, at most 16 resident
         assert sum(row["memory_spilled"] for row in report["sessions"]) == held["spilled_bytes"], report
+        size = r"[\d.]+ (?:B|KiB|MiB|GiB)"
+        assert re.search(rf"dev 0: {size} resident \(budget 16\.0 MiB\), {size} spilled to host \(limit 512\.0 MiB\); "
+                         rf"since start {size} spilled, {size} restored \({size} prefetched ahead of use\)", table), table
         assert "Traceback" not in server.log()
 
 
