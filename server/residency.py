@@ -167,8 +167,8 @@ class DeviceMemory:
         spilling it early would cost a spill now and a restore later. Best effort: what does not
         fit is restored on demand as before, and nothing here raises.
         """
-        if self.budget is None:
-            return 0
+        if self.budget is None or not owner.memory.spilled:
+            return 0  # (the common case, checked first: the scan below reads the queue)
         wanted: dict[int, StorageRecord] = {}
         for record in owner.upcoming_records(LOOKAHEAD_COMMANDS):
             if record.device_memory is self:
