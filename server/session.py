@@ -428,6 +428,69 @@ class Session:
         self.ops_executed += 1
         return result, inputs
 
+    def _store_outputs(self, entry: op_policy.OpEntry, result: Any, outs: Any) -> None:
+        if outs is None:
+            return
+        protocol.check(isinstance(outs, list), "OP outs must be a list")
+        returned = values.returned_values(entry, result)
+        protocol.check(len(outs) <= len(returned), lambda: f"{entry.name} returns {len(returned)} values, outs names {len(outs)}")
+        for value, out in zip(returned, outs):
+            if out is None:
+                continue
+            if isinstance(out, list):
+                protocol.check(isinstance(value, (list, tuple)) and len(value) == len(out),
+                               lambda: f"{entry.name}: outs do not match the returned list")
+                for item, handle in zip(value, out):
+                    self._store(handle, item)
+            elif value is None and isinstance(out, int):
+                # An optional result the kernel left undefined (e.g. the bias gradient of an
+                # attention backward that did not need one). OP_SYNC tells the client it is None;
+                # a streamed op's client expected a tensor, so using it names this op.
+                self._failed[out] = f"{entry.name} returned no tensor for this output"
+            else:
+                self._store(out, value)
+
+    def _op(self, command: list[Any], frames: list[Any]) -> None:
+        self._run_op(command)
+
+    def _op_sync(self, command: list[Any], frames: list[Any]) -> list[Any]:
+        entry, result = self._run_op(command)
+        returned = values.returned_values(entry, result)
+        return [[values.wire_value(value) for value in returned], [values.wire_meta(value) for value in returned]]
+
+    # ------------------------------------------------------------------------------------------
+    # Quota: a session never holds more than its tenant's memory quota
+    # ------------------------------------------------------------------------------------------
+    def _remeasure(self, entry: op_policy.OpEntry, args: list[Any], kwargs: dict[str, Any],
+                   wire_args: list[Any], wire_kwargs: dict[str, Any]) -> list[int]:
+        """Re-read storage sizes of arguments the op may have resized; the handles that grew."""
+        grown = []
+        for where, key in entry.resized_arguments:
+            value = (args[key] if key < len(args) else None) if where == "arg" else kwargs.get(key)
+            wire = (wire_args[key] if key < len(wire_args) else None) if where == "arg" else wire_kwargs.get(key)
+            if isinstance(value, torch.Tensor) and isinstance(wire, HandleRef) and self.memory.refresh(value):
+                grown.append(wire.handle)
+        return grown
+
+    def _refuse_over_quota(self, what: str, allocated_before: int, outs: Any, grown: Any = ()) -> None:
+        """The op left the session over its quota: undo its outputs and raise the OOM error.
+        Tensors it grew in place (resize_, out=) cannot be shrunk back consistently with the
+        client's view of them, so they are dropped and poisoned: using them raises this error."""
+        needed = self.memory.allocated - allocated_before
+        message = self._quota_message(allocated_before, needed)
+        for handle in [*values.flatten_handles(outs), *grown]:
+            if isinstance(handle, int):
+                self._drop(handle)
+                self._failed[handle] = f"{what} failed: {message}"
+        raise CommandError(ErrorKind.OOM, what, message)
+
+    def _quota_message(self, in_use: int, needed: int) -> str:
+        return (
+            f"CUDA out of memory: this session's quota is {values.size_text(self.memory_quota)}, {values.size_text(in_use)} "
+            f"are in use and the request needs {values.size_text(needed)} more (tenant {self.tenant.name!r}). "
+            "Free tensors you no longer need (del them), or ask the operator for a larger quota."
+        )
+
     # ------------------------------------------------------------------------------------------
     # Graph mode: graphs defined once, run on handles (see server/graphs.py)
     # ------------------------------------------------------------------------------------------
@@ -635,66 +698,9 @@ class Session:
                     self._failed[handle] = f"{what} failed: {exc}"
             raise CommandError(ErrorKind.OOM, what, str(exc)) from None
 
-    def _remeasure(self, entry: op_policy.OpEntry, args: list[Any], kwargs: dict[str, Any],
-                   wire_args: list[Any], wire_kwargs: dict[str, Any]) -> list[int]:
-        """Re-read storage sizes of arguments the op may have resized; the handles that grew."""
-        grown = []
-        for where, key in entry.resized_arguments:
-            value = (args[key] if key < len(args) else None) if where == "arg" else kwargs.get(key)
-            wire = (wire_args[key] if key < len(wire_args) else None) if where == "arg" else wire_kwargs.get(key)
-            if isinstance(value, torch.Tensor) and isinstance(wire, HandleRef) and self.memory.refresh(value):
-                grown.append(wire.handle)
-        return grown
-
-    def _refuse_over_quota(self, what: str, allocated_before: int, outs: Any, grown: Any = ()) -> None:
-        """The op left the session over its quota: undo its outputs and raise the OOM error.
-        Tensors it grew in place (resize_, out=) cannot be shrunk back consistently with the
-        client's view of them, so they are dropped and poisoned: using them raises this error."""
-        needed = self.memory.allocated - allocated_before
-        message = self._quota_message(allocated_before, needed)
-        for handle in [*values.flatten_handles(outs), *grown]:
-            if isinstance(handle, int):
-                self._drop(handle)
-                self._failed[handle] = f"{what} failed: {message}"
-        raise CommandError(ErrorKind.OOM, what, message)
-
-    def _quota_message(self, in_use: int, needed: int) -> str:
-        return (
-            f"CUDA out of memory: this session's quota is {values.size_text(self.memory_quota)}, {values.size_text(in_use)} "
-            f"are in use and the request needs {values.size_text(needed)} more (tenant {self.tenant.name!r}). "
-            "Free tensors you no longer need (del them), or ask the operator for a larger quota."
-        )
-
-    def _store_outputs(self, entry: op_policy.OpEntry, result: Any, outs: Any) -> None:
-        if outs is None:
-            return
-        protocol.check(isinstance(outs, list), "OP outs must be a list")
-        returned = values.returned_values(entry, result)
-        protocol.check(len(outs) <= len(returned), lambda: f"{entry.name} returns {len(returned)} values, outs names {len(outs)}")
-        for value, out in zip(returned, outs):
-            if out is None:
-                continue
-            if isinstance(out, list):
-                protocol.check(isinstance(value, (list, tuple)) and len(value) == len(out),
-                               lambda: f"{entry.name}: outs do not match the returned list")
-                for item, handle in zip(value, out):
-                    self._store(handle, item)
-            elif value is None and isinstance(out, int):
-                # An optional result the kernel left undefined (e.g. the bias gradient of an
-                # attention backward that did not need one). OP_SYNC tells the client it is None;
-                # a streamed op's client expected a tensor, so using it names this op.
-                self._failed[out] = f"{entry.name} returned no tensor for this output"
-            else:
-                self._store(out, value)
-
-    def _op(self, command: list[Any], frames: list[Any]) -> None:
-        self._run_op(command)
-
-    def _op_sync(self, command: list[Any], frames: list[Any]) -> list[Any]:
-        entry, result = self._run_op(command)
-        returned = values.returned_values(entry, result)
-        return [[values.wire_value(value) for value in returned], [values.wire_meta(value) for value in returned]]
-
+    # ------------------------------------------------------------------------------------------
+    # Command handlers: host data, frees, RNG, events and queries
+    # ------------------------------------------------------------------------------------------
     def _upload(self, command: list[Any], frames: list[Any]) -> None:
         protocol.check(len(command) == 5, "UPLOAD takes [UPLOAD, dst, dtype, shape, frame]")
         _, handle, dtype, shape, index = command
