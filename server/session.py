@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import logging
 import secrets
 import time
@@ -116,6 +117,7 @@ class Session:
         self.pending_error: CommandError | None = None
         self._last_in_batch = False
         self._running: tuple[Any, int] = (None, -1)  # (batch, position) of the command running
+        self._program_at: tuple[programs.Program, int] | None = None  # in a replay: (step, position)
         self.ops_executed = 0
         self.batches = 0
         self.busy_s = 0.0  # time charged for this session's commands: host time, and device time beyond it
@@ -199,25 +201,28 @@ class Session:
         return replies
 
     def upcoming_records(self, limit: int) -> Iterator[StorageRecord]:
-        """Storage records the next ``limit`` queued commands (after the running one) read or
-        write, in the order those commands come (a record may come more than once)."""
-        seen = 0
+        """Storage records the next ``limit`` commands (after the running one) read or write, in
+        the order those commands come (a record may come more than once): the rest of the
+        captured step being replayed, if one is, then the queued batches."""
+        for command in itertools.islice(self._upcoming_commands(), limit):
+            if isinstance(command, list) and len(command) == 2 and command[0] == Cmd.REPLAY:
+                program = self._programs.get(command[1]) if isinstance(command[1], int) else None
+                handles: Iterable[int] = program.reads if program is not None else ()
+            else:
+                handles = values.handles_named(command)
+            for handle in handles:
+                tensor = self.tensors.get(handle)
+                record = self.memory.record_of(tensor) if tensor is not None else None
+                if record is not None:
+                    yield record
+
+    def _upcoming_commands(self) -> Iterator[Any]:
+        if self._program_at is not None:
+            program, position = self._program_at
+            yield from program.commands[position + 1:]
         for batch in self.queue:
             start = self._running[1] + 1 if self._running[0] is batch else batch.cursor
-            for command in batch.commands[start:]:
-                if seen >= limit:
-                    return
-                seen += 1
-                if isinstance(command, list) and len(command) == 2 and command[0] == Cmd.REPLAY:
-                    program = self._programs.get(command[1]) if isinstance(command[1], int) else None
-                    handles: Iterable[int] = program.reads if program is not None else ()
-                else:
-                    handles = values.handles_named(command)
-                for handle in handles:
-                    tensor = self.tensors.get(handle)
-                    record = self.memory.record_of(tensor) if tensor is not None else None
-                    if record is not None:
-                        yield record
+            yield from batch.commands[start:]
 
     def _run_command(self, batch: "PendingBatch", position: int) -> None:
         self._running = (batch, position)
@@ -580,7 +585,8 @@ class Session:
             self._make_resident("captured step", list(previous.values()))
         for handle in program.created:
             self._drop(handle)
-        for recorded in program.commands:
+        for position, recorded in enumerate(program.commands):
+            self._program_at = (program, position)
             try:
                 self._handlers[recorded[0]](recorded, frames)
             except CommandError as exc:
@@ -592,6 +598,12 @@ class Session:
                     exc.message += ("; a tensor the captured step uses was freed since it was recorded: keep "
                                     "the model, optimizer and tensors the step uses alive while replaying it")
                 raise
+            finally:
+                self._program_at = None
+        if previous and self.memory.managed:
+            # The new results may have been spilled while the step ran: bring them back before
+            # reading them (a spilled storage has no bytes; reading it is a crash, not an error).
+            self._make_resident("captured step", [self.tensors[h] for h in previous if h in self.tensors])
         for handle in program.created:
             new, old = self.tensors.get(handle), previous.get(handle)
             if new is None:

@@ -1015,3 +1015,44 @@ def test_a_captured_step_whose_output_was_spilled_replays_exactly():
         out = run_client(code, server.address)
     assert all(out["results"]), out
     assert any(out["spilled"]) and out["restores"] > 0, out
+
+
+CAPTURED_TRAINING_CLIENT = """
+    import hashlib, json, torch, libremote
+    from torch import nn
+    torch.manual_seed(0)
+    width = 768
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(6)],
+                          nn.Linear(width, 1)).cuda()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, capturable=True)
+    x, y = torch.randn(64, width, device="cuda"), torch.randn(64, 1, device="cuda")
+    def train(x, y):
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad(set_to_none=False); loss.backward(); opt.step()
+        return loss
+    first = train(x, y).item()
+    step = libremote.capture_step(train, x, y)
+    for _ in range(10):                  # replays queued back to back, one sync at the end
+        loss = step(x, y)
+    losses = [first, loss.item()]
+    digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+    print(json.dumps({"losses": losses, "params": digest, "allocated": libremote.memory_stats()["allocated"],
+                      "evictions": libremote.memory_stats().get("device", {}).get("evictions", 0)}))
+"""
+
+
+def test_captured_training_steps_through_spills_match_an_unconstrained_daemon():
+    """Replays of a whole training step (forward, backward, capturable Adam) whose memory is twice
+    the device budget: results spilled during a replay are brought back before the replay copies
+    them into the step's outputs (it used to read a spilled storage and crash the daemon), and
+    losses and parameters are bit-identical to the same program on a daemon with no budget."""
+    with pool_daemon() as server:
+        free = run_client(CAPTURED_TRAINING_CLIENT, server.address)
+    for factor in (1.5, 2.0):
+        budget = str(int(free["allocated"] / factor))
+        with pool_daemon("--device-memory", budget, "--host-spill", "512MiB") as server:
+            tight = run_client(CAPTURED_TRAINING_CLIENT, server.address)
+            assert "Traceback" not in server.log() and server.process.poll() is None, server.log()
+        assert tight["evictions"] > 0, tight
+        assert (tight["losses"], tight["params"]) == (free["losses"], free["params"]), factor
+    assert free["losses"][1] < free["losses"][0], free   # it trains
