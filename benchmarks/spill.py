@@ -31,14 +31,17 @@ from torch import nn
 libremote.connect(os.environ["BENCH_SERVER"])
 mode = sys.argv[1]
 if mode == "train":
-    width, steps = int(sys.argv[2]), int(sys.argv[3])
+    width, steps, captured = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "captured"
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(6)], nn.Linear(width, 1)).cuda()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, capturable=captured)
     x, y = torch.randn(64, width, device="cuda"), torch.randn(64, 1, device="cuda")
     def step():
-        loss = nn.functional.mse_loss(model(x), y); opt.zero_grad(); loss.backward(); opt.step(); return loss
-    step().item(); step().item()
+        loss = nn.functional.mse_loss(model(x), y); opt.zero_grad(set_to_none=not captured); loss.backward(); opt.step(); return loss
+    step().item()
+    if captured:  # the whole step recorded once and replayed (libremote.capture_step)
+        step = libremote.capture_step(step)
+    step().item()
     before = libremote.memory_stats().get("device", {})
     start = time.perf_counter()
     for _ in range(steps): loss = step()
@@ -123,16 +126,18 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--width", type=int, default=768, help="MLP width (memory grows with its square)")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--captured", action="store_true",
+                        help="train with a captured step (libremote.capture_step) instead of eagerly")
     args = parser.parse_args()
+    train = ["train", str(args.width), str(args.steps), "captured" if args.captured else "eager"]
     rows = []
     traffic = []
 
-    free = _with_daemon(args.device, [], "train", str(args.width), str(args.steps))
+    free = _with_daemon(args.device, [], *train)
     working_set = free["allocated"]
     for factor in (1.0, 1.5, 2.0):
         budget = int(working_set / factor)
-        result = _with_daemon(args.device, ["--device-memory", str(budget), "--host-spill", str(4 * working_set)],
-                              "train", str(args.width), str(args.steps))
+        result = _with_daemon(args.device, ["--device-memory", str(budget), "--host-spill", str(4 * working_set)], *train)
         rows.append((f"training, memory {factor:.1f}x the budget (steps/s)", result["steps_per_s"],
                      free["steps_per_s"], "unconstrained"))
         traffic.append((factor, result))
@@ -146,7 +151,7 @@ def main() -> None:
                  measured["resident_s"] * 1e3, "same read when resident"))
 
     print(f"\nlibremote oversubscription benchmark: daemon device {args.device}, {os.cpu_count()} cores, "
-          f"working set {working_set / (1 << 20):.1f} MiB")
+          f"working set {working_set / (1 << 20):.1f} MiB, training {'with a captured step' if args.captured else 'eagerly'}")
     print(f"{'figure':52} {'value':>10} {'reference':>10} {'ratio':>7}  reference")
     for name, value, reference, what in rows:
         print(f"{name:52} {value:10.3f} {reference:10.3f} {value / reference:7.2f}  {what}")
