@@ -47,21 +47,12 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _positive_int(name: str, default: int) -> int:
+def _whole_number(name: str, default: int, minimum: int) -> int:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"{name}={raw!r} must be a positive integer")
-    return int(raw)
-
-
-def _non_negative_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    if not raw.isdigit():
-        raise ValueError(f"{name}={raw!r} must be a whole number, 0 or more")
+    if not raw.isdigit() or int(raw) < minimum:
+        raise ValueError(f"{name}={raw!r} must be a whole number, {minimum} or more")
     return int(raw)
 
 
@@ -98,6 +89,6 @@ class Settings:
             token=os.environ.get("LIBREMOTE_TOKEN", "").strip() or None,
             priority=_priority(),
             queue_timeout_s=_float("LIBREMOTE_QUEUE_TIMEOUT", 300.0),
-            devices=_positive_int("LIBREMOTE_DEVICES", 1),
-            spin_us=_non_negative_int("LIBREMOTE_SPIN_US", 500),
+            devices=_whole_number("LIBREMOTE_DEVICES", 1, minimum=1),
+            spin_us=_whole_number("LIBREMOTE_SPIN_US", 500, minimum=0),
         )
