@@ -28,7 +28,7 @@ import libremote
 from libremote import protocol
 from libremote.protocol import ErrorKind, Msg, ProtocolError
 
-from . import devices, pool
+from . import devices, host_memory, pool
 from .pool import PoolConfig, PolicyError, Tenant
 from .residency import default_device_budget, DeviceMemory
 from .scheduler import Scheduler
@@ -42,6 +42,7 @@ log = logging.getLogger("libremote.server")
 SLICE_COMMANDS = 64
 SLICE_SECONDS = 0.002
 _HOUSEKEEPING_S = 0.5
+_IDLE_TRIM_S = 2.0  # no batch for this long: the daemon gives kept host memory back
 _UTILIZATION_WINDOW_S = 2.0
 
 
@@ -167,6 +168,11 @@ class Daemon:
         self.waiting: list[Waiting] = []
         self._gone: collections.OrderedDict[bytes, str] = collections.OrderedDict()
         self._next_housekeeping = 0.0
+        #: Freed host buffers are kept for reuse while sessions work (server/host_memory.py),
+        #: and given back once no batch has arrived for this long.
+        self._host_memory_kept = host_memory.keep_freed_memory()
+        self._last_batch = time.monotonic()
+        self._host_memory_trimmed = True
         self._stop = threading.Event()
         self._context = zmq.Context.instance()
         self._socket = self._context.socket(zmq.ROUTER)
@@ -292,7 +298,8 @@ class Daemon:
                 error = [ErrorKind.SESSION.value, "", f"this daemon has no session for the client ({why}); reconnect"]
                 self._send(identity, [Msg.REPLY, seq, [], error])
             return
-        session.last_seen = session.last_active = time.monotonic()
+        session.last_seen = session.last_active = self._last_batch = time.monotonic()
+        self._host_memory_trimmed = False
         if not session.has_work():
             session.slots[0].scheduler.rejoin(session)
         session.enqueue(seq, commands, frames, want_reply)
@@ -461,6 +468,10 @@ class Daemon:
                 self.waiting.remove(waiter)
         for slot in self.slots:
             slot.refresh_utilization()
+        if (self._host_memory_kept and not self._host_memory_trimmed and now - self._last_batch > _IDLE_TRIM_S
+                and not any(session.has_work() for session in self.sessions.values())):
+            host_memory.give_back_freed_memory()
+            self._host_memory_trimmed = True
 
     def _end_session(self, identity: bytes, why: str) -> None:
         session = self.sessions.pop(identity, None)

@@ -1088,3 +1088,38 @@ def test_a_malformed_spin_setting_is_a_clear_error(daemon):
     )
     assert result.returncode != 0
     assert "LIBREMOTE_SPIN_US='fast' must be a whole number" in result.stderr, result.stderr
+
+
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS line")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the daemon's RSS from /proc")
+def test_the_daemon_gives_host_memory_back_when_idle(own_daemon):
+    """Freed host buffers are kept for reuse while clients work (server/host_memory.py), and
+    returned to the operating system once no batch has arrived for a while."""
+    baseline = _rss_bytes(own_daemon.process.pid)
+    result = run_python(
+        f"""
+        import json, torch, libremote
+        libremote.connect({own_daemon.address!r})
+        host = torch.ones(64 << 20)                        # 256 MiB, uploaded and freed three times
+        for _ in range(3):
+            x = host.cuda()
+            torch.cuda.synchronize()
+            del x
+        torch.cuda.synchronize()
+        print(json.dumps({{"sum": torch.ones(4, device="cuda").sum().item()}}))
+        """,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert last_json(result.stdout)["sum"] == 4.0
+    deadline = time.monotonic() + 30
+    while _rss_bytes(own_daemon.process.pid) > baseline + (96 << 20) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _rss_bytes(own_daemon.process.pid) <= baseline + (96 << 20), (baseline, _rss_bytes(own_daemon.process.pid))
