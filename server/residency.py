@@ -154,9 +154,8 @@ class DeviceMemory:
         self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
         self.touch(records)
 
-    def prefetch(self, owner: Any) -> int:
-        """Bring back, ahead of use, the spilled storages ``owner``'s queued commands will need;
-        return the bytes brought back.
+    def prefetch(self, owner: Any) -> None:
+        """Bring back, ahead of use, the spilled storages ``owner``'s queued commands will need.
 
         Called between slices, so on a GPU the copies run on a side stream while the kernels
         already queued run (the first command that uses a prefetched storage waits for its copy
@@ -168,14 +167,14 @@ class DeviceMemory:
         fit is restored on demand as before, and nothing here raises.
         """
         if self.budget is None or not owner.memory.spilled:
-            return 0  # (the common case, checked first: the scan below reads the queue)
+            return  # (the common case, checked first: the scan below reads the queue)
         wanted: dict[int, StorageRecord] = {}
         for record in owner.upcoming_records(LOOKAHEAD_COMMANDS):
             if record.device_memory is self:
                 wanted.setdefault(id(record), record)
         spilled = [record for record in wanted.values() if not record.resident]  # nearest use first
         if not spilled:
-            return 0
+            return
         next_use = self._next_uses()
         own_class = PRIORITIES.get(owner.priority, 1)
 
@@ -186,7 +185,6 @@ class DeviceMemory:
             return victim_class < own_class or (victim_class == own_class and not victim.owner.has_work())
 
         victims = sorted(filter(gives_way, self.records), key=lambda victim: self._eviction_order(victim, next_use))
-        brought = 0
         for record in spilled:
             excess = self.resident_bytes + record.nbytes - self.budget
             while excess > 0 and victims and self.spilled_bytes + victims[0].nbytes <= self.host_limit:
@@ -199,9 +197,7 @@ class DeviceMemory:
                 self._restore(record, prefetch=True)
             except torch.OutOfMemoryError:
                 break  # the card itself is fuller than the budget says: leave it to demand
-            brought += record.nbytes
             self.touch((record,))
-        return brought
 
     def retrying_oom(self, allocate: Callable[[], Any], *, protect: Iterable[StorageRecord] = ()) -> Any:
         """Run ``allocate``; when the device's own allocator reports out of memory (workspaces,
@@ -260,8 +256,9 @@ class DeviceMemory:
 
     def _next_uses(self) -> dict[int, int]:
         """For records that commands already queued (the next few of each session) will touch:
-        how many commands ahead the first of them is. Evicting those would only bring them
-        straight back, and of two, the one needed later should go first (Belady's rule)."""
+        how soon, as the position of their first mention among the records those commands name
+        (an order within a session, not a count of commands). Evicting those would only bring
+        them straight back, and of two, the one needed later should go first (Belady's rule)."""
         next_use: dict[int, int] = {}
         for owner in {id(r.owner): r.owner for r in self.records}.values():
             for distance, record in enumerate(owner.upcoming_records(LOOKAHEAD_COMMANDS)):
