@@ -577,14 +577,30 @@ class Session:
         """Run a captured step's commands. Its results go into the tensors the last run made, so
         a replay updates the step's outputs in place (views of them too), as a CUDA graph's
         replay does; a result the client has freed since stays freed. (Under a CUDA graph
-        capture, those copies are recorded too: each launch writes the same tensors.)"""
-        previous = {h: self.tensors[h] for h in program.created if h in self.tensors}
-        if previous and self.memory.managed:
-            # Resident before they leave the memory manager's sight: a spilled tensor has no
-            # device bytes to copy the new results into.
-            self._make_resident("captured step", list(previous.values()))
+        capture, those copies are recorded too: each launch writes the same tensors.)
+
+        While the step runs, the last run's results leave the handle table (the step makes new
+        tensors under the same handles) but stay charged to the session and, under
+        oversubscription, tracked by the device's memory manager: they are real memory until the
+        new results are copied into them, so the quota, the peak figures and the device budget
+        all see them (and the memory manager may spill them meanwhile)."""
+        previous: dict[int, torch.Tensor] = {}
+        held_keys: list[int] = []
         for handle in program.created:
-            self._drop(handle)
+            tensor = self.tensors.pop(handle, None)
+            if tensor is None:
+                self._failed.pop(handle, None)
+            else:
+                previous[handle] = tensor
+                held_keys.append(self._storage_keys.pop(handle))
+        try:
+            self._run_recorded(program, frames)
+            self._copy_into_previous(program, previous)
+        finally:
+            for key in held_keys:
+                self.memory.release(key)
+
+    def _run_recorded(self, program: programs.Program, frames: list[Any]) -> None:
         for position, recorded in enumerate(program.commands):
             self._program_at = (program, position)
             try:
@@ -600,10 +616,16 @@ class Session:
                 raise
             finally:
                 self._program_at = None
-        if previous and self.memory.managed:
-            # The new results may have been spilled while the step ran: bring them back before
-            # reading them (a spilled storage has no bytes; reading it is a crash, not an error).
-            self._make_resident("captured step", [self.tensors[h] for h in previous if h in self.tensors])
+
+    def _copy_into_previous(self, program: programs.Program, previous: dict[int, torch.Tensor]) -> None:
+        """Copy a replay's new results into the last run's tensors and put those back under
+        their handles (a result whose layout changed keeps the new tensor)."""
+        pairs = [(handle, self.tensors[handle], previous[handle]) for handle in program.created
+                 if handle in self.tensors and handle in previous]
+        if pairs and self.memory.managed:
+            # Both sides of every copy on the device first: a spilled storage has no bytes, and
+            # reading or writing one is a crash, not an error.
+            self._make_resident("captured step", [t for _, new, old in pairs for t in (new, old)])
         for handle in program.created:
             new, old = self.tensors.get(handle), previous.get(handle)
             if new is None:

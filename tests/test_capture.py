@@ -161,3 +161,24 @@ def test_the_step_keeps_what_it_closes_over_alive(remote):
     gc.collect()
     losses = [step().item() for _ in range(4)]
     assert losses == sorted(losses, reverse=True) and losses[0] > losses[-1], losses  # it trains
+
+
+def test_a_replay_counts_the_last_results_until_it_replaces_them(remote):
+    # A replay makes its results anew and then copies them into the tensors the last run made
+    # (which the client still holds): for that while both exist on the daemon, and the session's
+    # figures (its quota, its peak, an oversubscribed device's budget) must see both.
+    weight = torch.randn(256, 256, device="cuda")
+    step = libremote.capture_step(lambda x: (x @ weight).relu(), torch.randn(256, 256, device="cuda"))
+    x = torch.randn(256, 256, device="cuda")
+    out = step(x)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()  # the weight, the step's input, and `out`
+    torch.cuda.reset_peak_memory_stats()
+    again = step(x)
+    torch.cuda.synchronize()
+    result_bytes = 256 * 256 * 4
+    # At the peak: what was there before, the matmul's result and the relu's (the new `out`).
+    assert torch.cuda.max_memory_allocated() == before + 2 * result_bytes
+    assert torch.cuda.memory_allocated() == before  # the new result went into the old tensor
+    assert again is out or again.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out.cpu(), (x.cpu() @ weight.cpu()).relu())

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from helpers import (
     cli,
     finish,
@@ -1028,7 +1030,7 @@ CAPTURED_TRAINING_CLIENT = """
     x, y = torch.randn(64, width, device="cuda"), torch.randn(64, 1, device="cuda")
     def train(x, y):
         loss = nn.functional.mse_loss(model(x), y)
-        opt.zero_grad(set_to_none=False); loss.backward(); opt.step()
+        opt.zero_grad(set_to_none=SET_TO_NONE); loss.backward(); opt.step()
         return loss
     first = train(x, y).item()
     step = libremote.capture_step(train, x, y)
@@ -1041,17 +1043,21 @@ CAPTURED_TRAINING_CLIENT = """
 """
 
 
-def test_captured_training_steps_through_spills_match_an_unconstrained_daemon():
+@pytest.mark.parametrize("set_to_none", [False, True], ids=["grads-kept", "grads-made-each-step"])
+def test_captured_training_steps_through_spills_match_an_unconstrained_daemon(set_to_none):
     """Replays of a whole training step (forward, backward, capturable Adam) whose memory is twice
     the device budget: results spilled during a replay are brought back before the replay copies
     them into the step's outputs (it used to read a spilled storage and crash the daemon), and
-    losses and parameters are bit-identical to the same program on a daemon with no budget."""
+    losses and parameters are bit-identical to the same program on a daemon with no budget. With
+    ``set_to_none=True`` every replay makes the gradients anew: the last replay's gradients stay
+    tracked (and may be spilled) until the new ones are copied into them."""
+    client = CAPTURED_TRAINING_CLIENT.replace("SET_TO_NONE", str(set_to_none))
     with pool_daemon() as server:
-        free = run_client(CAPTURED_TRAINING_CLIENT, server.address)
+        free = run_client(client, server.address)
     for factor in (1.5, 2.0):
         budget = str(int(free["allocated"] / factor))
         with pool_daemon("--device-memory", budget, "--host-spill", "512MiB") as server:
-            tight = run_client(CAPTURED_TRAINING_CLIENT, server.address)
+            tight = run_client(client, server.address)
             assert "Traceback" not in server.log() and server.process.poll() is None, server.log()
         assert tight["evictions"] > 0, tight
         assert (tight["losses"], tight["params"]) == (free["losses"], free["params"]), factor
