@@ -21,8 +21,9 @@ alone exceed the budget, except for in-place foreach ops (an optimizer's step), 
 slices that fit (server/foreach_chunks.py). On a GPU, a real out-of-memory error (from an op, an
 upload or a restore) also triggers eviction and a retry.
 
-Between slices, :meth:`DeviceMemory.prefetch` restores what a session's queued commands will
-need, ahead of use: on a GPU on a side stream, overlapping the kernels already queued. It spills
+Before each slice of a session's work (its first after waiting for its turn or idling, too),
+:meth:`DeviceMemory.prefetch` restores what its queued commands will need, ahead of use: on a GPU
+on a side stream, overlapping the kernels already queued (other sessions' and its own). It spills
 only what a restore on demand would spill first anyway, so it never adds traffic.
 """
 
@@ -157,8 +158,8 @@ class DeviceMemory:
     def prefetch(self, owner: Any) -> None:
         """Bring back, ahead of use, the spilled storages ``owner``'s queued commands will need.
 
-        Called between slices, so on a GPU the copies run on a side stream while the kernels
-        already queued run (the first command that uses a prefetched storage waits for its copy
+        Called before each slice of ``owner``'s work, so on a GPU the copies run on a side stream
+        while the kernels already queued run (the first command that uses a prefetched storage waits for its copy
         on the device, not on the host). A prefetch never adds spill traffic: it fills free room,
         and otherwise spills only storages no queued command needs that belong to a lower
         priority class or to a session with no queued work (what a restore on demand would spill

@@ -164,10 +164,12 @@ class Session:
         started = time.perf_counter()
         try:
             with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-                replies = self._run_queued(max_commands, started + max_seconds)
-                if self.queue and self.memory.managed:
+                if self.memory.spilled:
+                    # Also when the session was waiting for its turn or idle: on a GPU the copies
+                    # overlap the kernels other sessions (and this one) already queued, and this
+                    # slice's first kernels.
                     self._prefetch()
-                return replies
+                return self._run_queued(max_commands, started + max_seconds)
         finally:
             elapsed = time.perf_counter() - started
             self.busy_s += elapsed
@@ -644,7 +646,7 @@ class Session:
         return self.device_memories[self._index_of(tensor.device)]
 
     def _prefetch(self) -> None:
-        """Between slices: bring back what the queued commands will need (DeviceMemory.prefetch)."""
+        """Before a slice: bring back what the queued commands will need (DeviceMemory.prefetch)."""
         for device_memory in {id(dm): dm for dm in self.device_memories if dm is not None}.values():
             device_memory.prefetch(self)
 

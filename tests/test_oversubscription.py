@@ -947,6 +947,61 @@ def test_an_idle_sessions_storages_make_room_for_a_busy_ones_prefetch(tmp_path):
     assert result["prefetches"] == 1 and result["restores"] == 1, result
 
 
+WAITING_CLIENT = """
+    import json, os, time, torch, libremote
+    from pathlib import Path
+    folder, MiB = Path(os.environ["DIR"]), 1 << 20
+    a = torch.full((MiB,), 5.0, device="cuda")            # 4 MiB; the budget holds three such
+    torch.cuda.synchronize()
+    (folder / "W.in").touch()
+    while not (folder / "W.go").exists():                 # meanwhile the other session spills a
+        time.sleep(0.05)
+    before = libremote.memory_stats()["device"]
+    total = a.sum().item()                                # one small batch, sent while the other
+    after = libremote.memory_stats()["device"]            # session's long batch runs
+    print(json.dumps({"total": total, "spilled_a": before["spilled_bytes"],
+                      **{k: after[k] - before[k] for k in ("prefetches", "restores")}}), flush=True)
+"""
+
+RUNNING_CLIENT = """
+    import os, time, torch, libremote
+    from pathlib import Path
+    folder, MiB = Path(os.environ["DIR"]), 1 << 20
+    held = [torch.full((MiB,), 9.0, device="cuda") for _ in range(3)]   # spills the other's a
+    torch.cuda.synchronize()
+    del held[0]                                           # room for a again
+    s = torch.zeros(4, device="cuda")
+    for _ in range(3000):                                 # batches of 1024 small ops
+        s = s + 1
+    (folder / "W.go").touch()
+    assert s.sum().item() == 4 * 3000 and all(t.sum().item() == 9.0 * MiB for t in held)
+"""
+
+
+def test_a_session_waiting_for_its_turn_is_prefetched_for_before_it_runs(tmp_path):
+    """A session whose data was spilled while it was idle sends work while another session is
+    busy: when its turn comes, its slice starts with a prefetch of what its queued ops read (on
+    a GPU, a side-stream copy overlapping the kernels the busy session queued), not with a
+    restore on demand in front of its first op."""
+    with pool_daemon("--device-memory", "13MiB", "--host-spill", "512MiB") as server:
+        waiting = spawn_client(WAITING_CLIENT, server.address, DIR=str(tmp_path))
+        clients = [waiting]
+        try:
+            wait_for_file(tmp_path / "W.in", waiting, timeout=TIMEOUT_S)
+            running = spawn_client(RUNNING_CLIENT, server.address, DIR=str(tmp_path), LIBREMOTE_BATCH="1024")
+            clients.append(running)
+            out, err = finish(waiting, "the waiting client hung", timeout=TIMEOUT_S)
+            assert waiting.returncode == 0, err
+            result = last_json(out)
+            _, err = finish(running, "the running client hung", timeout=TIMEOUT_S)
+            assert running.returncode == 0, err
+        finally:
+            kill_all(clients)
+    assert result["total"] == 5.0 * MiB, result
+    assert result["spilled_a"] == 4 * MiB, result
+    assert result["prefetches"] == 1 and result["restores"] == 1, result
+
+
 def test_a_gpu_without_a_set_budget_keeps_headroom_for_the_cuda_context():
     from server.residency import default_device_budget
 
