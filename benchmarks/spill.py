@@ -54,7 +54,9 @@ if mode == "train":
     moved = {key: (after.get(key, 0) - before.get(key, 0)) / steps for key in ("bytes_evicted", "bytes_restored")}
     print(json.dumps({"steps_per_s": steps / elapsed, "allocated": stats["allocated"], "spilled": stats["spilled"],
                       "evicted_per_step": moved["bytes_evicted"], "restored_per_step": moved["bytes_restored"],
-                      "prefetched_per_step": (after.get("bytes_prefetched", 0) - before.get("bytes_prefetched", 0)) / steps}))
+                      "prefetched_per_step": (after.get("bytes_prefetched", 0) - before.get("bytes_prefetched", 0)) / steps,
+                      "freed_spilled_per_step": (after.get("bytes_freed_while_spilled", 0) - before.get("bytes_freed_while_spilled", 0)) / steps,
+                      "discarded_per_step": (after.get("bytes_discarded", 0) - before.get("bytes_discarded", 0)) / steps}))
 else:  # bandwidth and resume, best of ROUNDS (one sample moved 5x from run to run on the 2-core VM)
     n, rounds = 64 << 20, 5
     def moved():
@@ -163,10 +165,12 @@ def main() -> None:
     print(f"{'figure':52} {'value':>10} {'reference':>10} {'ratio':>7}  reference")
     for name, value, reference, what in rows:
         print(f"{name:52} {value:10.3f} {reference:10.3f} {value / reference:7.2f}  {what}")
-    print("\nspill traffic per training step (MiB): spilled to host / restored (of which prefetched ahead of use)")
+    print("\nspill traffic per training step (MiB): spilled to host / restored (of which prefetched ahead of use)"
+          " / freed by the client while spilled / dead, dropped without a copy")
     for factor, result in traffic:
         print(f"  memory {factor:.1f}x the budget: {result['evicted_per_step'] / (1 << 20):8.1f} / "
-              f"{result['restored_per_step'] / (1 << 20):8.1f} ({result['prefetched_per_step'] / (1 << 20):.1f})")
+              f"{result['restored_per_step'] / (1 << 20):8.1f} ({result['prefetched_per_step'] / (1 << 20):.1f}) / "
+              f"{result['freed_spilled_per_step'] / (1 << 20):8.1f} / {result['discarded_per_step'] / (1 << 20):8.1f}")
 
 
 if __name__ == "__main__":

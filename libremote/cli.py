@@ -54,7 +54,8 @@ def _residency_line(index: int, r: dict[str, Any]) -> str:
     budget = "no set budget" if r.get("device_budget") is None else f"budget {_size(r['device_budget'])}"
     return (f"dev {index}: {_size(r['resident_bytes'])} resident ({budget}), {_size(r['spilled_bytes'])} spilled to "
             f"host (limit {_size(r['host_spill_limit'])}); since start {_size(r['bytes_evicted'])} spilled, "
-            f"{_size(r['bytes_restored'])} restored ({_size(r.get('bytes_prefetched', 0))} prefetched ahead of use)")
+            f"{_size(r['bytes_restored'])} restored ({_size(r.get('bytes_prefetched', 0))} prefetched ahead of use), "
+            f"{_size(r.get('bytes_discarded', 0))} freed data dropped without a copy")
 
 
 def format_status(report: dict[str, Any]) -> str:

@@ -93,6 +93,11 @@ class MemoryAccount:
         entry = self._entries.get(tensor.untyped_storage()._cdata)
         return None if entry is None else entry.record
 
+    def handle_count(self, tensor: torch.Tensor) -> int:
+        """How many handles (and other holders) keep ``tensor``'s storage charged."""
+        entry = self._entries.get(tensor.untyped_storage()._cdata)
+        return 0 if entry is None else entry.handles
+
     def reset_peak(self) -> None:
         self.peak = self.allocated
 

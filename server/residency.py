@@ -13,8 +13,9 @@ waits for one: a spill runs on the owner's stream; a restore on demand on the st
 command that needs the bytes, after an event wait on the spill; their device time is read from
 CUDA events when stats are asked.
 
-Which storage goes: low priority classes first; within a class, storages no queued command is
-about to use (idle sessions' before busy ones', least recently used first), then those the queue
+Which storage goes: first, storages the queued commands free before anything reads them (dead
+data: their bytes are dropped, not copied); then low priority classes; within a class, storages
+no queued command is about to use (idle sessions' before busy ones', least recently used first), then those the queue
 needs, the one needed last first (Belady's rule over a lookahead of the queued commands). The
 storages of the command being run are never evicted, and stay resident together even when they
 alone exceed the budget, except for in-place foreach ops (an optimizer's step), which run on
@@ -30,6 +31,7 @@ only what a restore on demand would spill first anyway, so it never adds traffic
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -53,6 +55,18 @@ def default_device_budget(device: torch.device, total_memory: int) -> int:
         return total_memory  # the CPU backend has no allocator that says "full"
     headroom = max(GPU_HEADROOM_MIN, int(total_memory * GPU_HEADROOM_FRACTION))
     return max(total_memory - headroom, total_memory // 2)
+
+
+@dataclass
+class Lookahead:
+    """What a session's next queued commands will do to its storages (``Session.lookahead``)."""
+
+    uses: list["StorageRecord"]  # the records they read or write, in order (repeats included)
+    #: Records whose every handle a queued FREE drops before any queued command reads them. Their
+    #: bytes will never be read again, so making room with them costs no copy. (Should the FREE
+    #: never run, e.g. because a malformed command ends its batch first, nothing the client still
+    #: names reads those bytes; a restore then gives zeros rather than a crash.)
+    dead: set["StorageRecord"]
 
 
 class SpillExhausted(Exception):
@@ -81,6 +95,10 @@ class StorageRecord:
         return self.host is None
 
 
+#: ``StorageRecord.host`` of a dead storage whose bytes were dropped instead of spilled.
+DISCARDED = torch.empty(0, dtype=torch.uint8)
+
+
 def _byte_view(storage: torch.UntypedStorage, nbytes: int) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, 0, (nbytes,), (1,))
 
@@ -103,6 +121,10 @@ class DeviceMemory:
         self.restore_seconds = 0.0
         self.prefetches = 0
         self.bytes_prefetched = 0
+        #: Spill traffic that bought nothing: bytes the client freed while they sat in host RAM.
+        self.bytes_freed_while_spilled = 0
+        self.discards = 0  # dead storages whose bytes were dropped instead of spilled
+        self.bytes_discarded = 0
         self._prefetch_stream: Any = None  # on a GPU: the side stream prefetches copy on
         #: The most bytes resident when a command's operands had just been made resident.
         self.peak_resident_bytes = 0
@@ -122,8 +144,11 @@ class DeviceMemory:
         self.records.discard(record)
         if record.resident:
             self.resident_bytes -= record.nbytes
+        elif record.host is DISCARDED:
+            record.host = None
         else:
             self.spilled_bytes -= record.nbytes
+            self.bytes_freed_while_spilled += record.nbytes
             record.owner.memory.spilled -= record.nbytes
             record.host = record.spilled = None
         record.storage = None  # type: ignore[assignment]
@@ -170,27 +195,31 @@ class DeviceMemory:
         if self.budget is None or not owner.memory.spilled:
             return  # (the common case, checked first: the scan below reads the queue)
         wanted: dict[int, StorageRecord] = {}
-        for record in owner.upcoming_records(LOOKAHEAD_COMMANDS):
+        for record in owner.lookahead(LOOKAHEAD_COMMANDS).uses:
             if record.device_memory is self:
                 wanted.setdefault(id(record), record)
         spilled = [record for record in wanted.values() if not record.resident]  # nearest use first
         if not spilled:
             return
-        next_use = self._next_uses()
+        next_use, dead = self._scan_queues()
         own_class = PRIORITIES.get(owner.priority, 1)
 
         def gives_way(victim: StorageRecord) -> bool:
-            if id(victim) in next_use or not victim.resident or not victim.nbytes:
+            if not victim.resident or not victim.nbytes:
+                return False
+            if victim in dead:
+                return True
+            if id(victim) in next_use:
                 return False
             victim_class = PRIORITIES.get(victim.owner.priority, 1)
             return victim_class < own_class or (victim_class == own_class and not victim.owner.has_work())
 
-        victims = sorted(filter(gives_way, self.records), key=lambda victim: self._eviction_order(victim, next_use))
+        victims = sorted(filter(gives_way, self.records), key=lambda victim: self._eviction_order(victim, next_use, dead))
         for record in spilled:
             excess = self.resident_bytes + record.nbytes - self.budget
-            while excess > 0 and victims and self.spilled_bytes + victims[0].nbytes <= self.host_limit:
+            while excess > 0 and victims and (victims[0] in dead or self.spilled_bytes + victims[0].nbytes <= self.host_limit):
                 victim = victims.pop(0)
-                self._evict(victim)
+                self._discard(victim) if victim in dead else self._evict(victim)
                 excess -= victim.nbytes
             if excess > 0:
                 break
@@ -228,16 +257,20 @@ class DeviceMemory:
         only when host RAM cannot take what would have to go.
         """
         protected = set(protect)
-        next_use = self._next_uses()
+        next_use, dead = self._scan_queues()
         candidates = sorted(
             (r for r in self.records if r.resident and r not in protected and r.nbytes),
-            key=lambda record: self._eviction_order(record, next_use),
+            key=lambda record: self._eviction_order(record, next_use, dead),
         )
         freed = 0
         blocked = 0
         for record in candidates:
             if freed >= at_least:
                 break
+            if record in dead:
+                self._discard(record)
+                freed += record.nbytes
+                continue
             if self.spilled_bytes + record.nbytes > self.host_limit:
                 blocked += record.nbytes
                 continue
@@ -255,21 +288,31 @@ class DeviceMemory:
             f"{_size(self.host_limit)}), {_size(short_by)} more could not be made room for"
         )
 
-    def _next_uses(self) -> dict[int, int]:
-        """For records that commands already queued (the next few of each session) will touch:
-        how soon, as the position of their first mention among the records those commands name
-        (an order within a session, not a count of commands). Evicting those would only bring
-        them straight back, and of two, the one needed later should go first (Belady's rule)."""
+    def _scan_queues(self) -> tuple[dict[int, int], set[StorageRecord]]:
+        """Read the queued commands (the next few of each session with storages here).
+
+        Returns, for records those commands will touch, how soon: the position of their first
+        mention among the records a session's commands name (an order within a session, not a
+        count of commands). Evicting those would only bring them straight back, and of two, the
+        one needed later should go first (Belady's rule). And the dead records: freed before
+        anything reads them (:class:`Lookahead`)."""
         next_use: dict[int, int] = {}
+        dead: set[StorageRecord] = set()
         for owner in {id(r.owner): r.owner for r in self.records}.values():
-            for distance, record in enumerate(owner.upcoming_records(LOOKAHEAD_COMMANDS)):
+            lookahead = owner.lookahead(LOOKAHEAD_COMMANDS)
+            for distance, record in enumerate(lookahead.uses):
                 next_use.setdefault(id(record), distance)
-        return next_use
+            dead |= lookahead.dead
+        return next_use, dead
 
     @staticmethod
-    def _eviction_order(record: StorageRecord, next_use: dict[int, int]) -> tuple[int, int, int, int]:
-        """Sort key, first evicted first: low priority classes; then what no queued command
-        needs (idle sessions' first, least recently used first); then what is needed latest."""
+    def _eviction_order(record: StorageRecord, next_use: dict[int, int],
+                        dead: set[StorageRecord]) -> tuple[int, int, int, int]:
+        """Sort key, first evicted first: dead storages (no copy); then low priority classes;
+        then what no queued command needs (idle sessions' first, least recently used first);
+        then what is needed latest."""
+        if record in dead:
+            return (-1, 0, 0, record.last_use)
         owner = record.owner
         distance = next_use.get(id(record))
         if distance is None:
@@ -310,9 +353,30 @@ class DeviceMemory:
         self.evictions += 1
         self.bytes_evicted += record.nbytes
 
+    def _discard(self, record: StorageRecord) -> None:
+        """Free a dead storage's device memory without copying its bytes anywhere."""
+        owner = record.owner
+        if owner.stream is not None:
+            if record.ready is not None:  # a prefetch copy may still be writing the block
+                owner.stream.wait_event(record.ready)
+                record.ready = None
+            # Freed after the kernels the owner queued that still use the block.
+            _byte_view(record.storage, record.nbytes).record_stream(owner.stream)
+        record.storage.resize_(0)
+        record.host = DISCARDED
+        self.resident_bytes -= record.nbytes
+        self.discards += 1
+        self.bytes_discarded += record.nbytes
+
     def _restore(self, record: StorageRecord, *, protect: Iterable[StorageRecord] = (), prefetch: bool = False) -> None:
         host = record.host
         assert host is not None
+        if host is DISCARDED:  # a dead storage asked for after all (see Lookahead.dead): zeros
+            self.retrying_oom(lambda: record.storage.resize_(record.nbytes), protect=protect)
+            _byte_view(record.storage, record.nbytes).zero_()
+            record.host = None
+            self.resident_bytes += record.nbytes
+            return
         started = time.perf_counter()
         if prefetch:  # no eviction and retry for a prefetch: an out-of-memory error ends it
             record.storage.resize_(record.nbytes)
@@ -391,6 +455,8 @@ class DeviceMemory:
             "evict_seconds": self.evict_seconds, "restore_seconds": self.restore_seconds,
             "peak_resident_bytes": self.peak_resident_bytes,
             "prefetches": self.prefetches, "bytes_prefetched": self.bytes_prefetched,
+            "bytes_freed_while_spilled": self.bytes_freed_while_spilled,
+            "discards": self.discards, "bytes_discarded": self.bytes_discarded,
         }
 
 

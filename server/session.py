@@ -27,7 +27,7 @@ from libremote.protocol import Cmd, DeviceRef, ErrorKind, HandleRef, ProtocolErr
 from . import devices, foreach_chunks, graphs, op_policy, programs, values
 from .cuda_graphs import GraphCapture
 from .memory import MemoryAccount
-from .residency import DeviceMemory, SpillExhausted, StorageRecord
+from .residency import DeviceMemory, Lookahead, SpillExhausted, StorageRecord
 from .pool import ANONYMOUS, Tenant
 
 log = logging.getLogger("libremote.server")
@@ -202,28 +202,56 @@ class Session:
                 break
         return replies
 
-    def upcoming_records(self, limit: int) -> Iterator[StorageRecord]:
-        """Storage records the next ``limit`` commands (after the running one) read or write, in
-        the order those commands come (a record may come more than once): the rest of the
-        captured step being replayed, if one is, then the queued batches."""
+    def lookahead(self, limit: int) -> Lookahead:
+        """What the next ``limit`` commands (the running one first) will do to this session's
+        storages: the rest of the captured step being replayed, if one is, then the queued
+        batches. See :class:`~.residency.Lookahead`."""
+        uses: list[StorageRecord] = []
+        used: set[StorageRecord] = set()
+        freed_handles: set[int] = set()
+        freed_of: dict[StorageRecord, int] = {}  # distinct handles of a storage freed before its first use
+        dead: set[StorageRecord] = set()
         for command in itertools.islice(self._upcoming_commands(), limit):
+            if isinstance(command, list) and len(command) == 2 and command[0] == Cmd.FREE and isinstance(command[1], list):
+                for handle in command[1]:
+                    if not isinstance(handle, int) or handle in freed_handles:
+                        continue
+                    freed_handles.add(handle)
+                    tensor = self.tensors.get(handle)
+                    record = self.memory.record_of(tensor) if tensor is not None else None
+                    if record is None or record in used:
+                        continue
+                    freed_of[record] = freed_of.get(record, 0) + 1
+                    if freed_of[record] == self.memory.handle_count(tensor):
+                        dead.add(record)  # every handle on it dropped, and nothing reads it first
+                continue
             if isinstance(command, list) and len(command) == 2 and command[0] == Cmd.REPLAY:
                 program = self._programs.get(command[1]) if isinstance(command[1], int) else None
                 handles: Iterable[int] = program.reads if program is not None else ()
             else:
                 handles = values.handles_named(command)
             for handle in handles:
+                if handle in freed_handles:
+                    continue  # a handle freed earlier in the queue names a new tensor by now
                 tensor = self.tensors.get(handle)
                 record = self.memory.record_of(tensor) if tensor is not None else None
                 if record is not None:
-                    yield record
+                    uses.append(record)
+                    used.add(record)
+        return Lookahead(uses, dead - used)  # (a storage read after its free, through another handle, is not dead)
 
     def _upcoming_commands(self) -> Iterator[Any]:
+        """The command running now, if one is, and the commands after it. (The running one
+        counts: an op run in slices, server/foreach_chunks.py, has operands no slice protects
+        yet, and they are needed next, not free to go.)"""
         if self._program_at is not None:
             program, position = self._program_at
-            yield from program.commands[position + 1:]
+            yield from program.commands[position:]
+        running_batch, running_position = self._running
         for batch in self.queue:
-            start = self._running[1] + 1 if self._running[0] is batch else batch.cursor
+            start = batch.cursor
+            if batch is running_batch and running_position >= start:  # cursor moves after a slice
+                start = running_position
             yield from batch.commands[start:]
 
     def _run_command(self, batch: "PendingBatch", position: int) -> None:
@@ -475,9 +503,22 @@ class Session:
         for where, key in entry.resized_arguments:
             value = (args[key] if key < len(args) else None) if where == "arg" else kwargs.get(key)
             wire = (wire_args[key] if key < len(wire_args) else None) if where == "arg" else wire_kwargs.get(key)
-            if isinstance(value, torch.Tensor) and isinstance(wire, HandleRef) and self.memory.refresh(value):
+            if isinstance(value, torch.Tensor) and isinstance(wire, HandleRef) and (
+                    self._charge_new_storage(wire.handle, value) or self.memory.refresh(value)):
                 grown.append(wire.handle)
         return grown
+
+    def _charge_new_storage(self, handle: int, tensor: torch.Tensor) -> bool:
+        """After ``set_``, the handle's tensor may use another storage than before: charge (and,
+        under oversubscription, track) that one for it instead, so that every storage's handle
+        count stays exact (Lookahead.dead relies on it). Returns whether the session grew."""
+        key = self._storage_keys.get(handle)
+        if key is None or key == tensor.untyped_storage()._cdata:
+            return False
+        before = self.memory.allocated
+        self._storage_keys[handle] = self.memory.add(tensor)
+        self.memory.release(key)
+        return self.memory.allocated > before
 
     def _refuse_over_quota(self, what: str, allocated_before: int, outs: Any, grown: Any = ()) -> None:
         """The op left the session over its quota: undo its outputs and raise the OOM error.

@@ -373,7 +373,8 @@ def test_concurrent_clients_three_times_the_budget_get_exact_results(tmp_path):
         assert sum(row["memory_spilled"] for row in report["sessions"]) == held["spilled_bytes"], report
         size = r"[\d.]+ (?:B|KiB|MiB|GiB)"
         assert re.search(rf"dev 0: {size} resident \(budget 16\.0 MiB\), {size} spilled to host \(limit 512\.0 MiB\); "
-                         rf"since start {size} spilled, {size} restored \({size} prefetched ahead of use\)", table), table
+                         rf"since start {size} spilled, {size} restored \({size} prefetched ahead of use\), "
+                         rf"{size} freed data dropped without a copy", table), table
         assert "Traceback" not in server.log()
 
 
@@ -1117,3 +1118,53 @@ def test_captured_training_steps_through_spills_match_an_unconstrained_daemon(se
         assert tight["evictions"] > 0, tight
         assert (tight["losses"], tight["params"]) == (free["losses"], free["params"]), factor
     assert free["losses"][1] < free["losses"][0], free   # it trains
+
+
+def test_storages_freed_before_any_use_are_dropped_not_spilled():
+    """Making room, the daemon first takes storages that queued commands free before anything
+    reads them: their bytes are dropped with no copy to host RAM. A storage a live view still
+    uses is not dead, and neither is one whose only other handle is a tensor moved onto it
+    with ``set_`` (its handle count follows the move)."""
+    code = """
+        import json, torch, libremote
+        MiB = 1 << 20
+        stats = lambda: libremote.memory_stats()["device"]
+        # 1. Dead: `a` is freed right after the op that needs its room.
+        a = torch.full((MiB,), 1.0, device="cuda")   # 4 MiB each; the budget holds three
+        b = torch.full((MiB,), 2.0, device="cuda")
+        c = torch.full((MiB,), 3.0, device="cuda")
+        torch.cuda.synchronize()
+        before = stats()
+        d = torch.full((MiB,), 4.0, device="cuda")   # one batch: this op, then the free of a
+        del a
+        total = (b.sum() + c.sum() + d.sum()).item()
+        after = stats()
+        dead = {k: after[k] - before[k] for k in ("discards", "bytes_discarded", "evictions")}
+        # 2. Not dead: a view keeps b's storage, and x was moved onto y's storage with set_.
+        x = torch.zeros(MiB, device="cuda")
+        y = torch.full((MiB,), 5.0, device="cuda")
+        x.set_(y)                                    # (x's own storage is released)
+        g = torch.full((MiB,), 7.0, device="cuda")   # the budget is full again
+        view = b[:16]
+        torch.cuda.synchronize()
+        before = stats()
+        e = torch.full((MiB,), 6.0, device="cuda")   # needs room, with the frees of y and b queued
+        del y, b
+        s = torch.zeros(4, device="cuda")
+        for _ in range(100):                         # the next reads of x and b's view come
+            s = s + 1                                # beyond the daemon's lookahead
+        alive = (x.sum() + view.sum() + e.sum() + g.sum() + s.sum()).item()
+        after = stats()
+        print(json.dumps({"total": total, "dead": dead, "alive": alive,
+                          "bytes_discarded_after": after["bytes_discarded"] - before["bytes_discarded"],
+                          "evictions_after": after["evictions"] - before["evictions"]}))
+    """
+    with pool_daemon("--device-memory", "13MiB", "--host-spill", "512MiB") as server:
+        out = run_client(code, server.address, LIBREMOTE_BATCH="1024")
+        assert server.process.poll() is None, server.log()
+    assert out["total"] == (2.0 + 3.0 + 4.0) * MiB, out
+    assert out["dead"] == {"discards": 1, "bytes_discarded": 4 * MiB, "evictions": 0}, out
+    assert out["alive"] == 5.0 * MiB + 2.0 * 16 + 6.0 * MiB + 7.0 * MiB + 4 * 100, out
+    # Room for e came from spilling (y's storage and b's are live); what was dropped, if anything,
+    # is a small temporary of the loop that the client had freed.
+    assert out["evictions_after"] > 0 and out["bytes_discarded_after"] < MiB, out
