@@ -1110,7 +1110,7 @@ def test_captured_training_steps_through_spills_match_an_unconstrained_daemon(se
     client = CAPTURED_TRAINING_CLIENT.replace("SET_TO_NONE", str(set_to_none))
     with pool_daemon() as server:
         free = run_client(client, server.address)
-    for factor in (1.5, 2.0):
+    for factor in ((2.0,) if set_to_none else (1.5, 2.0)):  # (one factor is enough for the variant)
         budget = str(int(free["allocated"] / factor))
         with pool_daemon("--device-memory", budget, "--host-spill", "512MiB") as server:
             tight = run_client(client, server.address)
