@@ -51,12 +51,12 @@ if mode == "train":
     elapsed = time.perf_counter() - start
     stats = libremote.memory_stats()
     after = stats.get("device", {})
-    moved = {key: (after.get(key, 0) - before.get(key, 0)) / steps for key in ("bytes_evicted", "bytes_restored")}
+    per_step = {name: (after.get(key, 0) - before.get(key, 0)) / steps for name, key in (
+        ("evicted_per_step", "bytes_evicted"), ("restored_per_step", "bytes_restored"),
+        ("prefetched_per_step", "bytes_prefetched"), ("freed_spilled_per_step", "bytes_freed_while_spilled"),
+        ("discarded_per_step", "bytes_discarded"))}
     print(json.dumps({"steps_per_s": steps / elapsed, "allocated": stats["allocated"], "spilled": stats["spilled"],
-                      "evicted_per_step": moved["bytes_evicted"], "restored_per_step": moved["bytes_restored"],
-                      "prefetched_per_step": (after.get("bytes_prefetched", 0) - before.get("bytes_prefetched", 0)) / steps,
-                      "freed_spilled_per_step": (after.get("bytes_freed_while_spilled", 0) - before.get("bytes_freed_while_spilled", 0)) / steps,
-                      "discarded_per_step": (after.get("bytes_discarded", 0) - before.get("bytes_discarded", 0)) / steps}))
+                      **per_step}))
 else:  # bandwidth and resume, best of ROUNDS (one sample moved 5x from run to run on the 2-core VM)
     n, rounds = 64 << 20, 5
     def moved():

@@ -15,8 +15,9 @@ CUDA events when stats are asked.
 
 Which storage goes: first, storages the queued commands free before anything reads them (dead
 data: their bytes are dropped, not copied); then low priority classes; within a class, storages
-no queued command is about to use (idle sessions' before busy ones', least recently used first), then those the queue
-needs, the one needed last first (Belady's rule over a lookahead of the queued commands). The
+no queued command is about to use (idle sessions' before busy ones', least recently used first),
+then those the queue needs, the one needed last first (Belady's rule over a lookahead of the
+queued commands). The
 storages of the command being run are never evicted, and stay resident together even when they
 alone exceed the budget, except for in-place foreach ops (an optimizer's step), which run on
 slices that fit (server/foreach_chunks.py). On a GPU, a real out-of-memory error (from an op, an
@@ -61,12 +62,12 @@ def default_device_budget(device: torch.device, total_memory: int) -> int:
 class Lookahead:
     """What a session's next queued commands will do to its storages (``Session.lookahead``)."""
 
-    uses: list["StorageRecord"]  # the records they read or write, in order (repeats included)
+    uses: list[StorageRecord]  # the records they read or write, in order (repeats included)
     #: Records whose every handle a queued FREE drops before any queued command reads them. Their
     #: bytes will never be read again, so making room with them costs no copy. (Should the FREE
     #: never run, e.g. because a malformed command ends its batch first, nothing the client still
     #: names reads those bytes; a restore then gives zeros rather than a crash.)
-    dead: set["StorageRecord"]
+    dead: set[StorageRecord]
 
 
 class SpillExhausted(Exception):
@@ -184,8 +185,8 @@ class DeviceMemory:
         """Bring back, ahead of use, the spilled storages ``owner``'s queued commands will need.
 
         Called before each slice of ``owner``'s work, so on a GPU the copies run on a side stream
-        while the kernels already queued run (the first command that uses a prefetched storage waits for its copy
-        on the device, not on the host). A prefetch never adds spill traffic: it fills free room,
+        while the kernels already queued run (the first command that uses a prefetched storage
+        waits for its copy on the device, not on the host). A prefetch never adds spill traffic: it fills free room,
         and otherwise spills only storages no queued command needs that belong to a lower
         priority class or to a session with no queued work (what a restore on demand would spill
         first anyway). A busy session's storage beyond the lookahead is not "never needed", so
@@ -194,14 +195,15 @@ class DeviceMemory:
         """
         if self.budget is None or not owner.memory.spilled:
             return  # (the common case, checked first: the scan below reads the queue)
+        own = owner.lookahead(LOOKAHEAD_COMMANDS)
         wanted: dict[int, StorageRecord] = {}
-        for record in owner.lookahead(LOOKAHEAD_COMMANDS).uses:
+        for record in own.uses:
             if record.device_memory is self:
                 wanted.setdefault(id(record), record)
         spilled = [record for record in wanted.values() if not record.resident]  # nearest use first
         if not spilled:
             return
-        next_use, dead = self._scan_queues()
+        next_use, dead = self._scan_queues(known={id(owner): own})
         own_class = PRIORITIES.get(owner.priority, 1)
 
         def gives_way(victim: StorageRecord) -> bool:
@@ -214,10 +216,12 @@ class DeviceMemory:
             victim_class = PRIORITIES.get(victim.owner.priority, 1)
             return victim_class < own_class or (victim_class == own_class and not victim.owner.has_work())
 
-        victims = sorted(filter(gives_way, self.records), key=lambda victim: self._eviction_order(victim, next_use, dead))
+        victims = sorted(filter(gives_way, self.records),
+                         key=lambda victim: self._eviction_order(victim, next_use, dead))
         for record in spilled:
             excess = self.resident_bytes + record.nbytes - self.budget
-            while excess > 0 and victims and (victims[0] in dead or self.spilled_bytes + victims[0].nbytes <= self.host_limit):
+            while excess > 0 and victims and (
+                    victims[0] in dead or self.spilled_bytes + victims[0].nbytes <= self.host_limit):
                 victim = victims.pop(0)
                 self._discard(victim) if victim in dead else self._evict(victim)
                 excess -= victim.nbytes
@@ -288,8 +292,9 @@ class DeviceMemory:
             f"{_size(self.host_limit)}), {_size(short_by)} more could not be made room for"
         )
 
-    def _scan_queues(self) -> tuple[dict[int, int], set[StorageRecord]]:
-        """Read the queued commands (the next few of each session with storages here).
+    def _scan_queues(self, known: dict[int, Lookahead] | None = None) -> tuple[dict[int, int], set[StorageRecord]]:
+        """Read the queued commands (the next few of each session with storages here; ``known``:
+        lookaheads already read, by ``id`` of their session).
 
         Returns, for records those commands will touch, how soon: the position of their first
         mention among the records a session's commands name (an order within a session, not a
@@ -299,7 +304,7 @@ class DeviceMemory:
         next_use: dict[int, int] = {}
         dead: set[StorageRecord] = set()
         for owner in {id(r.owner): r.owner for r in self.records}.values():
-            lookahead = owner.lookahead(LOOKAHEAD_COMMANDS)
+            lookahead = (known or {}).get(id(owner)) or owner.lookahead(LOOKAHEAD_COMMANDS)
             for distance, record in enumerate(lookahead.uses):
                 next_use.setdefault(id(record), distance)
             dead |= lookahead.dead

@@ -212,14 +212,15 @@ class Session:
         freed_of: dict[StorageRecord, int] = {}  # distinct handles of a storage freed before its first use
         dead: set[StorageRecord] = set()
         for command in itertools.islice(self._upcoming_commands(), limit):
-            if isinstance(command, list) and len(command) == 2 and command[0] == Cmd.FREE and isinstance(command[1], list):
+            if (isinstance(command, list) and len(command) == 2 and command[0] == Cmd.FREE
+                    and isinstance(command[1], list)):
                 for handle in command[1]:
                     if not isinstance(handle, int) or handle in freed_handles:
                         continue
                     freed_handles.add(handle)
                     tensor = self.tensors.get(handle)
                     record = self.memory.record_of(tensor) if tensor is not None else None
-                    if record is None or record in used:
+                    if record is None:
                         continue
                     freed_of[record] = freed_of.get(record, 0) + 1
                     if freed_of[record] == self.memory.handle_count(tensor):
@@ -238,7 +239,7 @@ class Session:
                 if record is not None:
                     uses.append(record)
                     used.add(record)
-        return Lookahead(uses, dead - used)  # (a storage read after its free, through another handle, is not dead)
+        return Lookahead(uses, dead - used)  # read before its last handle goes, or after through another: alive
 
     def _upcoming_commands(self) -> Iterator[Any]:
         """The command running now, if one is, and the commands after it. (The running one
