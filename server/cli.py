@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="replay graph-mode graphs by the CUDA-graph rules on the CPU backend too (for testing libremote)",
     )
     parser.add_argument(
+        "--graph-compiler", choices=["none", "inductor"], default="none",
+        help="compile graph-mode graphs with TorchInductor in the background (fused kernels; default "
+        "none: interpret them). Compiled code checks indices with device-side asserts, which end the "
+        "CUDA context of every session on the GPU when they fire: use it for tenants you trust",
+    )
+    parser.add_argument(
         "--idle-timeout", type=float, default=None, metavar="SECONDS",
         help="reclaim sessions that sent no work for this long (default: never)",
     )
@@ -116,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             host_spill=args.host_spill,
             oversubscribe=args.oversubscribe,
             cuda_graphs=args.cuda_graphs,
+            graph_compiler=args.graph_compiler,
         )
         if args.tenants:
             pool_config.tenants, pool_config.admin_token = pool.load_tenants(args.tenants)

@@ -183,13 +183,11 @@ class _EmulatedGraph:
     the test suite hold the replay rules (copies in and back, outputs kept past the next call,
     aliases) to exact results on machines without a GPU."""
 
-    def __init__(self, graph: graphs.Graph, inputs: list[Any], outputs: list[Any], call: Callable[..., Any],
-                 device_of: Callable[[DeviceRef], Any]) -> None:
-        self._graph, self._inputs, self._outputs = graph, inputs, outputs
-        self._call, self._device_of = call, device_of
+    def __init__(self, execute: Callable[[list[Any]], list[Any]], inputs: list[Any], outputs: list[Any]) -> None:
+        self._execute, self._inputs, self._outputs = execute, inputs, outputs
 
     def replay(self) -> None:
-        fresh = graphs.run(self._graph, self._inputs, self._call, self._device_of)
+        fresh = self._execute(self._inputs)
         input_storages = {_key(t) for t in self._inputs}
         for static, value in zip(self._outputs, fresh):
             if isinstance(static, torch.Tensor) and _key(static) not in input_storages:
@@ -263,8 +261,8 @@ class _GraphState:
 class GraphCapture:
     """One session's CUDA graphs: captures, replays, and the references captures hold.
 
-    Two entry points: :meth:`run` for a compiled graph (the session passes the graph, its inputs,
-    how to interpret it and how to run one op, and gets the outputs, from a replay when it can),
+    Two entry points: :meth:`run` for a compiled graph (the session passes the graph, its inputs
+    and how to run it without a CUDA graph, and gets the outputs, from a replay when it can),
     and :meth:`replay_program` for a captured step."""
 
     def __init__(self, device: torch.device, generator: torch.Generator | None,
@@ -290,8 +288,9 @@ class GraphCapture:
         self.interpreted: collections.Counter[str] = collections.Counter()
 
     def run(self, graph_id: int, graph: graphs.Graph, inputs: list[Any],
-            interpret: Callable[[list[Any]], list[Any]], call: Callable[..., Any],
-            device_of: Callable[[DeviceRef], Any]) -> list[Any]:
+            interpret: Callable[[list[Any]], list[Any]]) -> list[Any]:
+        """``interpret`` runs the graph on given inputs without a CUDA graph (node by node, or
+        inductor's code for it): what a capture records, and what runs when a call cannot replay."""
         if self.capturing_program:
             return interpret(inputs)
         state = self._states.get(graph_id)
@@ -310,7 +309,7 @@ class GraphCapture:
                 state.disabled = reason
                 return self._interpret(graph_id, reason, interpret, inputs)
             try:
-                ran = self._capture(state, inputs, call, device_of)
+                ran = self._capture(state, inputs, interpret)
             except Exception as exc:  # the graph stays interpreted; the call itself must not fail
                 if not self.emulated:
                     self._after_failed_capture()
@@ -471,16 +470,16 @@ class GraphCapture:
                 return f"an input is on {value.device}, not {self.device}"
         return None
 
-    def _capture(self, state: _GraphState, inputs: list[torch.Tensor], call: Callable[..., Any],
-                 device_of: Callable[[DeviceRef], Any]) -> bool:
+    def _capture(self, state: _GraphState, inputs: list[torch.Tensor],
+                 interpret: Callable[[list[Any]], list[Any]]) -> bool:
         """Capture ``state.graph`` on ``inputs``; return whether the capture already ran it
         (the emulation does; a CUDA graph only records, and must be replayed)."""
         # Tensors of our own on the callers' storages: a client's handle to one stays a reference
         # of its own, which is how ``_plan`` sees that it is still held.
         inputs = [tensor.detach() for tensor in inputs]
         if self.emulated:
-            outputs = _plain_aliases(graphs.run(state.graph, inputs, call, device_of))
-            replayable: Any = _EmulatedGraph(state.graph, list(inputs), outputs, call, device_of)
+            outputs = _plain_aliases(interpret(inputs))
+            replayable: Any = _EmulatedGraph(interpret, list(inputs), outputs)
         else:
             replayable = torch.cuda.CUDAGraph()
             if self.generator is not None and any(n.entry is not None and n.entry.takes_generator
@@ -491,7 +490,7 @@ class GraphCapture:
             replayable.capture_begin(capture_error_mode="thread_local")
             self.capturing = True
             try:
-                outputs = graphs.run(state.graph, inputs, call, device_of)
+                outputs = interpret(inputs)
             except BaseException:
                 try:
                     replayable.capture_end()

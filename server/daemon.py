@@ -408,7 +408,8 @@ class Daemon:
             return False
         session = Session(uuid.uuid4().hex[:12], [s.device for s in slots], waiter.info, tenant=waiter.tenant,
                           priority=waiter.priority, identity=waiter.identity, slots=slots,
-                          device_memories=[s.memory for s in slots], cuda_graphs=self.pool.cuda_graphs)
+                          device_memories=[s.memory for s in slots], cuda_graphs=self.pool.cuda_graphs,
+                          graph_compiler=self.pool.graph_compiler)
         for placed in slots:
             placed.sessions.append(session)
         self.sessions[waiter.identity] = session

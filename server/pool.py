@@ -100,6 +100,8 @@ class PoolConfig:
     #: Replay graph-mode graphs as CUDA graphs on GPUs (server/cuda_graphs.py): "auto", "off",
     #: or "emulate" (the same rules on the CPU backend, for testing libremote itself).
     cuda_graphs: str = "auto"
+    #: Compile graph-mode graphs on the daemon (server/compiled_graphs.py): "none" or "inductor".
+    graph_compiler: str = "none"
 
     @property
     def manages_residency(self) -> bool:

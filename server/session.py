@@ -25,6 +25,7 @@ from libremote import protocol
 from libremote.protocol import Cmd, DeviceRef, ErrorKind, HandleRef, ProtocolError
 
 from . import devices, foreach_chunks, graphs, op_policy, programs, values
+from .compiled_graphs import GraphCompiler
 from .cuda_graphs import GraphCapture
 from .memory import MemoryAccount
 from .residency import DeviceMemory, Lookahead, SpillExhausted, StorageRecord
@@ -78,7 +79,7 @@ class Session:
     def __init__(self, session_id: str, devices_: list[torch.device], client_info: dict[str, Any],
                  *, tenant: Tenant | None = None, priority: str = "normal", identity: bytes = b"",
                  slots: list[Any] | None = None, device_memories: list[DeviceMemory | None] | None = None,
-                 cuda_graphs: str = "auto") -> None:
+                 cuda_graphs: str = "auto", graph_compiler: str = "none") -> None:
         self.id = session_id
         #: The devices this session was given; the client's cuda:i is devices[i].
         self.devices = list(devices_)
@@ -114,6 +115,10 @@ class Session:
         replays = cuda_graphs == "emulate" or (cuda_graphs == "auto" and self.stream is not None)
         self._cuda_graphs = (GraphCapture(self.devices[0], self.generators[0], lambda: self._session_rng(self.devices[0]))
                              if replays and not managed else None)
+        #: Graph-mode graphs compiled with inductor (``--graph-compiler``; not under residency
+        #: management either: compiled code reads its inputs where they lie).
+        self._compiler = (GraphCompiler(self.devices[0], self._resolve)
+                          if graph_compiler == "inductor" and not managed else None)
         self.pending_error: CommandError | None = None
         self._last_in_batch = False
         self._running: tuple[Any, int] = (None, -1)  # (batch, position) of the command running
@@ -574,11 +579,16 @@ class Session:
         def interpret(inputs: list[Any]) -> list[Any]:
             return graphs.run(graph, inputs, call, self._resolve)
 
+        execute, settled = interpret, True
+        if self._compiler is not None:
+            execute, settled = self._compiler.executor(graph_id, graph, inputs, interpret)
+            if execute is not interpret:
+                failing[0] = "inductor-compiled code"
         try:
-            if self._cuda_graphs is not None:
-                results = self._cuda_graphs.run(graph_id, graph, inputs, interpret, call, self._resolve)
+            if self._cuda_graphs is not None and settled:
+                results = self._cuda_graphs.run(graph_id, graph, inputs, execute)
             else:
-                results = interpret(inputs)
+                results = execute(inputs)
         except CommandError as exc:
             exc.op = f"{failing[0]} (in a compiled {graph.name})"
             raise
@@ -902,7 +912,11 @@ class Session:
                     "cuda_graph_captures": self._cuda_graphs.captures if self._cuda_graphs else 0,
                     "cuda_graph_replays": self._cuda_graphs.replays if self._cuda_graphs else 0,
                     "cuda_graph_interpreted": dict(self._cuda_graphs.interpreted) if self._cuda_graphs else {},
-                    "cuda_graphs_live": self._cuda_graphs.live if self._cuda_graphs else 0}
+                    "cuda_graphs_live": self._cuda_graphs.live if self._cuda_graphs else 0,
+                    "graphs_compiled": self._compiler.compiles if self._compiler else 0,
+                    "graph_compiles_pending": self._compiler.pending if self._compiler else 0,
+                    "compiled_graph_runs": self._compiler.compiled_runs if self._compiler else 0,
+                    "graphs_not_compiled": dict(self._compiler.interpreted) if self._compiler else {}}
         if what == "reset_peak_memory":
             self.memory.reset_peak()
             return None

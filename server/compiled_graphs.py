@@ -1,0 +1,234 @@
+"""Graph mode, compiled: the daemon turns a shipped graph into inductor kernels (opt-in).
+
+``libremote-server --graph-compiler inductor`` compiles each graph-mode graph (``torch.compile``
+on the client, server/graphs.py here) with TorchInductor, PyTorch's own compiler: elementwise
+chains fuse into one kernel each (Triton on a GPU, C++ on the CPU backend), so a step launches
+fewer kernels and reads memory fewer times than the same ops interpreted one by one.
+
+How a graph gets compiled:
+
+* :func:`to_fx` rebuilds the shipped graph as an ``fx.GraphModule`` of the very ops the
+  interpreter would call (the allowlist's :class:`op_policy.OpEntry`), and
+  ``torch._inductor.compile_fx.compile_fx`` compiles it for fake copies of the first call's
+  inputs. It re-traces the graph with AOT autograd, so inputs the graph writes (batch-norm
+  statistics, an optimizer's state) are written back, and outputs that are views of inputs stay
+  views of them.
+* Compiling takes seconds (minutes for a large model on a GPU), so it runs in a background
+  thread, one graph at a time for the whole daemon. Until it is done the graph is interpreted:
+  neither the calling session nor any other waits for it.
+* Compiled code is specialised to its inputs' shapes, strides, dtypes and sharing of storage. A
+  call whose inputs differ is interpreted (the client traces a new graph per new input
+  signature anyway, so this is rare).
+* On a GPU the compiled code is what a CUDA-graph capture (server/cuda_graphs.py) records, once
+  the compile is done; captures wait for it.
+
+Graphs that stay interpreted, with the reason counted in ``libremote.session_stats()``:
+
+* graphs with random ops: inductor draws from its own generator, so dropout masks would not be
+  the session's (results would no longer match an eager run from the same seed);
+* graphs with ops that return uninitialised memory (``empty``): the interpreter zero-fills those
+  results so that no tenant reads another's freed memory; compiled code would hand them out;
+* sessions under residency management (``--device-memory``/``--host-spill``): compiled code
+  reads its inputs where they lie, and the memory manager must be able to bring each back first;
+* calls whose inputs are not all tensors on the session's device;
+* graphs whose compile fails (the first line of the error is the reason, and the daemon logs it).
+
+Trust: compiled code checks index bounds with device-side asserts, which on a GPU end the CUDA
+context of every session on that device when they fire, where the interpreter's kernels raise an
+ordinary error. Turn the compiler on for tenants you trust not to send out-of-range indices
+(one team's pool, or one tenant per device).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import operator
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from libremote.protocol import DeviceRef, ValueRef
+
+from . import graphs
+
+log = logging.getLogger("libremote.server")
+
+COMPILERS = ("none", "inductor")
+
+#: One compile at a time for the whole daemon: a compile is CPU-heavy, and serving comes first.
+_compile_slot = threading.Semaphore(1)
+
+
+def refusal(graph: graphs.Graph) -> str | None:
+    """Why ``graph`` is never compiled, or None."""
+    for node in graph.nodes:
+        entry = node.entry
+        if entry is None:
+            continue
+        if entry.takes_generator or entry.seeded_without_generator:
+            return f"random op {entry.name} (compiled code would not draw from the session's generator)"
+        if entry.zero_fill_result:
+            return f"{entry.name} returns uninitialised memory"
+    return None
+
+
+def to_fx(graph: graphs.Graph, device_of: Callable[[DeviceRef], Any]) -> fx.GraphModule:
+    """``graph`` as an fx graph of the same calls the interpreter makes: each node's op, or its
+    translation on devices without a kernel for it."""
+    fx_graph = fx.Graph()
+    values: list[Any] = [fx_graph.placeholder(f"input_{i}") for i in range(graph.input_count)]
+
+    def bind(value: Any) -> Any:
+        if isinstance(value, ValueRef):
+            return values[value.index]
+        if isinstance(value, list):
+            return [bind(item) for item in value]
+        if isinstance(value, DeviceRef):
+            return device_of(value)
+        return value
+
+    for node in graph.nodes:
+        args = [bind(arg) for arg in node.args]
+        if node.entry is None:  # getitem
+            values.append(fx_graph.call_function(operator.getitem, tuple(args)))
+        else:
+            kwargs = {key: bind(value) for key, value in node.kwargs.items()}
+            values.append(fx_graph.call_function(_target(node.entry), tuple(args), kwargs))
+    fx_graph.output([bind(output) for output in graph.outputs])
+    return fx.GraphModule(torch.nn.Module(), fx_graph)
+
+
+def _target(entry: Any) -> Callable[..., Any]:
+    """What an fx node calls for ``entry``: its translation if it has one, else the overload
+    (``entry.call`` is then the overload's bare C++ callable, which fx cannot name)."""
+    return entry.overload if entry.call is entry.overload._op else entry.call
+
+
+def signature(inputs: list[Any]) -> tuple[Any, ...] | None:
+    """What compiled code is specialised to: each input's metadata and which inputs share a
+    storage. None when an input is not a tensor."""
+    key: list[Any] = []
+    first_of_storage: dict[int, int] = {}
+    for position, value in enumerate(inputs):
+        if not isinstance(value, torch.Tensor):
+            return None
+        storage = value.untyped_storage()._cdata
+        key.append((value.dtype, value.device, value.shape, value.stride(), value.storage_offset(),
+                    first_of_storage.setdefault(storage, position)))
+    return tuple(key)
+
+
+@dataclass
+class _Compile:
+    """One graph's compile: pending until ``compiled`` or ``failed`` is set by its thread."""
+
+    signature: tuple[Any, ...]
+    compiled: Callable[..., Any] | None = None
+    failed: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class GraphCompiler:
+    """One session's compiled graphs (``--graph-compiler inductor``)."""
+
+    def __init__(self, device: torch.device, device_of: Callable[[DeviceRef], Any]) -> None:
+        self.device = device
+        self.device_of = device_of
+        self._compiles: dict[int, tuple[graphs.Graph, _Compile]] = {}
+        self.compiled_runs = 0
+        #: Why calls were interpreted instead of running compiled code, with counts.
+        self.interpreted: collections.Counter[str] = collections.Counter()
+
+    @property
+    def compiles(self) -> int:
+        return sum(1 for _, c in self._compiles.values() if c.compiled is not None)
+
+    @property
+    def pending(self) -> int:
+        return sum(1 for _, c in self._compiles.values() if not c.done.is_set())
+
+    def executor(self, graph_id: int, graph: graphs.Graph, inputs: list[Any],
+                 interpret: Callable[[list[Any]], list[Any]]) -> tuple[Callable[[list[Any]], list[Any]], bool]:
+        """How to run this call: the compiled code, or ``interpret``; and whether that choice is
+        settled (False while a compile is pending: a CUDA-graph capture should wait)."""
+        known = self._compiles.get(graph_id)
+        if known is None or known[0] is not graph:  # new, or redefined under the same id
+            reason = refusal(graph) or self._input_refusal(inputs)
+            if reason is None:
+                known = self._compiles[graph_id] = (graph, self._start(graph, inputs))
+            else:
+                known = self._compiles[graph_id] = (graph, _Compile((), failed=reason))
+                known[1].done.set()
+        work = known[1]
+        if not work.done.is_set():
+            self.interpreted["compiling"] += 1
+            return interpret, False
+        if work.compiled is None:
+            self.interpreted[work.failed or "not compiled"] += 1
+            return interpret, True
+        if signature(inputs) != work.signature:
+            self.interpreted["inputs differ from the compiled call's"] += 1
+            return interpret, True
+        compiled = work.compiled
+
+        def run_compiled(call_inputs: list[Any]) -> list[Any]:
+            with torch.no_grad():
+                outputs = compiled(*call_inputs)
+            self.compiled_runs += 1
+            return list(outputs)
+
+        return run_compiled, True
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Block until no compile of this session is pending (tests, benchmarks)."""
+        return all(work.done.wait(timeout_s) for _, work in list(self._compiles.values()))
+
+    def _input_refusal(self, inputs: list[Any]) -> str | None:
+        for value in inputs:
+            if not isinstance(value, torch.Tensor):
+                return "an input is not a tensor"
+            if value.device != self.device:
+                return f"an input is on {value.device}, not {self.device}"
+        return None
+
+    def _start(self, graph: graphs.Graph, inputs: list[torch.Tensor]) -> _Compile:
+        """Compile ``graph`` for inputs like ``inputs`` in a background thread."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        key = signature(inputs)
+        assert key is not None  # _input_refusal: all tensors
+        work = _Compile(key)
+        # Fake copies made here, on the serving thread: the compile never touches live tensors,
+        # which the session goes on using (and freeing) meanwhile. One mode for all of them keeps
+        # inputs that share a storage sharing one.
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
+        fakes = [fake_mode.from_tensor(tensor.detach()) for tensor in inputs]
+        module = to_fx(graph, self.device_of)
+        name = graph.name
+        threading.Thread(target=_compile, args=(work, module, fakes, name), daemon=True,
+                         name="libremote-graph-compile").start()
+        return work
+
+
+def _compile(work: _Compile, module: fx.GraphModule, fakes: list[torch.Tensor], name: str) -> None:
+    """The compile thread's body: inductor's ``compile_fx``; a failure leaves the graph interpreted."""
+    from torch._inductor.compile_fx import compile_fx
+
+    with _compile_slot:
+        try:
+            with torch.no_grad():
+                work.compiled = compile_fx(module, fakes)
+            log.info("compiled a %s with inductor", name)
+        except Exception as exc:
+            first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            work.failed = f"compile failed: {first_line}"
+            log.warning("a %s stays interpreted: %s", name, work.failed)
+        finally:
+            work.done.set()
+
+
+__all__ = ["COMPILERS", "GraphCompiler", "refusal", "signature", "to_fx"]

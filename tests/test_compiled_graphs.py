@@ -1,0 +1,168 @@
+"""Graph mode compiled on the daemon with inductor (``--graph-compiler inductor``,
+server/compiled_graphs.py): parity with local eager torch, graphs that must stay interpreted,
+and the guard that keeps compiled code to the inputs it was compiled for.
+
+Compiling runs in the daemon's background; these tests wait for it through
+``session_stats()["graph_compiles_pending"]`` (a bound on "it did not hang", not a speed check).
+On the CPU backend inductor writes C++ and builds it with the machine's compiler.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import Daemon
+from libremote import protocol
+from libremote.protocol import Cmd
+from test_faults import RawClient
+from test_graph_mode import _train, _workload
+
+#: Upper bound for the daemon's compiles to finish on a slow 2-core CI machine.
+COMPILE_TIMEOUT_S = 300.0
+
+
+@pytest.fixture(scope="module")
+def compiling_daemon():
+    server = Daemon("--graph-compiler", "inductor")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def compiling(compiling_daemon):
+    import libremote
+
+    libremote.connect(compiling_daemon.address)
+    yield libremote
+    libremote.disconnect()
+
+
+def _wait_for_compiles(stats) -> dict:
+    deadline = time.monotonic() + COMPILE_TIMEOUT_S
+    while (current := stats())["graph_compiles_pending"]:
+        assert time.monotonic() < deadline, f"compiles still pending after {COMPILE_TIMEOUT_S} s: {current}"
+        time.sleep(0.1)
+    return current
+
+
+def test_compiled_training_matches_local_eager(compiling):
+    """Forward and backward compiled by inductor, BatchNorm's running statistics written back
+    by the compiled code: losses, parameters and buffers as local eager torch has them."""
+    model, data, target, loss_fn = _workload("mlp_batchnorm")
+    local = copy.deepcopy(model)
+    # SGD, not Adam: the bias of a Linear before a BatchNorm has an exactly-zero true gradient,
+    # whose rounding noise (fused kernels round differently) Adam would scale up to +-lr a step.
+    local_losses, _ = _train(local, data, target, loss_fn, 6, adam=False)
+
+    compiled = torch.compile(model.cuda())
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    data, target = data.cuda(), target.cuda()
+    losses = []
+    for step in range(6):
+        loss = loss_fn(compiled(data), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if step == 0:  # the first call starts both compiles and is interpreted meanwhile
+            _wait_for_compiles(compiling.session_stats)
+    stats = compiling.session_stats()
+    assert stats["graphs_compiled"] == 2, stats  # forward and backward
+    assert stats["compiled_graph_runs"] == 10, stats  # steps 2-6, forward and backward
+    torch.testing.assert_close(losses, local_losses, rtol=1e-5, atol=1e-6)
+    for (name, expected), actual in zip(local.state_dict().items(), model.state_dict().values()):
+        torch.testing.assert_close(actual.cpu(), expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_graph_with_random_ops_stays_interpreted(compiling):
+    """Dropout draws from the session's generator only when interpreted: that graph is not
+    compiled (the reason shows in the stats), and the seeded run gives the interpreter's numbers."""
+    def run() -> list[float]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 4)).cuda()
+        compiled = torch.compile(model)
+        torch.cuda.manual_seed(1234)
+        data = torch.randn(8, 16, generator=torch.Generator().manual_seed(1)).cuda()
+        return [compiled(data).sum().item() for _ in range(3)]
+
+    with_compiler = run()
+    stats = _wait_for_compiles(compiling.session_stats)
+    reasons = stats["graphs_not_compiled"]
+    assert any(why.startswith("random op aten::native_dropout") for why in reasons), stats
+    assert stats["compiled_graph_runs"] == 0, stats
+    compiling.disconnect()
+    plain = Daemon()
+    try:
+        compiling.connect(plain.address)
+        interpreted = run()
+        compiling.disconnect()
+    finally:
+        plain.stop()
+    assert with_compiler == interpreted
+
+
+def _value(index: int):
+    return protocol.value_ext(index)
+
+
+def test_compiled_code_runs_only_on_inputs_like_the_ones_it_was_compiled_for(compiling_daemon):
+    """Raw protocol: a graph that writes its input and returns it (an alias) and a product.
+    Compiled, it writes the caller's tensor and hands out a view of it; a call with a differently
+    shaped input runs interpreted, and is exact too."""
+    # x.add_(b) -> value 2 (x itself), value 2 * 2 -> value 3
+    nodes = [["aten::add_.Tensor", [_value(0), _value(1)], {}], ["aten::mul.Tensor", [_value(2), 2.0], {}]]
+    with RawClient(compiling_daemon.address) as raw:
+        raw.hello()
+
+        def stats() -> dict:
+            results, error, _ = raw.call([[Cmd.QUERY, "stats"]])
+            assert error is None, error
+            return results[0]
+
+        raw.put(1, b := torch.tensor(0.25))
+        _, error, _ = raw.call([[Cmd.GRAPH, 7, 2, nodes, [_value(2), _value(3)]]])
+        assert error is None, error
+        for call, size in enumerate([64, 64, 64, 32]):
+            x = torch.randn(size)
+            raw.put(100 + call, x)
+            _, error, _ = raw.call([[Cmd.RUN_GRAPH, 7, [protocol.handle_ext(100 + call), protocol.handle_ext(1)],
+                                     [200 + call, 300 + call]]])
+            assert error is None, error
+            if call == 0:
+                _wait_for_compiles(stats)
+            torch.testing.assert_close(raw.fetch(100 + call), x + b, rtol=0, atol=0)
+            torch.testing.assert_close(raw.fetch(300 + call), (x + b) * 2, rtol=0, atol=0)
+            # The first output is the input: writing it shows in the caller's tensor.
+            _, error, _ = raw.call([[Cmd.OP, [1, "aten::mul_.Scalar"], [protocol.handle_ext(200 + call), 3.0], {},
+                                     None]])
+            assert error is None, error
+            torch.testing.assert_close(raw.fetch(100 + call), (x + b) * 3, rtol=0, atol=0)
+        final = stats()
+        assert final["compiled_graph_runs"] == 2, final  # calls 2 and 3
+        assert final["graphs_not_compiled"] == {"compiling": 1, "inputs differ from the compiled call's": 1}, final
+
+
+def test_sessions_under_residency_management_are_not_compiled():
+    """Compiled code reads inputs where they lie; the memory manager must be able to restore each
+    first, so a daemon that spills interprets its graphs (and says so: nothing compiled)."""
+    import libremote
+
+    server = Daemon("--graph-compiler", "inductor", "--device-memory", "64MiB", "--host-spill", "64MiB")
+    try:
+        libremote.connect(server.address)
+        local = nn.Linear(8, 8)
+        compiled = torch.compile(copy.deepcopy(local).cuda())
+        x = torch.randn(4, 8)
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x.cuda()).cpu(), local(x).detach(), rtol=1e-6, atol=1e-6)
+        stats = libremote.session_stats()
+        assert stats["graphs_compiled"] == 0 and stats["graph_compiles_pending"] == 0, stats
+        assert stats["graphs_not_compiled"] == {}, stats
+    finally:
+        libremote.disconnect()
+        server.stop()
