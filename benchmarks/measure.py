@@ -25,6 +25,8 @@ def _time_steps(step, steps: int, warmup: int, profile: dict | None = None) -> f
     for _ in range(warmup):
         loss = step()
     float(loss)
+    if profile is not None and _wait_for_daemon_compiles():
+        float(step())  # the first run of the compiled code
     before = _daemon_host_s() if profile is not None else 0.0
     start = time.perf_counter()
     for _ in range(steps):
@@ -37,6 +39,18 @@ def _time_steps(step, steps: int, warmup: int, profile: dict | None = None) -> f
         profile["daemon_host_ms"] = (_daemon_host_s() - before) / steps * 1e3
         profile["wall_ms"] = elapsed / steps * 1e3
     return steps / elapsed
+
+
+def _wait_for_daemon_compiles() -> bool:
+    """Wait until a daemon run with ``--graph-compiler inductor`` has compiled the graphs sent so
+    far (it interprets them meanwhile); True if any compile was pending."""
+    import libremote
+
+    waited = False
+    while libremote.session_stats().get("graph_compiles_pending", 0):
+        waited = True
+        time.sleep(0.2)
+    return waited
 
 
 def _daemon_host_s() -> float:
@@ -69,6 +83,9 @@ def local(args: argparse.Namespace) -> dict:
     results["chain_ops_per_s"] = 2 * args.chain / best
     for kind in _kinds(args):
         results[f"{kind}_steps_per_s"] = _time_steps(make_step(kind, device, args.size), args.steps, 2)
+        if args.inductor:
+            results[f"{kind}_inductor_steps_per_s"] = _time_steps(make_step(kind, device, args.size, compiled=True),
+                                                                  args.steps, 2)
     return results
 
 
@@ -125,6 +142,7 @@ def remote(args: argparse.Namespace) -> dict:
         stats = libremote.session_stats()
         results[f"{kind}_cuda_graph_replays"] = stats.get("cuda_graph_replays", 0)
         results[f"{kind}_cuda_graph_interpreted"] = stats.get("cuda_graph_interpreted", {})
+        results[f"{kind}_graphs_compiled"] = stats.get("graphs_compiled", 0)
     libremote.disconnect()
     return results
 
@@ -139,6 +157,7 @@ def main() -> None:
     parser.add_argument("--kinds", help="comma-separated training workloads (default: all of --size)")
     parser.add_argument("--chain", type=int, default=5000)
     parser.add_argument("--transfer-mib", type=int, default=64)
+    parser.add_argument("--inductor", action="store_true", help="local: also time torch.compile (inductor)")
     args = parser.parse_args()
     results = local(args) if args.mode == "local" else remote(args)
     json.dump(results, sys.stdout)

@@ -2,6 +2,7 @@
 
     python benchmarks/run.py                  # daemon on the CPU backend, CI-sized workloads
     python benchmarks/run.py --device cuda --size full    # on a GPU server, realistic sizes
+    python benchmarks/run.py --graph-compiler inductor    # graph mode compiled on the daemon
 
 References: a raw pyzmq DEALER/ROUTER round trip and transfer between two processes (transport),
 and local torch on the daemon's device in a process without libremote (compute). See
@@ -75,7 +76,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--kinds", help="comma-separated training workloads (default: all of --size)")
     parser.add_argument("--json", action="store_true", help="print the raw figures as JSON too")
+    parser.add_argument("--graph-compiler", choices=["none", "inductor"], default="none",
+                        help="the daemon's --graph-compiler; with inductor, local torch.compile is a reference too")
     args = parser.parse_args()
+    inductor = args.graph_compiler == "inductor"
     common = ["--size", args.size, "--steps", str(args.steps), *(["--kinds", args.kinds] if args.kinds else [])]
 
     peer = RawPeer(_free_address())
@@ -84,10 +88,10 @@ def main() -> None:
     peer.close()
 
     local_device = "cuda" if args.device.startswith("cuda") else args.device
-    local = _measure("local", ["--device", local_device, *common])
+    local = _measure("local", ["--device", local_device, *common, *(["--inductor"] if inductor else [])])
     address = _free_address()
     # No session quota: this measures speed, and GPT-2 at 8 x 512 needs more than the default 8 GiB.
-    daemon = _start_daemon(address, args.device, ["--memory-quota", "1TiB"])
+    daemon = _start_daemon(address, args.device, ["--memory-quota", "1TiB", "--graph-compiler", args.graph_compiler])
     try:
         remote = _measure("remote", ["--server", address, *common])
     finally:
@@ -104,8 +108,11 @@ def main() -> None:
     ]
     for kind in args.kinds.split(",") if args.kinds else training_kinds(args.size):
         rows.append((f"{kind} training steps/s", remote[f"{kind}_steps_per_s"], local[f"{kind}_steps_per_s"], "local eager", ""))
-        rows.append((f"{kind} training, graph mode", remote[f"{kind}_graph_steps_per_s"], local[f"{kind}_steps_per_s"],
-                     "local eager", ""))
+        graph_mode = f"{kind} training, graph mode{' (inductor)' if inductor else ''}"
+        rows.append((graph_mode, remote[f"{kind}_graph_steps_per_s"], local[f"{kind}_steps_per_s"], "local eager", ""))
+        if inductor:
+            rows.append((graph_mode, remote[f"{kind}_graph_steps_per_s"], local[f"{kind}_inductor_steps_per_s"],
+                         "local torch.compile", ""))
         rows.append((f"{kind} training, captured step", remote[f"{kind}_captured_steps_per_s"],
                      local[f"{kind}_steps_per_s"], "local eager", ""))
 

@@ -42,6 +42,14 @@ def _ask(address: str, message: list[Any], timeout_s: float) -> list[Any]:
         context.term()
 
 
+def query_status(address: str, timeout_s: float = 10.0) -> dict[str, Any]:
+    """The daemon's status report (what ``libremote status --json`` prints), as a dict."""
+    reply = _ask(address, [Msg.STATUS], timeout_s)
+    if reply[0] != Msg.STATUS:
+        raise SystemExit(f"libremote: unexpected answer {reply!r:.200}")
+    return reply[1]
+
+
 def _size(nbytes: float) -> str:
     for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if nbytes >= scale:
@@ -115,10 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.server:
         parser.error("no daemon address: give --server tcp://host:port or set LIBREMOTE_SERVER")
     if args.command == "status":
-        reply = _ask(args.server, [Msg.STATUS], args.timeout)
-        if reply[0] != Msg.STATUS:
-            raise SystemExit(f"libremote: unexpected answer {reply!r:.200}")
-        print(json.dumps(reply[1], indent=2) if args.json else format_status(reply[1]))
+        report = query_status(args.server, args.timeout)
+        print(json.dumps(report, indent=2) if args.json else format_status(report))
         return 0
     request = {"token": args.token, "session": args.session, "tenant": args.tenant,
                "memory_quota": args.memory_quota, "weight": args.weight, "priority": args.priority}

@@ -622,7 +622,10 @@ class Session:
         protocol.check(len(command) == 2, "REPLAY takes [REPLAY, id]")
         program = self._programs.get(command[1]) if isinstance(command[1], int) else None
         protocol.check(program is not None, lambda: f"captured step {command[1]!r:.20} was never defined in this session")
-        if self._cuda_graphs is not None:
+        # A step is captured once the session's compiles are done, so that the capture records
+        # the compiled code, not the interpreter's, for the rest of its life.
+        compiling = self._compiler is not None and self._compiler.pending > 0
+        if self._cuda_graphs is not None and not compiling:
             self._cuda_graphs.replay_program(command[1], program, lambda: self._run_program(program, frames), self)
         else:
             self._run_program(program, frames)

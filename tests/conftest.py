@@ -6,13 +6,14 @@ exactly as a user would start it; tests compare remote results with plain local 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -91,3 +92,21 @@ def remote(daemon: Daemon):
     libremote.connect(daemon.address)
     yield libremote
     libremote.disconnect()
+
+
+@contextlib.contextmanager
+def client_connected_to(address: str) -> Iterator[Any]:
+    """This process's libremote client connected to ``address`` for the block, then back to the
+    daemon it was connected to before. The ``remote`` fixture's session is shared by every test
+    of the run, so a test that talks to a daemon of its own in-process must hand it back."""
+    import libremote
+    from libremote.client import runtime
+
+    previous = runtime.configured_address() if runtime.current_if_open() is not None else None
+    libremote.connect(address)
+    try:
+        yield libremote
+    finally:
+        libremote.disconnect()
+        if previous is not None:
+            libremote.connect(previous)

@@ -44,15 +44,17 @@ def cli(*args: str, timeout: float = 60.0, **env: str) -> subprocess.CompletedPr
 
 
 def status(address: str) -> dict[str, Any]:
-    """``libremote status --server ADDRESS --json``, parsed."""
-    result = cli("status", "--server", address, "--json")
-    assert result.returncode == 0, f"libremote status failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
-    return json.loads(result.stdout)
+    """The report ``libremote status --server ADDRESS --json`` prints, asked for in this process
+    (the same request; a fresh interpreter per poll would cost seconds of importing torch). The
+    command itself is tested through :func:`cli`."""
+    from libremote.cli import query_status
+
+    return query_status(address)
 
 
 def wait_status(address: str, predicate: Callable[[dict[str, Any]], bool], what: str,
                 timeout: float = 60.0, clients: list[subprocess.Popen] = ()) -> dict[str, Any]:
-    """Poll ``libremote status --json`` until ``predicate(report)`` holds (fail after ``timeout``)."""
+    """Poll the status report until ``predicate(report)`` holds (fail after ``timeout``)."""
     deadline = time.monotonic() + timeout
     report: dict[str, Any] = {}
     while time.monotonic() < deadline:

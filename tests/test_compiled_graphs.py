@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import Daemon
+from conftest import Daemon, client_connected_to
 from libremote import protocol
 from libremote.protocol import Cmd
 from test_faults import RawClient
@@ -35,11 +35,8 @@ def compiling_daemon():
 
 @pytest.fixture
 def compiling(compiling_daemon):
-    import libremote
-
-    libremote.connect(compiling_daemon.address)
-    yield libremote
-    libremote.disconnect()
+    with client_connected_to(compiling_daemon.address) as libremote:
+        yield libremote
 
 
 def _wait_for_compiles(stats) -> dict:
@@ -95,12 +92,10 @@ def test_a_graph_with_random_ops_stays_interpreted(compiling):
     reasons = stats["graphs_not_compiled"]
     assert any(why.startswith("random op aten::native_dropout") for why in reasons), stats
     assert stats["compiled_graph_runs"] == 0, stats
-    compiling.disconnect()
     plain = Daemon()
     try:
-        compiling.connect(plain.address)
-        interpreted = run()
-        compiling.disconnect()
+        with client_connected_to(plain.address):
+            interpreted = run()
     finally:
         plain.stop()
     assert with_compiler == interpreted
@@ -150,19 +145,59 @@ def test_compiled_code_runs_only_on_inputs_like_the_ones_it_was_compiled_for(com
 def test_sessions_under_residency_management_are_not_compiled():
     """Compiled code reads inputs where they lie; the memory manager must be able to restore each
     first, so a daemon that spills interprets its graphs (and says so: nothing compiled)."""
-    import libremote
-
     server = Daemon("--graph-compiler", "inductor", "--device-memory", "64MiB", "--host-spill", "64MiB")
     try:
-        libremote.connect(server.address)
-        local = nn.Linear(8, 8)
-        compiled = torch.compile(copy.deepcopy(local).cuda())
-        x = torch.randn(4, 8)
-        for _ in range(3):
-            torch.testing.assert_close(compiled(x.cuda()).cpu(), local(x).detach(), rtol=1e-6, atol=1e-6)
-        stats = libremote.session_stats()
+        with client_connected_to(server.address) as libremote:
+            local = nn.Linear(8, 8)
+            compiled = torch.compile(copy.deepcopy(local).cuda())
+            x = torch.randn(4, 8)
+            for _ in range(3):
+                torch.testing.assert_close(compiled(x.cuda()).cpu(), local(x).detach(), rtol=1e-6, atol=1e-6)
+            stats = libremote.session_stats()
         assert stats["graphs_compiled"] == 0 and stats["graph_compiles_pending"] == 0, stats
         assert stats["graphs_not_compiled"] == {}, stats
     finally:
-        libremote.disconnect()
+        server.stop()
+
+
+def test_a_captured_step_records_the_compiled_code():
+    """``capture_step`` on a daemon that compiles and replays by the CUDA-graph rules (emulated
+    on the CPU backend): the step is captured once the compiles are done, its graph runs are the
+    compiled code, and training matches local eager torch."""
+    server = Daemon("--graph-compiler", "inductor", "--emulate-cuda-graphs")
+    try:
+        with client_connected_to(server.address) as libremote:
+            model, data, target, loss_fn = _workload("mlp_batchnorm")
+            local = copy.deepcopy(model)
+            local_losses, _ = _train(local, data, target, loss_fn, 8, adam=False)
+
+            compiled = torch.compile(model.cuda())
+            optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+
+            def train_step(x, y):
+                loss = loss_fn(compiled(x), y)
+                optimizer.zero_grad(set_to_none=False)
+                loss.backward()
+                optimizer.step()
+                return loss
+
+            # Two real steps here: the warm-up (SGD makes its momentum buffers) and the recording.
+            step = libremote.capture_step(train_step, data.cuda(), target.cuda())
+            losses = []
+            for index in range(6):
+                losses.append(step(data.cuda(), target.cuda()).item())
+                if index == 0:
+                    _wait_for_compiles(libremote.session_stats)
+            stats = libremote.session_stats()
+            state = {name: value.cpu() for name, value in model.state_dict().items()}
+        summary = {key: stats[key] for key in ("graphs_compiled", "compiled_graph_runs", "cuda_graph_captures",
+                                                "cuda_graph_replays", "cuda_graph_interpreted", "graphs_not_compiled")}
+        assert stats["graphs_compiled"] >= 2, summary
+        assert stats["cuda_graph_captures"] >= 1 and stats["cuda_graph_replays"] >= 3, summary
+        # Every replay after the compiles ran the forward and backward as compiled code.
+        assert stats["compiled_graph_runs"] >= 2 * 5, summary
+        torch.testing.assert_close(losses, local_losses[2:], rtol=1e-5, atol=1e-6)
+        for (name, expected), actual in zip(local.state_dict().items(), state.values()):
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=name)
+    finally:
         server.stop()

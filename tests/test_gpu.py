@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import Daemon, subprocess_env
+from conftest import Daemon, client_connected_to, subprocess_env
 
 
 def _cuda_on_this_machine() -> bool:
@@ -31,13 +31,12 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def gpu_remote():
-    import libremote
-
     server = Daemon(device="cuda")
-    libremote.connect(server.address)
-    yield libremote
-    libremote.disconnect()
-    server.stop()
+    try:
+        with client_connected_to(server.address) as libremote:
+            yield libremote
+    finally:
+        server.stop()
 
 
 def test_device_facts_are_the_gpus(gpu_remote):

@@ -884,7 +884,9 @@ def test_status_reports_devices_sessions_and_memory(tmp_path):
         try:
             wait_for_file(tmp_path / "one.in", client, timeout=CLIENT_TIMEOUT_S)
             seen = json.loads((tmp_path / "one.in").read_text())
-            first = status(server.address)
+            command = cli("status", "--server", server.address, "--json")  # the command, not helpers.status
+            assert command.returncode == 0, command.stderr
+            first = json.loads(command.stdout)
             assert set(first) >= {"daemon", "devices", "sessions", "waiting"}, first
             assert first["daemon"]["pid"] == server.process.pid
             assert first["daemon"]["address"] == server.address
