@@ -61,6 +61,11 @@ from . import graphs
 log = logging.getLogger("libremote.server")
 
 COMPILERS = ("none", "inductor")
+#: Bounds on what one session may have compiled, so that no client holds the daemon's one compile
+#: slot for long or fills its memory with code: nodes per compiled graph (a GPT-2-small training
+#: step's backward has ~1,500), and compiled graphs per session.
+MAX_COMPILED_NODES = 20_000
+MAX_COMPILED_GRAPHS = 64
 
 #: One compile at a time for the whole daemon: a compile is CPU-heavy, and serving comes first.
 _compile_slot = threading.Semaphore(1)
@@ -68,6 +73,8 @@ _compile_slot = threading.Semaphore(1)
 
 def refusal(graph: graphs.Graph) -> str | None:
     """Why ``graph`` is never compiled, or None."""
+    if len(graph.nodes) > MAX_COMPILED_NODES:
+        return f"more than {MAX_COMPILED_NODES} ops"
     for node in graph.nodes:
         entry = node.entry
         if entry is None:
@@ -161,6 +168,8 @@ class GraphCompiler:
         known = self._compiles.get(graph_id)
         if known is None or known[0] is not graph:  # new, or redefined under the same id
             reason = refusal(graph) or self._input_refusal(inputs)
+            if reason is None and self.compiles + self.pending >= MAX_COMPILED_GRAPHS:
+                reason = f"this session has {MAX_COMPILED_GRAPHS} compiled graphs already"
             if reason is None:
                 known = self._compiles[graph_id] = (graph, self._start(graph, inputs))
             else:
@@ -227,8 +236,8 @@ def _compile(work: _Compile, module: fx.GraphModule, fakes: list[torch.Tensor], 
                 work.compiled = compile_fx(module, fakes)
             log.info("compiled a %s with inductor", name)
         except Exception as exc:
-            first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            work.failed = f"compile failed: {first_line}"
+            first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            work.failed = f"compile failed: {type(exc).__name__}: {first_line}"
             log.warning("a %s stays interpreted: %s", name, work.failed)
         finally:
             work.done.set()
