@@ -119,8 +119,8 @@ def _target(entry: Any) -> Callable[..., Any]:
 
 
 def signature(inputs: list[Any]) -> tuple[Any, ...] | None:
-    """What compiled code is specialised to: each input's metadata and which inputs share a
-    storage. None when an input is not a tensor."""
+    """What compiled code is specialised to: each input's metadata (lazy conjugate and negation
+    bits included) and which inputs share a storage. None when an input is not a tensor."""
     key: list[Any] = []
     first_of_storage: dict[int, int] = {}
     for position, value in enumerate(inputs):
@@ -128,7 +128,7 @@ def signature(inputs: list[Any]) -> tuple[Any, ...] | None:
             return None
         storage = value.untyped_storage()._cdata
         key.append((value.dtype, value.device, value.shape, value.stride(), value.storage_offset(),
-                    first_of_storage.setdefault(storage, position)))
+                    value.is_conj(), value.is_neg(), first_of_storage.setdefault(storage, position)))
     return tuple(key)
 
 
@@ -167,7 +167,7 @@ class GraphCompiler:
         settled (False while a compile is pending: a CUDA-graph capture should wait)."""
         known = self._compiles.get(graph_id)
         if known is None or known[0] is not graph:  # new, or redefined under the same id
-            reason = refusal(graph) or self._input_refusal(inputs)
+            reason = refusal(graph) or graphs.input_refusal(inputs, self.device)
             if reason is None and self.compiles + self.pending >= MAX_COMPILED_GRAPHS:
                 reason = f"this session has {MAX_COMPILED_GRAPHS} compiled graphs already"
             if reason is None:
@@ -195,24 +195,12 @@ class GraphCompiler:
 
         return run_compiled, True
 
-    def wait(self, timeout_s: float | None = None) -> bool:
-        """Block until no compile of this session is pending (tests, benchmarks)."""
-        return all(work.done.wait(timeout_s) for _, work in list(self._compiles.values()))
-
-    def _input_refusal(self, inputs: list[Any]) -> str | None:
-        for value in inputs:
-            if not isinstance(value, torch.Tensor):
-                return "an input is not a tensor"
-            if value.device != self.device:
-                return f"an input is on {value.device}, not {self.device}"
-        return None
-
     def _start(self, graph: graphs.Graph, inputs: list[torch.Tensor]) -> _Compile:
         """Compile ``graph`` for inputs like ``inputs`` in a background thread."""
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         key = signature(inputs)
-        assert key is not None  # _input_refusal: all tensors
+        assert key is not None  # input_refusal: all tensors
         work = _Compile(key)
         # Fake copies made here, on the serving thread: the compile never touches live tensors,
         # which the session goes on using (and freeing) meanwhile. One mode for all of them keeps

@@ -304,7 +304,7 @@ class GraphCapture:
             state.runs += 1
             if state.runs <= WARMUP_RUNS:
                 return self._interpret(graph_id, "warming up", interpret, inputs)
-            reason = self._input_refusal(inputs)
+            reason = graphs.input_refusal(inputs, self.device)
             if reason:
                 state.disabled = reason
                 return self._interpret(graph_id, reason, interpret, inputs)
@@ -462,14 +462,6 @@ class GraphCapture:
         except Exception as exc:  # not seen; say so rather than fail the command that got here
             log.error("could not reset generators after a failed CUDA graph capture: %s", exc)
 
-    def _input_refusal(self, inputs: list[Any]) -> str | None:
-        for value in inputs:
-            if not isinstance(value, torch.Tensor):
-                return "an input is not a tensor"
-            if value.device != self.device:
-                return f"an input is on {value.device}, not {self.device}"
-        return None
-
     def _capture(self, state: _GraphState, inputs: list[torch.Tensor],
                  interpret: Callable[[list[Any]], list[Any]]) -> bool:
         """Capture ``state.graph`` on ``inputs``; return whether the capture already ran it
@@ -523,7 +515,7 @@ class GraphCapture:
 
     def _plan(self, state: _GraphState, captured: _Captured, inputs: list[Any]) -> list[int] | str:
         """The inputs to copy in before replaying, or why this call must be interpreted."""
-        refused = self._input_refusal(inputs)
+        refused = graphs.input_refusal(inputs, self.device)
         if refused:
             return refused
         if any(_use_count(key) > self.held[key] for key in captured.handed_out):

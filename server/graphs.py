@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
+
 from libremote import protocol
 from libremote.protocol import DeviceRef, ProtocolError, ValueRef
 
@@ -108,6 +110,17 @@ def run(graph: Graph, inputs: list[Any], call: Callable[[op_policy.OpEntry, list
     return [_bind(output, values, device_of) for output in graph.outputs]
 
 
+def input_refusal(inputs: list[Any], device: Any) -> str | None:
+    """Why compiled or captured code cannot take ``inputs`` (it runs on tensors of ``device``
+    only), or None."""
+    for value in inputs:
+        if not isinstance(value, torch.Tensor):
+            return "an input is not a tensor"
+        if value.device != device:
+            return f"an input is on {value.device}, not {device}"
+    return None
+
+
 def _bind(value: Any, values: list[Any], device_of: Callable[[DeviceRef], Any]) -> Any:
     """``value`` with references to graph values and devices resolved. (A module function, not a
     closure: a recursive closure is a reference cycle that would keep ``values``, and every
@@ -133,4 +146,4 @@ def visit(value: Any, note: Callable[[ValueRef], None]) -> None:
             visit(item, note)
 
 
-__all__ = ["Graph", "define", "run", "GETITEM", "MAX_GRAPH_NODES", "MAX_GRAPHS_PER_SESSION", "ProtocolError"]
+__all__ = ["Graph", "define", "input_refusal", "run", "GETITEM", "MAX_GRAPH_NODES", "MAX_GRAPHS_PER_SESSION", "ProtocolError"]

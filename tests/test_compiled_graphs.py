@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
+from typing import Callable
 
 import pytest
 import torch
@@ -103,6 +104,15 @@ def _value(index: int):
     return protocol.value_ext(index)
 
 
+def _raw_stats(raw: RawClient) -> Callable[[], dict]:
+    def stats() -> dict:
+        results, error, _ = raw.call([[Cmd.QUERY, "stats"]])
+        assert error is None, error
+        return results[0]
+
+    return stats
+
+
 def test_compiled_code_runs_only_on_inputs_like_the_ones_it_was_compiled_for(compiling_daemon):
     """Raw protocol: a graph that writes its input and returns it (an alias) and a product.
     Compiled, it writes the caller's tensor and hands out a view of it; a call with a differently
@@ -111,11 +121,7 @@ def test_compiled_code_runs_only_on_inputs_like_the_ones_it_was_compiled_for(com
     nodes = [["aten::add_.Tensor", [_value(0), _value(1)], {}], ["aten::mul.Tensor", [_value(2), 2.0], {}]]
     with RawClient(compiling_daemon.address) as raw:
         raw.hello()
-
-        def stats() -> dict:
-            results, error, _ = raw.call([[Cmd.QUERY, "stats"]])
-            assert error is None, error
-            return results[0]
+        stats = _raw_stats(raw)
 
         raw.put(1, b := torch.tensor(0.25))
         _, error, _ = raw.call([[Cmd.GRAPH, 7, 2, nodes, [_value(2), _value(3)]]])
@@ -146,11 +152,7 @@ def test_a_graph_inductor_cannot_compile_stays_interpreted(compiling_daemon):
     call is interpreted and exact."""
     with RawClient(compiling_daemon.address) as raw:
         raw.hello()
-
-        def stats() -> dict:
-            results, error, _ = raw.call([[Cmd.QUERY, "stats"]])
-            assert error is None, error
-            return results[0]
+        stats = _raw_stats(raw)
 
         _, error, _ = raw.call([[Cmd.GRAPH, 1, 1, [["aten::nonzero.default", [_value(0)], {}]], [_value(1)]]])
         assert error is None, error
