@@ -6,6 +6,7 @@ libremote facade), so CUDA availability is probed in a fresh interpreter.
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ import torch
 from conftest import Daemon, client_connected_to, subprocess_env
 
 
+@functools.cache  # one probe (a fresh interpreter importing torch: seconds) per test run
 def _cuda_on_this_machine() -> bool:
     probe = subprocess.run(
         [sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
