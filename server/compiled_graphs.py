@@ -79,11 +79,33 @@ def refusal(graph: graphs.Graph) -> str | None:
         entry = node.entry
         if entry is None:
             continue
-        if entry.takes_generator or entry.seeded_without_generator:
+        if (entry.takes_generator or entry.seeded_without_generator) and _draws_random_numbers(node):
             return f"random op {entry.name} (compiled code would not draw from the session's generator)"
         if entry.zero_fill_result:
             return f"{entry.name} returns uninitialised memory"
     return None
+
+
+def _draws_random_numbers(node: graphs.Node) -> bool:
+    """Whether a seeded op draws random numbers as called here. Attention ops are tagged seeded
+    for their dropout; with ``dropout_p=0`` (evaluation, or a model trained without dropout) they
+    draw nothing, and so does a dropout with ``p=0`` or ``train=False``."""
+    for position, argument in enumerate(node.entry.overload._schema.arguments):
+        if argument.name not in ("dropout_p", "p", "train"):
+            continue
+        if position < len(node.args):
+            value = node.args[position]
+        elif argument.name in node.kwargs:
+            value = node.kwargs[argument.name]
+        elif argument.has_default_value():
+            value = argument.default_value
+        else:
+            continue
+        if argument.name == "train" and value is False:
+            return False
+        if argument.name != "train" and type(value) in (int, float) and value == 0:
+            return False
+    return True
 
 
 def to_fx(graph: graphs.Graph, device_of: Callable[[DeviceRef], Any]) -> fx.GraphModule:

@@ -48,10 +48,13 @@ def _wait_for_compiles(stats) -> dict:
     return current
 
 
-def test_compiled_training_matches_local_eager(compiling):
-    """Forward and backward compiled by inductor, BatchNorm's running statistics written back
-    by the compiled code: losses, parameters and buffers as local eager torch has them."""
-    model, data, target, loss_fn = _workload("mlp_batchnorm")
+@pytest.mark.parametrize("kind,tolerance", [("mlp_batchnorm", 1e-5), ("transformer", 2e-4)])
+def test_compiled_training_matches_local_eager(compiling, kind, tolerance):
+    """Forward and backward compiled by inductor: BatchNorm's running statistics written back by
+    the compiled code; attention (tagged random for its dropout, compiled at ``dropout_p=0``)
+    kept as the device's fused kernel. Losses, parameters and buffers as local eager torch has
+    them."""
+    model, data, target, loss_fn = _workload(kind)
     local = copy.deepcopy(model)
     # SGD, not Adam: the bias of a Linear before a BatchNorm has an exactly-zero true gradient,
     # whose rounding noise (fused kernels round differently) Adam would scale up to +-lr a step.
@@ -72,7 +75,7 @@ def test_compiled_training_matches_local_eager(compiling):
     stats = compiling.session_stats()
     assert stats["graphs_compiled"] == 2, stats  # forward and backward
     assert stats["compiled_graph_runs"] == 10, stats  # steps 2-6, forward and backward
-    _assert_same_training(losses, local_losses, model.cpu(), local, 1e-5)
+    _assert_same_training(losses, local_losses, model.cpu(), local, tolerance)
 
 
 def test_a_graph_with_random_ops_stays_interpreted(compiling):
