@@ -27,8 +27,9 @@ How a graph gets compiled:
 
 Graphs that stay interpreted, with the reason counted in ``libremote.session_stats()``:
 
-* graphs with random ops: inductor draws from its own generator, so dropout masks would not be
-  the session's (results would no longer match an eager run from the same seed);
+* graphs that draw random numbers: inductor draws from its own generator, so dropout masks
+  would not be the session's (results would no longer match an eager run from the same seed).
+  Seeded ops called so that they draw nothing (attention or dropout with probability 0) compile;
 * graphs with ops that return uninitialised memory (``empty``): the interpreter zero-fills those
   results so that no tenant reads another's freed memory; compiled code would hand them out;
 * sessions under residency management (``--device-memory``/``--host-spill``): compiled code
