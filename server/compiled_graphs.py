@@ -130,6 +130,8 @@ def to_fx(graph: graphs.Graph, device_of: Callable[[DeviceRef], Any]) -> fx.Grap
             values.append(fx_graph.call_function(operator.getitem, tuple(args)))
         else:
             kwargs = {key: bind(value) for key, value in node.kwargs.items()}
+            if node.entry.sanitize is not None:  # as the interpreter does (e.g. never an unsafe index_put)
+                node.entry.sanitize(args, kwargs)
             values.append(fx_graph.call_function(_target(node.entry), tuple(args), kwargs))
     fx_graph.output([bind(output) for output in graph.outputs])
     return fx.GraphModule(torch.nn.Module(), fx_graph)

@@ -265,3 +265,16 @@ def test_on_a_gpu_the_captured_step_launches_the_compiled_kernels():
     # The capture ran the compiled forward and backward (launches after it run no Python).
     assert stats["compiled_graph_runs"] >= 2, _summary(stats)
     _assert_same_training(losses, local_losses, model, local, 1e-4)
+
+
+def test_the_compiled_graph_applies_the_interpreters_sanitizers():
+    """What inductor compiles is what the interpreter would run: ``_index_put_impl_`` with
+    ``unsafe=True`` (no bounds checks) becomes the checked call, as op_policy makes it for single
+    ops and interpreted graphs."""
+    from libremote.server import compiled_graphs, graphs
+
+    nodes = [["aten::_index_put_impl_.default", [_value(0), [_value(1)], _value(2), False, True], {}]]
+    module = compiled_graphs.to_fx(graphs.define(3, nodes, [_value(3)]), lambda ref: torch.device("cpu"))
+    (call,) = [node for node in module.graph.nodes if node.op == "call_function"]
+    assert call.target is torch.ops.aten._index_put_impl_.default
+    assert call.args[3:] == (False, False), call.args
