@@ -69,7 +69,12 @@ def _residency_line(index: int, r: dict[str, Any]) -> str:
 def format_status(report: dict[str, Any]) -> str:
     daemon = report["daemon"]
     lines = [f"libremote daemon {daemon['address']} (libremote {daemon['libremote']}, torch {daemon['torch']}, "
-             f"pid {daemon['pid']} on {daemon['host']})", ""]
+             f"pid {daemon['pid']} on {daemon['host']})"]
+    if daemon.get("graph_compiler", "none") != "none":
+        compiled = sum(s.get("graphs_compiled", 0) for s in report["sessions"])
+        pending = sum(s.get("graph_compiles_pending", 0) for s in report["sessions"])
+        lines.append(f"graph compiler {daemon['graph_compiler']}: {compiled} graphs compiled, {pending} compiling")
+    lines.append("")
     lines.append(f"{'DEV':<4}{'NAME':<44}{'MEMORY USED / TOTAL':>24}{'UTIL':>7}{'SESSIONS':>10}{'SPILLED':>12}")
     for device in report["devices"]:
         memory = f"{_size(device['memory_used'])} / {_size(device['memory_total'])}"

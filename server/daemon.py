@@ -510,13 +510,13 @@ class Daemon:
             "memory_quota": s.memory_quota, "memory_spilled": s.memory.spilled,
             "ops": s.ops_executed, "device_time_s": s.busy_s,
             "queued_batches": len(s.queue), "pid": s.client_info.get("pid"), "host": s.client_info.get("host"),
-            "age_s": time.time() - s.created,
+            "age_s": time.time() - s.created, **s.compile_counts(),
         } for s in self.sessions.values()]
         waiting_rows = [{"tenant": w.tenant.name, "priority": w.priority, "waited_s": now - w.since,
                          "pid": w.info.get("pid"), "host": w.info.get("host")}
                         for w in sorted(self.waiting, key=self._queue_order)]
         return {"daemon": {"address": self.address, "libremote": libremote.__version__, "torch": torch.__version__,
-                           "pid": os.getpid(), "host": socket.gethostname()},
+                           "pid": os.getpid(), "host": socket.gethostname(), "graph_compiler": self.pool.graph_compiler},
                 "devices": device_rows, "sessions": session_rows, "waiting": waiting_rows}
 
     def _on_admin(self, request: dict[str, Any], peer_address: str | None) -> dict[str, Any]:

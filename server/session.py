@@ -916,8 +916,7 @@ class Session:
                     "cuda_graph_replays": self._cuda_graphs.replays if self._cuda_graphs else 0,
                     "cuda_graph_interpreted": dict(self._cuda_graphs.interpreted) if self._cuda_graphs else {},
                     "cuda_graphs_live": self._cuda_graphs.live if self._cuda_graphs else 0,
-                    "graphs_compiled": self._compiler.compiles if self._compiler else 0,
-                    "graph_compiles_pending": self._compiler.pending if self._compiler else 0,
+                    **self.compile_counts(),
                     "compiled_graph_runs": self._compiler.compiled_runs if self._compiler else 0,
                     "graphs_not_compiled": dict(self._compiler.interpreted) if self._compiler else {}}
         if what == "reset_peak_memory":
@@ -928,6 +927,11 @@ class Session:
                 torch.cuda.empty_cache()
             return None
         raise CommandError(ErrorKind.OP, f"QUERY {what}", f"unknown query {what!r:.50}")
+
+    def compile_counts(self) -> dict[str, int]:
+        """Graphs compiled for this session (``--graph-compiler``), and compiles still running."""
+        return {"graphs_compiled": self._compiler.compiles if self._compiler else 0,
+                "graph_compiles_pending": self._compiler.pending if self._compiler else 0}
 
     def memory_stats(self) -> dict[str, int]:
         reserved = self.memory.allocated

@@ -10,6 +10,7 @@ On the CPU backend inductor writes C++ and builds it with the machine's compiler
 from __future__ import annotations
 
 import copy
+import os
 import time
 from typing import Callable
 
@@ -18,7 +19,9 @@ import torch
 from torch import nn
 
 from conftest import Daemon, client_connected_to
+from helpers import session_of, status
 from libremote import protocol
+from libremote.cli import format_status
 from libremote.protocol import Cmd
 from test_faults import RawClient
 from test_graph_mode import _train, _workload
@@ -49,7 +52,7 @@ def _wait_for_compiles(stats) -> dict:
 
 
 @pytest.mark.parametrize("kind,tolerance", [("mlp_batchnorm", 1e-5), ("transformer", 2e-4)])
-def test_compiled_training_matches_local_eager(compiling, kind, tolerance):
+def test_compiled_training_matches_local_eager(compiling_daemon, compiling, kind, tolerance):
     """Forward and backward compiled by inductor: BatchNorm's running statistics written back by
     the compiled code; attention (tagged random for its dropout, compiled at ``dropout_p=0``)
     kept as the device's fused kernel. Losses, parameters and buffers as local eager torch has
@@ -75,6 +78,11 @@ def test_compiled_training_matches_local_eager(compiling, kind, tolerance):
     stats = compiling.session_stats()
     assert stats["graphs_compiled"] == 2, stats  # forward and backward
     assert stats["compiled_graph_runs"] == 10, stats  # steps 2-6, forward and backward
+    # What an operator sees: the session's row, and the compiler's line in `libremote status`.
+    report = status(compiling_daemon.address)
+    row = session_of(report, os.getpid())
+    assert row["graphs_compiled"] == 2 and row["graph_compiles_pending"] == 0, row
+    assert "graph compiler inductor: 2 graphs compiled, 0 compiling" in format_status(report)
     _assert_same_training(losses, local_losses, model.cpu(), local, tolerance)
 
 
