@@ -130,6 +130,10 @@ def main() -> None:
         for mode, figures in remote[f"{kind}_profile_ms"].items():
             print(f"{kind + ', ' + mode:28} {figures['wall_ms']:8.1f} {figures['client_ms']:8.1f} "
                   f"{figures['daemon_host_ms']:8.1f}")
+    if inductor:
+        print("\ndaemon-side compiles (inductor, in the background while the first calls ran interpreted):")
+        for kind in args.kinds.split(",") if args.kinds else training_kinds(args.size):
+            print(f"{kind:28} {remote[f'{kind}_graphs_compiled']:3d} graphs in {remote[f'{kind}_graph_compile_s']:6.1f} s")
     if args.json:
         print(json.dumps({"raw": raw, "local": local, "remote": remote}))
 

@@ -49,6 +49,7 @@ import collections
 import logging
 import operator
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -164,6 +165,7 @@ class _Compile:
     signature: tuple[Any, ...]
     compiled: Callable[..., Any] | None = None
     failed: str | None = None
+    seconds: float = 0.0  # the compile's own time, not its wait for the daemon's compile slot
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -181,6 +183,11 @@ class GraphCompiler:
     @property
     def compiles(self) -> int:
         return sum(1 for _, c in self._compiles.values() if c.compiled is not None)
+
+    @property
+    def compile_s(self) -> float:
+        """Seconds spent compiling this session's graphs (finished compiles, failed ones too)."""
+        return sum(c.seconds for _, c in self._compiles.values() if c.done.is_set())
 
     @property
     def pending(self) -> int:
@@ -244,16 +251,20 @@ def _compile(work: _Compile, module: fx.GraphModule, fakes: list[torch.Tensor], 
     from torch._inductor.compile_fx import compile_fx
 
     with _compile_slot:
+        start = time.perf_counter()
         try:
             with torch.no_grad():
                 work.compiled = compile_fx(module, fakes)
-            log.info("compiled a %s with inductor", name)
         except Exception as exc:
             first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
             work.failed = f"compile failed: {type(exc).__name__}: {first_line}"
-            log.warning("a %s stays interpreted: %s", name, work.failed)
         finally:
+            work.seconds = time.perf_counter() - start
             work.done.set()
+    if work.failed:
+        log.warning("a %s stays interpreted: %s", name, work.failed)
+    else:
+        log.info("compiled a %s with inductor in %.1f s", name, work.seconds)
 
 
 __all__ = ["COMPILERS", "GraphCompiler", "refusal", "signature", "to_fx"]

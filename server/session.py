@@ -929,9 +929,11 @@ class Session:
         raise CommandError(ErrorKind.OP, f"QUERY {what}", f"unknown query {what!r:.50}")
 
     def compile_counts(self) -> dict[str, int]:
-        """Graphs compiled for this session (``--graph-compiler``), and compiles still running."""
+        """Graphs compiled for this session (``--graph-compiler``), compiles still running, and
+        the seconds the finished ones took."""
         return {"graphs_compiled": self._compiler.compiles if self._compiler else 0,
-                "graph_compiles_pending": self._compiler.pending if self._compiler else 0}
+                "graph_compiles_pending": self._compiler.pending if self._compiler else 0,
+                "graph_compile_s": self._compiler.compile_s if self._compiler else 0.0}
 
     def memory_stats(self) -> dict[str, int]:
         reserved = self.memory.allocated
