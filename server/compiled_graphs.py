@@ -14,7 +14,8 @@ How a graph gets compiled:
   statistics, an optimizer's state) are written back, and outputs that are views of inputs stay
   views of them.
 * Compiling takes seconds (minutes for a large model on a GPU), so it runs in a background
-  thread, one graph at a time for the whole daemon. Until it is done the graph is interpreted:
+  thread, one graph at a time for the whole daemon (a closed session's queued compiles are
+  skipped). Until it is done the graph is interpreted:
   neither the calling session nor any other waits for it. The thread shares the interpreter
   lock with the serving loop, so while a compile runs every session's per-op host cost rises
   (inductor builds kernels in worker processes of its own, which do not take the lock).
@@ -166,6 +167,8 @@ class _Compile:
     compiled: Callable[..., Any] | None = None
     failed: str | None = None
     seconds: float = 0.0  # the compile's own time, not its wait for the daemon's compile slot
+    #: Set when the session closes: a compile that has not started yet is skipped.
+    cancelled: bool = False
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -227,6 +230,13 @@ class GraphCompiler:
 
         return run_compiled, True
 
+    def close(self) -> None:
+        """The session is gone: its compiles that wait for the daemon's slot are skipped, so a
+        client that defines graphs and leaves does not keep other sessions' compiles waiting."""
+        for _, work in self._compiles.values():
+            work.cancelled = True
+        self._compiles.clear()
+
     def _start(self, graph: graphs.Graph, inputs: list[torch.Tensor]) -> _Compile:
         """Compile ``graph`` for inputs like ``inputs`` in a background thread."""
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -251,6 +261,11 @@ def _compile(work: _Compile, module: fx.GraphModule, fakes: list[torch.Tensor], 
     from torch._inductor.compile_fx import compile_fx
 
     with _compile_slot:
+        if work.cancelled:
+            work.failed = "not compiled: the session closed first"
+            work.done.set()
+            log.info("skipped compiling a %s: its session closed", name)
+            return
         start = time.perf_counter()
         try:
             with torch.no_grad():

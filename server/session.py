@@ -372,6 +372,8 @@ class Session:
         self._events.clear()
         if self._cuda_graphs is not None:
             self._cuda_graphs.close()
+        if self._compiler is not None:
+            self._compiler.close()
         return released
 
     @property

@@ -286,3 +286,38 @@ def test_the_compiled_graph_applies_the_interpreters_sanitizers():
     (call,) = [node for node in module.graph.nodes if node.op == "call_function"]
     assert call.target is torch.ops.aten._index_put_impl_.default
     assert call.args[3:] == (False, False), call.args
+
+
+def test_a_session_that_leaves_does_not_keep_its_compiles_queued():
+    """The daemon compiles one graph at a time. A client that sends four graphs and leaves gets
+    at most the compile already running; the rest are skipped, and the next client's graph
+    compiles."""
+    from libremote.protocol import Msg
+
+    server = Daemon("--graph-compiler", "inductor")
+    try:
+        with RawClient(server.address) as leaver:
+            leaver.hello()
+            leaver.put(1, torch.randn(16))
+            for graph_id in range(1, 5):  # graph i: i + 1 chained multiplications
+                nodes = [["aten::mul.Tensor", [_value(position), 1.5], {}] for position in range(graph_id + 1)]
+                _, error, _ = leaver.call([[Cmd.GRAPH, graph_id, 1, nodes, [_value(graph_id + 1)]],
+                                           [Cmd.RUN_GRAPH, graph_id, [protocol.handle_ext(1)], [100 + graph_id]]])
+                assert error is None, error
+            leaver.send([Msg.BYE])
+        with RawClient(server.address) as stayer:
+            stayer.hello()
+            stats = _raw_stats(stayer)
+            stayer.put(1, x := torch.randn(16))
+            _, error, _ = stayer.call([[Cmd.GRAPH, 1, 1, [["aten::add.Tensor", [_value(0), 2.0], {}]], [_value(1)]],
+                                       [Cmd.RUN_GRAPH, 1, [protocol.handle_ext(1)], [2]]])
+            assert error is None, error
+            final = _wait_for_compiles(stats)
+            assert final["graphs_compiled"] == 1, final
+            torch.testing.assert_close(stayer.fetch(2), x + 2, rtol=0, atol=0)
+        log = server.log()
+    finally:
+        server.stop()
+    # The leaver's graphs have 2 to 5 ops; at most the one being compiled when it left finished.
+    assert sum(log.count(f"compiled a graph of {ops} ops with inductor") for ops in range(2, 6)) <= 1, log
+    assert log.count("skipped compiling a graph of") >= 3, log
