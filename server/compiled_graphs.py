@@ -115,6 +115,7 @@ def to_fx(graph: graphs.Graph, device_of: Callable[[DeviceRef], Any]) -> fx.Grap
     """``graph`` as an fx graph of the same calls the interpreter makes: each node's op, or its
     translation on devices without a kernel for it."""
     fx_graph = fx.Graph()
+    root = torch.nn.Module()
     values: list[Any] = [fx_graph.placeholder(f"input_{i}") for i in range(graph.input_count)]
 
     def bind(value: Any) -> Any:
@@ -124,6 +125,10 @@ def to_fx(graph: graphs.Graph, device_of: Callable[[DeviceRef], Any]) -> fx.Grap
             return [bind(item) for item in value]
         if isinstance(value, DeviceRef):
             return device_of(value)
+        if isinstance(value, torch.Tensor):  # a constant sent inline: a buffer of the module
+            name = f"constant_{len(root._buffers)}"
+            root.register_buffer(name, value)
+            return fx_graph.get_attr(name)
         return value
 
     for node in graph.nodes:
@@ -136,7 +141,7 @@ def to_fx(graph: graphs.Graph, device_of: Callable[[DeviceRef], Any]) -> fx.Grap
                 node.entry.sanitize(args, kwargs)
             values.append(fx_graph.call_function(_target(node.entry), tuple(args), kwargs))
     fx_graph.output([bind(output) for output in graph.outputs])
-    return fx.GraphModule(torch.nn.Module(), fx_graph)
+    return fx.GraphModule(root, fx_graph)
 
 
 def _target(entry: Any) -> Callable[..., Any]:
@@ -205,11 +210,17 @@ class GraphCompiler:
             reason = refusal(graph) or graphs.input_refusal(inputs, self.device)
             if reason is None and self.compiles + self.pending >= MAX_COMPILED_GRAPHS:
                 reason = f"this session has {MAX_COMPILED_GRAPHS} compiled graphs already"
+            started: _Compile | None = None
             if reason is None:
-                known = self._compiles[graph_id] = (graph, self._start(graph, inputs))
-            else:
-                known = self._compiles[graph_id] = (graph, _Compile((), failed=reason))
-                known[1].done.set()
+                try:
+                    started = self._start(graph, inputs)
+                except Exception as exc:  # preparing the compile must never fail the call itself
+                    reason = f"compile not started: {type(exc).__name__}: {str(exc).strip()[:200]}"
+                    log.warning("a %s stays interpreted: %s", graph.name, reason)
+            if started is None:
+                started = _Compile((), failed=reason)
+                started.done.set()
+            known = self._compiles[graph_id] = (graph, started)
         work = known[1]
         if not work.done.is_set():
             self.interpreted["compiling"] += 1

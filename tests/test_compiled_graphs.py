@@ -157,6 +157,27 @@ def test_compiled_code_runs_only_on_inputs_like_the_ones_it_was_compiled_for(com
         assert final["graphs_not_compiled"] == {"compiling": 1, "inputs differ from the compiled call's": 1}, final
 
 
+def test_a_graph_with_a_tensor_constant_compiles(compiling_daemon):
+    """A tensor sent inline in a node (a constant the traced model made) becomes a buffer of the
+    compiled module, and the compiled code computes with it."""
+    constant = torch.tensor([1.0, -2.0, 0.5, 4.0])
+    nodes = [["aten::mul.Tensor", [_value(0), protocol.inline_tensor_ext(constant)], {}]]
+    with RawClient(compiling_daemon.address) as raw:
+        raw.hello()
+        stats = _raw_stats(raw)
+        _, error, _ = raw.call([[Cmd.GRAPH, 1, 1, nodes, [_value(1)]]])
+        assert error is None, error
+        for call in range(3):
+            raw.put(100 + call, x := torch.randn(4))
+            _, error, _ = raw.call([[Cmd.RUN_GRAPH, 1, [protocol.handle_ext(100 + call)], [200 + call]]])
+            assert error is None, error
+            if call == 0:
+                _wait_for_compiles(stats)
+            torch.testing.assert_close(raw.fetch(200 + call), x * constant, rtol=0, atol=0)
+        final = stats()
+    assert final["graphs_compiled"] == 1 and final["compiled_graph_runs"] == 2, final
+
+
 def test_a_graph_inductor_cannot_compile_stays_interpreted(compiling_daemon):
     """``nonzero`` sizes its result by the values, which inductor cannot compile without a
     shape environment: the compile fails in the background, the reason is reported, and every
