@@ -15,13 +15,14 @@ How a graph gets compiled:
   views of them.
 * Compiling takes seconds (minutes for a large model on a GPU), so it runs in a background
   thread, one graph at a time for the whole daemon (a closed session's queued compiles are
-  skipped). Until it is done the graph is interpreted:
-  neither the calling session nor any other waits for it. The thread shares the interpreter
-  lock with the serving loop, so while a compile runs every session's per-op host cost rises
-  (inductor builds kernels in worker processes of its own, which do not take the lock).
-* Compiled code is specialised to its inputs' shapes, strides, dtypes and sharing of storage. A
-  call whose inputs differ is interpreted (the client traces a new graph per new input
-  signature anyway, so this is rare).
+  skipped). Until it is done the graph is interpreted: neither the calling session nor any
+  other waits for it. The thread shares the interpreter lock with the serving loop, so while a
+  compile runs every session's per-op host cost rises (inductor builds kernels in worker
+  processes of its own, which do not take the lock).
+* Tensor constants sent inline in a node become buffers of the module.
+* Compiled code is specialised to its inputs' shapes, strides, dtypes and sharing of storage
+  (:func:`signature`). A call whose inputs differ is interpreted (the client traces a new graph
+  per new input signature anyway, so this is rare).
 * On a GPU the compiled code is what a CUDA-graph capture (server/cuda_graphs.py) records, once
   the compile is done: a graph's capture waits for its compile, a captured step's for all of the
   session's.
