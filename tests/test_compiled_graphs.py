@@ -342,3 +342,20 @@ def test_a_session_that_leaves_does_not_keep_its_compiles_queued():
     # The leaver's graphs have 2 to 5 ops; at most the one being compiled when it left finished.
     assert sum(log.count(f"compiled a graph of {ops} ops with inductor") for ops in range(2, 6)) <= 1, log
     assert log.count("skipped compiling a graph of") >= 3, log
+
+
+@pytest.mark.parametrize("node,random", [
+    (["aten::native_dropout.default", [_value(0), 0.5, True], {}], True),
+    (["aten::native_dropout.default", [_value(0), 0.5, False], {}], False),  # evaluation: the input as it is
+    (["aten::native_dropout.default", [_value(0), 0.0, True], {}], False),
+    (["aten::bernoulli.p", [_value(0), 0.5], {}], True),
+    (["aten::_scaled_dot_product_fused_attention_overrideable.default",
+      [_value(0), _value(0), _value(0), None, 0.0, True], {}], False),
+    (["aten::_scaled_dot_product_fused_attention_overrideable.default",
+      [_value(0), _value(0), _value(0)], {"dropout_p": 0.1}], True),
+])
+def test_only_graphs_that_draw_random_numbers_are_refused(node, random):
+    from libremote.server import compiled_graphs, graphs
+
+    reason = compiled_graphs.refusal(graphs.define(1, [node], [_value(1)]))
+    assert (reason is not None and reason.startswith("random op")) == random, reason
