@@ -8,7 +8,7 @@ import signal
 import sys
 from typing import Sequence
 
-from . import devices, pool
+from . import compiled_graphs, devices, pool
 from .daemon import Daemon
 
 DEFAULT_LISTEN = "tcp://127.0.0.1:7777"
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="replay graph-mode graphs by the CUDA-graph rules on the CPU backend too (for testing libremote)",
     )
     parser.add_argument(
-        "--graph-compiler", choices=["none", "inductor"], default="none",
+        "--graph-compiler", choices=compiled_graphs.COMPILERS, default="none",
         help="compile graph-mode graphs with TorchInductor in the background (fused kernels; default "
         "none: interpret them). Compiled code checks indices with device-side asserts, which end the "
         "CUDA context of every session on the GPU when they fire: use it for tenants you trust",

@@ -204,8 +204,9 @@ class GraphCompiler:
 
     def executor(self, graph_id: int, graph: graphs.Graph, inputs: list[Any],
                  interpret: Callable[[list[Any]], list[Any]]) -> tuple[Callable[[list[Any]], list[Any]], bool]:
-        """How to run this call: the compiled code, or ``interpret``; and whether that choice is
-        settled (False while a compile is pending: a CUDA-graph capture should wait)."""
+        """How to run this call: the compiled code (which interprets inputs unlike those it was
+        compiled for), or ``interpret``; and whether that choice is settled (False while a compile
+        is pending: a CUDA-graph capture should wait)."""
         known = self._compiles.get(graph_id)
         if known is None or known[0] is not graph:  # new, or redefined under the same id
             reason = refusal(graph) or graphs.input_refusal(inputs, self.device)
@@ -229,12 +230,14 @@ class GraphCompiler:
         if work.compiled is None:
             self.interpreted[work.failed or "not compiled"] += 1
             return interpret, True
-        if signature(inputs) != work.signature:
-            self.interpreted["inputs differ from the compiled call's"] += 1
-            return interpret, True
-        compiled = work.compiled
+        compiled, compiled_for = work.compiled, work.signature
 
         def run_compiled(call_inputs: list[Any]) -> list[Any]:
+            # Checked here, when the code is about to run, not per call: a call that a CUDA graph
+            # replays never gets here, and need not pay for reading every input's metadata.
+            if signature(call_inputs) != compiled_for:
+                self.interpreted["inputs differ from the compiled call's"] += 1
+                return interpret(call_inputs)
             with torch.no_grad():
                 outputs = compiled(*call_inputs)
             self.compiled_runs += 1

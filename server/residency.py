@@ -17,11 +17,10 @@ Which storage goes: first, storages the queued commands free before anything rea
 data: their bytes are dropped, not copied); then low priority classes; within a class, storages
 no queued command is about to use (idle sessions' before busy ones', least recently used first),
 then those the queue needs, the one needed last first (Belady's rule over a lookahead of the
-queued commands). The
-storages of the command being run are never evicted, and stay resident together even when they
-alone exceed the budget, except for in-place foreach ops (an optimizer's step), which run on
-slices that fit (server/foreach_chunks.py). On a GPU, a real out-of-memory error (from an op, an
-upload or a restore) also triggers eviction and a retry.
+queued commands). The storages of the command being run are never evicted, and stay resident
+together even when they alone exceed the budget, except for in-place foreach ops (an
+optimizer's step), which run on slices that fit (server/foreach_chunks.py). On a GPU, a real
+out-of-memory error (from an op, an upload or a restore) also triggers eviction and a retry.
 
 Before each slice of a session's work (its first after waiting for its turn or idling, too),
 :meth:`DeviceMemory.prefetch` restores what its queued commands will need, ahead of use: on a GPU
@@ -186,12 +185,12 @@ class DeviceMemory:
 
         Called before each slice of ``owner``'s work, so on a GPU the copies run on a side stream
         while the kernels already queued run (the first command that uses a prefetched storage
-        waits for its copy on the device, not on the host). A prefetch never adds spill traffic: it fills free room,
-        and otherwise spills only storages no queued command needs that belong to a lower
-        priority class or to a session with no queued work (what a restore on demand would spill
-        first anyway). A busy session's storage beyond the lookahead is not "never needed", so
-        spilling it early would cost a spill now and a restore later. Best effort: what does not
-        fit is restored on demand as before, and nothing here raises.
+        waits for its copy on the device, not on the host). A prefetch never adds spill traffic:
+        it fills free room, and otherwise spills only storages no queued command needs that
+        belong to a lower priority class or to a session with no queued work (what a restore on
+        demand would spill first anyway). A busy session's storage beyond the lookahead is not
+        "never needed", so spilling it early would cost a spill now and a restore later. Best
+        effort: what does not fit is restored on demand as before, and nothing here raises.
         """
         if self.budget is None or not owner.memory.spilled:
             return  # (the common case, checked first: the scan below reads the queue)
