@@ -7,10 +7,6 @@ tensors on ``cuda`` (the libremote daemon), brings the result back with ``.cpu()
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,53 +84,6 @@ def compare(got, expected, exact=False, atol=None, rtol=None):
             torch.testing.assert_close(got, expected, atol=atol, rtol=rtol, equal_nan=True)
         return
     assert got == expected
-
-
-TESTS = Path(__file__).resolve().parent
-#: complex128 data currently crashes the daemon (segfault in PUT) or this process (segfault in a
-#: CPU kernel on the fetched tensor), taking every later test down with it. Tests that move
-#: complex128 tensors run in a fresh process with a daemon of their own; they still fail if
-#: anything goes wrong there.
-CRASHY_DTYPES = (torch.complex128,)
-
-
-def run_isolated(function_name, **params):
-    """Run ``function_name(**params)`` from this module in a new process against a new daemon.
-
-    torch dtypes in ``params`` are passed by name. Fails with the child's output and the
-    daemon's log if the child does not exit cleanly (an assertion, an exception or a crash).
-    """
-    encoded = {k: ("dtype", str(v).split(".")[-1]) if isinstance(v, torch.dtype) else ("value", v) for k, v in params.items()}
-    script = textwrap.dedent(
-        f"""
-        import faulthandler, sys
-        faulthandler.enable()
-        sys.path[:0] = [{str(TESTS.parent)!r}, {str(TESTS)!r}]
-        from conftest import Daemon
-        daemon = Daemon()
-        try:
-            import torch, libremote
-            libremote.connect(daemon.address)
-            import test_ops
-            params = {{k: getattr(torch, v) if kind == "dtype" else v for k, (kind, v) in {encoded!r}.items()}}
-            getattr(test_ops, {function_name!r})(**params)
-        finally:
-            libremote.disconnect()  # before the daemon stops: disconnecting from a dead daemon hangs
-            code = daemon.stop()
-            log = daemon.log_path.read_text()
-            if code not in (0, -15):
-                print("--- daemon log ---", log[-3000:], sep=chr(10), file=sys.stderr)
-        print("ISOLATED-OK")
-        """
-    )
-    from conftest import subprocess_env
-
-    env = subprocess_env(PYTHONFAULTHANDLER="1")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    output = (result.stdout + result.stderr)[-6000:]
-    assert result.returncode == 0 and "ISOLATED-OK" in result.stdout, (
-        f"{function_name}({params}) failed in a fresh process (rc={result.returncode}):\n{output}"
-    )
 
 
 def gen(seed=0):
@@ -1439,12 +1388,6 @@ def sample(dtype, shape=(3, 4)):
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_round_trip_every_dtype(remote, dtype):
-    if dtype in CRASHY_DTYPES:
-        return run_isolated("round_trip_every_dtype", dtype=dtype)
-    round_trip_every_dtype(dtype)
-
-
-def round_trip_every_dtype(dtype):
     host = sample(dtype)
     d = host.cuda()
     assert d.dtype == dtype and d.is_cuda
@@ -1459,12 +1402,6 @@ def round_trip_every_dtype(dtype):
 def test_fetched_tensor_is_aligned(remote, dtype):
     """A host tensor must be aligned to its element size: torch's CPU kernels assume it
     (a misaligned complex128 tensor segfaults in assert_close, abs, sub...)."""
-    if dtype in CRASHY_DTYPES:
-        return run_isolated("fetched_tensor_is_aligned", dtype=dtype)
-    fetched_tensor_is_aligned(dtype)
-
-
-def fetched_tensor_is_aligned(dtype):
     for numel in (1, 7, 64, 1000):
         host = sample(dtype, (numel,))
         for back in (host.cuda().cpu(), host.cuda().clone()[1:].cpu()):
@@ -1476,12 +1413,6 @@ def fetched_tensor_is_aligned(dtype):
 @pytest.mark.parametrize("dst", [torch.float16, torch.float32, torch.float64, torch.int64, torch.bool, torch.bfloat16, torch.uint8], ids=str)
 @pytest.mark.parametrize("src", ALL_DTYPES, ids=str)  # ids read src-dst
 def test_dtype_conversion_on_device(remote, src, dst):
-    if src in CRASHY_DTYPES or dst in CRASHY_DTYPES:
-        return run_isolated("dtype_conversion_on_device", src=src, dst=dst)
-    dtype_conversion_on_device(src, dst)
-
-
-def dtype_conversion_on_device(src, dst):
     host = sample(src)
     if src.is_complex and not dst.is_complex:
         host = host.real.to(src)  # avoid the ComplexHalf / discard-imag warning paths
@@ -1831,12 +1762,6 @@ def complex_sample(*shape, dtype=torch.complex64, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
 def test_complex_ops(remote, dtype):
-    if dtype in CRASHY_DTYPES:
-        return run_isolated("complex_ops", dtype=dtype)
-    complex_ops(dtype)
-
-
-def complex_ops(dtype):
     a, b = complex_sample(3, 4, dtype=dtype), complex_sample(3, 4, dtype=dtype, seed=1)
     tol = dict(atol=1e-5, rtol=1e-5)
     check(torch.add, a, b, exact=True)
