@@ -26,10 +26,53 @@ aten = torch.ops.aten
 
 
 def dispatch(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    info = _one_tensor_ops.get(func)
+    if info is not None and not kwargs:
+        tensor = _stream_one_tensor(func, info, args)
+        if tensor is not None:
+            return tensor
     special = _SPECIAL.get(func)
     if special is not None:
         return special(func, args, kwargs)
     return run(func, args, kwargs)
+
+
+#: Ops that return one new tensor and need nothing but local inference (``y = x * a``, views,
+#: matmuls): the bulk of a training step. Filled as ops are first run through :func:`run`.
+_one_tensor_ops: dict[torch._ops.OpOverload, OpInfo] = {}
+
+
+def _stream_one_tensor(func: torch._ops.OpOverload, info: OpInfo, args: tuple[Any, ...]) -> RemoteTensor | None:
+    """The common case in one function: positional arguments only, tensors of the current
+    session on one device, and output metadata already in the cache. Does what :func:`run`
+    would (same cache key, same wire command) without its layers; ``None`` sends the call
+    down the general path, which also fills the cache."""
+    session = runtime.current_if_open()
+    values_matter = not info.pointwise
+    key: list[Any] = []
+    index = -1
+    for arg in args:
+        if type(arg) is RemoteTensor:
+            if arg._ref.session is not session:
+                return None
+            if index != arg._device_index:
+                if index >= 0:
+                    return None
+                index = arg._device_index
+            key.append(arg._spec)
+        elif isinstance(arg, torch.Tensor):  # a host tensor, or a subclass: the general path
+            return None
+        else:
+            key.append(meta.signature(arg, values_matter))
+    if index < 0:
+        return None
+    specs = meta.cached(func, tuple(key))
+    if specs is None or specs[0] is None:
+        return None
+    wire_args, _ = WireEncoder(session, info.name).arguments(info, args, {})
+    tensor = make(specs[0], session, index)
+    session.submit([Cmd.OP, session.op_ref(info.name), wire_args, {}, [tensor._ref.id]])
+    return tensor
 
 
 def run(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -37,6 +80,8 @@ def run(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, An
     """Forward ``func`` to the daemon: streamed when its metadata can be inferred, else synchronous.
     ``device_index``: where results live, for the ops that may span devices (copy_)."""
     info = op_info(func)
+    if info.returns_one_new_tensor and not info.composite and not info.needs_daemon_answer and func not in _SPECIAL:
+        _one_tensor_ops[func] = info
     if info.composite:
         decomposed = func.decompose(*args, **kwargs)
         if decomposed is not NotImplemented:

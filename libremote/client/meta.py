@@ -216,6 +216,12 @@ def _device_names(message: str) -> str:
         "and meta", "and cuda:0").replace("expected device meta", "expected device cuda:0")
 
 
+def cached(func: torch._ops.OpOverload, arg_signature: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """What :func:`infer` found before for ``func`` on these positional arguments (keyword
+    arguments none), without computing anything."""
+    return _cache.get((func, arg_signature, None))
+
+
 def infer(func: torch._ops.OpOverload, info: OpInfo, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
     """Output specs per return (see :func:`spec_of`); raises :class:`NeedsDaemon` or torch's error."""
     values_matter = not info.pointwise

@@ -78,9 +78,7 @@ class RemoteTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
-        from .dispatch import dispatch
-
-        return dispatch(func, args, kwargs or {})
+        return (_dispatch or _load_dispatch())(func, args, kwargs or {})
 
     # ------------------------------------------------------------------------------------------
     # What the program sees: a cuda tensor
@@ -148,6 +146,19 @@ class RemoteTensor(torch.Tensor):
         from .serialization import reduce_remote_tensor
 
         return reduce_remote_tensor(self)
+
+
+#: :func:`.dispatch.dispatch`, bound on first use (that module imports this one). Not imported
+#: inside ``__torch_dispatch__``: an import statement there costs ~1 us on every op.
+_dispatch: Any = None
+
+
+def _load_dispatch() -> Any:
+    global _dispatch
+    from .dispatch import dispatch
+
+    _dispatch = dispatch
+    return dispatch
 
 
 def make(spec: Spec, session: Any, device_index: int = 0) -> RemoteTensor:
