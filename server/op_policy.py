@@ -84,6 +84,8 @@ class OpEntry:
     #: A foreach op that returns nothing (in place) or one tensor per index: under
     #: oversubscription it may run on slices of its lists (server/foreach_chunks.py).
     foreach: bool = False
+    #: The schema returns exactly one (non-optional) Tensor: results are stored without unpacking.
+    returns_one_tensor: bool = False
 
 
 def _force_safe_index_put(args: list[Any], kwargs: dict[str, Any]) -> None:
@@ -148,6 +150,7 @@ def resolve(name: str) -> OpEntry:
         sanitize=_SANITIZERS.get(f"{namespace}::{op_name}"),
         foreach=op_name.startswith("_foreach_") and (
             not schema.returns or (len(schema.returns) == 1 and str(schema.returns[0].type) == "List[Tensor]")),
+        returns_one_tensor=len(schema.returns) == 1 and isinstance(schema.returns[0].type, torch._C.TensorType),
     )
     _cache[name] = entry
     return entry
