@@ -1123,3 +1123,36 @@ def test_the_daemon_gives_host_memory_back_when_idle(own_daemon):
     while _rss_bytes(own_daemon.process.pid) > baseline + (96 << 20) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _rss_bytes(own_daemon.process.pid) <= baseline + (96 << 20), (baseline, _rss_bytes(own_daemon.process.pid))
+
+
+@pytest.mark.parametrize("spin_us", ["0", "100000"])
+def test_daemon_serves_syncs_whether_it_spins_or_sleeps_between_messages(spin_us):
+    """--spin-us: the loop polls without sleeping for a while after each message. Messages that
+    arrive inside that window and after it (the sleep below) are both served, in order."""
+    from conftest import client_connected_to
+
+    server = Daemon("--spin-us", spin_us)
+    try:
+        with client_connected_to(server.address):
+            host = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+            x = host.cuda()
+            totals = []
+            for step in range(6):
+                x = x * 2 + 1
+                host = host * 2 + 1
+                totals.append(x.sum().item())
+                if step % 2:
+                    time.sleep(0.25)  # longer than the spin window: the daemon blocks in between
+            assert totals[-1] == host.sum().item()
+            assert torch.equal(x.cpu(), host)
+    finally:
+        assert server.stop() in (0, -15)
+
+
+def test_negative_spin_is_refused_with_a_clear_error():
+    result = subprocess.run(
+        [sys.executable, "-m", "libremote.server", "--listen", f"tcp://127.0.0.1:{free_port()}", "--spin-us", "-5"],
+        env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--spin-us" in result.stderr and "microseconds >= 0" in result.stderr, result.stderr
