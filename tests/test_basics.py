@@ -66,3 +66,49 @@ def test_uploading_leaves_the_host_tensor_resizable(remote):
     fetched = device_tensor.cpu()
     fetched.resize_(5)
     assert fetched.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8, torch.complex128], ids=str)
+def test_large_uploads_travel_in_pieces_and_arrive_exact(remote, dtype):
+    """Host tensors of 16 MiB and more go as several UPLOAD messages (the daemon copies one
+    piece while the next is on the wire); the element count here is not a multiple of a piece."""
+    import libremote
+    from libremote.client import sync
+
+    numel = (sync.PIPELINED_UPLOAD_BYTES * 2 + 4096 + 8) // torch.empty((), dtype=dtype).element_size() + 3
+    generator = torch.Generator().manual_seed(7)
+    host = (torch.randn(numel, generator=generator, dtype=torch.float64) * 100).to(dtype)
+    expected = host.clone()
+    with libremote.op_trace() as ops:
+        device_tensor = host.view(-1, 1).cuda()
+    host.fill_(0)  # the bytes were taken when .cuda() returned
+    pieces = -(-expected.nbytes // sync.UPLOAD_PIECE_BYTES)
+    assert ops.count("aten::as_strided") == pieces >= 3, ops
+    assert device_tensor.shape == (numel, 1) and device_tensor.dtype == dtype
+    assert torch.equal(device_tensor.cpu().view(-1), expected)
+    assert torch.equal((device_tensor + device_tensor).cpu().view(-1), expected + expected)
+
+
+def test_large_channels_last_upload_keeps_its_layout(remote):
+    host = torch.randn(32, 64, 48, 48).to(memory_format=torch.channels_last)  # 18 MiB, not contiguous
+    device_tensor = host.cuda()
+    assert device_tensor.stride() == host.stride()
+    assert torch.equal(device_tensor.cpu(), host)
+
+
+def test_large_copy_into_a_remote_tensor_travels_in_pieces(remote):
+    """``param.copy_(host)`` (load_state_dict) of a large tensor: pieces too, with the dtype
+    converted on the daemon, into a destination that is a view at an offset of a larger tensor."""
+    import libremote
+    from libremote.client import sync
+
+    rows = sync.PIPELINED_UPLOAD_BYTES // (1024 * 8) + 5
+    host = torch.randn(rows, 1024, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    storage = torch.zeros(rows + 2, 1024, device="cuda")
+    destination = storage[1:-1]
+    with libremote.op_trace() as ops:
+        destination.copy_(host)
+    assert ops.count("aten::as_strided") >= 2, ops
+    back = storage.cpu()
+    assert torch.equal(back[1:-1], host.to(torch.float32))
+    assert not back[0].any() and not back[-1].any()

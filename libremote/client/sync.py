@@ -3,7 +3,8 @@
 ``.cpu()`` / ``.to("cpu")`` arrive as ``aten._to_copy(device=cpu)``, ``cpu_t.copy_(remote)`` and
 ``remote.copy_(cpu_t)`` as ``aten.copy_``; printing fetches the data once and lets torch's own
 formatter lay it out. Downloads arrive as one ZeroMQ frame that the result tensor views without a
-copy.
+copy. Large uploads travel in pieces, one message each, so that the daemon's copy of one piece
+(into device memory, on a GPU) overlaps the transfer of the next.
 """
 
 from __future__ import annotations
@@ -74,11 +75,50 @@ def _upload_new(source: torch.Tensor, kwargs: dict[str, Any]) -> RemoteTensor:
     fmt = kwargs.get("memory_format") or torch.preserve_format
     layout_template = torch.empty_like(host, device="meta", memory_format=fmt)
     spec = spec_of(layout_template)
-    target = make(spec, runtime.current(), device.index or 0)
+    session = runtime.current()
+    if host.nbytes >= PIPELINED_UPLOAD_BYTES and layout_template.is_contiguous():
+        return _upload_in_pieces(host, spec, session, device.index or 0)
+    target = make(spec, session, device.index or 0)
     dtype_ext = protocol.dtype_ext(spec[0])
     fields = [Cmd.PUT, target._ref.id, dtype_ext, list(spec[1]), list(spec[2]), target._device_index]
-    target._ref.session.submit_data(fields, host)
+    session.submit_data(fields, host)
     return target
+
+
+#: Host tensors at least this large travel in pieces of UPLOAD_PIECE_BYTES, one message each, so
+#: the daemon copies one piece into place (on a GPU: host to device) while the next is on the
+#: wire. Sent whole, the daemon's copy starts only after the last byte has arrived.
+PIPELINED_UPLOAD_BYTES = 16 << 20
+UPLOAD_PIECE_BYTES = 8 << 20
+
+
+def _upload_in_pieces(host: torch.Tensor, spec: tuple[Any, ...], session: Any, device_index: int) -> RemoteTensor:
+    """A new remote tensor (contiguous ``spec``) filled from ``host`` piece by piece: allocated
+    on the daemon by an ``empty_strided`` op, then filled by :func:`_send_in_pieces`. Only
+    existing commands: any daemon understands it."""
+    from .dispatch import run
+
+    dtype, shape, stride, _ = spec
+    target = run(aten.empty_strided.default, (list(shape), list(stride)),
+                 {"dtype": dtype, "device": backend.device(device_index)})
+    _send_in_pieces(host, target, session)
+    return target
+
+
+def _send_in_pieces(host: torch.Tensor, destination: RemoteTensor, session: Any) -> None:
+    """Copy ``host`` into the contiguous, same-shaped ``destination``: one UPLOAD per piece into
+    a flat window of it (dtype conversion, if any, happens on the daemon, piece by piece)."""
+    from .dispatch import run
+
+    flat_host = host.detach().contiguous().view(-1)
+    dtype_ext = protocol.dtype_ext(flat_host.dtype)
+    per_piece = max(1, UPLOAD_PIECE_BYTES // flat_host.element_size())
+    offset = destination.storage_offset()
+    for start in range(0, flat_host.numel(), per_piece):
+        piece = flat_host[start:start + per_piece]
+        window = run(aten.as_strided.default, (destination, [piece.numel()], [1], offset + start), {})
+        session.submit_data([Cmd.UPLOAD, window._ref.id, dtype_ext, [piece.numel()]], piece)
+        del window
 
 
 def copy_(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -92,6 +132,10 @@ def copy_(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if remote_destination:
         if source.device.type != "cpu":
             raise RuntimeError(f"libremote: cannot copy from {source.device} to a remote tensor")
+        if (source.nbytes >= PIPELINED_UPLOAD_BYTES and source.shape == destination.shape
+                and destination.is_contiguous()):  # load_state_dict of a large layer, say
+            _send_in_pieces(source, destination, destination._ref.session)
+            return destination
         fields = [Cmd.UPLOAD, destination._ref.id, protocol.dtype_ext(source.dtype), list(source.shape)]
         destination._ref.session.submit_data(fields, source)
         return destination
