@@ -112,3 +112,12 @@ def test_large_copy_into_a_remote_tensor_travels_in_pieces(remote):
     back = storage.cpu()
     assert torch.equal(back[1:-1], host.to(torch.float32))
     assert not back[0].any() and not back[-1].any()
+
+
+def test_a_tensor_from_an_earlier_session_is_a_clear_error(remote, daemon):
+    x = torch.ones(3, device="cuda")
+    remote.connect(daemon.address)  # a new session: the daemon freed x's memory with the old one
+    for use in (lambda: x * 2, lambda: torch.cat([x, x]), lambda: x.sum(dim=0, keepdim=True)):
+        with pytest.raises(RuntimeError, match="belongs to an earlier session"):
+            use()
+    assert (torch.ones(3, device="cuda") * 2).sum().item() == 6.0  # the new session works

@@ -62,6 +62,8 @@ def _stream_one_tensor(func: torch._ops.OpOverload, info: OpInfo, args: tuple[An
             key.append(arg._spec)
         elif isinstance(arg, torch.Tensor):  # a host tensor, or a subclass: the general path
             return None
+        elif type(arg) is list and any(isinstance(item, torch.Tensor) for item in arg):
+            return None  # tensor lists (cat, index): the general path checks their devices
         else:
             key.append(meta.signature(arg, values_matter))
     if index < 0:
