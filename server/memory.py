@@ -90,12 +90,17 @@ class MemoryAccount:
         return grew
 
     def record_of(self, tensor: torch.Tensor) -> StorageRecord | None:
-        entry = self._entries.get(tensor.untyped_storage()._cdata)
+        return self.record_at(tensor.untyped_storage()._cdata)
+
+    def record_at(self, key: int) -> StorageRecord | None:
+        """The record of the storage :meth:`add` returned ``key`` for (no ``untyped_storage()``
+        call: eviction reads the queue's handles this way, hundreds at a time)."""
+        entry = self._entries.get(key)
         return None if entry is None else entry.record
 
-    def handle_count(self, tensor: torch.Tensor) -> int:
-        """How many handles (and other holders) keep ``tensor``'s storage charged."""
-        entry = self._entries.get(tensor.untyped_storage()._cdata)
+    def handle_count(self, key: int) -> int:
+        """How many handles (and other holders) keep the storage at ``key`` charged."""
+        entry = self._entries.get(key)
         return 0 if entry is None else entry.handles
 
     def reset_peak(self) -> None:

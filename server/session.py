@@ -216,6 +216,7 @@ class Session:
         freed_handles: set[int] = set()
         freed_of: dict[StorageRecord, int] = {}  # distinct handles of a storage freed before its first use
         dead: set[StorageRecord] = set()
+        storage_keys, record_at = self._storage_keys, self.memory.record_at
         for command in itertools.islice(self._upcoming_commands(), limit):
             if (isinstance(command, list) and len(command) == 2 and command[0] == Cmd.FREE
                     and isinstance(command[1], list)):
@@ -223,12 +224,12 @@ class Session:
                     if not isinstance(handle, int) or handle in freed_handles:
                         continue
                     freed_handles.add(handle)
-                    tensor = self.tensors.get(handle)
-                    record = self.memory.record_of(tensor) if tensor is not None else None
+                    key = storage_keys.get(handle)
+                    record = record_at(key) if key is not None else None
                     if record is None:
                         continue
                     freed_of[record] = freed_of.get(record, 0) + 1
-                    if freed_of[record] == self.memory.handle_count(tensor):
+                    if freed_of[record] == self.memory.handle_count(key):
                         dead.add(record)  # every handle on it dropped, and nothing reads it first
                 continue
             if isinstance(command, list) and len(command) == 2 and command[0] == Cmd.REPLAY:
@@ -239,8 +240,8 @@ class Session:
             for handle in handles:
                 if handle in freed_handles:
                     continue  # a handle freed earlier in the queue names a new tensor by now
-                tensor = self.tensors.get(handle)
-                record = self.memory.record_of(tensor) if tensor is not None else None
+                key = storage_keys.get(handle)
+                record = record_at(key) if key is not None else None
                 if record is not None:
                     uses.append(record)
                     used.add(record)
