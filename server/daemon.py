@@ -220,7 +220,7 @@ class Daemon:
                 elif not any(session.has_work() for session in self.sessions.values()):
                     if time.perf_counter() - last_message < self.spin_s:
                         os.sched_yield()  # see --spin-us: poll again without sleeping
-                    elif poller.poll(200):
+                    elif poller.poll(50):  # (short: a stop request is seen within 50 ms)
                         self._take_messages()
                         last_message = time.perf_counter()
                 self._housekeeping()
