@@ -66,6 +66,30 @@ def _chain(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, count: int) -> tup
     return x, time.perf_counter() - start
 
 
+class _BareWrapper(torch.Tensor):
+    """The least an op on a Python tensor subclass can cost: ``__torch_dispatch__`` only builds
+    the result's wrapper. Timed in the client's own process (with libremote's torch-function
+    mode on, as for remote tensors), it is the floor of intercepting ops in Python that the
+    client's cost per op stands beside."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(cls, like: torch.Tensor) -> "_BareWrapper":
+        return torch.Tensor._make_wrapper_subclass(cls, like.shape, dtype=like.dtype, device="meta")
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        return cls(args[0])
+
+
+def _dispatch_floor_us(count: int) -> float:
+    """Microseconds per op of :func:`_chain` on :class:`_BareWrapper` tensors (best of five)."""
+    x, a, b = (_BareWrapper(torch.empty(1024, device="meta")) for _ in range(3))
+    _chain(x, a, b, 1000)
+    return min(_chain(x, a, b, count)[1] for _ in range(5)) / (2 * count) * 1e6
+
+
 def _kinds(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(args.kinds.split(",")) if args.kinds else training_kinds(args.size)
 
@@ -112,6 +136,7 @@ def remote(args: argparse.Namespace) -> dict:
         best_total = min(best_total, client_elapsed + time.perf_counter() - drain_start)
         best_daemon = min(best_daemon, (after["busy_s"] - before["busy_s"]) / (after["ops"] - before["ops"]))
     results["client_us_per_op"] = best_client / ops * 1e6
+    results["dispatch_floor_us_per_op"] = _dispatch_floor_us(args.chain)
     results["daemon_us_per_op"] = best_daemon * 1e6
     results["chain_ops_per_s"] = ops / best_total
 
