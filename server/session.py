@@ -412,6 +412,9 @@ class Session:
     # Command handlers, one per protocol command
     # ------------------------------------------------------------------------------------------
     def _op_entry(self, ref: Any) -> op_policy.OpEntry:
+        entry = self._ops.get(ref) if type(ref) is int else None
+        if entry is not None:  # the common case: an op this session named before
+            return entry
         if isinstance(ref, list):
             protocol.check(len(ref) == 2 and isinstance(ref[0], int), "op reference must be [id, name]")
             op_id, name = ref
@@ -423,20 +426,15 @@ class Session:
                 raise refusal from None
             self._ops[op_id] = entry
             return entry
-        entry = self._ops.get(ref) if isinstance(ref, int) else None
-        if entry is None:
-            refusal = self._refused_ops.get(ref) if isinstance(ref, int) else None
-            if refusal is not None:
-                raise CommandError(refusal.kind, refusal.op, refusal.message)
-            raise ProtocolError(f"op id {ref!r:.50} was never defined in this session")
-        return entry
+        refusal = self._refused_ops.get(ref) if isinstance(ref, int) else None
+        if refusal is not None:
+            raise CommandError(refusal.kind, refusal.op, refusal.message)
+        raise ProtocolError(f"op id {ref!r:.50} was never defined in this session")
 
     def _run_op(self, command: list[Any]) -> tuple[op_policy.OpEntry, Any]:
         protocol.check(len(command) == 5, "OP takes [OP, op, args, kwargs, outs]")
         _, ref, args, kwargs, outs = command
-        entry = self._ops.get(ref) if type(ref) is int else None
-        if entry is None:
-            entry = self._op_entry(ref)
+        entry = self._op_entry(ref)
         protocol.check(type(args) is list and type(kwargs) is dict, "OP args must be a list and kwargs a map")
         try:
             args = self._resolve(args)
