@@ -38,18 +38,27 @@ class Daemon:
     """A libremote-server subprocess; ``address`` is where it listens."""
 
     def __init__(self, *args: str, device: str = "cpu", python: str = sys.executable) -> None:
-        self.port = free_port()
-        self.address = f"tcp://127.0.0.1:{self.port}"
-        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"libremote-daemon-{self.port}.log"
-        self._log = open(self.log_path, "w+")
-        self.process = subprocess.Popen(
-            [python, "-m", "libremote.server", "--listen", self.address, "--device", device, *args],
-            env=subprocess_env(),
-            cwd=REPO,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        self._wait_listening()
+        for attempt in range(3):
+            self.port = free_port()
+            self.address = f"tcp://127.0.0.1:{self.port}"
+            self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"libremote-daemon-{self.port}.log"
+            self._log = open(self.log_path, "w+")
+            self.process = subprocess.Popen(
+                [python, "-m", "libremote.server", "--listen", self.address, "--device", device, *args],
+                env=subprocess_env(),
+                cwd=REPO,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                self._wait_listening()
+                return
+            except RuntimeError:
+                # Tests run in parallel workers: another one may have taken the free port
+                # between free_port() and the daemon's bind. Anything else is a real failure.
+                self._log.close()
+                if "Address already in use" not in self.log_path.read_text() or attempt == 2:
+                    raise
 
     def _wait_listening(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -62,7 +71,8 @@ class Daemon:
         raise RuntimeError(f"daemon did not start within {timeout}s:\n{self.log()}")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text()
 
     def stop(self) -> int:
