@@ -751,6 +751,30 @@ def test_losses(remote, name):
     check(LOSSES[name], logits, target, weight, probs, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("lengths_on", ["host", "device", "list"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ctc_loss_and_its_gradient(remote, lengths_on, reduction):
+    # Length tensors usually stay on the host (CUDA accepts them there); torch's path for tensor
+    # subclasses would divide by them on the device (libremote/client/ctc_loss.py).
+    log_probs = F.log_softmax(randn(12, 3, 6), 2)
+    targets = randint(1, 6, (3, 5))
+    lengths = {"input_lengths": [12, 10, 7], "target_lengths": [5, 3, 4]}
+    if lengths_on != "list":
+        lengths = {name: torch.tensor(value) for name, value in lengths.items()}
+
+    def loss_and_grad(log_probs, targets, on_device):
+        log_probs = log_probs.detach().requires_grad_()
+        given = {name: value.cuda() if on_device and lengths_on == "device" else value
+                 for name, value in lengths.items()}
+        loss = F.ctc_loss(log_probs, targets, **given, reduction=reduction)
+        loss.sum().backward()
+        return loss.detach(), log_probs.grad
+
+    expected = loss_and_grad(log_probs, targets, on_device=False)
+    got = to_host(loss_and_grad(log_probs.cuda(), targets.cuda(), on_device=True))
+    compare(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_cross_entropy_spatial(remote):
     logits = randn(2, 4, 3, 3)
     target = randint(0, 4, (2, 3, 3))

@@ -1,7 +1,8 @@
 """Makes ``cuda`` mean the remote device, wherever a program names a device.
 
 (The same torch-function mode also routes ``scaled_dot_product_attention`` to the fused remote
-op, see :mod:`.attention`: it is the one place that sees torch API calls before dispatch.)
+op, see :mod:`.attention`, and gives ``ctc_loss`` CUDA's handling of length tensors, see
+:mod:`.ctc_loss`: it is the one place that sees torch API calls before dispatch.)
 
 A torch-function mode sees every call of the torch API before it runs and rewrites device
 arguments: ``device="cuda"``, ``torch.device("cuda", 1)``, ``.to("cuda:0")``, ``.cuda()``, a bare
@@ -78,7 +79,7 @@ def _is_pinned(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str
 
 
 def _special_functions() -> dict[Any, Callable[..., Any]]:
-    from . import attention
+    from . import attention, ctc_loss
 
     return {
         _Tensor.to: _tensor_to,
@@ -86,6 +87,7 @@ def _special_functions() -> dict[Any, Callable[..., Any]]:
         _Tensor.pin_memory: _pin_memory,
         _Tensor.is_pinned: _is_pinned,
         **attention.HOOKS,
+        **ctc_loss.HOOKS,
     }
 
 
