@@ -243,6 +243,54 @@ def test_gru_sgd(remote):
     compare_training(GRUClassifier, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), batches, nn.functional.cross_entropy)
 
 
+class PackedLSTMClassifier(nn.Module):
+    """Variable-length sequences the usual way: padded, packed with host lengths, unpacked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(input_size=5, hidden_size=8, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, padded: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        packed = nn.utils.rnn.pack_padded_sequence(padded, lengths, batch_first=True, enforce_sorted=False)
+        output, (h, _) = self.lstm(packed)
+        unpacked, unpacked_lengths = nn.utils.rnn.pad_packed_sequence(output, batch_first=True)
+        return self.head(h[-1]) + unpacked.sum(1)[:, :3] / unpacked_lengths.to(padded.device).unsqueeze(1), unpacked_lengths
+
+
+def test_packed_sequences_train_as_on_cuda(remote):
+    # CUDA keeps a PackedSequence's batch_sizes and pad_packed_sequence's lengths on the host
+    # (torch refuses a PackedSequence otherwise): they come back as host tensors here too.
+    generator = torch.Generator().manual_seed(5)
+    batches = []
+    for _ in range(4):
+        lengths = torch.randint(1, 7, (4,), generator=generator)
+        padded = torch.randn(4, 6, 5, generator=generator) * (torch.arange(6) < lengths[:, None])[..., None]
+        batches.append((padded, lengths, torch.randint(0, 3, (4,), generator=generator)))
+    local_model, remote_model = build(PackedLSTMClassifier), build(PackedLSTMClassifier).cuda()
+    for model, device in ((local_model, "cpu"), (remote_model, "cuda")):
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        model.losses, model.input_grads = [], []
+        for padded, lengths, labels in batches:
+            padded = padded.detach().to(device).requires_grad_()
+            optimizer.zero_grad()
+            logits, unpacked_lengths = model(padded, lengths)
+            assert unpacked_lengths.device.type == "cpu"
+            assert torch.equal(unpacked_lengths, lengths)
+            loss = nn.functional.cross_entropy(logits, labels.to(device))
+            loss.backward()
+            optimizer.step()
+            model.losses.append(loss.item())
+            model.input_grads.append(padded.grad.cpu())
+    assert remote_model.losses == pytest.approx(local_model.losses, rel=RTOL, abs=ATOL)
+    for got, expected in zip(remote_model.input_grads, local_model.input_grads):
+        torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    assert_params_close(remote_model, local_model)
+    packed = nn.utils.rnn.pack_sequence([torch.ones(3, 2), torch.ones(1, 2)]).to("cuda")
+    assert packed.data.is_cuda and packed.batch_sizes.device.type == "cpu"
+    assert packed.batch_sizes.tolist() == [2, 1, 1]
+
+
 def test_transformer_encoder_adamw(remote):
     compare_training(
         TinyTransformer,

@@ -140,7 +140,7 @@ def _stream(func: torch._ops.OpOverload, info: OpInfo, specs: tuple[Any, ...], a
     encoder = WireEncoder(session, info.name)
     wire_args, wire_kwargs = encoder.arguments(info, args, kwargs)
     index = _device_index(args, kwargs) if device_index is None else device_index
-    if info.returns_one_new_tensor and specs[0] is not None:
+    if info.returns_one_new_tensor and type(specs[0]) is tuple:  # (not None, not a HostResult)
         tensor = make(specs[0], session, index)
         session.submit([Cmd.OP, session.op_ref(info.name), wire_args, wire_kwargs, [tensor._ref.id]])
         return tensor
@@ -151,6 +151,9 @@ def _stream(func: torch._ops.OpOverload, info: OpInfo, specs: tuple[Any, ...], a
             if spec is None:
                 outs.append(None)
                 results.append(None)
+            elif type(spec) is meta.HostResult:
+                outs.append(None)
+                results.append(spec.tensor)
             else:
                 tensor = make(spec, session, index)
                 outs.append(tensor._ref.id)

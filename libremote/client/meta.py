@@ -105,11 +105,27 @@ def spec_of(tensor: torch.Tensor) -> tuple[Any, ...]:
     return (tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset())
 
 
-def _describe_result(info: OpInfo, result: Any, meta_args: tuple[Any, ...], meta_kwargs: dict[str, Any]) -> tuple[Any, ...]:
+class HostResult:
+    """An output that CUDA itself leaves on the host, computed by the meta kernel with its values:
+    ``_pack_padded_sequence``'s ``batch_sizes`` and ``_pad_packed_sequence``'s ``lengths``, which
+    torch builds on the CPU from host lengths whatever the input's device. The op is still sent;
+    the daemon does not keep this output."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+def _describe_result(info: OpInfo, result: Any, meta_args: tuple[Any, ...], meta_kwargs: dict[str, Any],
+                     on_meta: bool) -> tuple[Any, ...]:
     values = (result,) if len(info.returns) == 1 else (result if result is not None else ())
-    specs = []
+    specs: list[Any] = []
     for kind, source, value in zip(info.returns, info.return_sources, values):
         if kind is Return.NEW:
+            if on_meta and isinstance(value, torch.Tensor) and value.device.type == "cpu":
+                specs.append(HostResult(value))
+                continue
             specs.append(None if value is None else spec_of(value))
         elif kind is Return.NEW_LIST:
             specs.append(tuple(spec_of(item) for item in value))
@@ -252,7 +268,9 @@ def infer(func: torch._ops.OpOverload, info: OpInfo, args: tuple[Any, ...], kwar
             raise NeedsDaemon() from None
         _raise_native_error(func, args, kwargs)
         raise type(exc)(_device_names(message)) from None
-    specs = _describe_result(info, result, meta_args, meta_kwargs)
+    specs = _describe_result(info, result, meta_args, meta_kwargs, on_meta=device is _META)
+    if any(type(spec) is HostResult for spec in specs):
+        return specs  # its values come from this call's host arguments: not reusable
     if len(_cache) >= _MAX_CACHE:
         _cache.clear()
     _cache[key] = specs
