@@ -18,13 +18,49 @@ import torch
 from .residency import DeviceMemory, StorageRecord
 
 
-class _Entry:
-    __slots__ = ("handles", "nbytes", "record")
+#: CUDA's caching allocator serves blocks up to 1 MiB from its small pool, larger ones from its
+#: large pool; ``torch.cuda.memory_stats`` reports the two apart, and so does a session here.
+SMALL_POOL_MAX_BYTES = 1 << 20
 
-    def __init__(self, nbytes: int, record: StorageRecord | None) -> None:
+
+class PoolStats:
+    """What ``torch.cuda.memory_stats`` reports for one pool, for one session's storages: now,
+    at the peak, and over the session's life (bytes and storage counts)."""
+
+    __slots__ = ("bytes", "peak_bytes", "allocated_bytes", "freed_bytes",
+                 "count", "peak_count", "allocations", "frees")
+
+    def __init__(self) -> None:
+        self.bytes = self.peak_bytes = self.allocated_bytes = self.freed_bytes = 0
+        self.count = self.peak_count = self.allocations = self.frees = 0
+
+    def grow(self, nbytes: int, new_storage: bool) -> None:
+        self.bytes += nbytes
+        self.allocated_bytes += nbytes
+        if self.bytes > self.peak_bytes:
+            self.peak_bytes = self.bytes
+        if new_storage:
+            self.count += 1
+            self.allocations += 1
+            if self.count > self.peak_count:
+                self.peak_count = self.count
+
+    def shrink(self, nbytes: int, freed_storage: bool) -> None:
+        self.bytes -= nbytes
+        self.freed_bytes += nbytes
+        if freed_storage:
+            self.count -= 1
+            self.frees += 1
+
+
+class _Entry:
+    __slots__ = ("handles", "nbytes", "record", "pool")
+
+    def __init__(self, nbytes: int, record: StorageRecord | None, pool: PoolStats) -> None:
         self.handles = 1
         self.nbytes = nbytes
         self.record = record
+        self.pool = pool
 
 
 class MemoryAccount:
@@ -35,7 +71,9 @@ class MemoryAccount:
         self._device_memory_for = device_memory_for
         self.allocated = 0
         self.peak = 0
+        self.peak_count = 0
         self.spilled = 0  # maintained by the device memory managers
+        self.large_pool, self.small_pool = PoolStats(), PoolStats()
 
     @property
     def managed(self) -> bool:
@@ -57,10 +95,14 @@ class MemoryAccount:
             if device_memory is not None:
                 record = StorageRecord(storage, nbytes, self._owner)
                 device_memory.track(record)
-        self._entries[key] = _Entry(nbytes, record)
+        pool = self.small_pool if nbytes <= SMALL_POOL_MAX_BYTES else self.large_pool
+        pool.grow(nbytes, True)
+        self._entries[key] = _Entry(nbytes, record, pool)
         self.allocated += nbytes
         if self.allocated > self.peak:
             self.peak = self.allocated
+        if len(self._entries) > self.peak_count:
+            self.peak_count = len(self._entries)
         return key
 
     def release(self, key: int) -> None:
@@ -69,6 +111,7 @@ class MemoryAccount:
         if entry.handles == 0:
             del self._entries[key]
             self.allocated -= entry.nbytes
+            entry.pool.shrink(entry.nbytes, True)
             if entry.record is not None and entry.record.device_memory is not None:
                 entry.record.device_memory.forget(entry.record)
 
@@ -81,6 +124,10 @@ class MemoryAccount:
             return False
         nbytes = storage.nbytes()
         grew = nbytes > entry.nbytes
+        if grew:
+            entry.pool.grow(nbytes - entry.nbytes, False)
+        elif nbytes < entry.nbytes:
+            entry.pool.shrink(entry.nbytes - nbytes, False)
         self.allocated += nbytes - entry.nbytes
         entry.nbytes = nbytes
         if entry.record is not None and entry.record.device_memory is not None:
@@ -105,6 +152,9 @@ class MemoryAccount:
 
     def reset_peak(self) -> None:
         self.peak = self.allocated
+        self.peak_count = len(self._entries)
+        for pool in (self.large_pool, self.small_pool):
+            pool.peak_bytes, pool.peak_count = pool.bytes, pool.count
 
     @property
     def storage_count(self) -> int:

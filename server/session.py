@@ -27,7 +27,7 @@ from libremote.protocol import Cmd, DeviceRef, ErrorKind, HandleRef, ProtocolErr
 from . import devices, foreach_chunks, graphs, op_policy, programs, values
 from .compiled_graphs import GraphCompiler
 from .cuda_graphs import GraphCapture
-from .memory import MemoryAccount
+from .memory import MemoryAccount, PoolStats
 from .residency import DeviceMemory, Lookahead, SpillExhausted, StorageRecord
 from .pool import ANONYMOUS, Tenant
 
@@ -964,7 +964,11 @@ class Session:
             "resident": self.memory.allocated - self.memory.spilled,
             "spilled": self.memory.spilled,
             "storages": self.memory.storage_count,
+            "peak_storages": self.memory.peak_count,
             "handles": len(self.tensors),
+            # As CUDA's allocator would serve them (torch.cuda.memory_stats): see PoolStats.
+            "pools": {name: {field: getattr(pool, field) for field in PoolStats.__slots__}
+                      for name, pool in (("large", self.memory.large_pool), ("small", self.memory.small_pool))},
         }
         if device_memory is not None:
             stats["device"] = device_memory.stats()

@@ -569,6 +569,45 @@ def test_cuda_memory_accounting(remote):
     assert torch.cuda.max_memory_allocated() >= torch.cuda.memory_allocated()
 
 
+def test_cuda_memory_stats_have_cudas_keys_and_count_storages_by_pool(remote):
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()
+    small = torch.ones(1024, device="cuda")  # 4 KiB: CUDA's small pool
+    large = torch.ones(1 << 20, device="cuda")  # 4 MiB: its large pool
+    view = large[10:20]  # a view is no new allocation
+    stats = torch.cuda.memory_stats()
+    for pool, grown in (("small_pool", 4096), ("large_pool", 4 << 20), ("all", 4096 + (4 << 20))):
+        assert stats[f"allocated_bytes.{pool}.current"] - before[f"allocated_bytes.{pool}.current"] == grown, pool
+        assert stats[f"allocated_bytes.{pool}.allocated"] - before[f"allocated_bytes.{pool}.allocated"] == grown, pool
+        assert stats[f"allocation.{pool}.current"] - before[f"allocation.{pool}.current"] == (2 if pool == "all" else 1)
+        assert stats[f"allocated_bytes.{pool}.peak"] >= stats[f"allocated_bytes.{pool}.current"]
+    assert stats["allocated_bytes.all.current"] == torch.cuda.memory_allocated()
+    assert stats["allocated_bytes.all.peak"] == torch.cuda.max_memory_allocated()
+    del small, large, view
+    after = torch.cuda.memory_stats()
+    assert after["allocated_bytes.all.current"] == before["allocated_bytes.all.current"]
+    assert after["allocated_bytes.large_pool.freed"] - before["allocated_bytes.large_pool.freed"] == 4 << 20
+    assert after["allocation.all.freed"] - before["allocation.all.freed"] == 2
+    # The standard report reads every key (it raised KeyError on a partial dict).
+    summary = torch.cuda.memory_summary()
+    assert "Allocated memory" in summary and "from small pool" in summary
+    assert "Allocated memory" in torch.cuda.memory_summary(abbreviated=True)
+
+
+def test_nvtx_ranges_are_accepted(remote):
+    # Profiled programs annotate with NVTX; a CPU build of torch raises instead (nothing to annotate).
+    assert torch.cuda.nvtx.range_push("outer") == 0
+    assert torch.cuda.nvtx.range_push("inner") == 1
+    assert torch.cuda.nvtx.range_pop() == 1
+    assert torch.cuda.nvtx.range_pop() == 0
+    torch.cuda.nvtx.mark("here")
+    handle = torch.cuda.nvtx.range_start("across threads")
+    torch.cuda.nvtx.range_end(handle)
+    with torch.cuda.nvtx.range("step {}", 3):
+        x = torch.ones(3, device="cuda") * 2
+    assert x.sum().item() == 6.0
+
+
 def test_cuda_stream_context(remote):
     s = torch.cuda.Stream()
     x = torch.arange(6.0, device="cuda")

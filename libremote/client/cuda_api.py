@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 import random
 import warnings
 from typing import Any, Iterator
@@ -245,16 +246,42 @@ def mem_get_info(device: Any = None) -> tuple[int, int]:
     return stats["device_free"], stats["device_total"]
 
 
+#: A pool's figures as the daemon reports them (server/memory.py PoolStats): bytes now, at the
+#: peak, allocated and freed over the session's life; then the same for storage counts.
+_POOL_FIELDS = ("bytes", "peak_bytes", "allocated_bytes", "freed_bytes", "count", "peak_count", "allocations", "frees")
+
+
 def memory_stats(device: Any = None) -> dict[str, int]:
+    """The keys of CUDA's caching-allocator statistics (``torch.cuda.memory_summary`` reads them
+    all), from this session's storages on the daemon: each storage counts as one allocation and
+    one segment of the pool CUDA would serve it from (small: up to 1 MiB). The daemon does not
+    split or cache blocks for a session, so allocated, active, requested and reserved coincide
+    but for what the daemon's device allocator holds beyond it (``reserved_bytes.all.current``)."""
     stats = _memory()
-    return {
-        "allocated_bytes.all.current": stats["allocated"],
-        "allocated_bytes.all.peak": stats["peak"],
-        "reserved_bytes.all.current": stats["reserved"],
-        "active_bytes.all.current": stats["allocated"],
-        "num_alloc_retries": 0,
-        "num_ooms": 0,
-    }
+    pools = stats.get("pools") or {}  # (an older daemon sends no pools)
+    large, small = pools.get("large", {}), pools.get("small", {})
+    every = {field: large.get(field, 0) + small.get(field, 0) for field in _POOL_FIELDS}
+    every["peak_bytes"] = stats["peak"]  # the peak of the sum, not the sum of the peaks
+    every["peak_count"] = stats.get("peak_storages", every["peak_count"])
+    result: dict[str, int] = {}
+    for pool_name, figures in (("all", every), ("large_pool", large), ("small_pool", small)):
+        for metric, unit in (("allocated_bytes", "bytes"), ("active_bytes", "bytes"), ("requested_bytes", "bytes"),
+                             ("reserved_bytes", "bytes"), ("allocation", "count"), ("active", "count"),
+                             ("segment", "count")):
+            fields = _POOL_FIELDS[:4] if unit == "bytes" else _POOL_FIELDS[4:]
+            for stat, field in zip(("current", "peak", "allocated", "freed"), fields):
+                result[f"{metric}.{pool_name}.{stat}"] = figures.get(field, 0)
+        for metric in ("inactive_split_bytes", "inactive_split"):
+            for stat in ("current", "peak", "allocated", "freed"):
+                result[f"{metric}.{pool_name}.{stat}"] = 0
+    result["reserved_bytes.all.current"] = stats["reserved"]
+    result["reserved_bytes.all.peak"] = max(stats["reserved"], stats["peak"])
+    for metric in ("oversize_allocations", "oversize_segments"):
+        for stat in ("current", "peak", "allocated", "freed"):
+            result[f"{metric}.{stat}"] = 0
+    result.update(num_alloc_retries=0, num_ooms=0, num_sync_all_streams=0, num_device_alloc=every["allocations"],
+                  num_device_free=every["frees"], max_split_size=-1)
+    return dict(sorted(result.items()))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -365,6 +392,42 @@ _CUDA_FUNCTIONS = {
 }
 
 
+class _NoNVTX:
+    """NVTX ranges (``torch.cuda.nvtx.range_push`` and friends, common in profiled code) annotate
+    a local GPU profiler's timeline: with no local GPU there is nothing to annotate, so they are
+    accepted and kept track of (push/pop return depths as NVTX does) instead of raising, as a
+    CPU build of torch otherwise does. A client whose torch has real NVTX keeps its own."""
+
+    def __init__(self) -> None:
+        self._depth = threading.local()
+        self._next_range = itertools.count(1).__next__
+
+    def rangePushA(self, message: str) -> int:
+        depth = getattr(self._depth, "value", 0)
+        self._depth.value = depth + 1
+        return depth
+
+    def rangePop(self) -> int:
+        depth = getattr(self._depth, "value", 0) - 1
+        self._depth.value = max(depth, 0)
+        return depth
+
+    def rangeStartA(self, message: str) -> int:
+        return self._next_range()
+
+    def rangeEnd(self, range_id: int) -> None:
+        pass
+
+    def markA(self, message: str) -> None:
+        pass
+
+    def deviceRangeStart(self, message: str, stream: int = 0) -> object:
+        return object()
+
+    def deviceRangeEnd(self, range_handle: object, stream: int = 0) -> None:
+        pass
+
+
 _original_cudnn_is_acceptable = torch.backends.cudnn.is_acceptable
 
 
@@ -406,6 +469,8 @@ def _replacements() -> list[tuple[Any, str, Any]]:
         (torch.backends.cudnn, "is_acceptable", _cudnn_is_acceptable),
     ]
     patches += [(cuda.memory, name, globals()[name]) for name in _MEMORY_FUNCTIONS if hasattr(cuda.memory, name)]
+    if not hasattr(torch._C, "_nvtx"):  # a CPU build: its NVTX stub raises
+        patches.append((cuda.nvtx, "_nvtx", _NoNVTX()))
     memory = getattr(accelerator, "memory", None)
     if memory is not None:
         patches += [(memory, name, globals()[name]) for name in _MEMORY_FUNCTIONS if hasattr(memory, name)]
