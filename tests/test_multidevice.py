@@ -6,6 +6,7 @@ libremote is imported, from LIBREMOTE_DEVICES (see libremote/client/device_guard
 
 from __future__ import annotations
 
+import pytest
 from helpers import last_json, pool_daemon, run_python
 
 TRAIN_ON_TWO_DEVICES = """
@@ -26,6 +27,20 @@ TRAIN_ON_TWO_DEVICES = """
             losses.append(loss.item())
         results[device] = {"losses": losses, "param_device": str(next(net.parameters()).device),
                            "grad_device": str(next(net.parameters()).grad.device)}
+    # nn.DataParallel over both devices: scatter, replicate, parallel apply, gather, and the
+    # replicas' gradients reduced onto cuda:0 (torch.nn.parallel.comm, libremote/client/parallel.py)
+    parallel = torch.nn.DataParallel(copy.deepcopy(model).to("cuda:0"), device_ids=[0, 1])
+    optimizer = torch.optim.Adam(parallel.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(3):
+        out = parallel(x.to("cuda:0"))
+        loss = torch.nn.functional.mse_loss(out, y.to("cuda:0"))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    results["data_parallel"] = {"losses": losses, "out_device": str(out.device),
+                                "grad_device": str(next(parallel.parameters()).grad.device)}
     a = torch.randn(6, device="cuda:1")
     b = a.to("cuda:0")
     results["copied_equal"] = torch.equal(a.cpu(), b.cpu()) and str(b.device) == "cuda:0"
@@ -55,6 +70,9 @@ def test_a_client_trains_on_two_devices_of_the_pool():
     for device in ("cuda:0", "cuda:1"):
         assert out[device]["param_device"] == device and out[device]["grad_device"] == device, out
         assert out[device]["losses"] == out["cpu"]["losses"], (device, out)
+    parallel = out["data_parallel"]
+    assert parallel["out_device"] == "cuda:0" and parallel["grad_device"] == "cuda:0", out
+    assert parallel["losses"] == pytest.approx(out["cpu"]["losses"], rel=1e-5), out
     assert out["copied_equal"] and out["copy_between_devices"], out
     assert out["where_device"] == "cuda:1" and out["where_values"], out
     assert "same device" in out["mismatch"] and "cuda:1" in out["mismatch"] and "cuda:0" in out["mismatch"], out

@@ -291,6 +291,35 @@ def test_packed_sequences_train_as_on_cuda(remote):
     assert packed.batch_sizes.tolist() == [2, 1, 1]
 
 
+def test_data_parallel_on_one_device_trains_like_the_module(remote):
+    # Old scripts wrap their model in nn.DataParallel whenever CUDA is there; its scatter and
+    # gather are torch.nn.parallel.comm functions (C++ CUDA code in torch; remote ops here).
+    batches = classification_batches(4, 8, (20,), 5)
+    local_model = build(mlp)
+    remote_model = build(mlp).cuda()
+    wrapped = nn.DataParallel(remote_model)
+    local_losses = train(local_model, torch.optim.SGD(local_model.parameters(), lr=0.1), batches,
+                         nn.functional.cross_entropy, "cpu")
+    remote_losses = train(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), batches,
+                          nn.functional.cross_entropy, "cuda")
+    assert remote_losses == pytest.approx(local_losses, rel=RTOL, abs=ATOL)
+    assert_params_close(remote_model, local_model)
+    scattered = torch.nn.parallel.comm.scatter(torch.arange(6.0).cuda(), devices=[0], dim=0)
+    assert len(scattered) == 1 and torch.equal(scattered[0].cpu(), torch.arange(6.0))
+    gathered = torch.nn.parallel.comm.gather([torch.ones(2).cuda(), torch.zeros(1).cuda()], destination=-1)
+    assert gathered.device.type == "cpu" and gathered.tolist() == [1.0, 1.0, 0.0]
+
+
+def test_record_stream_and_pinned_factories_are_accepted(remote):
+    x = torch.ones(4, device="cuda")
+    x.record_stream(torch.cuda.current_stream())  # torch's parser refused libremote's stream
+    assert x.sum().item() == 4.0
+    staging = torch.empty(4, pin_memory=True)  # host memory: no pinning needed (nor possible)
+    assert staging.device.type == "cpu"
+    staging.fill_(2.0)
+    assert staging.to("cuda", non_blocking=True).sum().item() == 8.0
+
+
 def test_transformer_encoder_adamw(remote):
     compare_training(
         TinyTransformer,

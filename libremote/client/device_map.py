@@ -6,8 +6,9 @@ op, see :mod:`.attention`, and gives ``ctc_loss`` CUDA's handling of length tens
 
 A torch-function mode sees every call of the torch API before it runs and rewrites device
 arguments: ``device="cuda"``, ``torch.device("cuda", 1)``, ``.to("cuda:0")``, ``.cuda()``, a bare
-ordinal in ``.to(0)``. It also turns ``pin_memory()`` into a no-op (host memory needs no pinning
-when the bytes travel over the network anyway; a CPU build of torch cannot pin).
+ordinal in ``.to(0)``. It also turns ``pin_memory()`` and ``pin_memory=True`` into no-ops (host
+memory needs no pinning when the bytes travel over the network anyway; a CPU build of torch cannot
+pin).
 
 torch keeps mode stacks per thread, so the mode is entered in the importing thread and in every
 thread started afterwards (``threading.Thread._bootstrap_inner`` is wrapped); autograd's own
@@ -78,6 +79,16 @@ def _is_pinned(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str
     return False
 
 
+def _record_stream(tensor: torch.Tensor, stream: Any) -> None:
+    """``t.record_stream(s)`` protects a tensor's memory from reuse while another stream may
+    still read it; a session's work runs in order on one stream on the daemon, so there is
+    nothing to protect. (A method on ``torch.Tensor``, not a case of the mode: torch's argument
+    parser refuses libremote's stream object before any torch-function handler is asked.)"""
+    if tensor.device.type in ("cuda", backend.BACKEND_NAME):
+        return None
+    return torch._C.TensorBase.record_stream(tensor, stream)
+
+
 def _special_functions() -> dict[Any, Callable[..., Any]]:
     from . import attention, ctc_loss
 
@@ -103,9 +114,12 @@ class CudaIsRemote(TorchFunctionMode):
         special = _SPECIAL.get(func)
         if special is not None:
             return special(func, args, kwargs)
-        device = kwargs.get("device")
-        if device is not None:
-            kwargs["device"] = _map_ordinal(device)
+        if kwargs:
+            device = kwargs.get("device")
+            if device is not None:
+                kwargs["device"] = _map_ordinal(device)
+            if kwargs.get("pin_memory"):  # torch.empty(..., pin_memory=True): see pin_memory() above
+                kwargs["pin_memory"] = False
         return func(*args, **kwargs)
 
 
@@ -152,6 +166,7 @@ def install() -> None:
     _mode.__enter__()
     threading.Thread._bootstrap_inner = _bootstrap_inner_with_mode  # type: ignore[attr-defined]
     _patch_default_device()
+    _Tensor.record_stream = _record_stream  # type: ignore[method-assign]
 
 
 def uninstall() -> None:
@@ -163,3 +178,5 @@ def uninstall() -> None:
     threading.Thread._bootstrap_inner = _original_bootstrap_inner  # type: ignore[attr-defined]
     torch.set_default_device = _original_set_default_device
     torch.get_default_device = _original_get_default_device
+    if "record_stream" in vars(_Tensor):
+        del _Tensor.record_stream  # back to TensorBase's
