@@ -53,7 +53,8 @@ SEED       [SEED, seed] / [SEED, seed, dev]            seed the session's genera
 RNG_STATE  [RNG_STATE, dev] / [..., dev, state bytes]  get / set a device generator's state
 EVENT      [EVENT, event_id]                           record a timing event in the stream
 ELAPSED    [ELAPSED, start_id, end_id]                 milliseconds between two recorded events
-QUERY      [QUERY, what]                               "devices" or "memory": daemon facts
+QUERY      [QUERY, what, argument?]                    "devices" or "memory": daemon facts; also
+                                                       "memory_fraction" with a number: cap the session
 =========  ==========================================  ==========================================
 
 ``op`` is an integer interned per session, or ``[id, "aten::add.Tensor"]`` the first time a

@@ -88,7 +88,11 @@ class Session:
         #: The pool's DeviceSlots behind ``devices``; the first is where the session is scheduled.
         self.slots = list(slots or [])
         self.tenant = tenant or Tenant(ANONYMOUS, None, 8 << 30)
-        self.memory_quota = self.tenant.memory_quota
+        self._memory_quota = self.tenant.memory_quota
+        #: The client's own cap (``torch.cuda.set_per_process_memory_fraction``), or None.
+        self._memory_cap: int | None = None
+        #: What allocations are checked against: the quota, or the client's cap if lower.
+        self.memory_limit = self._memory_quota
         self.weight = self.tenant.weight
         self.priority = priority
         self.virtual_time = 0.0
@@ -148,6 +152,24 @@ class Session:
             Cmd.ELAPSED: self._elapsed,
             Cmd.QUERY: self._query,
         }
+
+    @property
+    def memory_quota(self) -> int:
+        """The operator's quota for this session (the tenant's, or what ``libremote admin`` set)."""
+        return self._memory_quota
+
+    @memory_quota.setter
+    def memory_quota(self, quota: int) -> None:
+        self._memory_quota = quota
+        self.memory_limit = quota if self._memory_cap is None else min(quota, self._memory_cap)
+
+    def set_memory_fraction(self, fraction: Any) -> None:
+        """``torch.cuda.set_per_process_memory_fraction``: cap this session at ``fraction`` of its
+        device's memory (below its quota; a fraction of 1 leaves only the quota)."""
+        protocol.check(type(fraction) in (int, float) and 0 <= fraction <= 1, "a memory fraction is a number in [0, 1]")
+        total = self.memory_stats()["device_total"]
+        self._memory_cap = None if fraction >= 1 else int(fraction * total)
+        self.memory_quota = self._memory_quota
 
     # ------------------------------------------------------------------------------------------
     # Batch execution: batches queue up and run in slices the scheduler hands out
@@ -447,13 +469,13 @@ class Session:
         if entry.foreach and self.memory.managed:
             sliced = self._foreach_in_slices(entry, args, kwargs, outs)
             if sliced is not None:
-                if self.memory.allocated > self.memory_quota:
+                if self.memory.allocated > self.memory_limit:
                     self._refuse_over_quota(entry.name, allocated_before, outs)
                 return entry, sliced[0]
         result, inputs = self._invoke(entry, args, kwargs)
         grown = self._remeasure(entry, args, kwargs, command[2], command[3]) if entry.resized_arguments else ()
         self._store_outputs(entry, result, outs)
-        if self.memory.allocated > self.memory_quota:
+        if self.memory.allocated > self.memory_limit:
             self._refuse_over_quota(entry.name, allocated_before, outs, grown)
         if self.memory.managed:
             self._fit_on_device(entry.name, inputs, outs)
@@ -550,6 +572,13 @@ class Session:
         raise CommandError(ErrorKind.OOM, what, message)
 
     def _quota_message(self, in_use: int, needed: int) -> str:
+        if self.memory_limit < self._memory_quota:
+            return (
+                f"CUDA out of memory: this process limited itself to {values.size_text(self.memory_limit)} "
+                f"(torch.cuda.set_per_process_memory_fraction), {values.size_text(in_use)} are in use and the "
+                f"request needs {values.size_text(needed)} more. Free tensors you no longer need (del them), or "
+                "raise the fraction."
+            )
         return (
             f"CUDA out of memory: this session's quota is {values.size_text(self.memory_quota)}, {values.size_text(in_use)} "
             f"are in use and the request needs {values.size_text(needed)} more (tenant {self.tenant.name!r}). "
@@ -612,7 +641,7 @@ class Session:
         for handle, value in zip(outs, results):
             if handle is not None:
                 self._store(handle, value)
-        if self.memory.allocated > self.memory_quota:
+        if self.memory.allocated > self.memory_limit:
             self._refuse_over_quota(graph.name, allocated_before, outs, ())
         if self.memory.managed:
             self._fit_on_device(graph.name, [], outs)
@@ -823,7 +852,7 @@ class Session:
         protocol.check(isinstance(index, int) and 1 <= index < len(frames) + 1, "PUT names a missing frame")
         protocol.check(values.is_dense_layout(shape, stride), lambda: f"PUT strides {stride} do not lay out {shape} densely")
         source = protocol.tensor_from_bytes(frames[index - 1], dtype, shape)
-        if self.memory.allocated + source.nbytes > self.memory_quota:
+        if self.memory.allocated + source.nbytes > self.memory_limit:
             raise CommandError(ErrorKind.OOM, "upload", self._quota_message(self.memory.allocated, source.nbytes))
         # Always a copy into memory torch owns: a tensor over the frame's buffer could never be
         # resized (resize_, out= arguments). Receiving straight into torch-owned (pinned, on a
@@ -916,8 +945,12 @@ class Session:
         return float(start.elapsed_time(end))
 
     def _query(self, command: list[Any], frames: list[Any]) -> Any:
-        protocol.check(len(command) == 2 and isinstance(command[1], str), "QUERY takes [QUERY, what]")
+        protocol.check(len(command) in (2, 3) and isinstance(command[1], str), "QUERY takes [QUERY, what, argument?]")
         what = command[1]
+        if what == "memory_fraction":
+            protocol.check(len(command) == 3, "QUERY memory_fraction takes a fraction")
+            self.set_memory_fraction(command[2])
+            return None
         if what == "memory":
             return self.memory_stats()
         if what == "stats":

@@ -594,6 +594,24 @@ def test_cuda_memory_stats_have_cudas_keys_and_count_storages_by_pool(remote):
     assert "Allocated memory" in torch.cuda.memory_summary(abbreviated=True)
 
 
+def test_set_per_process_memory_fraction_caps_the_session(remote):
+    torch.cuda.synchronize()
+    _, total = torch.cuda.mem_get_info()
+    fraction = (torch.cuda.memory_allocated() + (12 << 20)) / total  # 12 MiB of room
+    try:
+        torch.cuda.set_per_process_memory_fraction(fraction)
+        fits = torch.ones(1 << 20, device="cuda")  # 4 MiB
+        assert fits.sum().item() == 1 << 20
+        with pytest.raises(torch.OutOfMemoryError, match="set_per_process_memory_fraction"):
+            torch.ones(4 << 20, device="cuda").sum().item()  # 16 MiB
+        assert (fits * 2).sum().item() == 2 << 20  # the session goes on
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert torch.ones(4 << 20, device="cuda").sum().item() == 4 << 20
+    with pytest.raises(ValueError, match="0~1"):
+        torch.cuda.set_per_process_memory_fraction(1.5)
+
+
 def test_nvtx_ranges_are_accepted(remote):
     # Profiled programs annotate with NVTX; a CPU build of torch raises instead (nothing to annotate).
     assert torch.cuda.nvtx.range_push("outer") == 0

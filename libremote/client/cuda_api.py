@@ -241,6 +241,16 @@ def empty_cache() -> None:
         _session().request([Cmd.QUERY, "empty_cache"])
 
 
+def set_per_process_memory_fraction(fraction: float, device: Any = None) -> None:
+    """Cap this session at ``fraction`` of its device's memory: allocations beyond it raise
+    ``torch.OutOfMemoryError`` as CUDA's would. The cap only lowers the operator's quota."""
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool):
+        raise TypeError("Invalid type for fraction argument, must be `float`")
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"Invalid fraction value: {fraction}. Allowed range: 0~1")
+    _session().request([Cmd.QUERY, "memory_fraction", float(fraction)])
+
+
 def mem_get_info(device: Any = None) -> tuple[int, int]:
     stats = _memory()
     return stats["device_free"], stats["device_total"]
@@ -388,7 +398,7 @@ _CUDA_FUNCTIONS = {
     manual_seed_all seed seed_all initial_seed get_rng_state set_rng_state get_rng_state_all
     set_rng_state_all memory_allocated max_memory_allocated memory_reserved max_memory_reserved
     reset_peak_memory_stats reset_max_memory_allocated empty_cache mem_get_info memory_stats
-    Stream Event current_stream default_stream set_stream stream _exchange_device""".split()
+    set_per_process_memory_fraction Stream Event current_stream default_stream set_stream stream _exchange_device""".split()
 }
 
 
@@ -443,7 +453,8 @@ def _current_accelerator(check_available: bool = False) -> torch.device | None:
 
 
 _MEMORY_FUNCTIONS = ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved",
-                     "reset_peak_memory_stats", "empty_cache", "mem_get_info", "memory_stats")
+                     "reset_peak_memory_stats", "empty_cache", "mem_get_info", "memory_stats",
+                     "set_per_process_memory_fraction")
 
 
 def _replacements() -> list[tuple[Any, str, Any]]:
