@@ -120,7 +120,8 @@ class Cmd(enum.IntEnum):
     PUT = 11
     GRAPH = 12  # [GRAPH, graph id, input count, nodes, outputs]: define a graph (graph mode)
     RUN_GRAPH = 13  # [RUN_GRAPH, graph id, inputs, outs]: run it on handles; outs get the results
-    PROGRAM = 14  # [PROGRAM, program id, commands]: a recorded step (OP, RUN_GRAPH, FREE commands)
+    PROGRAM = 14  # [PROGRAM, program id, commands, options?]: a recorded step (OP, RUN_GRAPH, FREE
+    #               commands); options {"ran": False}: recorded without running (torch.cuda.graph)
     REPLAY = 15  # [REPLAY, program id]: run the recorded commands again
 
 

@@ -34,6 +34,9 @@ from .pool import ANONYMOUS, Tenant
 log = logging.getLogger("libremote.server")
 
 _MAX_EVENTS = 4096
+#: What a result of a step recorded by torch.cuda.graph says until the step's first replay.
+_NOT_REPLAYED = ("an output of a CUDA graph captured with torch.cuda.graph, which runs nothing while it "
+                 "captures: call the graph's replay() before reading it")
 
 
 class CommandError(Exception):
@@ -650,13 +653,29 @@ class Session:
     # Whole-step capture: a recorded command list, replayed (libremote.capture_step)
     # ------------------------------------------------------------------------------------------
     def _define_program(self, command: list[Any], frames: list[Any]) -> None:
-        protocol.check(len(command) == 3 and isinstance(command[1], int) and isinstance(command[2], list),
-                       "PROGRAM takes [PROGRAM, id, commands]")
-        _, program_id, commands = command
+        protocol.check(len(command) in (3, 4) and isinstance(command[1], int) and isinstance(command[2], list)
+                       and (len(command) == 3 or isinstance(command[3], dict)),
+                       "PROGRAM takes [PROGRAM, id, commands, options?]")
+        program_id, commands = command[1], command[2]
+        ran = command[3].get("ran", True) if len(command) == 4 else True
         if program_id not in self._programs and len(self._programs) >= programs.MAX_PROGRAMS_PER_SESSION:
             raise CommandError(ErrorKind.OP, "capture", f"a session may keep at most "
                                f"{programs.MAX_PROGRAMS_PER_SESSION} captured steps")
-        self._programs[program_id] = programs.define(commands)
+        program = programs.define(commands)
+        if not ran:
+            # The ops it names for the first time are defined now, as running them would have:
+            # the client names them by id alone from here on (and a refused op fails the capture).
+            for recorded in program.commands:
+                if recorded[0] == Cmd.OP and type(recorded[1]) is list:
+                    self._op_entry(recorded[1])
+            # Recorded without running (torch.cuda.graph): its results exist from the first
+            # replay on. Until then their handles say so; a FREE from the client removes the
+            # mark, and the first replay keeps exactly the results still marked.
+            program.unreplayed = program.created
+            for handle in program.created:
+                if handle not in self.tensors:
+                    self._failed[handle] = _NOT_REPLAYED
+        self._programs[program_id] = program
 
     def _replay(self, command: list[Any], frames: list[Any]) -> None:
         protocol.check(len(command) == 2, "REPLAY takes [REPLAY, id]")
@@ -681,6 +700,10 @@ class Session:
         oversubscription, tracked by the device's memory manager: they are real memory until the
         new results are copied into them, so the quota, the peak figures and the device budget
         all see them (and the memory manager may spill them meanwhile)."""
+        keep: frozenset[int] = frozenset()
+        if program.unreplayed is not None:  # the first replay of a step recorded without running
+            keep = frozenset(h for h in program.unreplayed if self._failed.get(h) is _NOT_REPLAYED)
+            program.unreplayed = None
         previous: dict[int, torch.Tensor] = {}
         held_keys: list[int] = []
         for handle in program.created:
@@ -692,7 +715,7 @@ class Session:
                 held_keys.append(self._storage_keys.pop(handle))
         try:
             self._run_recorded(program, frames)
-            self._copy_into_previous(program, previous)
+            self._copy_into_previous(program, previous, keep)
         finally:
             for key in held_keys:
                 self.memory.release(key)
@@ -714,9 +737,12 @@ class Session:
             finally:
                 self._program_at = None
 
-    def _copy_into_previous(self, program: programs.Program, previous: dict[int, torch.Tensor]) -> None:
+    def _copy_into_previous(self, program: programs.Program, previous: dict[int, torch.Tensor],
+                            keep: frozenset[int] = frozenset()) -> None:
         """Copy a replay's new results into the last run's tensors and put those back under
-        their handles (a result whose layout changed keeps the new tensor)."""
+        their handles (a result whose layout changed keeps the new tensor). A result with no
+        last run's tensor was freed by the client, unless it is in ``keep``: the first results
+        of a step recorded without running."""
         pairs = [(handle, self.tensors[handle], previous[handle]) for handle in program.created
                  if handle in self.tensors and handle in previous]
         if pairs and self.memory.managed:
@@ -728,7 +754,8 @@ class Session:
             if new is None:
                 continue
             if old is None:
-                self._drop(handle)
+                if handle not in keep:
+                    self._drop(handle)
             elif (old.shape, old.stride(), old.dtype, old.device) == (new.shape, new.stride(), new.dtype, new.device):
                 old.copy_(new)
                 self._drop(handle)

@@ -3,6 +3,7 @@ the daemon with one command per step. Parity with local eager torch, and the con
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -11,6 +12,8 @@ from torch import nn
 
 import libremote
 from libremote.protocol import Cmd
+from conftest import client_connected_to
+from helpers import pool_daemon
 from test_faults import raw  # noqa: F401  (fixture)
 
 F = nn.functional
@@ -182,3 +185,95 @@ def test_a_replay_counts_the_last_results_until_it_replaces_them(remote):
     assert torch.cuda.memory_allocated() == before  # the new result went into the old tensor
     assert again is out or again.data_ptr() == out.data_ptr()
     torch.testing.assert_close(out.cpu(), (x.cpu() @ weight.cpu()).relu())
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.cuda.CUDAGraph / torch.cuda.graph: the same programs, recorded without running
+# ------------------------------------------------------------------------------------------------
+def _graph_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    optimizer.zero_grad(set_to_none=False)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("daemon_flags", [(), ("--emulate-cuda-graphs",)], ids=["interpreted", "emulated-cuda-graphs"])
+def test_torch_cuda_graph_training_matches_local_eager(remote, daemon_flags):
+    # The pattern of PyTorch's CUDA-graph docs: warm up, capture a whole step into static
+    # tensors, then copy each batch in and replay. Capture runs nothing (the captured optimizer
+    # step updates nothing until the first replay), so the losses are local eager's, step for step.
+    batches = _batches(6)
+    warm_up = batches[0]
+    local = _model()
+    local_optimizer = torch.optim.SGD(local.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(2):
+        _graph_step(local, local_optimizer, *warm_up)
+    expected = [_graph_step(local, local_optimizer, x, y).item() for x, y in batches]
+
+    flags_context = pool_daemon(*daemon_flags) if daemon_flags else contextlib.nullcontext()
+    with flags_context as server, (client_connected_to(server.address) if server else contextlib.nullcontext()):
+        model = _model().cuda()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        static_x, static_y = warm_up[0].cuda(), warm_up[1].cuda()
+        for _ in range(2):  # (the optimizer makes its momentum buffers outside the graph)
+            _graph_step(model, optimizer, static_x, static_y)
+        before = [p.detach().cpu() for p in model.parameters()]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            assert torch.cuda.is_current_stream_capturing()
+            static_loss = _graph_step(model, optimizer, static_x, static_y)
+        assert not torch.cuda.is_current_stream_capturing()
+        for parameter, unchanged in zip(model.parameters(), before):
+            assert torch.equal(parameter.detach().cpu(), unchanged)  # nothing ran while capturing
+        with pytest.raises(libremote.RemoteOpError, match=r"replay\(\)"):
+            static_loss.item()  # no value before the first replay, as with CUDA (which gives garbage)
+        got = []
+        for x, y in batches:
+            static_x.copy_(x)
+            static_y.copy_(y)
+            graph.replay()
+            got.append(static_loss.item())
+        final = [p.detach().cpu() for p in model.parameters()]
+        replays = libremote.session_stats()["cuda_graph_replays"]
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    for parameter, local_parameter in zip(final, local.parameters()):
+        torch.testing.assert_close(parameter, local_parameter.detach(), rtol=1e-5, atol=1e-6)
+    if daemon_flags:
+        assert replays >= 1  # after its warm-up replays the daemon launched the step as a graph
+
+
+def test_a_cuda_graph_region_that_raises_records_nothing_and_refuses_sync_points(remote):
+    x = torch.ones(8, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ZeroDivisionError):
+        with torch.cuda.graph(graph):
+            y = x * 2
+            1 / 0
+    assert not torch.cuda.is_current_stream_capturing()
+    with pytest.raises(libremote.CaptureError, match="replay"):
+        graph.replay()  # never captured
+    assert (x * 3).sum().item() == 24.0  # the session goes on
+    with pytest.raises(libremote.CaptureError, match="wait for the device"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            (x * 2).sum().item()
+    assert not torch.cuda.is_current_stream_capturing()
+    del y
+
+
+def test_an_output_freed_before_the_first_replay_is_not_kept(remote):
+    x = torch.ones(1 << 18, device="cuda")  # 1 MiB
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kept = x * 2
+        dropped = kept + 1
+    del dropped
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == baseline + x.nbytes  # only `kept`
+    assert kept.sum().item() == 2 * x.numel()
+    x.fill_(5.0)
+    graph.replay()
+    assert kept.sum().item() == 10 * x.numel()  # each replay writes the same output tensor

@@ -94,6 +94,104 @@ class CapturedStep:
         return self.outputs
 
 
+class CUDAGraph:
+    """``torch.cuda.CUDAGraph`` for remote devices: what ``torch.cuda.graph`` captures becomes a
+    daemon-side program, and :meth:`replay` is one REPLAY command (launched as a real CUDA graph
+    by a GPU daemon once warm, like a captured step's).
+
+    As with CUDA, capturing runs nothing: the ops are recorded, not executed, so an optimizer
+    step in the captured region updates nothing until the first replay, and the region's outputs
+    hold their values only after a replay (reading one before is an error that says so). The
+    region must not wait for the device or send new host data (the same contract as
+    :func:`capture_step`). ``pool`` arguments are accepted and have no effect: each graph's
+    tensors are ordinary tensors of the session."""
+
+    def __init__(self, keep_graph: bool = False) -> None:
+        self.id: int | None = None
+        self._session: Any = None
+        self._recording: list[Any] | None = None
+
+    def capture_begin(self, pool: Any = None, capture_error_mode: str = "global", **kwargs: Any) -> None:
+        global _capturing
+        if _capturing:
+            raise CaptureError("libremote: a capture is already underway; CUDA graphs capture one at a time")
+        self._session = runtime.current()
+        self._recording = []
+        self._session.start_recording(self._recording, run=False)
+        _capturing = True
+
+    def capture_end(self) -> None:
+        global _capturing
+        if self._recording is None:
+            raise CaptureError("libremote: capture_end() without capture_begin()")
+        recording, self._recording = self._recording, None
+        try:
+            self._session.stop_recording()
+        finally:
+            _capturing = False
+        self.id = next(_program_ids)
+        self._session.submit([Cmd.PROGRAM, self.id, recording, {"ran": False}])
+        self._session.synchronize()  # the daemon checked the recording: errors surface here
+
+    def _abort(self) -> None:
+        """The captured region raised: nothing recorded is kept."""
+        global _capturing
+        if self._recording is not None:
+            self._recording = None
+            self._session.stop_recording(discard=True)
+        _capturing = False
+
+    def replay(self) -> None:
+        if self.id is None:
+            raise CaptureError("libremote: replay() of a CUDA graph that was never captured")
+        if self._session is not runtime.current():
+            raise CaptureError("libremote: the session this graph was captured in is closed; capture it again")
+        if self._session.op_log is not None:
+            self._session.op_log.append("libremote::replay(cuda graph)")
+        self._session.submit([Cmd.REPLAY, self.id])
+
+    def reset(self) -> None:
+        self.id = None
+
+    def instantiate(self) -> None:
+        pass
+
+    def pool(self) -> tuple[str, int]:
+        return ("libremote graph pool", id(self))
+
+    def enable_debug_mode(self) -> None:
+        pass
+
+    def debug_dump(self, debug_path: str) -> None:
+        raise CaptureError("libremote: a remote CUDA graph has no local dump; see libremote.op_trace()")
+
+
+class graph:
+    """``torch.cuda.graph(g)``: capture the ``with`` block into ``g`` (see :class:`CUDAGraph`)."""
+
+    def __init__(self, cuda_graph: CUDAGraph, pool: Any = None, stream: Any = None,
+                 capture_error_mode: str = "global", **kwargs: Any) -> None:
+        if not isinstance(cuda_graph, CUDAGraph):
+            raise TypeError(f"torch.cuda.graph expects a torch.cuda.CUDAGraph, got {type(cuda_graph).__name__}")
+        self.cuda_graph = cuda_graph
+
+    def __enter__(self) -> None:
+        runtime.current().synchronize()  # as torch's: capture starts with the device idle
+        self.cuda_graph.capture_begin()
+
+    def __exit__(self, kind: Any, value: Any, traceback: Any) -> None:
+        if kind is not None:
+            self.cuda_graph._abort()
+            return None
+        self.cuda_graph.capture_end()
+        return None
+
+
+def graph_pool_handle() -> tuple[str, int]:
+    """``torch.cuda.graph_pool_handle()``: a token; memory pools are the daemon's business."""
+    return ("libremote graph pool", 0)
+
+
 def _static_copy(value: Any) -> Any:
     if isinstance(value, RemoteTensor):
         return value.detach().clone()

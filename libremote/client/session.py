@@ -58,6 +58,9 @@ class ClientSession:
         self.op_log: list[str] | None = None
         #: When a list, every command sent is also appended to it (``libremote.capture_step``).
         self._recording: list[Any] | None = None
+        self._recording_runs = True  # False while torch.cuda.graph records: commands are not sent
+        self._recording_first_handle = 0
+        self._recording_new_ops: list[str] = []  # ops first named while recording without running
         self.closed = False
         self.ping_interval_s = float(welcome.get("heartbeat_s", 2.0))
         threading.Thread(target=self._heartbeat, name="libremote-heartbeat", daemon=True).start()
@@ -84,6 +87,8 @@ class ClientSession:
             op_id = self._op_ids.get(name)
             if op_id is None:
                 op_id = self._op_ids[name] = len(self._op_ids) + 1
+                if not self._recording_runs:
+                    self._recording_new_ops.append(name)
                 return [op_id, name]
             return op_id
 
@@ -167,24 +172,62 @@ class ClientSession:
         if released:
             self._commands.append([Cmd.FREE, released])
 
-    def start_recording(self, recording: list[Any]) -> None:
-        """From now on, also append every command sent to ``recording`` (pending ones go first)."""
+    def start_recording(self, recording: list[Any], *, run: bool = True) -> None:
+        """From now on, also append every command sent to ``recording`` (pending ones go first).
+        With ``run=False`` (``torch.cuda.graph``) the recorded commands are not sent, only
+        recorded; graph definitions, and frees of tensors made before the recording, still go."""
         self.flush()
         self._recording = recording
+        self._recording_runs = run
+        self._recording_first_handle = self._peek_handle()
 
-    def stop_recording(self) -> None:
-        self._recording = None
+    def stop_recording(self, *, discard: bool = False) -> None:
+        """Stop recording. ``discard``: the recording (made with ``run=False``) is thrown away,
+        so the ops it named first are named again next time (the daemon never saw them)."""
+        with self._lock:
+            if self._recording is not None and not self._recording_runs:
+                self._flush(want_reply=False)  # the last recorded commands, before recording stops
+                if discard:
+                    for name in self._recording_new_ops:  # the newest ids: the table shrinks back
+                        del self._op_ids[name]
+            self._recording = None
+            self._recording_runs = True
+            self._recording_new_ops = []
+
+    def _peek_handle(self) -> int:
+        """The next handle :meth:`new_handle` will give (it also takes it: handles are only names)."""
+        return self._next_handle()
 
     def _flush(self, *, want_reply: bool, track: bool = False) -> Any:
         commands = self._commands
         self._queue_frees()
         if self._recording is not None:  # graph definitions stay defined: not part of the program
             self._recording.extend(command for command in commands if command[0] != Cmd.GRAPH)
+            if not self._recording_runs:
+                commands = self._outside_recording(commands)
+                if not commands and not want_reply:
+                    self._commands = []
+                    return None
         frames = self._frames
         self._commands, self._frames, self._pending_bytes = [], [], 0
         seq = self._next_seq()
         tracker = self.connection.send([Msg.BATCH, seq, commands, want_reply], frames, track=track)
         return tracker if track else seq
+
+    def _outside_recording(self, commands: list[list[Any]]) -> list[list[Any]]:
+        """Of commands recorded without running, what must still reach the daemon now: graph
+        definitions, and frees of tensors made before the recording began (the recording keeps
+        only the frees of what it makes itself; see server/programs.py)."""
+        first = self._recording_first_handle
+        sent: list[list[Any]] = []
+        for command in commands:
+            if command[0] == Cmd.GRAPH:
+                sent.append(command)
+            elif command[0] == Cmd.FREE:
+                older = [handle for handle in command[1] if handle < first]
+                if older:
+                    sent.append([Cmd.FREE, older])
+        return sent
 
     def _ping_if_due(self) -> None:
         """Tell the daemon we are alive if nothing else went out lately (caller holds the lock)."""
