@@ -55,6 +55,7 @@ EVENT      [EVENT, event_id]                           record a timing event in 
 ELAPSED    [ELAPSED, start_id, end_id]                 milliseconds between two recorded events
 QUERY      [QUERY, what, argument?]                    "devices" or "memory": daemon facts; also
                                                        "memory_fraction" with a number: cap the session
+SETTINGS   [SETTINGS, {name: value}]                   torch numerics switches (numerics.py)
 =========  ==========================================  ==========================================
 
 ``op`` is an integer interned per session, or ``[id, "aten::add.Tensor"]`` the first time a
@@ -123,6 +124,7 @@ class Cmd(enum.IntEnum):
     PROGRAM = 14  # [PROGRAM, program id, commands, options?]: a recorded step (OP, RUN_GRAPH, FREE
     #               commands); options {"ran": False}: recorded without running (torch.cuda.graph)
     REPLAY = 15  # [REPLAY, program id]: run the recorded commands again
+    SETTINGS = 16  # [SETTINGS, {name: value}]: torch numerics switches for what follows (numerics.py)
 
 
 #: Commands whose execution yields an entry in REPLY.results.

@@ -434,6 +434,8 @@ class Daemon:
         self._send(waiter.identity, [Msg.WELCOME, {
             "session": session.id,
             "protocol": protocol.PROTOCOL_VERSION,
+            #: What this daemon understands beyond protocol 1's first release (clients check).
+            "features": ["settings", "memory_fraction", "program_options"],
             "libremote": libremote.__version__,
             "torch": torch.__version__,
             "host": socket.gethostname(),

@@ -24,7 +24,7 @@ import torch
 from libremote import protocol
 from libremote.protocol import Cmd, DeviceRef, ErrorKind, HandleRef, ProtocolError
 
-from . import devices, foreach_chunks, graphs, op_policy, programs, values
+from . import devices, foreach_chunks, graphs, numerics, op_policy, programs, values
 from .compiled_graphs import GraphCompiler
 from .cuda_graphs import GraphCapture
 from .memory import MemoryAccount, PoolStats
@@ -34,6 +34,7 @@ from .pool import ANONYMOUS, Tenant
 log = logging.getLogger("libremote.server")
 
 _MAX_EVENTS = 4096
+
 #: What a result of a step recorded by torch.cuda.graph says until the step's first replay.
 _NOT_REPLAYED = ("an output of a CUDA graph captured with torch.cuda.graph, which runs nothing while it "
                  "captures: call the graph's replay() before reading it")
@@ -127,6 +128,8 @@ class Session:
         self._compiler = (GraphCompiler(self.devices[0], self._resolve)
                           if graph_compiler == "inductor" and not managed else None)
         self.pending_error: CommandError | None = None
+        #: torch's numerics switches for this session's work (SETTINGS; libremote/numerics.py).
+        self.numerics = numerics.DEFAULTS
         self._last_in_batch = False
         self._running: tuple[Any, int] = (None, -1)  # (batch, position) of the command running
         self._program_at: tuple[programs.Program, int] | None = None  # in a replay: (step, position)
@@ -154,6 +157,7 @@ class Session:
             Cmd.EVENT: self._event,
             Cmd.ELAPSED: self._elapsed,
             Cmd.QUERY: self._query,
+            Cmd.SETTINGS: self._settings,
         }
 
     @property
@@ -192,6 +196,7 @@ class Session:
         protocol error; the commands before it have run.
         """
         started = time.perf_counter()
+        numerics.switch_to(self.numerics)
         try:
             with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
                 if self.memory.spilled:
@@ -926,6 +931,14 @@ class Session:
             if isinstance(handle, int):
                 self._drop(handle)
 
+    def _settings(self, command: list[Any], frames: list[Any]) -> None:
+        protocol.check(len(command) == 2, "SETTINGS takes [SETTINGS, {name: value}]")
+        try:
+            self.numerics = numerics.updated(self.numerics, command[1])
+        except ValueError as exc:
+            raise CommandError(ErrorKind.REFUSED, "settings", str(exc)) from None
+        numerics.switch_to(self.numerics)  # for the rest of this slice too
+
     def _sync(self, command: list[Any], frames: list[Any]) -> None:
         if self.stream is not None:
             self.stream.synchronize()  # this session's work only, not other tenants'
@@ -974,6 +987,8 @@ class Session:
     def _query(self, command: list[Any], frames: list[Any]) -> Any:
         protocol.check(len(command) in (2, 3) and isinstance(command[1], str), "QUERY takes [QUERY, what, argument?]")
         what = command[1]
+        if what == "settings":  # what is set in the daemon's process while this session runs
+            return numerics.in_effect()
         if what == "memory_fraction":
             protocol.check(len(command) == 3, "QUERY memory_fraction takes a fraction")
             self.set_memory_fraction(command[2])

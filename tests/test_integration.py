@@ -22,8 +22,10 @@ import torch
 from torch import nn
 
 from libremote.client.tensor import RemoteTensor
+from libremote.protocol import Cmd
 
 from conftest import REPO, subprocess_env
+from test_faults import raw  # noqa: F401  (fixture)
 
 RTOL = 1e-4
 ATOL = 1e-5
@@ -610,6 +612,46 @@ def test_set_per_process_memory_fraction_caps_the_session(remote):
     assert torch.ones(4 << 20, device="cuda").sum().item() == 4 << 20
     with pytest.raises(ValueError, match="0~1"):
         torch.cuda.set_per_process_memory_fraction(1.5)
+
+
+def _daemon_settings() -> dict:
+    from libremote.client import runtime
+
+    result, _ = runtime.current().request([Cmd.QUERY, "settings"])
+    return result
+
+
+def test_numerics_switches_reach_the_daemon_per_session(remote, raw):  # noqa: F811
+    # TF32 matmuls, cuDNN autotuning and deterministic algorithms are switches of the process
+    # that runs the kernels: the daemon sets each session's own around its work.
+    defaults = _daemon_settings()
+    assert defaults["float32_matmul_precision"] == torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.benchmark = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        x = torch.randn(8, 8, device="cuda")
+        assert torch.allclose((x @ x).cpu(), x.cpu() @ x.cpu(), atol=1e-4)
+        applied = _daemon_settings()
+        assert applied["float32_matmul_precision"] == "high"
+        assert applied["cudnn_benchmark"] is True
+        assert applied["deterministic_algorithms"] == "warn"
+        # Another session (a raw client: it never sends SETTINGS) runs under the defaults meanwhile.
+        results, error, _ = raw.call([[Cmd.QUERY, "settings"]])
+        assert error is None and results[0] == defaults, (results, error)
+        assert _daemon_settings()["float32_matmul_precision"] == "high"  # and back for this one
+    finally:
+        torch.set_float32_matmul_precision(defaults["float32_matmul_precision"])
+        torch.backends.cudnn.benchmark = defaults["cudnn_benchmark"]
+        torch.use_deterministic_algorithms(False)
+    assert _daemon_settings() == defaults
+
+
+def test_unknown_or_bad_settings_are_refused(raw):  # noqa: F811
+    for bad in ({"float32_matmul_precision": "fastest"}, {"cudnn_benchmark": 1}, {"os.system": "ls"}):
+        results, error, _ = raw.call([[Cmd.SETTINGS, bad], [Cmd.QUERY, "settings"]])
+        assert error is not None and error[0] == "refused", (bad, error)
+        assert results[0]["float32_matmul_precision"] != "fastest"
 
 
 def test_nvtx_ranges_are_accepted(remote):

@@ -22,13 +22,15 @@ from typing import Any
 
 import torch
 
-from .. import errors, protocol
+from .. import errors, numerics, protocol
 from ..config import Settings
 from ..protocol import Cmd, Msg
 from .connection import Connection
 
 #: Pending upload bytes above which the batch is sent at once.
 _MAX_PENDING_BYTES = 4 << 20
+#: Commands sent while recording a step that are not part of it: graph definitions, settings.
+_NOT_RECORDED = frozenset({Cmd.GRAPH, Cmd.SETTINGS})
 
 
 class ClientSession:
@@ -62,6 +64,10 @@ class ClientSession:
         self._recording_first_handle = 0
         self._recording_new_ops: list[str] = []  # ops first named while recording without running
         self.closed = False
+        #: The numerics switches the daemon has for this session (libremote/numerics.py); None
+        #: until the first batch, which always carries them. A daemon without the feature gets none.
+        self._sent_numerics: tuple[Any, ...] | None = None
+        self._daemon_takes_settings = "settings" in welcome.get("features", ())
         self.ping_interval_s = float(welcome.get("heartbeat_s", 2.0))
         threading.Thread(target=self._heartbeat, name="libremote-heartbeat", daemon=True).start()
 
@@ -200,9 +206,14 @@ class ClientSession:
 
     def _flush(self, *, want_reply: bool, track: bool = False) -> Any:
         commands = self._commands
+        if self._daemon_takes_settings:
+            seen = numerics.fingerprint()
+            if seen != self._sent_numerics:
+                commands.insert(0, [Cmd.SETTINGS, numerics.as_wire(numerics.current())])
+                self._sent_numerics = seen
         self._queue_frees()
-        if self._recording is not None:  # graph definitions stay defined: not part of the program
-            self._recording.extend(command for command in commands if command[0] != Cmd.GRAPH)
+        if self._recording is not None:  # graph definitions and settings stay: not part of the program
+            self._recording.extend(command for command in commands if command[0] not in _NOT_RECORDED)
             if not self._recording_runs:
                 commands = self._outside_recording(commands)
                 if not commands and not want_reply:
@@ -216,12 +227,12 @@ class ClientSession:
 
     def _outside_recording(self, commands: list[list[Any]]) -> list[list[Any]]:
         """Of commands recorded without running, what must still reach the daemon now: graph
-        definitions, and frees of tensors made before the recording began (the recording keeps
+        definitions, settings, and frees of tensors made before the recording began (the recording keeps
         only the frees of what it makes itself; see server/programs.py)."""
         first = self._recording_first_handle
         sent: list[list[Any]] = []
         for command in commands:
-            if command[0] == Cmd.GRAPH:
+            if command[0] in _NOT_RECORDED:
                 sent.append(command)
             elif command[0] == Cmd.FREE:
                 older = [handle for handle in command[1] if handle < first]
