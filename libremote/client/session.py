@@ -185,7 +185,8 @@ class ClientSession:
         self.flush()
         self._recording = recording
         self._recording_runs = run
-        self._recording_first_handle = self._peek_handle()
+        # Handles are only names: taking one here marks where the recording's own handles start.
+        self._recording_first_handle = self._next_handle()
 
     def stop_recording(self, *, discard: bool = False) -> None:
         """Stop recording. ``discard``: the recording (made with ``run=False``) is thrown away,
@@ -199,10 +200,6 @@ class ClientSession:
             self._recording = None
             self._recording_runs = True
             self._recording_new_ops = []
-
-    def _peek_handle(self) -> int:
-        """The next handle :meth:`new_handle` will give (it also takes it: handles are only names)."""
-        return self._next_handle()
 
     def _flush(self, *, want_reply: bool, track: bool = False) -> Any:
         commands = self._commands
@@ -227,8 +224,8 @@ class ClientSession:
 
     def _outside_recording(self, commands: list[list[Any]]) -> list[list[Any]]:
         """Of commands recorded without running, what must still reach the daemon now: graph
-        definitions, settings, and frees of tensors made before the recording began (the recording keeps
-        only the frees of what it makes itself; see server/programs.py)."""
+        definitions, settings, and frees of tensors made before the recording began (the
+        recording keeps only the frees of what it makes itself; see server/programs.py)."""
         first = self._recording_first_handle
         sent: list[list[Any]] = []
         for command in commands:
