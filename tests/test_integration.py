@@ -654,6 +654,34 @@ def test_unknown_or_bad_settings_are_refused(raw):  # noqa: F811
         assert results[0]["float32_matmul_precision"] != "fastest"
 
 
+def test_legacy_tensor_types_name_build_and_cast_cuda_tensors(remote):
+    x = torch.arange(4.0, device="cuda")
+    assert x.type() == "torch.cuda.FloatTensor"
+    assert torch.arange(3, device="cuda").type() == "torch.cuda.LongTensor"
+    assert isinstance(x, torch.cuda.FloatTensor) and not isinstance(x, torch.cuda.LongTensor)
+    assert not isinstance(torch.ones(2), torch.cuda.FloatTensor)
+    half = x.type(torch.cuda.HalfTensor)
+    assert half.is_cuda and half.dtype == torch.float16 and half.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert x.type("torch.cuda.DoubleTensor").dtype == torch.float64
+    host = x.type(torch.DoubleTensor)
+    assert host.device.type == "cpu" and host.dtype == torch.float64 and host.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert x.type(torch.cuda.FloatTensor) is x  # already that type: no copy, as torch
+    moved = torch.ones(3).type(torch.cuda.LongTensor)
+    assert moved.is_cuda and moved.dtype == torch.int64 and moved.tolist() == [1, 1, 1]
+    built = torch.cuda.LongTensor([1, 2, 3])
+    assert built.is_cuda and built.dtype == torch.int64 and built.tolist() == [1, 2, 3]
+    sized = torch.cuda.FloatTensor(2, 3)
+    assert sized.is_cuda and sized.shape == (2, 3) and sized.dtype == torch.float32
+
+
+def test_a_scalar_tensor_takes_a_number_format(remote):
+    loss = torch.tensor(0.123456, device="cuda")
+    assert f"{loss:.3f}" == "0.123"  # logging lines: f"loss {loss:.4f}"
+    assert "{:>8.2f}".format(loss * 10) == "    1.23"
+    with pytest.raises(TypeError):
+        f"{torch.ones(2, device='cuda'):.2f}"  # as torch: only a 0-dim tensor formats as a number
+
+
 def test_nvtx_ranges_are_accepted(remote):
     # Profiled programs annotate with NVTX; a CPU build of torch raises instead (nothing to annotate).
     assert torch.cuda.nvtx.range_push("outer") == 0

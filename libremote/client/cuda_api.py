@@ -20,7 +20,7 @@ import torch
 
 from ..errors import ConnectionFailed, NotConfiguredError
 from ..protocol import Cmd
-from . import capture, parallel, runtime
+from . import capture, legacy_types, parallel, runtime
 
 _current_device = 0
 _warned: set[str] = set()
@@ -486,6 +486,7 @@ def _replacements() -> list[tuple[Any, str, Any]]:
         (torch.backends.cudnn, "is_acceptable", _cudnn_is_acceptable),
     ]
     patches += [(cuda.memory, name, globals()[name]) for name in _MEMORY_FUNCTIONS if hasattr(cuda.memory, name)]
+    patches += [(cuda, name, legacy) for name, legacy in legacy_types.CUDA_TYPES.items()]  # torch.cuda.FloatTensor
     comm = torch.nn.parallel.comm
     patches += [(comm, name, fn) for name, fn in parallel.COMM_FUNCTIONS.items()]  # nn.DataParallel
     if not hasattr(torch._C, "_nvtx"):  # a CPU build: its NVTX stub raises

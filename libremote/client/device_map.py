@@ -89,6 +89,19 @@ def _record_stream(tensor: torch.Tensor, stream: Any) -> None:
     return torch._C.TensorBase.record_stream(tensor, stream)
 
 
+def _tensor_type(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``host_tensor.type(torch.cuda.FloatTensor)``: moved to the remote device (legacy_types)."""
+    from . import legacy_types
+
+    dtype = args[1] if len(args) > 1 else kwargs.get("dtype")
+    if dtype is not None:
+        non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+        cast = legacy_types.cast(args[0], dtype, non_blocking)
+        if cast is not None:
+            return cast
+    return func(*args, **kwargs)
+
+
 def _special_functions() -> dict[Any, Callable[..., Any]]:
     from . import attention, ctc_loss
 
@@ -97,6 +110,7 @@ def _special_functions() -> dict[Any, Callable[..., Any]]:
         _Tensor.cuda: _tensor_cuda,
         _Tensor.pin_memory: _pin_memory,
         _Tensor.is_pinned: _is_pinned,
+        _Tensor.type: _tensor_type,
         **attention.HOOKS,
         **ctc_loss.HOOKS,
     }

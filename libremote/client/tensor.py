@@ -110,6 +110,22 @@ class RemoteTensor(torch.Tensor):
 
         return tensor_repr(self)
 
+    def __format__(self, format_spec: str) -> str:
+        # torch formats a 0-dim tensor as its number (f"{loss:.4f}") only for exact Tensor.
+        if self.dim() == 0:
+            return self.detach().item().__format__(format_spec)
+        return object.__format__(self, format_spec)
+
+    def type(self, dtype: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:  # type: ignore[override]
+        """``t.type()`` names CUDA's legacy type (``torch.cuda.FloatTensor``); with a legacy
+        type or its name, the tensor cast and moved as torch does (see :mod:`.legacy_types`)."""
+        from . import legacy_types
+
+        if dtype is None:
+            return legacy_types.type_name(self)
+        cast = legacy_types.cast(self, dtype, non_blocking or kwargs.get("async", False))
+        return cast if cast is not None else torch.Tensor.type(self, dtype, non_blocking, **kwargs)
+
     def tolist(self) -> Any:  # type: ignore[override]
         return self.cpu().tolist()
 
