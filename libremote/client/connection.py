@@ -22,6 +22,7 @@ from zmq.utils.monitor import recv_monitor_message
 from .. import protocol
 from ..errors import ConnectionFailed
 from ..protocol import Msg
+from ..zmq_events import readable
 
 _POLL_SLICE_MS = 100
 
@@ -170,11 +171,13 @@ class Connection:
         started = time.perf_counter()
         if self.spin_s and self._last_wait_s < self.spin_s:
             # ZMQ_EVENTS is one C call; Socket.poll builds a Poller each time (~5 us here).
-            events, give_up = self._socket.get, started + self.spin_s
-            while not events(zmq.EVENTS) & zmq.POLLIN and time.perf_counter() < give_up:
+            socket, give_up = self._socket, started + self.spin_s
+            while not readable(socket) and time.perf_counter() < give_up:
                 os.sched_yield()  # a thread of the daemon (or of ZeroMQ) on this core goes first
         while True:
-            if self._socket.poll(_POLL_SLICE_MS, zmq.POLLIN):
+            # (Asked directly first: after a spin the reply is usually there, and Socket.poll
+            # builds a Poller for every call.)
+            if readable(self._socket) or self._socket.poll(_POLL_SLICE_MS, zmq.POLLIN):
                 frames = self._socket.recv_multipart(copy=False)
                 self._last_wait_s = time.perf_counter() - started
                 return protocol.unpackb(frames[0].buffer), frames[1:]
