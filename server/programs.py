@@ -3,8 +3,9 @@
 ``libremote.capture_step`` records the commands a client sends during one training step and
 sends them as a PROGRAM; each REPLAY runs them again through the session's own handlers, so every
 op is checked exactly as when it was first sent. ``torch.cuda.graph`` records the same way but
-runs nothing while it records (as a CUDA graph capture launches nothing): its PROGRAM says so, and
-the first REPLAY makes the step's results. Only commands that need no answer and carry no
+runs nothing while it records (as a CUDA graph capture launches nothing): its PROGRAM says so and
+lists the results the client holds, which the daemon allocates at once, uninitialised, for every
+replay to write into. Only commands that need no answer and carry no
 host data can be recorded (ops, graph runs, frees).
 """
 
@@ -33,9 +34,6 @@ class Program:
     created: frozenset[int]
     #: Handles made before the recording that its commands read (a CUDA-graph capture holds them).
     reads: frozenset[int] = frozenset()
-    #: For a step recorded without running (``torch.cuda.graph``): its results, until the first
-    #: replay makes them (then None). See ``Session._define_program``.
-    unreplayed: frozenset[int] | None = None
 
 
 #: What a recording may hold: commands that need no answer and carry no host data.

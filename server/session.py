@@ -35,10 +35,6 @@ log = logging.getLogger("libremote.server")
 
 _MAX_EVENTS = 4096
 
-#: What a result of a step recorded by torch.cuda.graph says until the step's first replay.
-_NOT_REPLAYED = ("an output of a CUDA graph captured with torch.cuda.graph, which runs nothing while it "
-                 "captures: call the graph's replay() before reading it")
-
 
 class CommandError(Exception):
     """A command failed; ``kind`` is an :class:`ErrorKind`, ``op`` names what failed."""
@@ -106,6 +102,10 @@ class Session:
         self._failed: dict[int, str] = {}
         self._graphs: dict[int, graphs.Graph] = {}
         self._programs: dict[int, programs.Program] = {}
+        #: Results of steps recorded without running (torch.cuda.graph) -> the step that holds
+        #: them, and those of them the client has freed (dropped when the step goes).
+        self._graph_pool: dict[int, int] = {}
+        self._freed_in_graph_pool: set[int] = set()
         self._ops: dict[int, op_policy.OpEntry] = {}
         self._refused_ops: dict[int, CommandError] = {}
         self._events: collections.OrderedDict[int, Any] = collections.OrderedDict()
@@ -662,25 +662,67 @@ class Session:
                        and (len(command) == 3 or isinstance(command[3], dict)),
                        "PROGRAM takes [PROGRAM, id, commands, options?]")
         program_id, commands = command[1], command[2]
-        ran = command[3].get("ran", True) if len(command) == 4 else True
+        options = command[3] if len(command) == 4 else {}
+        self._release_graph_pool(program_id)  # a redefined (or dropped) step lets go of the old one's
+        if options.get("drop"):
+            self._programs.pop(program_id, None)
+            return
         if program_id not in self._programs and len(self._programs) >= programs.MAX_PROGRAMS_PER_SESSION:
             raise CommandError(ErrorKind.OP, "capture", f"a session may keep at most "
                                f"{programs.MAX_PROGRAMS_PER_SESSION} captured steps")
         program = programs.define(commands)
-        if not ran:
-            # The ops it names for the first time are defined now, as running them would have:
-            # the client names them by id alone from here on (and a refused op fails the capture).
+        if not options.get("ran", True):
+            # Recorded without running (torch.cuda.graph). The ops it names for the first time
+            # are defined now, as running them would have: the client names them by id alone
+            # from here on (and a refused op fails the capture).
             for recorded in program.commands:
                 if recorded[0] == Cmd.OP and type(recorded[1]) is list:
                     self._op_entry(recorded[1])
-            # Recorded without running (torch.cuda.graph): its results exist from the first
-            # replay on. Until then their handles say so; a FREE from the client removes the
-            # mark, and the first replay keeps exactly the results still marked.
-            program.unreplayed = program.created
+            self._allocate_placeholders(program, options.get("placeholders", []))
+            # Like a CUDA graph's memory pool, the step's results belong to the step for as long
+            # as it is defined: another captured step may read them (make_graphed_callables'
+            # backward reads what the forward left), so a client's FREE waits for the step to go.
             for handle in program.created:
-                if handle not in self.tensors:
-                    self._failed[handle] = _NOT_REPLAYED
+                self._graph_pool[handle] = program_id
         self._programs[program_id] = program
+
+    def _release_graph_pool(self, program_id: int) -> None:
+        """The step ``program_id`` goes: drop the results it held that the client freed."""
+        for handle in [h for h, owner in self._graph_pool.items() if owner == program_id]:
+            del self._graph_pool[handle]
+            if handle in self._freed_in_graph_pool:
+                self._freed_in_graph_pool.discard(handle)
+                self._drop(handle)
+
+    def _allocate_placeholders(self, program: programs.Program, placeholders: Any) -> None:
+        """The results of a step recorded without running that the client holds, allocated now
+        with their layouts and left uninitialised, as a CUDA graph's outputs are between capture
+        and first replay: the client may size things on them (``torch.empty_like(out)``, as
+        ``make_graphed_callables`` does) and a later step may read them. Each replay writes
+        into them (``_copy_into_previous``)."""
+        protocol.check(isinstance(placeholders, list) and len(placeholders) <= len(program.created),
+                       "PROGRAM placeholders must be a list of the step's results")
+        allocated_before = self.memory.allocated
+        handles = []
+        for entry in placeholders:
+            protocol.check(isinstance(entry, list) and len(entry) == 6 and isinstance(entry[1], torch.dtype),
+                           "a placeholder is [handle made by the step, dtype, shape, stride, offset, device]")
+            handle, dtype, shape, stride, offset, device = entry
+            if type(handle) is not int or handle not in program.created or handle in self.tensors:
+                continue  # not a result of this step: nothing to hold for it
+            protocol.check(isinstance(shape, list) and isinstance(stride, list) and len(shape) == len(stride)
+                           and all(type(n) is int and n >= 0 for n in (*shape, *stride, offset)),
+                           "a placeholder's shape, strides and offset are non-negative integers")
+            span = offset + sum((size - 1) * step for size, step in zip(shape, stride) if size) + 1
+            needed = span * dtype.itemsize
+            if self.memory.allocated + needed > self.memory_limit:  # checked before allocating
+                message = self._quota_message(allocated_before, self.memory.allocated - allocated_before + needed)
+                for made in handles:
+                    self._drop(made)
+                raise CommandError(ErrorKind.OOM, "capture", message)
+            self._store(handle, torch.empty((span,), dtype=dtype, device=self._device(device))
+                        .as_strided(shape, stride, offset))
+            handles.append(handle)
 
     def _replay(self, command: list[Any], frames: list[Any]) -> None:
         protocol.check(len(command) == 2, "REPLAY takes [REPLAY, id]")
@@ -705,10 +747,6 @@ class Session:
         oversubscription, tracked by the device's memory manager: they are real memory until the
         new results are copied into them, so the quota, the peak figures and the device budget
         all see them (and the memory manager may spill them meanwhile)."""
-        keep: frozenset[int] = frozenset()
-        if program.unreplayed is not None:  # the first replay of a step recorded without running
-            keep = frozenset(h for h in program.unreplayed if self._failed.get(h) is _NOT_REPLAYED)
-            program.unreplayed = None
         previous: dict[int, torch.Tensor] = {}
         held_keys: list[int] = []
         for handle in program.created:
@@ -720,7 +758,7 @@ class Session:
                 held_keys.append(self._storage_keys.pop(handle))
         try:
             self._run_recorded(program, frames)
-            self._copy_into_previous(program, previous, keep)
+            self._copy_into_previous(program, previous)
         finally:
             for key in held_keys:
                 self.memory.release(key)
@@ -742,12 +780,9 @@ class Session:
             finally:
                 self._program_at = None
 
-    def _copy_into_previous(self, program: programs.Program, previous: dict[int, torch.Tensor],
-                            keep: frozenset[int] = frozenset()) -> None:
+    def _copy_into_previous(self, program: programs.Program, previous: dict[int, torch.Tensor]) -> None:
         """Copy a replay's new results into the last run's tensors and put those back under
-        their handles (a result whose layout changed keeps the new tensor). A result with no
-        last run's tensor was freed by the client, unless it is in ``keep``: the first results
-        of a step recorded without running."""
+        their handles (a result whose layout changed keeps the new tensor)."""
         pairs = [(handle, self.tensors[handle], previous[handle]) for handle in program.created
                  if handle in self.tensors and handle in previous]
         if pairs and self.memory.managed:
@@ -759,7 +794,7 @@ class Session:
             if new is None:
                 continue
             if old is None:
-                if handle not in keep:
+                if handle not in self._graph_pool:  # (a step's own results stay: see _define_program)
                     self._drop(handle)
             elif (old.shape, old.stride(), old.dtype, old.device) == (new.shape, new.stride(), new.dtype, new.device):
                 old.copy_(new)
@@ -929,7 +964,10 @@ class Session:
         protocol.check(len(command) == 2 and isinstance(command[1], list), "FREE takes [FREE, [handles]]")
         for handle in command[1]:
             if isinstance(handle, int):
-                self._drop(handle)
+                if handle in self._graph_pool and self._program_at is None:
+                    self._freed_in_graph_pool.add(handle)  # the step still uses it: see _define_program
+                else:
+                    self._drop(handle)
 
     def _settings(self, command: list[Any], frames: list[Any]) -> None:
         protocol.check(len(command) == 2, "SETTINGS takes [SETTINGS, {name: value}]")

@@ -226,8 +226,8 @@ def test_torch_cuda_graph_training_matches_local_eager(remote, daemon_flags):
         assert not torch.cuda.is_current_stream_capturing()
         for parameter, unchanged in zip(model.parameters(), before):
             assert torch.equal(parameter.detach().cpu(), unchanged)  # nothing ran while capturing
-        with pytest.raises(libremote.RemoteOpError, match=r"replay\(\)"):
-            static_loss.item()  # no value before the first replay, as with CUDA (which gives garbage)
+        # As CUDA's, the outputs exist from the capture on (uninitialised until a replay).
+        assert static_loss.shape == () and torch.empty_like(static_loss).shape == ()
         got = []
         for x, y in batches:
             static_x.copy_(x)
@@ -261,7 +261,9 @@ def test_a_cuda_graph_region_that_raises_records_nothing_and_refuses_sync_points
     del y
 
 
-def test_an_output_freed_before_the_first_replay_is_not_kept(remote):
+def test_a_graphs_results_hold_memory_until_the_graph_goes(remote):
+    # As a CUDA graph's private pool: what the capture made stays allocated (another graph may
+    # read it) until the graph is reset or collected, even once the program drops its tensor.
     x = torch.ones(1 << 18, device="cuda")  # 1 MiB
     torch.cuda.synchronize()
     baseline = torch.cuda.memory_allocated()
@@ -269,11 +271,40 @@ def test_an_output_freed_before_the_first_replay_is_not_kept(remote):
     with torch.cuda.graph(graph):
         kept = x * 2
         dropped = kept + 1
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == baseline + 2 * x.nbytes  # allocated at capture, as CUDA's
     del dropped
     graph.replay()
-    torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated() == baseline + x.nbytes  # only `kept`
     assert kept.sum().item() == 2 * x.numel()
     x.fill_(5.0)
     graph.replay()
     assert kept.sum().item() == 10 * x.numel()  # each replay writes the same output tensor
+    assert torch.cuda.memory_allocated() == baseline + 2 * x.nbytes
+    graph.reset()
+    assert torch.cuda.memory_allocated() == baseline + x.nbytes  # only `kept`, which we hold
+    assert kept.sum().item() == 10 * x.numel()
+
+
+def test_make_graphed_callables_trains_like_the_module(remote):
+    # torch's helper captures forward and backward as two graphs; the backward graph reads what
+    # the forward graph's capture left for it (its outputs and autograd's saved tensors).
+    torch.manual_seed(0)
+    local = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 3))
+    module = copy.deepcopy(local).cuda()
+    sample = torch.randn(6, 12).cuda().requires_grad_()
+    graphed = torch.cuda.make_graphed_callables(module, (sample,))
+    local_optimizer = torch.optim.SGD(local.parameters(), lr=0.1)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    # (make_graphed_callables warms up with autograd.grad: no parameter update, nothing to copy)
+    for x, y in _batches(4):
+        expected = F.cross_entropy(local(x), y)
+        local_optimizer.zero_grad()
+        expected.backward()
+        local_optimizer.step()
+        got = F.cross_entropy(graphed(x.cuda()), y.cuda())
+        optimizer.zero_grad()
+        got.backward()
+        optimizer.step()
+        assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    for parameter, local_parameter in zip(module.parameters(), local.parameters()):
+        torch.testing.assert_close(parameter.detach().cpu(), local_parameter.detach(), rtol=1e-5, atol=1e-6)

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 
+from .. import protocol
 from ..errors import CaptureError
 from ..protocol import Cmd
 from . import runtime
@@ -101,9 +102,9 @@ class CUDAGraph:
 
     As with CUDA, capturing runs nothing: the ops are recorded, not executed, so an optimizer
     step in the captured region updates nothing until the first replay, and the region's outputs
-    hold their values only after a replay (reading one before is an error that says so). The
-    region must not wait for the device or send new host data (the same contract as
-    :func:`capture_step`). ``pool`` arguments are accepted and have no effect: each graph's
+    exist from the capture on but hold their values only after a replay (until then they are
+    uninitialised memory, as CUDA's). The region must not wait for the device or send new host
+    data (the same contract as :func:`capture_step`). ``pool`` arguments are accepted and have no effect: each graph's
     tensors are ordinary tensors of the session."""
 
     def __init__(self, keep_graph: bool = False) -> None:
@@ -126,11 +127,16 @@ class CUDAGraph:
             raise CaptureError("libremote: capture_end() without capture_begin()")
         recording, self._recording = self._recording, None
         try:
-            self._session.stop_recording()
+            made = self._session.stop_recording()
         finally:
             _capturing = False
         self.id = next(_program_ids)
-        self._session.submit([Cmd.PROGRAM, self.id, recording, {"ran": False}])
+        # The results still held exist from now on, uninitialised until the first replay (as
+        # CUDA's): the daemon allocates them with these layouts.
+        placeholders = [[tensor._ref.id, protocol.dtype_ext(tensor.dtype), list(tensor.shape), list(tensor.stride()),
+                         tensor.storage_offset(), tensor._device_index]
+                        for tensor in made if tensor._ref.session is self._session]
+        self._session.submit([Cmd.PROGRAM, self.id, recording, {"ran": False, "placeholders": placeholders}])
         self._session.synchronize()  # the daemon checked the recording: errors surface here
 
     def _abort(self) -> None:
@@ -151,7 +157,16 @@ class CUDAGraph:
         self._session.submit([Cmd.REPLAY, self.id])
 
     def reset(self) -> None:
+        """Forget the captured step; the daemon lets go of the memory its results held."""
+        if self.id is not None and self._session is runtime.current_if_open() and not self._session.closed:
+            self._session.submit([Cmd.PROGRAM, self.id, [], {"drop": True}])
         self.id = None
+
+    def __del__(self) -> None:
+        try:
+            self.reset()
+        except Exception:  # interpreter shutdown, a lost connection: nothing left to release
+            pass
 
     def instantiate(self) -> None:
         pass

@@ -63,6 +63,9 @@ class ClientSession:
         self._recording_runs = True  # False while torch.cuda.graph records: commands are not sent
         self._recording_first_handle = 0
         self._recording_new_ops: list[str] = []  # ops first named while recording without running
+        #: While recording without running: weak references to the tensors made (their layouts
+        #: go to the daemon with the recording, see capture.CUDAGraph).
+        self.made_while_recording: list[Any] | None = None
         self.closed = False
         #: The numerics switches the daemon has for this session (libremote/numerics.py); None
         #: until the first batch, which always carries them. A daemon without the feature gets none.
@@ -185,13 +188,17 @@ class ClientSession:
         self.flush()
         self._recording = recording
         self._recording_runs = run
+        self.made_while_recording = None if run else []
         # Handles are only names: taking one here marks where the recording's own handles start.
         self._recording_first_handle = self._next_handle()
 
-    def stop_recording(self, *, discard: bool = False) -> None:
-        """Stop recording. ``discard``: the recording (made with ``run=False``) is thrown away,
-        so the ops it named first are named again next time (the daemon never saw them)."""
+    def stop_recording(self, *, discard: bool = False) -> list[Any]:
+        """Stop recording; return the tensors made meanwhile that are still alive (``run=False``
+        only). ``discard``: the recording is thrown away, so the ops it named first are named
+        again next time (the daemon never saw them)."""
         with self._lock:
+            made = [tensor for tensor in map(lambda ref: ref(), self.made_while_recording or ()) if tensor is not None]
+            self.made_while_recording = None
             if self._recording is not None and not self._recording_runs:
                 self._flush(want_reply=False)  # the last recorded commands, before recording stops
                 if discard:
@@ -200,6 +207,7 @@ class ClientSession:
             self._recording = None
             self._recording_runs = True
             self._recording_new_ops = []
+        return made
 
     def _flush(self, *, want_reply: bool, track: bool = False) -> Any:
         commands = self._commands

@@ -15,6 +15,7 @@ Python object (which it keeps alive while C++, e.g. autograd, still holds the te
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Any
 
 import torch
@@ -110,6 +111,14 @@ class RemoteTensor(torch.Tensor):
 
         return tensor_repr(self)
 
+    def data_ptr(self) -> int:  # type: ignore[override]
+        """A stand-in address, distinct for each tensor (handle) and offset like a real one by
+        ``storage_offset``. A remote tensor has no local memory, so torch's answer would be 0 for
+        all of them; programs compare data pointers to tell tensors apart
+        (``make_graphed_callables`` copies a new input into its static one only if they differ).
+        Views of one storage get different bases here, unlike on CUDA."""
+        return (self._ref.id << 24) + self.storage_offset() * self.element_size()
+
     def __format__(self, format_spec: str) -> str:
         # torch formats a 0-dim tensor as its number (f"{loss:.4f}") only for exact Tensor.
         if self.dim() == 0:
@@ -179,4 +188,7 @@ def _load_dispatch() -> Any:
 
 def make(spec: Spec, session: Any, device_index: int = 0) -> RemoteTensor:
     """A new tensor with a fresh handle (the caller tells the daemon what to put there)."""
-    return RemoteTensor(spec, _HandleRef(session.new_handle(), session), device_index)
+    tensor = RemoteTensor(spec, _HandleRef(session.new_handle(), session), device_index)
+    if session.made_while_recording is not None:  # torch.cuda.graph: see ClientSession.start_recording
+        session.made_while_recording.append(weakref.ref(tensor))
+    return tensor
