@@ -158,8 +158,8 @@ class CUDAGraph:
 
     def reset(self) -> None:
         """Forget the captured step; the daemon lets go of the memory its results held."""
-        if self.id is not None and self._session is runtime.current_if_open() and not self._session.closed:
-            self._session.submit([Cmd.PROGRAM, self.id, [], {"drop": True}])
+        if self.id is not None:
+            self._session.release_program(self.id)
         self.id = None
 
     def __del__(self) -> None:

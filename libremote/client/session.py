@@ -55,6 +55,7 @@ class ClientSession:
         self._frames: list[Any] = []
         self._pending_bytes = 0
         self._released: collections.deque[int] = collections.deque()
+        self._released_programs: collections.deque[int] = collections.deque()
         self._deferred_error: Exception | None = None
         #: When a list, the name of every op sent is appended (``libremote.op_trace()``).
         self.op_log: list[str] | None = None
@@ -84,6 +85,13 @@ class ClientSession:
         """Called when a tensor's last reference goes; the FREE travels with the next batch."""
         if not self.closed:
             self._released.append(handle)
+
+    def release_program(self, program_id: int) -> None:
+        """Called when a ``torch.cuda.CUDAGraph`` is reset or collected: the daemon forgets the
+        step (and the memory its results held) with the next batch. Like :meth:`release`, only
+        appends to a deque: safe from a garbage-collector pass."""
+        if not self.closed:
+            self._released_programs.append(program_id)
 
     def op_ref(self, name: str) -> Any:
         """The wire reference for op ``name``: its id, defined by name on first use."""
@@ -180,6 +188,8 @@ class ClientSession:
             released.append(self._released.popleft())
         if released:
             self._commands.append([Cmd.FREE, released])
+        while self._released_programs:
+            self._commands.append([Cmd.PROGRAM, self._released_programs.popleft(), [], {"drop": True}])
 
     def start_recording(self, recording: list[Any], *, run: bool = True) -> None:
         """From now on, also append every command sent to ``recording`` (pending ones go first).
