@@ -165,7 +165,7 @@ class ClientSession:
                 "replay sends one command and reads nothing back. Move it out of the step, after the call."
             )
         with self._lock:
-            if self._released:
+            if self._released or self._released_programs:  # (before the request: memory figures see them)
                 self._queue_frees()
             self._commands.append(command)
             results, frames = self._roundtrip()
