@@ -142,6 +142,26 @@ def test_raw_programs_hold_only_replayable_commands(raw):  # noqa: F811
     assert error is not None and "never defined" in error[2], error
 
 
+def test_raw_placeholders_are_checked_before_anything_is_allocated(raw):  # noqa: F811
+    # A step recorded without running (torch.cuda.graph) names the results to allocate now: the
+    # daemon checks their layouts and the session's quota first, and keeps serving either way.
+    from libremote import protocol
+
+    raw.put(1, torch.ones(4))
+    add = [Cmd.OP, [1, "aten::add.Tensor"], [protocol.handle_ext(1), protocol.handle_ext(1)], {}, [2]]
+    f32 = protocol.dtype_ext(torch.float32)
+    before = raw.memory()["allocated"]
+    _, error, _ = raw.call([[Cmd.PROGRAM, 1, [add], {"ran": False, "placeholders": [[2, f32, [1 << 40], [1], 0, 0]]}]])
+    assert error is not None and error[0] == "oom", error
+    assert raw.memory()["allocated"] == before
+    _, error, _ = raw.call([[Cmd.PROGRAM, 1, [add], {"ran": False, "placeholders": [[2, f32, [-4], [1], 0, 0]]}]])
+    assert error is not None and error[0] == "protocol" and "non-negative" in error[2], error
+    _, error, _ = raw.call([[Cmd.PROGRAM, 1, [add], {"ran": False, "placeholders": [[2, f32, [4], [1], 0, 0]]}],
+                            [Cmd.REPLAY, 1]])
+    assert error is None, error
+    assert torch.equal(raw.fetch(2), torch.full((4,), 2.0))
+
+
 def test_the_step_keeps_what_it_closes_over_alive(remote):
     import gc
 
