@@ -25,7 +25,6 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 
-from .. import protocol
 from ..errors import CaptureError
 from ..protocol import Cmd
 from . import runtime
@@ -38,6 +37,20 @@ _capturing = False
 def is_capturing() -> bool:
     """Whether a step is being recorded now (``torch.cuda.is_current_stream_capturing()``)."""
     return _capturing
+
+
+def begin_capture() -> int:
+    """Mark a capture as underway (one at a time, as CUDA's); return the new step's id."""
+    global _capturing
+    if _capturing:
+        raise CaptureError("libremote: a capture is already underway; CUDA graphs capture one at a time")
+    _capturing = True
+    return next(_program_ids)
+
+
+def end_capture() -> None:
+    global _capturing
+    _capturing = False
 
 
 class CapturedStep:
@@ -93,118 +106,6 @@ class CapturedStep:
             self.session.op_log.append(f"libremote::replay({self.op_count} ops)")
         self.session.submit([Cmd.REPLAY, self.id])
         return self.outputs
-
-
-class CUDAGraph:
-    """``torch.cuda.CUDAGraph`` for remote devices: what ``torch.cuda.graph`` captures becomes a
-    daemon-side program, and :meth:`replay` is one REPLAY command (launched as a real CUDA graph
-    by a GPU daemon once warm, like a captured step's).
-
-    As with CUDA, capturing runs nothing: the ops are recorded, not executed, so an optimizer
-    step in the captured region updates nothing until the first replay, and the region's outputs
-    exist from the capture on but hold their values only after a replay (until then they are
-    uninitialised memory, as CUDA's). The region must not wait for the device or send new host
-    data (the same contract as :func:`capture_step`). ``pool`` arguments are accepted and have no effect: each graph's
-    tensors are ordinary tensors of the session."""
-
-    def __init__(self, keep_graph: bool = False) -> None:
-        self.id: int | None = None
-        self._session: Any = None
-        self._recording: list[Any] | None = None
-
-    def capture_begin(self, pool: Any = None, capture_error_mode: str = "global", **kwargs: Any) -> None:
-        global _capturing
-        if _capturing:
-            raise CaptureError("libremote: a capture is already underway; CUDA graphs capture one at a time")
-        self._session = runtime.current()
-        self._recording = []
-        self._session.start_recording(self._recording, run=False)
-        _capturing = True
-
-    def capture_end(self) -> None:
-        global _capturing
-        if self._recording is None:
-            raise CaptureError("libremote: capture_end() without capture_begin()")
-        recording, self._recording = self._recording, None
-        try:
-            made = self._session.stop_recording()
-        finally:
-            _capturing = False
-        self.id = next(_program_ids)
-        # The results still held exist from now on, uninitialised until the first replay (as
-        # CUDA's): the daemon allocates them with these layouts.
-        placeholders = [[tensor._ref.id, protocol.dtype_ext(tensor.dtype), list(tensor.shape), list(tensor.stride()),
-                         tensor.storage_offset(), tensor._device_index]
-                        for tensor in made if tensor._ref.session is self._session]
-        self._session.submit([Cmd.PROGRAM, self.id, recording, {"ran": False, "placeholders": placeholders}])
-        self._session.synchronize()  # the daemon checked the recording: errors surface here
-
-    def _abort(self) -> None:
-        """The captured region raised: nothing recorded is kept."""
-        global _capturing
-        if self._recording is not None:
-            self._recording = None
-            self._session.stop_recording(discard=True)
-        _capturing = False
-
-    def replay(self) -> None:
-        if self.id is None:
-            raise CaptureError("libremote: replay() of a CUDA graph that was never captured")
-        if self._session is not runtime.current():
-            raise CaptureError("libremote: the session this graph was captured in is closed; capture it again")
-        if self._session.op_log is not None:
-            self._session.op_log.append("libremote::replay(cuda graph)")
-        self._session.submit([Cmd.REPLAY, self.id])
-
-    def reset(self) -> None:
-        """Forget the captured step; the daemon lets go of the memory its results held."""
-        if self.id is not None:
-            self._session.release_program(self.id)
-        self.id = None
-
-    def __del__(self) -> None:
-        try:
-            self.reset()
-        except Exception:  # interpreter shutdown, a lost connection: nothing left to release
-            pass
-
-    def instantiate(self) -> None:
-        pass
-
-    def pool(self) -> tuple[str, int]:
-        return ("libremote graph pool", id(self))
-
-    def enable_debug_mode(self) -> None:
-        pass
-
-    def debug_dump(self, debug_path: str) -> None:
-        raise CaptureError("libremote: a remote CUDA graph has no local dump; see libremote.op_trace()")
-
-
-class graph:
-    """``torch.cuda.graph(g)``: capture the ``with`` block into ``g`` (see :class:`CUDAGraph`)."""
-
-    def __init__(self, cuda_graph: CUDAGraph, pool: Any = None, stream: Any = None,
-                 capture_error_mode: str = "global", **kwargs: Any) -> None:
-        if not isinstance(cuda_graph, CUDAGraph):
-            raise TypeError(f"torch.cuda.graph expects a torch.cuda.CUDAGraph, got {type(cuda_graph).__name__}")
-        self.cuda_graph = cuda_graph
-
-    def __enter__(self) -> None:
-        runtime.current().synchronize()  # as torch's: capture starts with the device idle
-        self.cuda_graph.capture_begin()
-
-    def __exit__(self, kind: Any, value: Any, traceback: Any) -> None:
-        if kind is not None:
-            self.cuda_graph._abort()
-            return None
-        self.cuda_graph.capture_end()
-        return None
-
-
-def graph_pool_handle() -> tuple[str, int]:
-    """``torch.cuda.graph_pool_handle()``: a token; memory pools are the daemon's business."""
-    return ("libremote graph pool", 0)
 
 
 def _static_copy(value: Any) -> Any:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import threading
 import random
+import threading
 import warnings
 from typing import Any, Iterator
 
@@ -20,7 +20,7 @@ import torch
 
 from ..errors import ConnectionFailed, NotConfiguredError
 from ..protocol import Cmd
-from . import capture, legacy_types, parallel, runtime
+from . import capture, cuda_graph, legacy_types, parallel, runtime
 
 _current_device = 0
 _warned: set[str] = set()
@@ -465,12 +465,12 @@ def _replacements() -> list[tuple[Any, str, Any]]:
         (cuda, "_maybe_exchange_device", _exchange_device),
         (cuda, "_lazy_init", lambda: None),
         (cuda, "is_current_stream_capturing", capture.is_capturing),
-        (cuda, "CUDAGraph", capture.CUDAGraph),
-        (cuda, "graph", capture.graph),
-        (cuda, "graph_pool_handle", capture.graph_pool_handle),
-        (cuda.graphs, "CUDAGraph", capture.CUDAGraph),
-        (cuda.graphs, "graph", capture.graph),
-        (cuda.graphs, "graph_pool_handle", capture.graph_pool_handle),
+        (cuda, "CUDAGraph", cuda_graph.CUDAGraph),
+        (cuda, "graph", cuda_graph.graph),
+        (cuda, "graph_pool_handle", cuda_graph.graph_pool_handle),
+        (cuda.graphs, "CUDAGraph", cuda_graph.CUDAGraph),
+        (cuda.graphs, "graph", cuda_graph.graph),
+        (cuda.graphs, "graph_pool_handle", cuda_graph.graph_pool_handle),
         (cuda, "ipc_collect", lambda: None),
         (cuda.random, "manual_seed", manual_seed),
         (cuda.random, "manual_seed_all", manual_seed_all),
