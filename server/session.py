@@ -794,8 +794,7 @@ class Session:
             if new is None:
                 continue
             if old is None:
-                if handle not in self._graph_pool:  # (a step's own results stay: see _define_program)
-                    self._drop(handle)
+                self._drop(handle)
             elif (old.shape, old.stride(), old.dtype, old.device) == (new.shape, new.stride(), new.dtype, new.device):
                 old.copy_(new)
                 self._drop(handle)
@@ -962,9 +961,10 @@ class Session:
 
     def _free(self, command: list[Any], frames: list[Any]) -> None:
         protocol.check(len(command) == 2 and isinstance(command[1], list), "FREE takes [FREE, [handles]]")
+        graph_pool = self._graph_pool
         for handle in command[1]:
             if isinstance(handle, int):
-                if handle in self._graph_pool and self._program_at is None:
+                if graph_pool and handle in graph_pool and self._program_at is None:
                     self._freed_in_graph_pool.add(handle)  # the step still uses it: see _define_program
                 else:
                     self._drop(handle)

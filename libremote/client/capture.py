@@ -43,7 +43,7 @@ def begin_capture() -> int:
     """Mark a capture as underway (one at a time, as CUDA's); return the new step's id."""
     global _capturing
     if _capturing:
-        raise CaptureError("libremote: a capture is already underway; CUDA graphs capture one at a time")
+        raise CaptureError("libremote: a capture is already underway; captures run one at a time, as CUDA graphs' do")
     _capturing = True
     return next(_program_ids)
 
@@ -63,19 +63,17 @@ class CapturedStep:
         for _ in range(warmup):
             fn(*self.static_inputs)
         self.session.synchronize()  # warm-up errors surface here, not in the recording
-        self.id = next(_program_ids)
         self.outputs = self._record(fn)
 
     def _record(self, fn: Callable[..., Any]) -> Any:
-        global _capturing
         recording: list[Any] = []
+        self.id = begin_capture()
         self.session.start_recording(recording)
-        _capturing = True
         try:
             outputs = fn(*self.static_inputs)
             self.session.flush()
         finally:
-            _capturing = False
+            end_capture()
             self.session.stop_recording()
         if not any(isinstance(leaf, RemoteTensor) for leaf in pytree.tree_leaves(outputs)) and outputs is not None:
             raise CaptureError("libremote: a captured step must return remote tensors (or None), "

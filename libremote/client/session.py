@@ -207,7 +207,7 @@ class ClientSession:
         only). ``discard``: the recording is thrown away, so the ops it named first are named
         again next time (the daemon never saw them)."""
         with self._lock:
-            made = [tensor for tensor in map(lambda ref: ref(), self.made_while_recording or ()) if tensor is not None]
+            made = [tensor for tensor in (ref() for ref in self.made_while_recording or ()) if tensor is not None]
             self.made_while_recording = None
             if self._recording is not None and not self._recording_runs:
                 self._flush(want_reply=False)  # the last recorded commands, before recording stops
