@@ -23,7 +23,7 @@ from helpers import session_of, status
 from libremote import protocol
 from libremote.cli import format_status
 from libremote.protocol import Cmd
-from test_faults import RawClient
+from raw_client import RawClient
 from test_graph_mode import _train, _workload
 
 #: Upper bound for the daemon's compiles to finish on a slow 2-core CI machine.

@@ -13,7 +13,6 @@ import errno
 import json
 import os
 import random
-import secrets
 import signal
 import subprocess
 import sys
@@ -25,107 +24,17 @@ from typing import Any
 import msgpack
 import pytest
 import torch
-import zmq
 
 from libremote import protocol
 from libremote.protocol import Cmd, Msg
 
 from conftest import REPO, Daemon, free_port, subprocess_env
-
-#: Upper bound for one reply from the daemon on loopback ("it answered", not a speed check).
-REPLY_WAIT_S = 20.0
+from raw_client import RawClient
 
 
 # ------------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------------
-class RawClient:
-    """A bare DEALER socket speaking the wire format by hand (no libremote client code)."""
-
-    def __init__(self, address: str) -> None:
-        self.context = zmq.Context()
-        self.socket = self.context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.ROUTING_ID, secrets.token_bytes(16))
-        self.socket.connect(address)
-        self.seq = 0
-        self.welcome: dict[str, Any] | None = None
-
-    def close(self) -> None:
-        self.socket.close(0)
-        self.context.term()
-
-    def __enter__(self) -> "RawClient":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    # -- sending ---------------------------------------------------------------------------------
-    def send_raw(self, header: bytes, frames: list[bytes] = ()) -> None:
-        self.socket.send_multipart([header, *frames])
-
-    def send(self, header: Any, frames: list[bytes] = ()) -> None:
-        self.send_raw(protocol.packb(header), frames)
-
-    def receive(self, timeout_s: float = REPLY_WAIT_S) -> tuple[Any, list[bytes]]:
-        if not self.socket.poll(int(timeout_s * 1000), zmq.POLLIN):
-            raise AssertionError(f"the daemon sent nothing within {timeout_s} s")
-        header, *frames = self.socket.recv_multipart()
-        return protocol.unpackb(header), frames
-
-    def hello(self, **overrides: Any) -> Any:
-        info = {
-            "protocol": protocol.PROTOCOL_VERSION,
-            "libremote": "0.1.0",
-            "torch": torch.__version__,
-            "python": "3.11.7",
-            "pid": os.getpid(),
-            "host": "raw-test-client",
-            "argv": "test_faults",
-        }
-        info.update(overrides)
-        self.send([Msg.HELLO, info])
-        header, _ = self.receive()
-        if header[0] == Msg.WELCOME:
-            self.welcome = header[1]
-        return header
-
-    def batch(self, commands: list[Any], frames: list[bytes] = (), *, want_reply: bool = True) -> int:
-        self.seq += 1
-        self.send([Msg.BATCH, self.seq, commands, want_reply], frames)
-        return self.seq
-
-    def call(self, commands: list[Any], frames: list[bytes] = ()) -> tuple[list[Any], Any, list[bytes]]:
-        """Send a batch that wants a reply; return (results, error, frames) of that reply."""
-        seq = self.batch(commands, frames)
-        header, out = self.receive()
-        assert header[0] == Msg.REPLY, header
-        assert header[1] == seq, f"reply to seq {header[1]!r}, expected {seq}: {header}"
-        return header[2], header[3], out
-
-    # -- conveniences ----------------------------------------------------------------------------
-    def put(self, handle: int, tensor: torch.Tensor) -> Any:
-        tensor = tensor.contiguous()
-        results, error, _ = self.call(
-            [[Cmd.PUT, handle, protocol.dtype_ext(tensor.dtype), list(tensor.shape), list(tensor.stride()), 0, 1]],
-            [bytes(protocol.tensor_bytes(tensor))],
-        )
-        assert error is None, error
-        return results
-
-    def fetch(self, handle: int) -> torch.Tensor:
-        results, error, frames = self.call([[Cmd.FETCH, handle]])
-        assert error is None, error
-        dtype, shape, stride, index = results[0]
-        return protocol.tensor_from_bytes(bytearray(frames[index - 1]), dtype, shape).clone()
-
-    def memory(self) -> dict[str, int]:
-        results, error, _ = self.call([[Cmd.QUERY, "memory"]])
-        assert error is None, error
-        return results[0]
-
-
 def run_python(code: str, *, timeout: float, **env: str) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter with libremote from this checkout."""
     return subprocess.run(

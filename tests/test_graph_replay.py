@@ -20,7 +20,7 @@ import torch
 from conftest import Daemon, subprocess_env
 from libremote import protocol
 from libremote.protocol import Cmd
-from test_faults import RawClient
+from raw_client import RawClient
 from test_gpu import _cuda_on_this_machine
 
 WARMUP_RUNS = 2  # server/cuda_graphs.py: interpreted runs before a capture
