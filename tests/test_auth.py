@@ -236,9 +236,9 @@ MARKER_CLIENT = """
 
 
 @pytest.mark.parametrize("transport", ["curve", "plain"])
-def test_tensor_bytes_on_the_wire_are_encrypted_with_curve_only(transport, curve_daemon, daemon, keys):
+def test_tensor_bytes_on_the_wire_are_encrypted_with_curve_only(transport, keys, request):
     # The plain daemon is the control: it shows the recording would catch the tensor's bytes.
-    target = curve_daemon if transport == "curve" else daemon
+    target = request.getfixturevalue("curve_daemon" if transport == "curve" else "daemon")
     proxy = RecordingProxy(int(target.address.rsplit(":", 1)[1]))
     try:
         env = keys.env("alice") if transport == "curve" else {}
