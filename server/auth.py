@@ -48,7 +48,7 @@ from zmq.utils import z85
 
 from libremote import curve_keys
 
-from .pool import ANONYMOUS, PoolConfig, PolicyError
+from .pool import PoolConfig, PolicyError
 
 log = logging.getLogger("libremote.server.auth")
 

@@ -264,7 +264,8 @@ class Daemon:
     # ------------------------------------------------------------------------------------------
     def _on_message(self, frames: list[zmq.Frame]) -> None:
         identity = frames[0].bytes
-        user_id = auth.user_id_of(frames[0])  # the CURVE key's identity; None on plain TCP
+        # The CURVE key's identity (None on plain TCP, where no message has one: not asked).
+        user_id = auth.user_id_of(frames[0]) if self._authenticator is not None else None
         seq: Any = None
         try:
             if len(frames) < 2:
@@ -273,7 +274,8 @@ class Daemon:
             if not isinstance(header, list) or not header or not isinstance(header[0], int):
                 raise ProtocolError("header must be an array starting with a message kind")
             kind = header[0]
-            if kind in (Msg.BATCH, Msg.PING, Msg.HELLO, Msg.BYE) and self._held_by_another(identity, user_id):
+            if (user_id is not None and kind in (Msg.BATCH, Msg.PING, Msg.HELLO, Msg.BYE)
+                    and self._held_by_another(identity, user_id)):
                 self._refuse_other_owner(identity, kind, header)
             elif kind == Msg.BATCH:
                 protocol.check(len(header) == 4, "BATCH is [BATCH, seq, commands, want_reply]")
