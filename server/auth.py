@@ -21,7 +21,8 @@ Two transports (``libremote-server --help``):
   is encrypted; tenants (``--tenants``) prove who they are with tokens sent in clear, and the
   admin with the admin token. A session is tied to the client's ZeroMQ routing id, a random
   128-bit value only the client and daemon know, so taking over a session needs to read the
-  traffic, which plain TCP does not prevent.
+  traffic, which plain TCP does not prevent. (A session secret echoed in every BATCH would add
+  nothing: whoever reads the routing id reads the secret beside it. Hence no such field.)
 
 Sessions are bound to the identity that opened them: a message for a session's routing id
 that arrives with another User-Id (a peer that reconnected with a dropped client's routing id)
