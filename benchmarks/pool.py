@@ -60,12 +60,15 @@ print(json.dumps({"steps": steps, "latencies": latencies, "finished": time.time(
 """
 
 
+ADMIN_TOKEN = "bench-admin"  # the whole pool's status (device time per session) needs the admin
+
+
 def _status(address: str) -> dict:
     # In this process (no CLI subprocess importing torch during a measured window).
     from libremote.cli import _ask
     from libremote.protocol import Msg
 
-    return _ask(address, [Msg.STATUS], 30)[1]
+    return _ask(address, [Msg.STATUS, {"token": ADMIN_TOKEN}], 30)[1]
 
 
 def _run_clients(address: str, specs: list[dict], seconds: float) -> tuple[list[dict], dict]:
@@ -113,7 +116,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tenants = Path(tmp) / "tenants.toml"
-        tenants.write_text('[tenants.light]\ntoken = "l"\nweight = 1\npriority = "high"\n'
+        tenants.write_text(f'[admin]\ntoken = "{ADMIN_TOKEN}"\n'
+                           '[tenants.light]\ntoken = "l"\nweight = 1\npriority = "high"\n'
                            '[tenants.heavy]\ntoken = "h"\nweight = 3\npriority = "high"\n'
                            '[tenants.batch]\ntoken = "b"\nweight = 1\npriority = "low"\n')
         address = _free_address()

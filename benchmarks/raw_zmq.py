@@ -1,7 +1,9 @@
 """Reference figures for the transport: plain pyzmq DEALER/ROUTER between two processes.
 
 The echo peer runs in its own process (as the daemon does), so the figures include the same
-process boundary and loopback TCP that libremote's messages cross.
+process boundary and loopback TCP that libremote's messages cross. With ``curve`` keys both ends
+speak CURVE (authenticated, encrypted), as a daemon started with ``--auth-keys`` does
+(benchmarks/curve.py compares the two).
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ import zmq
 from .timing import best_block_us
 
 
-def _echo_peer(address: str, ready: "multiprocessing.synchronize.Event") -> None:
+def _echo_peer(address: str, ready: "multiprocessing.synchronize.Event",
+               server_keys: tuple[bytes, bytes] | None = None) -> None:
     context = zmq.Context()
     router = context.socket(zmq.ROUTER)
+    if server_keys is not None:
+        router.curve_server = True
+        router.curve_publickey, router.curve_secretkey = server_keys
     router.bind(address)
     ready.set()
     while True:
@@ -46,13 +52,18 @@ def _payload(size: int) -> bytes:
 class RawPeer:
     """A DEALER talking to an echo ROUTER in another process."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, *, curve: bool = False) -> None:
+        server_public, server_secret = zmq.curve_keypair()
         ready = multiprocessing.get_context("spawn").Event()
-        self.process = multiprocessing.get_context("spawn").Process(target=_echo_peer, args=(address, ready), daemon=True)
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=_echo_peer, args=(address, ready, (server_public, server_secret) if curve else None), daemon=True)
         self.process.start()
         ready.wait(30)
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
+        if curve:
+            self.socket.curve_publickey, self.socket.curve_secretkey = zmq.curve_keypair()
+            self.socket.curve_serverkey = server_public
         self.socket.connect(address)
 
     def round_trip_us(self) -> float:

@@ -3,12 +3,17 @@
     libremote status --server tcp://gpu01:7777 [--json]
     libremote admin --server tcp://gpu01:7777 --session ab12cd34ef56 --memory-quota 16GiB
     libremote admin --server tcp://gpu01:7777 --tenant research --weight 2 --priority high
+    libremote keygen daemon --dir keys/      # the daemon's key pair: keys/server.key(_secret)
+    libremote keygen client research         # a client's: ./research.key(_secret)
 
 ``status`` prints the pool like ``nvidia-smi``: devices (model, memory used/total, utilization)
 and sessions (tenant, priority, weight, memory, ops, device time). ``admin`` changes a session's
-or a tenant's quota, weight or priority on the live daemon, effective at once; it needs the
-daemon's admin token (``--token`` or ``LIBREMOTE_ADMIN_TOKEN``) unless run on the daemon's host
-of a daemon that has none.
+or a tenant's quota, weight or priority on the live daemon, effective at once. Both need an admin
+identity: an admin key on a daemon with ``--auth-keys`` (``LIBREMOTE_CLIENT_KEY``,
+``LIBREMOTE_SERVER_KEY``), else the daemon's admin token (``--token`` or ``LIBREMOTE_ADMIN_TOKEN``)
+or a daemon started with ``--loopback-admin``. A tenant (its key, or ``LIBREMOTE_TENANT`` and
+``LIBREMOTE_TOKEN``) sees its own sessions in ``status``. ``keygen`` writes CURVE key pairs
+(``libremote/curve_keys.py``).
 """
 
 from __future__ import annotations
@@ -18,36 +23,93 @@ import json
 import os
 import secrets
 import sys
+import time
 from typing import Any, Sequence
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from . import protocol
+from . import curve_keys, protocol
 from .protocol import Msg
 
 
+def _client_keys() -> curve_keys.ClientKeys | None:
+    """CURVE keys from LIBREMOTE_CLIENT_KEY / LIBREMOTE_SERVER_KEY, as the client library reads them."""
+    try:
+        return curve_keys.ClientKeys.from_files(os.environ.get("LIBREMOTE_CLIENT_KEY", "").strip() or None,
+                                                os.environ.get("LIBREMOTE_SERVER_KEY", "").strip() or None)
+    except curve_keys.KeyFileError as exc:
+        raise SystemExit(f"libremote: {exc}") from None
+
+
 def _ask(address: str, message: list[Any], timeout_s: float) -> list[Any]:
+    """Send one request and return the answer; a daemon that refuses the connection's handshake
+    (CURVE key unknown, CURVE on one side only) is reported as such, not as silence."""
+    keys = _client_keys()
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTING_ID, secrets.token_bytes(16))
+    if keys is not None:
+        keys.apply(sock)
+    monitor = sock.get_monitor_socket(curve_keys.HANDSHAKE_FAILED_EVENTS)
     try:
         sock.connect(address)
         sock.send(protocol.packb(message))
-        if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
-            raise SystemExit(f"libremote: no daemon answered at {address} within {timeout_s:g} s")
+        deadline = time.monotonic() + timeout_s
+        while not sock.poll(100, zmq.POLLIN):
+            if monitor.poll(0):
+                failure = curve_keys.handshake_failure(recv_monitor_message(monitor)["event"], address, keys is not None)
+                if failure:
+                    raise SystemExit(failure)
+            if time.monotonic() > deadline:
+                raise SystemExit(f"libremote: no daemon answered at {address} within {timeout_s:g} s")
         return protocol.unpackb(sock.recv())
     finally:
+        sock.disable_monitor()
+        monitor.close(0)
         sock.close(0)
         context.term()
 
 
-def query_status(address: str, timeout_s: float = 10.0) -> dict[str, Any]:
-    """The daemon's status report (what ``libremote status --json`` prints), as a dict."""
-    reply = _ask(address, [Msg.STATUS], timeout_s)
+def _credentials(admin_token: str | None = None) -> dict[str, Any]:
+    """What a plain-TCP daemon needs to know who asks (with CURVE the key says it): the admin
+    token, or a tenant's name and token (LIBREMOTE_TENANT, LIBREMOTE_TOKEN) to see its sessions."""
+    return {"token": admin_token or os.environ.get("LIBREMOTE_ADMIN_TOKEN") or None,
+            "tenant": os.environ.get("LIBREMOTE_TENANT") or None,
+            "tenant_token": os.environ.get("LIBREMOTE_TOKEN") or None}
+
+
+def query_status(address: str, timeout_s: float = 10.0, admin_token: str | None = None) -> dict[str, Any]:
+    """The daemon's status report (what ``libremote status --json`` prints), as a dict: all of it
+    for an admin, a tenant's own sessions for a tenant."""
+    reply = _ask(address, [Msg.STATUS, _credentials(admin_token)], timeout_s)
+    if reply[0] == Msg.REFUSED:
+        raise SystemExit(f"libremote: the daemon at {address} refused: {reply[1]}")
     if reply[0] != Msg.STATUS:
         raise SystemExit(f"libremote: unexpected answer {reply!r:.200}")
     return reply[1]
+
+
+def keygen(role: str, directory: str, name: str | None) -> str:
+    """Write a key pair and return how to use it (see libremote/curve_keys.py)."""
+    name = "server" if role == "daemon" else name
+    if not name:
+        raise SystemExit("libremote keygen client: give a NAME (the tenant, e.g. research)")
+    try:
+        public, secret = curve_keys.generate(directory, name)
+    except curve_keys.KeyFileError as exc:
+        raise SystemExit(f"libremote: {exc}") from None
+    if role == "daemon":
+        return (f"wrote {secret} (secret, mode 0600: keep it on the daemon's host) and {public} (public).\n"
+                f"Start the daemon with:   libremote-server --auth-keys {directory} ...\n"
+                f"Put clients' public keys in {directory} as TENANT.key (admins: {directory}/admin/NAME.key),\n"
+                f"and give every client {public}, to set as LIBREMOTE_SERVER_KEY.")
+    return (f"wrote {secret} (secret, mode 0600: never share it) and {public} (public).\n"
+            f"Send {public} to the daemon's operator, who copies it into the daemon's --auth-keys directory as\n"
+            f"{name}.key (tenant {name!r}; into its admin/ folder for an admin). Then on this machine:\n"
+            f"  export LIBREMOTE_CLIENT_KEY={secret}\n"
+            f"  export LIBREMOTE_SERVER_KEY=<the daemon's server.key>")
 
 
 def _size(nbytes: float) -> str:
@@ -108,6 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="libremote", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    keys = commands.add_parser("keygen", help="write a CURVE key pair for a daemon or a client")
+    keys.add_argument("role", choices=["daemon", "client"])
+    keys.add_argument("name", nargs="?", help="client: the key's name, i.e. its tenant (daemon: always 'server')")
+    keys.add_argument("--dir", default=".", help="where to write NAME.key and NAME.key_secret (default: here)")
     for name in ("status", "admin"):
         sub = commands.add_parser(name)
         sub.add_argument("--server", default=os.environ.get("LIBREMOTE_SERVER"),
@@ -125,13 +191,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             sub.add_argument("--token", default=os.environ.get("LIBREMOTE_ADMIN_TOKEN"),
                              help="the daemon's admin token (default: LIBREMOTE_ADMIN_TOKEN)")
     args = parser.parse_args(argv)
+    if args.command == "keygen":
+        if args.role == "daemon" and args.name:
+            parser.error("libremote keygen daemon takes no NAME (its key pair is server.key/.key_secret); use --dir DIR")
+        print(keygen(args.role, args.dir, args.name))
+        return 0
     if not args.server:
         parser.error("no daemon address: give --server tcp://host:port or set LIBREMOTE_SERVER")
     if args.command == "status":
         report = query_status(args.server, args.timeout)
         print(json.dumps(report, indent=2) if args.json else format_status(report))
         return 0
-    request = {"token": args.token, "session": args.session, "tenant": args.tenant,
+    request = {"token": args.token or None, "session": args.session, "tenant": args.tenant,
                "memory_quota": args.memory_quota, "weight": args.weight, "priority": args.priority}
     reply = _ask(args.server, [Msg.ADMIN, request], args.timeout)
     result = reply[1] if reply[0] == Msg.ADMIN else {"ok": False, "message": f"unexpected answer {reply!r:.200}"}

@@ -12,7 +12,13 @@ LIBREMOTE_BATCH            256      commands sent per message at most while stre
 LIBREMOTE_HEARTBEAT        2        seconds between transport heartbeats; a daemon silent for
                                     three of them counts as gone
 LIBREMOTE_TENANT           (none)   tenant name, for daemons with a tenants file
-LIBREMOTE_TOKEN            (none)   that tenant's token
+LIBREMOTE_TOKEN            (none)   that tenant's token (daemons without --auth-keys)
+LIBREMOTE_CLIENT_KEY       (none)   this client's CURVE secret key file (``NAME.key_secret``,
+                                    from ``libremote keygen client NAME``), for daemons started
+                                    with --auth-keys: the key names the tenant, and the
+                                    connection is authenticated and encrypted
+LIBREMOTE_SERVER_KEY       (none)   the daemon's CURVE public key file (``server.key``); set
+                                    both or neither (see ``libremote.curve_keys``)
 LIBREMOTE_PRIORITY         normal   high, normal or low (a tenant's priority is the ceiling)
 LIBREMOTE_DEVICES          1        how many of the pool's devices to ask for (cuda:0..N-1)
 LIBREMOTE_QUEUE_TIMEOUT    300      seconds to wait in the daemon's admission queue when its
@@ -76,6 +82,8 @@ class Settings:
     queue_timeout_s: float
     devices: int
     spin_us: int
+    client_key: str | None = None
+    server_key: str | None = None
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -91,4 +99,6 @@ class Settings:
             queue_timeout_s=_float("LIBREMOTE_QUEUE_TIMEOUT", 300.0),
             devices=_whole_number("LIBREMOTE_DEVICES", 1, minimum=1),
             spin_us=_whole_number("LIBREMOTE_SPIN_US", 500, minimum=0),
+            client_key=os.environ.get("LIBREMOTE_CLIENT_KEY", "").strip() or None,
+            server_key=os.environ.get("LIBREMOTE_SERVER_KEY", "").strip() or None,
         )

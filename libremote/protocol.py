@@ -21,13 +21,17 @@ REPLY      [REPLY, seq, results, error]                 answer to a BATCH that a
 BYE        [BYE]                                        client is leaving; free the session
 PING       [PING]                                       client is alive (sent when otherwise idle)
 QUEUED     [QUEUED, info]                               the pool is full: HELLO waits in line
-STATUS     [STATUS] / [STATUS, report]                  ask for / answer with the pool's state
+STATUS     [STATUS, credentials?] / [STATUS, report]    ask for / answer with the pool's state
 ADMIN      [ADMIN, request] / [ADMIN, result]           change quotas, weights, priorities live
 =========  ===========================================  ==========================================
 
 HELLO's info may carry ``tenant``, ``token`` and ``priority``; a daemon whose sessions are all
 taken answers QUEUED (with the position in line) and sends WELCOME when a place frees up, or
-REFUSED. STATUS and ADMIN need no session (``libremote status``, ``libremote admin``).
+REFUSED. STATUS and ADMIN need no session (``libremote status``, ``libremote admin``) but an
+identity (server/auth.py): with CURVE the connection's key; on plain TCP ``token`` (the admin
+token) or ``tenant`` and ``tenant_token`` in STATUS's credentials and ADMIN's request. A tenant's
+report holds its own sessions only; a STATUS from nobody the daemon knows is answered REFUSED.
+With CURVE, the tenant and token in HELLO are ignored: the key names the tenant.
 
 A session whose client sends nothing, not even PING, for the daemon's heartbeat timeout is
 reclaimed (the client was killed or lost its network); WELCOME says how often to PING.

@@ -10,7 +10,7 @@ import signal
 import sys
 from typing import Sequence
 
-from . import compiled_graphs, devices, pool
+from . import auth, compiled_graphs, devices, pool
 from .daemon import Daemon
 
 DEFAULT_LISTEN = "tcp://127.0.0.1:7777"
@@ -40,9 +40,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--listen", default=DEFAULT_LISTEN,
-        help=f"ZeroMQ address to bind (default {DEFAULT_LISTEN}; port 0 picks a free port). "
-        "Binding a non-loopback address exposes the daemon to that network: it has no "
-        "authentication of its own yet, so keep it on a trusted network.",
+        help=f"ZeroMQ address to bind (default {DEFAULT_LISTEN}; port 0 picks a free port). A "
+        "non-loopback address needs --auth-keys (or --insecure).",
+    )
+    parser.add_argument(
+        "--auth-keys", metavar="DIR",
+        help="authenticate and encrypt every connection with CURVE: DIR holds the daemon's key pair "
+        "(server.key_secret) and the public keys it accepts, TENANT.key per tenant and admin/NAME.key "
+        "for admins (see `libremote keygen`)",
+    )
+    parser.add_argument(
+        "--server-key", metavar="FILE",
+        help="the daemon's CURVE secret key file, if not DIR/server.key_secret (with --auth-keys)",
+    )
+    parser.add_argument(
+        "--insecure", action="store_true",
+        help="serve plain TCP (no authentication, no encryption: tokens and tensors travel in clear) "
+        "on a non-loopback address; loopback addresses serve plain TCP without it",
+    )
+    parser.add_argument(
+        "--loopback-admin", action="store_true",
+        help="plain TCP only: peers on this host are admins (libremote status shows everything, "
+        "libremote admin works) without the admin token. Every local user then is one",
     )
     parser.add_argument(
         "--device", default="auto",
@@ -145,7 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             graph_compiler=args.graph_compiler,
         )
         if args.tenants:
-            pool_config.tenants, pool_config.admin_token = pool.load_tenants(args.tenants)
+            pool_config.tenants, pool_config.admin_token = pool.load_tenants(
+                args.tenants, tokens_required=not args.auth_keys)
+        keyring = _transport(args, pool_config)
     except (ValueError, pool.PolicyError) as exc:
         print(f"libremote-server: {exc}", file=sys.stderr)
         return 2
@@ -153,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         daemon = Daemon(
             args.listen, device_list, pool_config=pool_config, max_message_bytes=args.max_message_size,
             heartbeat_s=args.heartbeat, heartbeat_timeout_s=args.heartbeat_timeout, spin_us=args.spin_us,
+            keyring=keyring, loopback_admin=args.loopback_admin,
         )
     except Exception as exc:  # zmq.ZMQError: address in use, bad endpoint
         print(f"libremote-server: cannot listen on {args.listen}: {exc}", file=sys.stderr)
@@ -167,6 +189,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     daemon.serve_forever()
     _exit_without_teardown(0)
     return 0  # (not reached)
+
+
+def _transport(args: argparse.Namespace, pool_config: pool.PoolConfig) -> auth.KeyRing | None:
+    """CURVE's key ring, or None for plain TCP; refuse plain TCP off loopback unless --insecure.
+
+    Plain TCP carries tokens and tensors in clear and ties sessions to routing ids only, so it
+    stays on this host unless the operator asks for it by name (server/auth.py)."""
+    log = logging.getLogger("libremote.server")
+    if args.auth_keys:
+        if args.insecure or args.loopback_admin:
+            raise pool.PolicyError("--auth-keys cannot be combined with --insecure or --loopback-admin "
+                                   "(with keys, admins have admin keys: DIR/admin/NAME.key)")
+        keyring = auth.KeyRing(args.auth_keys, args.server_key)
+        log.info("CURVE: %d client keys (%d tenants) accepted from %s", len(keyring.identities),
+                 len(keyring.tenants()), args.auth_keys)
+        if pool_config.has_tenants:
+            for name in sorted(keyring.tenants() - set(pool_config.tenants)):
+                log.warning("tenant %r has a key but no entry in %s: its clients will be refused", name, args.tenants)
+        return keyring
+    if args.server_key:
+        raise pool.PolicyError("--server-key needs --auth-keys DIR")
+    if not auth.is_loopback_endpoint(args.listen):
+        if not args.insecure:
+            raise pool.PolicyError(
+                f"refusing to serve {args.listen} without authentication: give --auth-keys DIR (CURVE keys, "
+                "see `libremote keygen`), or --insecure to serve plain TCP there anyway")
+        log.warning("--insecure: serving plain TCP on %s; anyone who can reach it can connect, and tokens and "
+                    "tensors travel unencrypted. Use --auth-keys on networks you do not fully trust", args.listen)
+    return None
 
 
 def _exit_without_teardown(code: int) -> None:

@@ -29,7 +29,8 @@ from libremote import protocol
 from libremote.zmq_events import readable
 from libremote.protocol import ErrorKind, Msg, ProtocolError
 
-from . import devices, host_memory, pool
+from . import auth, devices, host_memory, pool
+from .auth import is_loopback_peer  # noqa: F401 (its home was here; tests import it from here)
 from .pool import PoolConfig, PolicyError, Tenant
 from .residency import default_device_budget, DeviceMemory
 from .scheduler import Scheduler
@@ -88,13 +89,6 @@ class DeviceSlot:
             self.record_busy(0.0)
 
 
-def is_loopback_peer(peer_address: str | None) -> bool:
-    """Whether a ZeroMQ peer address (``Peer-Address`` of a received frame) is this host."""
-    if not peer_address:
-        return False
-    return peer_address == "::1" or peer_address.startswith("127.") or peer_address.startswith("::ffff:127.")
-
-
 class SliceTimer:
     """Device time of one slice on a GPU: events around it on the session's stream.
 
@@ -133,6 +127,7 @@ class Waiting:
     tenant: Tenant
     priority: str
     device_count: int = 1
+    owner: str | None = None  # the ZAP User-Id it said HELLO with (CURVE), see server/auth.py
     since: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
 
@@ -150,6 +145,8 @@ class Daemon:
         heartbeat_s: float = 2.0,
         heartbeat_timeout_s: float = 10.0,
         spin_us: int = 300,
+        keyring: auth.KeyRing | None = None,
+        loopback_admin: bool = False,
     ) -> None:
         # This process is a daemon: it must drive the real devices. Importing the package ran
         # libremote/__init__.py, which pointed torch.cuda at a daemon; undo that first.
@@ -188,6 +185,9 @@ class Daemon:
         # ZMTP heartbeats: a peer whose host vanished is disconnected instead of lingering.
         self._socket.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat_s * 1000))
         self._socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(heartbeat_s * 3000))
+        #: CURVE (--auth-keys): the ZAP handler that vets keys, None on plain TCP (server/auth.py).
+        self._authenticator = auth.secure(self._socket, keyring) if keyring is not None else None
+        self.loopback_admin = loopback_admin
         if address.endswith(":0"):
             port = self._socket.bind_to_random_port(address.rsplit(":", 1)[0])
             address = f"{address.rsplit(':', 1)[0]}:{port}"
@@ -228,6 +228,8 @@ class Daemon:
             for identity in list(self.sessions):
                 self._end_session(identity, "daemon stopping")
             self._socket.close(0)
+            if self._authenticator is not None:
+                self._authenticator.stop()
             log.info("libremote-server stopped")
 
     def _take_messages(self, limit: int = 256) -> int:
@@ -262,6 +264,8 @@ class Daemon:
     # ------------------------------------------------------------------------------------------
     def _on_message(self, frames: list[zmq.Frame]) -> None:
         identity = frames[0].bytes
+        # The CURVE key's identity (None on plain TCP, where no message has one: not asked).
+        user_id = auth.user_id_of(frames[0]) if self._authenticator is not None else None
         seq: Any = None
         try:
             if len(frames) < 2:
@@ -270,7 +274,10 @@ class Daemon:
             if not isinstance(header, list) or not header or not isinstance(header[0], int):
                 raise ProtocolError("header must be an array starting with a message kind")
             kind = header[0]
-            if kind == Msg.BATCH:
+            if (user_id is not None and kind in (Msg.BATCH, Msg.PING, Msg.HELLO, Msg.BYE)
+                    and self._held_by_another(identity, user_id)):
+                self._refuse_other_owner(identity, kind, header)
+            elif kind == Msg.BATCH:
                 protocol.check(len(header) == 4, "BATCH is [BATCH, seq, commands, want_reply]")
                 seq = header[1]
                 self._on_batch(identity, seq, header[2], bool(header[3]), [f.buffer for f in frames[2:]])
@@ -278,20 +285,40 @@ class Daemon:
                 self._on_ping(identity)
             elif kind == Msg.HELLO:
                 protocol.check(len(header) == 2 and isinstance(header[1], dict), "HELLO is [HELLO, info]")
-                self._on_hello(identity, header[1])
+                self._on_hello(identity, header[1], user_id)
             elif kind == Msg.BYE:
                 self._end_session(identity, "client said goodbye")
                 self.waiting = [w for w in self.waiting if w.identity != identity]
             elif kind == Msg.STATUS:
-                self._send(identity, [Msg.STATUS, self.status()])
+                protocol.check(len(header) == 1 or (len(header) == 2 and isinstance(header[1], dict)),
+                               "STATUS is [STATUS] or [STATUS, credentials]")
+                self._on_status(identity, header[1] if len(header) == 2 else {}, user_id, frames[1].get("Peer-Address"))
             elif kind == Msg.ADMIN:
                 protocol.check(len(header) == 2 and isinstance(header[1], dict), "ADMIN is [ADMIN, request]")
-                self._send(identity, [Msg.ADMIN, self._on_admin(header[1], frames[1].get("Peer-Address"))])
+                self._send(identity, [Msg.ADMIN, self._on_admin(header[1], user_id, frames[1].get("Peer-Address"))])
             else:
                 raise ProtocolError(f"unknown message kind {kind}")
         except ProtocolError as exc:
             log.warning("malformed message from %s: %s", identity.hex()[:12], exc)
             self._send(identity, [Msg.REPLY, seq, [], [ErrorKind.PROTOCOL.value, "", str(exc)]])
+
+    def _held_by_another(self, identity: bytes, user_id: str | None) -> bool:
+        """Whether ``identity`` (a routing id) has a session or queue place opened by another
+        authenticated identity: a peer that reconnected with a dropped client's routing id."""
+        session = self.sessions.get(identity)
+        owners = ([session.owner] if session is not None else []) + [w.owner for w in self.waiting if w.identity == identity]
+        return any(not auth.same_owner(owner, user_id) for owner in owners)
+
+    def _refuse_other_owner(self, identity: bytes, kind: int, header: list[Any]) -> None:
+        """Answer a message for another identity's session without touching the session."""
+        log.warning("refused a message from %s: its routing id belongs to another identity's session",
+                    identity.hex()[:12])
+        reason = ("this connection's routing id belongs to a session opened with another key; "
+                  "use a fresh random routing id (the libremote client does)")
+        if kind == Msg.HELLO:
+            self._send(identity, [Msg.REFUSED, reason])
+        elif kind == Msg.BATCH and len(header) == 4 and header[3]:
+            self._send(identity, [Msg.REPLY, header[1], [], [ErrorKind.SESSION.value, "", reason]])
 
     def _on_ping(self, identity: bytes) -> None:
         session = self.sessions.get(identity)
@@ -330,7 +357,7 @@ class Daemon:
     # ------------------------------------------------------------------------------------------
     # Admission: HELLO, the queue, placement
     # ------------------------------------------------------------------------------------------
-    def _on_hello(self, identity: bytes, info: dict[str, Any]) -> None:
+    def _on_hello(self, identity: bytes, info: dict[str, Any], user_id: str | None = None) -> None:
         client_protocol = info.get("protocol")
         if client_protocol != protocol.PROTOCOL_VERSION:
             self._refuse(identity, (
@@ -340,7 +367,8 @@ class Daemon:
             ))
             return
         try:
-            tenant = self.pool.authenticate(info.get("tenant"), info.get("token"))
+            tenant = (self.pool.tenant_of_key(auth.Identity.from_user_id(user_id)) if user_id is not None
+                      else self.pool.authenticate(info.get("tenant"), info.get("token")))
             if not any(tenant.allows_device(slot.facts.name) for slot in self.slots):
                 raise PolicyError(f"tenant {tenant.name!r} may use {tenant.device_names}, and this daemon has "
                                   f"{[slot.facts.name for slot in self.slots]}")
@@ -358,7 +386,7 @@ class Daemon:
             self._refuse(identity, f"tenant {tenant.name!r}'s memory quota ({tenant.memory_quota} bytes) is more "
                                    f"than --oversubscribe {self.pool.oversubscribe:g} lets any device admit")
             return
-        waiter = Waiting(identity, info, tenant, priority, device_count)
+        waiter = Waiting(identity, info, tenant, priority, device_count, owner=user_id)
         if not self._admit(waiter):
             self.waiting.append(waiter)
             position = self._queue_position(waiter)
@@ -421,7 +449,7 @@ class Daemon:
         session = Session(uuid.uuid4().hex[:12], [s.device for s in slots], waiter.info, tenant=waiter.tenant,
                           priority=waiter.priority, identity=waiter.identity, slots=slots,
                           device_memories=[s.memory for s in slots], cuda_graphs=self.pool.cuda_graphs,
-                          graph_compiler=self.pool.graph_compiler)
+                          graph_compiler=self.pool.graph_compiler, owner=waiter.owner)
         for placed in slots:
             placed.sessions.append(session)
         self.sessions[waiter.identity] = session
@@ -533,10 +561,18 @@ class Daemon:
                            "pid": os.getpid(), "host": socket.gethostname(), "graph_compiler": self.pool.graph_compiler},
                 "devices": device_rows, "sessions": session_rows, "waiting": waiting_rows}
 
-    def _on_admin(self, request: dict[str, Any], peer_address: str | None) -> dict[str, Any]:
-        if not self.pool.admin_allowed(request.get("token"), is_loopback_peer(peer_address)):
-            return {"ok": False, "message": "not allowed: give the daemon's admin token (libremote admin --token), "
-                                            "or run admin commands on the daemon's own host when it has none"}
+    def _on_status(self, identity: bytes, request: dict[str, Any], user_id: str | None, peer: str | None) -> None:
+        """The status report, as much of it as the requester may see (server/auth.py)."""
+        viewer = auth.requester(self.pool, user_id, request, peer, loopback_admin=self.loopback_admin)
+        if viewer.refusal:
+            self._send(identity, [Msg.REFUSED, viewer.refusal])
+        else:
+            self._send(identity, [Msg.STATUS, auth.visible_status(self.status(), viewer)])
+
+    def _on_admin(self, request: dict[str, Any], user_id: str | None, peer: str | None) -> dict[str, Any]:
+        viewer = auth.requester(self.pool, user_id, request, peer, loopback_admin=self.loopback_admin)
+        if not viewer.is_admin:
+            return {"ok": False, "message": viewer.refusal or auth.admin_refusal(viewer, curve=user_id is not None)}
         try:
             return self._apply_admin(request)
         except PolicyError as exc:

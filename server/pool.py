@@ -15,7 +15,10 @@ the highest its clients may ask for::
     priority = "high"                  # high | normal | low: the ceiling for its clients
     devices = ["H100", "A100"]         # optional: device names it may be placed on
 
-Without an admin token, admin commands are accepted from loopback peers only.
+Without an admin token, admin commands are refused unless the daemon runs with
+``--loopback-admin`` (then its own host may administer it). With ``--auth-keys`` (CURVE), a
+client's key names its tenant and tokens are not needed: the file then only sets the tenants'
+quotas, weights, priorities and devices (see ``server/auth.py``).
 """
 
 from __future__ import annotations
@@ -117,21 +120,31 @@ class PoolConfig:
             label = str(name) if name else ANONYMOUS
             return Tenant(label[:64], None, self.default_memory_quota)
         tenant = self.tenants.get(str(name)) if name else None
-        if tenant is None or not isinstance(token, str) or not hmac.compare_digest(tenant.token or "", token):
+        if (tenant is None or tenant.token is None or not isinstance(token, str)
+                or not hmac.compare_digest(tenant.token, token)):
             raise PolicyError(
                 "this daemon serves registered tenants only: set LIBREMOTE_TENANT and LIBREMOTE_TOKEN "
                 "to a tenant name and token its operator gave you (unknown tenant or wrong token)"
             )
         return tenant
 
-    def admin_allowed(self, token: Any, peer_is_loopback: bool) -> bool:
-        if self.admin_token:
-            return isinstance(token, str) and hmac.compare_digest(self.admin_token, token)
-        return peer_is_loopback
+    def tenant_of_key(self, identity: Any) -> Tenant:
+        """The tenant a CURVE-authenticated client belongs to: its key's name (``server/auth.py``).
+        With a tenants file the name must be in it; without one it gets the defaults."""
+        if identity is None or identity.kind != "tenant":
+            raise PolicyError("this key is an admin key (for libremote status/admin); sessions need a tenant key")
+        if not self.has_tenants:
+            return Tenant(identity.name[:64], None, self.default_memory_quota)
+        tenant = self.tenants.get(identity.name)
+        if tenant is None:
+            raise PolicyError(f"this client's key names tenant {identity.name!r}, which the daemon's tenants file "
+                              "does not list; ask its operator to add it")
+        return tenant
 
 
-def load_tenants(path: str) -> tuple[dict[str, Tenant], str | None]:
-    """Read a tenants file: (tenants by name, admin token)."""
+def load_tenants(path: str, *, tokens_required: bool = True) -> tuple[dict[str, Tenant], str | None]:
+    """Read a tenants file: (tenants by name, admin token). With CURVE keys (``--auth-keys``)
+    keys identify tenants, and tokens may be left out (``tokens_required=False``)."""
     try:
         with open(path, "rb") as source:
             document = tomllib.load(source)
@@ -145,7 +158,7 @@ def load_tenants(path: str) -> tuple[dict[str, Tenant], str | None]:
         if not isinstance(entry, dict):
             raise PolicyError(f"tenants file {path}: [tenants.{name}] must be a table")
         token = entry.get("token")
-        if not isinstance(token, str) or not token:
+        if (tokens_required or token is not None) and (not isinstance(token, str) or not token):
             raise PolicyError(f"tenants file {path}: tenant {name!r} needs a token")
         devices = entry.get("devices")
         if devices is not None and not (isinstance(devices, list) and all(isinstance(d, str) for d in devices)):

@@ -79,8 +79,10 @@ class Session:
     def __init__(self, session_id: str, devices_: list[torch.device], client_info: dict[str, Any],
                  *, tenant: Tenant | None = None, priority: str = "normal", identity: bytes = b"",
                  slots: list[Any] | None = None, device_memories: list[DeviceMemory | None] | None = None,
-                 cuda_graphs: str = "auto", graph_compiler: str = "none") -> None:
+                 cuda_graphs: str = "auto", graph_compiler: str = "none", owner: str | None = None) -> None:
         self.id = session_id
+        #: The ZAP User-Id (CURVE key identity) that opened it; only that identity may use it.
+        self.owner = owner
         #: The devices this session was given; the client's cuda:i is devices[i].
         self.devices = list(devices_)
         self.client_info = client_info

@@ -43,13 +43,14 @@ def cli(*args: str, timeout: float = 60.0, **env: str) -> subprocess.CompletedPr
     )
 
 
-def status(address: str) -> dict[str, Any]:
+def status(address: str, admin_token: str | None = None) -> dict[str, Any]:
     """The report ``libremote status --server ADDRESS --json`` prints, asked for in this process
     (the same request; a fresh interpreter per poll would cost seconds of importing torch). The
-    command itself is tested through :func:`cli`."""
+    command itself is tested through :func:`cli`. A daemon with a tenants file shows its whole
+    pool to its admin only: pass ``admin_token`` (or start it with ``--loopback-admin``)."""
     from libremote.cli import query_status
 
-    return query_status(address)
+    return query_status(address, admin_token=admin_token)
 
 
 def wait_status(address: str, predicate: Callable[[dict[str, Any]], bool], what: str,

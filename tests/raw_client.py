@@ -12,6 +12,7 @@ import torch
 import zmq
 
 from libremote import protocol
+from libremote.curve_keys import ClientKeys
 from libremote.protocol import Cmd, Msg
 
 #: Upper bound for one reply from the daemon on loopback ("it answered", not a speed check).
@@ -21,11 +22,15 @@ REPLY_WAIT_S = 20.0
 class RawClient:
     """A bare DEALER socket speaking the wire format by hand (no libremote client code)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, *, curve: ClientKeys | None = None, routing_id: bytes | None = None) -> None:
+        """``curve``: connect as a CURVE client with these keys (daemons with --auth-keys);
+        ``routing_id``: a chosen ZeroMQ routing id instead of a random one (hijack tests)."""
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.ROUTING_ID, secrets.token_bytes(16))
+        self.socket.setsockopt(zmq.ROUTING_ID, routing_id or secrets.token_bytes(16))
+        if curve is not None:
+            curve.apply(self.socket)
         self.socket.connect(address)
         self.seq = 0
         self.welcome: dict[str, Any] | None = None

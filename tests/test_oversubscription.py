@@ -550,7 +550,8 @@ PRIORITY_CLIENT = """
 def test_low_priority_sessions_are_spilled_before_high_priority_ones(tmp_path):
     tenants = tmp_path / "tenants.toml"
     tenants.write_text(PRIORITY_TENANTS)
-    with pool_daemon("--tenants", str(tenants), "--device-memory", "16MiB", "--host-spill", "256MiB") as server:
+    with pool_daemon("--tenants", str(tenants), "--device-memory", "16MiB", "--host-spill", "256MiB",
+                     "--loopback-admin") as server:  # (the test reads the whole pool's status)
         # low holds 3 x 4 MiB, high 1 x 3.5 MiB: 15.5 of 16 MiB, nothing spilled. Then high adds
         # 2 x 3.5 MiB: 6.5 MiB (two of low's storages) must go, and low has 12 MiB to give, so high
         # keeps all of its own. When low then reads its data one storage at a time, the room it

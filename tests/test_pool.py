@@ -526,6 +526,9 @@ CONNECT_CLIENT = """
 """
 
 
+ADMIN_TOKEN = "operator-secret"  # TENANTS_TOML's: the whole pool's status needs it
+
+
 @pytest.fixture
 def tenants_file(tmp_path) -> Path:
     path = tmp_path / "tenants.toml"
@@ -562,7 +565,7 @@ def test_tenants_refuse_clients_without_valid_credentials(tenants_file):
         assert right["admitted"] is True, right
         assert right["tenant"] == "research"
         assert right["memory_quota"] == 128 * MiB
-        assert status(server.address)["sessions"] == []  # refused clients left nothing behind
+        assert status(server.address, ADMIN_TOKEN)["sessions"] == []  # refused clients left nothing behind
         assert "research-secret" not in server.log()
 
 
@@ -578,7 +581,7 @@ def test_tenant_session_shows_tenant_quota_weight_and_priority_ceiling(tenants_f
         try:
             for name, client in zip(("research", "interns", "low"), clients):
                 wait_for_file(tmp_path / f"{name}.in", client, timeout=CLIENT_TIMEOUT_S)
-            report = status(server.address)
+            report = status(server.address, ADMIN_TOKEN)
             row = session_of(report, research.pid)
             assert (row["tenant"], row["memory_quota"], row["weight"], row["priority"]) == \
                 ("research", 128 * MiB, 2.0, "high"), row
@@ -691,7 +694,7 @@ RESIZE_CLIENT = """
 
 
 def test_admin_raises_a_live_session_quota(tmp_path):
-    with pool_daemon("--memory-quota", "16MiB") as server:
+    with pool_daemon("--memory-quota", "16MiB", "--loopback-admin") as server:
         client = spawn_client(RESIZE_CLIENT, server.address, DIR=str(tmp_path))
         try:
             wait_for_file(tmp_path / "resize.in", client, timeout=CLIENT_TIMEOUT_S)
@@ -716,7 +719,7 @@ def test_admin_raises_a_live_session_quota(tmp_path):
 
 
 def test_admin_changes_weight_and_priority_of_a_tenants_live_sessions(tmp_path):
-    with pool_daemon() as server:
+    with pool_daemon("--loopback-admin") as server:
         team_a = spawn_holder(server.address, tmp_path, "a", LIBREMOTE_TENANT="team-a")
         team_b = spawn_holder(server.address, tmp_path, "b", LIBREMOTE_TENANT="team-b")
         clients = [team_a, team_b]
@@ -762,16 +765,16 @@ def test_admin_requires_the_admin_token_when_the_tenants_file_has_one(tenants_fi
             wrong = cli(*change, "--token", "research-secret")
             assert wrong.returncode == 1, wrong
             assert "token" in wrong.stdout, wrong.stdout
-            assert session_of(status(server.address), holder.pid)["weight"] == 2.0
+            assert session_of(status(server.address, ADMIN_TOKEN), holder.pid)["weight"] == 2.0
 
             right = cli(*change, "--token", "operator-secret")
             assert right.returncode == 0, right.stdout + right.stderr
-            assert session_of(status(server.address), holder.pid)["weight"] == 5.0
+            assert session_of(status(server.address, ADMIN_TOKEN), holder.pid)["weight"] == 5.0
 
             by_env = cli("admin", "--server", server.address, "--tenant", "research", "--priority", "low",
                          LIBREMOTE_ADMIN_TOKEN="operator-secret")
             assert by_env.returncode == 0, by_env.stdout + by_env.stderr
-            assert session_of(status(server.address), holder.pid)["priority"] == "low"
+            assert session_of(status(server.address, ADMIN_TOKEN), holder.pid)["priority"] == "low"
             (tmp_path / "r.go").touch()
             _, err = finish(holder, "client hung", timeout=CLIENT_TIMEOUT_S)
             assert holder.returncode == 0, err
@@ -783,14 +786,19 @@ def test_admin_requires_the_admin_token_when_the_tenants_file_has_one(tenants_fi
         assert out["admitted"] is True and out["priority"] == "low", out
 
 
-def test_admin_without_a_token_is_accepted_from_loopback(tmp_path):
-    # Peers off this host are refused (see test_policy.py); the tests never send traffic to a
-    # non-loopback address, so the remote side is covered at the unit level there.
+def test_admin_from_loopback_without_a_token_needs_the_daemons_opt_in(tmp_path):
+    # Any local user is not the operator: without an admin token, a loopback peer administers the
+    # daemon only when it was started with --loopback-admin. (Peers off this host never are; see
+    # test_policy.py, as the tests send no traffic to non-loopback addresses.)
+    change = ("--tenant", "team", "--weight", "4")
     with pool_daemon() as server:
+        refused = cli("admin", "--server", server.address, *change)
+        assert refused.returncode == 1 and "--loopback-admin" in refused.stdout, refused.stdout + refused.stderr
+    with pool_daemon("--loopback-admin") as server:
         holder = spawn_client(HOLDING_CLIENT_SRC, server.address, NAME="h", DIR=str(tmp_path), LIBREMOTE_TENANT="team")
         try:
             wait_for_file(tmp_path / "h.in", holder, timeout=CLIENT_TIMEOUT_S)
-            local_peer = cli("admin", "--server", server.address, "--tenant", "team", "--weight", "4")
+            local_peer = cli("admin", "--server", server.address, *change)
             assert local_peer.returncode == 0, local_peer.stdout + local_peer.stderr
             assert status(server.address)["sessions"][0]["weight"] == 4.0
             (tmp_path / "h.go").touch()

@@ -24,6 +24,7 @@ import torch
 
 from .. import errors, numerics, protocol
 from ..config import Settings
+from ..curve_keys import ClientKeys, KeyFileError
 from ..protocol import Cmd, Msg
 from .connection import Connection
 
@@ -33,12 +34,20 @@ _MAX_PENDING_BYTES = 4 << 20
 _NOT_RECORDED = frozenset({Cmd.GRAPH, Cmd.SETTINGS})
 
 
+def _client_keys(settings: Settings) -> ClientKeys | None:
+    """The CURVE keys named by LIBREMOTE_CLIENT_KEY / LIBREMOTE_SERVER_KEY, or None (plain TCP)."""
+    try:
+        return ClientKeys.from_files(settings.client_key, settings.server_key)
+    except KeyFileError as exc:
+        raise errors.ConnectionFailed(f"libremote: {exc}") from None
+
+
 class ClientSession:
     def __init__(self, settings: Settings, address: str, libremote_version: str) -> None:
         self.settings = settings
         self.address = address
         self.connection = Connection(address, timeout_s=settings.timeout_s, heartbeat_s=settings.heartbeat_s,
-                                     spin_s=settings.spin_us * 1e-6)
+                                     spin_s=settings.spin_us * 1e-6, curve=_client_keys(settings))
         welcome = self.connection.handshake(
             libremote_version, tenant=settings.tenant, token=settings.token, priority=settings.priority,
             queue_timeout_s=settings.queue_timeout_s, devices=settings.devices,

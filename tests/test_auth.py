@@ -1,0 +1,410 @@
+"""The daemon as a trust boundary: CURVE keys, encrypted traffic, sessions bound to identities.
+
+A CURVE daemon (``--auth-keys``) with two tenant keys (alice, bob) and an admin key (boss); a
+fourth key (mallory) it has never seen. Real clients in subprocesses (``LIBREMOTE_CLIENT_KEY``,
+``LIBREMOTE_SERVER_KEY``) and raw pyzmq sockets with those keys (:class:`RawClient`). See
+server/auth.py for the model these tests hold the daemon to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from conftest import REPO, Daemon, free_port, subprocess_env
+from helpers import CLIENT_TIMEOUT_S, cli, last_json, pool_daemon, run_python
+from libremote import curve_keys
+from libremote.protocol import Cmd, ErrorKind, Msg
+from raw_client import REPLY_WAIT_S, RawClient
+
+TENANTS = ("alice", "bob")
+
+
+@dataclass
+class Keys:
+    """Key files of one test module: the daemon's --auth-keys folder and every client's pair."""
+
+    daemon_dir: Path
+    clients_dir: Path
+
+    def client(self, name: str) -> curve_keys.ClientKeys:
+        keys = curve_keys.ClientKeys.from_files(str(self.secret(name)), str(self.daemon_dir / "server.key"))
+        assert keys is not None
+        return keys
+
+    def secret(self, name: str) -> Path:
+        return self.clients_dir / f"{name}.key_secret"
+
+    def env(self, name: str) -> dict[str, str]:
+        return {"LIBREMOTE_CLIENT_KEY": str(self.secret(name)),
+                "LIBREMOTE_SERVER_KEY": str(self.daemon_dir / "server.key")}
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> Keys:
+    root = tmp_path_factory.mktemp("keys")
+    found = Keys(root / "daemon", root / "clients")
+    curve_keys.generate(found.daemon_dir, "server")
+    (found.daemon_dir / "admin").mkdir()
+    for name in (*TENANTS, "boss", "mallory"):
+        public, _ = curve_keys.generate(found.clients_dir, name)
+        if name in TENANTS:
+            shutil.copy(public, found.daemon_dir / public.name)
+        elif name == "boss":
+            shutil.copy(public, found.daemon_dir / "admin" / public.name)
+    return found
+
+
+@pytest.fixture(scope="module")
+def curve_daemon(keys: Keys) -> Iterator[Daemon]:
+    server = Daemon("--auth-keys", str(keys.daemon_dir))
+    yield server
+    server.stop()
+
+
+def ask(address: str, message: list, keys: curve_keys.ClientKeys | None = None) -> list:
+    """One request from a fresh raw socket; its answer."""
+    with RawClient(address, curve=keys) as raw:
+        raw.send(message)
+        header, _ = raw.receive()
+        return header
+
+
+# ------------------------------------------------------------------------------------------------
+# Keys
+# ------------------------------------------------------------------------------------------------
+def test_keygen_writes_a_key_pair_whose_secret_only_its_owner_can_read(tmp_path):
+    made = cli("keygen", "client", "research", "--dir", str(tmp_path))
+    assert made.returncode == 0, made.stdout + made.stderr
+    assert stat.S_IMODE(os.stat(tmp_path / "research.key_secret").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "research.key").st_mode) == 0o644
+    assert "LIBREMOTE_CLIENT_KEY" in made.stdout and "LIBREMOTE_SERVER_KEY" in made.stdout, made.stdout
+    public, secret = curve_keys.load_secret(tmp_path / "research.key_secret")
+    assert curve_keys.load_public(tmp_path / "research.key") == public and len(secret) == 40
+
+    again = cli("keygen", "client", "research", "--dir", str(tmp_path))
+    assert again.returncode != 0 and "exists already" in again.stderr, again.stderr
+    assert curve_keys.load_public(tmp_path / "research.key") == public  # not overwritten
+
+    daemon = cli("keygen", "daemon", "--dir", str(tmp_path / "daemon"))
+    assert daemon.returncode == 0, daemon.stdout + daemon.stderr
+    assert "--auth-keys" in daemon.stdout and (tmp_path / "daemon" / "server.key_secret").exists()
+
+    os.chmod(tmp_path / "research.key_secret", 0o644)  # as a careless copy would leave it
+    with pytest.raises(curve_keys.KeyFileError, match="chmod 600"):
+        curve_keys.load_secret(tmp_path / "research.key_secret")
+
+
+# ------------------------------------------------------------------------------------------------
+# Clients with and without the right keys
+# ------------------------------------------------------------------------------------------------
+COMPUTE_CLIENT = """
+    import json, torch, libremote
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(16, 32, generator=g), torch.randn(32, 8, generator=g)
+    out = torch.relu(a.cuda() @ b.cuda()).sum(dim=0)
+    print(json.dumps({"out": out.cpu().tolist(), "tenant": libremote.server_info()["tenant"]}))
+"""
+
+
+def test_a_client_with_its_tenant_key_computes_like_local_torch(curve_daemon, keys):
+    # The tenant name in HELLO (LIBREMOTE_TENANT) is the client's word; the key is the proof.
+    result = run_python(COMPUTE_CLIENT, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=curve_daemon.address,
+                        LIBREMOTE_TENANT="bob", **keys.env("alice"))
+    assert result.returncode == 0, result.stderr
+    report = last_json(result.stdout)
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(16, 32, generator=g), torch.randn(32, 8, generator=g)
+    assert torch.equal(torch.tensor(report["out"]), torch.relu(a @ b).sum(dim=0))
+    assert report["tenant"] == "alice"
+
+
+REFUSED_CLIENT = """
+    import json, os, libremote
+    messages = {}
+    for case, variables in json.loads(os.environ["CASES"]).items():
+        for name in ("LIBREMOTE_CLIENT_KEY", "LIBREMOTE_SERVER_KEY"):
+            os.environ.pop(name, None)
+        os.environ.update(variables)
+        try:
+            libremote.connect(os.environ["ADDRESS"])
+            messages[case] = "connected"
+        except libremote.ConnectionFailed as exc:
+            messages[case] = str(exc)
+    print(json.dumps(messages))
+"""
+
+
+def test_unknown_or_missing_keys_get_a_clear_error_not_a_wait(curve_daemon, keys):
+    # LIBREMOTE_TIMEOUT is long: a client that did not notice the refusal would wait it out and
+    # then say only that no daemon answered, which is not what is asserted.
+    cases = {"unknown key": keys.env("mallory"), "no key": {},
+             "wrong daemon key": {**keys.env("alice"), "LIBREMOTE_SERVER_KEY": str(keys.clients_dir / "bob.key")}}
+    result = run_python(REFUSED_CLIENT, timeout=CLIENT_TIMEOUT_S, ADDRESS=curve_daemon.address,
+                        CASES=json.dumps(cases), LIBREMOTE_TIMEOUT="100")
+    assert result.returncode == 0, result.stderr
+    messages = last_json(result.stdout)
+    assert "does not accept this client's key" in messages["unknown key"], messages
+    assert "--auth-keys" in messages["unknown key"], messages
+    assert "LIBREMOTE_CLIENT_KEY" in messages["no key"] and "CURVE" in messages["no key"], messages
+    assert "LIBREMOTE_SERVER_KEY" in messages["wrong daemon key"], messages
+    assert "refused a connection with an unknown CURVE key" in curve_daemon.log()
+
+
+def test_the_status_command_with_an_unknown_key_says_so(curve_daemon, keys):
+    result = cli("status", "--server", curve_daemon.address, "--timeout", "100", **keys.env("mallory"))
+    assert result.returncode != 0 and "does not accept this client's key" in result.stderr, result.stderr
+
+
+def test_a_peer_without_curve_cannot_talk_to_the_daemon(curve_daemon):
+    with RawClient(curve_daemon.address) as raw:
+        monitor = raw.socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        raw.send([Msg.STATUS])
+        assert monitor.poll(int(REPLY_WAIT_S * 1000)), "no handshake outcome"
+        assert recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        assert not raw.socket.poll(0, zmq.POLLIN)
+        raw.socket.disable_monitor()
+        monitor.close(0)
+
+
+# ------------------------------------------------------------------------------------------------
+# What travels on the wire
+# ------------------------------------------------------------------------------------------------
+class RecordingProxy:
+    """A TCP relay in front of a daemon that keeps a copy of every byte passing, both ways."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.seen = bytearray()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                with self._lock:
+                    self.seen += data
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+MARKER = b"LIBREMOTE-CLEARTEXT-MARKER-0123456789"
+MARKER_CLIENT = """
+    import json, os, torch, libremote
+    marker = os.environ["MARKER"].encode()
+    x = torch.frombuffer(bytearray(marker * 64), dtype=torch.uint8)
+    back = (x.cuda() + 0).cpu()
+    print(json.dumps({"equal": torch.equal(back, x)}))
+"""
+
+
+@pytest.mark.parametrize("transport", ["curve", "plain"])
+def test_tensor_bytes_on_the_wire_are_encrypted_with_curve_only(transport, keys, request):
+    # The plain daemon is the control: it shows the recording would catch the tensor's bytes.
+    target = request.getfixturevalue("curve_daemon" if transport == "curve" else "daemon")
+    proxy = RecordingProxy(int(target.address.rsplit(":", 1)[1]))
+    try:
+        env = keys.env("alice") if transport == "curve" else {}
+        result = run_python(MARKER_CLIENT, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=proxy.address,
+                            MARKER=MARKER.decode(), **env)
+        assert result.returncode == 0, result.stderr
+        assert last_json(result.stdout)["equal"]
+    finally:
+        proxy.close()
+    assert (MARKER in proxy.seen) == (transport == "plain"), len(proxy.seen)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sessions belong to the key that opened them
+# ------------------------------------------------------------------------------------------------
+def admin_status(address: str, keys: Keys) -> dict:
+    header = ask(address, [Msg.STATUS], keys.client("boss"))
+    assert header[0] == Msg.STATUS, header
+    return header[1]
+
+
+def call_until_connected(raw: RawClient, commands: list) -> tuple:
+    """A BATCH's reply, sent again while the daemon may not yet have dropped the old connection
+    with this routing id (ZeroMQ turns away a second connection with one in use)."""
+    deadline = time.monotonic() + REPLY_WAIT_S
+    while True:
+        seq = raw.batch(commands)
+        if raw.socket.poll(500, zmq.POLLIN):
+            header, frames = raw.receive()
+            assert header[:2] == [Msg.REPLY, seq], header
+            return header[2], header[3], frames
+        assert time.monotonic() < deadline, "the daemon never answered"
+
+
+def test_a_peer_reusing_a_dropped_clients_routing_id_cannot_touch_its_session(curve_daemon, keys):
+    routing_id = os.urandom(16)
+    secret = torch.arange(64, dtype=torch.float32)
+    victim = RawClient(curve_daemon.address, curve=keys.client("alice"), routing_id=routing_id)
+    assert victim.hello()[0] == Msg.WELCOME
+    victim.put(1, secret)
+    session_id = victim.welcome["session"]
+    victim.close()  # the victim's connection drops; its session lives until the heartbeat timeout
+    before = next(s for s in admin_status(curve_daemon.address, keys)["sessions"] if s["session"] == session_id)
+
+    with RawClient(curve_daemon.address, curve=keys.client("bob"), routing_id=routing_id) as thief:
+        results, error, frames = call_until_connected(thief, [[Cmd.FETCH, 1]])
+        assert results == [] and frames == [] and error[0] == ErrorKind.SESSION.value, error
+        assert "another key" in error[2], error
+        assert thief.hello()[0] == Msg.REFUSED  # HELLO again would have ended the victim's session
+        thief.send([Msg.BYE])
+
+    after = next(s for s in admin_status(curve_daemon.address, keys)["sessions"] if s["session"] == session_id)
+    assert after["tenant"] == "alice" and after["ops"] == before["ops"], (before, after)
+    with RawClient(curve_daemon.address, curve=keys.client("alice"), routing_id=routing_id) as owner:
+        results, error, frames = call_until_connected(owner, [[Cmd.FETCH, 1]])
+        assert error is None, error
+        owner.send([Msg.BYE])
+    assert "another identity's session" in curve_daemon.log()
+
+
+# ------------------------------------------------------------------------------------------------
+# Who sees and changes the pool
+# ------------------------------------------------------------------------------------------------
+def test_status_shows_a_tenant_its_own_sessions_and_the_admin_all(curve_daemon, keys):
+    with RawClient(curve_daemon.address, curve=keys.client("alice")) as alice, \
+            RawClient(curve_daemon.address, curve=keys.client("bob")) as bob:
+        assert alice.hello(host="alice-host")[0] == Msg.WELCOME and bob.hello(host="bob-host")[0] == Msg.WELCOME
+        mine = {alice.welcome["session"], bob.welcome["session"]}
+
+        as_alice = ask(curve_daemon.address, [Msg.STATUS], keys.client("alice"))[1]
+        assert {s["tenant"] for s in as_alice["sessions"]} == {"alice"}, as_alice["sessions"]
+        assert alice.welcome["session"] in {s["session"] for s in as_alice["sessions"]}
+        text = json.dumps(as_alice)
+        assert bob.welcome["session"] not in text and "bob-host" not in text
+
+        command = cli("status", "--server", curve_daemon.address, "--json", **keys.env("bob"))
+        assert command.returncode == 0, command.stderr
+        as_bob = json.loads(command.stdout)
+        assert {s["tenant"] for s in as_bob["sessions"]} == {"bob"} and alice.welcome["session"] not in command.stdout
+
+        everything = admin_status(curve_daemon.address, keys)
+        assert mine <= {s["session"] for s in everything["sessions"]}
+        for client in (alice, bob):
+            client.send([Msg.BYE])
+
+
+def test_admin_commands_need_an_admin_key(curve_daemon, keys):
+    with RawClient(curve_daemon.address, curve=keys.client("alice")) as alice:
+        assert alice.hello()[0] == Msg.WELCOME
+        change = {"session": alice.welcome["session"], "weight": 5}
+        refused = ask(curve_daemon.address, [Msg.ADMIN, change], keys.client("alice"))
+        assert refused[0] == Msg.ADMIN and not refused[1]["ok"] and "admin key" in refused[1]["message"], refused
+        accepted = ask(curve_daemon.address, [Msg.ADMIN, change], keys.client("boss"))
+        assert accepted[1]["ok"], accepted
+        row = next(s for s in admin_status(curve_daemon.address, keys)["sessions"]
+                   if s["session"] == alice.welcome["session"])
+        assert row["weight"] == 5.0
+        with RawClient(curve_daemon.address, curve=keys.client("boss")) as boss:
+            refused = boss.hello()  # an admin key is for status and admin, not for sessions
+            assert refused[0] == Msg.REFUSED and "admin key" in refused[1], refused
+        alice.send([Msg.BYE])
+
+
+PLAIN_TENANTS = """
+[admin]
+token = "operator-secret"
+
+[tenants.research]
+token = "research-secret"
+
+[tenants.interns]
+token = "interns-secret"
+"""
+
+
+def test_plain_status_needs_the_admin_token_or_shows_a_tenant_its_own(tmp_path):
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(PLAIN_TENANTS)
+    with pool_daemon("--tenants", str(tenants)) as server, RawClient(server.address) as research, \
+            RawClient(server.address) as interns:
+        assert research.hello(tenant="research", token="research-secret")[0] == Msg.WELCOME
+        assert interns.hello(tenant="interns", token="interns-secret")[0] == Msg.WELCOME
+
+        anonymous = ask(server.address, [Msg.STATUS])
+        assert anonymous[0] == Msg.REFUSED and "admin token" in anonymous[1], anonymous
+        wrong = ask(server.address, [Msg.STATUS, {"tenant": "research", "tenant_token": "interns-secret"}])
+        assert wrong[0] == Msg.REFUSED, wrong
+        own = ask(server.address, [Msg.STATUS, {"tenant": "research", "tenant_token": "research-secret"}])
+        assert [s["session"] for s in own[1]["sessions"]] == [research.welcome["session"]], own
+        admin = ask(server.address, [Msg.STATUS, {"token": "operator-secret"}])
+        assert {s["session"] for s in admin[1]["sessions"]} == {research.welcome["session"], interns.welcome["session"]}
+
+        command = cli("status", "--server", server.address, "--json",
+                      LIBREMOTE_TENANT="interns", LIBREMOTE_TOKEN="interns-secret")
+        assert command.returncode == 0, command.stderr
+        assert research.welcome["session"] not in command.stdout and interns.welcome["session"] in command.stdout
+        for client in (research, interns):
+            client.send([Msg.BYE])
+
+
+# ------------------------------------------------------------------------------------------------
+# Plain TCP stays on loopback unless asked for
+# ------------------------------------------------------------------------------------------------
+def start_daemon(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "libremote.server", "--device", "cpu", *args],
+                            env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_plain_tcp_off_loopback_needs_insecure_and_is_warned_about():
+    wildcard = f"tcp://0.0.0.0:{free_port()}"
+    refused = start_daemon("--listen", wildcard)
+    try:
+        out, _ = refused.communicate(timeout=CLIENT_TIMEOUT_S)
+    finally:
+        refused.kill()
+    assert refused.returncode == 2, out
+    assert "--auth-keys" in out and "--insecure" in out, out
+
+    insecure = start_daemon("--listen", f"tcp://0.0.0.0:{free_port()}", "--insecure")
+    try:
+        lines = []
+        for line in insecure.stdout:
+            lines.append(line)
+            if "listening on" in line:
+                break
+        assert any("WARNING" in line and "--insecure" in line and "unencrypted" in line for line in lines), lines
+    finally:
+        insecure.terminate()
+        insecure.communicate(timeout=CLIENT_TIMEOUT_S)
