@@ -15,10 +15,11 @@ def activate() -> None:
     global active
     if active:
         return
-    from . import amp, attention, backend, cuda_api, device_map, optim, serialization
+    from . import amp, attention, backend, cuda_api, device_map, optim, serialization, warning_location
     from . import compile as graph_compile
 
     backend.register()
+    warning_location.install()
     amp.enabled = True
     cuda_api.install()
     device_map.install()
@@ -33,7 +34,7 @@ def deactivate() -> None:
     global active
     if not active:
         return
-    from . import amp, attention, cuda_api, device_map, optim, serialization
+    from . import amp, attention, cuda_api, device_map, optim, serialization, warning_location
     from . import compile as graph_compile
 
     attention.uninstall()
@@ -42,5 +43,6 @@ def deactivate() -> None:
     serialization.uninstall()
     device_map.uninstall()
     cuda_api.uninstall()
+    warning_location.uninstall()
     amp.enabled = False
     active = False
