@@ -15,7 +15,8 @@ def activate() -> None:
     global active
     if active:
         return
-    from . import amp, attention, backend, cuda_api, device_map, optim, serialization, warning_location
+    from . import (amp, attention, backend, cuda_api, device_map, optim, parameter_identity, serialization,
+                   warning_location)
     from . import compile as graph_compile
 
     backend.register()
@@ -27,6 +28,7 @@ def activate() -> None:
     graph_compile.install()
     optim.install()
     attention.install()
+    parameter_identity.install()
     active = True
 
 
@@ -34,9 +36,11 @@ def deactivate() -> None:
     global active
     if not active:
         return
-    from . import amp, attention, cuda_api, device_map, optim, serialization, warning_location
+    from . import (amp, attention, cuda_api, device_map, optim, parameter_identity, serialization,
+                   warning_location)
     from . import compile as graph_compile
 
+    parameter_identity.uninstall()
     attention.uninstall()
     optim.uninstall()
     graph_compile.uninstall()

@@ -1,0 +1,116 @@
+"""``model.cuda()``, ``model.to("cuda")``, ``model.cpu()`` keep the model's Parameter objects.
+
+On CUDA, ``Module._apply`` (behind ``to``/``cuda``/``cpu``/``half``/``to_empty``...) converts each
+parameter and then, because a CPU and a CUDA tensor have "compatible shallow-copy types"
+(``torch._has_compatible_shallow_copy_type``: both dense), rebinds it in place with
+``param.data = converted``: the Python object stays. Tied weights stay tied (GPT-2's ``lm_head``
+and ``wte`` share one Parameter) and an optimizer built before the move (Hugging Face
+accelerate's order, and many scripts') holds the very tensors that train.
+
+A remote tensor is a wrapper subclass (Python dispatch key, ``remote`` backend): not compatible
+with a CPU tensor, and ``.data =`` cannot turn a CPU tensor into one. So torch takes its other
+branch and puts a new ``Parameter`` in ``module._parameters``: ties come apart, and an optimizer
+created earlier steps stale CPU copies while the model never trains, silently.
+
+The fix runs where torch made that choice: :func:`_apply` wraps ``Module._apply`` and, for each
+parameter that torch replaced while crossing between the host and the remote device where CUDA
+would have kept it, puts the original object back after giving it the new tensor's contents with
+``torch.utils.swap_tensors`` (which torch itself uses for traceable wrapper subclasses and under
+``torch.__future__.set_swap_module_params_on_conversion(True)``). It swaps the C++ tensor, the
+Python class and ``__dict__``: the program's object becomes the ``RemoteTensor`` (still
+``isinstance(p, nn.Parameter)``, via ``_is_param``) and owns its daemon handle (``_ref`` travels
+in ``__dict__``); the discarded object takes the old host tensor, which is freed with it. The
+same is done for ``p.grad``. Attributes the program set on a parameter stay with it.
+
+As on CUDA, ``torch.__future__.set_overwrite_module_params_on_conversion(True)`` gives new
+objects, and moves CUDA itself would not do in place (``meta`` -> ``cuda`` in ``to_empty``) give
+new objects too. Buffers are replaced by their converted tensors, as torch does on every device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from . import warning_location
+from .tensor import OWN_ATTRIBUTES, RemoteTensor
+
+_original_apply: Callable[..., Any] = torch.nn.Module._apply
+
+
+def _apply(self: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+    """``Module._apply``, then the parameter objects put back where CUDA would have kept them.
+    Children run through this too (torch's ``_apply`` recurses with ``module._apply``), before
+    the module's own parameters: a weight tied to a child's is already the child's by then."""
+    if torch.__future__.get_overwrite_module_params_on_conversion():
+        return _original_apply(self, fn, recurse)
+    before = {key: (param, param.grad) for key, param in self._parameters.items() if param is not None}
+    result = _original_apply(self, fn, recurse)
+    for key, (old, old_grad) in before.items():
+        new = self._parameters.get(key)
+        if new is not None and new is not old and _cuda_keeps_object(old, new):
+            _keep_parameter(self, key, old, old_grad, new)
+    return result
+
+
+def _is_dense_host(tensor: torch.Tensor) -> bool:
+    return (type(tensor) is torch.Tensor or type(tensor) is torch.nn.Parameter) and \
+        tensor.device.type == "cpu" and tensor.layout == torch.strided
+
+
+def _cuda_keeps_object(old: torch.Tensor, new: torch.Tensor) -> bool:
+    """Whether CUDA would have rebound ``old`` in place: a move between a dense host tensor and
+    the remote device (CPU <-> CUDA, which torch treats as compatible)."""
+    if isinstance(old, RemoteTensor):
+        return _is_dense_host(new)
+    return isinstance(new, RemoteTensor) and _is_dense_host(old)
+
+
+def _keep_parameter(module: torch.nn.Module, key: str, old: torch.Tensor, old_grad: torch.Tensor | None,
+                    new: torch.Tensor) -> None:
+    """Make ``old`` the converted parameter ``new`` and put it back in ``module._parameters``."""
+    new_grad = new.grad
+    # The old tensor's grad field references old_grad, the new one's new_grad: swap_tensors wants
+    # each swapped tensor held by its Python object alone.
+    old.grad = None
+    new.grad = None
+    try:
+        _become(old, new)
+    except RuntimeError as exc:  # a view or weak reference of the parameter is held somewhere
+        old.grad, new.grad = old_grad, new_grad
+        warning_location.warn(
+            f"libremote: {type(module).__name__}.{key} is a new Parameter object after moving the "
+            f"module ({exc}); tied weights and optimizers created before the move do not follow it. "
+            "Create the optimizer after moving the model."
+        )
+        return
+    module._parameters[key] = old
+    if new_grad is None:
+        return
+    if old_grad is not None:
+        try:
+            _become(old_grad, new_grad)
+            new_grad = old_grad
+        except RuntimeError:
+            pass  # p.grad is a new tensor: the parameter itself is what matters
+    old.grad = new_grad
+
+
+def _become(program_object: torch.Tensor, converted: torch.Tensor) -> None:
+    """``program_object`` takes ``converted``'s tensor, class and bookkeeping (so it owns the
+    daemon handle, if any); ``converted`` takes the old tensor and is dropped by the caller.
+    Attributes the program set on its object stay with it."""
+    own = {name: value for name, value in program_object.__dict__.items()
+           if name not in OWN_ATTRIBUTES and name != "_is_param"}
+    torch.utils.swap_tensors(program_object, converted)
+    for name, value in own.items():
+        program_object.__dict__.setdefault(name, value)
+
+
+def install() -> None:
+    torch.nn.Module._apply = _apply  # type: ignore[method-assign]
+
+
+def uninstall() -> None:
+    torch.nn.Module._apply = _original_apply  # type: ignore[method-assign]
