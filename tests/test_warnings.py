@@ -79,3 +79,13 @@ def test_libremotes_own_warning_points_at_the_program_line(remote):
     call = lambda: model.cuda()  # noqa: E731
     found = [w for w in caught_at(call) if "libremote" in w[2]]
     assert found and all((filename, line) == (__file__, line_of(call)) for filename, line, _ in found)
+
+
+def test_graph_modes_eager_fallback_warning_points_at_the_call(remote):
+    def reads_a_value(t):
+        return t * 2 if t.sum() > 0 else t
+
+    compiled = torch.compile(reads_a_value)
+    call = lambda: compiled(torch.ones(3, device="cuda"))  # noqa: E731
+    found = [(filename, line) for filename, line, message in caught_at(call) if "runs eagerly" in message]
+    assert found == [(__file__, line_of(call))]
