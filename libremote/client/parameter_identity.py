@@ -54,17 +54,17 @@ def _apply(self: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], re
     return result
 
 
-def _is_dense_host(tensor: torch.Tensor) -> bool:
-    return (type(tensor) is torch.Tensor or type(tensor) is torch.nn.Parameter) and \
-        tensor.device.type == "cpu" and tensor.layout == torch.strided
+#: A dense tensor: torch's "compatible shallow-copy type" with it is what a CUDA tensor has too.
+_DENSE = torch.empty(0)
 
 
 def _cuda_keeps_object(old: torch.Tensor, new: torch.Tensor) -> bool:
-    """Whether CUDA would have rebound ``old`` in place: a move between a dense host tensor and
-    the remote device (CPU <-> CUDA, which torch treats as compatible)."""
+    """Whether CUDA would have rebound ``old`` in place: torch's own rule
+    (``_has_compatible_shallow_copy_type``), with the remote tensor taken as the dense CUDA
+    tensor it stands for. So CPU <-> cuda moves keep the object; meta -> cuda does not."""
     if isinstance(old, RemoteTensor):
-        return _is_dense_host(new)
-    return isinstance(new, RemoteTensor) and _is_dense_host(old)
+        return not isinstance(new, RemoteTensor) and torch._has_compatible_shallow_copy_type(new, _DENSE)
+    return isinstance(new, RemoteTensor) and torch._has_compatible_shallow_copy_type(old, _DENSE)
 
 
 def _keep_parameter(module: torch.nn.Module, key: str, old: torch.Tensor, old_grad: torch.Tensor | None,
