@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -236,11 +237,36 @@ def test_future_settings_give_what_they_give_on_cuda(remote, overwrite, swap, ke
         torch.__future__.set_swap_module_params_on_conversion(saved[1])
 
 
+def test_a_graph_or_view_recorded_before_the_move_does_not_stop_it(remote):
+    # ref = model(x) on the CPU, then model.cuda(): autograd's graph (and a view) still hold the
+    # old tensor. CUDA rebinds anyway; so does libremote, silently.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    x = torch.randn(2, 3, 6, 6)
+    reference = model(x)
+    row = model[2].weight[0]
+    ids = parameter_ids(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.cuda()
+    assert not [w for w in caught if "libremote" in str(w.message)]
+    assert parameter_ids(model) == ids
+    assert torch.equal(row, model[2].weight[0].detach().cpu())
+    out = model(x.cuda())
+    torch.testing.assert_close(out.detach().cpu(), reference.detach(), rtol=RTOL, atol=ATOL)
+    out.sum().backward()
+    optimizer.step()
+    assert not torch.equal(model[2].weight[0].detach().cpu(), row)
+    with pytest.raises(RuntimeError, match="before its parameters moved"):
+        reference.sum().backward()  # the old graph's gradients have no parameter to go to
+
+
 def test_a_parameter_that_cannot_be_kept_is_replaced_with_a_warning_at_the_program_line(remote):
-    # swap_tensors refuses a tensor that something else holds (here a view): the move still
-    # happens, as a new Parameter, and the program is told where.
+    # A weak reference to the parameter (torch's caches keyed by weak reference expect its
+    # contents to stay): the move still happens, as a new Parameter, and the program is told where.
     model = nn.Linear(3, 2)
-    row = model.weight[0]  # noqa: F841  (held on purpose)
+    watcher = weakref.ref(model.weight)  # noqa: F841  (held on purpose)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model.cuda()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+import weakref
 from typing import Any, Callable
 
 import pytest
@@ -75,7 +76,7 @@ def test_warnings_as_errors_raise_at_the_call(remote):
 
 def test_libremotes_own_warning_points_at_the_program_line(remote):
     model = torch.nn.Linear(3, 2)
-    row = model.weight[0]  # noqa: F841  (keeps the parameter from being rebound: libremote warns)
+    watcher = weakref.ref(model.weight)  # noqa: F841  (keeps the parameter from being rebound: libremote warns)
     call = lambda: model.cuda()  # noqa: E731
     found = [w for w in caught_at(call) if "libremote" in w[2]]
     assert found and all((filename, line) == (__file__, line_of(call)) for filename, line, _ in found)

@@ -15,9 +15,9 @@ created earlier steps stale CPU copies while the model never trains, silently.
 The fix runs where torch made that choice: :func:`_apply` wraps ``Module._apply`` and, for each
 parameter that torch replaced while crossing between the host and the remote device where CUDA
 would have kept it, puts the original object back after giving it the new tensor's contents with
-``torch.utils.swap_tensors`` (which torch itself uses for traceable wrapper subclasses and under
-``torch.__future__.set_swap_module_params_on_conversion(True)``). It swaps the C++ tensor, the
-Python class and ``__dict__``: the program's object becomes the ``RemoteTensor`` (still
+what ``torch.utils.swap_tensors`` does (torch's own tool for traceable wrapper subclasses and under
+``torch.__future__.set_swap_module_params_on_conversion(True)``; see :func:`_become`). It swaps the
+C++ tensor, the Python class and ``__dict__``: the program's object becomes the ``RemoteTensor`` (still
 ``isinstance(p, nn.Parameter)``, via ``_is_param``) and owns its daemon handle (``_ref`` travels
 in ``__dict__``); the discarded object takes the old host tensor, which is freed with it. The
 same is done for ``p.grad``. Attributes the program set on a parameter stay with it.
@@ -29,6 +29,7 @@ new objects too. Buffers are replaced by their converted tensors, as torch does 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -71,13 +72,11 @@ def _keep_parameter(module: torch.nn.Module, key: str, old: torch.Tensor, old_gr
                     new: torch.Tensor) -> None:
     """Make ``old`` the converted parameter ``new`` and put it back in ``module._parameters``."""
     new_grad = new.grad
-    # The old tensor's grad field references old_grad, the new one's new_grad: swap_tensors wants
-    # each swapped tensor held by its Python object alone.
-    old.grad = None
+    old.grad = None  # the grads are swapped on their own below
     new.grad = None
     try:
         _become(old, new)
-    except RuntimeError as exc:  # a view or weak reference of the parameter is held somewhere
+    except RuntimeError as exc:
         old.grad, new.grad = old_grad, new_grad
         warning_location.warn(
             f"libremote: {type(module).__name__}.{key} is a new Parameter object after moving the "
@@ -86,9 +85,7 @@ def _keep_parameter(module: torch.nn.Module, key: str, old: torch.Tensor, old_gr
         )
         return
     module._parameters[key] = old
-    if new_grad is None:
-        return
-    if old_grad is not None:
+    if new_grad is not None and old_grad is not None:
         try:
             _become(old_grad, new_grad)
             new_grad = old_grad
@@ -100,12 +97,36 @@ def _keep_parameter(module: torch.nn.Module, key: str, old: torch.Tensor, old_gr
 def _become(program_object: torch.Tensor, converted: torch.Tensor) -> None:
     """``program_object`` takes ``converted``'s tensor, class and bookkeeping (so it owns the
     daemon handle, if any); ``converted`` takes the old tensor and is dropped by the caller.
-    Attributes the program set on its object stay with it."""
+    Attributes the program set on its object stay with it.
+
+    ``torch.utils.swap_tensors`` without its use-count check, which refuses a tensor that C++
+    still holds elsewhere: an autograd graph recorded before the move (``ref = model(x)`` on the
+    CPU, then ``model.cuda()``: common) or a view. CUDA's ``.data =`` does not mind them either:
+    those holders keep the old tensor. As torch's swap does, the old tensor's gradient
+    accumulator is made to raise, so a backward through such a graph fails loudly instead of
+    leaving its gradient on the discarded object. Weak references are still refused (torch's
+    caches keyed by weak reference expect a tensor's contents to stay).
+    """
+    for tensor in (program_object, converted):
+        if weakref.getweakrefs(tensor):
+            raise RuntimeError("a weak reference to the tensor is held")
+    if program_object._use_count() > 1 and program_object.requires_grad and program_object.is_leaf:
+        accumulator = torch.autograd.graph.get_gradient_edge(program_object).node
+        accumulator.register_prehook(_moved_before_backward)
     own = {name: value for name, value in program_object.__dict__.items()
            if name not in OWN_ATTRIBUTES and name != "_is_param"}
-    torch.utils.swap_tensors(program_object, converted)
+    program_object.__class__, converted.__class__ = converted.__class__, program_object.__class__
+    program_object.__dict__, converted.__dict__ = converted.__dict__, program_object.__dict__
+    torch._C._swap_tensor_impl(program_object, converted)
     for name, value in own.items():
         program_object.__dict__.setdefault(name, value)
+
+
+def _moved_before_backward(grad_outputs: Any) -> None:
+    raise RuntimeError(
+        "libremote: backward through a graph recorded before its parameters moved (model.cuda() or "
+        ".cpu() between forward and backward); move the model before the forward pass"
+    )
 
 
 def install() -> None:
