@@ -81,6 +81,15 @@ def test_parameters_keep_their_objects_through_moves_and_casts(remote):
         torch.testing.assert_close(moved, original.half().float(), msg=name)
 
 
+def test_a_remote_parameter_prints_as_a_cuda_parameter(remote):
+    local = nn.Linear(3, 2)
+    model = copy.deepcopy(local).cuda()
+    expected = repr(local.weight).replace("requires_grad=True", "device='cuda:0', requires_grad=True")
+    assert expected.startswith("Parameter containing:\ntensor([[")
+    assert repr(model.weight) == expected
+    assert str(model.weight) == expected
+
+
 def test_buffers_are_converted_as_torch_does(remote):
     # torch's _apply stores the converted buffer (self._buffers[key] = fn(buf)) on every device:
     # a move gives new buffer objects, a move to where they already are keeps them.
