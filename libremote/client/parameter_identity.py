@@ -14,13 +14,14 @@ created earlier steps stale CPU copies while the model never trains, silently.
 
 The fix runs where torch made that choice: :func:`_apply` wraps ``Module._apply`` and, for each
 parameter that torch replaced while crossing between the host and the remote device where CUDA
-would have kept it, puts the original object back after giving it the new tensor's contents with
-what ``torch.utils.swap_tensors`` does (torch's own tool for traceable wrapper subclasses and under
-``torch.__future__.set_swap_module_params_on_conversion(True)``; see :func:`_become`). It swaps the
-C++ tensor, the Python class and ``__dict__``: the program's object becomes the ``RemoteTensor`` (still
-``isinstance(p, nn.Parameter)``, via ``_is_param``) and owns its daemon handle (``_ref`` travels
-in ``__dict__``); the discarded object takes the old host tensor, which is freed with it. The
-same is done for ``p.grad``. Attributes the program set on a parameter stay with it.
+would have kept it, swaps the converted tensor into the original object and puts that object
+back (:func:`_become`: what ``torch.utils.swap_tensors`` does, torch's own tool for traceable
+wrapper subclasses and ``torch.__future__.set_swap_module_params_on_conversion(True)``). The
+swap exchanges the C++ tensor, the Python class and ``__dict__``: the program's object becomes
+the ``RemoteTensor`` (still ``isinstance(p, nn.Parameter)``, via ``_is_param``) and owns its
+daemon handle (``_ref`` travels in ``__dict__``); the discarded object takes the old host
+tensor, which is freed with it (or, for ``.cpu()``, the remote tensor and its handle). The same
+is done for ``p.grad``. Attributes the program set on a parameter stay with it.
 
 As on CUDA, ``torch.__future__.set_overwrite_module_params_on_conversion(True)`` gives new
 objects, and moves CUDA itself would not do in place (``meta`` -> ``cuda`` in ``to_empty``) give
@@ -43,7 +44,8 @@ _original_apply: Callable[..., Any] = torch.nn.Module._apply
 def _apply(self: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
     """``Module._apply``, then the parameter objects put back where CUDA would have kept them.
     Children run through this too (torch's ``_apply`` recurses with ``module._apply``), before
-    the module's own parameters: a weight tied to a child's is already the child's by then."""
+    the module's own parameters: a weight shared with an earlier module has been moved and kept
+    there already, so torch finds it on the device and rebinds it in place (``.data =``)."""
     if torch.__future__.get_overwrite_module_params_on_conversion():
         return _original_apply(self, fn, recurse)
     before = {key: (param, param.grad) for key, param in self._parameters.items() if param is not None}
@@ -104,8 +106,9 @@ def _become(program_object: torch.Tensor, converted: torch.Tensor) -> None:
     CPU, then ``model.cuda()``: common) or a view. CUDA's ``.data =`` does not mind them either:
     those holders keep the old tensor. As torch's swap does, the old tensor's gradient
     accumulator is made to raise, so a backward through such a graph fails loudly instead of
-    leaving its gradient on the discarded object. Weak references are still refused (torch's
-    caches keyed by weak reference expect a tensor's contents to stay).
+    leaving its gradient on the discarded object. Weak references are refused as torch refuses
+    them: code that holds one (weak-keyed caches, compiled code's guards) may have recorded the
+    tensor as it was.
     """
     for tensor in (program_object, converted):
         if weakref.getweakrefs(tensor):
