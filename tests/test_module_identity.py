@@ -145,6 +145,22 @@ def test_optimizer_built_before_the_move_trains_the_model(remote):
         torch.testing.assert_close(param.detach().cpu(), reference.detach(), rtol=RTOL, atol=ATOL, msg=name)
 
 
+def test_optimizer_state_follows_the_model_through_load_state_dict(remote):
+    # Steps on the CPU, then the model moves; torch's way to bring the state along is
+    # optimizer.load_state_dict(optimizer.state_dict()), which casts it to each parameter's device.
+    model = tied_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    local = tied_model()
+    local_optimizer = torch.optim.Adam(local.parameters(), lr=0.05)
+    assert train(model, optimizer, "cpu", steps=2) == train(local, local_optimizer, "cpu", steps=2)
+    model.cuda()
+    optimizer.load_state_dict(optimizer.state_dict())
+    for state in optimizer.state.values():
+        assert_remote(state["exp_avg"])
+    losses = train(model, optimizer, "cuda", steps=3)
+    assert losses == pytest.approx(train(local, local_optimizer, "cpu", steps=3), rel=RTOL, abs=ATOL)
+
+
 def test_gradients_keep_their_objects_and_move_with_the_parameter(remote):
     model = tied_model()
     nn.functional.cross_entropy(model(tokens()), tokens()).backward()
