@@ -15,10 +15,12 @@ def activate() -> None:
     global active
     if active:
         return
-    from . import amp, attention, backend, cuda_api, device_map, optim, serialization
+    from . import (amp, attention, backend, cuda_api, device_map, optim, parameter_identity, serialization,
+                   warning_location)
     from . import compile as graph_compile
 
     backend.register()
+    warning_location.install()
     amp.enabled = True
     cuda_api.install()
     device_map.install()
@@ -26,6 +28,7 @@ def activate() -> None:
     graph_compile.install()
     optim.install()
     attention.install()
+    parameter_identity.install()
     active = True
 
 
@@ -33,14 +36,17 @@ def deactivate() -> None:
     global active
     if not active:
         return
-    from . import amp, attention, cuda_api, device_map, optim, serialization
+    from . import (amp, attention, cuda_api, device_map, optim, parameter_identity, serialization,
+                   warning_location)
     from . import compile as graph_compile
 
+    parameter_identity.uninstall()
     attention.uninstall()
     optim.uninstall()
     graph_compile.uninstall()
     serialization.uninstall()
     device_map.uninstall()
     cuda_api.uninstall()
+    warning_location.uninstall()
     amp.enabled = False
     active = False

@@ -21,13 +21,12 @@ graph cannot hold make the trace fail: that signature then runs eagerly, with a 
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Any, Callable
 
 import torch
 import torch.utils._pytree as pytree
 
-from . import attention, meta
+from . import attention, meta, warning_location
 from .graphs import RemoteGraph
 from .tensor import RemoteTensor
 
@@ -160,11 +159,10 @@ class CompiledModule(torch.nn.Module):
 
 
 def _warn_eager(exc: Exception) -> None:
-    warnings.warn(
+    warning_location.warn(
         f"libremote: torch.compile could not trace this call into a graph ({type(exc).__name__}: "
         f"{str(exc)[:300]}); this input signature runs eagerly, op by op, with the same results.",
         UserWarning,
-        stacklevel=4,
     )
 
 

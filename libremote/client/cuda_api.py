@@ -13,14 +13,13 @@ import contextlib
 import itertools
 import random
 import threading
-import warnings
 from typing import Any, Iterator
 
 import torch
 
 from ..errors import ConnectionFailed, NotConfiguredError
 from ..protocol import Cmd
-from . import capture, cuda_graph, legacy_types, parallel, runtime
+from . import capture, cuda_graph, legacy_types, parallel, runtime, warning_location
 
 _current_device = 0
 _warned: set[str] = set()
@@ -68,7 +67,7 @@ def is_available() -> bool:
 def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warning_location.warn(message, RuntimeWarning)
 
 
 def device_count() -> int:

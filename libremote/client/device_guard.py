@@ -93,9 +93,9 @@ _STALE_LOCK_S = 600
 def _clear_stale_build_lock() -> None:
     import os
     import time
-    import warnings
-
     from torch.utils.cpp_extension import _get_build_directory
+
+    from . import warning_location
 
     lock = os.path.join(_get_build_directory("libremote_device_guard", verbose=False), "lock")
     try:
@@ -103,8 +103,8 @@ def _clear_stale_build_lock() -> None:
     except OSError:
         return  # no lock: nobody is building
     if age > _STALE_LOCK_S:
-        warnings.warn(f"libremote: removing a stale build lock ({lock}, {age / 60:.0f} min old) left by a "
-                      "killed build of the device-guard extension", RuntimeWarning, stacklevel=3)
+        warning_location.warn(f"libremote: removing a stale build lock ({lock}, {age / 60:.0f} min old) "
+                              "left by a killed build of the device-guard extension", RuntimeWarning)
         try:
             os.remove(lock)
         except OSError:

@@ -6,9 +6,8 @@ op, see :mod:`.attention`, and gives ``ctc_loss`` CUDA's handling of length tens
 
 A torch-function mode sees every call of the torch API before it runs and rewrites device
 arguments: ``device="cuda"``, ``torch.device("cuda", 1)``, ``.to("cuda:0")``, ``.cuda()``, a bare
-ordinal in ``.to(0)``. It also turns ``pin_memory()`` and ``pin_memory=True`` into no-ops (host
-memory needs no pinning when the bytes travel over the network anyway; a CPU build of torch cannot
-pin).
+ordinal in ``.to(0)``. It also gives ``pin_memory()``/``pin_memory=True``/``is_pinned()`` CUDA's
+results with host memory marked as pinned (see :func:`_pin_memory`).
 
 torch keeps mode stacks per thread, so the mode is entered in the importing thread and in every
 thread started afterwards (``threading.Thread._bootstrap_inner`` is wrapped); autograd's own
@@ -27,6 +26,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from . import backend
+from .tensor import RemoteTensor
 
 _Tensor = torch.Tensor
 
@@ -71,12 +71,45 @@ def _tensor_cuda(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[s
     return _Tensor.to(tensor, target, non_blocking=non_blocking, **kwargs)
 
 
+#: The mark :func:`_mark_pinned` sets on a storage's Python object (torch keeps that object for as
+#: long as the storage lives, and every view of the storage returns it).
+_PINNED = "_libremote_pinned"
+
+
+def _is_dense_host(tensor: torch.Tensor) -> bool:
+    return type(tensor) is not RemoteTensor and tensor.device.type == "cpu" and tensor.layout == torch.strided
+
+
+def _mark_pinned(tensor: torch.Tensor) -> torch.Tensor:
+    setattr(tensor.untyped_storage(), _PINNED, True)
+    return tensor
+
+
 def _pin_memory(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    return args[0]
+    """``t.pin_memory()`` as on CUDA: a copy with the same sizes and strides in pinned memory, or
+    ``t`` itself if it is pinned already; ``is_pinned()`` is then True for it and its views.
+
+    A CPU build of torch cannot page-lock memory, and libremote need not (the bytes travel over
+    the network either way), so the copy is ordinary host memory whose storage is marked pinned.
+    Programs see what they see on CUDA: a new tensor that reports ``is_pinned()``."""
+    tensor = args[0]
+    if isinstance(tensor, RemoteTensor):
+        raise RuntimeError(f"cannot pin '{tensor.type()}' only dense CPU tensors can be pinned")
+    if not _is_dense_host(tensor):
+        return func(*args, **kwargs)
+    if getattr(tensor.untyped_storage(), _PINNED, False):
+        return tensor
+    pinned = torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype)
+    return _mark_pinned(pinned.copy_(tensor))
 
 
 def _is_pinned(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    return False
+    tensor = args[0]
+    if isinstance(tensor, RemoteTensor):
+        return False
+    if not _is_dense_host(tensor):
+        return func(*args, **kwargs)
+    return getattr(tensor.untyped_storage(), _PINNED, False)
 
 
 def _record_stream(tensor: torch.Tensor, stream: Any) -> None:
@@ -132,8 +165,10 @@ class CudaIsRemote(TorchFunctionMode):
             device = kwargs.get("device")
             if device is not None:
                 kwargs["device"] = _map_ordinal(device)
-            if kwargs.get("pin_memory"):  # torch.empty(..., pin_memory=True): see pin_memory() above
+            if kwargs.get("pin_memory"):  # torch.empty(..., pin_memory=True): see _pin_memory
                 kwargs["pin_memory"] = False
+                result = func(*args, **kwargs)
+                return _mark_pinned(result) if isinstance(result, _Tensor) and _is_dense_host(result) else result
         return func(*args, **kwargs)
 
 

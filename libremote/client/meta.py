@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from . import backend
+from . import backend, warning_location
 from .ops import OpInfo, Return
 from .tensor import RemoteTensor
 
@@ -256,6 +256,7 @@ def infer(func: torch._ops.OpOverload, info: OpInfo, args: tuple[Any, ...], kwar
     device = _CPU if _all_remote_tensors_empty((args, kwargs)) else _META
     meta_args = _stand_in(args, device)
     meta_kwargs = {name: _stand_in(value, device) for name, value in kwargs.items()}
+    warnings_before = warning_location.moved
     try:
         result = func(*meta_args, **meta_kwargs)
     except NotImplementedError:
@@ -271,6 +272,8 @@ def infer(func: torch._ops.OpOverload, info: OpInfo, args: tuple[Any, ...], kwar
     specs = _describe_result(info, result, meta_args, meta_kwargs, on_meta=device is _META)
     if any(type(spec) is HostResult for spec in specs):
         return specs  # its values come from this call's host arguments: not reusable
+    if warning_location.moved != warnings_before:
+        return specs  # torch warned: not cached, so that each call warns, as on CUDA
     if len(_cache) >= _MAX_CACHE:
         _cache.clear()
     _cache[key] = specs

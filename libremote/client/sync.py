@@ -148,6 +148,10 @@ def tensor_repr(tensor: RemoteTensor) -> str:
     host = fetch(tensor)
     contents = torch._tensor_str._tensor_str(host, indent=len("tensor("))
     text = torch._tensor_str._str(tensor, tensor_contents=contents)
-    # torch prefixes a subclass's repr with its class name; a CUDA tensor prints as "tensor(".
+    # torch prefixes a subclass's repr with its class name, and wraps a subclass parameter's in
+    # "Parameter(...)"; a CUDA tensor prints as "tensor(", a CUDA parameter as Parameter's repr.
     prefix = type(tensor).__name__ + "("
+    parameter_prefix = "Parameter(" + prefix
+    if text.startswith(parameter_prefix):
+        return "Parameter containing:\ntensor(" + text[len(parameter_prefix):-1]
     return "tensor(" + text[len(prefix):] if text.startswith(prefix) else text

@@ -27,6 +27,9 @@ Spec = tuple  # (dtype, shape tuple, stride tuple, storage offset)
 
 _CUDA_DEVICES: dict[int, torch.device] = {}
 
+#: What a RemoteTensor keeps in its ``__dict__`` about itself (the rest is the program's).
+OWN_ATTRIBUTES = frozenset({"_ref", "_spec", "_device_index"})
+
 
 def cuda_device(index: int) -> torch.device:
     device = _CUDA_DEVICES.get(index)
@@ -156,7 +159,7 @@ class RemoteTensor(torch.Tensor):
             new = self.clone(memory_format=torch.preserve_format)
         new.requires_grad_(self.requires_grad)
         for key, value in self.__dict__.items():
-            if key not in ("_ref", "_spec", "_device_index"):
+            if key not in OWN_ATTRIBUTES:
                 setattr(new, key, copy.deepcopy(value, memo))
         memo[id(self)] = new
         return new
