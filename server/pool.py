@@ -25,6 +25,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import limits
+
 PRIORITIES = {"low": 0, "normal": 1, "high": 2}
 ANONYMOUS = "anonymous"
 
@@ -87,7 +89,9 @@ class Tenant:
 @dataclass
 class PoolConfig:
     default_memory_quota: int = 8 << 30
-    max_sessions_per_device: int | None = None
+    max_sessions_per_device: int | None = limits.MAX_SESSIONS_PER_DEVICE
+    #: Live tensors one session may hold (``--max-handles``).
+    max_handles: int = limits.MAX_HANDLES
     placement: str = "binpack"
     idle_timeout_s: float | None = None
     tenants: dict[str, Tenant] = field(default_factory=dict)
@@ -117,7 +121,7 @@ class PoolConfig:
             label = str(name) if name else ANONYMOUS
             return Tenant(label[:64], None, self.default_memory_quota)
         tenant = self.tenants.get(str(name)) if name else None
-        if tenant is None or not isinstance(token, str) or not hmac.compare_digest(tenant.token or "", token):
+        if tenant is None or not isinstance(token, str) or not same_secret(tenant.token or "", token):
             raise PolicyError(
                 "this daemon serves registered tenants only: set LIBREMOTE_TENANT and LIBREMOTE_TOKEN "
                 "to a tenant name and token its operator gave you (unknown tenant or wrong token)"
@@ -126,8 +130,14 @@ class PoolConfig:
 
     def admin_allowed(self, token: Any, peer_is_loopback: bool) -> bool:
         if self.admin_token:
-            return isinstance(token, str) and hmac.compare_digest(self.admin_token, token)
+            return isinstance(token, str) and same_secret(self.admin_token, token)
         return peer_is_loopback
+
+
+def same_secret(expected: str, given: str) -> bool:
+    """Whether two tokens are equal, in constant time. (Compared as UTF-8 bytes:
+    ``hmac.compare_digest`` raises TypeError for a str with a non-ASCII character.)"""
+    return hmac.compare_digest(expected.encode("utf-8", "surrogatepass"), given.encode("utf-8", "surrogatepass"))
 
 
 def load_tenants(path: str) -> tuple[dict[str, Tenant], str | None]:

@@ -21,17 +21,28 @@ REPLY_WAIT_S = 20.0
 class RawClient:
     """A bare DEALER socket speaking the wire format by hand (no libremote client code)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, options: dict[int, int] | None = None) -> None:
+        """``options``: extra ZeroMQ socket options set before connecting (e.g. a tiny
+        ``zmq.RCVHWM`` for a client that does not read its replies)."""
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.ROUTING_ID, secrets.token_bytes(16))
+        for option, value in (options or {}).items():
+            self.socket.setsockopt(option, value)
         self.socket.connect(address)
         self.seq = 0
         self.welcome: dict[str, Any] | None = None
 
     def close(self) -> None:
-        self.socket.close(0)
+        linger_ms = 0
+        if self.welcome is not None:  # (a session left open would count against --max-sessions)
+            try:
+                self.socket.send(protocol.packb([Msg.BYE]), zmq.NOBLOCK)
+                linger_ms = 100
+            except zmq.ZMQError:
+                pass
+        self.socket.close(linger_ms)
         self.context.term()
 
     def __enter__(self) -> "RawClient":
