@@ -42,19 +42,29 @@ def pack_deep(header: Any, depth: int = DEPTH) -> bytes:
 
 
 class Restartable:
-    """A daemon shared by a module's tests, started again if a test killed it (so that on code
-    where a finding kills the daemon, only that finding's tests fail)."""
+    """A daemon shared by a module's tests, started again if a test killed or hung it (so that
+    on code where a finding kills or hangs the daemon, only that finding's tests fail)."""
 
     def __init__(self, *args: str) -> None:
         self.args = args
         self.server: Daemon | None = None
 
     def alive(self) -> Daemon:
-        if self.server is None or self.server.process.poll() is not None:
-            if self.server is not None:
-                self.server.stop()
+        if self.server is not None and not self._answers(self.server):
+            self.server.process.kill()
+            self.server.stop()
+            self.server = None
+        if self.server is None:
             self.server = Daemon(*self.args)
         return self.server
+
+    @staticmethod
+    def _answers(server: Daemon) -> bool:
+        if server.process.poll() is not None:
+            return False
+        with RawClient(server.address) as client:
+            client.send([Msg.STATUS])
+            return bool(client.socket.poll(int(REPLY_WAIT_S * 1000), zmq.POLLIN))
 
     def stop(self) -> None:
         if self.server is not None:
