@@ -37,6 +37,12 @@ REPLY carries the results of the commands that produce one (:data:`RESULT_COMMAN
 and ``error``: the first failure since the last reply, if any, so that an asynchronous failure
 surfaces at the next sync point, as on CUDA.
 
+Streaming has backpressure: the client asks for a reply on a streamed batch (an acknowledgement)
+at least every :data:`STREAM_WINDOW_BATCHES` batches or :data:`STREAM_WINDOW_BYTES` bytes of
+frames, and waits for the previous acknowledgement before asking again. A daemon ends the session
+of a client that streams much further without asking. A REPLY whose ``seq`` is nil answers a
+message whose seq could not be read, or tells the client its session was ended (and why).
+
 Commands (each a msgpack array, first element a :class:`Cmd`)
 --------------------------------------------------------------
 =========  ==========================================  ==========================================
