@@ -420,6 +420,9 @@ class Daemon:
             return
         waiter = Waiting(identity, info, tenant, priority, device_count)
         if not self._admit(waiter):
+            if len(self.waiting) >= limits.MAX_WAITING:
+                self._refuse(identity, f"the admission queue is full ({limits.MAX_WAITING} clients wait); try later")
+                return
             self.waiting.append(waiter)
             position = self._queue_position(waiter)
             reason = ("every device has its maximum number of sessions (--max-sessions)"

@@ -26,6 +26,8 @@ MAX_FRAMES_PER_MESSAGE = 1 << 16
 #: Default ``--max-sessions``: sessions per device; further clients wait in the admission queue.
 #: Each session costs a CUDA stream, generators and bookkeeping even when idle.
 MAX_SESSIONS_PER_DEVICE = 64
+#: Clients waiting in the admission queue (each one a HELLO's info); more are refused.
+MAX_WAITING = 1024
 #: Messages waiting to go to one peer (ZeroMQ's SNDHWM on the daemon's socket). The daemon never
 #: waits for a peer: one whose queue is full (it sends requests and reads no replies) loses its
 #: session. The libremote client reads every reply (at most two acknowledgements are ever
