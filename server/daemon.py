@@ -540,7 +540,10 @@ class Daemon:
                   and now - session.last_active > self.pool.idle_timeout_s):
                 self._end_session(identity, f"idle for more than {self.pool.idle_timeout_s:g} s (--idle-timeout)")
             else:
-                session.reclaim_captures()
+                try:
+                    session.reclaim_captures()
+                except Exception as exc:  # (as in a slice: the session's own state; it pays)
+                    self._drop_offender(identity, _failure(exc), error=exc)
         self.waiting = [w for w in self.waiting if now - w.last_seen <= self.heartbeat_timeout_s]
         for waiter in sorted(self.waiting, key=self._queue_order):
             if self._admit(waiter):

@@ -372,6 +372,27 @@ def test_streaming_too_many_bytes_without_asking_for_a_reply_ends_the_session(se
     assert_serving(server)
 
 
+def test_a_client_queueing_batches_faster_than_they_run_loses_its_session(server):
+    """Asking for a reply on every batch resets the stream window, but not the bound on batches
+    queued: each of these runs a matrix product, and they arrive far faster than they run."""
+    from libremote.server import limits
+
+    with RawClient(server.address) as raw:
+        assert raw.hello()[0] == Msg.WELCOME
+        session = raw.welcome["session"]
+        raw.put(1, torch.randn(320, 320))
+        product = [[Cmd.OP, ADD, [HANDLE, HANDLE], {}, None], [Cmd.OP, [2, "aten::mm"], [HANDLE, HANDLE], {}, None]]
+        for _ in range(3 * limits.MAX_QUEUED_BATCHES):
+            raw.batch(product)
+        while True:  # replies of the batches that ran, then the protocol error that ended it
+            header, _ = raw.receive()
+            if header[3] is not None:
+                break
+        assert "queued" in protocol_error(header), header
+    wait_for_log(server, f"session {session} closed (")
+    assert_serving(server)
+
+
 def test_a_real_client_streaming_far_past_the_window_waits_and_computes_exactly(server):
     from libremote.server import limits
 
