@@ -9,6 +9,7 @@ results afterwards are not exact.
 
     python scripts/fuzz_daemon.py                   # 1,000,000 messages
     python scripts/fuzz_daemon.py --messages 5e6 --seed 7
+    python scripts/fuzz_daemon.py --device cuda      # against a daemon on the GPU
 """
 
 from __future__ import annotations
@@ -75,9 +76,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=float, default=1e6, help="hostile messages to send (default 1e6)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="the daemon's --device (default cpu; cuda on a GPU host)")
     args = parser.parse_args()
     total = int(args.messages)
-    server = Daemon("--memory-quota", "64MiB", "--max-handles", "4096")
+    server = Daemon("--memory-quota", "64MiB", "--max-handles", "4096", device=args.device)
     try:
         fuzzer = Fuzzer(server.address, args.seed)
         rss_before = rss_bytes(server.process.pid)
