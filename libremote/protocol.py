@@ -41,6 +41,12 @@ REPLY carries the results of the commands that produce one (:data:`RESULT_COMMAN
 and ``error``: the first failure since the last reply, if any, so that an asynchronous failure
 surfaces at the next sync point, as on CUDA.
 
+Streaming has backpressure: the client asks for a reply on a streamed batch (an acknowledgement)
+at least every :data:`STREAM_WINDOW_BATCHES` batches or :data:`STREAM_WINDOW_BYTES` bytes of
+frames, and waits for the previous acknowledgement before asking again. A daemon ends the session
+of a client that streams much further without asking. A REPLY whose ``seq`` is nil answers a
+message whose seq could not be read, or tells the client its session was ended (and why).
+
 Commands (each a msgpack array, first element a :class:`Cmd`)
 --------------------------------------------------------------
 =========  ==========================================  ==========================================
@@ -75,6 +81,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import reprlib
 import struct
 from typing import Any, Callable
 
@@ -95,6 +102,20 @@ _UNPACK_LIMITS = dict(
 )
 #: CPU tensors up to this size travel inside the header (op arguments such as a 0-dim scalar).
 INLINE_TENSOR_BYTES = 64 << 10
+#: Deepest nesting of arrays inside one field of a command (an op argument, its outs, ...). The
+#: client's deepest is 2 (an argument that is a list of lists); msgpack decodes up to 1024 levels,
+#: and Python code that walks that deep by recursion would die of RecursionError, so the daemon
+#: refuses anything deeper than this with :class:`ProtocolError` wherever it walks a value.
+MAX_NESTING = 16
+
+#: Backpressure for streamed batches (those that ask for no reply). The client asks for a reply,
+#: an acknowledgement, on a batch at least every STREAM_WINDOW_BATCHES batches or
+#: STREAM_WINDOW_BYTES bytes of frames, and before it asks again it waits for the previous
+#: acknowledgement: at most two windows are ever on the wire or queued on the daemon. The daemon
+#: holds clients to a multiple of this (server/limits.py) and ends the session of one that
+#: streams further without asking.
+STREAM_WINDOW_BATCHES = 64
+STREAM_WINDOW_BYTES = 64 << 20
 
 
 class Msg(enum.IntEnum):
@@ -369,6 +390,17 @@ def unpackb(data: bytes | memoryview, *, max_bytes: int = MAX_HEADER_BYTES) -> A
 def tensor_meta(tensor: torch.Tensor) -> list[Any]:
     """What the client needs to build a wrapper for a tensor the daemon made."""
     return [dtype_ext(tensor.dtype), list(tensor.shape), list(tensor.stride()), tensor.storage_offset()]
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel = 3
+_BRIEF.maxstring = _BRIEF.maxother = 60
+
+
+def brief(value: Any) -> str:
+    """A short repr of a decoded (possibly hostile: huge, 1000-deep) value, for error messages:
+    bounded in length and in the depth it walks."""
+    return _BRIEF.repr(value)
 
 
 def check(condition: bool, message: str | Callable[[], str]) -> None:

@@ -35,7 +35,6 @@ admins only when the operator opts in (``--loopback-admin``, plain TCP only).
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import logging
 import os
@@ -49,7 +48,7 @@ from zmq.utils import z85
 
 from libremote import curve_keys
 
-from .pool import PoolConfig, PolicyError
+from .pool import PoolConfig, PolicyError, same_secret
 
 log = logging.getLogger("libremote.server.auth")
 
@@ -220,7 +219,7 @@ def requester(pool: PoolConfig, user_id: str | None, request: dict[str, Any], pe
             return Requester(refusal=f"unknown identity {user_id!r}")
         return Requester(is_admin=True) if identity.kind == ADMIN else Requester(tenant=identity.name)
     token = request.get("token")
-    if pool.admin_token and isinstance(token, str) and hmac.compare_digest(pool.admin_token, token):
+    if pool.admin_token and isinstance(token, str) and same_secret(pool.admin_token, token):
         return Requester(is_admin=True)
     if loopback_admin and is_loopback_peer(peer_address):
         return Requester(is_admin=True)

@@ -10,7 +10,7 @@ import signal
 import sys
 from typing import Sequence
 
-from . import auth, compiled_graphs, devices, pool
+from . import auth, compiled_graphs, devices, limits, pool
 from .daemon import Daemon
 
 DEFAULT_LISTEN = "tcp://127.0.0.1:7777"
@@ -21,6 +21,16 @@ def _size(text: str) -> int:
         return pool.parse_size(text)
     except pool.PolicyError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {text!r}")
+    return value
 
 
 def _microseconds(text: str) -> int:
@@ -74,8 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="device memory each session may hold, e.g. 8GiB (default 8GiB; tenants may set their own)",
     )
     parser.add_argument(
-        "--max-sessions", type=int, default=None, metavar="N",
-        help="sessions per device; further clients wait in a queue (default: no limit)",
+        "--max-sessions", type=_positive, default=limits.MAX_SESSIONS_PER_DEVICE, metavar="N",
+        help=f"sessions per device; further clients wait in a queue (default {limits.MAX_SESSIONS_PER_DEVICE})",
+    )
+    parser.add_argument(
+        "--max-handles", type=_positive, default=limits.MAX_HANDLES, metavar="N",
+        help=f"live tensors one session may hold; past it, creating one fails like out-of-memory "
+        f"(default {limits.MAX_HANDLES})",
     )
     parser.add_argument(
         "--placement", choices=["binpack", "spread"], default="binpack",
@@ -117,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="reclaim sessions that sent no work for this long (default: never)",
     )
     parser.add_argument(
-        "--max-message-size", type=_size, default=16 << 30, metavar="SIZE",
-        help="largest message frame accepted, e.g. 4GiB (default 16GiB); larger ones disconnect the peer",
+        "--max-message-size", type=_size, default=limits.MAX_MESSAGE_BYTES, metavar="SIZE",
+        help=f"largest message frame accepted (default {limits.MAX_MESSAGE_BYTES >> 20}MiB; libremote clients "
+        "send tensor data in pieces of at most 8MiB); a larger one disconnects the peer",
     )
     parser.add_argument(
         "--heartbeat", type=float, default=2.0, metavar="SECONDS",
@@ -155,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pool_config = pool.PoolConfig(
             default_memory_quota=args.memory_quota,
             max_sessions_per_device=args.max_sessions,
+            max_handles=args.max_handles,
             placement=args.placement,
             idle_timeout_s=args.idle_timeout,
             device_memory=args.device_memory,

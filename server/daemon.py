@@ -29,7 +29,7 @@ from libremote import protocol
 from libremote.zmq_events import readable
 from libremote.protocol import ErrorKind, Msg, ProtocolError
 
-from . import auth, devices, host_memory, pool
+from . import auth, devices, host_memory, limits, messages, outbox, pool
 from .auth import is_loopback_peer  # noqa: F401 (its home was here; tests import it from here)
 from .pool import PoolConfig, PolicyError, Tenant
 from .residency import default_device_budget, DeviceMemory
@@ -141,7 +141,7 @@ class Daemon:
         device_list: list[torch.device],
         *,
         pool_config: PoolConfig | None = None,
-        max_message_bytes: int = 16 << 30,
+        max_message_bytes: int = limits.MAX_MESSAGE_BYTES,
         heartbeat_s: float = 2.0,
         heartbeat_timeout_s: float = 10.0,
         spin_us: int = 300,
@@ -181,7 +181,8 @@ class Daemon:
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-        self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        outbox.configure(self._socket)
+        self._outbox = outbox.Outbox(self._socket, self._on_outbox_full)
         # ZMTP heartbeats: a peer whose host vanished is disconnected instead of lingering.
         self._socket.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat_s * 1000))
         self._socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(heartbeat_s * 3000))
@@ -249,7 +250,11 @@ class Daemon:
                 continue
             timer = SliceTimer(session.stream)
             started = time.perf_counter()
-            replies = session.run_slice(SLICE_COMMANDS, SLICE_SECONDS)
+            try:
+                replies = session.run_slice(SLICE_COMMANDS, SLICE_SECONDS)
+            except Exception as exc:  # a bug met by this session's input: it pays, nobody else
+                self._drop_offender(session.identity, _failure(exc), error=exc)
+                continue
             elapsed = time.perf_counter() - started
             slot.scheduler.charge(session, elapsed)
             slot.record_busy(elapsed)
@@ -263,13 +268,18 @@ class Daemon:
     # Messages
     # ------------------------------------------------------------------------------------------
     def _on_message(self, frames: list[zmq.Frame]) -> None:
+        """Handle one message. Whatever it holds, only its sender can suffer: a malformed one
+        is answered with a protocol error, one that breaks a bound (server/limits.py) or meets
+        a bug ends the sender's session, and the daemon goes on."""
         identity = frames[0].bytes
         # The CURVE key's identity (None on plain TCP, where no message has one: not asked).
         user_id = auth.user_id_of(frames[0]) if self._authenticator is not None else None
-        seq: Any = None
+        header: Any = None
         try:
             if len(frames) < 2:
                 raise ProtocolError("message has no header frame")
+            protocol.check(len(frames) - 2 <= limits.MAX_FRAMES_PER_MESSAGE,
+                           lambda: f"a message carries at most {limits.MAX_FRAMES_PER_MESSAGE} frames")
             header = protocol.unpackb(frames[1].buffer)
             if not isinstance(header, list) or not header or not isinstance(header[0], int):
                 raise ProtocolError("header must be an array starting with a message kind")
@@ -278,29 +288,78 @@ class Daemon:
                     and self._held_by_another(identity, user_id)):
                 self._refuse_other_owner(identity, kind, header)
             elif kind == Msg.BATCH:
-                protocol.check(len(header) == 4, "BATCH is [BATCH, seq, commands, want_reply]")
-                seq = header[1]
-                self._on_batch(identity, seq, header[2], bool(header[3]), [f.buffer for f in frames[2:]])
+                seq, commands, want_reply = messages.batch_envelope(header)
+                self._on_batch(identity, seq, commands, want_reply, [f.buffer for f in frames[2:]])
             elif kind == Msg.PING:
                 self._on_ping(identity)
             elif kind == Msg.HELLO:
                 protocol.check(len(header) == 2 and isinstance(header[1], dict), "HELLO is [HELLO, info]")
-                self._on_hello(identity, header[1], user_id)
+                try:
+                    info = messages.hello_info(header[1])
+                except PolicyError as exc:
+                    self._refuse(identity, str(exc))
+                    return
+                self._on_hello(identity, info, user_id)
             elif kind == Msg.BYE:
                 self._end_session(identity, "client said goodbye")
                 self.waiting = [w for w in self.waiting if w.identity != identity]
             elif kind == Msg.STATUS:
                 protocol.check(len(header) == 1 or (len(header) == 2 and isinstance(header[1], dict)),
                                "STATUS is [STATUS] or [STATUS, credentials]")
-                self._on_status(identity, header[1] if len(header) == 2 else {}, user_id, frames[1].get("Peer-Address"))
+                try:
+                    credentials = messages.status_credentials(header[1]) if len(header) == 2 else {}
+                except PolicyError as exc:
+                    self._refuse(identity, str(exc))
+                    return
+                self._on_status(identity, credentials, user_id, frames[1].get("Peer-Address"))
             elif kind == Msg.ADMIN:
                 protocol.check(len(header) == 2 and isinstance(header[1], dict), "ADMIN is [ADMIN, request]")
-                self._send(identity, [Msg.ADMIN, self._on_admin(header[1], user_id, frames[1].get("Peer-Address"))])
+                try:
+                    answer = self._on_admin(messages.admin_request(header[1]), user_id, frames[1].get("Peer-Address"))
+                except PolicyError as exc:
+                    answer = {"ok": False, "message": str(exc)}
+                self._send(identity, [Msg.ADMIN, answer])
             else:
                 raise ProtocolError(f"unknown message kind {kind}")
+        except limits.LimitExceeded as exc:
+            self._drop_offender(identity, str(exc), user_id=user_id)
         except ProtocolError as exc:
-            log.warning("malformed message from %s: %s", identity.hex()[:12], exc)
-            self._send(identity, [Msg.REPLY, seq, [], [ErrorKind.PROTOCOL.value, "", str(exc)]])
+            log.warning("malformed message from %s: %s", self._peer_name(identity), exc)
+            self._send(identity, [Msg.REPLY, messages.batch_seq(header), [], [ErrorKind.PROTOCOL.value, "", str(exc)]])
+        except Exception as exc:  # a bug met by this input: its sender pays, nobody else
+            self._drop_offender(identity, _failure(exc), error=exc, user_id=user_id)
+
+    def _peer_name(self, identity: bytes) -> str:
+        """How the log names a peer: its session, or its routing id."""
+        session = self.sessions.get(identity)
+        return f"session {session.id}" if session is not None else f"peer {identity.hex()[:12]}"
+
+    def _drop_offender(self, identity: bytes, why: str, *, error: BaseException | None = None,
+                       user_id: str | None = None) -> None:
+        """End the session of a peer whose input broke a bound or met a bug: tell it why, log
+        it (with the traceback, for a bug), and serve everyone else as before. (Under CURVE, a
+        peer using another identity's routing id ends nothing but gets the answer.)"""
+        if error is not None:
+            log.error("%s: %s", self._peer_name(identity), why, exc_info=error)
+        else:
+            log.warning("%s: %s", self._peer_name(identity), why)
+        if user_id is not None and self._held_by_another(identity, user_id):
+            self._send(identity, [Msg.REPLY, None, [], [ErrorKind.PROTOCOL.value, "", why]])
+            return
+        self._send(identity, [Msg.REPLY, None, [], [ErrorKind.PROTOCOL.value, "",
+                                                     f"{why}. The daemon closed this client's session."]])
+        self._end_session(identity, why)
+        self.waiting = [w for w in self.waiting if w.identity != identity]
+
+    def _on_outbox_full(self, identity: bytes) -> None:
+        """A peer does not take its messages (it sends and never reads): its session ends, so
+        the daemon stops working for it. (Nothing can be sent to tell it.)"""
+        if identity in self.sessions:
+            why = (f"its client did not read its replies ({limits.OUTBOX_MESSAGES} messages were waiting for it); "
+                   "the daemon never waits for one client")
+            log.warning("%s: %s", self._peer_name(identity), why)
+            self._end_session(identity, why)
+        self.waiting = [w for w in self.waiting if w.identity != identity]
 
     def _held_by_another(self, identity: bytes, user_id: str | None) -> bool:
         """Whether ``identity`` (a routing id) has a session or queue place opened by another
@@ -337,22 +396,33 @@ class Daemon:
                 error = [ErrorKind.SESSION.value, "", f"this daemon has no session for the client ({why}); reconnect"]
                 self._send(identity, [Msg.REPLY, seq, [], error])
             return
+        nbytes = sum(frame.nbytes for frame in frames)
+        session.inflow.admit(nbytes, want_reply, len(session.queue), session.queued_bytes)
         session.last_seen = session.last_active = self._last_batch = time.monotonic()
         self._host_memory_trimmed = False
         if not session.has_work():
             session.slots[0].scheduler.rejoin(session)
-        session.enqueue(seq, commands, frames, want_reply)
+        session.enqueue(seq, commands, frames, want_reply, nbytes)
 
     def _send_reply(self, identity: bytes, reply: Reply) -> None:
         if reply.malformed:
-            log.warning("session %s sent a malformed batch: %s", self.sessions[identity].id, reply.error[2])
+            log.warning("%s sent a malformed batch: %s", self._peer_name(identity), reply.error[2])
         self._send(identity, [Msg.REPLY, reply.seq, reply.results, reply.error], reply.frames)
 
     def _send(self, identity: bytes, header: list[Any], frames: list[Any] = ()) -> None:
+        """Send without waiting (server/outbox.py). A reply that cannot be encoded (an op result
+        msgpack cannot carry) goes as an error instead."""
         try:
-            self._socket.send_multipart([identity, protocol.packb(header), *frames], copy=not frames)
-        except zmq.ZMQError as exc:  # the peer is gone (ROUTER_MANDATORY): nothing to deliver
-            log.debug("could not reply to %s: %s", identity.hex()[:12], exc)
+            data = protocol.packb(header)
+        except (TypeError, ValueError, OverflowError) as exc:
+            log.error("could not encode a message for %s: %s", self._peer_name(identity), exc)
+            if header[0] != Msg.REPLY:
+                return
+            seq = header[1] if type(header[1]) is int else None
+            data = protocol.packb([Msg.REPLY, seq, [], [ErrorKind.OP.value, "", f"the daemon could not encode "
+                                                        f"this reply ({exc}); report this to libremote"]])
+            frames = ()
+        self._outbox.send(identity, [data, *frames], copy=not frames)
 
     # ------------------------------------------------------------------------------------------
     # Admission: HELLO, the queue, placement
@@ -388,6 +458,9 @@ class Daemon:
             return
         waiter = Waiting(identity, info, tenant, priority, device_count, owner=user_id)
         if not self._admit(waiter):
+            if len(self.waiting) >= limits.MAX_WAITING:
+                self._refuse(identity, f"the admission queue is full ({limits.MAX_WAITING} clients wait); try later")
+                return
             self.waiting.append(waiter)
             position = self._queue_position(waiter)
             reason = ("every device has its maximum number of sessions (--max-sessions)"
@@ -452,6 +525,7 @@ class Daemon:
                           graph_compiler=self.pool.graph_compiler, owner=waiter.owner)
         for placed in slots:
             placed.sessions.append(session)
+        session.max_handles = self.pool.max_handles
         self.sessions[waiter.identity] = session
         self._gone.pop(waiter.identity, None)
         info = waiter.info
@@ -504,7 +578,10 @@ class Daemon:
                   and now - session.last_active > self.pool.idle_timeout_s):
                 self._end_session(identity, f"idle for more than {self.pool.idle_timeout_s:g} s (--idle-timeout)")
             else:
-                session.reclaim_captures()
+                try:
+                    session.reclaim_captures()
+                except Exception as exc:  # (as in a slice: the session's own state; it pays)
+                    self._drop_offender(identity, _failure(exc), error=exc)
         self.waiting = [w for w in self.waiting if now - w.last_seen <= self.heartbeat_timeout_s]
         for waiter in sorted(self.waiting, key=self._queue_order):
             if self._admit(waiter):
@@ -610,3 +687,8 @@ class Daemon:
                 session.priority = priority
         log.info("admin: %s %s -> %s", "tenant" if tenant_name else "session", tenant_name or session_id, changes)
         return {"ok": True, "message": f"updated {len(targets)} session(s)", "sessions": [s.id for s in targets]}
+
+
+def _failure(exc: BaseException) -> str:
+    """What the log and the offending client are told when its input met a bug in the daemon."""
+    return f"the daemon failed on this client's input ({type(exc).__name__}: {str(exc)[:300]})"

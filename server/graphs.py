@@ -134,16 +134,16 @@ def _bind(value: Any, values: list[Any], device_of: Callable[[DeviceRef], Any]) 
     return value
 
 
-def visit(value: Any, note: Callable[[ValueRef], None]) -> None:
-    """Call ``note`` on every value reference inside ``value`` (lists and maps included)."""
+def visit(value: Any, note: Callable[[ValueRef], None], depth: int = 0) -> None:
+    """Call ``note`` on every value reference inside ``value`` (lists and maps included).
+    :class:`ProtocolError` for nesting deeper than protocol.MAX_NESTING (so that :func:`_bind`,
+    which walks the same values on every run, never meets it)."""
     if isinstance(value, ValueRef):
         note(value)
-    elif isinstance(value, list):
-        for item in value:
-            visit(item, note)
-    elif isinstance(value, dict):
-        for item in value.values():
-            visit(item, note)
+    elif isinstance(value, (list, dict)):
+        protocol.check(depth < protocol.MAX_NESTING, lambda: f"a graph argument is nested more than {protocol.MAX_NESTING} deep")
+        for item in (value if isinstance(value, list) else value.values()):
+            visit(item, note, depth + 1)
 
 
 __all__ = ["Graph", "define", "input_refusal", "run", "GETITEM", "MAX_GRAPH_NODES", "MAX_GRAPHS_PER_SESSION", "ProtocolError"]

@@ -28,6 +28,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import limits
+
 PRIORITIES = {"low": 0, "normal": 1, "high": 2}
 ANONYMOUS = "anonymous"
 
@@ -90,7 +92,9 @@ class Tenant:
 @dataclass
 class PoolConfig:
     default_memory_quota: int = 8 << 30
-    max_sessions_per_device: int | None = None
+    max_sessions_per_device: int | None = limits.MAX_SESSIONS_PER_DEVICE
+    #: Live tensors one session may hold (``--max-handles``).
+    max_handles: int = limits.MAX_HANDLES
     placement: str = "binpack"
     idle_timeout_s: float | None = None
     tenants: dict[str, Tenant] = field(default_factory=dict)
@@ -121,7 +125,7 @@ class PoolConfig:
             return Tenant(label[:64], None, self.default_memory_quota)
         tenant = self.tenants.get(str(name)) if name else None
         if (tenant is None or tenant.token is None or not isinstance(token, str)
-                or not hmac.compare_digest(tenant.token, token)):
+                or not same_secret(tenant.token, token)):
             raise PolicyError(
                 "this daemon serves registered tenants only: set LIBREMOTE_TENANT and LIBREMOTE_TOKEN "
                 "to a tenant name and token its operator gave you (unknown tenant or wrong token)"
@@ -140,6 +144,12 @@ class PoolConfig:
             raise PolicyError(f"this client's key names tenant {identity.name!r}, which the daemon's tenants file "
                               "does not list; ask its operator to add it")
         return tenant
+
+
+def same_secret(expected: str, given: str) -> bool:
+    """Whether two tokens are equal, in constant time. (Compared as UTF-8 bytes:
+    ``hmac.compare_digest`` raises TypeError for a str with a non-ASCII character.)"""
+    return hmac.compare_digest(expected.encode("utf-8", "surrogatepass"), given.encode("utf-8", "surrogatepass"))
 
 
 def load_tenants(path: str, *, tokens_required: bool = True) -> tuple[dict[str, Tenant], str | None]:

@@ -24,7 +24,7 @@ import torch
 from libremote import protocol
 from libremote.protocol import Cmd, DeviceRef, ErrorKind, HandleRef, ProtocolError
 
-from . import devices, foreach_chunks, graphs, numerics, op_policy, programs, values
+from . import devices, foreach_chunks, graphs, limits, numerics, op_policy, programs, values
 from .compiled_graphs import GraphCompiler
 from .cuda_graphs import GraphCapture
 from .memory import MemoryAccount, PoolStats
@@ -57,6 +57,7 @@ class PendingBatch:
     commands: list[Any]
     frames: list[Any]
     want_reply: bool
+    nbytes: int = 0  # of its frames
     cursor: int = 0
     results: list[Any] = field(default_factory=list)
     out_frames: list[Any] = field(default_factory=list)
@@ -75,6 +76,9 @@ class Reply:
 
 class Session:
     """Handles, RNG, events, memory account and scheduling state of one connected client."""
+
+    #: Live tensors this session may hold (the daemon sets ``--max-handles``).
+    max_handles: int = limits.MAX_HANDLES
 
     def __init__(self, session_id: str, devices_: list[torch.device], client_info: dict[str, Any],
                  *, tenant: Tenant | None = None, priority: str = "normal", identity: bytes = b"",
@@ -99,6 +103,9 @@ class Session:
         self.priority = priority
         self.virtual_time = 0.0
         self.queue: collections.deque[PendingBatch] = collections.deque()
+        self.queued_bytes = 0  # frames of the queued batches
+        #: What the client streamed since it last asked for a reply (bounded: server/limits.py).
+        self.inflow = limits.Inflow()
         self.tensors: dict[int, torch.Tensor] = {}
         self._storage_keys: dict[int, int] = {}
         self._failed: dict[int, str] = {}
@@ -183,9 +190,10 @@ class Session:
     # ------------------------------------------------------------------------------------------
     # Batch execution: batches queue up and run in slices the scheduler hands out
     # ------------------------------------------------------------------------------------------
-    def enqueue(self, seq: Any, commands: Any, frames: list[Any], want_reply: bool) -> None:
+    def enqueue(self, seq: Any, commands: Any, frames: list[Any], want_reply: bool, nbytes: int = 0) -> None:
         protocol.check(isinstance(commands, list), "BATCH commands must be a list")
-        self.queue.append(PendingBatch(seq, commands, frames, want_reply))
+        self.queue.append(PendingBatch(seq, commands, frames, want_reply, nbytes))
+        self.queued_bytes += nbytes
 
     def has_work(self) -> bool:
         return bool(self.queue)
@@ -225,13 +233,13 @@ class Session:
                     if time.perf_counter() > deadline:
                         break
             except ProtocolError as exc:
-                self.queue.popleft()
+                self.queued_bytes -= self.queue.popleft().nbytes
                 replies.append(Reply(batch.seq, [], [], [ErrorKind.PROTOCOL.value, "", str(exc)], malformed=True))
                 continue
             max_commands -= position - batch.cursor
             batch.cursor = position
             if position == len(batch.commands):
-                self.queue.popleft()
+                self.queued_bytes -= self.queue.popleft().nbytes
                 self.batches += 1
                 if batch.want_reply:
                     replies.append(Reply(batch.seq, batch.results, batch.out_frames, self.take_error()))
@@ -299,7 +307,7 @@ class Session:
         self._last_in_batch = position == len(batch.commands) - 1
         # (Plain ifs, not protocol.check with a message callback: this runs for every command.)
         if type(command) is not list or not command or type(command[0]) is not int:
-            raise ProtocolError(f"malformed command {command!r:.200}")
+            raise ProtocolError(f"malformed command {protocol.brief(command)}")
         kind = command[0]
         handler = self._handlers.get(kind)
         if handler is None:
@@ -343,14 +351,16 @@ class Session:
         for handle in values.flatten_handles(produced):
             if isinstance(handle, int) and handle not in self.tensors:
                 self._failed[handle] = origin
+        while len(self._failed) > limits.MAX_POISONED_HANDLES:  # forget the oldest
+            del self._failed[next(iter(self._failed))]
 
     def _describe(self, command: list[Any]) -> str:
         if command[0] in (Cmd.OP, Cmd.OP_SYNC) and len(command) > 1:
             ref = command[1]
             if isinstance(ref, list) and len(ref) == 2:
-                return str(ref[1])
+                return ref[1] if type(ref[1]) is str else protocol.brief(ref[1])
             entry = self._ops.get(ref) if isinstance(ref, int) else None
-            return entry.name if entry else f"op #{ref}"
+            return entry.name if entry else f"op #{protocol.brief(ref)}"
         try:
             return Cmd(command[0]).name
         except ValueError:
@@ -367,12 +377,15 @@ class Session:
             if origin is not None:
                 raise CommandError(ErrorKind.HANDLE, "", f"input was never computed: {origin}") from None
             raise CommandError(
-                ErrorKind.HANDLE, "", f"handle {handle!r} does not belong to this session"
+                ErrorKind.HANDLE, "", f"handle {protocol.brief(handle)} does not belong to this session"
             ) from None
 
     def _store(self, handle: Any, tensor: Any) -> None:
         if not isinstance(handle, int) or isinstance(handle, bool):
-            raise ProtocolError(f"output handle must be an integer, not {handle!r:.50}")
+            raise ProtocolError(f"output handle must be an integer, not {protocol.brief(handle)}")
+        if len(self.tensors) >= self.max_handles:
+            raise CommandError(ErrorKind.OOM, "", f"this session holds {len(self.tensors)} tensors, the most the daemon "
+                               "allows (--max-handles); free tensors you no longer need (del them)")
         if not isinstance(tensor, torch.Tensor):
             raise CommandError(ErrorKind.OP, "", f"expected a tensor result for handle {handle}, got {type(tensor).__name__}")
         if handle in self.tensors:
@@ -416,7 +429,7 @@ class Session:
 
     def _device(self, index: Any) -> torch.device:
         if not isinstance(index, int) or not 0 <= index < len(self.devices):
-            raise CommandError(ErrorKind.OP, "", f"device cuda:{index} does not exist: this session has "
+            raise CommandError(ErrorKind.OP, "", f"device cuda:{protocol.brief(index)} does not exist: this session has "
                                                  f"{len(self.devices)} device(s) (LIBREMOTE_DEVICES)")
         return self.devices[index]
 
@@ -427,15 +440,18 @@ class Session:
                     return index
         return 0
 
-    def _resolve(self, value: Any) -> Any:
+    def _resolve(self, value: Any, depth: int = 0) -> Any:
         """A decoded argument with handles replaced by this session's tensors (and device
-        references by its devices)."""
+        references by its devices). Nested at most protocol.MAX_NESTING deep."""
         kind = type(value)
         if kind is HandleRef:
             tensor = self.tensors.get(value.handle)
             return tensor if tensor is not None else self.tensor(value.handle)
         if kind is list:
-            return [self._resolve(item) for item in value]
+            if depth >= protocol.MAX_NESTING:
+                raise ProtocolError(f"an argument is nested more than {protocol.MAX_NESTING} deep")
+            inner = depth + 1
+            return [self._resolve(item, inner) for item in value]
         if kind is DeviceRef:
             return self._device(value.index)
         return value
@@ -448,20 +464,23 @@ class Session:
         if entry is not None:  # the common case: an op this session named before
             return entry
         if isinstance(ref, list):
-            protocol.check(len(ref) == 2 and isinstance(ref[0], int), "op reference must be [id, name]")
+            protocol.check(len(ref) == 2 and isinstance(ref[0], int) and type(ref[1]) is str,
+                           "op reference must be [id, name]")
             op_id, name = ref
+            if op_id not in self._ops and len(self._ops) + len(self._refused_ops) >= limits.MAX_OP_IDS:
+                raise ProtocolError(f"a session may define at most {limits.MAX_OP_IDS} op ids")
             try:
                 entry = op_policy.resolve(name)
             except op_policy.OpRefused as exc:
                 # Remember the refusal: the client will name this op by its id from now on.
-                refusal = self._refused_ops[op_id] = CommandError(ErrorKind.REFUSED, str(name)[:200], str(exc))
+                refusal = self._refused_ops[op_id] = CommandError(ErrorKind.REFUSED, protocol.brief(name), str(exc))
                 raise refusal from None
             self._ops[op_id] = entry
             return entry
         refusal = self._refused_ops.get(ref) if isinstance(ref, int) else None
         if refusal is not None:
             raise CommandError(refusal.kind, refusal.op, refusal.message)
-        raise ProtocolError(f"op id {ref!r:.50} was never defined in this session")
+        raise ProtocolError(f"op id {protocol.brief(ref)} was never defined in this session")
 
     def _run_op(self, command: list[Any]) -> tuple[op_policy.OpEntry, Any]:
         protocol.check(len(command) == 5, "OP takes [OP, op, args, kwargs, outs]")
@@ -614,7 +633,7 @@ class Session:
         protocol.check(len(command) == 4, "RUN_GRAPH takes [RUN_GRAPH, id, inputs, outs]")
         _, graph_id, wire_inputs, outs = command
         graph = self._graphs.get(graph_id) if isinstance(graph_id, int) else None
-        protocol.check(graph is not None, lambda: f"graph {graph_id!r:.20} was never defined in this session")
+        protocol.check(graph is not None, lambda: f"graph {protocol.brief(graph_id)} was never defined in this session")
         protocol.check(isinstance(wire_inputs, list) and len(wire_inputs) == graph.input_count,
                        lambda: f"the graph takes {graph.input_count} inputs")
         protocol.check(isinstance(outs, list) and len(outs) == len(graph.outputs), "RUN_GRAPH outs do not match the graph")
@@ -729,7 +748,7 @@ class Session:
     def _replay(self, command: list[Any], frames: list[Any]) -> None:
         protocol.check(len(command) == 2, "REPLAY takes [REPLAY, id]")
         program = self._programs.get(command[1]) if isinstance(command[1], int) else None
-        protocol.check(program is not None, lambda: f"captured step {command[1]!r:.20} was never defined in this session")
+        protocol.check(program is not None, lambda: f"captured step {protocol.brief(command[1])} was never defined in this session")
         # A step is captured once the session's compiles are done, so that the capture records
         # the compiled code, not the interpreter's, for the rest of its life.
         compiling = self._compiler is not None and self._compiler.pending > 0
@@ -1052,7 +1071,7 @@ class Session:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             return None
-        raise CommandError(ErrorKind.OP, f"QUERY {what}", f"unknown query {what!r:.50}")
+        raise CommandError(ErrorKind.OP, f"QUERY {protocol.brief(what)}", f"unknown query {protocol.brief(what)}")
 
     def compile_counts(self) -> dict[str, int]:
         """Graphs compiled for this session (``--graph-compiler``), compiles still running, and

@@ -76,10 +76,14 @@ def returned_values(entry: OpEntry, result: Any) -> tuple[Any, ...]:
     return tuple(result)
 
 
-def flatten_handles(outs: Any) -> Iterator[Any]:
+def flatten_handles(outs: Any, depth: int = 0) -> Iterator[Any]:
+    """The entries of an ``outs`` field (handles, or whatever a hostile client put there), nested
+    lists flattened, at most protocol.MAX_NESTING deep."""
     if isinstance(outs, list):
+        if depth >= protocol.MAX_NESTING:
+            raise protocol.ProtocolError(f"outs are nested more than {protocol.MAX_NESTING} deep")
         for item in outs:
-            yield from flatten_handles(item)
+            yield from flatten_handles(item, depth + 1)
     elif outs is not None:
         yield outs
 

@@ -22,13 +22,18 @@ REPLY_WAIT_S = 20.0
 class RawClient:
     """A bare DEALER socket speaking the wire format by hand (no libremote client code)."""
 
-    def __init__(self, address: str, *, curve: ClientKeys | None = None, routing_id: bytes | None = None) -> None:
+    def __init__(self, address: str, *, curve: ClientKeys | None = None, routing_id: bytes | None = None,
+                 options: dict[int, int] | None = None) -> None:
         """``curve``: connect as a CURVE client with these keys (daemons with --auth-keys);
-        ``routing_id``: a chosen ZeroMQ routing id instead of a random one (hijack tests)."""
+        ``routing_id``: a chosen ZeroMQ routing id instead of a random one (hijack tests);
+        ``options``: extra ZeroMQ socket options set before connecting (e.g. a tiny
+        ``zmq.RCVHWM`` for a client that does not read its replies)."""
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.ROUTING_ID, routing_id or secrets.token_bytes(16))
+        for option, value in (options or {}).items():
+            self.socket.setsockopt(option, value)
         if curve is not None:
             curve.apply(self.socket)
         self.socket.connect(address)
@@ -36,7 +41,14 @@ class RawClient:
         self.welcome: dict[str, Any] | None = None
 
     def close(self) -> None:
-        self.socket.close(0)
+        linger_ms = 0
+        if self.welcome is not None:  # (a session left open would count against --max-sessions)
+            try:
+                self.socket.send(protocol.packb([Msg.BYE]), zmq.NOBLOCK)
+                linger_ms = 100
+            except zmq.ZMQError:
+                pass
+        self.socket.close(linger_ms)
         self.context.term()
 
     def __enter__(self) -> "RawClient":

@@ -646,14 +646,22 @@ def test_batch_after_bye_gets_session_error(daemon):
         assert error[0] == "session", error
 
 
-def test_oversized_header_is_refused(raw):
-    header = protocol.packb([Msg.BATCH, 1, [[Cmd.SYNC]], True])
-    raw.send_raw(header + b"\x00" * (protocol.MAX_HEADER_BYTES + 1 - len(header)))
-    reply, _ = raw.receive()
-    message = _assert_protocol_error(reply)
-    assert "exceeds the limit" in message
-    raw.put(1, torch.tensor([1.0]))
-    assert raw.fetch(1).tolist() == [1.0]
+def test_oversized_header_is_refused():
+    """(By default --max-message-size equals the header limit: ZeroMQ cuts a peer that sends
+    more before the daemon sees it. With a larger frame limit, the header limit still holds.)"""
+    server = Daemon("--max-message-size", "128MiB")
+    try:
+        with RawClient(server.address) as raw:
+            assert raw.hello()[0] == Msg.WELCOME
+            header = protocol.packb([Msg.BATCH, 1, [[Cmd.SYNC]], True])
+            raw.send_raw(header + b"\x00" * (protocol.MAX_HEADER_BYTES + 1 - len(header)))
+            reply, _ = raw.receive()
+            message = _assert_protocol_error(reply)
+            assert "exceeds the limit" in message
+            raw.put(1, torch.tensor([1.0]))
+            assert raw.fetch(1).tolist() == [1.0]
+    finally:
+        server.stop()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,6 +5,13 @@ fills or when the program needs something back (a *sync point*: ``.item()``, ``.
 ``print``, ``torch.cuda.synchronize()``, a dynamic-shape op). Only sync points wait. Handles are
 integers this side allocates, so an op never waits to learn the name of its result.
 
+Backpressure: a program that never syncs streams for ever, and the daemon holds a client to a
+bounded stream (server/limits.py). So every ``protocol.STREAM_WINDOW_BATCHES`` batches or
+``STREAM_WINDOW_BYTES`` bytes, a streamed batch asks for a reply (an acknowledgement), and before
+asking for the next one the client waits for the previous: at most two windows are in flight, and
+the wire stays busy meanwhile. An error an acknowledgement carries is raised at the next sync point,
+where it would have surfaced without it.
+
 Thread safety: autograd runs backward on a device thread and handles are released from whatever
 thread drops the last reference, so every method that touches the batch or the socket takes
 ``self._lock``. Releases only append to a deque (no lock), which makes them safe to run from a
@@ -66,6 +73,11 @@ class ClientSession:
         self._released: collections.deque[int] = collections.deque()
         self._released_programs: collections.deque[int] = collections.deque()
         self._deferred_error: Exception | None = None
+        #: Streamed since the last batch that asked for a reply (see Backpressure above), and the
+        #: seq of the acknowledgement asked for and not yet received.
+        self._streamed_batches = 0
+        self._streamed_bytes = 0
+        self._acknowledgement: int | None = None
         #: When a list, the name of every op sent is appended (``libremote.op_trace()``).
         self.op_log: list[str] | None = None
         #: When a list, every command sent is also appended to it (``libremote.capture_step``).
@@ -243,11 +255,39 @@ class ClientSession:
                 if not commands and not want_reply:
                     self._commands = []
                     return None
-        frames = self._frames
+        frames, nbytes = self._frames, self._pending_bytes
         self._commands, self._frames, self._pending_bytes = [], [], 0
+        acknowledged = want_reply or self._window_full(nbytes)
         seq = self._next_seq()
-        tracker = self.connection.send([Msg.BATCH, seq, commands, want_reply], frames, track=track)
+        tracker = self.connection.send([Msg.BATCH, seq, commands, acknowledged], frames, track=track)
+        if acknowledged and not want_reply:
+            self._acknowledgement = seq
         return tracker if track else seq
+
+    def _window_full(self, nbytes: int) -> bool:
+        """Count a streamed batch of ``nbytes``; when the window is full, wait for the previous
+        acknowledgement and return True: this batch asks for the next one."""
+        self._streamed_batches += 1
+        self._streamed_bytes += nbytes
+        if (self._streamed_batches < protocol.STREAM_WINDOW_BATCHES
+                and self._streamed_bytes < protocol.STREAM_WINDOW_BYTES):
+            return False
+        self._streamed_batches = self._streamed_bytes = 0
+        while self._acknowledgement is not None:
+            header, _ = self.connection.receive(while_waiting=self._ping_if_due)
+            self._take_unawaited(header)
+        return True
+
+    def _take_unawaited(self, header: list[Any]) -> None:
+        """A message that is not the reply being waited for: an acknowledgement, or the daemon's
+        answer to a malformed streamed batch. An error it carries is raised at the next sync."""
+        if header[0] != Msg.REPLY:
+            return
+        _, reply_seq, _, error = header
+        if self._acknowledgement is not None and (reply_seq is None or reply_seq >= self._acknowledgement):
+            self._acknowledgement = None  # (replies come in order: a later one means it came)
+        if error and self._deferred_error is None:
+            self._deferred_error = errors.from_wire(error)
 
     def _outside_recording(self, commands: list[list[Any]]) -> list[list[Any]]:
         """Of commands recorded without running, what must still reach the daemon now: graph
@@ -288,16 +328,14 @@ class ClientSession:
 
     def _roundtrip(self) -> tuple[list[Any], list[Any]]:
         seq = self._flush(want_reply=True)
+        self._streamed_batches = self._streamed_bytes = 0
         while True:
             header, frames = self.connection.receive(while_waiting=self._ping_if_due)
-            if header[0] != Msg.REPLY:
+            if header[0] != Msg.REPLY or header[1] != seq:
+                self._take_unawaited(header)
                 continue
             _, reply_seq, results, error = header
-            if reply_seq != seq:
-                # An answer to a message that expected none: the daemon found it malformed.
-                if error and self._deferred_error is None:
-                    self._deferred_error = errors.from_wire(error)
-                continue
+            self._acknowledgement = None
             if self._deferred_error is not None:
                 error_to_raise, self._deferred_error = self._deferred_error, None
                 raise error_to_raise

@@ -76,8 +76,10 @@ def _upload_new(source: torch.Tensor, kwargs: dict[str, Any]) -> RemoteTensor:
     layout_template = torch.empty_like(host, device="meta", memory_format=fmt)
     spec = spec_of(layout_template)
     session = runtime.current()
-    if host.nbytes >= PIPELINED_UPLOAD_BYTES and layout_template.is_contiguous():
-        return _upload_in_pieces(host, spec, session, device.index or 0)
+    if host.nbytes >= PIPELINED_UPLOAD_BYTES:
+        if layout_template.is_contiguous():
+            return _upload_in_pieces(host, spec, session, device.index or 0)
+        return _laid_out(_staged(host, session, device.index or 0), spec)
     target = make(spec, session, device.index or 0)
     dtype_ext = protocol.dtype_ext(spec[0])
     fields = [Cmd.PUT, target._ref.id, dtype_ext, list(spec[1]), list(spec[2]), target._device_index]
@@ -87,7 +89,9 @@ def _upload_new(source: torch.Tensor, kwargs: dict[str, Any]) -> RemoteTensor:
 
 #: Host tensors at least this large travel in pieces of UPLOAD_PIECE_BYTES, one message each, so
 #: the daemon copies one piece into place (on a GPU: host to device) while the next is on the
-#: wire. Sent whole, the daemon's copy starts only after the last byte has arrived.
+#: wire. Sent whole, the daemon's copy starts only after the last byte has arrived. Every upload
+#: this large goes in pieces, whatever its layout: no frame the client sends is larger than this,
+#: which lets the daemon refuse larger ones (--max-message-size, server/limits.py).
 PIPELINED_UPLOAD_BYTES = 16 << 20
 UPLOAD_PIECE_BYTES = 8 << 20
 
@@ -103,6 +107,25 @@ def _upload_in_pieces(host: torch.Tensor, spec: tuple[Any, ...], session: Any, d
                  {"dtype": dtype, "device": backend.device(device_index)})
     _send_in_pieces(host, target, session)
     return target
+
+
+def _staged(host: torch.Tensor, session: Any, device_index: int) -> RemoteTensor:
+    """``host`` (large, any layout) as a new contiguous remote tensor, sent in pieces: the
+    source of a remote copy into a destination that pieces cannot be written to directly."""
+    from .meta import spec_of
+
+    contiguous = host.detach().contiguous()
+    return _upload_in_pieces(contiguous, spec_of(contiguous), session, device_index)
+
+
+def _laid_out(source: RemoteTensor, spec: tuple[Any, ...]) -> RemoteTensor:
+    """A new remote tensor with ``spec``'s shape and strides holding ``source``'s values."""
+    from .dispatch import run
+
+    dtype, shape, stride, _ = spec
+    target = run(aten.empty_strided.default, (list(shape), list(stride)),
+                 {"dtype": dtype, "device": backend.device(source._device_index)})
+    return run(aten.copy_.default, (target, source), {})
 
 
 def _send_in_pieces(host: torch.Tensor, destination: RemoteTensor, session: Any) -> None:
@@ -132,10 +155,13 @@ def copy_(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if remote_destination:
         if source.device.type != "cpu":
             raise RuntimeError(f"libremote: cannot copy from {source.device} to a remote tensor")
-        if (source.nbytes >= PIPELINED_UPLOAD_BYTES and source.shape == destination.shape
-                and destination.is_contiguous()):  # load_state_dict of a large layer, say
-            _send_in_pieces(source, destination, destination._ref.session)
-            return destination
+        if source.nbytes >= PIPELINED_UPLOAD_BYTES:
+            if source.shape == destination.shape and destination.is_contiguous():  # load_state_dict, say
+                _send_in_pieces(source, destination, destination._ref.session)
+                return destination
+            # Another layout or a broadcast: the pieces go to a contiguous copy, copied on the daemon.
+            staged = _staged(source, destination._ref.session, destination._device_index)
+            return run(func, (destination, staged), kwargs, device_index=destination._device_index)
         fields = [Cmd.UPLOAD, destination._ref.id, protocol.dtype_ext(source.dtype), list(source.shape)]
         destination._ref.session.submit_data(fields, source)
         return destination

@@ -1,0 +1,89 @@
+"""Bounds on what one peer may make the daemon hold: every figure in one place.
+
+The daemon is a trust boundary. Besides device memory (the quota) a client could make it hold host
+memory and time: frames of any size, batches queued faster than they run, replies it never reads,
+handles to empty tensors, op ids. Each has a bound here, chosen far above what the libremote client
+ever needs, so that only a broken or hostile client meets one. The few an operator may want to
+change are command-line options whose defaults are these figures (server/cli.py, README's table).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from libremote import protocol
+from libremote.protocol import ProtocolError
+
+# -- Before a session exists ------------------------------------------------------------------------
+#: Default ``--max-message-size``: the largest frame ZeroMQ accepts (larger ones disconnect the
+#: peer before the daemon sees a byte). The client sends tensor data in pieces of at most 8 MiB
+#: (libremote/client/sync.py, UPLOAD_PIECE_BYTES; anything of 16 MiB or more is cut), and headers
+#: stay far below protocol.MAX_HEADER_BYTES, which this matches.
+MAX_MESSAGE_BYTES = protocol.MAX_HEADER_BYTES
+#: Frames in one message (each one a Python object once received). A batch carries one frame per
+#: upload; the client sends its batch at LIBREMOTE_BATCH commands (256) or 4 MiB of uploads.
+MAX_FRAMES_PER_MESSAGE = 1 << 16
+#: Default ``--max-sessions``: sessions per device; further clients wait in the admission queue.
+#: Each session costs a CUDA stream, generators and bookkeeping even when idle.
+MAX_SESSIONS_PER_DEVICE = 64
+#: Clients waiting in the admission queue (each one a HELLO's info); more are refused.
+MAX_WAITING = 1024
+#: Messages waiting to go to one peer (ZeroMQ's SNDHWM on the daemon's socket). The daemon never
+#: waits for a peer: one whose queue is full (it sends requests and reads no replies) loses its
+#: session. The libremote client reads every reply (at most two acknowledgements are ever
+#: unread), so only a peer that stopped reading meets this.
+OUTBOX_MESSAGES = 1000
+
+# -- Per session --------------------------------------------------------------------------------------
+#: Batches / frame bytes a client may stream without asking for a reply: twice the window after
+#: which the libremote client asks (protocol.STREAM_WINDOW_*). Beyond it: a protocol violation,
+#: and the session ends.
+MAX_UNACKNOWLEDGED_BATCHES = 2 * protocol.STREAM_WINDOW_BATCHES
+MAX_UNACKNOWLEDGED_BYTES = 2 * protocol.STREAM_WINDOW_BYTES
+#: Batches / frame bytes queued and not yet run. The libremote client has at most two windows
+#: queued (it waits for one acknowledgement before asking the next); a client that asks for
+#: replies on every batch and floods them meets this bound instead.
+MAX_QUEUED_BATCHES = 4 * protocol.STREAM_WINDOW_BATCHES
+MAX_QUEUED_BYTES = 4 * protocol.STREAM_WINDOW_BYTES
+#: Default ``--max-handles``: live tensors one session may hold. Empty tensors cost no quota but
+#: host memory each (a few hundred bytes); a large model with gradients and optimizer state holds
+#: some hundreds of thousands.
+MAX_HANDLES = 1 << 21
+#: Op ids one session may define (the client gives each op name one id).
+MAX_OP_IDS = 1 << 16
+#: Poisoned handles (outputs of failed ops) remembered to name the failure; beyond this the oldest
+#: are forgotten (using one then says "does not belong to this session" instead).
+MAX_POISONED_HANDLES = 1 << 16
+
+
+class LimitExceeded(ProtocolError):
+    """A client went past a bound no libremote client reaches: its session ends."""
+
+
+@dataclass
+class Inflow:
+    """What one session has streamed since it last asked for a reply, and what is queued."""
+
+    unacknowledged_batches: int = 0
+    unacknowledged_bytes: int = 0
+
+    def admit(self, frame_bytes: int, want_reply: bool, queued_batches: int, queued_bytes: int) -> None:
+        """Account for an arriving batch; :class:`LimitExceeded` when it breaks a bound."""
+        if want_reply:
+            self.unacknowledged_batches = self.unacknowledged_bytes = 0
+        else:
+            self.unacknowledged_batches += 1
+            self.unacknowledged_bytes += frame_bytes
+            if (self.unacknowledged_batches > MAX_UNACKNOWLEDGED_BATCHES
+                    or self.unacknowledged_bytes > MAX_UNACKNOWLEDGED_BYTES):
+                raise LimitExceeded(
+                    f"the client streamed {self.unacknowledged_batches} batches ({self.unacknowledged_bytes} bytes) "
+                    f"without asking for an acknowledgement (a reply); at most {MAX_UNACKNOWLEDGED_BATCHES} batches "
+                    f"or {MAX_UNACKNOWLEDGED_BYTES} bytes may be, and libremote clients ask every "
+                    f"{protocol.STREAM_WINDOW_BATCHES} batches or {protocol.STREAM_WINDOW_BYTES} bytes"
+                )
+        if queued_batches + 1 > MAX_QUEUED_BATCHES or queued_bytes + frame_bytes > MAX_QUEUED_BYTES:
+            raise LimitExceeded(
+                f"the client has {queued_batches} batches ({queued_bytes} bytes) queued and sent more; at most "
+                f"{MAX_QUEUED_BATCHES} batches or {MAX_QUEUED_BYTES} bytes may wait (wait for acknowledgements)"
+            )
