@@ -40,9 +40,11 @@ class RawClient:
         self.seq = 0
         self.welcome: dict[str, Any] | None = None
 
-    def close(self) -> None:
+    def close(self, *, goodbye: bool = True) -> None:
+        """Close the socket, saying BYE first if a session is open (one left open would count
+        against --max-sessions); ``goodbye=False`` drops the connection as a killed client does."""
         linger_ms = 0
-        if self.welcome is not None:  # (a session left open would count against --max-sessions)
+        if goodbye and self.welcome is not None:
             try:
                 self.socket.send(protocol.packb([Msg.BYE]), zmq.NOBLOCK)
                 linger_ms = 100

@@ -280,7 +280,7 @@ def test_a_peer_reusing_a_dropped_clients_routing_id_cannot_touch_its_session(cu
     assert victim.hello()[0] == Msg.WELCOME
     victim.put(1, secret)
     session_id = victim.welcome["session"]
-    victim.close()  # the victim's connection drops; its session lives until the heartbeat timeout
+    victim.close(goodbye=False)  # the victim's connection drops; its session lives until the heartbeat timeout
     before = next(s for s in admin_status(curve_daemon.address, keys)["sessions"] if s["session"] == session_id)
 
     with RawClient(curve_daemon.address, curve=keys.client("bob"), routing_id=routing_id) as thief:

@@ -194,7 +194,7 @@ def _send_or_fail(raw: RawClient, data: bytes) -> None:
 
 
 def test_a_peer_that_reads_no_replies_loses_its_session_and_nobody_else_notices(server):
-    flooder = RawClient(server.address, {zmq.RCVHWM: 1, zmq.RCVBUF: 4096})
+    flooder = RawClient(server.address, options={zmq.RCVHWM: 1, zmq.RCVBUF: 4096})
     try:
         assert flooder.hello()[0] == Msg.WELCOME
         session = flooder.welcome["session"]
