@@ -177,11 +177,57 @@ _meta_library: list[torch.library.Library] = []
 def register_missing_meta_kernels() -> None:
     if _meta_library:
         return
+    _meta_library.append(_prefer_native_meta_kernels())
     library = torch.library.Library("aten", "IMPL")
     for name, kernel in _META_KERNELS.items():
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{name}", "Meta"):
             library.impl(name, kernel, "Meta")
     _meta_library.append(library)
+
+
+def _python_meta_registrations() -> list[tuple[torch._ops.OpOverload, Any]]:
+    """The (op, kernel) pairs ``torch._meta_registrations.activate_meta`` registered on the Meta
+    key: the same table, in its order of precedence, kept to the ops it registered there."""
+    from torch._decomp import global_decomposition_table
+    from torch._meta_registrations import _meta_lib_dont_use_me_use_register_meta as library
+
+    table: dict[Any, Any] = {}
+    for kind in ("meta", "post_autograd", "pre_autograd"):
+        for op, kernel in global_decomposition_table[kind].items():
+            table.setdefault(op, kernel)
+    registered = library._op_impls
+    return [
+        (op, kernel) for op, kernel in table.items()
+        if isinstance(op, torch._ops.OpOverload)
+        and f"aten/{op._schema.name.split('::')[-1]}{'.' + op._schema.overload_name if op._schema.overload_name else ''}/Meta" in registered
+    ]
+
+
+def _prefer_native_meta_kernels() -> torch.library.Library:
+    """Make the ``meta`` device run torch's C++ meta kernels where torch has them.
+
+    ``torch._meta_registrations`` registers Python kernels (mostly ``torch._refs``
+    decompositions, written for symbolic shapes) on the Meta key of ~600 ops that have C++ meta
+    kernels, shadowing them. The C++ meta kernel of a structured op *is* the first half of its
+    CPU and CUDA kernels (TensorIterator decides the output's strides), but the Python ones
+    decide strides their own way: ``x / 1.0`` with ``x`` of shape (1, 32, 8, 8) and strides
+    (32, 1, 256, 32) gets (2048, 1, 256, 32) from ``torch._refs`` (its channels-last shortcut
+    leaves the wrapped number out) where CPU and CUDA give (32, 1, 256, 32). The client promises
+    what meta inference says, the daemon's kernels decide what is real, and a layout-sensitive op
+    (``native_group_norm``) then refused the daemon's tensor. So the Python kernels leave the
+    Meta key for those ops; ops that have no C++ meta kernel keep theirs. The Python ones stay
+    registered as the ops' ``py_impl(Meta)``, which is what torch's symbolic tracing (with the
+    Python dispatcher on) uses."""
+    from torch import _meta_registrations
+
+    pairs = _python_meta_registrations()
+    _meta_registrations._meta_lib_dont_use_me_use_register_meta._destroy()
+    library = torch.library.Library("aten", "IMPL", "Meta")
+    _meta_registrations._meta_lib_dont_use_me_use_register_meta = library  # later registrations
+    for op, kernel in pairs:
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Meta"):
+            library.impl(op, kernel)
+    return library
 
 
 _DEVICE_MISMATCH = re.compile(r"Tensor on device (\S+) is not on the expected device (\S+)!")
