@@ -203,6 +203,15 @@ def _python_meta_registrations() -> list[tuple[torch._ops.OpOverload, Any]]:
     ]
 
 
+def _has_native_meta_kernel(name: str) -> bool:
+    """A C++ Meta kernel; or a C++ composite kernel that the CPU also runs (no CPU kernel of its
+    own, as ``empty_like``), which then runs on meta through other ops. Composite kernels of ops
+    with device kernels are generic fallbacks (``native_group_norm``'s views its input where the
+    CPU and CUDA kernels need no such thing), and the Meta *fallback* only raises."""
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return has(name, "Meta") or (has(name, "CompositeExplicitAutograd") and not has(name, "CPU"))
+
+
 def _prefer_native_meta_kernels() -> torch.library.Library:
     """Make the ``meta`` device run torch's C++ meta kernels where torch has them.
 
@@ -225,9 +234,59 @@ def _prefer_native_meta_kernels() -> torch.library.Library:
     library = torch.library.Library("aten", "IMPL", "Meta")
     _meta_registrations._meta_lib_dont_use_me_use_register_meta = library  # later registrations
     for op, kernel in pairs:
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Meta"):
+        if not _has_native_meta_kernel(op.name()):
             library.impl(op, kernel)
+            if torch.Tag.pointwise in op.tags and not op._schema.name.startswith("aten::masked_fill"):
+                _python_pointwise.add(op)
     return library
+
+
+#: Pointwise ops whose only meta kernel is torch's Python one (``relu``, ``abs.out``,
+#: ``where.self``, ``mul.Scalar``, ...). Their CPU and CUDA kernels allocate the result with
+#: TensorIterator, so :func:`_tensor_iterator_strides` recomputes its strides that way.
+#: (``masked_fill`` is pointwise but its kernels clone contiguous first.)
+_python_pointwise: set[torch._ops.OpOverload] = set()
+
+#: Ops with C++ meta kernels that run TensorIterator over 1, 2 or 3 inputs: proxies for it.
+_TENSOR_ITERATOR_PROXIES = {
+    1: torch.ops.aten.neg.default,
+    2: torch.ops.aten.add.Tensor,
+    3: torch.ops.aten.addcmul.default,
+}
+
+
+def _tensor_iterator_strides(func: torch._ops.OpOverload, meta_args: tuple[Any, ...], shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The strides TensorIterator gives a result of ``shape`` from ``func``'s operands: its tensor
+    arguments, and for the ``Scalar`` overloads of binary ops (``mul.Scalar``, whose kernels wrap
+    the number into a 0-dim tensor operand) one 0-dim operand, which turns TensorIterator's
+    same-shape shortcut off. Computed by a C++ meta kernel on float stand-ins of the operands
+    (strides do not depend on dtypes). ``None`` where no proxy fits."""
+    operands = [torch.empty_strided(a.shape, a.stride(), dtype=torch.float32, device=_META)
+                for a in meta_args if isinstance(a, torch.Tensor)]
+    if "scalar" in func._schema.overload_name.lower():
+        operands.append(torch.empty((), dtype=torch.float32, device=_META))
+    proxy = _TENSOR_ITERATOR_PROXIES.get(len(operands))
+    if proxy is None:
+        return None
+    try:
+        result = proxy(*operands)
+    except RuntimeError:
+        return None
+    return tuple(result.stride()) if tuple(result.shape) == tuple(shape) else None
+
+
+def _with_tensor_iterator_strides(func: torch._ops.OpOverload, info: OpInfo, specs: tuple[Any, ...],
+                                  meta_args: tuple[Any, ...], resized_out: bool) -> tuple[Any, ...]:
+    """``specs`` of a :data:`_python_pointwise` op with the result's strides as its kernels pick
+    them: a new result, or an ``out=`` tensor the op resized (one it did not resize keeps its
+    own strides, in torch too)."""
+    if len(specs) != 1 or type(specs[0]) is not tuple:
+        return specs
+    if info.returns[0] is Return.MUTATED_INPUT and not resized_out:
+        return specs
+    dtype, shape, _, offset = specs[0]
+    strides = _tensor_iterator_strides(func, meta_args, shape)
+    return specs if strides is None else ((dtype, shape, strides, offset),)
 
 
 _DEVICE_MISMATCH = re.compile(r"Tensor on device (\S+) is not on the expected device (\S+)!")
@@ -278,6 +337,11 @@ def _device_names(message: str) -> str:
         "and meta", "and cuda:0").replace("expected device meta", "expected device cuda:0")
 
 
+def _out_shape(meta_kwargs: dict[str, Any]) -> Any:
+    out = meta_kwargs.get("out")
+    return tuple(out.shape) if isinstance(out, torch.Tensor) else None
+
+
 def cached(func: torch._ops.OpOverload, arg_signature: tuple[Any, ...]) -> tuple[Any, ...] | None:
     """What :func:`infer` found before for ``func`` on these positional arguments (keyword
     arguments none), without computing anything."""
@@ -302,6 +366,7 @@ def infer(func: torch._ops.OpOverload, info: OpInfo, args: tuple[Any, ...], kwar
     device = _CPU if _all_remote_tensors_empty((args, kwargs)) else _META
     meta_args = _stand_in(args, device)
     meta_kwargs = {name: _stand_in(value, device) for name, value in kwargs.items()}
+    out_shape = _out_shape(meta_kwargs)
     try:
         result = func(*meta_args, **meta_kwargs)
     except NotImplementedError:
@@ -315,6 +380,8 @@ def infer(func: torch._ops.OpOverload, info: OpInfo, args: tuple[Any, ...], kwar
         _raise_native_error(func, args, kwargs)
         raise type(exc)(_device_names(message)) from None
     specs = _describe_result(info, result, meta_args, meta_kwargs, on_meta=device is _META)
+    if func in _python_pointwise:
+        specs = _with_tensor_iterator_strides(func, info, specs, meta_args, out_shape != _out_shape(meta_kwargs))
     if any(type(spec) is HostResult for spec in specs):
         return specs  # its values come from this call's host arguments: not reusable
     if len(_cache) >= _MAX_CACHE:

@@ -1,0 +1,315 @@
+"""Strides and memory-format decisions: what the client says equals the daemon's tensor and local torch.
+
+The client never waits for an op's result: it works out each result's shape and strides locally
+(meta kernels, cached per argument signature) and the daemon's kernels pick their own. Where the
+two differ, views computed on the client address the wrong elements on the daemon, and
+layout-checking kernels (``native_group_norm``) refuse what they get. Each check here compares
+three things for every result: the remote tensor's metadata, the metadata of the daemon's real
+tensor (asked with an ``OP_SYNC`` of ``aten::alias``, which keeps a tensor's layout), and the
+metadata plain local CPU torch gives for the same code.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+CUDA = torch.device("cuda", 0)
+FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+def layout(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """Everything about a tensor's layout that code can observe, values aside."""
+    formats = tuple(
+        tensor.is_contiguous(memory_format=f)
+        for f in FORMATS
+        if f is torch.contiguous_format or tensor.dim() == (4 if f is torch.channels_last else 5)
+    )
+    return tensor.dtype, tuple(tensor.shape), tensor.stride(), tensor.storage_offset(), formats
+
+
+def daemon_layout(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """The layout of the daemon's own tensor behind ``tensor`` (a round trip)."""
+    from libremote.client import runtime
+    from libremote.protocol import Cmd
+
+    session = runtime.current()
+    handle = session.new_handle()
+    try:
+        (_, metas), _ = session.request([Cmd.OP_SYNC, session.op_ref("aten::alias"), [tensor._ref.wire], {}, [handle]])
+    finally:
+        session.release(handle)
+    dtype, shape, stride, offset = metas[0]
+    real = torch.empty(0, dtype=dtype, device="meta").as_strided(shape, stride, offset)
+    return layout(real)
+
+
+def check_layout(got: Any, expected: Any, what: str) -> None:
+    """``got`` (remote results) has the layouts of ``expected`` (local results), on the client
+    and on the daemon."""
+    if isinstance(expected, (list, tuple)):
+        assert isinstance(got, (list, tuple)) and len(got) == len(expected), what
+        for index, (g, e) in enumerate(zip(got, expected)):
+            check_layout(g, e, f"{what}[{index}]")
+        return
+    if not isinstance(expected, torch.Tensor):
+        return
+    assert got.is_cuda, f"{what}: a {got.device} result"
+    assert layout(got) == layout(expected), f"{what}: client {layout(got)} != local torch {layout(expected)}"
+    real = daemon_layout(got)
+    assert real == layout(expected), f"{what}: daemon's tensor {real} != local torch {layout(expected)}"
+
+
+def on_both(make: Callable[[], Any]) -> tuple[Any, Any]:
+    """``make()``'s host tensors, and the same values on ``cuda`` (laid out the same)."""
+    host = make()
+    return host, _to_cuda(host)
+
+
+def _to_cuda(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        # Upload the whole storage and take the same view of it: .cuda() of a view would
+        # make it dense.
+        base = torch.empty(0, dtype=value.dtype).set_(value.untyped_storage()).cuda()
+        return base.as_strided(value.shape, value.stride(), value.storage_offset())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cuda(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _to_cuda(item) for key, item in value.items()}
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# (1) The reported case: diffusers' UNet2D attention block at batch size 1
+# ----------------------------------------------------------------------------------------------
+def _attention_block(x: torch.Tensor, linear: torch.nn.Module, norm: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What diffusers' ``Attention`` (AttnProcessor2_0) does to a (B, C, H, W) input, then the
+    next resnet's GroupNorm."""
+    batch, channels, height, width = x.shape
+    residual = x
+    hidden = x.view(batch, channels, height * width).transpose(1, 2)
+    q = linear(hidden).view(batch, -1, 1, channels).transpose(1, 2)
+    k = linear(hidden).view(batch, -1, 1, channels).transpose(1, 2)
+    v = linear(hidden).view(batch, -1, 1, channels).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, -1, channels)
+    out = linear(out).transpose(-1, -2).reshape(batch, channels, height, width)
+    steps = {"reshaped": out}
+    steps["added"] = out = out + residual
+    steps["rescaled"] = out = out / 1.0
+    steps["group_norm"] = norm(out)
+    return steps
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_attention_block_then_group_norm(remote, batch):
+    torch.manual_seed(0)
+    linear, norm = torch.nn.Linear(32, 32), torch.nn.GroupNorm(8, 32)
+    x = torch.randn(batch, 32, 4, 4)
+    with torch.no_grad():
+        expected = _attention_block(x, linear, norm)
+        got = _attention_block(x.cuda(), linear.cuda(), norm.cuda())
+    for name in expected:
+        check_layout(got[name], expected[name], name)
+    torch.testing.assert_close(got["group_norm"].cpu(), expected["group_norm"], atol=1e-4, rtol=1e-4)
+
+
+def test_rescaled_transposed_layout_keeps_its_strides(remote):
+    """The reported layout by itself: (1, 32, 8, 8) with strides (32, 1, 256, 32), divided by a
+    Python number (a wrapped number: the result keeps the size-1 dimension's stride)."""
+    host, dev = on_both(lambda: torch.randn(1, 64, 32).transpose(1, 2).reshape(1, 32, 8, 8))
+    assert host.stride() == dev.stride() == (32, 1, 256, 32)
+    check_layout(dev / 1.0, host / 1.0, "x / 1.0")
+    check_layout(F.group_norm(dev / 1.0, 8), F.group_norm(host / 1.0, 8), "group_norm(x / 1.0)")
+
+
+# ----------------------------------------------------------------------------------------------
+# (2) A generated family: views x elementwise / reduction / in-place / out= ops
+# ----------------------------------------------------------------------------------------------
+#: Inputs of shape (2, 3, 4, 4), each laid out another way.
+VIEWS: dict[str, Callable[[], torch.Tensor]] = {
+    "contiguous": lambda: torch.randn(2, 3, 4, 4),
+    "channels_last": lambda: torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last),
+    "transposed": lambda: torch.randn(2, 3, 4, 4).transpose(2, 3),
+    "permuted": lambda: torch.randn(4, 4, 2, 3).permute(2, 3, 0, 1),
+    "stepped": lambda: torch.randn(2, 6, 4, 8)[:, ::2, :, ::2],
+    "offset": lambda: torch.randn(3, 3, 4, 4)[1:],
+    "expanded": lambda: torch.randn(1, 3, 1, 4).expand(2, 3, 4, 4),
+    "unsqueezed": lambda: torch.randn(2, 3, 4).unsqueeze(3).expand(2, 3, 4, 4),
+}
+#: Inputs with size-1 dimensions, where strides are ambiguous.
+SMALL_VIEWS: dict[str, Callable[[], torch.Tensor]] = {
+    "batch1_transposed": lambda: torch.randn(1, 9, 4).transpose(1, 2).reshape(1, 4, 3, 3),
+    "batch1_mixed": lambda: (lambda t: t + 0 * t)(torch.randn(1, 9, 4).transpose(1, 2).reshape(1, 4, 3, 3)),
+    "batch1_channels_last": lambda: torch.randn(1, 4, 3, 3).contiguous(memory_format=torch.channels_last),
+    "nc11": lambda: torch.randn(2, 3, 1, 1),
+    "nc11_channels_last": lambda: torch.randn(2, 3, 1, 1).contiguous(memory_format=torch.channels_last),
+    "n1hw_permuted": lambda: torch.randn(2, 3, 3, 1).permute(0, 3, 1, 2),
+    "size1_strided": lambda: torch.randn(4, 1, 6)[:, :, ::2].transpose(0, 2),
+    "zero_dim": lambda: torch.tensor(1.5),
+    "int64_transposed": lambda: torch.randint(-5, 5, (1, 9, 4)).transpose(1, 2).reshape(1, 4, 3, 3),
+}
+#: Second operands: broadcast against the first, of other dtypes, scalars and 0-dim tensors.
+OTHERS: dict[str, Callable[[torch.Tensor], Any]] = {
+    "same_layout": lambda x: x.clone(),
+    "contiguous": lambda x: torch.randn(x.shape),
+    "last_dim_vector": lambda x: torch.randn(x.shape[-1:]),
+    "python_float": lambda x: 2.5,
+    "python_int": lambda x: 3,
+    "zero_dim_device": lambda x: torch.tensor(0.5),
+    "zero_dim_double": lambda x: torch.tensor(0.5, dtype=torch.float64),
+    "int64_same_shape": lambda x: torch.randint(1, 5, x.shape),
+}
+UNARY: dict[str, Callable[[torch.Tensor], Any]] = {
+    "neg": torch.neg,
+    "exp": torch.exp,
+    "div_one": lambda x: x / 1.0,
+    "mul_two": lambda x: x * 2,
+    "relu": torch.relu,
+    "to_double": lambda x: x.to(torch.float64),
+    "clone": torch.clone,
+    "contiguous": lambda x: x.contiguous(),
+    "empty_like": lambda x: torch.empty_like(x).zero_(),
+    "sum_keepdim": lambda x: x.sum(-1, keepdim=True),
+    "mean_keepdim": lambda x: x.mean(1, keepdim=True),
+    "amax_keepdim": lambda x: x.amax(0, keepdim=True),
+    "sum_dims": lambda x: x.sum((0, -1)),
+    "softmax": lambda x: x.softmax(-1),
+    "cumsum": lambda x: x.cumsum(0),
+    "where": lambda x: torch.where(x > 0, x, 0.0),
+    "clone_neg_inplace": lambda x: x.clone().neg_(),
+    "abs_out": lambda x: torch.abs(x, out=torch.empty(0, dtype=x.dtype, device=x.device)),
+}
+BINARY: dict[str, Callable[[Any, Any], Any]] = {
+    "add": torch.add,
+    "mul": torch.mul,
+    "true_div": torch.true_divide,
+    "maximum": lambda a, b: torch.maximum(a, b if isinstance(b, torch.Tensor) else torch.tensor(b)),
+    "lt": torch.lt,
+    "reverse_sub": lambda a, b: b - a,
+    "inplace_add": lambda a, b: a.clone().add_(b) if torch.result_type(a, b) == a.dtype else a + b,
+    "add_out": lambda a, b: torch.add(a, b, out=torch.empty(0, dtype=torch.result_type(a, b), device=a.device)),
+}
+
+
+def _run_family(view_name: str, make: Callable[[], torch.Tensor]) -> None:
+    torch.manual_seed(0)
+    host, dev = on_both(make)
+    for name, op in UNARY.items():
+        if host.dim() == 0 and name in ("amax_keepdim", "sum_dims", "mean_keepdim", "cumsum"):
+            continue
+        if host.dtype == torch.int64 and name in ("exp", "softmax", "mean_keepdim"):
+            continue
+        check_layout(op(dev), op(host), f"{name}({view_name})")
+    for other_name, make_other in OTHERS.items():
+        torch.manual_seed(1)
+        other_host = make_other(host)
+        other_dev = _to_cuda(other_host)
+        if isinstance(other_host, torch.Tensor) and other_host.dim() == 0 and other_name == "zero_dim_device":
+            other_dev = other_host.cuda()  # a 0-dim cuda tensor
+        elif isinstance(other_host, torch.Tensor) and other_host.dim() == 0:
+            other_dev = other_host  # a 0-dim host tensor next to a device one, as CUDA allows
+        for name, op in BINARY.items():
+            check_layout(op(dev, other_dev), op(host, other_host), f"{name}({view_name}, {other_name})")
+
+
+@pytest.mark.parametrize("view", VIEWS)
+def test_layout_family(remote, view):
+    _run_family(view, VIEWS[view])
+
+
+@pytest.mark.parametrize("view", SMALL_VIEWS)
+def test_layout_family_size_one_dims(remote, view):
+    _run_family(view, SMALL_VIEWS[view])
+
+
+def test_views_of_views_keep_layout(remote):
+    """View chains computed on the client address the same elements on the daemon."""
+    host, dev = on_both(lambda: torch.randn(1, 8, 3, 4).contiguous(memory_format=torch.channels_last))
+    chains: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "transpose_reshape": lambda x: x.transpose(1, 3).reshape(1, 4, 24),
+        "permute_flatten": lambda x: x.permute(0, 2, 3, 1).flatten(1),
+        "slice_unsqueeze": lambda x: x[:, 1::3].unsqueeze(2),
+        "select_t": lambda x: x[0, :, 1].t(),
+        "squeeze_expand": lambda x: x.squeeze(0)[:, :1].expand(8, 5, 4),
+        "diagonal": lambda x: x[0, :3, :3, :3].diagonal(0, 0, 1),
+        "unfold": lambda x: x.reshape(-1)[5:].unfold(0, 4, 3),
+        "added_then_viewed": lambda x: (x * 1.0).view(1, 8, 12),
+    }
+    for name, chain in chains.items():
+        got, expected = chain(dev), chain(host)
+        check_layout(got, expected, name)
+        torch.testing.assert_close(got.cpu(), expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# (3) torch's own OpInfo samples
+# ----------------------------------------------------------------------------------------------
+#: Ops whose sample inputs exercise layouts broadly, chosen to keep the run short.
+OPINFO_OPS = (
+    "add", "sub", "mul", "div", "true_divide", "pow", "maximum", "minimum", "where", "lerp", "addcmul",
+    "clamp", "abs", "neg", "exp", "sigmoid", "tanh", "sqrt", "rsqrt", "sin", "erf", "nn.functional.gelu",
+    "nn.functional.silu", "nn.functional.relu", "nn.functional.leaky_relu", "nn.functional.softplus",
+    "sum", "mean", "amax", "amin", "prod", "argmax", "std", "var", "norm", "logsumexp", "cumsum",
+    "softmax", "log_softmax", "nn.functional.layer_norm", "nn.functional.group_norm",
+    "nn.functional.batch_norm", "nn.functional.conv2d", "nn.functional.avg_pool2d",
+    "nn.functional.max_pool2d", "nn.functional.interpolate", "nn.functional.pad",
+    "cat", "stack", "index_select", "gather", "scatter", "masked_fill", "tril", "triu", "flip", "roll",
+    "transpose", "permute", "expand", "narrow", "select", "unsqueeze", "squeeze", "reshape", "view",
+    "flatten", "unfold", "clone", "contiguous", "mm", "bmm", "matmul", "addmm", "linalg.vector_norm",
+    "eq", "lt", "logical_and", "bitwise_and", "topk", "sort", "cross", "outer", "repeat", "tile",
+)
+MAX_SAMPLES = 12
+
+
+def _opinfo_cases() -> list[Any]:
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    wanted = {name: index for index, name in enumerate(OPINFO_OPS)}
+    found = {}
+    for info in op_db:
+        if info.name in wanted and not info.variant_test_name and info.name not in found:
+            found[info.name] = info
+    return [found[name] for name in OPINFO_OPS if name in found]
+
+
+def _opinfo_samples(info: Any) -> list[Any]:
+    dtype = torch.float32 if torch.float32 in info.supported_dtypes("cpu") else torch.int64
+    torch.manual_seed(0)
+    samples = []
+    for sample in info.sample_inputs("cpu", dtype, requires_grad=False):
+        samples.append(sample)
+        if len(samples) == MAX_SAMPLES:
+            break
+    return samples
+
+
+def test_opinfo_samples_match_local_strides(remote):
+    """torch's OpInfo sample inputs (a broad subset of ops, at most 12 samples each), run on
+    ``cuda`` and compared with local CPU torch: same output layouts, on the client and on the
+    daemon. Samples local torch refuses are skipped (the error paths are tested elsewhere)."""
+    checked = 0
+    mismatches = []
+    for info in _opinfo_cases():
+        for index, sample in enumerate(_opinfo_samples(info)):
+            args = (sample.input, *sample.args)
+            try:
+                expected = info.op(*args, **sample.kwargs)
+            except Exception:
+                continue
+            try:
+                got = info.op(*_to_cuda(args), **_to_cuda(sample.kwargs))
+                check_layout(got, expected, f"{info.name} sample {index}")
+            except AssertionError as exc:
+                mismatches.append(str(exc).splitlines()[0])
+            except Exception as exc:
+                mismatches.append(f"{info.name} sample {index}: raised {type(exc).__name__}: {str(exc)[:200]}")
+            checked += 1
+    assert checked > 300, f"only {checked} samples ran"
+    assert not mismatches, "\n".join(mismatches)
