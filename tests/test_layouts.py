@@ -290,26 +290,40 @@ def _opinfo_samples(info: Any) -> list[Any]:
     return samples
 
 
+def _relaid(sample_input: Any) -> dict[str, Any]:
+    """The sample's first input as it comes, and the same values laid out other ways: with its
+    last two dimensions' order swapped in memory, and channels-last (4-D)."""
+    variants = {"": sample_input}
+    if isinstance(sample_input, torch.Tensor) and sample_input.dim() >= 2:
+        variants[" (transposed memory)"] = sample_input.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if isinstance(sample_input, torch.Tensor) and sample_input.dim() == 4:
+        variants[" (channels_last)"] = sample_input.contiguous(memory_format=torch.channels_last)
+    return variants
+
+
 def test_opinfo_samples_match_local_strides(remote):
-    """torch's OpInfo sample inputs (a broad subset of ops, at most 12 samples each), run on
-    ``cuda`` and compared with local CPU torch: same output layouts, on the client and on the
-    daemon. Samples local torch refuses are skipped (the error paths are tested elsewhere)."""
+    """torch's OpInfo sample inputs (a broad subset of ops, at most 12 samples each, the first
+    input also laid out other ways), run on ``cuda`` and compared with local CPU torch: same
+    output layouts, on the client and on the daemon. Samples local torch refuses are skipped
+    (the error paths are tested elsewhere)."""
     checked = 0
     mismatches = []
     for info in _opinfo_cases():
         for index, sample in enumerate(_opinfo_samples(info)):
-            args = (sample.input, *sample.args)
+          for variant, first in _relaid(sample.input).items():
+            args = (first, *sample.args)
             try:
                 expected = info.op(*args, **sample.kwargs)
             except Exception:
                 continue
+            what = f"{info.name} sample {index}{variant}"
             try:
                 got = info.op(*_to_cuda(args), **_to_cuda(sample.kwargs))
-                check_layout(got, expected, f"{info.name} sample {index}")
+                check_layout(got, expected, what)
             except AssertionError as exc:
                 mismatches.append(str(exc).splitlines()[0])
             except Exception as exc:
-                mismatches.append(f"{info.name} sample {index}: raised {type(exc).__name__}: {str(exc)[:200]}")
+                mismatches.append(f"{what}: raised {type(exc).__name__}: {str(exc)[:200]}")
             checked += 1
     assert checked > 300, f"only {checked} samples ran"
     assert not mismatches, "\n".join(mismatches)

@@ -203,13 +203,17 @@ def _python_meta_registrations() -> list[tuple[torch._ops.OpOverload, Any]]:
     ]
 
 
-def _has_native_meta_kernel(name: str) -> bool:
+def _has_native_meta_kernel(op: torch._ops.OpOverload) -> bool:
     """A C++ Meta kernel; or a C++ composite kernel that the CPU also runs (no CPU kernel of its
     own, as ``empty_like``), which then runs on meta through other ops. Composite kernels of ops
     with device kernels are generic fallbacks (``native_group_norm``'s views its input where the
-    CPU and CUDA kernels need no such thing), and the Meta *fallback* only raises."""
-    has = torch._C._dispatch_has_kernel_for_dispatch_key
-    return has(name, "Meta") or (has(name, "CompositeExplicitAutograd") and not has(name, "CPU"))
+    CPU and CUDA kernels need no such thing), and the Meta *fallback* only raises. Pointwise
+    composites (``abs``, ``logical_and``) resize an ``out=`` tensor through a Python meta kernel
+    inside: the TensorIterator proxy answers them better (see :data:`_python_pointwise`)."""
+    has, name = torch._C._dispatch_has_kernel_for_dispatch_key, op.name()
+    if has(name, "Meta"):
+        return True
+    return torch.Tag.pointwise not in op.tags and has(name, "CompositeExplicitAutograd") and not has(name, "CPU")
 
 
 def _prefer_native_meta_kernels() -> torch.library.Library:
@@ -234,7 +238,7 @@ def _prefer_native_meta_kernels() -> torch.library.Library:
     library = torch.library.Library("aten", "IMPL", "Meta")
     _meta_registrations._meta_lib_dont_use_me_use_register_meta = library  # later registrations
     for op, kernel in pairs:
-        if not _has_native_meta_kernel(op.name()):
+        if not _has_native_meta_kernel(op):
             library.impl(op, kernel)
             if torch.Tag.pointwise in op.tags and not op._schema.name.startswith("aten::masked_fill"):
                 _python_pointwise.add(op)
@@ -337,6 +341,31 @@ def _device_names(message: str) -> str:
         "and meta", "and cuda:0").replace("expected device meta", "expected device cuda:0")
 
 
+def _suggested_format_first(meta_args: tuple[Any, ...], specs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The first result laid out as its input's ``suggest_memory_format()``, densely, which is
+    how the CPU and CUDA batch-norm kernels allocate it (torch's Python meta kernel keeps the
+    input's strides instead)."""
+    first, source = specs[0], meta_args[0]
+    if type(first) is not tuple or not isinstance(source, torch.Tensor) or tuple(source.shape) != first[1]:
+        return specs
+    from torch._prims_common import suggest_memory_format  # C++'s rule, in Python
+
+    strides = torch.empty_like(source, memory_format=suggest_memory_format(source)).stride()
+    return ((first[0], first[1], tuple(strides), 0), *specs[1:])
+
+
+#: Ops whose Python meta kernel lays a result out unlike the CPU and CUDA kernels, and how to
+#: correct it (applied to fresh inferences before they are cached).
+_LAYOUT_FIXES: dict[Any, Any] = {
+    torch.ops.aten.native_batch_norm.default: _suggested_format_first,
+    torch.ops.aten._native_batch_norm_legit.default: _suggested_format_first,
+    torch.ops.aten._native_batch_norm_legit.no_stats: _suggested_format_first,
+    torch.ops.aten._native_batch_norm_legit_no_training.default: _suggested_format_first,
+    torch.ops.aten._batch_norm_with_update.default: _suggested_format_first,
+    torch.ops.aten._batch_norm_no_update.default: _suggested_format_first,
+}
+
+
 def _out_shape(meta_kwargs: dict[str, Any]) -> Any:
     out = meta_kwargs.get("out")
     return tuple(out.shape) if isinstance(out, torch.Tensor) else None
@@ -382,6 +411,8 @@ def infer(func: torch._ops.OpOverload, info: OpInfo, args: tuple[Any, ...], kwar
     specs = _describe_result(info, result, meta_args, meta_kwargs, on_meta=device is _META)
     if func in _python_pointwise:
         specs = _with_tensor_iterator_strides(func, info, specs, meta_args, out_shape != _out_shape(meta_kwargs))
+    elif func in _LAYOUT_FIXES and device is _META:
+        specs = _LAYOUT_FIXES[func](meta_args, specs)
     if any(type(spec) is HostResult for spec in specs):
         return specs  # its values come from this call's host arguments: not reusable
     if len(_cache) >= _MAX_CACHE:
