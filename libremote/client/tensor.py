@@ -10,11 +10,20 @@ asked for ``cuda`` and sees ``cuda``.
 Lifetime: each tensor holds a :class:`_HandleRef` in its ``__dict__``. When torch finally frees the
 Python object (which it keeps alive while C++, e.g. autograd, still holds the tensor), the ref's
 ``__del__`` queues a FREE for the daemon. Rebinding (``t.data = other``) swaps the ref.
+
+Storage identity: every handle is its own tensor on the daemon, but views share their base's
+storage there, as on CUDA. The client mirrors that with a :class:`RemoteStorage` shared by a
+tensor and its views (dispatch gives a view its base's, from the op schema's alias sets):
+``untyped_storage()`` returns it, with a stand-in address that is the same for every view and
+distinct per storage, so checkpoint code that finds tied tensors by ``data_ptr()`` and
+``nbytes()`` (safetensors, accelerate) works, and ``data_ptr()`` is that address plus the
+storage offset, as on CUDA.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import weakref
 from typing import Any
 
@@ -50,6 +59,78 @@ class _HandleRef:
             self.session.release(self.id)
         except Exception:  # interpreter shutdown: nothing left to free
             pass
+
+
+#: Stand-in storage addresses are this far apart (the largest storage two views can share
+#: without their address ranges running into the next storage's).
+_ADDRESS_SPACING = 1 << 36
+_storage_numbers = itertools.count(1)
+
+
+class RemoteStorage(torch.UntypedStorage):
+    """A daemon storage as the client knows it: what ``untyped_storage()`` of a remote tensor
+    returns, one object per storage, shared by all its views. It is a (byte-less) meta storage
+    underneath, so it passes as an ``UntypedStorage`` (``TypedStorage`` wraps it for
+    ``t.storage()``) and nothing it is asked ever reads remote bytes: ``data_ptr()`` is a
+    stand-in address, ``nbytes()`` the daemon storage's size, and reading its contents raises."""
+
+    _address: int
+    _device_index: int
+
+    @staticmethod
+    def create(nbytes: int, device_index: int) -> "RemoteStorage":
+        storage = RemoteStorage(nbytes, device="meta")
+        storage._address = next(_storage_numbers) * _ADDRESS_SPACING
+        storage._device_index = device_index
+        return storage
+
+    def data_ptr(self) -> int:  # type: ignore[override]
+        return self._address
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return cuda_device(self._device_index)
+
+    @property
+    def is_cuda(self) -> bool:  # type: ignore[override]
+        return True
+
+    def grow(self, nbytes: int) -> None:
+        """The daemon's storage grew (``resize_``, ``out=``): its size here follows."""
+        if nbytes > self.nbytes():
+            torch.UntypedStorage.resize_(self, nbytes)
+
+    def _no_bytes(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            "libremote: the bytes of a remote storage cannot be read or written through the storage "
+            "object; use the tensor (t.cpu(), t.copy_(...))"
+        )
+
+    cpu = tolist = __getitem__ = __setitem__ = copy_ = fill_ = _no_bytes  # type: ignore[assignment]
+
+
+def _storage_bytes(spec: Spec) -> int:
+    """How many bytes a fresh daemon tensor of ``spec`` has in its storage."""
+    dtype, shape, stride, offset = spec
+    if any(size == 0 for size in shape):
+        return 0
+    span = offset + sum((size - 1) * step for size, step in zip(shape, stride)) + 1
+    return span * dtype.itemsize
+
+
+def storage_of(tensor: "RemoteTensor") -> RemoteStorage:
+    """``tensor``'s storage identity (a fresh one for a tensor that is no view)."""
+    storage = tensor.__dict__.get("_storage")
+    if storage is None:
+        storage = tensor._storage = RemoteStorage.create(_storage_bytes(tensor._spec), tensor._device_index)
+    return storage
+
+
+def share_storage(view: "RemoteTensor", base: Any) -> None:
+    """``view`` is a view of ``base`` (on the daemon it shares base's storage): so here too."""
+    if isinstance(base, RemoteTensor):
+        storage = view._storage = storage_of(base)
+        storage.grow(_storage_bytes(view._spec))
 
 
 class RemoteTensor(torch.Tensor):
@@ -112,12 +193,18 @@ class RemoteTensor(torch.Tensor):
         return tensor_repr(self)
 
     def data_ptr(self) -> int:  # type: ignore[override]
-        """A stand-in address, distinct for each tensor (handle) and offset like a real one by
-        ``storage_offset``. A remote tensor has no local memory, so torch's answer would be 0 for
-        all of them; programs compare data pointers to tell tensors apart
-        (``make_graphed_callables`` copies a new input into its static one only if they differ).
-        Views of one storage get different bases here, unlike on CUDA."""
-        return (self._ref.id << 24) + self.storage_offset() * self.element_size()
+        """A stand-in address, as on CUDA: the storage's (shared by its views, distinct per
+        storage) plus ``storage_offset`` elements. A remote tensor has no local memory, so torch's
+        answer would be 0 for all of them; programs compare data pointers to tell tensors apart
+        (``make_graphed_callables`` copies a new input into its static one only if they differ)
+        and to find tied weights (safetensors)."""
+        return storage_of(self)._address + self.storage_offset() * self.element_size()
+
+    def untyped_storage(self) -> RemoteStorage:  # type: ignore[override]
+        """The storage identity this tensor shares with its views (see :class:`RemoteStorage`).
+        torch's own answer for a wrapper tensor is a storage without data that raises on
+        ``data_ptr()``."""
+        return storage_of(self)
 
     def __format__(self, format_spec: str) -> str:
         # torch formats a 0-dim tensor as its number (f"{loss:.4f}") only for exact Tensor.
@@ -156,7 +243,7 @@ class RemoteTensor(torch.Tensor):
             new = self.clone(memory_format=torch.preserve_format)
         new.requires_grad_(self.requires_grad)
         for key, value in self.__dict__.items():
-            if key not in ("_ref", "_spec", "_device_index"):
+            if key not in ("_ref", "_spec", "_device_index", "_storage"):
                 setattr(new, key, copy.deepcopy(value, memo))
         memo[id(self)] = new
         return new
