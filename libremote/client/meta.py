@@ -5,6 +5,10 @@ errors for bad shapes and dtypes on the user's line. Results are cached by the o
 *signature* of its arguments (tensor metadata, and scalar values where they can matter), because
 torch's meta kernels cost tens of microseconds and a training loop repeats the same calls.
 
+The meta device runs torch's C++ meta kernels where torch has them (the first half of the CPU
+and CUDA kernels), not the Python ones torch registers over them, whose strides differ: see
+:func:`_prefer_native_meta_kernels`.
+
 Where meta inference cannot answer (ops whose output shape depends on data, ops without a meta
 kernel), :class:`NeedsDaemon` tells the caller to run the op synchronously and take the daemon's
 metadata instead.
@@ -177,7 +181,9 @@ _meta_library: list[torch.library.Library] = []
 def register_missing_meta_kernels() -> None:
     if _meta_library:
         return
-    _meta_library.append(_prefer_native_meta_kernels())
+    native = _prefer_native_meta_kernels()
+    if native is not None:
+        _meta_library.append(native)
     library = torch.library.Library("aten", "IMPL")
     for name, kernel in _META_KERNELS.items():
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{name}", "Meta"):
@@ -196,11 +202,15 @@ def _python_meta_registrations() -> list[tuple[torch._ops.OpOverload, Any]]:
         for op, kernel in global_decomposition_table[kind].items():
             table.setdefault(op, kernel)
     registered = library._op_impls
-    return [
-        (op, kernel) for op, kernel in table.items()
-        if isinstance(op, torch._ops.OpOverload)
-        and f"aten/{op._schema.name.split('::')[-1]}{'.' + op._schema.overload_name if op._schema.overload_name else ''}/Meta" in registered
-    ]
+    return [(op, kernel) for op, kernel in table.items()
+            if isinstance(op, torch._ops.OpOverload) and _library_key(op) in registered]
+
+
+def _library_key(op: torch._ops.OpOverload) -> str:
+    """How ``torch.library.Library`` records a Meta registration of ``op`` (``aten/div.Tensor/Meta``)."""
+    schema = op._schema
+    name = schema.name.split("::")[-1] + (f".{schema.overload_name}" if schema.overload_name else "")
+    return f"aten/{name}/Meta"
 
 
 def _has_native_meta_kernel(op: torch._ops.OpOverload) -> bool:
@@ -216,7 +226,7 @@ def _has_native_meta_kernel(op: torch._ops.OpOverload) -> bool:
     return torch.Tag.pointwise not in op.tags and has(name, "CompositeExplicitAutograd") and not has(name, "CPU")
 
 
-def _prefer_native_meta_kernels() -> torch.library.Library:
+def _prefer_native_meta_kernels() -> torch.library.Library | None:
     """Make the ``meta`` device run torch's C++ meta kernels where torch has them.
 
     ``torch._meta_registrations`` registers Python kernels (mostly ``torch._refs``
@@ -228,11 +238,16 @@ def _prefer_native_meta_kernels() -> torch.library.Library:
     leaves the wrapped number out) where CPU and CUDA give (32, 1, 256, 32). The client promises
     what meta inference says, the daemon's kernels decide what is real, and a layout-sensitive op
     (``native_group_norm``) then refused the daemon's tensor. So the Python kernels leave the
-    Meta key for those ops; ops that have no C++ meta kernel keep theirs. The Python ones stay
+    Meta key where C++ has an answer (:func:`_has_native_meta_kernel`); the other ops keep
+    theirs, corrected where they are known to differ (:data:`_python_pointwise`,
+    :data:`_LAYOUT_FIXES`). The Python ones stay
     registered as the ops' ``py_impl(Meta)``, which is what torch's symbolic tracing (with the
     Python dispatcher on) uses."""
     from torch import _meta_registrations
 
+    if not isinstance(getattr(_meta_registrations, "_meta_lib_dont_use_me_use_register_meta", None),
+                      torch.library.Library):
+        return None  # a torch that registers its Python meta kernels some other way
     pairs = _python_meta_registrations()
     _meta_registrations._meta_lib_dont_use_me_use_register_meta._destroy()
     library = torch.library.Library("aten", "IMPL", "Meta")
