@@ -20,7 +20,7 @@ import torch
 from ..protocol import Cmd
 from . import backend, meta, runtime, sync
 from .ops import OpInfo, Return, WireEncoder, op_info
-from .tensor import RemoteTensor, make, share_storage, storage_of
+from .tensor import RemoteTensor, fit_storage, make, share_storage, storage_of
 
 aten = torch.ops.aten
 
@@ -138,9 +138,13 @@ def _mutated_input(source: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -
 
 def _share_if_view(tensor: RemoteTensor, view_source: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """A result that the schema makes a view of an argument shares that argument's storage."""
-    if view_source is not None:
-        where, key = view_source
-        share_storage(tensor, args[key] if where == "arg" and key < len(args) else kwargs.get(key) if where == "kwarg" else None)
+    if view_source is None:
+        return
+    where, key = view_source
+    if where == "kwarg":
+        share_storage(tensor, kwargs.get(key))
+    elif key < len(args):
+        share_storage(tensor, args[key])
 
 
 def _stream(func: torch._ops.OpOverload, info: OpInfo, specs: tuple[Any, ...], args: tuple[Any, ...],
@@ -274,7 +278,7 @@ def _set_spec(tensor: RemoteTensor, spec: tuple[Any, ...]) -> None:
     template = RemoteTensor(spec, tensor._ref, tensor._device_index)
     torch._C.TensorBase.data.__set__(tensor, template)
     tensor._spec = spec
-    share_storage(tensor, tensor)  # a resize_ may have grown the storage
+    fit_storage(tensor)
 
 
 def rebind(target: RemoteTensor, new: torch.Tensor) -> None:

@@ -129,8 +129,14 @@ def storage_of(tensor: "RemoteTensor") -> RemoteStorage:
 def share_storage(view: "RemoteTensor", base: Any) -> None:
     """``view`` is a view of ``base`` (on the daemon it shares base's storage): so here too."""
     if isinstance(base, RemoteTensor):
-        storage = view._storage = storage_of(base)
-        storage.grow(_storage_bytes(view._spec))
+        view._storage = storage_of(base)
+        fit_storage(view)
+
+
+def fit_storage(tensor: "RemoteTensor") -> None:
+    """After ``tensor``'s metadata changed (``resize_``, ``as_strided`` of a view): its storage
+    is at least as large as the new metadata needs, as the daemon's has become."""
+    storage_of(tensor).grow(_storage_bytes(tensor._spec))
 
 
 class RemoteTensor(torch.Tensor):
