@@ -12,12 +12,12 @@ Python object (which it keeps alive while C++, e.g. autograd, still holds the te
 ``__del__`` queues a FREE for the daemon. Rebinding (``t.data = other``) swaps the ref.
 
 Storage identity: every handle is its own tensor on the daemon, but views share their base's
-storage there, as on CUDA. The client mirrors that with a :class:`RemoteStorage` shared by a
-tensor and its views (dispatch gives a view its base's, from the op schema's alias sets):
-``untyped_storage()`` returns it, with a stand-in address that is the same for every view and
-distinct per storage, so checkpoint code that finds tied tensors by ``data_ptr()`` and
-``nbytes()`` (safetensors, accelerate) works, and ``data_ptr()`` is that address plus the
-storage offset, as on CUDA.
+storage there, as on CUDA. The client mirrors that with a storage identity shared by a tensor
+and its views (dispatch gives a view its base's, from the op schema's alias sets).
+``untyped_storage()`` returns its :class:`RemoteStorage`, whose stand-in address is the same for
+every view and distinct per storage, so checkpoint code that finds tied tensors by
+``data_ptr()`` and ``nbytes()`` (safetensors, accelerate) works; ``data_ptr()`` is that address
+plus the storage offset, as on CUDA.
 """
 
 from __future__ import annotations
@@ -61,44 +61,65 @@ class _HandleRef:
             pass
 
 
-#: Stand-in storage addresses are this far apart (the largest storage two views can share
-#: without their address ranges running into the next storage's).
-_ADDRESS_SPACING = 1 << 36
-_storage_numbers = itertools.count(1)
+#: Stand-in storage addresses are this far apart (the largest storage whose address range does
+#: not run into the next storage's), and numbered from 1 to this many, then again from 1.
+_ADDRESS_SPACING = 1 << 32
+_ADDRESSES = 1 << 30
+_storage_numbers = itertools.count()
+
+
+class _StorageIdentity:
+    """One daemon storage as the client knows it, shared by a tensor and its views. Cheap to
+    make (every view op's base gets one); its address and its :class:`RemoteStorage` object are
+    made the first time a program asks for them."""
+
+    __slots__ = ("nbytes", "device_index", "_address", "_storage")
+
+    def __init__(self, nbytes: int, device_index: int) -> None:
+        self.nbytes = nbytes
+        self.device_index = device_index
+        self._address = 0
+        self._storage: RemoteStorage | None = None
+
+    @property
+    def address(self) -> int:
+        if not self._address:
+            self._address = (next(_storage_numbers) % _ADDRESSES + 1) * _ADDRESS_SPACING
+        return self._address
+
+    def storage(self) -> "RemoteStorage":
+        if self._storage is None:
+            self._storage = RemoteStorage(self.nbytes, device="meta")
+            self._storage._identity = self
+        return self._storage
+
+    def grow(self, nbytes: int) -> None:
+        """The daemon's storage grew (``resize_``, ``out=``): its size here follows."""
+        if nbytes > self.nbytes:
+            self.nbytes = nbytes
+            if self._storage is not None:
+                torch.UntypedStorage.resize_(self._storage, nbytes)
 
 
 class RemoteStorage(torch.UntypedStorage):
-    """A daemon storage as the client knows it: what ``untyped_storage()`` of a remote tensor
-    returns, one object per storage, shared by all its views. It is a (byte-less) meta storage
-    underneath, so it passes as an ``UntypedStorage`` (``TypedStorage`` wraps it for
-    ``t.storage()``) and nothing it is asked ever reads remote bytes: ``data_ptr()`` is a
-    stand-in address, ``nbytes()`` the daemon storage's size, and reading its contents raises."""
+    """What ``untyped_storage()`` of a remote tensor returns: one object per daemon storage,
+    shared by all its views. It is a (byte-less) meta storage underneath, so it passes as an
+    ``UntypedStorage`` (``TypedStorage`` wraps it for ``t.storage()``) and nothing it is asked
+    ever reads remote bytes: ``data_ptr()`` is a stand-in address, ``nbytes()`` the daemon
+    storage's size, ``device`` the ``cuda`` device, and reading its contents raises."""
 
-    _address: int
-    _device_index: int
-
-    @staticmethod
-    def create(nbytes: int, device_index: int) -> "RemoteStorage":
-        storage = RemoteStorage(nbytes, device="meta")
-        storage._address = next(_storage_numbers) * _ADDRESS_SPACING
-        storage._device_index = device_index
-        return storage
+    _identity: _StorageIdentity
 
     def data_ptr(self) -> int:  # type: ignore[override]
-        return self._address
+        return self._identity.address
 
     @property
     def device(self) -> torch.device:  # type: ignore[override]
-        return cuda_device(self._device_index)
+        return cuda_device(self._identity.device_index)
 
     @property
     def is_cuda(self) -> bool:  # type: ignore[override]
         return True
-
-    def grow(self, nbytes: int) -> None:
-        """The daemon's storage grew (``resize_``, ``out=``): its size here follows."""
-        if nbytes > self.nbytes():
-            torch.UntypedStorage.resize_(self, nbytes)
 
     def _no_bytes(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError(
@@ -118,12 +139,12 @@ def _storage_bytes(spec: Spec) -> int:
     return span * dtype.itemsize
 
 
-def storage_of(tensor: "RemoteTensor") -> RemoteStorage:
+def storage_of(tensor: "RemoteTensor") -> _StorageIdentity:
     """``tensor``'s storage identity (a fresh one for a tensor that is no view)."""
-    storage = tensor.__dict__.get("_storage")
-    if storage is None:
-        storage = tensor._storage = RemoteStorage.create(_storage_bytes(tensor._spec), tensor._device_index)
-    return storage
+    identity = tensor.__dict__.get("_storage")
+    if identity is None:
+        identity = tensor._storage = _StorageIdentity(_storage_bytes(tensor._spec), tensor._device_index)
+    return identity
 
 
 def share_storage(view: "RemoteTensor", base: Any) -> None:
@@ -204,13 +225,13 @@ class RemoteTensor(torch.Tensor):
         answer would be 0 for all of them; programs compare data pointers to tell tensors apart
         (``make_graphed_callables`` copies a new input into its static one only if they differ)
         and to find tied weights (safetensors)."""
-        return storage_of(self)._address + self.storage_offset() * self.element_size()
+        return storage_of(self).address + self.storage_offset() * self.element_size()
 
     def untyped_storage(self) -> RemoteStorage:  # type: ignore[override]
         """The storage identity this tensor shares with its views (see :class:`RemoteStorage`).
         torch's own answer for a wrapper tensor is a storage without data that raises on
         ``data_ptr()``."""
-        return storage_of(self)
+        return storage_of(self).storage()
 
     def __format__(self, format_spec: str) -> str:
         # torch formats a 0-dim tensor as its number (f"{loss:.4f}") only for exact Tensor.
