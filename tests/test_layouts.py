@@ -327,3 +327,63 @@ def test_opinfo_samples_match_local_strides(remote):
             checked += 1
     assert checked > 300, f"only {checked} samples ran"
     assert not mismatches, "\n".join(mismatches)
+
+
+def test_attention_block_gradients(remote):
+    """The same block trained: every gradient autograd produces (through the fused attention
+    backward, the group norm backward and the views) has local torch's layout."""
+    torch.manual_seed(0)
+    linear, norm = torch.nn.Linear(32, 32), torch.nn.GroupNorm(8, 32)
+    x = torch.randn(1, 32, 4, 4)
+    remote_linear, remote_norm = torch.nn.Linear(32, 32).cuda(), torch.nn.GroupNorm(8, 32).cuda()
+    remote_linear.load_state_dict(linear.state_dict())
+    remote_norm.load_state_dict(norm.state_dict())
+    x_host, x_dev = x.clone().requires_grad_(), x.cuda().requires_grad_()
+    _attention_block(x_host, linear, norm)["group_norm"].square().sum().backward()
+    _attention_block(x_dev, remote_linear, remote_norm)["group_norm"].square().sum().backward()
+    check_layout(x_dev.grad, x_host.grad, "x.grad")
+    for (name, got), expected in zip(remote_linear.named_parameters(), linear.parameters()):
+        check_layout(got.grad, expected.grad, f"linear.{name}.grad")
+    for (name, got), expected in zip(remote_norm.named_parameters(), norm.parameters()):
+        check_layout(got.grad, expected.grad, f"norm.{name}.grad")
+    torch.testing.assert_close(x_dev.grad.cpu(), x_host.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_conv_batch_norm_training_layouts(remote, memory_format):
+    """A conv/batch-norm/pool stack trained on a batch of one, both memory formats: outputs and
+    every gradient laid out as local torch lays them out."""
+    def stack() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                   torch.nn.MaxPool2d(2))
+
+    torch.manual_seed(0)
+    local, remote_stack = stack(), stack().cuda()
+    remote_stack.load_state_dict(local.state_dict())
+    x = torch.randn(1, 3, 10, 10).contiguous(memory_format=memory_format)
+    x_host, x_dev = x.clone().requires_grad_(), _to_cuda(x).requires_grad_()
+    y_host, y_dev = local(x_host), remote_stack(x_dev)
+    (y_host * y_host).sum().backward()
+    (y_dev * y_dev).sum().backward()
+    check_layout(y_dev, y_host, "output")
+    check_layout(x_dev.grad, x_host.grad, "x.grad")
+    for (name, got), expected in zip(remote_stack.named_parameters(), local.parameters()):
+        check_layout(got.grad, expected.grad, f"{name}.grad")
+
+
+@pytest.mark.parametrize("cell", [torch.nn.LSTM, torch.nn.GRU])
+def test_recurrent_layouts(remote, cell):
+    """nn.LSTM / nn.GRU send fused cell ops that a CPU daemon computes from ordinary ops
+    (server/translations.py): their results and gradients keep local torch's layouts."""
+    torch.manual_seed(0)
+    local, remote_cell = cell(8, 16, batch_first=True), cell(8, 16, batch_first=True).cuda()
+    remote_cell.load_state_dict(local.state_dict())
+    x = torch.randn(2, 5, 8)
+    x_host, x_dev = x.clone().requires_grad_(), x.cuda().requires_grad_()
+    out_host, out_dev = local(x_host)[0], remote_cell(x_dev)[0]
+    out_host.sum().backward()
+    out_dev.sum().backward()
+    check_layout(out_dev, out_host, "output")
+    check_layout(x_dev.grad, x_host.grad, "x.grad")
+    for (name, got), expected in zip(remote_cell.named_parameters(), local.parameters()):
+        check_layout(got.grad, expected.grad, f"{name}.grad")
