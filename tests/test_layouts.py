@@ -387,3 +387,18 @@ def test_recurrent_layouts(remote, cell):
     check_layout(x_dev.grad, x_host.grad, "x.grad")
     for (name, got), expected in zip(remote_cell.named_parameters(), local.parameters()):
         check_layout(got.grad, expected.grad, f"{name}.grad")
+
+
+def test_transfers_keep_layouts(remote):
+    """``.cuda()``, ``.cpu()`` and ``.to(dtype)`` build their results' metadata outside meta
+    inference (libremote/client/sync.py); each lays its result out as torch's ``_to_copy``
+    (preserve_format) does, which local ``x.to(torch.float64)`` shows."""
+    for name, make in {**VIEWS, **SMALL_VIEWS}.items():
+        torch.manual_seed(0)
+        host = make()
+        expected = host.to(torch.float64).stride()
+        uploaded = host.cuda()
+        assert uploaded.stride() == expected == daemon_layout(uploaded)[2], f"{name}.cuda()"
+        _, on_device = on_both(lambda: host)
+        assert on_device.cpu().stride() == expected, f"{name}: .cpu()"
+        assert on_device.to(torch.float64).stride() == expected, f"{name}: .to(float64)"
