@@ -301,6 +301,16 @@ def _relaid(sample_input: Any) -> dict[str, Any]:
     return variants
 
 
+def _opinfo_runs() -> list[tuple[str, Any, tuple[Any, ...], dict[str, Any]]]:
+    """(description, op, args, kwargs) for every sample and layout variant, in a fixed order."""
+    runs = []
+    for info in _opinfo_cases():
+        for index, sample in enumerate(_opinfo_samples(info)):
+            for variant, first in _relaid(sample.input).items():
+                runs.append((f"{info.name} sample {index}{variant}", info.op, (first, *sample.args), sample.kwargs))
+    return runs
+
+
 def test_opinfo_samples_match_local_strides(remote):
     """torch's OpInfo sample inputs (a broad subset of ops, at most 12 samples each, the first
     input also laid out other ways), run on ``cuda`` and compared with local CPU torch: same
@@ -308,23 +318,18 @@ def test_opinfo_samples_match_local_strides(remote):
     (the error paths are tested elsewhere)."""
     checked = 0
     mismatches = []
-    for info in _opinfo_cases():
-        for index, sample in enumerate(_opinfo_samples(info)):
-          for variant, first in _relaid(sample.input).items():
-            args = (first, *sample.args)
-            try:
-                expected = info.op(*args, **sample.kwargs)
-            except Exception:
-                continue
-            what = f"{info.name} sample {index}{variant}"
-            try:
-                got = info.op(*_to_cuda(args), **_to_cuda(sample.kwargs))
-                check_layout(got, expected, what)
-            except AssertionError as exc:
-                mismatches.append(str(exc).splitlines()[0])
-            except Exception as exc:
-                mismatches.append(f"{what}: raised {type(exc).__name__}: {str(exc)[:200]}")
-            checked += 1
+    for what, op, args, kwargs in _opinfo_runs():
+        try:
+            expected = op(*args, **kwargs)
+        except Exception:
+            continue
+        try:
+            check_layout(op(*_to_cuda(args), **_to_cuda(kwargs)), expected, what)
+        except AssertionError as exc:
+            mismatches.append(str(exc).splitlines()[0])
+        except Exception as exc:
+            mismatches.append(f"{what}: raised {type(exc).__name__}: {str(exc)[:200]}")
+        checked += 1
     assert checked > 300, f"only {checked} samples ran"
     assert not mismatches, "\n".join(mismatches)
 
