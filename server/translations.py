@@ -11,6 +11,10 @@ one op, forward and backward, instead of ~17 decomposed ones. Here it maps to th
 kernels: memory-efficient attention on CUDA, flash attention on the CPU. Where a fused kernel
 cannot take the inputs, the math implementation runs instead and the backward recomputes through
 autograd; an empty logsumexp marks that case for the backward.
+
+A few CPU kernels lay their results out unlike CUDA's (and unlike the meta kernels the client
+infers layouts with): on the CPU their results are copied into CUDA's layout
+(:func:`_contiguous_as_on_cuda`), so that the client's metadata is the daemon tensor's.
 """
 
 from __future__ import annotations
@@ -160,8 +164,23 @@ def gru_cell_backward(grad_hy: torch.Tensor, workspace: torch.Tensor, has_bias: 
     return grad_input_gates, grad_hidden_gates, grad_hx, grad_input_gates.sum(0), grad_hidden_gates.sum(0)
 
 
+def _contiguous_as_on_cuda(kernel: Callable[..., Any]) -> Callable[..., Any]:
+    """``kernel`` with a contiguous result on every device, as CUDA's kernel makes it where the
+    CPU's keeps the input's memory format (``reflection_pad2d``: ``resize_(...,
+    input.suggest_memory_format())`` on the CPU, a plain ``resize_`` on CUDA; ``reflection_pad3d``
+    of a 4-D input restrides it channels-last on the CPU). The program
+    believes it runs on CUDA, and the client promises CUDA's layout (torch's meta kernel
+    gives it): a CPU device's result is copied into it."""
+    def run(*args: Any, **kwargs: Any) -> Any:
+        result = kernel(*args, **kwargs)
+        return result if result.device.type == "cuda" else result.contiguous()
+    return run
+
+
 #: op schema name -> implementation on the daemon's devices
 TRANSLATIONS: dict[str, Callable[..., Any]] = {
+    "aten::reflection_pad2d": _contiguous_as_on_cuda(aten.reflection_pad2d.default._op),
+    "aten::reflection_pad3d": _contiguous_as_on_cuda(aten.reflection_pad3d.default._op),
     "aten::_thnn_fused_lstm_cell": lstm_cell,
     "aten::_thnn_fused_lstm_cell_backward_impl": lstm_cell_backward,
     "aten::_thnn_fused_gru_cell": gru_cell,
