@@ -11,7 +11,6 @@ metadata plain local CPU torch gives for the same code.
 
 from __future__ import annotations
 
-import itertools
 from typing import Any, Callable
 
 import pytest
@@ -166,6 +165,13 @@ OTHERS: dict[str, Callable[[torch.Tensor], Any]] = {
     "zero_dim_double": lambda x: torch.tensor(0.5, dtype=torch.float64),
     "int64_same_shape": lambda x: torch.randint(1, 5, x.shape),
 }
+def _reversed_layout(x: torch.Tensor) -> torch.Tensor:
+    """An empty tensor of ``x``'s shape, dtype and device with its dimensions' memory order
+    reversed: an ``out=`` argument that already has the right shape keeps its own strides."""
+    dims = list(reversed(range(x.dim())))
+    return torch.empty([x.shape[d] for d in dims], dtype=x.dtype, device=x.device).permute(dims)
+
+
 UNARY: dict[str, Callable[[torch.Tensor], Any]] = {
     "neg": torch.neg,
     "exp": torch.exp,
@@ -185,6 +191,8 @@ UNARY: dict[str, Callable[[torch.Tensor], Any]] = {
     "where": lambda x: torch.where(x > 0, x, 0.0),
     "clone_neg_inplace": lambda x: x.clone().neg_(),
     "abs_out": lambda x: torch.abs(x, out=torch.empty(0, dtype=x.dtype, device=x.device)),
+    "abs_out_presized": lambda x: torch.abs(x, out=_reversed_layout(x)),
+    "inplace_on_view": lambda x: x.clone()[..., ::2].mul_(2) if x.dim() else x.clone().mul_(2),
 }
 BINARY: dict[str, Callable[[Any, Any], Any]] = {
     "add": torch.add,
@@ -199,6 +207,7 @@ BINARY: dict[str, Callable[[Any, Any], Any]] = {
 
 
 def _run_family(view_name: str, make: Callable[[], torch.Tensor]) -> None:
+    """Every unary op on the view, and every binary op on it and each kind of second operand."""
     torch.manual_seed(0)
     host, dev = on_both(make)
     for name, op in UNARY.items():
