@@ -223,7 +223,23 @@ def _has_native_meta_kernel(op: torch._ops.OpOverload) -> bool:
     has, name = torch._C._dispatch_has_kernel_for_dispatch_key, op.name()
     if has(name, "Meta"):
         return True
-    return torch.Tag.pointwise not in op.tags and has(name, "CompositeExplicitAutograd") and not has(name, "CPU")
+    composite_everywhere = has(name, "CompositeExplicitAutograd") and not has(name, "CPU")
+    return composite_everywhere and (not _tensor_iterator_op(op) or op._schema.name in _COMPOSITE_OF_SEVERAL_OPS)
+
+
+def _tensor_iterator_op(op: torch._ops.OpOverload) -> bool:
+    """Whether ``op``'s CPU and CUDA kernels allocate its result with one TensorIterator over
+    its tensor arguments: pointwise ops (but ``masked_fill``, which clones contiguous first),
+    and ``complex``/``polar``, which torch does not tag pointwise."""
+    name = op._schema.name
+    if name.startswith("aten::masked_fill"):
+        return False
+    return torch.Tag.pointwise in op.tags or name in ("aten::complex", "aten::polar")
+
+
+#: Pointwise ops whose composite kernel is more than one TensorIterator pass (``mvlgamma``
+#: sums over a new dimension: a contiguous result): the composite itself tells their strides.
+_COMPOSITE_OF_SEVERAL_OPS = {"aten::mvlgamma"}
 
 
 def _prefer_native_meta_kernels() -> torch.library.Library | None:
@@ -255,15 +271,15 @@ def _prefer_native_meta_kernels() -> torch.library.Library | None:
     for op, kernel in pairs:
         if not _has_native_meta_kernel(op):
             library.impl(op, kernel)
-            if torch.Tag.pointwise in op.tags and not op._schema.name.startswith("aten::masked_fill"):
+            if _tensor_iterator_op(op):
                 _python_pointwise.add(op)
     return library
 
 
-#: Pointwise ops whose only meta kernel is torch's Python one (``relu``, ``abs.out``,
-#: ``where.self``, ``mul.Scalar``, ...). Their CPU and CUDA kernels allocate the result with
-#: TensorIterator, so :func:`_tensor_iterator_strides` recomputes its strides that way.
-#: (``masked_fill`` is pointwise but its kernels clone contiguous first.)
+#: TensorIterator ops (:func:`_tensor_iterator_op`) whose only meta kernel is torch's Python one
+#: (``relu``, ``abs.out``, ``where.self``, ``mul.Scalar``, ``complex``, ...): their CPU and CUDA
+#: kernels allocate the result with TensorIterator, so :func:`_tensor_iterator_strides`
+#: recomputes its strides that way.
 _python_pointwise: set[torch._ops.OpOverload] = set()
 
 #: Ops with C++ meta kernels that run TensorIterator over 1, 2 or 3 inputs: proxies for it.
