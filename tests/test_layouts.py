@@ -274,6 +274,7 @@ OPINFO_OPS = (
     "transpose", "permute", "expand", "narrow", "select", "unsqueeze", "squeeze", "reshape", "view",
     "flatten", "unfold", "clone", "contiguous", "mm", "bmm", "matmul", "addmm", "linalg.vector_norm",
     "eq", "lt", "logical_and", "bitwise_and", "topk", "sort", "cross", "outer", "repeat", "tile",
+    "complex", "polar", "mvlgamma.mvlgamma_p_1", "isnan", "nan_to_num", "logit", "hardtanh",
 )
 MAX_SAMPLES = 12
 #: Ops whose CPU kernel lays results out unlike CUDA's: the daemon (and so the client) follows
