@@ -167,20 +167,34 @@ def gru_cell_backward(grad_hy: torch.Tensor, workspace: torch.Tensor, has_bias: 
 def _contiguous_as_on_cuda(kernel: Callable[..., Any]) -> Callable[..., Any]:
     """``kernel`` with a contiguous result on every device, as CUDA's kernel makes it where the
     CPU's keeps the input's memory format (``reflection_pad2d``: ``resize_(...,
-    input.suggest_memory_format())`` on the CPU, a plain ``resize_`` on CUDA; ``reflection_pad3d``
-    of a 4-D input restrides it channels-last on the CPU). The program
+    input.suggest_memory_format())`` on the CPU, a plain ``resize_`` on CUDA; the structured
+    padding kernels' CPU halves restride their output; ``pixel_shuffle`` and ``channel_shuffle``
+    run a contiguous composite on CUDA). The program
     believes it runs on CUDA, and the client promises CUDA's layout (torch's meta kernel
     gives it): a CPU device's result is copied into it."""
     def run(*args: Any, **kwargs: Any) -> Any:
         result = kernel(*args, **kwargs)
-        return result if result.device.type == "cuda" else result.contiguous()
+        if result.device.type == "cuda" or result.stride() == _contiguous_strides(result.shape):
+            return result
+        # Not .contiguous(): a fresh allocation's strides, size-1 dimensions' included.
+        return result.clone(memory_format=torch.contiguous_format)
     return run
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 #: op schema name -> implementation on the daemon's devices
 TRANSLATIONS: dict[str, Callable[..., Any]] = {
-    "aten::reflection_pad2d": _contiguous_as_on_cuda(aten.reflection_pad2d.default._op),
-    "aten::reflection_pad3d": _contiguous_as_on_cuda(aten.reflection_pad3d.default._op),
+    **{f"aten::{name}": _contiguous_as_on_cuda(getattr(aten, name).default._op) for name in (
+        "reflection_pad2d", "reflection_pad3d", "replication_pad2d", "replication_pad3d",
+        "max_unpool2d", "max_unpool3d", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
+    )},
     "aten::_thnn_fused_lstm_cell": lstm_cell,
     "aten::_thnn_fused_lstm_cell_backward_impl": lstm_cell_backward,
     "aten::_thnn_fused_gru_cell": gru_cell,

@@ -275,11 +275,16 @@ OPINFO_OPS = (
     "flatten", "unfold", "clone", "contiguous", "mm", "bmm", "matmul", "addmm", "linalg.vector_norm",
     "eq", "lt", "logical_and", "bitwise_and", "topk", "sort", "cross", "outer", "repeat", "tile",
     "complex", "polar", "mvlgamma.mvlgamma_p_1", "isnan", "nan_to_num", "logit", "hardtanh",
+    "nn.functional.pad.replicate_negative", "nn.functional.max_unpool2d", "nn.functional.pixel_shuffle",
+    "nn.functional.pixel_unshuffle", "nn.functional.channel_shuffle",
 )
 MAX_SAMPLES = 12
 #: Ops whose CPU kernel lays results out unlike CUDA's: the daemon (and so the client) follows
 #: CUDA's layout there (server/translations.py), which is the local result made contiguous.
-CUDA_MAKES_CONTIGUOUS = {"nn.functional.pad.reflect"}
+CUDA_MAKES_CONTIGUOUS = {
+    "nn.functional.pad.reflect", "nn.functional.pad.replicate_negative", "nn.functional.max_unpool2d",
+    "nn.functional.pixel_shuffle", "nn.functional.pixel_unshuffle", "nn.functional.channel_shuffle",
+}
 
 
 def _opinfo_cases() -> list[tuple[str, Any]]:
@@ -338,7 +343,7 @@ def test_opinfo_samples_match_local_strides(remote):
         except Exception:
             continue
         if what.split(" sample")[0] in CUDA_MAKES_CONTIGUOUS:
-            expected = expected.contiguous()
+            expected = expected.clone(memory_format=torch.contiguous_format)
         try:
             check_layout(op(*_to_cuda(args), **_to_cuda(kwargs)), expected, what)
         except AssertionError as exc:
