@@ -14,7 +14,8 @@ autograd; an empty logsumexp marks that case for the backward.
 
 A few CPU kernels lay their results out unlike CUDA's (and unlike the meta kernels the client
 infers layouts with): on the CPU their results are copied into CUDA's layout
-(:func:`_contiguous_as_on_cuda`), so that the client's metadata is the daemon tensor's.
+(:func:`_contiguous_as_on_cuda`, :func:`native_batch_norm`), so that the client's metadata is
+the daemon tensor's.
 """
 
 from __future__ import annotations
@@ -181,6 +182,26 @@ def _contiguous_as_on_cuda(kernel: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+def native_batch_norm(input: torch.Tensor, weight: Any, bias: Any, running_mean: Any, running_var: Any,
+                      training: bool, momentum: float, eps: float) -> tuple[torch.Tensor, ...]:
+    """``aten::native_batch_norm`` with CUDA's results on every device: the output laid out
+    like ``empty_like(input)`` (the CPU kernel uses the input's suggested memory format), and in
+    evaluation the saved mean and inverse deviation of the running statistics, shape (C,)
+    (the CPU kernel returns empty ones). The client promises CUDA's (torch's meta kernel)."""
+    output, save_mean, save_invstd = aten.native_batch_norm.default(
+        input, weight, bias, running_mean, running_var, training, momentum, eps)
+    if input.device.type == "cuda":
+        return output, save_mean, save_invstd
+    like_input = torch.empty_like(input)
+    if output.stride() != like_input.stride():
+        output = like_input.copy_(output)
+    if not training and save_mean.numel() == 0 and running_mean is not None and running_var is not None:
+        accumulate = save_mean.dtype
+        save_mean = running_mean.to(accumulate, copy=True)
+        save_invstd = (running_var.to(accumulate) + eps).rsqrt()
+    return output, save_mean, save_invstd
+
+
 def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
     strides, step = [], 1
     for size in reversed(shape):
@@ -191,6 +212,7 @@ def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
 
 #: op schema name -> implementation on the daemon's devices
 TRANSLATIONS: dict[str, Callable[..., Any]] = {
+    "aten::native_batch_norm": native_batch_norm,
     **{f"aten::{name}": _contiguous_as_on_cuda(getattr(aten, name).default._op) for name in (
         "reflection_pad2d", "reflection_pad3d", "replication_pad2d", "replication_pad3d",
         "max_unpool2d", "max_unpool3d", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",

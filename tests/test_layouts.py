@@ -280,10 +280,15 @@ OPINFO_OPS = (
 )
 MAX_SAMPLES = 12
 #: Ops whose CPU kernel lays results out unlike CUDA's: the daemon (and so the client) follows
-#: CUDA's layout there (server/translations.py), which is the local result made contiguous.
-CUDA_MAKES_CONTIGUOUS = {
-    "nn.functional.pad.reflect", "nn.functional.pad.replicate_negative", "nn.functional.max_unpool2d",
-    "nn.functional.pixel_shuffle", "nn.functional.pixel_unshuffle", "nn.functional.channel_shuffle",
+#: CUDA's layout there (server/translations.py). From the local result and the arguments, a
+#: tensor laid out as CUDA's result is.
+_FRESH_CONTIGUOUS = lambda expected, args: expected.clone(memory_format=torch.contiguous_format)  # noqa: E731
+CUDA_LAYOUTS: dict[str, Callable[[torch.Tensor, tuple[Any, ...]], torch.Tensor]] = {
+    **dict.fromkeys(("nn.functional.pad.reflect", "nn.functional.pad.replicate_negative",
+                     "nn.functional.max_unpool2d", "nn.functional.pixel_shuffle",
+                     "nn.functional.pixel_unshuffle", "nn.functional.channel_shuffle"), _FRESH_CONTIGUOUS),
+    # batch_norm_cuda: output = at::empty_like(input); the CPU uses input.suggest_memory_format().
+    "nn.functional.batch_norm": lambda expected, args: torch.empty_like(args[0]),
 }
 
 
@@ -342,8 +347,9 @@ def test_opinfo_samples_match_local_strides(remote):
             expected = op(*args, **kwargs)
         except Exception:
             continue
-        if what.split(" sample")[0] in CUDA_MAKES_CONTIGUOUS:
-            expected = expected.clone(memory_format=torch.contiguous_format)
+        as_on_cuda = CUDA_LAYOUTS.get(what.split(" sample")[0])
+        if as_on_cuda is not None:
+            expected = as_on_cuda(expected, args)
         try:
             check_layout(op(*_to_cuda(args), **_to_cuda(kwargs)), expected, what)
         except AssertionError as exc:
@@ -428,3 +434,17 @@ def test_transfers_keep_layouts(remote):
         _, on_device = on_both(lambda: host)
         assert on_device.cpu().stride() == expected, f"{name}: .cpu()"
         assert on_device.to(torch.float64).stride() == expected, f"{name}: .to(float64)"
+
+
+def test_batch_norm_results_as_on_cuda(remote):
+    """``native_batch_norm`` on CUDA lays its output out like ``empty_like(input)`` and, in
+    evaluation, saves the running statistics (shape (C,)); the CPU's kernel differs in both.
+    The client says CUDA's, and the daemon's tensors are CUDA's."""
+    x = torch.randn(3, 4, 5).transpose(1, 2).contiguous().transpose(1, 2)  # dense, not contiguous
+    stats = (torch.randn(4), torch.rand(4) + 0.5)
+    for training in (False, True):
+        got = torch.native_batch_norm(_to_cuda(x), None, None, *(s.cuda() for s in stats), training, 0.1, 1e-5)
+        assert got[0].stride() == torch.empty_like(x).stride() == daemon_layout(got[0])[2]
+        for saved in got[1:]:
+            assert tuple(saved.shape) == (4,) == daemon_layout(saved)[1]
+    torch.testing.assert_close(got[0].cpu(), torch.native_batch_norm(x, None, None, *stats, True, 0.1, 1e-5)[0])

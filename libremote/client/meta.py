@@ -255,8 +255,8 @@ def _prefer_native_meta_kernels() -> torch.library.Library | None:
     what meta inference says, the daemon's kernels decide what is real, and a layout-sensitive op
     (``native_group_norm``) then refused the daemon's tensor. So the Python kernels leave the
     Meta key where C++ has an answer (:func:`_has_native_meta_kernel`); the other ops keep
-    theirs, corrected where they are known to differ (:data:`_python_pointwise`,
-    :data:`_LAYOUT_FIXES`). The Python ones stay
+    theirs, corrected where they are known to differ from CUDA's (:data:`_python_pointwise`).
+    The Python ones stay
     registered as the ops' ``py_impl(Meta)``, which is what torch's symbolic tracing (with the
     Python dispatcher on) uses."""
     from torch import _meta_registrations
@@ -372,31 +372,6 @@ def _device_names(message: str) -> str:
         "and meta", "and cuda:0").replace("expected device meta", "expected device cuda:0")
 
 
-def _suggested_format_first(meta_args: tuple[Any, ...], specs: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The first result laid out as its input's ``suggest_memory_format()``, densely, which is
-    how the CPU and CUDA batch-norm kernels allocate it (torch's Python meta kernel keeps the
-    input's strides instead)."""
-    first, source = specs[0], meta_args[0]
-    if type(first) is not tuple or not isinstance(source, torch.Tensor) or tuple(source.shape) != first[1]:
-        return specs
-    from torch._prims_common import suggest_memory_format  # C++'s rule, in Python
-
-    strides = torch.empty_like(source, memory_format=suggest_memory_format(source)).stride()
-    return ((first[0], first[1], tuple(strides), 0), *specs[1:])
-
-
-#: Ops whose Python meta kernel lays a result out unlike the CPU and CUDA kernels, and how to
-#: correct it (applied to fresh inferences before they are cached).
-_LAYOUT_FIXES: dict[Any, Any] = {
-    torch.ops.aten.native_batch_norm.default: _suggested_format_first,
-    torch.ops.aten._native_batch_norm_legit.default: _suggested_format_first,
-    torch.ops.aten._native_batch_norm_legit.no_stats: _suggested_format_first,
-    torch.ops.aten._native_batch_norm_legit_no_training.default: _suggested_format_first,
-    torch.ops.aten._batch_norm_with_update.default: _suggested_format_first,
-    torch.ops.aten._batch_norm_no_update.default: _suggested_format_first,
-}
-
-
 def _out_shape(meta_kwargs: dict[str, Any]) -> Any:
     out = meta_kwargs.get("out")
     return tuple(out.shape) if isinstance(out, torch.Tensor) else None
@@ -442,8 +417,6 @@ def infer(func: torch._ops.OpOverload, info: OpInfo, args: tuple[Any, ...], kwar
     specs = _describe_result(info, result, meta_args, meta_kwargs, on_meta=device is _META)
     if func in _python_pointwise:
         specs = _with_tensor_iterator_strides(func, info, specs, meta_args, out_shape != _out_shape(meta_kwargs))
-    elif func in _LAYOUT_FIXES and device is _META:
-        specs = _LAYOUT_FIXES[func](meta_args, specs)
     if any(type(spec) is HostResult for spec in specs):
         return specs  # its values come from this call's host arguments: not reusable
     if len(_cache) >= _MAX_CACHE:
