@@ -262,7 +262,8 @@ def test_views_of_views_keep_layout(remote):
 # ----------------------------------------------------------------------------------------------
 #: Ops whose sample inputs exercise layouts broadly, chosen to keep the run short.
 OPINFO_OPS = (
-    "add", "sub", "mul", "div.no_rounding_mode", "div.floor_rounding", "true_divide", "pow", "maximum", "minimum", "where", "lerp", "addcmul",
+    "add", "sub", "mul", "div.no_rounding_mode", "div.floor_rounding", "true_divide", "pow", "maximum",
+    "minimum", "where", "lerp", "addcmul",
     "clamp", "abs", "neg", "exp", "sigmoid", "tanh", "sqrt", "rsqrt", "sin", "erf", "nn.functional.gelu",
     "nn.functional.silu", "nn.functional.relu", "nn.functional.leaky_relu", "nn.functional.softplus",
     "sum", "mean", "amax", "amin", "prod", "argmax", "std", "var", "norm", "logsumexp", "cumsum",

@@ -219,7 +219,7 @@ def _has_native_meta_kernel(op: torch._ops.OpOverload) -> bool:
     with device kernels are generic fallbacks (``native_group_norm``'s views its input where the
     CPU and CUDA kernels need no such thing), and the Meta *fallback* only raises. Pointwise
     composites (``abs``, ``logical_and``) resize an ``out=`` tensor through a Python meta kernel
-    inside: the TensorIterator proxy answers them better (see :data:`_python_pointwise`)."""
+    inside: the TensorIterator proxy answers them better (:data:`_python_tensor_iterator_ops`)."""
     has, name = torch._C._dispatch_has_kernel_for_dispatch_key, op.name()
     if has(name, "Meta"):
         return True
@@ -255,10 +255,10 @@ def _prefer_native_meta_kernels() -> torch.library.Library | None:
     what meta inference says, the daemon's kernels decide what is real, and a layout-sensitive op
     (``native_group_norm``) then refused the daemon's tensor. So the Python kernels leave the
     Meta key where C++ has an answer (:func:`_has_native_meta_kernel`); the other ops keep
-    theirs, corrected where they are known to differ from CUDA's (:data:`_python_pointwise`).
-    The Python ones stay
-    registered as the ops' ``py_impl(Meta)``, which is what torch's symbolic tracing (with the
-    Python dispatcher on) uses."""
+    theirs, corrected where they are known to differ from CUDA's
+    (:data:`_python_tensor_iterator_ops`). The Python ones stay registered as the ops'
+    ``py_impl(Meta)``, which is what torch's symbolic tracing (with the Python dispatcher on)
+    uses."""
     from torch import _meta_registrations
 
     if not isinstance(getattr(_meta_registrations, "_meta_lib_dont_use_me_use_register_meta", None),
@@ -272,7 +272,7 @@ def _prefer_native_meta_kernels() -> torch.library.Library | None:
         if not _has_native_meta_kernel(op):
             library.impl(op, kernel)
             if _tensor_iterator_op(op):
-                _python_pointwise.add(op)
+                _python_tensor_iterator_ops.add(op)
     return library
 
 
@@ -280,7 +280,7 @@ def _prefer_native_meta_kernels() -> torch.library.Library | None:
 #: (``relu``, ``abs.out``, ``where.self``, ``mul.Scalar``, ``complex``, ...): their CPU and CUDA
 #: kernels allocate the result with TensorIterator, so :func:`_tensor_iterator_strides`
 #: recomputes its strides that way.
-_python_pointwise: set[torch._ops.OpOverload] = set()
+_python_tensor_iterator_ops: set[torch._ops.OpOverload] = set()
 
 #: Ops with C++ meta kernels that run TensorIterator over 1, 2 or 3 inputs: proxies for it.
 _TENSOR_ITERATOR_PROXIES = {
@@ -290,7 +290,8 @@ _TENSOR_ITERATOR_PROXIES = {
 }
 
 
-def _tensor_iterator_strides(func: torch._ops.OpOverload, meta_args: tuple[Any, ...], shape: tuple[int, ...]) -> tuple[int, ...] | None:
+def _tensor_iterator_strides(func: torch._ops.OpOverload, meta_args: tuple[Any, ...],
+                             shape: tuple[int, ...]) -> tuple[int, ...] | None:
     """The strides TensorIterator gives a result of ``shape`` from ``func``'s operands: its tensor
     arguments, and for the ``Scalar`` overloads of binary ops (``mul.Scalar``, whose kernels wrap
     the number into a 0-dim tensor operand) one 0-dim operand, which turns TensorIterator's
@@ -312,8 +313,8 @@ def _tensor_iterator_strides(func: torch._ops.OpOverload, meta_args: tuple[Any, 
 
 def _with_tensor_iterator_strides(func: torch._ops.OpOverload, info: OpInfo, specs: tuple[Any, ...],
                                   meta_args: tuple[Any, ...], resized_out: bool) -> tuple[Any, ...]:
-    """``specs`` of a :data:`_python_pointwise` op with the result's strides as its kernels pick
-    them: a new result, or an ``out=`` tensor the op resized (one it did not resize keeps its
+    """``specs`` of one of :data:`_python_tensor_iterator_ops`, with the result's strides as its
+    kernels pick them: a new result, or an ``out=`` tensor the op resized (one it did not resize keeps its
     own strides, in torch too)."""
     if len(specs) != 1 or type(specs[0]) is not tuple:
         return specs
@@ -415,7 +416,7 @@ def infer(func: torch._ops.OpOverload, info: OpInfo, args: tuple[Any, ...], kwar
         _raise_native_error(func, args, kwargs)
         raise type(exc)(_device_names(message)) from None
     specs = _describe_result(info, result, meta_args, meta_kwargs, on_meta=device is _META)
-    if func in _python_pointwise:
+    if func in _python_tensor_iterator_ops:
         specs = _with_tensor_iterator_strides(func, info, specs, meta_args, out_shape != _out_shape(meta_kwargs))
     if any(type(spec) is HostResult for spec in specs):
         return specs  # its values come from this call's host arguments: not reusable

@@ -107,6 +107,13 @@ def _view_sources(schema: torch._C.FunctionSchema, returns: tuple[Return, ...]) 
     return tuple(sources)
 
 
+def _single_view_of(view_sources: tuple[Any, ...]) -> int | None:
+    """See :attr:`OpInfo.view_of`."""
+    if len(view_sources) == 1 and view_sources[0] is not None and view_sources[0][0] == "arg":
+        return view_sources[0][1]
+    return None
+
+
 def op_info(func: torch._ops.OpOverload) -> OpInfo:
     info = _infos.get(func)
     if info is not None:
@@ -156,7 +163,7 @@ def op_info(func: torch._ops.OpOverload) -> OpInfo:
         composite=torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"),
         returns_one_new_tensor=returns == (Return.NEW,),
         view_sources=view_sources,
-        view_of=view_sources[0][1] if len(view_sources) == 1 and view_sources[0] and view_sources[0][0] == "arg" else None,
+        view_of=_single_view_of(view_sources),
     )
     _infos[func] = info
     return info
