@@ -6,7 +6,10 @@ two differ, views computed on the client address the wrong elements on the daemo
 layout-checking kernels (``native_group_norm``) refuse what they get. Each check here compares
 three things for every result: the remote tensor's metadata, the metadata of the daemon's real
 tensor (asked with an ``OP_SYNC`` of ``aten::alias``, which keeps a tensor's layout), and the
-metadata plain local CPU torch gives for the same code.
+metadata plain local CPU torch gives for the same code. A few CPU kernels lay results out
+unlike CUDA's; there the program is owed CUDA's layout, which the daemon emulates on the CPU
+(server/translations.py), and the tests expect it (:data:`CUDA_LAYOUTS`,
+``test_batch_norm_results_as_on_cuda``).
 """
 
 from __future__ import annotations
