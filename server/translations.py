@@ -11,6 +11,11 @@ one op, forward and backward, instead of ~17 decomposed ones. Here it maps to th
 kernels: memory-efficient attention on CUDA, flash attention on the CPU. Where a fused kernel
 cannot take the inputs, the math implementation runs instead and the backward recomputes through
 autograd; an empty logsumexp marks that case for the backward.
+
+A few CPU kernels lay their results out unlike CUDA's (and unlike the meta kernels the client
+infers layouts with): on the CPU their results are copied into CUDA's layout
+(:func:`_contiguous_as_on_cuda`, :func:`native_batch_norm`), so that the client's metadata is
+the daemon tensor's.
 """
 
 from __future__ import annotations
@@ -160,8 +165,58 @@ def gru_cell_backward(grad_hy: torch.Tensor, workspace: torch.Tensor, has_bias: 
     return grad_input_gates, grad_hidden_gates, grad_hx, grad_input_gates.sum(0), grad_hidden_gates.sum(0)
 
 
+def _contiguous_as_on_cuda(kernel: Callable[..., Any]) -> Callable[..., Any]:
+    """``kernel`` with a contiguous result on every device, as CUDA's kernel makes it where the
+    CPU's keeps the input's memory format (``reflection_pad2d``: ``resize_(...,
+    input.suggest_memory_format())`` on the CPU, a plain ``resize_`` on CUDA; the structured
+    padding kernels' CPU halves restride their output; ``pixel_shuffle`` and ``channel_shuffle``
+    run a contiguous composite on CUDA). The program
+    believes it runs on CUDA, and the client promises CUDA's layout (torch's meta kernel
+    gives it): a CPU device's result is copied into it."""
+    def run(*args: Any, **kwargs: Any) -> Any:
+        result = kernel(*args, **kwargs)
+        if result.device.type == "cuda" or result.stride() == _contiguous_strides(result.shape):
+            return result
+        # Not .contiguous(): a fresh allocation's strides, size-1 dimensions' included.
+        return result.clone(memory_format=torch.contiguous_format)
+    return run
+
+
+def native_batch_norm(input: torch.Tensor, weight: Any, bias: Any, running_mean: Any, running_var: Any,
+                      training: bool, momentum: float, eps: float) -> tuple[torch.Tensor, ...]:
+    """``aten::native_batch_norm`` with CUDA's results on every device: the output laid out
+    like ``empty_like(input)`` (the CPU kernel uses the input's suggested memory format), and in
+    evaluation the saved mean and inverse deviation of the running statistics, shape (C,)
+    (the CPU kernel returns empty ones). The client promises CUDA's (torch's meta kernel)."""
+    output, save_mean, save_invstd = aten.native_batch_norm.default(
+        input, weight, bias, running_mean, running_var, training, momentum, eps)
+    if input.device.type == "cuda":
+        return output, save_mean, save_invstd
+    like_input = torch.empty_like(input)
+    if output.stride() != like_input.stride():
+        output = like_input.copy_(output)
+    if not training and save_mean.numel() == 0 and running_mean is not None and running_var is not None:
+        accumulate = save_mean.dtype
+        save_mean = running_mean.to(accumulate, copy=True)
+        save_invstd = (running_var.to(accumulate) + eps).rsqrt()
+    return output, save_mean, save_invstd
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
 #: op schema name -> implementation on the daemon's devices
 TRANSLATIONS: dict[str, Callable[..., Any]] = {
+    "aten::native_batch_norm": native_batch_norm,
+    **{f"aten::{name}": _contiguous_as_on_cuda(getattr(aten, name).default._op) for name in (
+        "reflection_pad2d", "reflection_pad3d", "replication_pad2d", "replication_pad3d",
+        "max_unpool2d", "max_unpool3d", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
+    )},
     "aten::_thnn_fused_lstm_cell": lstm_cell,
     "aten::_thnn_fused_lstm_cell_backward_impl": lstm_cell_backward,
     "aten::_thnn_fused_gru_cell": gru_cell,

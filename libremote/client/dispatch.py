@@ -20,7 +20,7 @@ import torch
 from ..protocol import Cmd
 from . import backend, meta, runtime, sync
 from .ops import OpInfo, Return, WireEncoder, op_info
-from .tensor import RemoteTensor, make
+from .tensor import RemoteTensor, fit_storage, make, share_storage, storage_of
 
 aten = torch.ops.aten
 
@@ -73,6 +73,8 @@ def _stream_one_tensor(func: torch._ops.OpOverload, info: OpInfo, args: tuple[An
         return None
     wire_args, _ = WireEncoder(session, info.name).arguments(info, args, {})
     tensor = make(specs[0], session, index)
+    if info.view_of is not None:
+        share_storage(tensor, args[info.view_of])
     session.submit([Cmd.OP, session.op_ref(info.name), wire_args, {}, [tensor._ref.id]])
     return tensor
 
@@ -134,6 +136,17 @@ def _mutated_input(source: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     return args[key] if where == "arg" else kwargs[key]
 
 
+def _share_if_view(tensor: RemoteTensor, view_source: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """A result that the schema makes a view of an argument shares that argument's storage."""
+    if view_source is None:
+        return
+    where, key = view_source
+    if where == "kwarg":
+        share_storage(tensor, kwargs.get(key))
+    elif key < len(args):
+        share_storage(tensor, args[key])
+
+
 def _stream(func: torch._ops.OpOverload, info: OpInfo, specs: tuple[Any, ...], args: tuple[Any, ...],
             kwargs: dict[str, Any], device_index: int | None = None) -> Any:
     session = runtime.current()
@@ -142,11 +155,12 @@ def _stream(func: torch._ops.OpOverload, info: OpInfo, specs: tuple[Any, ...], a
     index = _device_index(args, kwargs) if device_index is None else device_index
     if info.returns_one_new_tensor and type(specs[0]) is tuple:  # (not None, not a HostResult)
         tensor = make(specs[0], session, index)
+        _share_if_view(tensor, info.view_sources[0], args, kwargs)
         session.submit([Cmd.OP, session.op_ref(info.name), wire_args, wire_kwargs, [tensor._ref.id]])
         return tensor
     outs: list[Any] = []
     results: list[Any] = []
-    for kind, source, spec in zip(info.returns, info.return_sources, specs):
+    for kind, source, view_source, spec in zip(info.returns, info.return_sources, info.view_sources, specs):
         if kind is Return.NEW:
             if spec is None:
                 outs.append(None)
@@ -156,10 +170,13 @@ def _stream(func: torch._ops.OpOverload, info: OpInfo, specs: tuple[Any, ...], a
                 results.append(spec.tensor)
             else:
                 tensor = make(spec, session, index)
+                _share_if_view(tensor, view_source, args, kwargs)
                 outs.append(tensor._ref.id)
                 results.append(tensor)
         elif kind is Return.NEW_LIST:
             tensors = [make(item, session, index) for item in spec]
+            for tensor in tensors:
+                _share_if_view(tensor, view_source, args, kwargs)
             outs.append([tensor._ref.id for tensor in tensors])
             results.append(tensors)
         elif kind is Return.SIZE:
@@ -208,15 +225,21 @@ def _run_synchronously(func: torch._ops.OpOverload, info: OpInfo, args: tuple[An
             session.release(handle)
         raise
     results: list[Any] = []
-    for kind, source, out, value, tensor_meta in zip(info.returns, info.return_sources, outs, values, metas):
+    for kind, source, view_source, out, value, tensor_meta in zip(
+            info.returns, info.return_sources, info.view_sources, outs, values, metas):
         if kind is Return.NEW:
             if tensor_meta is None:  # an undefined optional result: the handle stays unused
                 session.release(out)
                 results.append(None)
             else:
-                results.append(_adopt(tensor_meta, out, session, index))
+                tensor = _adopt(tensor_meta, out, session, index)
+                _share_if_view(tensor, view_source, args, kwargs)
+                results.append(tensor)
         elif kind is Return.NEW_LIST:
-            results.append([_adopt(m, h, session, index) for m, h in zip(tensor_meta, out)])
+            tensors = [_adopt(m, h, session, index) for m, h in zip(tensor_meta, out)]
+            for tensor in tensors:
+                _share_if_view(tensor, view_source, args, kwargs)
+            results.append(tensors)
         elif kind is Return.MUTATED_INPUT:
             mutated = _mutated_input(source, args, kwargs) if source else None
             if isinstance(mutated, RemoteTensor) and tensor_meta is not None:
@@ -255,6 +278,7 @@ def _set_spec(tensor: RemoteTensor, spec: tuple[Any, ...]) -> None:
     template = RemoteTensor(spec, tensor._ref, tensor._device_index)
     torch._C.TensorBase.data.__set__(tensor, template)
     tensor._spec = spec
+    fit_storage(tensor)
 
 
 def rebind(target: RemoteTensor, new: torch.Tensor) -> None:
@@ -269,6 +293,7 @@ def rebind(target: RemoteTensor, new: torch.Tensor) -> None:
     torch._C.TensorBase.data.__set__(target, alias)
     target._ref = alias._ref
     target._spec = alias._spec
+    target._storage = storage_of(alias)
     target._device_index = alias._device_index
 
 

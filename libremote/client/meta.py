@@ -5,6 +5,10 @@ errors for bad shapes and dtypes on the user's line. Results are cached by the o
 *signature* of its arguments (tensor metadata, and scalar values where they can matter), because
 torch's meta kernels cost tens of microseconds and a training loop repeats the same calls.
 
+The meta device runs torch's C++ meta kernels where torch has them (the first half of the CPU
+and CUDA kernels), not the Python ones torch registers over them, whose strides differ: see
+:func:`_prefer_native_meta_kernels`.
+
 Where meta inference cannot answer (ops whose output shape depends on data, ops without a meta
 kernel), :class:`NeedsDaemon` tells the caller to run the op synchronously and take the daemon's
 metadata instead.
@@ -177,11 +181,148 @@ _meta_library: list[torch.library.Library] = []
 def register_missing_meta_kernels() -> None:
     if _meta_library:
         return
+    native = _prefer_native_meta_kernels()
+    if native is not None:
+        _meta_library.append(native)
     library = torch.library.Library("aten", "IMPL")
     for name, kernel in _META_KERNELS.items():
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{name}", "Meta"):
             library.impl(name, kernel, "Meta")
     _meta_library.append(library)
+
+
+def _python_meta_registrations() -> list[tuple[torch._ops.OpOverload, Any]]:
+    """The (op, kernel) pairs ``torch._meta_registrations.activate_meta`` registered on the Meta
+    key: the same table, in its order of precedence, kept to the ops it registered there."""
+    from torch._decomp import global_decomposition_table
+    from torch._meta_registrations import _meta_lib_dont_use_me_use_register_meta as library
+
+    table: dict[Any, Any] = {}
+    for kind in ("meta", "post_autograd", "pre_autograd"):
+        for op, kernel in global_decomposition_table[kind].items():
+            table.setdefault(op, kernel)
+    registered = library._op_impls
+    return [(op, kernel) for op, kernel in table.items()
+            if isinstance(op, torch._ops.OpOverload) and _library_key(op) in registered]
+
+
+def _library_key(op: torch._ops.OpOverload) -> str:
+    """How ``torch.library.Library`` records a Meta registration of ``op`` (``aten/div.Tensor/Meta``)."""
+    schema = op._schema
+    name = schema.name.split("::")[-1] + (f".{schema.overload_name}" if schema.overload_name else "")
+    return f"aten/{name}/Meta"
+
+
+def _has_native_meta_kernel(op: torch._ops.OpOverload) -> bool:
+    """A C++ Meta kernel; or a C++ composite kernel that the CPU also runs (no CPU kernel of its
+    own, as ``empty_like``), which then runs on meta through other ops. Composite kernels of ops
+    with device kernels are generic fallbacks (``native_group_norm``'s views its input where the
+    CPU and CUDA kernels need no such thing), and the Meta *fallback* only raises. Pointwise
+    composites (``abs``, ``logical_and``) resize an ``out=`` tensor through a Python meta kernel
+    inside: the TensorIterator proxy answers them better (:data:`_python_tensor_iterator_ops`)."""
+    has, name = torch._C._dispatch_has_kernel_for_dispatch_key, op.name()
+    if has(name, "Meta"):
+        return True
+    composite_everywhere = has(name, "CompositeExplicitAutograd") and not has(name, "CPU")
+    return composite_everywhere and (not _tensor_iterator_op(op) or op._schema.name in _COMPOSITE_OF_SEVERAL_OPS)
+
+
+def _tensor_iterator_op(op: torch._ops.OpOverload) -> bool:
+    """Whether ``op``'s CPU and CUDA kernels allocate its result with one TensorIterator over
+    its tensor arguments: pointwise ops (but ``masked_fill``, which clones contiguous first),
+    and ``complex``/``polar``, which torch does not tag pointwise."""
+    name = op._schema.name
+    if name.startswith("aten::masked_fill"):
+        return False
+    return torch.Tag.pointwise in op.tags or name in ("aten::complex", "aten::polar")
+
+
+#: Pointwise ops whose composite kernel is more than one TensorIterator pass (``mvlgamma``
+#: sums over a new dimension: a contiguous result): the composite itself tells their strides.
+_COMPOSITE_OF_SEVERAL_OPS = {"aten::mvlgamma"}
+
+
+def _prefer_native_meta_kernels() -> torch.library.Library | None:
+    """Make the ``meta`` device run torch's C++ meta kernels where torch has them.
+
+    ``torch._meta_registrations`` registers Python kernels (mostly ``torch._refs``
+    decompositions, written for symbolic shapes) on the Meta key of ~600 ops that have C++ meta
+    kernels, shadowing them. The C++ meta kernel of a structured op *is* the first half of its
+    CPU and CUDA kernels (TensorIterator decides the output's strides), but the Python ones
+    decide strides their own way: ``x / 1.0`` with ``x`` of shape (1, 32, 8, 8) and strides
+    (32, 1, 256, 32) gets (2048, 1, 256, 32) from ``torch._refs`` (its channels-last shortcut
+    leaves the wrapped number out) where CPU and CUDA give (32, 1, 256, 32). The client promises
+    what meta inference says, the daemon's kernels decide what is real, and a layout-sensitive op
+    (``native_group_norm``) then refused the daemon's tensor. So the Python kernels leave the
+    Meta key where C++ has an answer (:func:`_has_native_meta_kernel`); the other ops keep
+    theirs, corrected where they are known to differ from CUDA's
+    (:data:`_python_tensor_iterator_ops`). The Python ones stay registered as the ops'
+    ``py_impl(Meta)``, which is what torch's symbolic tracing (with the Python dispatcher on)
+    uses."""
+    from torch import _meta_registrations
+
+    if not isinstance(getattr(_meta_registrations, "_meta_lib_dont_use_me_use_register_meta", None),
+                      torch.library.Library):
+        return None  # a torch that registers its Python meta kernels some other way
+    pairs = _python_meta_registrations()
+    _meta_registrations._meta_lib_dont_use_me_use_register_meta._destroy()
+    library = torch.library.Library("aten", "IMPL", "Meta")
+    _meta_registrations._meta_lib_dont_use_me_use_register_meta = library  # later registrations
+    for op, kernel in pairs:
+        if not _has_native_meta_kernel(op):
+            library.impl(op, kernel)
+            if _tensor_iterator_op(op):
+                _python_tensor_iterator_ops.add(op)
+    return library
+
+
+#: TensorIterator ops (:func:`_tensor_iterator_op`) whose only meta kernel is torch's Python one
+#: (``relu``, ``abs.out``, ``where.self``, ``mul.Scalar``, ``complex``, ...): their CPU and CUDA
+#: kernels allocate the result with TensorIterator, so :func:`_tensor_iterator_strides`
+#: recomputes its strides that way.
+_python_tensor_iterator_ops: set[torch._ops.OpOverload] = set()
+
+#: Ops with C++ meta kernels that run TensorIterator over 1, 2 or 3 inputs: proxies for it.
+_TENSOR_ITERATOR_PROXIES = {
+    1: torch.ops.aten.neg.default,
+    2: torch.ops.aten.add.Tensor,
+    3: torch.ops.aten.addcmul.default,
+}
+
+
+def _tensor_iterator_strides(func: torch._ops.OpOverload, meta_args: tuple[Any, ...],
+                             shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The strides TensorIterator gives a result of ``shape`` from ``func``'s operands: its tensor
+    arguments, and for the ``Scalar`` overloads of binary ops (``mul.Scalar``, whose kernels wrap
+    the number into a 0-dim tensor operand) one 0-dim operand, which turns TensorIterator's
+    same-shape shortcut off. Computed by a C++ meta kernel on float stand-ins of the operands
+    (strides do not depend on dtypes). ``None`` where no proxy fits."""
+    operands = [torch.empty_strided(a.shape, a.stride(), dtype=torch.float32, device=_META)
+                for a in meta_args if isinstance(a, torch.Tensor)]
+    if "scalar" in func._schema.overload_name.lower():
+        operands.append(torch.empty((), dtype=torch.float32, device=_META))
+    proxy = _TENSOR_ITERATOR_PROXIES.get(len(operands))
+    if proxy is None:
+        return None
+    try:
+        result = proxy(*operands)
+    except RuntimeError:
+        return None
+    return tuple(result.stride()) if tuple(result.shape) == tuple(shape) else None
+
+
+def _with_tensor_iterator_strides(func: torch._ops.OpOverload, info: OpInfo, specs: tuple[Any, ...],
+                                  meta_args: tuple[Any, ...], resized_out: bool) -> tuple[Any, ...]:
+    """``specs`` of one of :data:`_python_tensor_iterator_ops`, with the result's strides as its
+    kernels pick them: a new result, or an ``out=`` tensor the op resized (one it did not resize keeps its
+    own strides, in torch too)."""
+    if len(specs) != 1 or type(specs[0]) is not tuple:
+        return specs
+    if info.returns[0] is Return.MUTATED_INPUT and not resized_out:
+        return specs
+    dtype, shape, _, offset = specs[0]
+    strides = _tensor_iterator_strides(func, meta_args, shape)
+    return specs if strides is None else ((dtype, shape, strides, offset),)
 
 
 _DEVICE_MISMATCH = re.compile(r"Tensor on device (\S+) is not on the expected device (\S+)!")
@@ -232,6 +373,11 @@ def _device_names(message: str) -> str:
         "and meta", "and cuda:0").replace("expected device meta", "expected device cuda:0")
 
 
+def _out_shape(meta_kwargs: dict[str, Any]) -> Any:
+    out = meta_kwargs.get("out")
+    return tuple(out.shape) if isinstance(out, torch.Tensor) else None
+
+
 def cached(func: torch._ops.OpOverload, arg_signature: tuple[Any, ...]) -> tuple[Any, ...] | None:
     """What :func:`infer` found before for ``func`` on these positional arguments (keyword
     arguments none), without computing anything."""
@@ -257,6 +403,7 @@ def infer(func: torch._ops.OpOverload, info: OpInfo, args: tuple[Any, ...], kwar
     meta_args = _stand_in(args, device)
     meta_kwargs = {name: _stand_in(value, device) for name, value in kwargs.items()}
     warnings_before = warning_location.moved
+    out_shape = _out_shape(meta_kwargs)
     try:
         result = func(*meta_args, **meta_kwargs)
     except NotImplementedError:
@@ -270,6 +417,8 @@ def infer(func: torch._ops.OpOverload, info: OpInfo, args: tuple[Any, ...], kwar
         _raise_native_error(func, args, kwargs)
         raise type(exc)(_device_names(message)) from None
     specs = _describe_result(info, result, meta_args, meta_kwargs, on_meta=device is _META)
+    if func in _python_tensor_iterator_ops:
+        specs = _with_tensor_iterator_strides(func, info, specs, meta_args, out_shape != _out_shape(meta_kwargs))
     if any(type(spec) is HostResult for spec in specs):
         return specs  # its values come from this call's host arguments: not reusable
     if warning_location.moved != warnings_before:

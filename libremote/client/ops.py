@@ -50,6 +50,11 @@ class OpInfo:
     composite: bool
     #: The common case, one new tensor returned: the op path takes a shortcut.
     returns_one_new_tensor: bool
+    #: Per return: for a view of an argument (``Tensor(a)`` in the schema, ``Tensor(a)[]`` for
+    #: lists), ("arg", index) or ("kwarg", name) of that argument, whose storage it shares.
+    view_sources: tuple[Any, ...] = ()
+    #: The positional index of the argument a single returned view shares its storage with.
+    view_of: int | None = None
 
 
 _infos: dict[torch._ops.OpOverload, OpInfo] = {}
@@ -68,6 +73,45 @@ def _return_kind(ret: torch._C.Argument) -> Return:
     if isinstance(kind, (torch._C.IntType, torch._C.SymIntType)):
         return Return.SIZE
     return Return.VALUE
+
+
+#: Ops whose result shares its input's storage on every device although the schema does not say
+#: so (``_unsafe_view``: a view that autograd must not track as one).
+_UNDECLARED_VIEWS = {"aten::_unsafe_view": ("arg", 0)}
+
+
+def _view_sources(schema: torch._C.FunctionSchema, returns: tuple[Return, ...]) -> tuple[Any, ...]:
+    """Per return, the argument whose storage it shares (see :attr:`OpInfo.view_sources`)."""
+    read_sets: dict[str, Any] = {}
+    wildcard_source = None
+    for index, arg in enumerate(schema.arguments):
+        info = arg.alias_info
+        if info is None or info.is_write:
+            continue
+        where = ("kwarg", arg.name) if arg.kwarg_only else ("arg", index)
+        for alias_set in info.before_set:
+            read_sets.setdefault(alias_set, where)
+        if "*" in info.after_set:
+            wildcard_source = where  # Tensor(a -> *): the elements of a Tensor(a)[] result
+    sources = []
+    for ret, kind in zip(schema.returns, returns):
+        info = ret.alias_info
+        source = None
+        if kind is Return.NEW and info is not None and not info.is_write:
+            source = next((read_sets[s] for s in info.before_set if s in read_sets), None)
+        elif kind is Return.NEW_LIST and info is not None and not info.is_write:
+            source = wildcard_source
+        sources.append(source)
+    if not any(sources) and schema.name in _UNDECLARED_VIEWS and len(sources) == 1:
+        sources = [_UNDECLARED_VIEWS[schema.name]]
+    return tuple(sources)
+
+
+def _single_view_of(view_sources: tuple[Any, ...]) -> int | None:
+    """See :attr:`OpInfo.view_of`."""
+    if len(view_sources) == 1 and view_sources[0] is not None and view_sources[0][0] == "arg":
+        return view_sources[0][1]
+    return None
 
 
 def op_info(func: torch._ops.OpOverload) -> OpInfo:
@@ -97,6 +141,7 @@ def op_info(func: torch._ops.OpOverload) -> OpInfo:
         if kind is Return.MUTATED_INPUT:
             source = next((alias_sources[s] for s in ret.alias_info.before_set if s in alias_sources), None)
         sources.append(source)
+    view_sources = _view_sources(schema, returns)
     tags = func.tags
     required = 0
     while required < len(positional) and positional[required] is _NO_DEFAULT:
@@ -117,6 +162,8 @@ def op_info(func: torch._ops.OpOverload) -> OpInfo:
         ),
         composite=torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"),
         returns_one_new_tensor=returns == (Return.NEW,),
+        view_sources=view_sources,
+        view_of=_single_view_of(view_sources),
     )
     _infos[func] = info
     return info

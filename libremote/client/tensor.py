@@ -10,11 +10,20 @@ asked for ``cuda`` and sees ``cuda``.
 Lifetime: each tensor holds a :class:`_HandleRef` in its ``__dict__``. When torch finally frees the
 Python object (which it keeps alive while C++, e.g. autograd, still holds the tensor), the ref's
 ``__del__`` queues a FREE for the daemon. Rebinding (``t.data = other``) swaps the ref.
+
+Storage identity: every handle is its own tensor on the daemon, but views share their base's
+storage there, as on CUDA. The client mirrors that with a storage identity shared by a tensor
+and its views (dispatch gives a view its base's, from the op schema's alias sets).
+``untyped_storage()`` returns its :class:`RemoteStorage`, whose stand-in address is the same for
+every view and distinct per storage, so checkpoint code that finds tied tensors by
+``data_ptr()`` and ``nbytes()`` (safetensors, accelerate) works; ``data_ptr()`` is that address
+plus the storage offset, as on CUDA.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import weakref
 from typing import Any
 
@@ -28,7 +37,7 @@ Spec = tuple  # (dtype, shape tuple, stride tuple, storage offset)
 _CUDA_DEVICES: dict[int, torch.device] = {}
 
 #: What a RemoteTensor keeps in its ``__dict__`` about itself (the rest is the program's).
-OWN_ATTRIBUTES = frozenset({"_ref", "_spec", "_device_index"})
+OWN_ATTRIBUTES = frozenset({"_ref", "_spec", "_device_index", "_storage"})
 
 
 def cuda_device(index: int) -> torch.device:
@@ -53,6 +62,105 @@ class _HandleRef:
             self.session.release(self.id)
         except Exception:  # interpreter shutdown: nothing left to free
             pass
+
+
+#: Stand-in storage addresses are this far apart (the largest storage whose address range does
+#: not run into the next storage's), and numbered from 1 to this many, then again from 1.
+_ADDRESS_SPACING = 1 << 32
+_ADDRESSES = 1 << 30
+_storage_numbers = itertools.count()
+
+
+class _StorageIdentity:
+    """One daemon storage as the client knows it, shared by a tensor and its views. Cheap to
+    make (every view op's base gets one); its address and its :class:`RemoteStorage` object are
+    made the first time a program asks for them."""
+
+    __slots__ = ("nbytes", "device_index", "_address", "_storage")
+
+    def __init__(self, nbytes: int, device_index: int) -> None:
+        self.nbytes = nbytes
+        self.device_index = device_index
+        self._address = 0
+        self._storage: RemoteStorage | None = None
+
+    @property
+    def address(self) -> int:
+        if not self._address:
+            self._address = (next(_storage_numbers) % _ADDRESSES + 1) * _ADDRESS_SPACING
+        return self._address
+
+    def storage(self) -> "RemoteStorage":
+        if self._storage is None:
+            self._storage = RemoteStorage(self.nbytes, device="meta")
+            self._storage._identity = self
+        return self._storage
+
+    def grow(self, nbytes: int) -> None:
+        """The daemon's storage grew (``resize_``, ``out=``): its size here follows."""
+        if nbytes > self.nbytes:
+            self.nbytes = nbytes
+            if self._storage is not None:
+                torch.UntypedStorage.resize_(self._storage, nbytes)
+
+
+class RemoteStorage(torch.UntypedStorage):
+    """What ``untyped_storage()`` of a remote tensor returns: one object per daemon storage,
+    shared by all its views. It is a (byte-less) meta storage underneath, so it passes as an
+    ``UntypedStorage`` (``TypedStorage`` wraps it for ``t.storage()``) and nothing it is asked
+    ever reads remote bytes: ``data_ptr()`` is a stand-in address, ``nbytes()`` the daemon
+    storage's size, ``device`` the ``cuda`` device, and reading its contents raises."""
+
+    _identity: _StorageIdentity
+
+    def data_ptr(self) -> int:  # type: ignore[override]
+        return self._identity.address
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return cuda_device(self._identity.device_index)
+
+    @property
+    def is_cuda(self) -> bool:  # type: ignore[override]
+        return True
+
+    def _no_bytes(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            "libremote: the bytes of a remote storage cannot be read or written through the storage "
+            "object; use the tensor (t.cpu(), t.copy_(...))"
+        )
+
+    cpu = tolist = __getitem__ = __setitem__ = copy_ = fill_ = _no_bytes  # type: ignore[assignment]
+
+
+def _storage_bytes(spec: Spec) -> int:
+    """How many bytes a fresh daemon tensor of ``spec`` has in its storage."""
+    dtype, shape, stride, offset = spec
+    if any(size == 0 for size in shape):
+        return 0
+    span = offset + sum((size - 1) * step for size, step in zip(shape, stride)) + 1
+    return span * dtype.itemsize
+
+
+def storage_of(tensor: "RemoteTensor") -> _StorageIdentity:
+    """``tensor``'s storage identity (a fresh one for a tensor that is no view)."""
+    identity = tensor.__dict__.get("_storage")
+    if identity is None:
+        identity = tensor._storage = _StorageIdentity(_storage_bytes(tensor._spec), tensor._device_index)
+    return identity
+
+
+def share_storage(view: "RemoteTensor", base: Any) -> None:
+    """``view`` is a view of ``base`` (on the daemon it shares base's storage): so here too."""
+    if isinstance(base, RemoteTensor):
+        view._storage = storage_of(base)
+        fit_storage(view)
+
+
+def fit_storage(tensor: "RemoteTensor") -> None:
+    """After ``tensor``'s metadata changed (``resize_``, ``as_strided`` of a view): its storage
+    is at least as large as the new metadata needs, as the daemon's has become."""
+    storage_of(tensor).grow(_storage_bytes(tensor._spec))
 
 
 class RemoteTensor(torch.Tensor):
@@ -115,12 +223,18 @@ class RemoteTensor(torch.Tensor):
         return tensor_repr(self)
 
     def data_ptr(self) -> int:  # type: ignore[override]
-        """A stand-in address, distinct for each tensor (handle) and offset like a real one by
-        ``storage_offset``. A remote tensor has no local memory, so torch's answer would be 0 for
-        all of them; programs compare data pointers to tell tensors apart
-        (``make_graphed_callables`` copies a new input into its static one only if they differ).
-        Views of one storage get different bases here, unlike on CUDA."""
-        return (self._ref.id << 24) + self.storage_offset() * self.element_size()
+        """A stand-in address, as on CUDA: the storage's (shared by its views, distinct per
+        storage) plus ``storage_offset`` elements. A remote tensor has no local memory, so torch's
+        answer would be 0 for all of them; programs compare data pointers to tell tensors apart
+        (``make_graphed_callables`` copies a new input into its static one only if they differ)
+        and to find tied weights (safetensors)."""
+        return storage_of(self).address + self.storage_offset() * self.element_size()
+
+    def untyped_storage(self) -> RemoteStorage:  # type: ignore[override]
+        """The storage identity this tensor shares with its views (see :class:`RemoteStorage`).
+        torch's own answer for a wrapper tensor is a storage without data that raises on
+        ``data_ptr()``."""
+        return storage_of(self).storage()
 
     def __format__(self, format_spec: str) -> str:
         # torch formats a 0-dim tensor as its number (f"{loss:.4f}") only for exact Tensor.

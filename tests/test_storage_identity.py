@@ -1,0 +1,129 @@
+"""Storage identity of remote tensors: views share one storage, as on CUDA.
+
+Checkpoint code finds tied tensors by storage: safetensors and accelerate group a state dict by
+``(device, untyped_storage().data_ptr(), untyped_storage().nbytes())`` and check
+``data_ptr()`` against the storage's. Each check here is one that code relies on; the
+safetensors tests run the library's own functions on remote tensors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+CUDA = torch.device("cuda", 0)
+
+
+def storage_ptr(tensor: torch.Tensor) -> int:
+    """What safetensors (``storage_ptr``) and accelerate (``id_tensor_storage``) call a tensor's
+    storage."""
+    return tensor.untyped_storage().data_ptr()
+
+
+def test_storage_data_ptr_works_and_is_shared_by_views(remote):
+    base = torch.randn(4, 6, device="cuda")
+    storage = base.untyped_storage()
+    assert storage.data_ptr() != 0
+    assert storage.nbytes() == 4 * 6 * 4 and storage.size() == storage.nbytes()
+    assert storage.device == CUDA and storage.is_cuda
+    views = {
+        "slice": base[1:], "view": base.view(24), "transpose": base.t(), "step": base[:, ::2],
+        "select": base[2], "unbind": base.unbind(0)[3], "split": base.split(1)[1], "detach": base.detach(),
+        "reshape_view": base.reshape(2, 12), "expand": base[:1].expand(3, 6), "diagonal": base.diagonal(),
+        "view_of_view": base[1:].t()[2:],
+    }
+    for name, view in views.items():
+        assert view.untyped_storage() is storage, name
+        assert storage_ptr(view) == storage.data_ptr(), name
+        assert view.untyped_storage()._cdata == storage._cdata, name
+        # data_ptr arithmetic as on CUDA: the storage's address plus the offset in bytes.
+        assert view.data_ptr() == storage.data_ptr() + view.storage_offset() * view.element_size(), name
+
+
+def test_distinct_tensors_have_distinct_storages(remote):
+    a = torch.randn(3, device="cuda")
+    b = torch.randn(3, device="cuda")
+    results = [a, b, a + 1, a.clone(), a.contiguous().clone(), torch.empty_like(a)]
+    pointers = {storage_ptr(t) for t in results}
+    assert len(pointers) == len(results)
+    assert len({t.data_ptr() for t in results}) == len(results)
+    # A result of an in-place op is its input, storage and all.
+    c = a.clone()
+    assert storage_ptr(c.add_(1)) == storage_ptr(c)
+
+
+def test_data_pointers_as_on_cuda(remote):
+    """The same arithmetic code does on CUDA tensors (safetensors' ``_end_ptr``: the last
+    element's data_ptr plus its size)."""
+    base = torch.randn(5, 4, device="cuda")
+    row = base[2]
+    assert row.data_ptr() - base.data_ptr() == 2 * 4 * 4
+    assert row.view(-1)[-1].data_ptr() + 4 - base.data_ptr() == 3 * 4 * 4
+    assert base[1:].data_ptr() == base.data_ptr() + 16
+    half = torch.randn(8, dtype=torch.float16, device="cuda")
+    assert half[3:].data_ptr() == half.data_ptr() + 6
+
+
+def test_parameter_data_and_rebinding_share_storage(remote):
+    param = torch.nn.Parameter(torch.randn(3, device="cuda"))
+    assert param.data.untyped_storage() is param.untyped_storage()
+    other = torch.randn(3, device="cuda")
+    param.data = other
+    assert storage_ptr(param) == storage_ptr(other)
+
+
+def test_resize_grows_the_storage(remote):
+    t = torch.empty(0, device="cuda")
+    t.resize_(10)
+    assert t.untyped_storage().nbytes() == 40
+    view = t[2:]
+    view_storage = view.untyped_storage()
+    assert view_storage is t.untyped_storage() and view_storage.nbytes() == 40
+
+
+def test_storage_never_reads_remote_bytes(remote):
+    storage = torch.randn(4, device="cuda").untyped_storage()
+    for read in (storage.tolist, storage.cpu, lambda: storage[0]):
+        with pytest.raises(RuntimeError, match="remote storage"):
+            read()
+    typed = torch.randn(4, device="cuda").storage()  # the deprecated TypedStorage wraps it
+    assert typed.size() == 4 and typed.data_ptr() != 0
+
+
+def test_safetensors_finds_tied_weights(remote):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False)).cuda()
+    model[1].weight = model[0].weight  # tied, as language models tie embeddings
+    state = model.state_dict()
+    shared = [names for names in safetensors_torch._find_shared_tensors(state) if len(names) > 1]
+    assert shared == [{"0.weight", "1.weight"}]
+    # As on CUDA: save_file refuses shared tensors, save_model drops the duplicate.
+    with pytest.raises(RuntimeError, match="share memory"):
+        safetensors_torch.save_file(state, "/dev/null")
+    separate = {"a": torch.randn(2, device="cuda"), "b": torch.randn(2, device="cuda")}
+    assert all(len(names) == 1 for names in safetensors_torch._find_shared_tensors(separate))
+
+
+def test_safetensors_save_model_round_trip(remote, tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False)).cuda()
+    model[1].weight = model[0].weight
+    path = tmp_path / "model.safetensors"
+    safetensors_torch.save_model(model, str(path))
+    loaded = safetensors_torch.load_file(str(path))
+    assert len(loaded) == 1
+    (name, value), = loaded.items()
+    torch.testing.assert_close(value, model[0].weight.detach().cpu())
+    # Views that are not the whole storage are incomplete: safetensors saves them as copies.
+    partial = {"whole": model[0].weight, "rows": model[0].weight[2:]}
+    assert not safetensors_torch._is_complete(partial["rows"])
+    assert safetensors_torch._is_complete(partial["whole"])
+
+
+def test_torch_save_still_works(remote, tmp_path):
+    base = torch.randn(4, 4, device="cuda")
+    path = tmp_path / "t.pt"
+    torch.save({"base": base, "view": base[1:]}, path)
+    loaded = torch.load(path)
+    torch.testing.assert_close(loaded["base"].cpu(), base.cpu())
+    torch.testing.assert_close(loaded["view"].cpu(), base[1:].cpu())
