@@ -421,8 +421,12 @@ def infer(func: torch._ops.OpOverload, info: OpInfo, args: tuple[Any, ...], kwar
         specs = _with_tensor_iterator_strides(func, info, specs, meta_args, out_shape != _out_shape(meta_kwargs))
     if any(type(spec) is HostResult for spec in specs):
         return specs  # its values come from this call's host arguments: not reusable
-    if warning_location.moved != warnings_before:
-        return specs  # torch warned: not cached, so that each call warns, as on CUDA
+    resized_a_nonempty_out = out_shape is not None and 0 not in out_shape and out_shape != _out_shape(meta_kwargs)
+    if warning_location.moved != warnings_before or resized_a_nonempty_out:
+        # torch warned (a C++ kernel's warning reaches Python only when the program's call
+        # returns: a non-empty out= tensor resized is the common one): not cached, so that each
+        # call warns, as on CUDA.
+        return specs
     if len(_cache) >= _MAX_CACHE:
         _cache.clear()
     _cache[key] = specs
