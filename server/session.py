@@ -24,7 +24,7 @@ import torch
 from libremote import protocol
 from libremote.protocol import Cmd, DeviceRef, ErrorKind, HandleRef, ProtocolError
 
-from . import devices, foreach_chunks, graphs, numerics, op_policy, programs, values
+from . import devices, foreach_chunks, graphs, numerics, op_policy, programs, values, zeroing
 from .compiled_graphs import GraphCompiler
 from .cuda_graphs import GraphCapture
 from .memory import MemoryAccount, PoolStats
@@ -497,13 +497,17 @@ class Session:
         if entry.takes_generator and kwargs.get("generator") is None:
             kwargs["generator"] = self.generators[self._index_of(values.device_of(args, kwargs))]
         inputs = self._make_resident(entry.name, values.tensors_in(args, kwargs)) if self.memory.managed else ()
+        # (Both zeroing rules are off the common path: server/zeroing.py.)
+        sizes = zeroing.StorageSizes(args, kwargs) if entry.resized_arguments else None
         if entry.seeded_without_generator and not (self._cuda_graphs is not None and self._cuda_graphs.capturing):
             with self._session_rng(values.device_of(args, kwargs)):
                 result = self._call(entry, args, kwargs, inputs)
         else:
             result = self._call(entry, args, kwargs, inputs)
-        if entry.zero_fill_result and isinstance(result, torch.Tensor):
-            result.zero_()
+        if entry.zero_fill_result:
+            zeroing.zero_fresh_results(result, args, kwargs)
+        if sizes is not None:
+            sizes.zero_growth(entry, args, kwargs)
         self.ops_executed += 1
         return result, inputs
 
@@ -720,7 +724,8 @@ class Session:
                 for made in handles:
                     self._drop(made)
                 raise CommandError(ErrorKind.OOM, "capture", message)
-            self._store(handle, torch.empty((span,), dtype=dtype, device=self._device(device))
+            # Zeroed, not left uninitialised: the block may hold another tenant's freed bytes.
+            self._store(handle, torch.zeros((span,), dtype=dtype, device=self._device(device))
                         .as_strided(shape, stride, offset))
             handles.append(handle)
 
