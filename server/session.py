@@ -24,7 +24,7 @@ import torch
 from libremote import protocol
 from libremote.protocol import Cmd, DeviceRef, ErrorKind, HandleRef, ProtocolError
 
-from . import devices, foreach_chunks, graphs, numerics, op_policy, programs, values, zeroing
+from . import devices, foreach_chunks, graphs, numerics, op_policy, preflight, programs, values, zeroing
 from .compiled_graphs import GraphCompiler
 from .cuda_graphs import GraphCapture
 from .memory import MemoryAccount, PoolStats
@@ -496,6 +496,7 @@ class Session:
             entry.sanitize(args, kwargs)
         if entry.takes_generator and kwargs.get("generator") is None:
             kwargs["generator"] = self.generators[self._index_of(values.device_of(args, kwargs))]
+        self._check_quota_before(entry, args, kwargs)
         inputs = self._make_resident(entry.name, values.tensors_in(args, kwargs)) if self.memory.managed else ()
         # (Both zeroing rules are off the common path: server/zeroing.py.)
         sizes = zeroing.StorageSizes(args, kwargs) if entry.resized_arguments else None
@@ -547,6 +548,14 @@ class Session:
     # ------------------------------------------------------------------------------------------
     # Quota: a session never holds more than its tenant's memory quota
     # ------------------------------------------------------------------------------------------
+    def _check_quota_before(self, entry: op_policy.OpEntry, args: list[Any], kwargs: dict[str, Any]) -> None:
+        """Refuse an op before it runs when what it would allocate is known not to fit in the
+        session's quota (server/preflight.py; cheap for ops that surely fit)."""
+        headroom = self.memory_limit - self.memory.allocated
+        needed = preflight.needed_bytes(entry, args, kwargs, headroom)
+        if needed is not None and needed > headroom:
+            raise CommandError(ErrorKind.OOM, entry.name, self._quota_message(self.memory.allocated, needed))
+
     def _remeasure(self, entry: op_policy.OpEntry, args: list[Any], kwargs: dict[str, Any],
                    wire_args: list[Any], wire_kwargs: dict[str, Any]) -> list[int]:
         """Re-read storage sizes of arguments the op may have resized; the handles that grew."""
@@ -626,7 +635,13 @@ class Session:
 
         def call(entry: op_policy.OpEntry, args: list[Any], kwargs: dict[str, Any]) -> Any:
             failing[0] = entry.name
-            return self._invoke(entry, args, kwargs)[0]
+            result = self._invoke(entry, args, kwargs)[0]
+            # Intermediates are the session's memory while they live: the quota sees the run's peak.
+            for tensor in zeroing.tensors_of(result):
+                self.memory.hold(tensor)
+            if self.memory.allocated > self.memory_limit:
+                raise CommandError(ErrorKind.OOM, entry.name, self._quota_message(allocated_before, self.memory.allocated - allocated_before))
+            return result
 
         def interpret(inputs: list[Any]) -> list[Any]:
             return graphs.run(graph, inputs, call, self._resolve)

@@ -156,3 +156,116 @@ def test_quantized_empty_is_refused_or_zeroed(tenants):
         assert error[0] == "refused", error
         return
     assert_no_secret(b.fetch(2), "_empty_affine_quantized")
+
+
+# ------------------------------------------------------------------------------------------------
+# Every byte a session causes is charged, or refused before it is allocated
+# ------------------------------------------------------------------------------------------------
+QUOTA = 64 << 20
+GIB = 1 << 30
+F32 = protocol.dtype_ext(torch.float32)
+V = protocol.value_ext
+
+
+@pytest.fixture(scope="module")
+def quota_daemon() -> Iterator[Daemon]:
+    server = Daemon("--memory-quota", "64MiB")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def quota_client(quota_daemon: Daemon) -> Iterator[RawClient]:
+    with _client(quota_daemon.address) as client:
+        yield client
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident memory (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/<pid>/status")
+
+
+DEVICE = {"device": protocol.device_ext(0)}
+# Each asks for 1 GiB (2**28 float32 elements) from a session with a 64 MiB quota. Handle 1 is a
+# one-element float32 tensor, handle 2 a 16384-element one.
+ONE_GIB_REQUESTS = {
+    "empty": [op(1, "aten::empty.memory_format", [[1 << 28]], {"dtype": F32, **DEVICE}, [10])],
+    "zeros": [op(1, "aten::zeros.default", [[1 << 28]], {"dtype": F32, **DEVICE}, [10])],
+    "full": [op(1, "aten::full.default", [[1 << 14, 1 << 14], 3.0], {"dtype": F32, **DEVICE}, [10])],
+    "expand+contiguous": [op(1, "aten::expand.default", [H(1), [1 << 28]], {}, [9]),
+                          op(2, "aten::clone.default", [H(9)], {}, [10])],
+    "repeat": [op(1, "aten::repeat.default", [H(1), [1 << 28]], {}, [10])],
+    "outer product (mm)": [op(1, "aten::view.default", [H(2), [1 << 14, 1]], {}, [8]),
+                           op(2, "aten::view.default", [H(2), [1, 1 << 14]], {}, [9]),
+                           op(3, "aten::mm.default", [H(8), H(9)], {}, [10])],
+    "broadcast add": [op(1, "aten::view.default", [H(2), [1 << 14, 1]], {}, [8]),
+                      op(2, "aten::add.Tensor", [H(8), H(2)], {}, [10])],
+    "cat of expanded views": [op(1, "aten::expand.default", [H(1), [1 << 27]], {}, [9]),
+                              op(2, "aten::cat.default", [[H(9), H(9)]], {}, [10])],
+    "resize_": [op(1, "aten::resize_.default", [H(1), [1 << 28]], {}, [None])],
+}
+
+
+@pytest.mark.parametrize("request_name", list(ONE_GIB_REQUESTS))
+def test_a_request_past_the_quota_is_refused_before_anything_is_allocated(quota_daemon, quota_client, request_name):
+    # Fails before for every case: the op ran, the session's peak (and, for the ops that write
+    # their output, the daemon's RSS) took the 1 GiB, and only then was it undone.
+    raw = quota_client
+    raw.put(1, torch.tensor([2.0]))
+    raw.put(2, torch.arange(1 << 14, dtype=torch.float32))
+    before = raw.memory()
+    _, error, _ = raw.call(ONE_GIB_REQUESTS[request_name])
+    assert error is not None and error[0] == "oom", error
+    assert "quota" in error[2] and "64.00 MiB" in error[2], error
+    after = raw.memory()
+    assert after["peak"] - before["allocated"] < QUOTA, f"the daemon allocated it: peak {after['peak']}"
+    assert after["allocated"] == before["allocated"]
+    assert peak_rss(quota_daemon.process.pid) < GIB // 2, "the daemon's memory took the request"
+    # The session goes on, and the values it holds are intact.
+    assert torch.equal(raw.fetch(1), torch.tensor([2.0]))
+
+
+def test_graph_intermediates_are_charged(quota_client):
+    # Ten 8 MiB intermediates alive at once (88 MiB with the input) under a 64 MiB quota; the
+    # graph returns a scalar. Fails before: intermediates were not charged, the run succeeded.
+    raw = quota_client
+    raw.put(1, torch.ones(1 << 21))  # 8 MiB
+    nodes = [["aten::mul.Tensor", [V(0), float(k)], {}] for k in range(1, 11)]  # values 1..10
+    nodes.append(["aten::add.Tensor", [V(1), V(2)], {}])  # value 11
+    for k in range(3, 11):  # values 12..19: a running sum that needs every product until its turn
+        nodes.append(["aten::add.Tensor", [V(8 + k), V(k)], {}])
+    nodes.append(["aten::sum.default", [V(19)], {}])  # value 20
+    _, error, _ = raw.call([[Cmd.GRAPH, 1, 1, nodes, [V(20)]]])
+    assert error is None, error
+    before = raw.memory()["allocated"]
+    _, error, _ = raw.call([[Cmd.RUN_GRAPH, 1, [H(1)], [2]]])
+    assert error is not None and error[0] == "oom" and "quota" in error[2], error
+    assert raw.memory()["allocated"] == before, "the run's intermediates are released"
+    # Within the quota, the same graph on a smaller input runs, and its peak is seen.
+    raw.put(3, torch.ones(1 << 18))  # 1 MiB: 11 MiB at once
+    raw.call([[Cmd.QUERY, "reset_peak_memory"]])
+    _, error, _ = raw.call([[Cmd.RUN_GRAPH, 1, [H(3)], [4]]])
+    assert error is None, error
+    assert raw.fetch(4).item() == 55.0 * (1 << 18)
+    stats = raw.memory()
+    assert stats["peak"] - before >= 10 << 20, stats
+    assert stats["allocated"] == before + (1 << 20) + 4
+
+
+def test_set_data_keeps_the_account_exact(quota_client):
+    # t.data = other, as the op: the tensor now uses other's storage. Fails before: the handle
+    # stayed charged for its old 16 bytes, and freeing `other` uncharged a storage still in use.
+    raw = quota_client
+    base = raw.memory()["allocated"]
+    raw.put(1, torch.ones(1 << 20))  # 4 MiB
+    raw.put(2, torch.ones(4))
+    _, error, _ = raw.call([op(1, "aten::set_data.default", [H(2), H(1)], {}, []), [Cmd.FREE, [1]]])
+    assert error is None, error
+    assert raw.memory()["allocated"] == base + (4 << 20)
+    assert torch.equal(raw.fetch(2), torch.ones(1 << 20))
+    _, error, _ = raw.call([[Cmd.FREE, [2]]])
+    assert raw.memory()["allocated"] == base
