@@ -16,7 +16,8 @@ rule, from each op's schema (worked out once per op, :class:`Sizing`):
   nothing to check (views, in-place ops).
 * Factories (no tensor arguments: ``empty``, ``zeros``, ``full``, ``arange``, ``rand*``...) always
   run their meta kernel: their size is in their arguments, and their meta kernels are the cheap
-  ones (2-20 µs).
+  ones (2-20 µs). So do the few ops whose output grows faster than their inputs in ways a schema
+  does not show (:data:`PRODUCT_OPS`: ``diag`` of a vector, ``combinations``, ``einsum``).
 * For every other op a cheap bound comes first: 16 bytes (the widest dtype) per element of its
   tensor arguments as the op sees them (``numel``: an expanded view counts in full, so
   ``expand(...).contiguous()`` is seen), per tensor it returns, times ``1 + |n|`` for each integer
@@ -24,8 +25,7 @@ rule, from each op's schema (worked out once per op, :class:`Sizing`):
   classes), with two refinements: a pointwise op's elements are its inputs' broadcast shape;
   an op combining several tensors (``mm``, convolutions, ``embedding``, ``index_select``,
   ``kron``: outputs may grow with the *product* of their inputs' sizes) takes the product of their
-  element counts, as do the few ops that multiply sizes with one tensor or one list of them
-  (:data:`PRODUCT_OPS`: ``diag`` of a vector, ``einsum``; a schema does not say so). Only when the
+  element counts. Only when the
   bound does not fit in what the session has left does the meta kernel run, and its answer (the
   bytes of every fresh result storage, plus what existing storages grow by) is what is checked.
   Answers are cached per op and argument layout, since a training loop asks the same ones every
@@ -34,7 +34,8 @@ rule, from each op's schema (worked out once per op, :class:`Sizing`):
   ``unique``; a quantized argument), the op runs and the check after it catches what it made
   (``Session._refuse_over_quota``), as before. ``bincount``, ``one_hot(num_classes=-1)`` and
   ``repeat_interleave`` with a tensor of repeats, whose outputs are not bounded by their inputs,
-  are sized from their data first (:func:`_data_dependent_elements`).
+  are sized from their data first, always (:func:`_data_dependent_elements`: one more pass over
+  an input of ops that read it to size their output anyway).
 """
 
 from __future__ import annotations
@@ -46,10 +47,12 @@ from typing import Any
 
 import torch
 
+from . import zeroing
+
 #: Bytes per element of the widest dtype (complex128): a bound for any result's element size.
 WIDEST_ELEMENT = 16
-#: Ops whose output may grow with the product of their inputs' sizes although the schema does not
-#: say so: one tensor argument (``diag`` of a vector is a matrix) or one list of them (``einsum``).
+#: Ops whose output may grow faster than their inputs although the schema does not say so: one
+#: tensor argument (``diag`` of a vector is a matrix) or one list of them (``einsum``).
 PRODUCT_OPS = frozenset({"diag", "diag_embed", "diagflat", "combinations", "_pdist_forward", "vander",
                          "cartesian_prod", "block_diag", "einsum", "chain_matmul", "linalg_multi_dot",
                          "_trilinear", "tensordot", "kron"})
@@ -57,7 +60,7 @@ PRODUCT_OPS = frozenset({"diag", "diag_embed", "diagflat", "combinations", "_pdi
 SIZED_BY_DATA = frozenset({"bincount", "one_hot", "repeat_interleave"})
 #: Integer arguments that are never sizes (they pick dimensions or flags), by name.
 _NOT_SIZES = frozenset({"dim", "dims", "dim0", "dim1", "dim2", "start_dim", "end_dim", "source", "destination",
-                        "offset", "diagonal", "groups", "correction", "unbiased", "keepdim", "ignore_index",
+                        "diagonal", "groups", "correction", "unbiased", "keepdim", "ignore_index",
                         "reduction", "padding_idx", "index", "p", "ord", "scale", "zero_point", "axis"})
 #: Schema types of integer arguments (``real_type``: dtypes and memory formats are not ints there).
 _INTEGERS = re.compile(r"(Optional\[)?(List\[)?(int|SymInt)\]?\]?")
@@ -71,7 +74,8 @@ class Sizing:
 
     #: Returns a tensor that is not a view of an argument, or may resize an argument's storage.
     allocates: bool
-    factory: bool  # no tensor arguments at all
+    #: Always asks the meta kernel: a factory (no tensor arguments), or one of PRODUCT_OPS.
+    exact_only: bool
     tensor_returns: int
     #: Bytes per input element in the cheap bound: the widest element, per tensor returned.
     scale: int
@@ -120,14 +124,13 @@ def _sizing(entry: Any) -> Sizing:
     returns = max(1, len([ret for ret in schema.returns if is_tensor_like(ret.type)]))
     return Sizing(
         allocates=bool(fresh_returns) or bool(entry.resized_arguments),
-        factory=not tensor_arguments,
+        exact_only=not tensor_arguments or op_name in PRODUCT_OPS,
         tensor_returns=returns,
         scale=returns * WIDEST_ELEMENT,
         size_arguments=size_arguments,
         pointwise=torch.Tag.pointwise in entry.overload.tags,
         # (A single list, as cat's or a foreach op's, adds up: its results are no larger.)
-        multiplies=op_name in PRODUCT_OPS or (torch.Tag.pointwise not in entry.overload.tags
-                                              and len(tensor_arguments) > 1),
+        multiplies=torch.Tag.pointwise not in entry.overload.tags and len(tensor_arguments) > 1,
         grows=bool(entry.resized_arguments),
         sized_by_data=op_name in SIZED_BY_DATA,
         op_name=op_name,
@@ -141,7 +144,7 @@ def needed_bytes(entry: Any, args: list[Any], kwargs: dict[str, Any], headroom: 
     sizing = sizing_of(entry)
     if not sizing.allocates:
         return None
-    if not sizing.factory:
+    if not sizing.exact_only and not sizing.sized_by_data:
         bound = cheap_bound(sizing, args, kwargs)
         if bound <= headroom:
             return None
@@ -303,7 +306,7 @@ def _run_meta(entry: Any, args: list[Any], kwargs: dict[str, Any]) -> int | None
     grown = sum(max(0, meta.nbytes() - real) for meta, real in storages.values())
     known = {meta._cdata for meta, _ in storages.values()}
     fresh = 0
-    for tensor in _tensors(result):
+    for tensor in zeroing.tensors_of(result):
         storage = tensor.untyped_storage()
         if storage._cdata not in known:
             known.add(storage._cdata)
@@ -317,11 +320,3 @@ def _device_position(entry: Any) -> int | None:
         if arg.name == "device":
             return position
     return None
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [tensor for item in value for tensor in _tensors(item)]
-    return []

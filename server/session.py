@@ -49,6 +49,10 @@ class CommandError(Exception):
         return [self.kind.value, self.op, self.message]
 
 
+class QuotaRefusal(CommandError):
+    """An op refused before it ran: what it would allocate does not fit in the session's quota."""
+
+
 @dataclass
 class PendingBatch:
     """A BATCH waiting to run (or partly run): its commands run from ``cursor`` on."""
@@ -480,7 +484,15 @@ class Session:
                 if self.memory.allocated > self.memory_limit:
                     self._refuse_over_quota(entry.name, allocated_before, outs)
                 return entry, sliced[0]
-        result, inputs = self._invoke(entry, args, kwargs)
+        try:
+            result, inputs = self._invoke(entry, args, kwargs)
+        except QuotaRefusal as exc:
+            # The client already gave the tensors the op resizes their new sizes: as when the
+            # quota is exceeded after the op, they are dropped, and using them raises this error.
+            for handle in self._resized_handles(entry, command[2], command[3]):
+                self._drop(handle)
+                self._failed[handle] = f"{entry.name} failed: {exc.message}"
+            raise
         grown = self._remeasure(entry, args, kwargs, command[2], command[3]) if entry.resized_arguments else ()
         self._store_outputs(entry, result, outs)
         if self.memory.allocated > self.memory_limit:
@@ -554,7 +566,17 @@ class Session:
         headroom = self.memory_limit - self.memory.allocated
         needed = preflight.needed_bytes(entry, args, kwargs, headroom)
         if needed is not None and needed > headroom:
-            raise CommandError(ErrorKind.OOM, entry.name, self._quota_message(self.memory.allocated, needed))
+            raise QuotaRefusal(ErrorKind.OOM, entry.name, self._quota_message(self.memory.allocated, needed))
+
+    @staticmethod
+    def _resized_handles(entry: op_policy.OpEntry, wire_args: list[Any], wire_kwargs: dict[str, Any]) -> list[int]:
+        """Handles of the arguments the op may resize (``OpEntry.resized_arguments``)."""
+        handles = []
+        for where, key in entry.resized_arguments:
+            wire = (wire_args[key] if key < len(wire_args) else None) if where == "arg" else wire_kwargs.get(key)
+            if isinstance(wire, HandleRef):
+                handles.append(wire.handle)
+        return handles
 
     def _remeasure(self, entry: op_policy.OpEntry, args: list[Any], kwargs: dict[str, Any],
                    wire_args: list[Any], wire_kwargs: dict[str, Any]) -> list[int]:

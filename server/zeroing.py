@@ -32,6 +32,8 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from . import residency
+
 aten = torch.ops.aten
 
 #: Ops that change a tensor's sizes or storage without writing any element: the bytes a storage
@@ -54,7 +56,7 @@ def writes_no_elements(op_name: str) -> bool:
 
 def byte_view(storage: torch.UntypedStorage) -> torch.Tensor:
     """The storage's bytes as a flat uint8 tensor (all of them, whatever views use it)."""
-    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, 0, (storage.nbytes(),), (1,))
+    return residency.byte_view(storage, storage.nbytes())
 
 
 def tensors_of(value: Any) -> Iterator[torch.Tensor]:
@@ -120,7 +122,9 @@ def _zero_range_except(storage: torch.UntypedStorage, start: int, stop: int, wri
     if not written:
         flat[start:stop].zero_()
         return
-    if len(written) == 1 and _is_dense(written[0]):
+    from .values import is_dense  # (here: values imports op_policy, which imports this module)
+
+    if len(written) == 1 and is_dense(written[0], any_offset=True):
         tensor = written[0]
         first = tensor.storage_offset() * tensor.element_size()
         last = first + tensor.numel() * tensor.element_size()
@@ -134,20 +138,6 @@ def _zero_range_except(storage: torch.UntypedStorage, start: int, stop: int, wri
     flat[start:stop].zero_()
     for tensor, values in zip(written, kept):
         tensor.copy_(values)
-
-
-def _is_dense(tensor: torch.Tensor) -> bool:
-    """Whether the tensor's elements fill one contiguous span of its storage."""
-    expected = 1
-    for size, step in sorted(zip(tensor.shape, tensor.stride()), key=lambda pair: pair[1]):
-        if size == 1:
-            continue
-        if size == 0:
-            return True
-        if step != expected:
-            return False
-        expected *= size
-    return True
 
 
 # ------------------------------------------------------------------------------------------------

@@ -191,7 +191,7 @@ def peak_rss(pid: int) -> int:
 
 DEVICE = {"device": protocol.device_ext(0)}
 # Each asks for 1 GiB (2**28 float32 elements) from a session with a 64 MiB quota. Handle 1 is a
-# one-element float32 tensor, handle 2 a 16384-element one.
+# one-element float32 tensor, handle 2 a 16384-element one, handle 3 the int64 scalar 2**27.
 ONE_GIB_REQUESTS = {
     "empty": [op(1, "aten::empty.memory_format", [[1 << 28]], {"dtype": F32, **DEVICE}, [10])],
     "zeros": [op(1, "aten::zeros.default", [[1 << 28]], {"dtype": F32, **DEVICE}, [10])],
@@ -207,6 +207,10 @@ ONE_GIB_REQUESTS = {
     "cat of expanded views": [op(1, "aten::expand.default", [H(1), [1 << 27]], {}, [9]),
                               op(2, "aten::cat.default", [[H(9), H(9)]], {}, [10])],
     "resize_": [op(1, "aten::resize_.default", [H(1), [1 << 28]], {}, [None])],
+    "diag of a vector": [op(1, "aten::diag.default", [H(2)], {}, [10])],
+    "einsum outer product": [op(1, "aten::einsum.default", ["i,j->ij", [H(2), H(2)]], {}, [10])],
+    # Sized by its data: a count per value up to the largest (handle 3 holds 2**27).
+    "bincount": [op(1, "aten::bincount.default", [H(3)], {}, [10])],
 }
 
 
@@ -217,16 +221,24 @@ def test_a_request_past_the_quota_is_refused_before_anything_is_allocated(quota_
     raw = quota_client
     raw.put(1, torch.tensor([2.0]))
     raw.put(2, torch.arange(1 << 14, dtype=torch.float32))
+    raw.put(3, torch.tensor([1 << 27]))
     before = raw.memory()
     _, error, _ = raw.call(ONE_GIB_REQUESTS[request_name])
     assert error is not None and error[0] == "oom", error
     assert "quota" in error[2] and "64.00 MiB" in error[2], error
     after = raw.memory()
     assert after["peak"] - before["allocated"] < QUOTA, f"the daemon allocated it: peak {after['peak']}"
-    assert after["allocated"] == before["allocated"]
+    dropped = 4 if request_name == "resize_" else 0  # (see below)
+    assert after["allocated"] == before["allocated"] - dropped
     assert peak_rss(quota_daemon.process.pid) < GIB // 2, "the daemon's memory took the request"
-    # The session goes on, and the values it holds are intact.
-    assert torch.equal(raw.fetch(1), torch.tensor([2.0]))
+    # The session goes on, and the values it holds are intact (but for a tensor the client saw
+    # resized: using it raises the same error, as when the quota is exceeded after an op).
+    if request_name == "resize_":
+        _, error, _ = raw.call([[Cmd.FETCH, 1]])
+        assert error is not None and "resize_" in error[2] and "quota" in error[2], error
+    else:
+        assert torch.equal(raw.fetch(1), torch.tensor([2.0]))
+    assert torch.equal(raw.fetch(2), torch.arange(1 << 14, dtype=torch.float32))
 
 
 def test_graph_intermediates_are_charged(quota_client):
@@ -269,3 +281,24 @@ def test_set_data_keeps_the_account_exact(quota_client):
     assert torch.equal(raw.fetch(2), torch.ones(1 << 20))
     _, error, _ = raw.call([[Cmd.FREE, [2]]])
     assert raw.memory()["allocated"] == base
+
+
+def test_a_real_client_gets_cudas_out_of_memory_error_and_nothing_is_allocated(quota_daemon):
+    # What a program sees: torch's OutOfMemoryError, as from CUDA, for each 1 GiB request; the
+    # session's peak never includes it. Fails before: each request was allocated, then undone.
+    from conftest import client_connected_to
+
+    with client_connected_to(quota_daemon.address) as libremote:
+        small = torch.ones(4, device="cuda")
+        requests = {
+            "empty": lambda: torch.empty(1 << 28, device="cuda"),
+            "zeros": lambda: torch.zeros(1 << 28, device="cuda"),
+            "expand+contiguous": lambda: small[:1].expand(1 << 28).contiguous(),
+            "repeat": lambda: small.repeat(1 << 26),
+        }
+        for name, request in requests.items():
+            with pytest.raises(torch.OutOfMemoryError, match="quota"):
+                request()
+                libremote.synchronize()
+            assert torch.cuda.max_memory_allocated() < QUOTA, name
+        assert small.sum().item() == 4.0
