@@ -40,7 +40,6 @@ rule, from each op's schema (worked out once per op, :class:`Sizing`):
 
 from __future__ import annotations
 
-import collections
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -74,8 +73,9 @@ class Sizing:
 
     #: Returns a tensor that is not a view of an argument, or may resize an argument's storage.
     allocates: bool
-    #: Always asks the meta kernel: a factory (no tensor arguments), or one of PRODUCT_OPS.
+    #: Always asks the meta kernel: a factory, or one of PRODUCT_OPS.
     exact_only: bool
+    factory: bool  # no tensor arguments at all
     tensor_returns: int
     #: Bytes per input element in the cheap bound: the widest element, per tensor returned.
     scale: int
@@ -94,7 +94,7 @@ class Sizing:
 
 
 _sizings: dict[str, Sizing] = {}
-_answers: collections.OrderedDict[tuple[Any, ...], int | None] = collections.OrderedDict()
+_answers: dict[tuple[Any, ...], int | None] = {}  # (insertion order: the oldest goes first)
 
 
 def sizing_of(entry: Any) -> Sizing:
@@ -125,6 +125,7 @@ def _sizing(entry: Any) -> Sizing:
     return Sizing(
         allocates=bool(fresh_returns) or bool(entry.resized_arguments),
         exact_only=not tensor_arguments or op_name in PRODUCT_OPS,
+        factory=not tensor_arguments,
         tensor_returns=returns,
         scale=returns * WIDEST_ELEMENT,
         size_arguments=size_arguments,
@@ -152,7 +153,10 @@ def needed_bytes(entry: Any, args: list[Any], kwargs: dict[str, Any], headroom: 
         elements = _data_dependent_elements(sizing, args, kwargs)
         if elements is not None:
             return elements * WIDEST_ELEMENT * sizing.tensor_returns
-    return meta_bytes(entry, sizing, args, kwargs)
+    answer = meta_bytes(entry, sizing, args, kwargs)
+    if answer is None and sizing.factory:
+        answer = _explicit_size_bound(sizing, args, kwargs)  # a factory with no meta kernel (quantized)
+    return answer
 
 
 def cheap_bound(sizing: Sizing, args: list[Any], kwargs: dict[str, Any]) -> int:
@@ -191,6 +195,20 @@ def _add_listed_and_keyword_tensors(tensors: list[torch.Tensor], args: list[Any]
 
 
 _Tensor = torch.Tensor
+
+
+def _explicit_size_bound(sizing: Sizing, args: list[Any], kwargs: dict[str, Any]) -> int | None:
+    """For a factory: the elements its size arguments ask for, at the widest element size (None
+    when it has none, as ``arange``, whose size comes from scalars)."""
+    if not sizing.size_arguments:
+        return None
+    elements = 1
+    for where, key in sizing.size_arguments:
+        value = (args[key] if key < len(args) else None) if where == "arg" else kwargs.get(key)
+        for number in (value if type(value) is list else (value,)):
+            if type(number) is int:
+                elements *= max(number, 0)
+    return elements * sizing.scale
 
 
 def _broadcast_elements(shapes: list[torch.Size]) -> int:
@@ -235,42 +253,42 @@ def meta_bytes(entry: Any, sizing: Sizing, args: list[Any], kwargs: dict[str, An
     """The bytes the op allocates, from its meta kernel: every fresh result storage, plus what
     argument storages grow by. None when the meta kernel cannot say."""
     key = _layout_key(entry.name, args, kwargs, with_storages=sizing.grows)
-    if key is not None and key in _answers:
-        _answers.move_to_end(key)
-        return _answers[key]
-    answer = _run_meta(entry, args, kwargs)
-    if key is not None:
-        _answers[key] = answer
+    try:
+        answer = _answers.get(key, _UNKNOWN)
+    except TypeError:  # something in the arguments is not hashable: ask, and keep nothing
+        return _run_meta(entry, args, kwargs)
+    if answer is _UNKNOWN:
+        answer = _answers[key] = _run_meta(entry, args, kwargs)
         if len(_answers) > CACHE_ENTRIES:
-            _answers.popitem(last=False)
-    return answer
+            del _answers[next(iter(_answers))]  # the oldest
+    return answer  # type: ignore[return-value]
 
 
-def _layout_key(name: str, args: list[Any], kwargs: dict[str, Any], *, with_storages: bool) -> tuple[Any, ...] | None:
+_UNKNOWN = object()
+
+
+def _layout_key(name: str, args: list[Any], kwargs: dict[str, Any], *, with_storages: bool) -> tuple[Any, ...]:
     """What the meta kernel's answer depends on: shapes, strides and dtypes of the tensors, and the
     other arguments; ``with_storages``: also their offsets, storage sizes and sharing (for ops
-    that may grow a storage). None if something is not hashable."""
+    that may grow a storage). A flat loop: ops that combine tensors ask this on every call while the product bound does
+    not fit."""
     storages: dict[int, int] = {}
 
     def part(value: Any) -> Any:
-        if type(value) is torch.Tensor and not with_storages:
-            return (value.shape, value.stride(), value.dtype)
-        if isinstance(value, torch.Tensor):
+        kind = type(value)
+        if kind is _Tensor:
+            if not with_storages:
+                return (value.shape, value.stride(), value.dtype)
             storage = value.untyped_storage()
             group = storages.setdefault(storage._cdata, len(storages))
-            return (tuple(value.shape), value.stride(), value.storage_offset(), value.dtype, storage.nbytes(), group)
-        if isinstance(value, (list, tuple)):
-            return tuple(part(item) for item in value)
-        if isinstance(value, torch.Generator):
-            return "generator"
+            return (value.shape, value.stride(), value.storage_offset(), value.dtype, storage.nbytes(), group)
+        if kind is list:
+            return tuple([part(item) for item in value])
+        if kind is torch.Generator:
+            return None
         return value
 
-    try:
-        key = (name, part(args), tuple(sorted((k, part(v)) for k, v in kwargs.items())))
-        hash(key)
-    except TypeError:
-        return None
-    return key
+    return (name, *[part(value) for value in args], *[(k, part(v)) for k, v in kwargs.items()])
 
 
 def _run_meta(entry: Any, args: list[Any], kwargs: dict[str, Any]) -> int | None:
@@ -300,6 +318,8 @@ def _run_meta(entry: Any, args: list[Any], kwargs: dict[str, Any]) -> int | None
         device_at = _device_position(entry)
         if device_at is not None and device_at >= len(meta_args):
             meta_kwargs["device"] = torch.device("meta")  # not given: the op would use the CPU
+        if meta_kwargs.get("pin_memory"):
+            meta_kwargs["pin_memory"] = False  # (no pinned meta memory; the sizes are the same)
         result = entry.overload(*meta_args, **meta_kwargs)
     except Exception:  # no meta kernel, data-dependent sizes, a bad argument: the op itself will say
         return None
