@@ -387,6 +387,9 @@ class DeviceMemory:
             record.storage.resize_(record.nbytes)
         else:
             self.retrying_oom(lambda: record.storage.resize_(record.nbytes), protect=protect)
+        # Every byte the allocator just handed back is overwritten: ``host`` is the storage's exact
+        # size (copied whole at eviction; a copy of any other size would fail, not leave a gap), so
+        # a restore never exposes what another tenant left in the block.
         target = byte_view(record.storage, record.nbytes)
         if host.is_pinned():
             # A restore on demand runs on the stream of the command that needs the bytes (its

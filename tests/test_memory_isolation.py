@@ -302,3 +302,26 @@ def test_a_real_client_gets_cudas_out_of_memory_error_and_nothing_is_allocated(q
                 libremote.synchronize()
             assert torch.cuda.max_memory_allocated() < QUOTA, name
         assert small.sum().item() == 4.0
+
+
+def test_a_real_clients_rebind_keeps_the_account_exact(quota_daemon):
+    # `t.data = other` (nn.Module._apply, optimizers' tricks) from a real client: the account
+    # follows the storage, whichever handle holds it.
+    import gc
+
+    from conftest import client_connected_to
+
+    with client_connected_to(quota_daemon.address) as libremote:
+        base = torch.cuda.memory_allocated()
+        t = torch.zeros(1 << 20, device="cuda")  # 4 MiB
+        other = torch.ones(1 << 21, device="cuda")  # 8 MiB
+        t.data = other
+        del other
+        gc.collect()
+        libremote.synchronize()
+        assert torch.cuda.memory_allocated() - base == 8 << 20
+        assert t.sum().item() == float(1 << 21)
+        del t
+        gc.collect()
+        libremote.synchronize()
+        assert torch.cuda.memory_allocated() == base
