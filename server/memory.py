@@ -81,7 +81,9 @@ class MemoryAccount:
         self.large_pool, self.small_pool = PoolStats(), PoolStats()
         #: Storages charged through :meth:`hold`: key -> [live tensors, bytes].
         self._held: dict[int, list[int]] = {}
-        self._holders: dict[weakref.ref, int] = {}
+        #: id of a weakref to each held tensor -> (the weakref, its storage's key). (By id: a
+        #: weakref compares equal by its live referents, and tensors compare elementwise.)
+        self._holders: dict[int, tuple[weakref.ref, int]] = {}
 
     @property
     def managed(self) -> bool:
@@ -131,11 +133,12 @@ class MemoryAccount:
             if self.allocated > self.peak:
                 self.peak = self.allocated
         held[0] += 1
-        self._holders[weakref.ref(tensor, self._let_go)] = key
+        holder = weakref.ref(tensor, self._let_go)
+        self._holders[id(holder)] = (holder, key)
 
     def _let_go(self, holder: weakref.ref) -> None:
         """A held tensor died (weakref callback)."""
-        key = self._holders.pop(holder, None)
+        key = self._holders.pop(id(holder), (None, None))[1]
         held = self._held.get(key) if key is not None else None
         if held is None:
             return  # a handle took the charge over (add)
