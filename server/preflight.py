@@ -213,9 +213,10 @@ def _explicit_size_bound(sizing: Sizing, args: list[Any], kwargs: dict[str, Any]
 
 def _broadcast_elements(shapes: list[torch.Size]) -> int:
     """The element count of the shapes broadcast together (an upper bound if they do not)."""
-    first = shapes[0]
-    if len(shapes) == 2 and shapes[1] == first:
-        return first.numel()
+    if len(shapes) == 2:  # the common case, and its common forms: equal, or one a suffix (a bias)
+        longer, shorter = shapes if len(shapes[0]) >= len(shapes[1]) else (shapes[1], shapes[0])
+        if longer[len(longer) - len(shorter):] == shorter:
+            return longer.numel()
     rank = max([len(shape) for shape in shapes])
     elements = 1
     for back in range(1, rank + 1):
