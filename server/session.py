@@ -508,8 +508,8 @@ class Session:
             entry.sanitize(args, kwargs)
         if entry.takes_generator and kwargs.get("generator") is None:
             kwargs["generator"] = self.generators[self._index_of(values.device_of(args, kwargs))]
-        self._check_quota_before(entry, args, kwargs)
         inputs = self._make_resident(entry.name, values.tensors_in(args, kwargs)) if self.memory.managed else ()
+        self._check_quota_before(entry, args, kwargs)  # (after: a spilled storage has no bytes to measure)
         # (Both zeroing rules are off the common path: server/zeroing.py.)
         sizes = zeroing.StorageSizes(args, kwargs) if entry.resized_arguments else None
         if entry.seeded_without_generator and not (self._cuda_graphs is not None and self._cuda_graphs.capturing):

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from conftest import Daemon
+from conftest import Daemon, client_connected_to
 from raw_client import RawClient
 from libremote import protocol
 from libremote.protocol import Cmd, Msg
@@ -286,8 +286,6 @@ def test_set_data_keeps_the_account_exact(quota_client):
 def test_a_real_client_gets_cudas_out_of_memory_error_and_nothing_is_allocated(quota_daemon):
     # What a program sees: torch's OutOfMemoryError, as from CUDA, for each 1 GiB request; the
     # session's peak never includes it. Fails before: each request was allocated, then undone.
-    from conftest import client_connected_to
-
     with client_connected_to(quota_daemon.address) as libremote:
         small = torch.ones(4, device="cuda")
         requests = {
@@ -308,8 +306,6 @@ def test_a_real_clients_rebind_keeps_the_account_exact(quota_daemon):
     # `t.data = other` (nn.Module._apply, optimizers' tricks) from a real client: the account
     # follows the storage, whichever handle holds it.
     import gc
-
-    from conftest import client_connected_to
 
     with client_connected_to(quota_daemon.address) as libremote:
         base = torch.cuda.memory_allocated()
