@@ -20,6 +20,12 @@ schema, not from a hand list of overloads:
   ``.out`` overloads) clone and grow inside one kernel; they are translated
   (:data:`TRANSLATIONS`) into a clone and the in-place op, whose growth is zeroed.
 
+* **Trimmed results**: ops whose output size depends on their data (schema tag
+  ``dynamic_output_shape``: ``unique_consecutive``, ``nonzero``...) may allocate for the worst
+  case and shrink the result's sizes, not its storage: ``unique_consecutive`` of 65536 equal floats
+  returns one element on a 256 KiB storage. The bytes of each fresh result storage that no result
+  shows are zeroed.
+
 Placeholders of a step recorded without running (``Session._allocate_placeholders``) are
 allocated zeroed. Spilled storages need nothing: a restore copies the whole storage back from a
 host buffer of its exact size, and a storage whose bytes were discarded comes back zeroed
@@ -77,6 +83,30 @@ def zero_fresh_results(result: Any, args: list[Any], kwargs: dict[str, Any]) -> 
         if storage._cdata not in taken and storage.nbytes():
             byte_view(storage).zero_()
             taken.add(storage._cdata)
+
+
+_trims: dict[str, bool] = {}
+
+
+def trims_results(entry: Any) -> bool:
+    """Whether an op (an ``OpEntry``) sizes its results by their data (``dynamic_output_shape``)."""
+    trims = _trims.get(entry.name)
+    if trims is None:
+        trims = _trims[entry.name] = torch.Tag.dynamic_output_shape in entry.overload.tags
+    return trims
+
+
+def zero_beyond_results(result: Any, args: list[Any], kwargs: dict[str, Any]) -> None:
+    """Zero the bytes of each fresh result storage that are not elements of any result."""
+    taken = {t.untyped_storage()._cdata for t in tensors_of([args, list(kwargs.values())])}
+    shown: dict[int, tuple[torch.UntypedStorage, list[torch.Tensor]]] = {}
+    for tensor in tensors_of(result):
+        storage = tensor.untyped_storage()
+        if storage._cdata not in taken:
+            shown.setdefault(storage._cdata, (storage, []))[1].append(tensor)
+    for storage, tensors in shown.values():
+        if storage.nbytes():
+            _zero_range_except(storage, 0, storage.nbytes(), tensors)
 
 
 class StorageSizes:

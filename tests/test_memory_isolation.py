@@ -133,6 +133,20 @@ def test_out_argument_growth_past_its_offset_is_zeroed(tenants):
     assert_no_secret(data, "add.out growth")
 
 
+def test_what_a_data_sized_result_leaves_of_its_storage_is_zeroed(tenants):
+    # unique_consecutive allocates for the worst case (every element distinct) and shrinks the
+    # result's sizes, not its storage: one float shown on a 1 MiB storage. Fails before.
+    a, b = tenants
+    b.put(1, torch.zeros(BLOCK // 4))
+    leave_secrets(a)
+    _, error, _ = b.call([op(1, "aten::unique_consecutive.default", [H(1)], {}, [2, None, None]),
+                          op(2, "aten::view.dtype", [H(2), U8], {}, [3])])
+    assert error is None, error
+    data = whole_storage(b, 3, BLOCK)
+    assert_no_secret(data, "unique_consecutive")
+    assert torch.equal(data[:4], torch.zeros(4, dtype=torch.uint8))
+
+
 def test_placeholders_of_a_step_recorded_without_running_are_zeroed(tenants):
     # torch.cuda.graph's results exist before the first replay; fails before (torch.empty).
     a, b = tenants
