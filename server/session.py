@@ -664,7 +664,8 @@ class Session:
             for tensor in zeroing.tensors_of(result):
                 self.memory.hold(tensor)
             if self.memory.allocated > self.memory_limit:
-                raise CommandError(ErrorKind.OOM, entry.name, self._quota_message(allocated_before, self.memory.allocated - allocated_before))
+                needed = self.memory.allocated - allocated_before
+                raise CommandError(ErrorKind.OOM, entry.name, self._quota_message(allocated_before, needed))
             return result
 
         def interpret(inputs: list[Any]) -> list[Any]:

@@ -190,7 +190,8 @@ def _into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return out.copy_(result)
 
 
-def resize(self: torch.Tensor, size: list[int], *, memory_format: Any = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def resize(self: torch.Tensor, size: list[int], *, memory_format: Any = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
     result = self.clone()
     return _into(grow(result, lambda: result.resize_(size, memory_format=memory_format)), out)
 

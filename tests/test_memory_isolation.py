@@ -24,6 +24,7 @@ SECRET = 0xA5
 #: Each secret tensor; B's allocations below are about this size, so they reuse A's blocks.
 BLOCK = 1 << 20
 U8 = protocol.dtype_ext(torch.uint8)
+DEVICE = {"device": protocol.device_ext(0)}
 H = protocol.handle_ext
 
 
@@ -80,7 +81,7 @@ def test_empty_strided_gaps_are_zeroed(tenants):
     leave_secrets(a)
     shape, stride = [1024, 512], [1024, 1]  # each row uses half of its 1024 bytes
     nbytes = 1023 * 1024 + 512
-    _, error, _ = b.call([op(1, "aten::empty_strided.default", [shape, stride], {"dtype": U8, "device": protocol.device_ext(0)}, [1])])
+    _, error, _ = b.call([op(1, "aten::empty_strided.default", [shape, stride], {"dtype": U8, **DEVICE}, [1])])
     assert error is None, error
     assert_no_secret(whole_storage(b, 1, nbytes), "empty_strided")
 
@@ -108,7 +109,7 @@ def test_storage_growth_is_zeroed(tenants, name, args):
     b.put(1, torch.full((16,), 7, dtype=torch.uint8))
     b.put(3, torch.ones(1, dtype=torch.uint8))
     leave_secrets(a)
-    results, error, _ = b.call([op(1, name, args(), {}, [2]), [Cmd.QUERY, "memory"]])
+    _, error, _ = b.call([op(1, name, args(), {}, [2])])
     assert error is None, error
     data = whole_storage(b, 2, BLOCK)
     assert torch.equal(data[:16], torch.full((16,), 7, dtype=torch.uint8)), "the old bytes stay"
@@ -203,7 +204,6 @@ def peak_rss(pid: int) -> int:
     raise AssertionError("no VmHWM in /proc/<pid>/status")
 
 
-DEVICE = {"device": protocol.device_ext(0)}
 # Each asks for 1 GiB (2**28 float32 elements) from a session with a 64 MiB quota. Handle 1 is a
 # one-element float32 tensor, handle 2 a 16384-element one, handle 3 the int64 scalar 2**27.
 ONE_GIB_REQUESTS = {
@@ -294,6 +294,7 @@ def test_set_data_keeps_the_account_exact(quota_client):
     assert raw.memory()["allocated"] == base + (4 << 20)
     assert torch.equal(raw.fetch(2), torch.ones(1 << 20))
     _, error, _ = raw.call([[Cmd.FREE, [2]]])
+    assert error is None, error
     assert raw.memory()["allocated"] == base
 
 
