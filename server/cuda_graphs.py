@@ -38,8 +38,9 @@ interpreted from then on (and fails as the interpreter does when a tensor is gon
 
 Sessions under residency management (``--device-memory``/``--host-spill``) are not captured: the
 pool lives outside the device budget the manager enforces, and spilling moves storages.
-The pool's intermediates are not charged to the session's quota either (an interpreted run's are
-transient and not charged; a captured graph keeps its peak reserved for as long as it lives). So
+The pool's intermediates are not charged to the session's quota either (an interpreted run's are,
+while they live: ``MemoryAccount.hold``; a captured graph keeps its peak reserved for as long as it
+lives). So
 that a finished model does not pin its memory, the daemon's housekeeping drops the captures whose
 parameters (the inputs a graph was last called with as the very tensors it was captured on) or
 whose step's tensors the client has freed (:meth:`GraphCapture.reclaim`).

@@ -4,6 +4,10 @@ Views share their base's storage, so a session is charged once per storage, howe
 point into it. Storages are keyed by their ``StorageImpl`` address (``_cdata``), which stays the
 same for the storage's whole life, even when its bytes are resized or spilled.
 
+Tensors the session holds without a handle (a graph's intermediates while the graph runs) are
+charged too, for as long as they live (:meth:`MemoryAccount.hold`): the quota and the peak see
+what a graph needs at once, not only what it returns.
+
 ``allocated`` is the session's *virtual* figure (what its quota and ``torch.cuda.memory_allocated``
 see); with oversubscription on, each storage also has a :class:`~.residency.StorageRecord` with
 its device's memory manager, and ``spilled`` says how much of it lives in host RAM right now.
@@ -11,6 +15,7 @@ its device's memory manager, and ``spilled`` says how much of it lives in host R
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -74,6 +79,11 @@ class MemoryAccount:
         self.peak_count = 0
         self.spilled = 0  # maintained by the device memory managers
         self.large_pool, self.small_pool = PoolStats(), PoolStats()
+        #: Storages charged through :meth:`hold`: key -> [live tensors, bytes].
+        self._held: dict[int, list[int]] = {}
+        #: id of a weakref to each held tensor -> (the weakref, its storage's key). (By id: a
+        #: weakref compares equal by its live referents, and tensors compare elementwise.)
+        self._holders: dict[int, tuple[weakref.ref, int]] = {}
 
     @property
     def managed(self) -> bool:
@@ -88,6 +98,9 @@ class MemoryAccount:
         if entry is not None:
             entry.handles += 1
             return key
+        held = self._held.pop(key, None)
+        if held is not None:  # a graph's result, charged while the graph ran: charged here now
+            self.allocated -= held[1]
         nbytes = storage.nbytes()
         record = None
         if self._device_memory_for is not None:
@@ -104,6 +117,35 @@ class MemoryAccount:
         if len(self._entries) > self.peak_count:
             self.peak_count = len(self._entries)
         return key
+
+    def hold(self, tensor: torch.Tensor) -> None:
+        """Charge ``tensor``'s storage, unless the session holds it already, for as long as the
+        tensor object lives (a graph's intermediate: the interpreter drops it after its last use).
+        Views of it each hold it too; a handle made on it later (:meth:`add`) takes the charge over."""
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self._entries:
+            return
+        held = self._held.get(key)
+        if held is None:
+            held = self._held[key] = [0, storage.nbytes()]
+            self.allocated += held[1]
+            if self.allocated > self.peak:
+                self.peak = self.allocated
+        held[0] += 1
+        holder = weakref.ref(tensor, self._let_go)
+        self._holders[id(holder)] = (holder, key)
+
+    def _let_go(self, holder: weakref.ref) -> None:
+        """A held tensor died (weakref callback)."""
+        key = self._holders.pop(id(holder), (None, None))[1]
+        held = self._held.get(key) if key is not None else None
+        if held is None:
+            return  # a handle took the charge over (add)
+        held[0] -= 1
+        if held[0] == 0:
+            del self._held[key]
+            self.allocated -= held[1]
 
     def release(self, key: int) -> None:
         entry = self._entries[key]

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import zeroing
 from .translations import TRANSLATIONS
 
 ALLOWED_NAMESPACES = frozenset({"aten"})
@@ -51,12 +52,6 @@ DENIED_OPS = frozenset(
 )
 DENIED_PREFIXES = ("_test_",)
 
-#: Ops that hand back uninitialised memory. The daemon zero-fills their results: the caching
-#: allocator reuses one tenant's freed blocks for another, and ``empty`` must not read them.
-UNINITIALISED_RESULT_OPS = frozenset(
-    {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "empty_permuted"}
-)
-
 _NAME = re.compile(r"^(?P<ns>[a-z_][a-z0-9_]*)::(?P<op>[A-Za-z_][A-Za-z0-9_]*)(\.(?P<overload>[A-Za-z_][A-Za-z0-9_]*))?$")
 
 
@@ -76,6 +71,8 @@ class OpEntry:
     takes_generator: bool
     #: Draws random numbers without a generator argument: run under the session's RNG state.
     seeded_without_generator: bool
+    #: Returns uninitialised memory (``*empty*``): the daemon zeroes its fresh results'
+    #: storages (server/zeroing.py).
     zero_fill_result: bool
     #: Arguments the op writes to, as ("arg", position) or ("kwarg", name), when it may change
     #: their storage's size (resize_, set_, out= arguments): memory is re-measured after it.
@@ -130,22 +127,21 @@ def resolve(name: str) -> OpEntry:
         raise OpRefused(f"{name} is not an op overload")
     schema = overload._schema
     takes_generator = any(arg.name == "generator" for arg in schema.arguments)
-    resizing_op = op_name in ("resize_", "resize_as_", "set_", "resize_as_sparse_")
+    resizing_op = op_name in zeroing.SIZE_ONLY_OPS
     resized = tuple(
         ("kwarg", arg.name) if arg.kwarg_only else ("arg", position)
         for position, arg in enumerate(schema.arguments)
         if arg.alias_info is not None and arg.alias_info.is_write and (arg.kwarg_only or resizing_op)
     )
     seeded = torch.Tag.nondeterministic_seeded in overload.tags
-    base = op_name.rstrip("_")
     entry = OpEntry(
         name=name,
         overload=overload,
         # The overload's C++ callable: one Python frame less per op than OpOverload.__call__.
-        call=TRANSLATIONS.get(f"{namespace}::{op_name}", overload._op),
+        call=TRANSLATIONS.get(f"{namespace}::{op_name}") or zeroing.TRANSLATIONS.get(f"{namespace}::{op_name}", overload._op),
         takes_generator=takes_generator,
         seeded_without_generator=seeded and not takes_generator,
-        zero_fill_result=base in UNINITIALISED_RESULT_OPS,
+        zero_fill_result=zeroing.returns_uninitialised(op_name),
         resized_arguments=resized,
         sanitize=_SANITIZERS.get(f"{namespace}::{op_name}"),
         foreach=op_name.startswith("_foreach_") and (

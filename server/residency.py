@@ -99,7 +99,8 @@ class StorageRecord:
 DISCARDED = torch.empty(0, dtype=torch.uint8)
 
 
-def _byte_view(storage: torch.UntypedStorage, nbytes: int) -> torch.Tensor:
+def byte_view(storage: torch.UntypedStorage, nbytes: int) -> torch.Tensor:
+    """The first ``nbytes`` bytes of ``storage`` as a flat uint8 tensor."""
     return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, 0, (nbytes,), (1,))
 
 
@@ -326,7 +327,7 @@ class DeviceMemory:
     # ------------------------------------------------------------------------------------------
     def _evict(self, record: StorageRecord) -> None:
         owner = record.owner
-        source = _byte_view(record.storage, record.nbytes)
+        source = byte_view(record.storage, record.nbytes)
         if record.ready is not None:  # prefetched and never used: the spill waits for that copy
             owner.stream.wait_event(record.ready)
             record.ready = None
@@ -365,7 +366,7 @@ class DeviceMemory:
                 owner.stream.wait_event(record.ready)
                 record.ready = None
             # Freed after the kernels the owner queued that still use the block.
-            _byte_view(record.storage, record.nbytes).record_stream(owner.stream)
+            byte_view(record.storage, record.nbytes).record_stream(owner.stream)
         record.storage.resize_(0)
         record.host = DISCARDED
         self.resident_bytes -= record.nbytes
@@ -377,7 +378,7 @@ class DeviceMemory:
         assert host is not None
         if host is DISCARDED:  # a dead storage asked for after all (see Lookahead.dead): zeros
             self.retrying_oom(lambda: record.storage.resize_(record.nbytes), protect=protect)
-            _byte_view(record.storage, record.nbytes).zero_()
+            byte_view(record.storage, record.nbytes).zero_()
             record.host = None
             self.resident_bytes += record.nbytes
             return
@@ -386,7 +387,10 @@ class DeviceMemory:
             record.storage.resize_(record.nbytes)
         else:
             self.retrying_oom(lambda: record.storage.resize_(record.nbytes), protect=protect)
-        target = _byte_view(record.storage, record.nbytes)
+        # Every byte the allocator just handed back is overwritten: ``host`` is the storage's exact
+        # size (copied whole at eviction; a copy of any other size would fail, not leave a gap), so
+        # a restore never exposes what another tenant left in the block.
+        target = byte_view(record.storage, record.nbytes)
         if host.is_pinned():
             # A restore on demand runs on the stream of the command that needs the bytes (its
             # session's, current here): ordered before that command's kernels, so the host does

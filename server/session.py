@@ -24,7 +24,7 @@ import torch
 from libremote import protocol
 from libremote.protocol import Cmd, DeviceRef, ErrorKind, HandleRef, ProtocolError
 
-from . import devices, foreach_chunks, graphs, limits, numerics, op_policy, programs, values
+from . import devices, foreach_chunks, graphs, limits, numerics, op_policy, preflight, programs, values, zeroing
 from .compiled_graphs import GraphCompiler
 from .cuda_graphs import GraphCapture
 from .memory import MemoryAccount, PoolStats
@@ -47,6 +47,10 @@ class CommandError(Exception):
 
     def to_wire(self) -> list[str]:
         return [self.kind.value, self.op, self.message]
+
+
+class QuotaRefusal(CommandError):
+    """An op refused before it ran: what it would allocate does not fit in the session's quota."""
 
 
 @dataclass
@@ -501,7 +505,15 @@ class Session:
                 if self.memory.allocated > self.memory_limit:
                     self._refuse_over_quota(entry.name, allocated_before, outs)
                 return entry, sliced[0]
-        result, inputs = self._invoke(entry, args, kwargs)
+        try:
+            result, inputs = self._invoke(entry, args, kwargs)
+        except QuotaRefusal as exc:
+            # The client already gave the tensors the op resizes their new sizes: as when the
+            # quota is exceeded after the op, they are dropped, and using them raises this error.
+            for handle in self._resized_handles(entry, command[2], command[3]):
+                self._drop(handle)
+                self._failed[handle] = f"{entry.name} failed: {exc.message}"
+            raise
         grown = self._remeasure(entry, args, kwargs, command[2], command[3]) if entry.resized_arguments else ()
         self._store_outputs(entry, result, outs)
         if self.memory.allocated > self.memory_limit:
@@ -518,13 +530,20 @@ class Session:
         if entry.takes_generator and kwargs.get("generator") is None:
             kwargs["generator"] = self.generators[self._index_of(values.device_of(args, kwargs))]
         inputs = self._make_resident(entry.name, values.tensors_in(args, kwargs)) if self.memory.managed else ()
+        self._check_quota_before(entry, args, kwargs)  # (after: a spilled storage has no bytes to measure)
+        # (Both zeroing rules are off the common path: server/zeroing.py.)
+        sizes = zeroing.StorageSizes(args, kwargs) if entry.resized_arguments else None
         if entry.seeded_without_generator and not (self._cuda_graphs is not None and self._cuda_graphs.capturing):
             with self._session_rng(values.device_of(args, kwargs)):
                 result = self._call(entry, args, kwargs, inputs)
         else:
             result = self._call(entry, args, kwargs, inputs)
-        if entry.zero_fill_result and isinstance(result, torch.Tensor):
-            result.zero_()
+        if entry.zero_fill_result:
+            zeroing.zero_fresh_results(result, args, kwargs)
+        elif zeroing.trims_results(entry):
+            zeroing.zero_beyond_results(result, args, kwargs)
+        if sizes is not None:
+            sizes.zero_growth(entry, args, kwargs)
         self.ops_executed += 1
         return result, inputs
 
@@ -564,6 +583,24 @@ class Session:
     # ------------------------------------------------------------------------------------------
     # Quota: a session never holds more than its tenant's memory quota
     # ------------------------------------------------------------------------------------------
+    def _check_quota_before(self, entry: op_policy.OpEntry, args: list[Any], kwargs: dict[str, Any]) -> None:
+        """Refuse an op before it runs when what it would allocate is known not to fit in the
+        session's quota (server/preflight.py; cheap for ops that surely fit)."""
+        headroom = self.memory_limit - self.memory.allocated
+        needed = preflight.needed_bytes(entry, args, kwargs, headroom)
+        if needed is not None and needed > headroom:
+            raise QuotaRefusal(ErrorKind.OOM, entry.name, self._quota_message(self.memory.allocated, needed))
+
+    @staticmethod
+    def _resized_handles(entry: op_policy.OpEntry, wire_args: list[Any], wire_kwargs: dict[str, Any]) -> list[int]:
+        """Handles of the arguments the op may resize (``OpEntry.resized_arguments``)."""
+        handles = []
+        for where, key in entry.resized_arguments:
+            wire = (wire_args[key] if key < len(wire_args) else None) if where == "arg" else wire_kwargs.get(key)
+            if isinstance(wire, HandleRef):
+                handles.append(wire.handle)
+        return handles
+
     def _remeasure(self, entry: op_policy.OpEntry, args: list[Any], kwargs: dict[str, Any],
                    wire_args: list[Any], wire_kwargs: dict[str, Any]) -> list[int]:
         """Re-read storage sizes of arguments the op may have resized; the handles that grew."""
@@ -643,7 +680,14 @@ class Session:
 
         def call(entry: op_policy.OpEntry, args: list[Any], kwargs: dict[str, Any]) -> Any:
             failing[0] = entry.name
-            return self._invoke(entry, args, kwargs)[0]
+            result = self._invoke(entry, args, kwargs)[0]
+            # Intermediates are the session's memory while they live: the quota sees the run's peak.
+            for tensor in zeroing.tensors_of(result):
+                self.memory.hold(tensor)
+            if self.memory.allocated > self.memory_limit:
+                needed = self.memory.allocated - allocated_before
+                raise CommandError(ErrorKind.OOM, entry.name, self._quota_message(allocated_before, needed))
+            return result
 
         def interpret(inputs: list[Any]) -> list[Any]:
             return graphs.run(graph, inputs, call, self._resolve)
@@ -741,7 +785,8 @@ class Session:
                 for made in handles:
                     self._drop(made)
                 raise CommandError(ErrorKind.OOM, "capture", message)
-            self._store(handle, torch.empty((span,), dtype=dtype, device=self._device(device))
+            # Zeroed, not left uninitialised: the block may hold another tenant's freed bytes.
+            self._store(handle, torch.zeros((span,), dtype=dtype, device=self._device(device))
                         .as_strided(shape, stride, offset))
             handles.append(handle)
 

@@ -52,7 +52,7 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                       *, scale: Any = None) -> tuple[Any, ...]:
     """``aten::_scaled_dot_product_fused_attention_overrideable``."""
     max_q, max_k = query.shape[-2], key.shape[-2]
-    no_rng = torch.empty((), dtype=torch.int64, device=query.device)
+    no_rng = torch.zeros((), dtype=torch.int64, device=query.device)  # handed out: never uninitialised
     if query.device.type == "cuda":
         try:
             out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(
