@@ -34,7 +34,7 @@ host buffer of its exact size, and a storage whose bytes were discarded comes ba
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import torch
 
