@@ -32,8 +32,8 @@ Refused (in order):
                     (:data:`PROCESS_STATE_OPS`).
 ``unvalidated_geometry``  a view built from explicit sizes and strides over an input's storage
                     that has no bounds check here (see ``geometry_checked`` below).
-``no_effect``       returns nothing and writes nothing (``_print``, ``record_stream``...): its
-                    only effects are outside tensors.
+``no_effect``       returns nothing and writes nothing, and is no host check (``_backward``):
+                    its only effects are outside tensors.
 
 Allowed:
 
@@ -48,7 +48,7 @@ Allowed:
 ``pointwise``       tagged ``pointwise``: TensorIterator broadcasts and checks shapes and dtypes.
 ``reduction``       tagged ``reduction``: dims are wrapped and checked against the input.
 ``host_check``      validation ops that raise on the host and change nothing
-                    (``_linalg_check_errors``, ``_validate_*``, ``sym_constrain_range*``).
+                    (``_linalg_check_errors``, which ``linalg.inv`` and friends call).
 ``query``           reads tensors and returns plain values (``_local_scalar_dense``, ``equal``).
 ``in_place_or_out`` writes ``self`` or kwarg-only ``out=`` tensors: the kernel checks ``self``'s
                     shape or resizes the outs (``resize_output``) before writing.
@@ -121,7 +121,7 @@ NON_STRIDED_FAMILIES: dict[str, re.Pattern[str]] = {
 PROCESS_STATE_OPS = re.compile(r"^_cudnn_rnn|^_cudnn_init_dropout_state$|^miopen_rnn|^_cufft_")
 
 #: Validation ops that only raise on the host.
-HOST_CHECK_OPS = re.compile(r"^_linalg_check_errors$|^_validate_|^sym_constrain_range")
+HOST_CHECK_OPS = re.compile(r"^_linalg_check_errors$|^_validate_")
 
 #: Varlen attention offsets: read by the device kernels without bounds checks.
 UNCHECKED_OFFSET_ARGUMENTS = frozenset({"cum_seq_q", "cum_seq_k", "cu_seqlens_q", "cu_seqlens_k",
@@ -223,9 +223,10 @@ RULES: tuple[Rule, ...] = (
          "inside that storage before the kernel runs",
          lambda f: _geometry_over_input(f) and f.op in GEOMETRY_ARGUMENTS),
     Rule("unvalidated_geometry", False, "explicit sizes and strides over an input's storage, unchecked",
-         _geometry_over_input),
+         lambda f: _geometry_over_input(f) and f.op not in GEOMETRY_ARGUMENTS),
     Rule("no_effect", False, "returns nothing and writes no tensor: its only effects are outside tensors",
-         lambda f: not f.return_types and not f.writes_self_or_out and not f.writes_other),
+         lambda f: not f.return_types and not f.writes_self_or_out and not f.writes_other
+         and not HOST_CHECK_OPS.search(f.op)),
     Rule("factory", True, "a fresh storage sized from its own arguments",
          lambda f: f.returns_tensor and (not f.takes_tensor or f.op.startswith("new_"))),
     Rule("view", True, "view kernels derive strides from the input's geometry and check dims and ranges",
