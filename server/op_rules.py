@@ -40,7 +40,8 @@ Allowed:
 ``geometry_checked``  explicit ``size`` and ``stride`` over an input's storage (``as_strided*``,
                     ``_reshape_alias*``, ``set_.source_Tensor_storage_offset``): allowed with a
                     per-call check that the view lies inside that storage
-                    (:func:`view_outside_storage`), before the kernel runs.
+                    (:func:`view_outside_storage`), before the kernel runs. (So ``set_`` no longer
+                    grows its source's storage to fit a view past its end: it refuses.)
 ``factory``         no tensor inputs (or ``new_*``, whose ``self`` gives dtype and device only):
                     a fresh storage sized from its own arguments.
 ``view``            returns an alias of an input and takes no explicit strides: view kernels
@@ -62,7 +63,10 @@ Per-call checks, decided here once per overload (an op that has none pays nothin
   enum crashes the daemon. A layout must be ``strided``; a dtype must not be quantized.
 * ``Device`` arguments must name one of the session's devices (the wire's ``DeviceRef``
   resolves only to those): a string or an integer there could name another GPU, the host or
-  another backend.
+  another backend (``privateuseone`` is libremote's own client backend, loaded in the daemon
+  too). The session's devices are its whole binding: on a GPU daemon no op makes tensors in the
+  daemon's host memory (the only host tensors are the small ones sent inline as arguments, and a
+  result on any device not the session's is refused when stored).
 * varlen attention offsets (:data:`UNCHECKED_OFFSET_ARGUMENTS`) must be None: the device kernels
   read them without bounds checks; dense attention passes none.
 * explicit geometry (``geometry_checked``) must lie inside its storage.
@@ -328,6 +332,15 @@ def view_outside_storage(tensor: Any, size: Any, stride: Any, offset: Any) -> st
     return None
 
 
+def contiguous_strides(size: list[Any]) -> list[Any]:
+    """The strides of a contiguous tensor of ``size`` (what ``set_`` uses for ``stride=[]``)."""
+    strides, step = [], 1
+    for n in reversed(size):
+        strides.append(step)
+        step *= n if type(n) is int and n > 1 else 1
+    return strides[::-1]
+
+
 def argument_checker(overload: torch._ops.OpOverload, rule: Rule) -> Callable[[list[Any], dict[str, Any], Sequence[torch.device]], None] | None:
     """The per-call check of an allowed overload's arguments (raising :class:`ArgumentRefused`),
     or None when its arguments need none."""
@@ -339,6 +352,7 @@ def argument_checker(overload: torch._ops.OpOverload, rule: Rule) -> Callable[[l
     if rule.name == "geometry_checked":
         names = GEOMETRY_ARGUMENTS[schema.name.removeprefix("aten::")]
         geometry = tuple((positions[n], n) if n is not None else None for n in names)
+    stride_defaults_to_contiguous = "stride" in positions and schema.arguments[positions["stride"]].has_default_value()
     if not checks and geometry is None:
         return None
     name = f"{schema.name}.{schema.overload_name}" if schema.overload_name else schema.name
@@ -354,6 +368,8 @@ def argument_checker(overload: torch._ops.OpOverload, rule: Rule) -> Callable[[l
                     raise ArgumentRefused(f"{name}: argument {argument!r} {reason}")
         if geometry is not None:
             tensor, size, stride, offset = (None if g is None else value(args, kwargs, *g) for g in geometry)
+            if stride_defaults_to_contiguous and stride in (None, []) and isinstance(size, list):
+                stride = contiguous_strides(size)  # set_'s ``stride=[]``: the client drops defaults
             reason = view_outside_storage(tensor, size, stride, offset)
             if reason is not None:
                 raise ArgumentRefused(f"{name}: {reason}")

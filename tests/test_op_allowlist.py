@@ -138,6 +138,11 @@ def test_as_strided_views_inside_their_storage_run_and_others_are_refused(raw):
     raw.put(4, torch.zeros(0))
     _, error = op_sync(raw, "aten::set_.source_Tensor_storage_offset", [h(4), h(1), 0, [100], [1]])
     assert_refused(error, "storage")
+    _, error = op_sync(raw, "aten::set_.source_Tensor_storage_offset", [h(4), h(1), 2, [2, 2]])  # stride=[] dropped
+    assert error is None, error
+    assert raw.fetch(4).equal(torch.arange(2.0, 6.0).view(2, 2))
+    _, error = op_sync(raw, "aten::set_.source_Tensor_storage_offset", [h(4), h(1), 3, [2, 2]])
+    assert_refused(error, "storage")
 
 
 # ------------------------------------------------------------------------------------------------

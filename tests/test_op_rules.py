@@ -238,6 +238,17 @@ def test_a_view_must_lie_inside_its_storage(size, stride, offset, inside):
     assert (op_rules.view_outside_storage(tensor, size, stride, offset) is None) == inside
 
 
+def test_set_without_strides_is_checked_as_contiguous():
+    entry = op_policy.resolve("aten::set_.source_Tensor_storage_offset")
+    source = torch.zeros(6)
+    entry.check_arguments([torch.zeros(0), source, 2, [2, 2]], {}, DEVICES)
+    entry.check_arguments([torch.zeros(0), source, 0, [2, 3], []], {}, DEVICES)
+    with pytest.raises(op_policy.ArgumentRefused, match="storage"):
+        entry.check_arguments([torch.zeros(0), source, 3, [2, 2]], {}, DEVICES)
+    assert op_rules.contiguous_strides([2, 3, 4]) == [12, 4, 1]
+    assert op_rules.contiguous_strides([0, 3]) == [3, 1]
+
+
 @pytest.mark.parametrize("make, why", [
     (lambda: torch.zeros(3).to_sparse(), "sparse"),
     (lambda: torch.zeros(3).to_mkldnn(), "mkldnn"),
