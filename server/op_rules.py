@@ -30,6 +30,8 @@ Refused (in order):
                     ``_nnpack_available``): all such an op can reach is process-wide state; and
                     the RNN kernels that keep a process-wide dropout state per device
                     (:data:`PROCESS_STATE_OPS`).
+``trusts_saved_indices``  backward kernels that index with their forward's bookkeeping tensors
+                    unchecked (``_embedding_bag_backward``'s ``offset2bag``, found by probing).
 ``unvalidated_geometry``  a view built from explicit sizes and strides over an input's storage
                     that has no bounds check here (see ``geometry_checked`` below).
 ``no_effect``       returns nothing and writes nothing, and is no host check (``_backward``):
@@ -37,6 +39,8 @@ Refused (in order):
 
 Allowed:
 
+``index_checked``   an index tensor the kernel trusts (pooling backward's ``indices``, CTC's
+                    ``targets``, :data:`INDEX_BOUNDS`): allowed with a per-call range check.
 ``geometry_checked``  explicit ``size`` and ``stride`` over an input's storage (``as_strided*``,
                     ``_reshape_alias*``, ``set_.source_Tensor_storage_offset``): allowed with a
                     per-call check that the view lies inside that storage
@@ -70,6 +74,7 @@ Per-call checks, decided here once per overload (an op that has none pays nothin
 * varlen attention offsets (:data:`UNCHECKED_OFFSET_ARGUMENTS`) must be None: the device kernels
   read them without bounds checks; dense attention passes none.
 * explicit geometry (``geometry_checked``) must lie inside its storage.
+* trusted index tensors (``index_checked``) must lie inside the tensor they index.
 
 Results are checked once more when the daemon stores them (``values.unstorable``): a tensor that
 is not strided, has no storage or lies on a device not the session's is refused there too.
@@ -110,7 +115,7 @@ UNSAFE_FOR_AUTOGRAD_ONLY = frozenset({"_unsafe_view", "unsafe_split", "unsafe_sp
 NON_STRIDED_FAMILIES: dict[str, re.Pattern[str]] = {
     "sparse": re.compile(r"sparse|^_?(indices|values|crow_indices|col_indices|ccol_indices|row_indices)$"
                          r"|coalesce|^_?nnz$|^(sparse|dense)_dim$|^_dim[IV]$|^(hspmm|smm|sspaddmm|_spdiags)$"
-                         r"|^_?to_dense$|^_cslt|semi_structured"),
+                         r"|^_?to_dense$|^_cslt|semi_structured|^_convert_indices_from_"),
     "mkldnn": re.compile(r"mkldnn|onednn"),
     "quantized": re.compile(r"(?<!fake_)quantiz(e|ed)(?!_fake)|^q_|^qscheme$|^int_repr$|affine_quantized"
                             r"|^_make_per_(tensor|channel)|fbgemm|^_wrapped_|int4pack|int8pack|^_dyn_quant"
@@ -123,6 +128,27 @@ NON_STRIDED_FAMILIES: dict[str, re.Pattern[str]] = {
 #: Ops that keep process-wide state across tenants although they take tensors: cuDNN's and
 #: MIOpen's RNN kernels cache a dropout state per device (and take a caller-sized state buffer).
 PROCESS_STATE_OPS = re.compile(r"^_cudnn_rnn|^_cudnn_init_dropout_state$|^miopen_rnn|^_cufft_")
+
+#: Backward kernels that index with bookkeeping tensors their forward made (``offset2bag``,
+#: segment ``lengths``, Sobol state) and trust them: a forged one crashes the daemon (found by
+#: probing each with out-of-range values). No bounds check here covers them yet.
+TRUSTS_SAVED_INDICES = re.compile(r"^_embedding_bag_(dense_|per_sample_weights_)?backward$"
+                                  r"|^_segment_reduce_backward$|^_sobol_engine_")
+
+#: Ops whose kernels trust an index tensor argument (pooling backward's argmax ``indices``, CTC's
+#: ``targets``): op name -> (index argument, the tensor it indexes, how many trailing dims of that
+#: tensor the index runs over). Checked per call: 0 <= index < that many elements. (On a GPU this
+#: reads the index's min and max back: one sync per call of these few ops.)
+INDEX_BOUNDS: dict[str, tuple[str, str, int]] = {
+    "max_pool2d_with_indices_backward": ("indices", "self", 2),
+    "max_pool3d_with_indices_backward": ("indices", "self", 3),
+    "adaptive_max_pool2d_backward": ("indices", "self", 2),
+    "adaptive_max_pool3d_backward": ("indices", "self", 3),
+    "fractional_max_pool2d_backward": ("indices", "self", 2),
+    "fractional_max_pool3d_backward": ("indices", "self", 3),
+    "_ctc_loss": ("targets", "log_probs", 1),
+    "_ctc_loss_backward": ("targets", "log_probs", 1),
+}
 
 #: Validation ops that only raise on the host.
 HOST_CHECK_OPS = re.compile(r"^_linalg_check_errors$|^_validate_")
@@ -223,6 +249,11 @@ RULES: tuple[Rule, ...] = (
          lambda f: bool(HOST_CHECK_OPS.search(f.op))),
     Rule("process_state", False, "reaches process-wide state shared by every tenant",
          lambda f: (not f.takes_tensor and not f.returns_tensor) or bool(PROCESS_STATE_OPS.search(f.op))),
+    Rule("trusts_saved_indices", False, "a backward kernel that indexes with its forward's bookkeeping "
+         "tensors without checking them (a forged one crashes the daemon)",
+         lambda f: bool(TRUSTS_SAVED_INDICES.search(f.op))),
+    Rule("index_checked", True, "an index tensor the kernel trusts: checked to lie inside the tensor it "
+         "indexes before the kernel runs", lambda f: f.op in INDEX_BOUNDS),
     Rule("geometry_checked", True, "explicit sizes and strides over an input's storage: checked to lie "
          "inside that storage before the kernel runs",
          lambda f: _geometry_over_input(f) and f.op in GEOMETRY_ARGUMENTS),
@@ -332,6 +363,22 @@ def view_outside_storage(tensor: Any, size: Any, stride: Any, offset: Any) -> st
     return None
 
 
+def index_outside(index: Any, indexed: Any, dims: int) -> str | None:
+    """Why ``index`` does not address the trailing ``dims`` dims of ``indexed`` (a value outside
+    ``[0, their element count)``), or None. Not tensors: the kernel itself refuses them."""
+    if not isinstance(index, torch.Tensor) or not isinstance(indexed, torch.Tensor) or index.numel() == 0:
+        return None
+    if index.is_floating_point() or index.is_complex() or index.dtype is torch.bool:
+        return f"must be an integer tensor, not {index.dtype}"
+    limit = 1
+    for size in indexed.shape[-dims:] if indexed.dim() >= dims else indexed.shape:
+        limit *= size
+    low, high = (int(v) for v in torch.aminmax(index.reshape(-1)))
+    if low < 0 or high >= limit:
+        return f"holds values in [{low}, {high}]; the tensor it indexes has {limit} elements there"
+    return None
+
+
 def contiguous_strides(size: list[Any]) -> list[Any]:
     """The strides of a contiguous tensor of ``size`` (what ``set_`` uses for ``stride=[]``)."""
     strides, step = [], 1
@@ -353,7 +400,11 @@ def argument_checker(overload: torch._ops.OpOverload, rule: Rule) -> Callable[[l
         names = GEOMETRY_ARGUMENTS[schema.name.removeprefix("aten::")]
         geometry = tuple((positions[n], n) if n is not None else None for n in names)
     stride_defaults_to_contiguous = "stride" in positions and schema.arguments[positions["stride"]].has_default_value()
-    if not checks and geometry is None:
+    index_bound = None
+    if rule.name == "index_checked":
+        index, indexed, dims = INDEX_BOUNDS[schema.name.removeprefix("aten::")]
+        index_bound = ((positions[index], index), (positions[indexed], indexed), dims)
+    if not checks and geometry is None and index_bound is None:
         return None
     name = f"{schema.name}.{schema.overload_name}" if schema.overload_name else schema.name
 
@@ -373,5 +424,10 @@ def argument_checker(overload: torch._ops.OpOverload, rule: Rule) -> Callable[[l
             reason = view_outside_storage(tensor, size, stride, offset)
             if reason is not None:
                 raise ArgumentRefused(f"{name}: {reason}")
+        if index_bound is not None:
+            index, indexed, dims = index_bound
+            reason = index_outside(value(args, kwargs, *index), value(args, kwargs, *indexed), dims)
+            if reason is not None:
+                raise ArgumentRefused(f"{name}: argument {index[1]!r} {reason}")
 
     return check_arguments

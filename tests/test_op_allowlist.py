@@ -145,6 +145,21 @@ def test_as_strided_views_inside_their_storage_run_and_others_are_refused(raw):
     assert_refused(error, "storage")
 
 
+def test_pooling_backward_with_forged_indices_is_refused_and_the_daemon_lives(server, raw):
+    raw.put(1, torch.ones(1, 1, 1, 1))  # grad_output
+    raw.put(2, torch.ones(1, 1, 2, 2))  # the forward's input
+    raw.put(3, torch.tensor([[[[1 << 40]]]]))  # an argmax far outside the 2x2 plane
+    raw.put(4, torch.tensor([[[[3]]]]))
+    name = "aten::max_pool2d_with_indices_backward"
+    _, error = op_sync(raw, name, [h(1), h(2), [2, 2], [2, 2], [0, 0], [1, 1], False, h(3)], outs=[5])
+    assert_refused(error, "indices")
+    assert_never_computed(raw, 5)
+    _, error = op_sync(raw, name, [h(1), h(2), [2, 2], [2, 2], [0, 0], [1, 1], False, h(4)], outs=[6])
+    assert error is None, error
+    assert raw.fetch(6).flatten().tolist() == [0.0, 0.0, 0.0, 1.0]
+    assert_daemon_serves(server)
+
+
 # ------------------------------------------------------------------------------------------------
 # Sparse constructors and results without storage
 # ------------------------------------------------------------------------------------------------

@@ -164,9 +164,32 @@ def test_every_enum_argument_refuses_raw_integers_and_every_device_argument_refu
     assert enum_checked > 200 and device_checked > 70
 
 
+def test_trusted_index_tensors_are_range_checked():
+    checked = set()
+    for name, facts, rule in ALLOWED:
+        if facts.op not in op_rules.INDEX_BOUNDS:
+            continue
+        assert rule.name == "index_checked", name
+        index, indexed, dims = op_rules.INDEX_BOUNDS[facts.op]
+        entry = op_policy.resolve(name)
+        positions = [argument for argument, _, _ in facts.arguments]
+        args: list[object] = [None] * len([1 for _, _, kwarg_only in facts.arguments if not kwarg_only])
+        args[positions.index(indexed)] = torch.zeros(2, 3, 4, 5)
+        inside = 5 * (4 if dims >= 2 else 1) * (3 if dims >= 3 else 1)
+        for values_, refused in (([0, inside - 1], False), ([inside], True), ([-1], True)):
+            args[positions.index(index)] = torch.tensor(values_)
+            if refused:
+                with pytest.raises(op_policy.ArgumentRefused, match=index):
+                    entry.check_arguments(args, {}, DEVICES)
+            else:
+                entry.check_arguments(args, {}, DEVICES)
+        checked.add(facts.op)
+    assert checked == set(op_rules.INDEX_BOUNDS)
+
+
 def test_ops_with_no_checked_argument_pay_nothing_per_call():
     for name, facts, rule in ALLOWED:
-        needs = rule.name == "geometry_checked" or any(
+        needs = rule.name in ("geometry_checked", "index_checked") or any(
             _base_type(t) in op_rules.ENUM_TYPES or _base_type(t) == "Device" or n in op_rules.UNCHECKED_OFFSET_ARGUMENTS
             for n, t, _ in facts.arguments)
         assert (op_policy.resolve(name).check_arguments is not None) == needs, name
@@ -212,6 +235,9 @@ def test_no_allowed_op_is_without_tensors_and_without_effect():
     ("aten::_cudnn_init_dropout_state", "process_state"),
     ("aten::_print", "process_state"),
     ("aten::_test_warn_in_autograd", "test_hook"),
+    ("aten::_embedding_bag_dense_backward", "trusts_saved_indices"),
+    ("aten::_segment_reduce_backward", "trusts_saved_indices"),
+    ("aten::_convert_indices_from_csr_to_coo", "non_strided"),
 ])
 def test_the_hazardous_families_are_refused(name, rule):
     _, decided = op_rules.classify(_overload(name))
