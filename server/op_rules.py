@@ -130,15 +130,17 @@ NON_STRIDED_FAMILIES: dict[str, re.Pattern[str]] = {
 PROCESS_STATE_OPS = re.compile(r"^_cudnn_rnn|^_cudnn_init_dropout_state$|^miopen_rnn|^_cufft_")
 
 #: Backward kernels that index with bookkeeping tensors their forward made (``offset2bag``,
-#: segment ``lengths``, Sobol state) and trust them: a forged one crashes the daemon (found by
-#: probing each with out-of-range values). No bounds check here covers them yet.
+#: segment ``lengths``, Sobol state) or trust their shapes (``_thnn_differentiable_*``, the double
+#: backward of fused RNN cells) and trust them: a forged one crashes the daemon (found by probing
+#: each with out-of-range values). No check here covers them yet.
 TRUSTS_SAVED_INDICES = re.compile(r"^_embedding_bag_(dense_|per_sample_weights_)?backward$"
-                                  r"|^_segment_reduce_backward$|^_sobol_engine_")
+                                  r"|^_segment_reduce_backward$|^_sobol_engine_|^_thnn_differentiable_")
 
 #: Ops whose kernels trust an index tensor argument (pooling backward's argmax ``indices``, CTC's
-#: ``targets``): op name -> (index argument, the tensor it indexes, how many trailing dims of that
-#: tensor the index runs over). Checked per call: 0 <= index < that many elements. (On a GPU this
-#: reads the index's min and max back: one sync per call of these few ops.)
+#: ``targets``, embedding backward's ``indices``): op name -> (index argument, the tensor it
+#: indexes, how many trailing dims of that tensor the index runs over; or an integer argument
+#: that counts what it indexes, with 0). Checked per call: 0 <= index < that many elements. (On a
+#: GPU this reads the index's min and max back: one sync per call of these few ops.)
 INDEX_BOUNDS: dict[str, tuple[str, str, int]] = {
     "max_pool2d_with_indices_backward": ("indices", "self", 2),
     "max_pool3d_with_indices_backward": ("indices", "self", 3),
@@ -148,6 +150,7 @@ INDEX_BOUNDS: dict[str, tuple[str, str, int]] = {
     "fractional_max_pool3d_backward": ("indices", "self", 3),
     "_ctc_loss": ("targets", "log_probs", 1),
     "_ctc_loss_backward": ("targets", "log_probs", 1),
+    "embedding_dense_backward": ("indices", "num_weights", 0),
 }
 
 #: Validation ops that only raise on the host.
@@ -366,13 +369,16 @@ def view_outside_storage(tensor: Any, size: Any, stride: Any, offset: Any) -> st
 def index_outside(index: Any, indexed: Any, dims: int) -> str | None:
     """Why ``index`` does not address the trailing ``dims`` dims of ``indexed`` (a value outside
     ``[0, their element count)``), or None. Not tensors: the kernel itself refuses them."""
-    if not isinstance(index, torch.Tensor) or not isinstance(indexed, torch.Tensor) or index.numel() == 0:
+    if not isinstance(index, torch.Tensor) or not isinstance(indexed, (torch.Tensor, int)) or index.numel() == 0:
         return None
     if index.is_floating_point() or index.is_complex() or index.dtype is torch.bool:
         return f"must be an integer tensor, not {index.dtype}"
-    limit = 1
-    for size in indexed.shape[-dims:] if indexed.dim() >= dims else indexed.shape:
-        limit *= size
+    if isinstance(indexed, int):
+        limit = indexed
+    else:
+        limit = 1
+        for size in indexed.shape[-dims:] if indexed.dim() >= dims else indexed.shape:
+            limit *= size
     low, high = (int(v) for v in torch.aminmax(index.reshape(-1)))
     if low < 0 or high >= limit:
         return f"holds values in [{low}, {high}]; the tensor it indexes has {limit} elements there"

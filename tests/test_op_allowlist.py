@@ -160,6 +160,20 @@ def test_pooling_backward_with_forged_indices_is_refused_and_the_daemon_lives(se
     assert_daemon_serves(server)
 
 
+def test_embedding_backward_with_forged_indices_is_refused_and_the_daemon_lives(server, raw):
+    raw.put(1, torch.ones(1, 3))  # grad
+    raw.put(2, torch.tensor([1 << 40]))  # an index far outside num_weights
+    name = "aten::embedding_dense_backward"
+    _, error = op_sync(raw, name, [h(1), h(2), 2, -1, True], outs=[3])
+    assert_refused(error, "indices")
+    assert_never_computed(raw, 3)
+    raw.put(4, torch.tensor([1]))
+    _, error = op_sync(raw, name, [h(1), h(4), 2, -1, True], outs=[5])
+    assert error is None, error
+    assert raw.fetch(5).tolist() == [[0.0] * 3, [1.0] * 3]
+    assert_daemon_serves(server)
+
+
 # ------------------------------------------------------------------------------------------------
 # Sparse constructors and results without storage
 # ------------------------------------------------------------------------------------------------

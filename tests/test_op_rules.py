@@ -174,8 +174,11 @@ def test_trusted_index_tensors_are_range_checked():
         entry = op_policy.resolve(name)
         positions = [argument for argument, _, _ in facts.arguments]
         args: list[object] = [None] * len([1 for _, _, kwarg_only in facts.arguments if not kwarg_only])
-        args[positions.index(indexed)] = torch.zeros(2, 3, 4, 5)
-        inside = 5 * (4 if dims >= 2 else 1) * (3 if dims >= 3 else 1)
+        if dims == 0:  # an integer argument counts what the index addresses
+            args[positions.index(indexed)] = inside = 7
+        else:
+            args[positions.index(indexed)] = torch.zeros(2, 3, 4, 5)
+            inside = 5 * (4 if dims >= 2 else 1) * (3 if dims >= 3 else 1)
         for values_, refused in (([0, inside - 1], False), ([inside], True), ([-1], True)):
             args[positions.index(index)] = torch.tensor(values_)
             if refused:
@@ -237,6 +240,7 @@ def test_no_allowed_op_is_without_tensors_and_without_effect():
     ("aten::_test_warn_in_autograd", "test_hook"),
     ("aten::_embedding_bag_dense_backward", "trusts_saved_indices"),
     ("aten::_segment_reduce_backward", "trusts_saved_indices"),
+    ("aten::_thnn_differentiable_gru_cell_backward", "trusts_saved_indices"),
     ("aten::_convert_indices_from_csr_to_coo", "non_strided"),
 ])
 def test_the_hazardous_families_are_refused(name, rule):
