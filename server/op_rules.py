@@ -39,6 +39,8 @@ Refused (in order):
 
 Allowed:
 
+``channel_checked`` batch norm (its kernels index per-channel tensors unchecked): allowed with a
+                    per-call check that each holds one element per input channel.
 ``index_checked``   an index tensor the kernel trusts (pooling backward's ``indices``, CTC's
                     ``targets``, :data:`INDEX_BOUNDS`): allowed with a per-call range check.
 ``geometry_checked``  explicit ``size`` and ``stride`` over an input's storage (``as_strided*``,
@@ -75,6 +77,7 @@ Per-call checks, decided here once per overload (an op that has none pays nothin
   read them without bounds checks; dense attention passes none.
 * explicit geometry (``geometry_checked``) must lie inside its storage.
 * trusted index tensors (``index_checked``) must lie inside the tensor they index.
+* batch norm's per-channel tensors (``channel_checked``) must hold one element per channel.
 
 Results are checked once more when the daemon stores them (``values.unstorable``): a tensor that
 is not strided, has no storage or lies on a device not the session's is refused there too.
@@ -152,6 +155,13 @@ INDEX_BOUNDS: dict[str, tuple[str, str, int]] = {
     "_ctc_loss_backward": ("targets", "log_probs", 1),
     "embedding_dense_backward": ("indices", "num_weights", 0),
 }
+
+#: Batch norm kernels read (and in training write) their per-channel tensors at every channel of
+#: ``input`` without checking their sizes: a 1-element ``running_mean`` for 3 channels is written
+#: past its end. These arguments must hold exactly ``input.size(1)`` elements, checked per call.
+CHANNEL_CHECKED_OPS = re.compile(r"batch_norm")
+CHANNEL_ARGUMENTS = frozenset({"weight", "bias", "running_mean", "running_var", "save_mean", "save_invstd",
+                               "save_var", "save_var_transform", "mean", "invstd", "sum_dy", "sum_dy_xmu"})
 
 #: Validation ops that only raise on the host.
 HOST_CHECK_OPS = re.compile(r"^_linalg_check_errors$|^_validate_")
@@ -257,6 +267,8 @@ RULES: tuple[Rule, ...] = (
          lambda f: bool(TRUSTS_SAVED_INDICES.search(f.op))),
     Rule("index_checked", True, "an index tensor the kernel trusts: checked to lie inside the tensor it "
          "indexes before the kernel runs", lambda f: f.op in INDEX_BOUNDS),
+    Rule("channel_checked", True, "batch norm: its per-channel tensors are checked to hold one element "
+         "per channel of the input before the kernel runs", lambda f: bool(CHANNEL_CHECKED_OPS.search(f.op))),
     Rule("geometry_checked", True, "explicit sizes and strides over an input's storage: checked to lie "
          "inside that storage before the kernel runs",
          lambda f: _geometry_over_input(f) and f.op in GEOMETRY_ARGUMENTS),
@@ -385,6 +397,20 @@ def index_outside(index: Any, indexed: Any, dims: int) -> str | None:
     return None
 
 
+def channel_mismatch(input: Any, per_channel: dict[str, Any]) -> str | None:
+    """Why batch norm's per-channel tensors do not fit ``input``'s channels, or None."""
+    if not isinstance(input, torch.Tensor):
+        return None
+    if input.dim() < 2:
+        return f"input must have a channel dimension (at least 2 dims), not {input.dim()}"
+    channels = input.shape[1]
+    for argument, tensor in per_channel.items():
+        if isinstance(tensor, torch.Tensor) and (tensor.dim() != 1 or tensor.shape[0] != channels):
+            return (f"argument {argument!r} has shape {list(tensor.shape)}; the input has {channels} channels, "
+                    f"so it must be [{channels}]")
+    return None
+
+
 def contiguous_strides(size: list[Any]) -> list[Any]:
     """The strides of a contiguous tensor of ``size`` (what ``set_`` uses for ``stride=[]``)."""
     strides, step = [], 1
@@ -410,7 +436,13 @@ def argument_checker(overload: torch._ops.OpOverload, rule: Rule) -> Callable[[l
     if rule.name == "index_checked":
         index, indexed, dims = INDEX_BOUNDS[schema.name.removeprefix("aten::")]
         index_bound = ((positions[index], index), (positions[indexed], indexed), dims)
-    if not checks and geometry is None and index_bound is None:
+    channels = None
+    if rule.name == "channel_checked":
+        channels = ((positions["input"], "input"),
+                    # (not out= tensors of the same names: the kernel resizes those)
+                    tuple((positions[a.name], a.name) for a in schema.arguments
+                          if a.name in CHANNEL_ARGUMENTS and not a.kwarg_only))
+    if not checks and geometry is None and index_bound is None and channels is None:
         return None
     name = f"{schema.name}.{schema.overload_name}" if schema.overload_name else schema.name
 
@@ -428,6 +460,12 @@ def argument_checker(overload: torch._ops.OpOverload, rule: Rule) -> Callable[[l
             if stride_defaults_to_contiguous and stride in (None, []) and isinstance(size, list):
                 stride = contiguous_strides(size)  # set_'s ``stride=[]``: the client drops defaults
             reason = view_outside_storage(tensor, size, stride, offset)
+            if reason is not None:
+                raise ArgumentRefused(f"{name}: {reason}")
+        if channels is not None:
+            source, per_channel = channels
+            reason = channel_mismatch(value(args, kwargs, *source),
+                                      {argument: value(args, kwargs, position, argument) for position, argument in per_channel})
             if reason is not None:
                 raise ArgumentRefused(f"{name}: {reason}")
         if index_bound is not None:

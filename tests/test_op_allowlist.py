@@ -174,6 +174,20 @@ def test_embedding_backward_with_forged_indices_is_refused_and_the_daemon_lives(
     assert_daemon_serves(server)
 
 
+def test_batch_norm_with_too_small_running_stats_is_refused(server, raw):
+    raw.put(1, torch.ones(2, 3))  # 3 channels
+    raw.put(2, torch.zeros(1))  # running stats for one: the kernel would write past them
+    raw.put(3, torch.ones(1))
+    _, error = op_sync(raw, "aten::native_batch_norm", [h(1), None, None, h(2), h(3), True, 0.1, 1e-5], outs=[4, 5, 6])
+    assert_refused(error, "running_mean")
+    assert_never_computed(raw, 4)
+    raw.put(7, torch.zeros(3))
+    raw.put(8, torch.ones(3))
+    _, error = op_sync(raw, "aten::native_batch_norm", [h(1), None, None, h(7), h(8), True, 0.1, 1e-5], outs=[4, 5, 6])
+    assert error is None, error
+    assert_daemon_serves(server)
+
+
 # ------------------------------------------------------------------------------------------------
 # Sparse constructors and results without storage
 # ------------------------------------------------------------------------------------------------

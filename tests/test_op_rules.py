@@ -190,9 +190,41 @@ def test_trusted_index_tensors_are_range_checked():
     assert checked == set(op_rules.INDEX_BOUNDS)
 
 
+def test_batch_norms_per_channel_tensors_are_checked():
+    checked = 0
+    for name, facts, rule in ALLOWED:
+        if "batch_norm" not in facts.op:
+            continue
+        assert rule.name == "channel_checked", name
+        per_channel = [a for a, _, kwarg_only in facts.arguments if a in op_rules.CHANNEL_ARGUMENTS and not kwarg_only]
+        if not per_channel:
+            continue
+        entry = op_policy.resolve(name)
+        positions = [a for a, _, _ in facts.arguments]
+        kwarg_only = {a for a, _, k in facts.arguments if k}
+        args: list[object] = [None] * (len(positions) - len(kwarg_only))
+        kwargs: dict[str, object] = {}
+
+        def put(argument: str, value: object) -> None:
+            if argument in kwarg_only:
+                kwargs[argument] = value
+            else:
+                args[positions.index(argument)] = value
+
+        put("input", torch.zeros(2, 3, 4))
+        for argument in per_channel:
+            put(argument, torch.zeros(1))
+            with pytest.raises(op_policy.ArgumentRefused, match=argument):
+                entry.check_arguments(args, kwargs, DEVICES)
+            put(argument, torch.zeros(3))
+        entry.check_arguments(args, kwargs, DEVICES)
+        checked += 1
+    assert checked > 20
+
+
 def test_ops_with_no_checked_argument_pay_nothing_per_call():
     for name, facts, rule in ALLOWED:
-        needs = rule.name in ("geometry_checked", "index_checked") or any(
+        needs = rule.name in ("geometry_checked", "index_checked", "channel_checked") or any(
             _base_type(t) in op_rules.ENUM_TYPES or _base_type(t) == "Device" or n in op_rules.UNCHECKED_OFFSET_ARGUMENTS
             for n, t, _ in facts.arguments)
         assert (op_policy.resolve(name).check_arguments is not None) == needs, name
