@@ -39,6 +39,8 @@ Refused (in order):
 
 Allowed:
 
+``shape_checked``   backward kernels that trust their saved tensors' shapes (softmax, layer norm:
+                    :data:`SAME_SHAPE`): allowed with a per-call check that the shapes agree.
 ``channel_checked`` batch norm (its kernels index per-channel tensors unchecked): allowed with a
                     per-call check that each holds one element per input channel.
 ``index_checked``   an index tensor the kernel trusts (pooling backward's ``indices``, CTC's
@@ -77,7 +79,8 @@ Per-call checks, decided here once per overload (an op that has none pays nothin
   read them without bounds checks; dense attention passes none.
 * explicit geometry (``geometry_checked``) must lie inside its storage.
 * trusted index tensors (``index_checked``) must lie inside the tensor they index.
-* batch norm's per-channel tensors (``channel_checked``) must hold one element per channel.
+* batch norm's per-channel tensors (``channel_checked``) must hold one element per channel, and
+  the saved tensors of ``shape_checked`` backward kernels must fit the gradient.
 
 Results are checked once more when the daemon stores them (``values.unstorable``): a tensor that
 is not strided, has no storage or lies on a device not the session's is refused there too.
@@ -162,6 +165,24 @@ INDEX_BOUNDS: dict[str, tuple[str, str, int]] = {
 CHANNEL_CHECKED_OPS = re.compile(r"batch_norm")
 CHANNEL_ARGUMENTS = frozenset({"weight", "bias", "running_mean", "running_var", "save_mean", "save_invstd",
                                "save_var", "save_var_transform", "mean", "invstd", "sum_dy", "sum_dy_xmu"})
+
+#: Backward kernels that read their saved tensors at the gradient's every element without
+#: checking that the shapes agree (``_log_softmax_backward_data`` with a 200x300 gradient and a
+#: 2x3 output reads 60,000 floats of whatever lies past the output: another tenant's data).
+#: op name -> arguments that must have one shape.
+SAME_SHAPE: dict[str, tuple[str, ...]] = {
+    "_softmax_backward_data": ("grad_output", "output"),
+    "_log_softmax_backward_data": ("grad_output", "output"),
+    "_masked_softmax_backward": ("grad_output", "output"),
+    "native_layer_norm_backward": ("grad_out", "input"),
+    "_fused_rms_norm_backward": ("grad_out", "input"),
+}
+#: Normalisation backward kernels and their saved per-row statistics and per-element affine
+#: tensors: op name -> (statistics, affine). Checked against ``input`` and ``normalized_shape``.
+NORM_STATISTICS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "native_layer_norm_backward": (("mean", "rstd"), ("weight", "bias")),
+    "_fused_rms_norm_backward": (("rstd",), ("weight",)),
+}
 
 #: Validation ops that only raise on the host.
 HOST_CHECK_OPS = re.compile(r"^_linalg_check_errors$|^_validate_")
@@ -267,6 +288,8 @@ RULES: tuple[Rule, ...] = (
          lambda f: bool(TRUSTS_SAVED_INDICES.search(f.op))),
     Rule("index_checked", True, "an index tensor the kernel trusts: checked to lie inside the tensor it "
          "indexes before the kernel runs", lambda f: f.op in INDEX_BOUNDS),
+    Rule("shape_checked", True, "a backward kernel that trusts its saved tensors' shapes: checked to agree "
+         "with the gradient's before the kernel runs", lambda f: f.op in SAME_SHAPE),
     Rule("channel_checked", True, "batch norm: its per-channel tensors are checked to hold one element "
          "per channel of the input before the kernel runs", lambda f: bool(CHANNEL_CHECKED_OPS.search(f.op))),
     Rule("geometry_checked", True, "explicit sizes and strides over an input's storage: checked to lie "
@@ -397,6 +420,35 @@ def index_outside(index: Any, indexed: Any, dims: int) -> str | None:
     return None
 
 
+def shape_mismatch(tensors: dict[str, Any]) -> str | None:
+    """Why these tensors (None ones aside) do not all have one shape, or None."""
+    shapes = {name: list(t.shape) for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len({tuple(shape) for shape in shapes.values()}) > 1:
+        return "arguments must have one shape: " + ", ".join(f"{n} {shape}" for n, shape in shapes.items())
+    return None
+
+
+def norm_statistics_mismatch(input: Any, normalized_shape: Any, statistics: dict[str, Any],
+                             affine: dict[str, Any]) -> str | None:
+    """Why a normalisation backward's saved statistics (one per row) or affine tensors (one per
+    normalised element) do not fit ``input``, or None."""
+    if not isinstance(input, torch.Tensor) or not isinstance(normalized_shape, list):
+        return None
+    if not normalized_shape or list(input.shape[-len(normalized_shape):]) != normalized_shape:
+        return f"normalized_shape {normalized_shape} must be the last dims of the input's shape {list(input.shape)}"
+    per_row = 1
+    for size in normalized_shape:
+        per_row *= size
+    rows = input.numel() // per_row if per_row else 0
+    for name, tensor in statistics.items():
+        if isinstance(tensor, torch.Tensor) and tensor.numel() != rows:
+            return f"argument {name!r} holds {tensor.numel()} elements; the input has {rows} rows"
+    for name, tensor in affine.items():
+        if isinstance(tensor, torch.Tensor) and tensor.numel() != per_row:
+            return f"argument {name!r} holds {tensor.numel()} elements; normalized_shape has {per_row}"
+    return None
+
+
 def channel_mismatch(input: Any, per_channel: dict[str, Any]) -> str | None:
     """Why batch norm's per-channel tensors do not fit ``input``'s channels, or None."""
     if not isinstance(input, torch.Tensor):
@@ -442,7 +494,14 @@ def argument_checker(overload: torch._ops.OpOverload, rule: Rule) -> Callable[[l
                     # (not out= tensors of the same names: the kernel resizes those)
                     tuple((positions[a.name], a.name) for a in schema.arguments
                           if a.name in CHANNEL_ARGUMENTS and not a.kwarg_only))
-    if not checks and geometry is None and index_bound is None and channels is None:
+    shapes = None
+    if rule.name == "shape_checked":
+        op = schema.name.removeprefix("aten::")
+        statistics, affine = NORM_STATISTICS.get(op, ((), ()))
+        located = lambda names: tuple((positions[n], n) for n in names)  # noqa: E731
+        shapes = (located(SAME_SHAPE[op]), located(("input", "normalized_shape")) if op in NORM_STATISTICS else None,
+                  located(statistics), located(affine))
+    if not checks and geometry is None and index_bound is None and channels is None and shapes is None:
         return None
     name = f"{schema.name}.{schema.overload_name}" if schema.overload_name else schema.name
 
@@ -466,6 +525,15 @@ def argument_checker(overload: torch._ops.OpOverload, rule: Rule) -> Callable[[l
             source, per_channel = channels
             reason = channel_mismatch(value(args, kwargs, *source),
                                       {argument: value(args, kwargs, position, argument) for position, argument in per_channel})
+            if reason is not None:
+                raise ArgumentRefused(f"{name}: {reason}")
+        if shapes is not None:
+            same, norm, statistics, affine = shapes
+            reason = shape_mismatch({n: value(args, kwargs, p, n) for p, n in same})
+            if reason is None and norm is not None:
+                reason = norm_statistics_mismatch(*(value(args, kwargs, p, n) for p, n in norm),
+                                                  {n: value(args, kwargs, p, n) for p, n in statistics},
+                                                  {n: value(args, kwargs, p, n) for p, n in affine})
             if reason is not None:
                 raise ArgumentRefused(f"{name}: {reason}")
         if index_bound is not None:

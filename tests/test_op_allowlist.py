@@ -188,6 +188,14 @@ def test_batch_norm_with_too_small_running_stats_is_refused(server, raw):
     assert_daemon_serves(server)
 
 
+def test_a_backward_cannot_read_past_its_saved_output(raw):
+    raw.put(1, torch.ones(200, 300))  # a large gradient
+    raw.put(2, torch.ones(2, 3))  # a small "saved output": the kernel would read 60,000 floats of it
+    _, error = op_sync(raw, "aten::_log_softmax_backward_data", [h(1), h(2), 1, F32], outs=[3])
+    assert_refused(error, "one shape")
+    assert_never_computed(raw, 3)
+
+
 # ------------------------------------------------------------------------------------------------
 # Sparse constructors and results without storage
 # ------------------------------------------------------------------------------------------------

@@ -222,9 +222,32 @@ def test_batch_norms_per_channel_tensors_are_checked():
     assert checked > 20
 
 
+@pytest.mark.parametrize("name, args, refused", [
+    ("aten::_log_softmax_backward_data", [torch.ones(200, 300), torch.ones(2, 3), 1, torch.float32], "one shape"),
+    ("aten::_softmax_backward_data", [torch.ones(2, 3), torch.ones(2, 4), 1, torch.float32], "one shape"),
+    ("aten::_log_softmax_backward_data", [torch.ones(2, 3), torch.ones(2, 3), 1, torch.float32], None),
+    ("aten::native_layer_norm_backward",
+     [torch.ones(2, 3), torch.ones(2, 3), [3], torch.ones(1), torch.ones(2), None, None, [True] * 3], "'mean'"),
+    ("aten::native_layer_norm_backward",
+     [torch.ones(2, 3), torch.ones(2, 3), [3], torch.ones(2, 1), torch.ones(2, 1), torch.ones(2), None, [True] * 3], "'weight'"),
+    ("aten::native_layer_norm_backward",
+     [torch.ones(2, 3), torch.ones(2, 3), [4], torch.ones(2, 1), torch.ones(2, 1), None, None, [True] * 3], "normalized_shape"),
+    ("aten::native_layer_norm_backward",
+     [torch.ones(2, 3), torch.ones(2, 3), [3], torch.ones(2, 1), torch.ones(2, 1), torch.ones(3), torch.ones(3), [True] * 3], None),
+])
+def test_backward_kernels_saved_tensors_must_fit_the_gradient(name, args, refused):
+    entry = op_policy.resolve(name)
+    if refused is None:
+        entry.check_arguments(args, {}, DEVICES)
+        entry.overload(*args)  # and the kernel takes them
+    else:
+        with pytest.raises(op_policy.ArgumentRefused, match=refused):
+            entry.check_arguments(args, {}, DEVICES)
+
+
 def test_ops_with_no_checked_argument_pay_nothing_per_call():
     for name, facts, rule in ALLOWED:
-        needs = rule.name in ("geometry_checked", "index_checked", "channel_checked") or any(
+        needs = rule.name in ("geometry_checked", "index_checked", "channel_checked", "shape_checked") or any(
             _base_type(t) in op_rules.ENUM_TYPES or _base_type(t) == "Device" or n in op_rules.UNCHECKED_OFFSET_ARGUMENTS
             for n, t, _ in facts.arguments)
         assert (op_policy.resolve(name).check_arguments is not None) == needs, name
