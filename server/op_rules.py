@@ -472,74 +472,99 @@ def contiguous_strides(size: list[Any]) -> list[Any]:
     return strides[::-1]
 
 
+#: Reads one argument's value from a call's ``(args, kwargs)``.
+Reader = Callable[[list[Any], dict[str, Any]], Any]
+#: A check of a call's tensors for one of the checking rules: the reason it is refused, or None.
+TensorCheck = Callable[[list[Any], dict[str, Any]], "str | None"]
+
+
+def _readers(schema: Any) -> dict[str, Reader]:
+    """A reader per argument: positional by position (or by name, as torch also accepts)."""
+    def reader(position: int, argument: str) -> Reader:
+        return lambda args, kwargs: args[position] if position < len(args) else kwargs.get(argument)
+
+    return {a.name: reader(i, a.name) for i, a in enumerate(schema.arguments)}
+
+
+def _geometry_check(schema: Any, read: dict[str, Reader]) -> TensorCheck:
+    tensor, size, stride, offset = (None if n is None else read[n] for n in GEOMETRY_ARGUMENTS[schema.name[6:]])
+    # set_'s ``stride=[]`` means contiguous (and the client drops arguments equal to defaults).
+    stride_may_default = [a for a in schema.arguments if a.name == "stride"][0].has_default_value()
+
+    def check(args: list[Any], kwargs: dict[str, Any]) -> str | None:
+        strides, sizes = stride(args, kwargs), size(args, kwargs)
+        if stride_may_default and strides in (None, []) and isinstance(sizes, list):
+            strides = contiguous_strides(sizes)
+        return view_outside_storage(tensor(args, kwargs), sizes, strides, offset and offset(args, kwargs))
+
+    return check
+
+
+def _index_check(schema: Any, read: dict[str, Reader]) -> TensorCheck:
+    index, indexed, dims = INDEX_BOUNDS[schema.name[6:]]
+
+    def check(args: list[Any], kwargs: dict[str, Any]) -> str | None:
+        reason = index_outside(read[index](args, kwargs), read[indexed](args, kwargs), dims)
+        return None if reason is None else f"argument {index!r} {reason}"
+
+    return check
+
+
+def _channel_check(schema: Any, read: dict[str, Reader]) -> TensorCheck:
+    # (Not out= tensors of the same names: the kernel resizes those.)
+    per_channel = [a.name for a in schema.arguments if a.name in CHANNEL_ARGUMENTS and not a.kwarg_only]
+    return lambda args, kwargs: channel_mismatch(read["input"](args, kwargs),
+                                                 {n: read[n](args, kwargs) for n in per_channel})
+
+
+def _shape_check(schema: Any, read: dict[str, Reader]) -> TensorCheck:
+    op = schema.name[6:]
+    statistics, affine = NORM_STATISTICS.get(op, ((), ()))
+
+    def check(args: list[Any], kwargs: dict[str, Any]) -> str | None:
+        reason = shape_mismatch({n: read[n](args, kwargs) for n in SAME_SHAPE[op]})
+        if reason is None and op in NORM_STATISTICS:
+            reason = norm_statistics_mismatch(read["input"](args, kwargs), read["normalized_shape"](args, kwargs),
+                                              {n: read[n](args, kwargs) for n in statistics},
+                                              {n: read[n](args, kwargs) for n in affine})
+        return reason
+
+    return check
+
+
+#: The checking rules' per-call checks, built once per overload.
+_TENSOR_CHECKS: dict[str, Callable[[Any, dict[str, Reader]], TensorCheck]] = {
+    "geometry_checked": _geometry_check,
+    "index_checked": _index_check,
+    "channel_checked": _channel_check,
+    "shape_checked": _shape_check,
+}
+
+
 def argument_checker(overload: torch._ops.OpOverload, rule: Rule) -> Callable[[list[Any], dict[str, Any], Sequence[torch.device]], None] | None:
     """The per-call check of an allowed overload's arguments (raising :class:`ArgumentRefused`),
-    or None when its arguments need none."""
+    or None when its arguments need none: each enum, device and varlen-offset argument's value,
+    then the check of the rule that allowed it (geometry, index ranges, channels, shapes)."""
     schema = overload._schema
-    positions = {a.name: i for i, a in enumerate(schema.arguments)}
-    checks = [(i, a.name, check) for i, a in enumerate(schema.arguments)
-              if (check := _value_check(a.name, str(a.real_type))) is not None]
-    geometry = None
-    if rule.name == "geometry_checked":
-        names = GEOMETRY_ARGUMENTS[schema.name.removeprefix("aten::")]
-        geometry = tuple((positions[n], n) if n is not None else None for n in names)
-    stride_defaults_to_contiguous = "stride" in positions and schema.arguments[positions["stride"]].has_default_value()
-    index_bound = None
-    if rule.name == "index_checked":
-        index, indexed, dims = INDEX_BOUNDS[schema.name.removeprefix("aten::")]
-        index_bound = ((positions[index], index), (positions[indexed], indexed), dims)
-    channels = None
-    if rule.name == "channel_checked":
-        channels = ((positions["input"], "input"),
-                    # (not out= tensors of the same names: the kernel resizes those)
-                    tuple((positions[a.name], a.name) for a in schema.arguments
-                          if a.name in CHANNEL_ARGUMENTS and not a.kwarg_only))
-    shapes = None
-    if rule.name == "shape_checked":
-        op = schema.name.removeprefix("aten::")
-        statistics, affine = NORM_STATISTICS.get(op, ((), ()))
-        located = lambda names: tuple((positions[n], n) for n in names)  # noqa: E731
-        shapes = (located(SAME_SHAPE[op]), located(("input", "normalized_shape")) if op in NORM_STATISTICS else None,
-                  located(statistics), located(affine))
-    if not checks and geometry is None and index_bound is None and channels is None and shapes is None:
+    read = _readers(schema)
+    value_checks = [(read[a.name], a.name, check) for a in schema.arguments
+                    if (check := _value_check(a.name, str(a.real_type))) is not None]
+    build = _TENSOR_CHECKS.get(rule.name)
+    tensor_check = build(schema, read) if build is not None else None
+    if not value_checks and tensor_check is None:
         return None
     name = f"{schema.name}.{schema.overload_name}" if schema.overload_name else schema.name
 
-    def value(args: list[Any], kwargs: dict[str, Any], position: int, argument: str) -> Any:
-        return args[position] if position < len(args) else kwargs.get(argument)
-
     def check_arguments(args: list[Any], kwargs: dict[str, Any], devices: Sequence[torch.device]) -> None:
-        for position, argument, check in checks:
-            for candidate in (value(args, kwargs, position, argument), kwargs.get(argument)):
+        for reader, argument, check in value_checks:
+            # By position and by name: a raw client may name a positional argument.
+            for candidate in (reader(args, kwargs), kwargs.get(argument)):
                 reason = check(candidate, devices)
                 if reason is not None:
                     raise ArgumentRefused(f"{name}: argument {argument!r} {reason}")
-        if geometry is not None:
-            tensor, size, stride, offset = (None if g is None else value(args, kwargs, *g) for g in geometry)
-            if stride_defaults_to_contiguous and stride in (None, []) and isinstance(size, list):
-                stride = contiguous_strides(size)  # set_'s ``stride=[]``: the client drops defaults
-            reason = view_outside_storage(tensor, size, stride, offset)
+        if tensor_check is not None:
+            reason = tensor_check(args, kwargs)
             if reason is not None:
                 raise ArgumentRefused(f"{name}: {reason}")
-        if channels is not None:
-            source, per_channel = channels
-            reason = channel_mismatch(value(args, kwargs, *source),
-                                      {argument: value(args, kwargs, position, argument) for position, argument in per_channel})
-            if reason is not None:
-                raise ArgumentRefused(f"{name}: {reason}")
-        if shapes is not None:
-            same, norm, statistics, affine = shapes
-            reason = shape_mismatch({n: value(args, kwargs, p, n) for p, n in same})
-            if reason is None and norm is not None:
-                reason = norm_statistics_mismatch(*(value(args, kwargs, p, n) for p, n in norm),
-                                                  {n: value(args, kwargs, p, n) for p, n in statistics},
-                                                  {n: value(args, kwargs, p, n) for p, n in affine})
-            if reason is not None:
-                raise ArgumentRefused(f"{name}: {reason}")
-        if index_bound is not None:
-            index, indexed, dims = index_bound
-            reason = index_outside(value(args, kwargs, *index), value(args, kwargs, *indexed), dims)
-            if reason is not None:
-                raise ArgumentRefused(f"{name}: argument {index[1]!r} {reason}")
 
     return check_arguments
