@@ -37,6 +37,8 @@ Graphs that stay interpreted, with the reason counted in ``libremote.session_sta
 * sessions under residency management (``--device-memory``/``--host-spill``): compiled code
   reads its inputs where they lie, and the memory manager must be able to bring each back first;
 * calls whose inputs are not all tensors on the session's device;
+* graphs whose ops' arguments fail op_policy's per-call checks, or whose checks depend on the
+  input tensors (views built from explicit strides): :func:`argument_refusal`;
 * graphs whose compile fails (the first line of the error is the reason, and the daemon logs it).
 
 Trust: compiled code checks index bounds with device-side asserts, which on a GPU end the CUDA
@@ -60,7 +62,7 @@ import torch.fx as fx
 
 from libremote.protocol import DeviceRef, ValueRef
 
-from . import graphs
+from . import graphs, op_policy
 
 log = logging.getLogger("libremote.server")
 
@@ -87,6 +89,31 @@ def refusal(graph: graphs.Graph) -> str | None:
             return f"random op {entry.name} (compiled code would not draw from the session's generator)"
         if entry.zero_fill_result:
             return f"{entry.name} returns uninitialised memory"
+    return None
+
+
+def argument_refusal(graph: graphs.Graph, device: torch.device, device_of: Callable[[DeviceRef], Any]) -> str | None:
+    """Why compiled code may not run ``graph``'s ops on their arguments, or None. The interpreter
+    checks arguments per call (op_policy's ``check_arguments``); compiled code never calls back
+    into it, so the graph's constant arguments are checked here, once, and an op whose check
+    depends on its input tensors (a view with explicit strides, checked against its input's
+    storage) keeps the graph interpreted."""
+    for node in graph.nodes:
+        entry = node.entry
+        if entry is None or entry.check_arguments is None:
+            continue
+        if entry.rule == "geometry_checked":
+            return f"{entry.name} builds a view from explicit strides (bounds checked per call by the interpreter)"
+
+        def bind(value: Any) -> Any:
+            if isinstance(value, list):
+                return [bind(item) for item in value]
+            return device_of(value) if isinstance(value, DeviceRef) else value
+
+        try:
+            entry.check_arguments(bind(node.args), {key: bind(value) for key, value in node.kwargs.items()}, [device])
+        except Exception as exc:  # ArgumentRefused, or a device reference the session lacks
+            return f"{entry.name}: {exc}"
     return None
 
 
@@ -209,7 +236,8 @@ class GraphCompiler:
         is pending: a CUDA-graph capture should wait)."""
         known = self._compiles.get(graph_id)
         if known is None or known[0] is not graph:  # new, or redefined under the same id
-            reason = refusal(graph) or graphs.input_refusal(inputs, self.device)
+            reason = (refusal(graph) or graphs.input_refusal(inputs, self.device)
+                      or argument_refusal(graph, self.device, self.device_of))
             if reason is None and self.compiles + self.pending >= MAX_COMPILED_GRAPHS:
                 reason = f"this session has {MAX_COMPILED_GRAPHS} compiled graphs already"
             started: _Compile | None = None
@@ -297,4 +325,4 @@ def _compile(work: _Compile, module: fx.GraphModule, fakes: list[torch.Tensor], 
         log.info("compiled a %s with inductor in %.1f s", name, work.seconds)
 
 
-__all__ = ["COMPILERS", "GraphCompiler", "refusal", "signature", "to_fx"]
+__all__ = ["COMPILERS", "GraphCompiler", "argument_refusal", "refusal", "signature", "to_fx"]

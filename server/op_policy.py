@@ -1,56 +1,33 @@
 """Which ops a client may run on the daemon, and what the daemon must know about each.
 
-The daemon is a security boundary. An op name from the wire resolves only if
+The daemon is a security boundary. An op name from the wire resolves only if it names a
+registered overload that a rule of :mod:`server.op_rules` allows: the rules classify every aten
+overload from facts of its schema (types, alias annotations, tags, name) and allow families whose
+kernels check their inputs (pointwise, reductions, views computed from their input, factories,
+in-place and ``out=`` forms, dense kernels, queries); anything no rule allows is refused. Read
+op_rules' docstring for the rules and why each holds.
 
-* it is in an allowed namespace (``aten``: tensor math; nothing that reaches files, processes or
-  the network lives there except the few ops denied below), and
-* it is not denied by name: ops that read files (``from_file``), print on the daemon, raise
-  device-side assertions (which would poison the CUDA context of every tenant), or index memory
-  without bounds checks (``_unsafe_index*``, the ``*_unsafe`` sparse constructors).
+An allowed op may still need per-call checks of its arguments (enum values, devices, explicit
+view geometry): :func:`op_rules.argument_checker` builds them once per overload, and
+``OpEntry.check_arguments`` is None for the ops that need none, so the hot path of most ops pays
+nothing. Results are checked where the session stores them (``values.unstorable``).
 
-Anything that is not a tensor, scalar, dtype, device index, layout or memory format cannot even
-be expressed on the wire (no storages, streams, generators, files or Python objects), and device
-arguments always name the session's own device.
+Anything that is not a tensor, scalar, string, dtype, device index, layout or memory format cannot
+even be expressed on the wire (no storages, streams, generators, files or Python objects).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
-from . import zeroing
+from . import op_rules, zeroing
 from .translations import TRANSLATIONS
 
-ALLOWED_NAMESPACES = frozenset({"aten"})
-
-DENIED_OPS = frozenset(
-    {
-        "from_file",  # reads a file on the daemon's host
-        "_print",  # prints on the daemon
-        "_assert_async",  # a failed device-side assert poisons the CUDA context for every tenant
-        "_functional_assert_async",
-        "_assert_scalar",
-        "_functional_assert_scalar",
-        "_assert_tensor_metadata",
-        "record_stream",
-        "_unsafe_index",  # no bounds checks: reads or writes outside the tensor
-        "_unsafe_index_put",
-        "_unsafe_masked_index",
-        "_unsafe_masked_index_put_accumulate",
-        "_sparse_coo_tensor_unsafe",
-        "_sparse_csr_tensor_unsafe",
-        "_sparse_csc_tensor_unsafe",
-        "_sparse_bsr_tensor_unsafe",
-        "_sparse_bsc_tensor_unsafe",
-        "_sparse_compressed_tensor_unsafe",
-        "_nested_view_from_buffer",
-        "_nested_view_from_buffer_copy",
-    }
-)
-DENIED_PREFIXES = ("_test_",)
+ArgumentRefused = op_rules.ArgumentRefused
 
 _NAME = re.compile(r"^(?P<ns>[a-z_][a-z0-9_]*)::(?P<op>[A-Za-z_][A-Za-z0-9_]*)(\.(?P<overload>[A-Za-z_][A-Za-z0-9_]*))?$")
 
@@ -83,18 +60,29 @@ class OpEntry:
     foreach: bool = False
     #: The schema returns exactly one (non-optional) Tensor: results are stored without unpacking.
     returns_one_tensor: bool = False
+    #: The op_rules rule that allowed the op.
+    rule: str = ""
+    #: Per-call checks of the arguments (raise :class:`ArgumentRefused`), given the session's
+    #: devices; None for ops whose arguments need none.
+    check_arguments: Callable[[list[Any], dict[str, Any], Sequence[torch.device]], None] | None = None
 
 
-def _force_safe_index_put(args: list[Any], kwargs: dict[str, Any]) -> None:
-    # _index_put_impl_(self, indices, values, accumulate=False, unsafe=False): never unsafe.
-    if len(args) > 4:
-        args[4] = False
-    kwargs.pop("unsafe", None)
+def _unsafe_flag_forced_off(schema: torch.FunctionSchema) -> Callable[[list[Any], dict[str, Any]], None] | None:
+    """A sanitizer for ops with a ``bool unsafe`` argument (``_index_put_impl_``,
+    ``segment_reduce``): it turns their bounds checks off, so the daemon always passes False."""
+    for position, argument in enumerate(schema.arguments):
+        if argument.name == "unsafe" and str(argument.real_type) == "bool":
+            break
+    else:
+        return None
 
+    def force_safe(args: list[Any], kwargs: dict[str, Any]) -> None:
+        if len(args) > position:
+            args[position] = False
+        kwargs.pop("unsafe", None)
 
-_SANITIZERS: dict[str, Callable[[list[Any], dict[str, Any]], None]] = {
-    "aten::_index_put_impl_": _force_safe_index_put,
-}
+    return force_safe
+
 
 _cache: dict[str, OpEntry] = {}
 
@@ -109,10 +97,8 @@ def resolve(name: str) -> OpEntry:
         raise OpRefused(f"{name!r} is not an op name (expected namespace::op[.overload])")
     namespace, op_name = match["ns"], match["op"]
     overload_name = match["overload"] or "default"
-    if namespace not in ALLOWED_NAMESPACES:
-        raise OpRefused(f"{name}: namespace {namespace!r} is not allowed on this daemon")
-    if op_name in DENIED_OPS or op_name.startswith(DENIED_PREFIXES):
-        raise OpRefused(f"{name} is refused by the daemon's op policy")
+    if namespace != "aten":
+        raise OpRefused(f"{name}: namespace {namespace!r} is not allowed on this daemon (aten ops only)")
     try:
         # Look the name up in the dispatcher's registry first: only registered ops resolve, never
         # an arbitrary attribute of torch.ops (names like __class__ included).
@@ -125,6 +111,9 @@ def resolve(name: str) -> OpEntry:
         ) from None
     if not isinstance(overload, torch._ops.OpOverload):
         raise OpRefused(f"{name} is not an op overload")
+    _, rule = op_rules.classify(overload)
+    if not rule.allows:
+        raise OpRefused(f"{name} is refused by the daemon's op policy ({rule.name}: {rule.why})")
     schema = overload._schema
     takes_generator = any(arg.name == "generator" for arg in schema.arguments)
     resizing_op = op_name in zeroing.SIZE_ONLY_OPS
@@ -143,10 +132,12 @@ def resolve(name: str) -> OpEntry:
         seeded_without_generator=seeded and not takes_generator,
         zero_fill_result=zeroing.returns_uninitialised(op_name),
         resized_arguments=resized,
-        sanitize=_SANITIZERS.get(f"{namespace}::{op_name}"),
+        sanitize=_unsafe_flag_forced_off(schema),
         foreach=op_name.startswith("_foreach_") and (
             not schema.returns or (len(schema.returns) == 1 and str(schema.returns[0].type) == "List[Tensor]")),
         returns_one_tensor=len(schema.returns) == 1 and isinstance(schema.returns[0].type, torch._C.TensorType),
+        rule=rule.name,
+        check_arguments=op_rules.argument_checker(overload, rule),
     )
     _cache[name] = entry
     return entry

@@ -394,9 +394,12 @@ class Session:
             raise CommandError(ErrorKind.OP, "", f"expected a tensor result for handle {handle}, got {type(tensor).__name__}")
         if handle in self.tensors:
             raise ProtocolError(f"handle {handle} is already in use")
+        refusal = values.unstorable(tensor, self.devices)
+        if refusal is not None:  # checked before anything is stored: close() never meets it
+            raise CommandError(ErrorKind.REFUSED, "", f"the result for handle {handle} {refusal}")
+        self._storage_keys[handle] = self.memory.add(tensor)
         self._failed.pop(handle, None)
         self.tensors[handle] = tensor
-        self._storage_keys[handle] = self.memory.add(tensor)
 
     def reclaim_captures(self) -> None:
         """Let go of CUDA-graph captures whose models the client has dropped (housekeeping)."""
@@ -527,6 +530,11 @@ class Session:
         resident first. Returns the result and the storage records it was given."""
         if entry.sanitize is not None:
             entry.sanitize(args, kwargs)
+        if entry.check_arguments is not None:
+            try:
+                entry.check_arguments(args, kwargs, self.devices)
+            except op_policy.ArgumentRefused as exc:
+                raise CommandError(ErrorKind.REFUSED, entry.name, str(exc)) from None
         if entry.takes_generator and kwargs.get("generator") is None:
             kwargs["generator"] = self.generators[self._index_of(values.device_of(args, kwargs))]
         inputs = self._make_resident(entry.name, values.tensors_in(args, kwargs)) if self.memory.managed else ()

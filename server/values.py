@@ -3,7 +3,7 @@ resolved arguments, op results as the wire carries them, and tensor layouts."""
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -58,6 +58,25 @@ def device_of(args: list[Any], kwargs: dict[str, Any]) -> torch.device | None:
                     return item.device
     device = kwargs.get("device")
     return device if isinstance(device, torch.device) else None
+
+
+def unstorable(tensor: torch.Tensor, devices: Sequence[torch.device]) -> str | None:
+    """Why the daemon will not keep ``tensor`` under a handle, or None. A handle holds a strided
+    tensor over a storage on one of the session's devices: the memory account charges and frees
+    that storage, FETCH reads it, and every later op may take it as an input. (Non-strided and
+    wrapper tensors, such as sparse, mkldnn, quantized or functorch-batched ones, have no storage
+    to charge, and their kernels trust invariants a client could break.)"""
+    if tensor.layout is not torch.strided:
+        return f"is a {tensor.layout} tensor; the daemon keeps strided tensors only"
+    if tensor.is_quantized:
+        return "is a quantized tensor; the daemon keeps strided tensors only"
+    if tensor.device not in devices:
+        return f"is on {tensor.device}, which is not one of this session's devices"
+    try:
+        tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return "has no storage (a wrapper tensor); the daemon keeps tensors with storage only"
+    return None
 
 
 def size_text(nbytes: int) -> str:

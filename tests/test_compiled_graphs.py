@@ -309,6 +309,27 @@ def test_the_compiled_graph_applies_the_interpreters_sanitizers():
     assert call.args[3:] == (False, False), call.args
 
 
+def test_compiled_code_runs_only_graphs_whose_arguments_pass_the_per_call_checks():
+    """Compiled code never calls back into op_policy's per-call checks: a graph whose constant
+    arguments fail them (a raw integer dtype, a device string), or whose checks depend on its
+    input tensors (a view with explicit strides), stays interpreted, where they run per call."""
+    from libremote.server import compiled_graphs, graphs
+
+    cpu = torch.device("cpu")
+
+    def reason(node: list) -> str | None:
+        node, output = protocol.unpackb(protocol.packb([node, _value(1)]))  # as the daemon decodes it
+        graph = graphs.define(1, [node], [output])
+        return compiled_graphs.argument_refusal(graph, cpu, lambda ref: cpu)
+
+    assert reason(["aten::_to_copy", [_value(0)], {"dtype": protocol.dtype_ext(torch.float64)}]) is None
+    assert reason(["aten::_to_copy", [_value(0)], {"device": protocol.device_ext(0)}]) is None
+    assert reason(["aten::mul.Tensor", [_value(0), 2.0], {}]) is None
+    assert "must be a ScalarType" in reason(["aten::_to_copy", [_value(0)], {"dtype": -1}])
+    assert "devices" in reason(["aten::_to_copy", [_value(0)], {"device": "cuda:1"}])
+    assert "explicit strides" in reason(["aten::as_strided", [_value(0), [2], [1]], {}])
+
+
 def test_a_session_that_leaves_does_not_keep_its_compiles_queued():
     """The daemon compiles one graph at a time. A client that sends four graphs and leaves gets
     at most the compile already running; the rest are skipped, and the next client's graph
