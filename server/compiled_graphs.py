@@ -62,7 +62,7 @@ import torch.fx as fx
 
 from libremote.protocol import DeviceRef, ValueRef
 
-from . import graphs, op_policy
+from . import graphs
 
 log = logging.getLogger("libremote.server")
 
