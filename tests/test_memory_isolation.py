@@ -101,8 +101,6 @@ def test_new_empty_strided_gaps_are_zeroed(tenants):
     ("aten::resize_.default", lambda: [H(1), [BLOCK]]),
     # The functional resize (a clone grown in one kernel): fails before.
     ("aten::resize.default", lambda: [H(1), [BLOCK]]),
-    # set_ with an extent past the source's storage grows that storage: fails before.
-    ("aten::set_.source_Tensor_storage_offset", lambda: [H(3), H(1), 0, [BLOCK], [1]]),
 ])
 def test_storage_growth_is_zeroed(tenants, name, args):
     a, b = tenants
@@ -116,22 +114,24 @@ def test_storage_growth_is_zeroed(tenants, name, args):
     assert_no_secret(data, name)
 
 
-def test_out_argument_growth_past_its_offset_is_zeroed(tenants):
-    # An empty out= view placed past its storage's end: the op grows the storage up to the view and
-    # writes only the view's elements; the bytes between the old end and the view were never
-    # written. Fails before.
+@pytest.mark.parametrize("name, args", [
+    # set_ with an extent past the source's storage would grow that storage (torch does), with
+    # bytes nobody wrote: fails before (the grown tail held the other tenant's bytes).
+    ("aten::set_.source_Tensor_storage_offset", lambda: [H(3), H(1), 0, [BLOCK], [1]]),
+    # An empty view placed past its storage's end, which an out= op would grow the storage up to,
+    # writing only the view's elements: fails before (the gap held the other tenant's bytes).
+    ("aten::as_strided.default", lambda: [H(1), [0], [1], BLOCK - 8]),
+])
+def test_views_past_their_storage_are_refused_so_nothing_grows_into_freed_memory(tenants, name, args):
+    # The op rules (server/op_rules.py) check every explicit view geometry against its storage;
+    # server/zeroing.py would zero such growth too, but the daemon never gets that far.
     a, b = tenants
-    b.put(1, torch.ones(16, dtype=torch.uint8))
-    b.put(2, torch.full((8,), 3, dtype=torch.uint8))
-    _, error, _ = b.call([op(1, "aten::as_strided.default", [H(1), [0], [1], BLOCK - 8], {}, [3])])
-    assert error is None, error
+    b.put(1, torch.full((16,), 7, dtype=torch.uint8))
+    b.put(3, torch.ones(1, dtype=torch.uint8))
     leave_secrets(a)
-    _, error, _ = b.call([op(2, "aten::add.out", [H(2), H(2)], {"out": H(3)}, [None])])
-    assert error is None, error
-    data = whole_storage(b, 1, BLOCK)
-    assert torch.equal(data[:16], torch.ones(16, dtype=torch.uint8))
-    assert torch.equal(data[-8:], torch.full((8,), 6, dtype=torch.uint8)), "the op's own elements stay"
-    assert_no_secret(data, "add.out growth")
+    _, error, _ = b.call([op(1, name, args(), {}, [2])])
+    assert error is not None and error[0] == "refused" and "storage holds 16" in error[2], error
+    assert torch.equal(whole_storage(b, 1, 16), torch.full((16,), 7, dtype=torch.uint8)), "nothing grew"
 
 
 def test_what_a_data_sized_result_leaves_of_its_storage_is_zeroed(tenants):
