@@ -37,7 +37,10 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 class Daemon:
     """A libremote-server subprocess; ``address`` is where it listens."""
 
-    def __init__(self, *args: str, device: str = "cpu", python: str = sys.executable) -> None:
+    def __init__(self, *args: str, device: str = "", python: str = sys.executable) -> None:
+        # LIBREMOTE_TEST_DEVICE=cuda runs tests written for the CPU backend against a GPU daemon
+        # (scripts/device_run.sh): the isolation and op-rule checks must hold there too.
+        device = device or os.environ.get("LIBREMOTE_TEST_DEVICE", "cpu")
         for attempt in range(3):
             self.port = free_port()
             self.address = f"tcp://127.0.0.1:{self.port}"
