@@ -58,6 +58,9 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
             out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(
                 query, key, value, attn_bias, True, dropout_p, is_causal, scale=scale
             )
+            # The kernel hands its dropout seed and offset back as host scalars (device ones
+            # under a graph capture); the session stores results on its device only.
+            seed, offset = seed.to(query.device), offset.to(query.device)
             return _like(out, query), lse, None, None, max_q, max_k, seed, offset, None
         except RuntimeError:
             pass
@@ -78,6 +81,9 @@ def attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.T
     """``aten::_scaled_dot_product_fused_attention_overrideable_backward``."""
     if logsumexp.numel():
         if query.device.type == "cuda":
+            if dropout_p > 0 and philox_seed.is_cuda and not torch.cuda.is_current_stream_capturing():
+                # The kernel reads a host seed and offset outside a capture (and only with dropout).
+                philox_seed, philox_offset = philox_seed.cpu(), philox_offset.cpu()
             grads = aten._scaled_dot_product_efficient_attention_backward(
                 grad_out, query, key, value, attn_bias, out, logsumexp, philox_seed, philox_offset,
                 dropout_p, grad_input_mask, is_causal, scale=scale,
