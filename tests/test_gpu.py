@@ -83,6 +83,25 @@ def test_fused_attention_on_gpu(gpu_remote, dtype):
     assert qc.grad is not None and torch.isfinite(qc.grad.float().cpu()).all()
 
 
+def test_fused_attention_with_dropout_is_seeded_and_differentiable(gpu_remote):
+    # The efficient kernel's dropout seed and offset live on the device between forward and
+    # backward (server/translations.py); the backward must read the same mask the forward drew.
+    def step(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.cuda.manual_seed(seed)
+        q, k, v = (torch.ones(2, 4, 64, 32, device="cuda").requires_grad_() for _ in range(3))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+        out.sum().backward()
+        return out.detach().cpu(), v.grad.cpu()
+
+    out, grad = step(1)
+    again, grad_again = step(1)
+    assert torch.equal(out, again) and torch.equal(grad, grad_again)
+    assert (out == 0).any() and (out != 0).any(), "dropout drew no mask"
+    # With values all ones, each output element is the sum of the kept weights scaled by 1/(1-p);
+    # v's gradient is the same mask summed the other way: both totals are the kept mass.
+    torch.testing.assert_close(out.sum(), grad.sum(), rtol=1e-4, atol=1e-3)
+
+
 def test_autocast_bf16_on_gpu(gpu_remote):
     x = torch.randn(8, 16, device="cuda")
     w = torch.randn(16, 4, device="cuda")
