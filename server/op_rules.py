@@ -408,16 +408,22 @@ def index_outside(index: Any, indexed: Any, dims: int) -> str | None:
         return None
     if index.is_floating_point() or index.is_complex() or index.dtype is torch.bool:
         return f"must be an integer tensor, not {index.dtype}"
-    if isinstance(indexed, int):
-        limit = indexed
-    else:
-        limit = 1
-        for size in indexed.shape[-dims:] if indexed.dim() >= dims else indexed.shape:
-            limit *= size
+    limit = index_limit(indexed, dims)
     low, high = (int(v) for v in torch.aminmax(index.reshape(-1)))
     if low < 0 or high >= limit:
         return f"holds values in [{low}, {high}]; the tensor it indexes has {limit} elements there"
     return None
+
+
+def index_limit(indexed: torch.Tensor | int, dims: int) -> int:
+    """How many elements an index may address: ``indexed`` itself when it is a count, else the
+    element count of its trailing ``dims`` dims."""
+    if isinstance(indexed, int):
+        return indexed
+    limit = 1
+    for size in indexed.shape[-dims:] if indexed.dim() >= dims else indexed.shape:
+        limit *= size
+    return limit
 
 
 def shape_mismatch(tensors: dict[str, Any]) -> str | None:
@@ -502,9 +508,21 @@ def _geometry_check(schema: Any, read: dict[str, Reader]) -> TensorCheck:
 
 def _index_check(schema: Any, read: dict[str, Reader]) -> TensorCheck:
     index, indexed, dims = INDEX_BOUNDS[schema.name[6:]]
+    position = [a.name for a in schema.arguments].index(index)
 
     def check(args: list[Any], kwargs: dict[str, Any]) -> str | None:
-        reason = index_outside(read[index](args, kwargs), read[indexed](args, kwargs), dims)
+        value = read[index](args, kwargs)
+        if isinstance(value, torch.Tensor) and value.is_cuda and torch.cuda.is_current_stream_capturing():
+            # Inside a CUDA-graph capture nothing can be read back, and a replay runs on new
+            # values anyway: the kernel gets the index clamped into range on the device (a
+            # no-op for any honest index), recorded into the graph with it.
+            clamped = value.clamp(0, max(index_limit(read[indexed](args, kwargs), dims) - 1, 0))
+            if position < len(args):
+                args[position] = clamped
+            else:
+                kwargs[index] = clamped
+            return None
+        reason = index_outside(value, read[indexed](args, kwargs), dims)
         return None if reason is None else f"argument {index!r} {reason}"
 
     return check

@@ -59,8 +59,13 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                 query, key, value, attn_bias, True, dropout_p, is_causal, scale=scale
             )
             # The kernel hands its dropout seed and offset back as host scalars (device ones
-            # under a graph capture); the session stores results on its device only.
-            seed, offset = seed.to(query.device), offset.to(query.device)
+            # under a graph capture with dropout); the session stores results on its device
+            # only. Without dropout they are never read: device zeros, no copy (a host-to-device
+            # copy would fail inside a CUDA-graph capture).
+            if dropout_p == 0.0:
+                seed, offset = no_rng, no_rng.clone()
+            else:
+                seed, offset = seed.to(query.device), offset.to(query.device)
             return _like(out, query), lse, None, None, max_q, max_k, seed, offset, None
         except RuntimeError:
             pass
