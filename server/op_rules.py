@@ -46,10 +46,11 @@ Allowed:
                     per-call check that each holds one element per input channel.
 ``index_checked``   an index tensor the kernel trusts (pooling backward's ``indices``, CTC's
                     ``targets``, :data:`INDEX_BOUNDS`): allowed with a per-call range check.
-``bags_checked``    embedding-bag backward (:data:`EMBEDDING_BAG_BACKWARD`): its kernels index with
-                    the forward's ``offset2bag``, ``bag_size``, ``maximum_indices`` and
+``bags_checked``    embedding bag (:data:`EMBEDDING_BAG_FORWARD`, :data:`EMBEDDING_BAG_BACKWARD`): the
+                    CUDA forward reads ``indices`` and ``offsets`` unchecked, the backward kernels
+                    index with the forward's ``offset2bag``, ``bag_size``, ``maximum_indices`` and
                     ``offsets`` unchecked; allowed with a per-call check of each one's dtype,
-                    shape and value range against ``grad``, ``indices`` and ``num_weights``.
+                    shape and value range against ``weight``, ``grad`` and ``num_weights``.
 ``geometry_checked``  explicit ``size`` and ``stride`` over an input's storage (``as_strided*``,
                     ``_reshape_alias*``, ``set_.source_Tensor_storage_offset``): allowed with a
                     per-call check that the view lies inside that storage
@@ -84,8 +85,9 @@ Per-call checks, decided here once per overload (an op that has none pays nothin
   read them without bounds checks; dense attention passes none.
 * explicit geometry (``geometry_checked``) must lie inside its storage.
 * trusted index tensors (``index_checked``) must lie inside the tensor they index.
-* embedding-bag backward's bookkeeping (``bags_checked``) must be what a forward could have made
-  for this gradient (:func:`embedding_bag_backward_mismatch`).
+* embedding bag's indices and offsets must lie inside the weight and the indices, and its
+  backward's bookkeeping must be what a forward could have made for this gradient
+  (``bags_checked``: :func:`embedding_bag_forward_mismatch`, :func:`embedding_bag_backward_mismatch`).
 * batch norm's per-channel tensors (``channel_checked``) must hold one element per channel, and
   the saved tensors of ``shape_checked`` backward kernels must fit the gradient.
 
@@ -160,6 +162,12 @@ TRUSTS_SAVED_INDICES = re.compile(r"^_segment_reduce_backward$|^_sobol_engine_|^
 #: ``_embedding_bag_sparse_backward`` makes a sparse gradient: refused as ``non_strided``.
 EMBEDDING_BAG_BACKWARD = frozenset({"_embedding_bag_backward", "_embedding_bag_dense_backward",
                                     "_embedding_bag_per_sample_weights_backward"})
+#: Embedding-bag forward: the CUDA kernel walks each bag from ``offsets[bag]`` to the next offset
+#: reading ``indices`` there, and reads ``weight``'s row of each index, with only device-side
+#: asserts (an index >= the rows, offsets that decrease), which end the CUDA context of every
+#: tenant, and no check at all of a negative index or of offsets past ``indices``' end. Checked
+#: per call (:func:`embedding_bag_forward_mismatch`), like the backward kernels.
+EMBEDDING_BAG_FORWARD = frozenset({"embedding_bag", "_embedding_bag", "_embedding_bag_forward_only"})
 #: Embedding bag's ``mode`` argument.
 EMBEDDING_BAG_SUM, EMBEDDING_BAG_MEAN, EMBEDDING_BAG_MAX = 0, 1, 2
 #: The dtypes embedding bag's index and bookkeeping tensors may have.
@@ -311,9 +319,9 @@ RULES: tuple[Rule, ...] = (
          lambda f: bool(TRUSTS_SAVED_INDICES.search(f.op))),
     Rule("index_checked", True, "an index tensor the kernel trusts: checked to lie inside the tensor it "
          "indexes before the kernel runs", lambda f: f.op in INDEX_BOUNDS),
-    Rule("bags_checked", True, "embedding-bag backward: the forward's bookkeeping tensors (offset2bag, "
-         "bag_size, maximum_indices, offsets) and the indices are checked against the gradient and the "
-         "weight before the kernel runs", lambda f: f.op in EMBEDDING_BAG_BACKWARD),
+    Rule("bags_checked", True, "embedding bag: its indices and offsets, and in backward the forward's "
+         "bookkeeping tensors (offset2bag, bag_size, maximum_indices), are checked against the weight and "
+         "the gradient before the kernel runs", lambda f: f.op in EMBEDDING_BAG_BACKWARD | EMBEDDING_BAG_FORWARD),
     Rule("shape_checked", True, "a backward kernel that trusts its saved tensors' shapes: checked to agree "
          "with the gradient's before the kernel runs", lambda f: f.op in SAME_SHAPE),
     Rule("channel_checked", True, "batch norm: its per-channel tensors are checked to hold one element "
@@ -554,17 +562,18 @@ def _offset2bag_mismatch(offset2bag: Any, indices: torch.Tensor, offsets: Any, r
     return _values_outside("offset2bag", offset2bag, 0, rows, f"grad has {rows} rows, one per bag")
 
 
-def _per_sample_weights_mismatch(per_sample_weights: Any, grad: torch.Tensor, indices: torch.Tensor, mode: Any) -> str | None:
-    """Why ``per_sample_weights`` (one weight per index, read at every index) does not fit, or None."""
+def _per_sample_weights_mismatch(per_sample_weights: Any, like: torch.Tensor, indices: torch.Tensor, mode: Any) -> str | None:
+    """Why ``per_sample_weights`` (one weight per index, read at every index, of the dtype of
+    ``like``: the weight, or its gradient) does not fit, or None."""
     if per_sample_weights is None:
         return None
     if not isinstance(per_sample_weights, torch.Tensor):
         return f"argument 'per_sample_weights' must be a tensor, not {type(per_sample_weights).__name__}"
     if mode != EMBEDDING_BAG_SUM:
         return "argument 'per_sample_weights' is supported only with mode sum (0)"
-    if list(per_sample_weights.shape) != [indices.numel()] or per_sample_weights.dtype != grad.dtype:
+    if list(per_sample_weights.shape) != [indices.numel()] or per_sample_weights.dtype != like.dtype:
         return (f"argument 'per_sample_weights' has shape {list(per_sample_weights.shape)} and dtype "
-                f"{per_sample_weights.dtype}; it must be [{indices.numel()}] (one per index), {grad.dtype} like grad")
+                f"{per_sample_weights.dtype}; it must be [{indices.numel()}] (one per index), {like.dtype} like the weight")
     return None
 
 
@@ -589,6 +598,27 @@ def _malformed_bag_gradient(grad: Any, mode: Any) -> str | None:
     if mode not in (EMBEDDING_BAG_SUM, EMBEDDING_BAG_MEAN, EMBEDDING_BAG_MAX) or type(mode) is not int:
         return f"argument 'mode' must be 0 (sum), 1 (mean) or 2 (max), not {mode!r:.20}"
     return None
+
+
+def embedding_bag_forward_mismatch(weight: Any, indices: Any, offsets: Any, mode: Any, per_sample_weights: Any) -> str | None:
+    """Why an embedding bag forward's ``indices`` (words: rows of ``weight``), ``offsets`` (where
+    each bag starts in ``indices``: never decreasing, inside ``indices``) or
+    ``per_sample_weights`` (one per index) do not fit, or None. (CPU checks the indices itself;
+    the CUDA kernel does not.)"""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        shape = list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        return f"argument 'weight' must be a 2-dim embedding table, not {shape}"
+    if mode not in (EMBEDDING_BAG_SUM, EMBEDDING_BAG_MEAN, EMBEDDING_BAG_MAX) or type(mode) is not int:
+        return f"argument 'mode' must be 0 (sum), 1 (mean) or 2 (max), not {mode!r:.20}"
+    reason = (_malformed_index_tensor("indices", indices)
+              or _values_outside("indices", indices, 0, weight.shape[0], f"weight has {weight.shape[0]} rows")
+              or _malformed_index_tensor("offsets", offsets)
+              or _values_outside("offsets", offsets, 0, indices.numel() + 1, f"{indices.numel()} indices"))
+    if reason is not None:
+        return reason
+    if offsets.numel() > 1 and bool((offsets[1:] < offsets[:-1]).any()):
+        return "argument 'offsets' must never decrease"
+    return _per_sample_weights_mismatch(per_sample_weights, weight, indices, mode)
 
 
 def embedding_bag_backward_mismatch(grad: Any, indices: Any, offsets: Any, offset2bag: Any, bag_size: Any,
@@ -706,13 +736,19 @@ def _shape_check(schema: Any, read: dict[str, Reader]) -> TensorCheck:
 
 
 def _embedding_bag_check(schema: Any, read: dict[str, Reader]) -> TensorCheck:
-    """The check of one embedding-bag backward overload: each reads the arguments it has (the
-    dense kernel has no ``offsets`` and no ``sparse``; the per-sample one its own few)."""
+    """The check of one embedding-bag overload: each reads the arguments it has (the dense
+    backward has no ``offsets`` and no ``sparse``; the per-sample one its own few). ``mode`` may
+    be left out of a forward call (the client drops arguments equal to their defaults)."""
     names = {a.name for a in schema.arguments}
 
     def value(name: str, args: list[Any], kwargs: dict[str, Any], default: Any = None) -> Any:
-        return read[name](args, kwargs) if name in names else default
+        given = read[name](args, kwargs) if name in names else None
+        return default if given is None else given
 
+    if schema.name[6:] in EMBEDDING_BAG_FORWARD:
+        return lambda args, kwargs: embedding_bag_forward_mismatch(
+            *(value(n, args, kwargs) for n in ("weight", "indices", "offsets")),
+            value("mode", args, kwargs, EMBEDDING_BAG_SUM), value("per_sample_weights", args, kwargs))
     if schema.name == "aten::_embedding_bag_per_sample_weights_backward":
         return lambda args, kwargs: per_sample_weights_backward_mismatch(
             *(value(n, args, kwargs) for n in ("grad", "weight", "indices", "offsets", "offset2bag", "mode")))

@@ -226,6 +226,27 @@ def test_embedding_bag_backward_with_forged_bookkeeping_is_refused_and_the_daemo
     assert_daemon_serves(server)
 
 
+@pytest.mark.parametrize("indices, offsets, word", [
+    ([1, 2, -3, 5], [0, 2], "'indices'"),  # CUDA reads the row before the table: no check there
+    ([1, 2, 4, 1 << 40], [0, 2], "'indices'"),  # CUDA device-asserts: every tenant's context ends
+    ([1, 2, 4, 5], [0, 1 << 20], "'offsets'"),  # CUDA walks indices up to 2**20: past their end
+    ([1, 2, 4, 5], [0, 3, 1], "'offsets'"),  # decreasing: a device assert on CUDA
+])
+def test_embedding_bag_forward_with_forged_indices_or_offsets_is_refused(server, raw, indices, offsets, word):
+    raw.put(1, torch.ones(6, 3))
+    raw.put(2, torch.tensor(indices))
+    raw.put(3, torch.tensor(offsets))
+    _, error = op_sync(raw, "aten::_embedding_bag", [h(1), h(2), h(3)], outs=[4, 5, 6, 7])
+    assert_refused(error, word)
+    assert_never_computed(raw, 4)
+    raw.put(8, torch.tensor([1, 2, 4, 5]))
+    raw.put(9, torch.tensor([0, 2]))
+    _, error = op_sync(raw, "aten::_embedding_bag", [h(1), h(8), h(9)], outs=[4, 5, 6, 7])
+    assert error is None, error
+    assert raw.fetch(4).tolist() == [[2.0] * 3, [2.0] * 3]
+    assert_daemon_serves(server)
+
+
 def test_per_sample_weights_backward_with_a_forged_offset2bag_is_refused(server, raw):
     name = "aten::_embedding_bag_per_sample_weights_backward"
     raw.put(1, torch.ones(2, 3))  # grad: two bags

@@ -246,17 +246,36 @@ def test_backward_kernels_saved_tensors_must_fit_the_gradient(name, args, refuse
 
 
 def test_backward_kernels_that_index_with_saved_bookkeeping_are_allowed_only_with_its_check():
-    """Embedding-bag backward indexes with its forward's offset2bag, bag_size and maximum_indices:
-    every overload of it is allowed by ``bags_checked`` and has a per-call check; the rest of the
-    family that trusts saved indices stays refused."""
+    """Embedding-bag backward indexes with its forward's offset2bag, bag_size and maximum_indices
+    (and the CUDA forward with its indices and offsets): every overload of it is allowed by
+    ``bags_checked`` and has a per-call check; the rest of the family that trusts saved indices
+    stays refused."""
+    embedding_bag = op_rules.EMBEDDING_BAG_BACKWARD | op_rules.EMBEDDING_BAG_FORWARD
     checked = set()
     for name, facts, rule in ALLOWED:
         assert not op_rules.TRUSTS_SAVED_INDICES.search(facts.op), name
-        if facts.op in op_rules.EMBEDDING_BAG_BACKWARD or rule.name == "bags_checked":
-            assert rule.name == "bags_checked" and facts.op in op_rules.EMBEDDING_BAG_BACKWARD, name
+        if facts.op in embedding_bag or rule.name == "bags_checked":
+            assert rule.name == "bags_checked" and facts.op in embedding_bag, name
             assert op_policy.resolve(name).check_arguments is not None, name
             checked.add(facts.op)
-    assert checked == op_rules.EMBEDDING_BAG_BACKWARD
+    assert checked == embedding_bag
+
+
+@pytest.mark.parametrize("name", ["aten::_embedding_bag", "aten::_embedding_bag_forward_only", "aten::embedding_bag"])
+def test_embedding_bag_forward_indices_and_offsets_must_lie_inside(name):
+    entry = op_policy.resolve(name)
+    weight, indices, offsets = torch.randn(10, 4), torch.tensor([1, 2, 9, 0]), torch.tensor([0, 3, 3])
+    entry.check_arguments([weight, indices, offsets], {}, DEVICES)
+    entry.check_arguments([weight, indices, offsets, False, 0, False, torch.rand(4)], {}, DEVICES)
+    for forged, word in ((torch.tensor([1, 2, 10, 0]), "'indices'"), (torch.tensor([1, -1, 9, 0]), "'indices'"),
+                         (torch.tensor([[1, 2], [9, 0]]), "'indices'")):
+        with pytest.raises(op_policy.ArgumentRefused, match=word):
+            entry.check_arguments([weight, forged, offsets], {}, DEVICES)
+    for forged in (torch.tensor([0, 3, 5]), torch.tensor([0, 3, 1]), torch.tensor([0, -1]), torch.tensor([0.0])):
+        with pytest.raises(op_policy.ArgumentRefused, match="'offsets'"):
+            entry.check_arguments([weight, indices, forged], {}, DEVICES)
+    with pytest.raises(op_policy.ArgumentRefused, match="'per_sample_weights'"):
+        entry.check_arguments([weight, indices, offsets, False, 0, False, torch.rand(3)], {}, DEVICES)
 
 
 def _embedding_bag_forward(mode: int, weighted: bool) -> dict[str, object]:
