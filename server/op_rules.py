@@ -595,7 +595,12 @@ def _malformed_bag_gradient(grad: Any, mode: Any) -> str | None:
     if not isinstance(grad, torch.Tensor) or grad.dim() != 2 or not grad.is_floating_point():
         shape = list(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__
         return f"argument 'grad' must be a 2-dim floating-point tensor (a row per bag), not {shape}"
-    if mode not in (EMBEDDING_BAG_SUM, EMBEDDING_BAG_MEAN, EMBEDDING_BAG_MAX) or type(mode) is not int:
+    return _malformed_mode(mode)
+
+
+def _malformed_mode(mode: Any) -> str | None:
+    """Why ``mode`` is not embedding bag's sum, mean or max, or None."""
+    if type(mode) is not int or mode not in (EMBEDDING_BAG_SUM, EMBEDDING_BAG_MEAN, EMBEDDING_BAG_MAX):
         return f"argument 'mode' must be 0 (sum), 1 (mean) or 2 (max), not {mode!r:.20}"
     return None
 
@@ -608,9 +613,8 @@ def embedding_bag_forward_mismatch(weight: Any, indices: Any, offsets: Any, mode
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         shape = list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         return f"argument 'weight' must be a 2-dim embedding table, not {shape}"
-    if mode not in (EMBEDDING_BAG_SUM, EMBEDDING_BAG_MEAN, EMBEDDING_BAG_MAX) or type(mode) is not int:
-        return f"argument 'mode' must be 0 (sum), 1 (mean) or 2 (max), not {mode!r:.20}"
-    reason = (_malformed_index_tensor("indices", indices)
+    reason = (_malformed_mode(mode)
+              or _malformed_index_tensor("indices", indices)
               or _values_outside("indices", indices, 0, weight.shape[0], f"weight has {weight.shape[0]} rows")
               or _malformed_index_tensor("offsets", offsets)
               or _values_outside("offsets", offsets, 0, indices.numel() + 1, f"{indices.numel()} indices"))
