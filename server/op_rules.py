@@ -31,7 +31,8 @@ Refused (in order):
                     the RNN kernels that keep a process-wide dropout state per device
                     (:data:`PROCESS_STATE_OPS`).
 ``trusts_saved_indices``  backward kernels that index with their forward's bookkeeping tensors
-                    unchecked (``_embedding_bag_backward``'s ``offset2bag``, found by probing).
+                    unchecked and have no check here (``_segment_reduce_backward``'s
+                    ``lengths``/``offsets``, Sobol state; found by probing).
 ``unvalidated_geometry``  a view built from explicit sizes and strides over an input's storage
                     that has no bounds check here (see ``geometry_checked`` below).
 ``no_effect``       returns nothing and writes nothing, and is no host check (``_backward``):
@@ -45,6 +46,11 @@ Allowed:
                     per-call check that each holds one element per input channel.
 ``index_checked``   an index tensor the kernel trusts (pooling backward's ``indices``, CTC's
                     ``targets``, :data:`INDEX_BOUNDS`): allowed with a per-call range check.
+``bags_checked``    embedding bag (:data:`EMBEDDING_BAG_FORWARD`, :data:`EMBEDDING_BAG_BACKWARD`): the
+                    CUDA forward reads ``indices`` and ``offsets`` unchecked, the backward kernels
+                    index with the forward's ``offset2bag``, ``bag_size``, ``maximum_indices`` and
+                    ``offsets`` unchecked; allowed with a per-call check of each one's dtype,
+                    shape and value range against ``weight``, ``grad`` and ``num_weights``.
 ``geometry_checked``  explicit ``size`` and ``stride`` over an input's storage (``as_strided*``,
                     ``_reshape_alias*``, ``set_.source_Tensor_storage_offset``): allowed with a
                     per-call check that the view lies inside that storage
@@ -79,6 +85,9 @@ Per-call checks, decided here once per overload (an op that has none pays nothin
   read them without bounds checks; dense attention passes none.
 * explicit geometry (``geometry_checked``) must lie inside its storage.
 * trusted index tensors (``index_checked``) must lie inside the tensor they index.
+* embedding bag's indices and offsets must lie inside the weight and the indices, and its
+  backward's bookkeeping must be what a forward could have made for this gradient
+  (``bags_checked``: :func:`embedding_bag_forward_mismatch`, :func:`embedding_bag_backward_mismatch`).
 * batch norm's per-channel tensors (``channel_checked``) must hold one element per channel, and
   the saved tensors of ``shape_checked`` backward kernels must fit the gradient.
 
@@ -135,12 +144,34 @@ NON_STRIDED_FAMILIES: dict[str, re.Pattern[str]] = {
 #: MIOpen's RNN kernels cache a dropout state per device (and take a caller-sized state buffer).
 PROCESS_STATE_OPS = re.compile(r"^_cudnn_rnn|^_cudnn_init_dropout_state$|^miopen_rnn|^_cufft_")
 
-#: Backward kernels that index with bookkeeping tensors their forward made (``offset2bag``,
-#: segment ``lengths``, Sobol state) or trust their shapes (``_thnn_differentiable_*``, the double
+#: Backward kernels that index with bookkeeping tensors their forward made (segment ``lengths``
+#: and ``offsets``, Sobol state) or trust their shapes (``_thnn_differentiable_*``, the double
 #: backward of fused RNN cells) and trust them: a forged one crashes the daemon (found by probing
-#: each with out-of-range values). No check here covers them yet.
-TRUSTS_SAVED_INDICES = re.compile(r"^_embedding_bag_(dense_|per_sample_weights_)?backward$"
-                                  r"|^_segment_reduce_backward$|^_sobol_engine_|^_thnn_differentiable_")
+#: each with out-of-range values). No check here covers them yet (embedding-bag backward, which
+#: was here too, has one: :data:`EMBEDDING_BAG_BACKWARD`).
+TRUSTS_SAVED_INDICES = re.compile(r"^_segment_reduce_backward$|^_sobol_engine_|^_thnn_differentiable_")
+
+#: Embedding-bag backward kernels (aten/src/ATen/native/EmbeddingBag.cpp, cuda/EmbeddingBag.cu,
+#: cuda/EmbeddingBackwardKernel.cu). They index, without bounds checks: the weight's gradient with
+#: ``indices`` (and, in mode max, with ``maximum_indices``: one word per bag and feature, -1 for
+#: an empty bag); ``grad``'s rows and ``bag_size`` with ``offset2bag`` (one bag per index);
+#: ``per_sample_weights`` at every index. ``_embedding_bag_backward`` (and the CPU
+#: ``per_sample_weights`` backward) rebuild an empty ``offset2bag`` from ``offsets`` with an
+#: index_add_ and a cumsum, which go out of bounds unless the offsets start at 0, never decrease
+#: and stay inside ``indices``. Checked per call (:func:`embedding_bag_backward_mismatch`).
+#: ``_embedding_bag_sparse_backward`` makes a sparse gradient: refused as ``non_strided``.
+EMBEDDING_BAG_BACKWARD = frozenset({"_embedding_bag_backward", "_embedding_bag_dense_backward",
+                                    "_embedding_bag_per_sample_weights_backward"})
+#: Embedding-bag forward: the CUDA kernel walks each bag from ``offsets[bag]`` to the next offset
+#: reading ``indices`` there, and reads ``weight``'s row of each index, with only device-side
+#: asserts (an index >= the rows, offsets that decrease), which end the CUDA context of every
+#: tenant, and no check at all of a negative index or of offsets past ``indices``' end. Checked
+#: per call (:func:`embedding_bag_forward_mismatch`), like the backward kernels.
+EMBEDDING_BAG_FORWARD = frozenset({"embedding_bag", "_embedding_bag", "_embedding_bag_forward_only"})
+#: Embedding bag's ``mode`` argument.
+EMBEDDING_BAG_SUM, EMBEDDING_BAG_MEAN, EMBEDDING_BAG_MAX = 0, 1, 2
+#: The dtypes embedding bag's index and bookkeeping tensors may have.
+INDEX_DTYPES = (torch.int32, torch.int64)
 
 #: Ops whose kernels trust an index tensor argument (pooling backward's argmax ``indices``, CTC's
 #: ``targets``, embedding backward's ``indices``): op name -> (index argument, the tensor it
@@ -288,6 +319,9 @@ RULES: tuple[Rule, ...] = (
          lambda f: bool(TRUSTS_SAVED_INDICES.search(f.op))),
     Rule("index_checked", True, "an index tensor the kernel trusts: checked to lie inside the tensor it "
          "indexes before the kernel runs", lambda f: f.op in INDEX_BOUNDS),
+    Rule("bags_checked", True, "embedding bag: its indices and offsets, and in backward the forward's "
+         "bookkeeping tensors (offset2bag, bag_size, maximum_indices), are checked against the weight and "
+         "the gradient before the kernel runs", lambda f: f.op in EMBEDDING_BAG_BACKWARD | EMBEDDING_BAG_FORWARD),
     Rule("shape_checked", True, "a backward kernel that trusts its saved tensors' shapes: checked to agree "
          "with the gradient's before the kernel runs", lambda f: f.op in SAME_SHAPE),
     Rule("channel_checked", True, "batch norm: its per-channel tensors are checked to hold one element "
@@ -469,6 +503,179 @@ def channel_mismatch(input: Any, per_channel: dict[str, Any]) -> str | None:
     return None
 
 
+def _malformed_index_tensor(name: str, tensor: Any, dims: int = 1) -> str | None:
+    """Why ``tensor`` is no contiguous int32/int64 tensor of ``dims`` dims (embedding bag's kernels
+    read their index and bookkeeping tensors as flat arrays), or None."""
+    if not isinstance(tensor, torch.Tensor):
+        return f"argument {name!r} must be a tensor, not {type(tensor).__name__}"
+    if tensor.dtype not in INDEX_DTYPES:
+        return f"argument {name!r} must be an int32 or int64 tensor, not {tensor.dtype}"
+    if tensor.dim() != dims:
+        return f"argument {name!r} must have {dims} dim{'s' if dims > 1 else ''}, not shape {list(tensor.shape)}"
+    if not tensor.is_contiguous():
+        return f"argument {name!r} must be contiguous (the kernel reads it as a flat array)"
+    return None
+
+
+def _values_outside(name: str, tensor: torch.Tensor, low: int, high: int, what: str) -> str | None:
+    """Why ``tensor`` holds a value outside ``[low, high)`` (``what`` says what bounds it), or None.
+    On a GPU this reads the min and max back: one sync, paid only by the ops that need it."""
+    if tensor.numel() == 0:
+        return None
+    smallest, largest = (int(v) for v in torch.aminmax(tensor.reshape(-1)))
+    if smallest < low or largest >= high:
+        return f"argument {name!r} holds values in [{smallest}, {largest}]; they must lie in [{low}, {high}) ({what})"
+    return None
+
+
+def _offsets_mismatch(offsets: Any, index_count: int, rows: int) -> str | None:
+    """Why ``offsets`` cannot rebuild ``offset2bag`` for ``index_count`` indices and ``rows`` bags
+    of gradient, or None. The kernel adds a one at each offset (index_add_, in bounds only for
+    offsets in [0, index_count]) and takes the cumulative sum minus one: index ``i``'s bag is the
+    number of offsets <= i, less one. That lies in [0, rows) for every index only if the first
+    offset is 0, the offsets never decrease and at most ``rows`` of them start a bag before the
+    end of ``indices``."""
+    reason = _malformed_index_tensor("offsets", offsets)
+    if reason is not None:
+        return reason
+    if offsets.numel() == 0:
+        return "argument 'offsets' is empty, but the kernel rebuilds the empty 'offset2bag' from it"
+    reason = _values_outside("offsets", offsets, 0, index_count + 1, f"{index_count} indices")
+    if reason is not None:
+        return reason
+    if int(offsets[0]) != 0:
+        return f"argument 'offsets' must start at 0, not {int(offsets[0])}"
+    if offsets.numel() > 1 and bool((offsets[1:] < offsets[:-1]).any()):
+        return "argument 'offsets' must never decrease"
+    bags = int((offsets < index_count).sum())
+    if bags > rows:
+        return f"argument 'offsets' starts {bags} bags; grad has {rows} rows, one per bag"
+    return None
+
+
+def _offset2bag_mismatch(offset2bag: Any, indices: torch.Tensor, offsets: Any, rows: int, rebuilds: bool) -> str | None:
+    """Why ``offset2bag`` (each index's bag: a row of ``grad``) does not fit, or None. Empty with
+    indices present, the kernel rebuilds it from ``offsets`` where it can (``rebuilds``)."""
+    reason = _malformed_index_tensor("offset2bag", offset2bag)
+    if reason is not None:
+        return reason
+    if offset2bag.numel() == 0 and indices.numel() > 0:
+        if not rebuilds:
+            return f"argument 'offset2bag' is empty; it must hold one bag per index ({indices.numel()})"
+        return _offsets_mismatch(offsets, indices.numel(), rows)
+    if offset2bag.numel() != indices.numel():
+        return f"argument 'offset2bag' holds {offset2bag.numel()} elements; it must hold one bag per index ({indices.numel()})"
+    return _values_outside("offset2bag", offset2bag, 0, rows, f"grad has {rows} rows, one per bag")
+
+
+def _per_sample_weights_mismatch(per_sample_weights: Any, like: torch.Tensor, indices: torch.Tensor, mode: Any) -> str | None:
+    """Why ``per_sample_weights`` (one weight per index, read at every index, of the dtype of
+    ``like``: the weight, or its gradient) does not fit, or None."""
+    if per_sample_weights is None:
+        return None
+    if not isinstance(per_sample_weights, torch.Tensor):
+        return f"argument 'per_sample_weights' must be a tensor, not {type(per_sample_weights).__name__}"
+    if mode != EMBEDDING_BAG_SUM:
+        return "argument 'per_sample_weights' is supported only with mode sum (0)"
+    if list(per_sample_weights.shape) != [indices.numel()] or per_sample_weights.dtype != like.dtype:
+        return (f"argument 'per_sample_weights' has shape {list(per_sample_weights.shape)} and dtype "
+                f"{per_sample_weights.dtype}; it must be [{indices.numel()}] (one per index), {like.dtype} like the weight")
+    return None
+
+
+def _maximum_indices_mismatch(maximum_indices: Any, grad: torch.Tensor, num_weights: int) -> str | None:
+    """Why mode max's ``maximum_indices`` (each bag's and feature's chosen word; -1 where a bag is
+    empty, which the kernel skips) does not fit ``grad`` and ``num_weights``, or None."""
+    reason = _malformed_index_tensor("maximum_indices", maximum_indices, dims=2)
+    if reason is not None:
+        return reason
+    if maximum_indices.shape != grad.shape:
+        return (f"argument 'maximum_indices' has shape {list(maximum_indices.shape)}; in mode max it must "
+                f"have grad's shape {list(grad.shape)} (a word per bag and feature)")
+    return _values_outside("maximum_indices", maximum_indices, -1, num_weights,
+                           f"num_weights {num_weights}, or -1 for an empty bag")
+
+
+def _malformed_bag_gradient(grad: Any, mode: Any) -> str | None:
+    """Why ``grad`` (one row per bag) or ``mode`` is not one embedding bag's backward takes, or None."""
+    if not isinstance(grad, torch.Tensor) or grad.dim() != 2 or not grad.is_floating_point():
+        shape = list(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__
+        return f"argument 'grad' must be a 2-dim floating-point tensor (a row per bag), not {shape}"
+    return _malformed_mode(mode)
+
+
+def _malformed_mode(mode: Any) -> str | None:
+    """Why ``mode`` is not embedding bag's sum, mean or max, or None."""
+    if type(mode) is not int or mode not in (EMBEDDING_BAG_SUM, EMBEDDING_BAG_MEAN, EMBEDDING_BAG_MAX):
+        return f"argument 'mode' must be 0 (sum), 1 (mean) or 2 (max), not {mode!r:.20}"
+    return None
+
+
+def embedding_bag_forward_mismatch(weight: Any, indices: Any, offsets: Any, mode: Any, per_sample_weights: Any) -> str | None:
+    """Why an embedding bag forward's ``indices`` (words: rows of ``weight``), ``offsets`` (where
+    each bag starts in ``indices``: never decreasing, inside ``indices``) or
+    ``per_sample_weights`` (one per index) do not fit, or None. (CPU checks the indices itself;
+    the CUDA kernel does not.)"""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        shape = list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        return f"argument 'weight' must be a 2-dim embedding table, not {shape}"
+    reason = (_malformed_mode(mode)
+              or _malformed_index_tensor("indices", indices)
+              or _values_outside("indices", indices, 0, weight.shape[0], f"weight has {weight.shape[0]} rows")
+              or _malformed_index_tensor("offsets", offsets)
+              or _values_outside("offsets", offsets, 0, indices.numel() + 1, f"{indices.numel()} indices"))
+    if reason is not None:
+        return reason
+    if offsets.numel() > 1 and bool((offsets[1:] < offsets[:-1]).any()):
+        return "argument 'offsets' must never decrease"
+    return _per_sample_weights_mismatch(per_sample_weights, weight, indices, mode)
+
+
+def embedding_bag_backward_mismatch(grad: Any, indices: Any, offsets: Any, offset2bag: Any, bag_size: Any,
+                                    maximum_indices: Any, num_weights: Any, mode: Any,
+                                    per_sample_weights: Any, sparse: Any = False) -> str | None:
+    """Why ``_embedding_bag_backward``'s or ``_embedding_bag_dense_backward``'s arguments are not
+    what an embedding bag forward could have made for ``grad``, or None. ``offsets`` None (the
+    dense kernel has none): ``offset2bag`` must be given in full."""
+    reason = _malformed_bag_gradient(grad, mode)
+    if reason is not None:
+        return reason
+    if sparse:
+        return "sparse gradients (sparse=True) are not supported: use a dense embedding bag"
+    if type(num_weights) is not int or num_weights < 0:
+        return f"argument 'num_weights' must be a non-negative integer, not {num_weights!r:.20}"
+    rows = grad.shape[0]
+    reason = (_malformed_index_tensor("indices", indices)
+              or _values_outside("indices", indices, 0, num_weights, f"num_weights {num_weights}")
+              or _offset2bag_mismatch(offset2bag, indices, offsets, rows, rebuilds=offsets is not None)
+              or _malformed_index_tensor("bag_size", bag_size))
+    if reason is not None:
+        return reason
+    if bag_size.numel() < rows:
+        return f"argument 'bag_size' holds {bag_size.numel()} elements; grad has {rows} bags"
+    if mode == EMBEDDING_BAG_MAX:
+        return _maximum_indices_mismatch(maximum_indices, grad, num_weights)
+    return _per_sample_weights_mismatch(per_sample_weights, grad, indices, mode)
+
+
+def per_sample_weights_backward_mismatch(grad: Any, weight: Any, indices: Any, offsets: Any, offset2bag: Any,
+                                         mode: Any) -> str | None:
+    """Why ``_embedding_bag_per_sample_weights_backward``'s arguments do not fit, or None: it
+    multiplies, for each index, ``grad``'s row of its bag with ``weight``'s row of its word. Only
+    the CPU kernel rebuilds an empty ``offset2bag`` from ``offsets``; the CUDA one reads it."""
+    reason = _malformed_bag_gradient(grad, mode)
+    if reason is not None:
+        return reason
+    if mode != EMBEDDING_BAG_SUM:
+        return "per_sample_weights are supported only with mode sum (0)"
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != grad.shape[1]:
+        shape = list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        return f"argument 'weight' must be the 2-dim embedding table with grad's {grad.shape[1]} features, not {shape}"
+    return (_malformed_index_tensor("indices", indices)
+            or _values_outside("indices", indices, 0, weight.shape[0], f"weight has {weight.shape[0]} rows")
+            or _offset2bag_mismatch(offset2bag, indices, offsets, grad.shape[0], rebuilds=indices.device.type == "cpu"))
+
+
 def contiguous_strides(size: list[Any]) -> list[Any]:
     """The strides of a contiguous tensor of ``size`` (what ``set_`` uses for ``stride=[]``)."""
     strides, step = [], 1
@@ -550,19 +757,44 @@ def _shape_check(schema: Any, read: dict[str, Reader]) -> TensorCheck:
     return check
 
 
+def _embedding_bag_check(schema: Any, read: dict[str, Reader]) -> TensorCheck:
+    """The check of one embedding-bag overload: each reads the arguments it has (the dense
+    backward has no ``offsets`` and no ``sparse``; the per-sample one its own few). ``mode`` may
+    be left out of a forward call (the client drops arguments equal to their defaults)."""
+    names = {a.name for a in schema.arguments}
+
+    def value(name: str, args: list[Any], kwargs: dict[str, Any], default: Any = None) -> Any:
+        given = read[name](args, kwargs) if name in names else None
+        return default if given is None else given
+
+    if schema.name[6:] in EMBEDDING_BAG_FORWARD:
+        return lambda args, kwargs: embedding_bag_forward_mismatch(
+            *(value(n, args, kwargs) for n in ("weight", "indices", "offsets")),
+            value("mode", args, kwargs, EMBEDDING_BAG_SUM), value("per_sample_weights", args, kwargs))
+    if schema.name == "aten::_embedding_bag_per_sample_weights_backward":
+        return lambda args, kwargs: per_sample_weights_backward_mismatch(
+            *(value(n, args, kwargs) for n in ("grad", "weight", "indices", "offsets", "offset2bag", "mode")))
+    return lambda args, kwargs: embedding_bag_backward_mismatch(
+        *(value(n, args, kwargs) for n in ("grad", "indices", "offsets", "offset2bag", "bag_size", "maximum_indices",
+                                           "num_weights", "mode", "per_sample_weights")),
+        sparse=value("sparse", args, kwargs, False))
+
+
 #: The checking rules' per-call checks, built once per overload.
 _TENSOR_CHECKS: dict[str, Callable[[Any, dict[str, Reader]], TensorCheck]] = {
     "geometry_checked": _geometry_check,
     "index_checked": _index_check,
     "channel_checked": _channel_check,
     "shape_checked": _shape_check,
+    "bags_checked": _embedding_bag_check,
 }
 
 
 def argument_checker(overload: torch._ops.OpOverload, rule: Rule) -> Callable[[list[Any], dict[str, Any], Sequence[torch.device]], None] | None:
     """The per-call check of an allowed overload's arguments (raising :class:`ArgumentRefused`),
     or None when its arguments need none: each enum, device and varlen-offset argument's value,
-    then the check of the rule that allowed it (geometry, index ranges, channels, shapes)."""
+    then the check of the rule that allowed it (geometry, index ranges, channels, shapes,
+    embedding bags)."""
     schema = overload._schema
     read = _readers(schema)
     value_checks = [(read[a.name], a.name, check) for a in schema.arguments

@@ -174,6 +174,99 @@ def test_embedding_backward_with_forged_indices_is_refused_and_the_daemon_lives(
     assert_daemon_serves(server)
 
 
+def _embedding_bag_arguments(**forged: torch.Tensor) -> dict[str, Any]:
+    """``_embedding_bag_backward``'s tensors for two bags of 3 features over 4 of 6 words, as a
+    mean-mode forward made them, with ``forged`` ones in their place."""
+    honest = {
+        "grad": torch.ones(2, 3), "indices": torch.tensor([1, 2, 4, 5]), "offsets": torch.tensor([0, 2]),
+        "offset2bag": torch.tensor([0, 0, 1, 1]), "bag_size": torch.tensor([2, 2]),
+        "maximum_indices": torch.tensor([[1, 2, 1], [4, 5, 5]]),
+    }
+    return {**honest, **forged}
+
+
+_EMBEDDING_BAG_TENSORS = ("grad", "indices", "offsets", "offset2bag", "bag_size", "maximum_indices")
+
+
+def _embedding_bag_backward(raw: RawClient, tensors: dict[str, torch.Tensor], mode: int, first: int) -> tuple[int, Any]:
+    """Put ``tensors`` at handles ``first``.. and run ``_embedding_bag_backward`` on them (6 words,
+    dense); return (the result's handle, the error)."""
+    for handle, name in enumerate(_EMBEDDING_BAG_TENSORS, first):
+        raw.put(handle, tensors[name])
+    result = first + len(_EMBEDDING_BAG_TENSORS)
+    handles = [h(first + i) for i in range(len(_EMBEDDING_BAG_TENSORS))]
+    _, error = op_sync(raw, "aten::_embedding_bag_backward", [*handles, 6, False, mode, False, None, -1], outs=[result])
+    return result, error
+
+
+@pytest.mark.parametrize("mode, forged, word", [
+    (1, {"offset2bag": torch.tensor([0, 0, 1, 1 << 40])}, "offset2bag"),  # a bag far past grad's rows
+    (1, {"offset2bag": torch.tensor([0, 0, 1, -5])}, "offset2bag"),
+    (1, {"offset2bag": torch.tensor([0, 0, 1])}, "offset2bag"),  # one bag short of the indices
+    (1, {"bag_size": torch.tensor([2])}, "bag_size"),  # mean mode divides by bag_size[bag 1]
+    (1, {"indices": torch.tensor([1, 2, 4, 1 << 40])}, "indices"),  # a word far past num_weights
+    (1, {"indices": torch.tensor([1.0, 2.0, 4.0, 5.0])}, "indices"),
+    (2, {"maximum_indices": torch.tensor([[1, 2, 1], [4, 1 << 40, 5]])}, "maximum_indices"),
+    (2, {"maximum_indices": torch.tensor([[1, 2, 1]])}, "maximum_indices"),  # one bag of two
+    # An empty offset2bag is rebuilt from offsets, which then must start at 0 and never decrease.
+    (0, {"offset2bag": torch.tensor([], dtype=torch.int64), "offsets": torch.tensor([2, 0])}, "offsets"),
+    (0, {"offset2bag": torch.tensor([], dtype=torch.int64), "offsets": torch.tensor([0, 1 << 40])}, "offsets"),
+    (0, {"offset2bag": torch.tensor([], dtype=torch.int64), "offsets": torch.tensor([0, 1, 2])}, "offsets"),
+])
+def test_embedding_bag_backward_with_forged_bookkeeping_is_refused_and_the_daemon_lives(server, raw, mode, forged, word):
+    result, error = _embedding_bag_backward(raw, _embedding_bag_arguments(**forged), mode, first=1)
+    assert_refused(error, f"'{word}'")
+    assert_never_computed(raw, result)
+    # The honest call runs and computes what local torch computes.
+    honest = _embedding_bag_arguments()
+    result, error = _embedding_bag_backward(raw, honest, mode, first=11)
+    assert error is None, error
+    expected = torch.ops.aten._embedding_bag_backward(*honest.values(), 6, False, mode, False, None, -1)
+    assert raw.fetch(result).equal(expected)
+    assert_daemon_serves(server)
+
+
+@pytest.mark.parametrize("indices, offsets, word", [
+    ([1, 2, -3, 5], [0, 2], "'indices'"),  # CUDA reads the row before the table: no check there
+    ([1, 2, 4, 1 << 40], [0, 2], "'indices'"),  # CUDA device-asserts: every tenant's context ends
+    ([1, 2, 4, 5], [0, 1 << 20], "'offsets'"),  # CUDA walks indices up to 2**20: past their end
+    ([1, 2, 4, 5], [0, 3, 1], "'offsets'"),  # decreasing: a device assert on CUDA
+])
+def test_embedding_bag_forward_with_forged_indices_or_offsets_is_refused(server, raw, indices, offsets, word):
+    raw.put(1, torch.ones(6, 3))
+    raw.put(2, torch.tensor(indices))
+    raw.put(3, torch.tensor(offsets))
+    _, error = op_sync(raw, "aten::_embedding_bag", [h(1), h(2), h(3)], outs=[4, 5, 6, 7])
+    assert_refused(error, word)
+    assert_never_computed(raw, 4)
+    raw.put(8, torch.tensor([1, 2, 4, 5]))
+    raw.put(9, torch.tensor([0, 2]))
+    _, error = op_sync(raw, "aten::_embedding_bag", [h(1), h(8), h(9)], outs=[4, 5, 6, 7])
+    assert error is None, error
+    assert raw.fetch(4).tolist() == [[2.0] * 3, [2.0] * 3]
+    assert_daemon_serves(server)
+
+
+def test_per_sample_weights_backward_with_a_forged_offset2bag_is_refused(server, raw):
+    name = "aten::_embedding_bag_per_sample_weights_backward"
+    raw.put(1, torch.ones(2, 3))  # grad: two bags
+    raw.put(2, torch.ones(6, 3))  # the embedding table
+    raw.put(3, torch.tensor([1, 2, 4, 5]))
+    raw.put(4, torch.tensor([0, 2]))
+    raw.put(5, torch.tensor([0, 0, 1, 1 << 40]))  # reads grad's row 2**40
+    _, error = op_sync(raw, name, [h(1), h(2), h(3), h(4), h(5), 0, -1], outs=[6])
+    assert_refused(error, "'offset2bag'")
+    assert_never_computed(raw, 6)
+    raw.put(7, torch.tensor([1, 2, 4, 1 << 40]))  # reads the table's row 2**40
+    raw.put(8, torch.tensor([0, 0, 1, 1]))
+    _, error = op_sync(raw, name, [h(1), h(2), h(7), h(4), h(8), 0, -1], outs=[9])
+    assert_refused(error, "'indices'")
+    _, error = op_sync(raw, name, [h(1), h(2), h(3), h(4), h(8), 0, -1], outs=[10])
+    assert error is None, error
+    assert raw.fetch(10).tolist() == [3.0] * 4
+    assert_daemon_serves(server)
+
+
 def test_batch_norm_with_too_small_running_stats_is_refused(server, raw):
     raw.put(1, torch.ones(2, 3))  # 3 channels
     raw.put(2, torch.zeros(1))  # running stats for one: the kernel would write past them

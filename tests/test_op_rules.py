@@ -245,9 +245,88 @@ def test_backward_kernels_saved_tensors_must_fit_the_gradient(name, args, refuse
             entry.check_arguments(args, {}, DEVICES)
 
 
+def test_backward_kernels_that_index_with_saved_bookkeeping_are_allowed_only_with_its_check():
+    """Embedding-bag backward indexes with its forward's offset2bag, bag_size and maximum_indices
+    (and the CUDA forward with its indices and offsets): every overload of it is allowed by
+    ``bags_checked`` and has a per-call check; the rest of the family that trusts saved indices
+    stays refused."""
+    embedding_bag = op_rules.EMBEDDING_BAG_BACKWARD | op_rules.EMBEDDING_BAG_FORWARD
+    checked = set()
+    for name, facts, rule in ALLOWED:
+        assert not op_rules.TRUSTS_SAVED_INDICES.search(facts.op), name
+        if facts.op in embedding_bag or rule.name == "bags_checked":
+            assert rule.name == "bags_checked" and facts.op in embedding_bag, name
+            assert op_policy.resolve(name).check_arguments is not None, name
+            checked.add(facts.op)
+    assert checked == embedding_bag
+
+
+@pytest.mark.parametrize("name", ["aten::_embedding_bag", "aten::_embedding_bag_forward_only", "aten::embedding_bag"])
+def test_embedding_bag_forward_indices_and_offsets_must_lie_inside(name):
+    entry = op_policy.resolve(name)
+    weight, indices, offsets = torch.randn(10, 4), torch.tensor([1, 2, 9, 0]), torch.tensor([0, 3, 3])
+    entry.check_arguments([weight, indices, offsets], {}, DEVICES)
+    entry.check_arguments([weight, indices, offsets, False, 0, False, torch.rand(4)], {}, DEVICES)
+    for forged, word in ((torch.tensor([1, 2, 10, 0]), "'indices'"), (torch.tensor([1, -1, 9, 0]), "'indices'"),
+                         (torch.tensor([[1, 2], [9, 0]]), "'indices'")):
+        with pytest.raises(op_policy.ArgumentRefused, match=word):
+            entry.check_arguments([weight, forged, offsets], {}, DEVICES)
+    for forged in (torch.tensor([0, 3, 5]), torch.tensor([0, 3, 1]), torch.tensor([0, -1]), torch.tensor([0.0])):
+        with pytest.raises(op_policy.ArgumentRefused, match="'offsets'"):
+            entry.check_arguments([weight, indices, forged], {}, DEVICES)
+    with pytest.raises(op_policy.ArgumentRefused, match="'per_sample_weights'"):
+        entry.check_arguments([weight, indices, offsets, False, 0, False, torch.rand(3)], {}, DEVICES)
+
+
+def _embedding_bag_forward(mode: int, weighted: bool) -> dict[str, object]:
+    """A real CPU forward's saved tensors for three bags (one empty) over 10 words of 4 features."""
+    weight = torch.randn(10, 4)
+    indices, offsets = torch.tensor([1, 2, 9, 0, 0, 7]), torch.tensor([0, 3, 3])
+    per_sample_weights = torch.rand(6) if weighted else None
+    output, offset2bag, bag_size, maximum_indices = torch.ops.aten._embedding_bag(
+        weight, indices, offsets, False, mode, False, per_sample_weights)
+    return {"grad": torch.randn_like(output), "weight": weight, "indices": indices, "offsets": offsets,
+            "offset2bag": offset2bag, "bag_size": bag_size, "maximum_indices": maximum_indices,
+            "num_weights": 10, "scale_grad_by_freq": False, "mode": mode, "sparse": False,
+            "per_sample_weights": per_sample_weights, "padding_idx": -1}
+
+
+@pytest.mark.parametrize("mode, weighted", [(0, False), (0, True), (1, False), (2, False)])
+@pytest.mark.parametrize("name", ["aten::_embedding_bag_backward", "aten::_embedding_bag_dense_backward",
+                                  "aten::_embedding_bag_per_sample_weights_backward"])
+def test_embedding_bag_backward_takes_what_its_forward_made_and_refuses_forgeries(name, mode, weighted):
+    entry = op_policy.resolve(name)
+    schema = entry.overload._schema
+    if "per_sample_weights" in name and (mode != 0 or not weighted):
+        pytest.skip("per_sample_weights exist in mode sum only")
+    saved = _embedding_bag_forward(mode, weighted)
+    if name.endswith("dense_backward") and saved["offset2bag"].numel() == 0:  # CPU's fast sum path
+        saved["offset2bag"] = torch.tensor([0, 0, 0, 2, 2, 2])
+
+    def arguments(**forged: object) -> list[object]:
+        return [{**saved, **forged}[a.name] for a in schema.arguments]
+
+    entry.check_arguments(arguments(), {}, DEVICES)
+    entry.overload(*arguments())  # and the kernel takes them
+    rows = saved["grad"].shape[0]
+    forgeries = {
+        "offset2bag": torch.tensor([0, 0, 0, 2, 2, rows]),
+        "indices": torch.tensor([1, 2, 9, 0, 0, 10]),  # 10 words (num_weights, or weight's rows)
+        "grad": torch.ones(rows, 4, 1),
+    }
+    if "bag_size" in {a.name for a in schema.arguments}:
+        forgeries["bag_size"] = torch.tensor([1])
+        if mode == 2:
+            forgeries["maximum_indices"] = torch.full((rows, 4), 10)
+    for argument, value in forgeries.items():
+        with pytest.raises(op_policy.ArgumentRefused, match=f"'{argument}'"):
+            entry.check_arguments(arguments(**{argument: value}), {}, DEVICES)
+
+
 def test_ops_with_no_checked_argument_pay_nothing_per_call():
     for name, facts, rule in ALLOWED:
-        needs = rule.name in ("geometry_checked", "index_checked", "channel_checked", "shape_checked") or any(
+        needs = rule.name in ("geometry_checked", "index_checked", "channel_checked", "shape_checked",
+                              "bags_checked") or any(
             _base_type(t) in op_rules.ENUM_TYPES or _base_type(t) == "Device" or n in op_rules.UNCHECKED_OFFSET_ARGUMENTS
             for n, t, _ in facts.arguments)
         assert (op_policy.resolve(name).check_arguments is not None) == needs, name
@@ -293,7 +372,6 @@ def test_no_allowed_op_is_without_tensors_and_without_effect():
     ("aten::_cudnn_init_dropout_state", "process_state"),
     ("aten::_print", "process_state"),
     ("aten::_test_warn_in_autograd", "test_hook"),
-    ("aten::_embedding_bag_dense_backward", "trusts_saved_indices"),
     ("aten::_segment_reduce_backward", "trusts_saved_indices"),
     ("aten::_thnn_differentiable_gru_cell_backward", "trusts_saved_indices"),
     ("aten::_convert_indices_from_csr_to_coo", "non_strided"),

@@ -291,6 +291,38 @@ def test_packed_sequences_train_as_on_cuda(remote):
     assert packed.batch_sizes.tolist() == [2, 1, 1]
 
 
+@pytest.mark.parametrize("mode, weighted, include_last_offset", [
+    ("sum", False, False), ("mean", False, False), ("max", False, False),
+    ("sum", True, False), ("mean", False, True), ("max", False, True),
+])
+def test_embedding_bag_trains_like_local_torch(remote, mode, weighted, include_last_offset):
+    """nn.EmbeddingBag with offsets (an empty bag among them) and per_sample_weights that are
+    trained too: the daemon runs embedding bag's backward kernels
+    (their bookkeeping checked per call, server/op_rules.py) and every step matches local torch."""
+    generator = torch.Generator().manual_seed(11)
+    local = build(lambda: nn.EmbeddingBag(20, 5, mode=mode, include_last_offset=include_last_offset))
+    remote_bag = copy.deepcopy(local).to("cuda")
+    local_weights = torch.rand(9, generator=generator, requires_grad=True)
+    remote_weights = local_weights.detach().to("cuda").requires_grad_()
+    runs = [(local, local_weights, "cpu"), (remote_bag, remote_weights, "cuda")]
+    optimizers = [torch.optim.SGD([*model.parameters(), weights], lr=0.5) for model, weights, _ in runs]
+    offsets = torch.tensor([0, 3, 3, 7] + ([9] if include_last_offset else []))  # bag 1 is empty
+    for step in range(3):
+        indices = torch.randint(0, 20, (9,), generator=generator)
+        target = torch.randn(4, 5, generator=generator)
+        for (model, weights, device), optimizer in zip(runs, optimizers):
+            optimizer.zero_grad()
+            output = model(indices.to(device), offsets.to(device), per_sample_weights=weights if weighted else None)
+            loss = ((output - target.to(device)) ** 2).sum()
+            loss.backward()
+            optimizer.step()
+        assert_grads_close(remote_bag, local, rtol=1e-6, atol=1e-6)
+        assert_params_close(remote_bag, local, rtol=1e-6, atol=1e-6)
+        if weighted:
+            torch.testing.assert_close(remote_weights.grad.cpu(), local_weights.grad, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(remote_weights.detach().cpu(), local_weights.detach(), rtol=1e-6, atol=1e-6)
+
+
 def test_data_parallel_on_one_device_trains_like_the_module(remote):
     # Old scripts wrap their model in nn.DataParallel whenever CUDA is there; its scatter and
     # gather are torch.nn.parallel.comm functions (C++ CUDA code in torch; remote ops here).
