@@ -8,6 +8,8 @@ safetensors tests run the library's own functions on remote tensors.
 
 from __future__ import annotations
 
+import zipfile
+
 import pytest
 import torch
 
@@ -127,3 +129,45 @@ def test_torch_save_still_works(remote, tmp_path):
     loaded = torch.load(path)
     torch.testing.assert_close(loaded["base"].cpu(), base.cpu())
     torch.testing.assert_close(loaded["view"].cpu(), base[1:].cpu())
+
+
+def tied_state() -> dict[str, torch.Tensor]:
+    """A state dict as a tied model writes it: one Parameter under two names, plus views (a row,
+    a strided column, a transpose) of another tensor."""
+    weight = torch.nn.Parameter(torch.randn(5, 3, device="cuda"))
+    base = torch.arange(24.0, device="cuda").reshape(4, 6)
+    return {"embed": weight, "head": weight, "whole": base, "row": base[1], "column": base[:, 2], "t": base.t()}
+
+
+def test_torch_save_writes_each_shared_storage_once_as_on_cuda(remote, tmp_path):
+    """torch.save writes one storage per CUDA storage; tensors sharing it load sharing it
+    (plain torch on CPU: the tie in a checkpoint survives, as accelerate's save_state needs)."""
+    state = tied_state()
+    path = tmp_path / "tied.pt"
+    torch.save(state, path)
+    loaded = torch.load(path, map_location="cpu")
+    assert loaded["embed"] is loaded["head"]
+    assert {storage_ptr(loaded[name]) for name in ("whole", "row", "column", "t")} == {storage_ptr(loaded["whole"])}
+    for name, value in state.items():
+        assert loaded[name].storage_offset() == value.storage_offset(), name
+        assert loaded[name].stride() == value.stride(), name
+        torch.testing.assert_close(loaded[name], value.detach().cpu(), msg=name)
+    with zipfile.ZipFile(path) as archive:
+        assert len([n for n in archive.namelist() if "/data/" in n]) == 2  # two storages, as on CUDA
+
+
+def test_torch_load_to_cuda_keeps_shared_storages(remote, tmp_path):
+    """Loading back onto the device: views of one saved storage are views of one device storage
+    (writing through one shows in the others), as torch.load does on CUDA."""
+    state = tied_state()
+    path = tmp_path / "tied.pt"
+    torch.save(state, path)
+    loaded = torch.load(path)
+    assert loaded["embed"] is loaded["head"] and loaded["embed"].device == CUDA
+    storages = {name: loaded[name].untyped_storage() for name in ("whole", "row", "column", "t")}
+    assert all(storage is storages["whole"] for storage in storages.values())
+    for name, value in state.items():
+        assert loaded[name].stride() == value.stride(), name
+        torch.testing.assert_close(loaded[name].cpu(), value.detach().cpu(), msg=name)
+    loaded["whole"][1, 2] = -1.0
+    assert loaded["row"][2].item() == loaded["column"][1].item() == loaded["t"][2, 1].item() == -1.0
