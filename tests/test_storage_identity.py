@@ -171,3 +171,30 @@ def test_torch_load_to_cuda_keeps_shared_storages(remote, tmp_path):
         torch.testing.assert_close(loaded[name].cpu(), value.detach().cpu(), msg=name)
     loaded["whole"][1, 2] = -1.0
     assert loaded["row"][2].item() == loaded["column"][1].item() == loaded["t"][2, 1].item() == -1.0
+
+
+def test_set_moves_the_tensor_onto_the_source_storage(remote):
+    """``x.set_(y)``: x now uses y's storage (one storage, as on CUDA); views taken of x before
+    keep the old one, and ``x.set_()`` gives x a new empty storage."""
+    x = torch.arange(5.0, device="cuda")
+    old_view = x[1:]
+    y = torch.arange(100.0, device="cuda")
+    x.set_(y)
+    assert x.untyped_storage() is y.untyped_storage() and storage_ptr(x) == storage_ptr(y)
+    assert old_view.untyped_storage() is not y.untyped_storage()
+    assert old_view.untyped_storage().nbytes() == 5 * 4  # the old storage did not grow to y's size
+    x.set_()
+    assert x.untyped_storage() is not y.untyped_storage() and x.untyped_storage().nbytes() == 0
+
+
+def test_torch_save_after_set(remote, tmp_path):
+    """Saving writes whole storages: each tensor's must be the daemon's real one, also after
+    ``set_`` put a tensor on a smaller storage (the old one would be read past its end)."""
+    x = torch.arange(100.0, device="cuda")
+    old_view = x[90:]
+    x.set_(torch.arange(5.0, device="cuda"))
+    path = tmp_path / "set.pt"
+    torch.save({"x": x, "old_view": old_view}, path)
+    loaded = torch.load(path, map_location="cpu")
+    torch.testing.assert_close(loaded["x"], torch.arange(5.0))
+    torch.testing.assert_close(loaded["old_view"], torch.arange(90.0, 100.0))
