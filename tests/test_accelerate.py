@@ -113,6 +113,7 @@ def test_fp16_mixed_precision_with_grad_scaler(daemon, runs, tmp_path):
     local = runs["local"][0]
     assert remote["device"] == "cuda" and remote["tied"]
     assert remote["losses"][2] == remote["losses"][1]
+    assert remote["losses"][0] != local["losses"][0]  # the forward ran in half precision
     for phase in range(3):
         assert remote["losses"][phase] == pytest.approx(local["losses"][phase], rel=1e-2)
     scaler = torch.load(tmp_path / "fp16" / "checkpoint" / "scaler.pt")
