@@ -171,6 +171,10 @@ def test_torch_load_to_cuda_keeps_shared_storages(remote, tmp_path):
         torch.testing.assert_close(loaded[name].cpu(), value.detach().cpu(), msg=name)
     loaded["whole"][1, 2] = -1.0
     assert loaded["row"][2].item() == loaded["column"][1].item() == loaded["t"][2, 1].item() == -1.0
+    # Rebuilt as torch.load rebuilds: no autograd view behind them, so in-place use with grad works.
+    assert all(value._base is None for value in loaded.values())
+    loaded["row"].add_(torch.ones(6, device="cuda", requires_grad=True))
+    assert loaded["column"][1].item() == 0.0
 
 
 def test_set_moves_the_tensor_onto_the_source_storage(remote):

@@ -149,7 +149,10 @@ def _on_device(tensor: torch.Tensor, storage: torch.UntypedStorage, index: int) 
         uploaded = torch.empty(0, dtype=torch.uint8).set_(storage).to(backend.device(index))
         _remember(_uploaded, storage, uploaded)
     with torch.no_grad():
-        return torch.as_strided(uploaded.view(tensor.dtype), tensor.shape, tensor.stride(), tensor.storage_offset())
+        view = torch.as_strided(uploaded.view(tensor.dtype), tensor.shape, tensor.stride(), tensor.storage_offset())
+    # detach(): same storage, but no autograd view of the upload (``_base`` is None, as for a
+    # tensor torch.load rebuilds), so the program may use it in place like any loaded tensor.
+    return view.detach()
 
 
 _rebuild_tensor_v2.__module__ = _original_rebuild_tensor_v2.__module__
