@@ -1,7 +1,7 @@
 """``torch.save`` / ``torch.load`` for remote tensors, in CUDA's own file format.
 
-Saving fetches each remote tensor's data and pickles it exactly as torch pickles a CUDA tensor:
-the storage is recorded with location ``cuda:N``. A checkpoint written through libremote
+Saving fetches each remote storage's data and pickles its tensors exactly as torch pickles CUDA
+tensors: the storage is recorded with location ``cuda:N``. A checkpoint written through libremote
 therefore loads with plain torch on a real GPU machine, and real CUDA checkpoints load here.
 
 Loading: a storage whose location is ``cuda*`` (directly, or through ``map_location="cuda"``) is
