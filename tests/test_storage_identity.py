@@ -8,6 +8,8 @@ safetensors tests run the library's own functions on remote tensors.
 
 from __future__ import annotations
 
+import zipfile
+
 import pytest
 import torch
 
@@ -127,3 +129,76 @@ def test_torch_save_still_works(remote, tmp_path):
     loaded = torch.load(path)
     torch.testing.assert_close(loaded["base"].cpu(), base.cpu())
     torch.testing.assert_close(loaded["view"].cpu(), base[1:].cpu())
+
+
+def tied_state() -> dict[str, torch.Tensor]:
+    """A state dict as a tied model writes it: one Parameter under two names, plus views (a row,
+    a strided column, a transpose) of another tensor."""
+    weight = torch.nn.Parameter(torch.randn(5, 3, device="cuda"))
+    base = torch.arange(24.0, device="cuda").reshape(4, 6)
+    return {"embed": weight, "head": weight, "whole": base, "row": base[1], "column": base[:, 2], "t": base.t()}
+
+
+def test_torch_save_writes_each_shared_storage_once_as_on_cuda(remote, tmp_path):
+    """torch.save writes one storage per CUDA storage; tensors sharing it load sharing it
+    (plain torch on CPU: the tie in a checkpoint survives, as accelerate's save_state needs)."""
+    state = tied_state()
+    path = tmp_path / "tied.pt"
+    torch.save(state, path)
+    loaded = torch.load(path, map_location="cpu")
+    assert loaded["embed"] is loaded["head"]
+    assert {storage_ptr(loaded[name]) for name in ("whole", "row", "column", "t")} == {storage_ptr(loaded["whole"])}
+    for name, value in state.items():
+        assert loaded[name].storage_offset() == value.storage_offset(), name
+        assert loaded[name].stride() == value.stride(), name
+        torch.testing.assert_close(loaded[name], value.detach().cpu(), msg=name)
+    with zipfile.ZipFile(path) as archive:
+        assert len([n for n in archive.namelist() if "/data/" in n]) == 2  # two storages, as on CUDA
+
+
+def test_torch_load_to_cuda_keeps_shared_storages(remote, tmp_path):
+    """Loading back onto the device: views of one saved storage are views of one device storage
+    (writing through one shows in the others), as torch.load does on CUDA."""
+    state = tied_state()
+    path = tmp_path / "tied.pt"
+    torch.save(state, path)
+    loaded = torch.load(path)
+    assert loaded["embed"] is loaded["head"] and loaded["embed"].device == CUDA
+    storages = {name: loaded[name].untyped_storage() for name in ("whole", "row", "column", "t")}
+    assert all(storage is storages["whole"] for storage in storages.values())
+    for name, value in state.items():
+        assert loaded[name].stride() == value.stride(), name
+        torch.testing.assert_close(loaded[name].cpu(), value.detach().cpu(), msg=name)
+    loaded["whole"][1, 2] = -1.0
+    assert loaded["row"][2].item() == loaded["column"][1].item() == loaded["t"][2, 1].item() == -1.0
+    # Rebuilt as torch.load rebuilds: no autograd view behind them, so in-place use with grad works.
+    assert all(value._base is None for value in loaded.values())
+    loaded["row"].add_(torch.ones(6, device="cuda", requires_grad=True))
+    assert loaded["column"][1].item() == 0.0
+
+
+def test_set_moves_the_tensor_onto_the_source_storage(remote):
+    """``x.set_(y)``: x now uses y's storage (one storage, as on CUDA); views taken of x before
+    keep the old one, and ``x.set_()`` gives x a new empty storage."""
+    x = torch.arange(5.0, device="cuda")
+    old_view = x[1:]
+    y = torch.arange(100.0, device="cuda")
+    x.set_(y)
+    assert x.untyped_storage() is y.untyped_storage() and storage_ptr(x) == storage_ptr(y)
+    assert old_view.untyped_storage() is not y.untyped_storage()
+    assert old_view.untyped_storage().nbytes() == 5 * 4  # the old storage did not grow to y's size
+    x.set_()
+    assert x.untyped_storage() is not y.untyped_storage() and x.untyped_storage().nbytes() == 0
+
+
+def test_torch_save_after_set(remote, tmp_path):
+    """Saving writes whole storages: each tensor's must be the daemon's real one, also after
+    ``set_`` put a tensor on a smaller storage (the old one would be read past its end)."""
+    x = torch.arange(100.0, device="cuda")
+    old_view = x[90:]
+    x.set_(torch.arange(5.0, device="cuda"))
+    path = tmp_path / "set.pt"
+    torch.save({"x": x, "old_view": old_view}, path)
+    loaded = torch.load(path, map_location="cpu")
+    torch.testing.assert_close(loaded["x"], torch.arange(5.0))
+    torch.testing.assert_close(loaded["old_view"], torch.arange(90.0, 100.0))

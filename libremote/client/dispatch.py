@@ -20,7 +20,7 @@ import torch
 from ..protocol import Cmd
 from . import backend, meta, runtime, sync
 from .ops import OpInfo, Return, WireEncoder, op_info
-from .tensor import RemoteTensor, fit_storage, make, share_storage, storage_of
+from .tensor import RemoteStorage, RemoteTensor, fit_storage, make, share_storage, storage_of
 
 aten = torch.ops.aten
 
@@ -297,8 +297,31 @@ def rebind(target: RemoteTensor, new: torch.Tensor) -> None:
     target._device_index = alias._device_index
 
 
+def set_storage(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``self.set_(source, ...)``: on the daemon ``self`` now uses ``source``'s storage, so here
+    too it shares ``source``'s storage identity (as on CUDA, where their ``untyped_storage()``
+    are then one). ``self.set_()`` gives it a new empty storage. The identity is switched before
+    the op runs: the op's new metadata must size the new storage, never the old one that other
+    views may still share."""
+    target = args[0]
+    source = args[1] if len(args) > 1 else kwargs.get("source")
+    before = target.__dict__.get("_storage")
+    if isinstance(source, RemoteTensor):
+        target._storage = storage_of(source)
+    elif isinstance(source, RemoteStorage):
+        target._storage = source._identity
+    elif source is None:
+        target._storage = None  # storage_of makes a fresh one for the new metadata
+    try:
+        return run(func, args, kwargs)
+    except BaseException:
+        target._storage = before
+        raise
+
+
 _SPECIAL: dict[torch._ops.OpOverload, Callable[..., Any]] = {
     aten._to_copy.default: sync.to_copy,
     aten.copy_.default: sync.copy_,
     aten.is_pinned.default: lambda func, args, kwargs: False,
+    **{getattr(aten.set_, overload): set_storage for overload in aten.set_.overloads()},
 }
