@@ -20,13 +20,13 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.raw_zmq import RawPeer  # noqa: E402
+from benchmarks.measure import transfer_gbps  # noqa: E402
 from benchmarks.run import _env, _free_address, _start_daemon  # noqa: E402
 
 TRANSFER_BYTES = 64 << 20
@@ -51,19 +51,7 @@ def client_figures(address: str) -> dict:
     libremote.connect(address)
     x = torch.ones(1024, device="cuda")
     results = {"round_trip_us": best_block_us(lambda: x.sum().item())}
-    host = torch.randn(TRANSFER_BYTES // 4)
-    best_up = best_down = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        device_copy = host.cuda()
-        torch.cuda.synchronize()
-        best_up = min(best_up, time.perf_counter() - start)
-        start = time.perf_counter()
-        device_copy.cpu()
-        best_down = min(best_down, time.perf_counter() - start)
-        del device_copy
-    results["upload_gbps"] = TRANSFER_BYTES / best_up / 1e9
-    results["download_gbps"] = TRANSFER_BYTES / best_down / 1e9
+    results.update(transfer_gbps(TRANSFER_BYTES))
     libremote.disconnect()
     return results
 

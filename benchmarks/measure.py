@@ -90,6 +90,23 @@ def _dispatch_floor_us(count: int) -> float:
     return min(_chain(x, a, b, count)[1] for _ in range(5)) / (2 * count) * 1e6
 
 
+def transfer_gbps(nbytes: int, repeats: int = 5) -> dict[str, float]:
+    """Best of ``repeats`` host-to-device and device-to-host copies of ``nbytes`` through
+    libremote (``upload_gbps``, ``download_gbps``)."""
+    host = torch.randn(nbytes // 4)
+    best_up = best_down = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        device_copy = host.cuda()
+        torch.cuda.synchronize()
+        best_up = min(best_up, time.perf_counter() - start)
+        start = time.perf_counter()
+        device_copy.cpu()
+        best_down = min(best_down, time.perf_counter() - start)
+        del device_copy
+    return {"upload_gbps": nbytes / best_up / 1e9, "download_gbps": nbytes / best_down / 1e9}
+
+
 def _kinds(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(args.kinds.split(",")) if args.kinds else training_kinds(args.size)
 
@@ -140,20 +157,7 @@ def remote(args: argparse.Namespace) -> dict:
     results["daemon_us_per_op"] = best_daemon * 1e6
     results["chain_ops_per_s"] = ops / best_total
 
-    nbytes = args.transfer_mib << 20
-    host = torch.randn(nbytes // 4)
-    best_up = best_down = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        device_copy = host.cuda()
-        torch.cuda.synchronize()
-        best_up = min(best_up, time.perf_counter() - start)
-        start = time.perf_counter()
-        device_copy.cpu()
-        best_down = min(best_down, time.perf_counter() - start)
-        del device_copy
-    results["upload_gbps"] = nbytes / best_up / 1e9
-    results["download_gbps"] = nbytes / best_down / 1e9
+    results.update(transfer_gbps(args.transfer_mib << 20))
 
     compiled_before = {"graphs_compiled": 0, "graph_compile_s": 0.0}
     for kind in _kinds(args):

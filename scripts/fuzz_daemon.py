@@ -15,7 +15,6 @@ results afterwards are not exact.
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 import time
 from pathlib import Path
@@ -25,11 +24,9 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import torch  # noqa: E402
 
-from libremote.protocol import Cmd, Msg  # noqa: E402
 
 import fuzz_messages  # noqa: E402
 from conftest import Daemon, client_connected_to  # noqa: E402
-from raw_client import RawClient  # noqa: E402
 
 #: Messages sent between two markers (a batch whose reply says the daemon has caught up): few
 #: enough that their replies fit the daemon's per-peer outbox and its stream window.
@@ -43,35 +40,6 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-class Fuzzer:
-    def __init__(self, address: str, seed: int) -> None:
-        self.raw = RawClient(address)
-        self.generator = fuzz_messages.RandomMessages(seed)
-        self.markers = itertools.count(10**12)
-        self.sessions = 0
-        self.start_session()
-
-    def start_session(self) -> None:
-        header = self.raw.hello()
-        if header[0] != Msg.WELCOME:
-            raise SystemExit(f"the daemon did not admit the fuzzer: {header}")
-        self.sessions += 1
-        for handle in range(1, fuzz_messages.HANDLES + 1):
-            self.raw.put(handle, torch.arange(4.0) + handle)
-
-    def burst(self) -> None:
-        for _ in range(BURST):
-            self.raw.send_raw(*self.generator.message())
-        marker = next(self.markers)
-        self.raw.send([Msg.BATCH, marker, [[Cmd.SYNC]], True])
-        while True:
-            reply, _ = self.raw.receive()
-            if reply[0] == Msg.REPLY and reply[1] == marker:
-                break
-        if reply[3] is not None and reply[3][0] == "session":
-            self.start_session()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=float, default=1e6, help="hostile messages to send (default 1e6)")
@@ -81,12 +49,13 @@ def main() -> int:
     total = int(args.messages)
     server = Daemon("--memory-quota", "64MiB", "--max-handles", "4096", device=args.device)
     try:
-        fuzzer = Fuzzer(server.address, args.seed)
+        fuzzer = fuzz_messages.FuzzingClient(server.address)
+        generator = fuzz_messages.RandomMessages(args.seed)
         rss_before = rss_bytes(server.process.pid)
         started = last_report = time.perf_counter()
         sent = 0
         while sent < total:
-            fuzzer.burst()
+            fuzzer.send(*(generator.message() for _ in range(BURST)))
             sent += BURST
             if server.process.poll() is not None:
                 print(f"FAIL: the daemon died after {sent} messages\n{server.log()[-4000:]}")

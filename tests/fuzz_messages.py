@@ -10,6 +10,7 @@ for an allocation that would stress the test machine rather than the daemon.
 
 from __future__ import annotations
 
+import itertools
 import random
 from typing import Any
 
@@ -147,3 +148,38 @@ class RandomMessages:
         if depth < 3 and roll < 0.3:
             return {rng.choice(SETTING_NAMES + KWARG_NAMES): self.value(depth + 1) for _ in range(rng.randrange(3))}
         return self.leaf()
+
+
+class FuzzingClient:
+    """A raw session that sends hostile messages and then a marker batch it waits for: replies
+    come in order, so the marker's reply means the daemon has handled everything before it. A
+    message that ended the session (BYE, HELLO, a broken bound) is followed by a new session."""
+
+    def __init__(self, address: str) -> None:
+        from raw_client import RawClient  # (tests/ is on the path of both users of this module)
+
+        self.raw = RawClient(address)
+        self.markers = itertools.count(10**12)
+        self.sessions = 0
+        self.start_session()
+
+    def start_session(self) -> None:
+        header = self.raw.hello()
+        assert header[0] == Msg.WELCOME, f"the daemon did not admit the fuzzer: {header}"
+        self.sessions += 1
+        for handle in range(1, HANDLES + 1):
+            self.raw.put(handle, torch.arange(4.0) + handle)
+
+    def send(self, *messages: tuple[bytes, list[bytes]]) -> None:
+        """Send ``messages`` (header, frames) and wait until the daemon has handled them."""
+        for header, frames in messages:
+            self.raw.send_raw(header, frames)
+        marker = next(self.markers)
+        self.raw.send([Msg.BATCH, marker, [[Cmd.SYNC]], True])
+        while True:
+            reply, _ = self.raw.receive()
+            if reply[0] == Msg.REPLY and reply[1] == marker:
+                break
+        if reply[3] is not None and reply[3][0] == "session":
+            self.start_session()
+
