@@ -66,6 +66,10 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                 seed, offset = no_rng, no_rng.clone()
             else:
                 seed, offset = seed.to(query.device), offset.to(query.device)
+            if lse.shape[-1] > max_q:
+                # The kernel pads its logsumexp's rows to a multiple of 32 and writes only the
+                # real ones: the padding would hand the client's handle bytes nobody wrote.
+                lse[..., max_q:].zero_()
             return _like(out, query), lse, None, None, max_q, max_k, seed, offset, None
         except RuntimeError:
             pass
