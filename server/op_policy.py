@@ -51,6 +51,9 @@ class OpEntry:
     #: Returns uninitialised memory (``*empty*``): the daemon zeroes its fresh results'
     #: storages (server/zeroing.py).
     zero_fill_result: bool
+    #: Sizes its results by their data (``dynamic_output_shape``): what a fresh result's
+    #: storage holds beyond its elements is zeroed (server/zeroing.py).
+    trims_results: bool = False
     #: Arguments the op writes to, as ("arg", position) or ("kwarg", name), when it may change
     #: their storage's size (resize_, set_, out= arguments): memory is re-measured after it.
     resized_arguments: tuple[tuple[str, Any], ...] = ()
@@ -131,6 +134,7 @@ def resolve(name: str) -> OpEntry:
         takes_generator=takes_generator,
         seeded_without_generator=seeded and not takes_generator,
         zero_fill_result=zeroing.returns_uninitialised(op_name),
+        trims_results=torch.Tag.dynamic_output_shape in overload.tags,
         resized_arguments=resized,
         sanitize=_unsafe_flag_forced_off(schema),
         foreach=op_name.startswith("_foreach_") and (

@@ -548,7 +548,7 @@ class Session:
             result = self._call(entry, args, kwargs, inputs)
         if entry.zero_fill_result:
             zeroing.zero_fresh_results(result, args, kwargs)
-        elif zeroing.trims_results(entry):
+        elif entry.trims_results:
             zeroing.zero_beyond_results(result, args, kwargs)
         if sizes is not None:
             sizes.zero_growth(entry, args, kwargs)

@@ -85,17 +85,6 @@ def zero_fresh_results(result: Any, args: list[Any], kwargs: dict[str, Any]) -> 
             taken.add(storage._cdata)
 
 
-_trims: dict[str, bool] = {}
-
-
-def trims_results(entry: Any) -> bool:
-    """Whether an op (an ``OpEntry``) sizes its results by their data (``dynamic_output_shape``)."""
-    trims = _trims.get(entry.name)
-    if trims is None:
-        trims = _trims[entry.name] = torch.Tag.dynamic_output_shape in entry.overload.tags
-    return trims
-
-
 def zero_beyond_results(result: Any, args: list[Any], kwargs: dict[str, Any]) -> None:
     """Zero the bytes of each fresh result storage that are not elements of any result."""
     taken = {t.untyped_storage()._cdata for t in tensors_of([args, list(kwargs.values())])}
