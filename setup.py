@@ -1,6 +1,9 @@
-"""libremote: one distribution with the client (libremote), the daemon (libremote.server) and
-the shims (libremote.shims). The repository keeps server/ and shims/ at the top level; they
-install inside the libremote namespace so no generic top-level ``server`` module is created."""
+"""libremote: one distribution with the client (``libremote``), the wire every peer speaks
+(``libremote_wire``, torch-free), the daemon (``libremote_server``) and the shims
+(``libremote.shims``). The repository keeps the wire in libremote/wire/ and the daemon in server/;
+they install as packages of their own, so that importing them never runs the client's
+``libremote/__init__.py`` (which switches torch's ``cuda`` to the remote device). In a checkout,
+the symbolic links libremote_wire and libremote_server at the top make the same names importable."""
 
 import os
 
@@ -27,11 +30,11 @@ class BuildPyWithStartupHook(build_py):
 
 
 def read_version() -> str:
-    with open(os.path.join(HERE, "libremote", "__init__.py")) as source:
+    with open(os.path.join(HERE, "libremote", "wire", "__init__.py")) as source:
         for line in source:
             if line.startswith("__version__"):
                 return line.split("=", 1)[1].strip().strip('"')
-    raise RuntimeError("no __version__ in libremote/__init__.py")
+    raise RuntimeError("no __version__ in libremote/wire/__init__.py")
 
 
 setup(
@@ -41,14 +44,16 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["libremote", "libremote.client", "libremote.server", "libremote.shims"],
-    package_dir={"libremote.server": "server", "libremote.shims": "shims"},
+    packages=["libremote", "libremote.client", "libremote_wire", "libremote_server", "libremote_server.worker",
+              "libremote.shims"],
+    package_dir={"libremote_wire": "libremote/wire", "libremote_server": "server",
+                 "libremote_server.worker": "server/worker", "libremote.shims": "shims"},
     install_requires=["torch>=2.6", "pyzmq>=25", "msgpack>=1.0", "numpy", "cffi>=1.15"],
     extras_require={"test": ["pytest>=7"], "multidevice": ["ninja"]},
     entry_points={
         "console_scripts": [
-            "libremote-server = libremote.server.cli:main",
-            "libremote = libremote.cli:main",
+            "libremote-server = libremote_server.cli:main",
+            "libremote = libremote_wire.cli:main",
         ]
     },
     cmdclass={"build_py": BuildPyWithStartupHook},

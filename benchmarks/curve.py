@@ -78,7 +78,7 @@ def libremote_figures(device: str, keys_dir: Path | None) -> dict:
 
 def make_keys(folder: Path) -> Path:
     """A daemon key folder with one tenant key ("bench"), the client's pair beside it."""
-    from libremote import curve_keys
+    from libremote_wire import curve_keys
 
     keys_dir = folder / "daemon"
     curve_keys.generate(keys_dir, "server")

@@ -65,8 +65,8 @@ ADMIN_TOKEN = "bench-admin"  # the whole pool's status (device time per session)
 
 def _status(address: str) -> dict:
     # In this process (no CLI subprocess importing torch during a measured window).
-    from libremote.cli import _ask
-    from libremote.protocol import Msg
+    from libremote_wire.cli import _ask
+    from libremote_wire.messages import Msg
 
     return _ask(address, [Msg.STATUS, {"token": ADMIN_TOKEN}], 30)[1]
 

@@ -53,7 +53,7 @@ def _measure(mode: str, extra: list[str]) -> dict:
 
 def _start_daemon(address: str, device: str, extra: list[str] = ()) -> subprocess.Popen:
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "libremote.server", "--listen", address, "--device", device, "--log-level", "WARNING",
+        [sys.executable, "-m", "libremote_server", "--listen", address, "--device", device, "--log-level", "WARNING",
          *extra],
         cwd=REPO, env=_env(),
     )

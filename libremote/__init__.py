@@ -12,19 +12,11 @@ Public API: :func:`connect`, :func:`disconnect`, :func:`is_connected`, :func:`sy
 from __future__ import annotations
 
 import contextlib as _contextlib
-import os as _os
 from typing import Any, Iterator
 
-__version__ = "0.1.0"
+from libremote_wire import __version__  # (one version for the client, the wire and the daemon)
 
-# In a source checkout, server/ and shims/ sit beside libremote/ and are installed as
-# libremote.server and libremote.shims (setup.py's package_dir). Let the checkout import them the
-# same way, so tests and `python -m libremote.server` run from the repository without installing.
-_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if _os.path.isfile(_os.path.join(_checkout, "setup.py")) and _os.path.isdir(_os.path.join(_checkout, "server")):
-    __path__.append(_checkout)  # type: ignore[name-defined]
-
-from .errors import (  # noqa: E402
+from .errors import (
     CaptureError,
     ConnectionFailed,
     LibremoteError,
@@ -33,8 +25,7 @@ from .errors import (  # noqa: E402
     RemoteOutOfMemoryError,
 )
 
-
-from .client import activation as _activation  # noqa: E402
+from .client import activation as _activation
 
 _activation.activate()
 
@@ -100,8 +91,9 @@ def op_trace() -> Iterator[list[str]]:
 def session_stats() -> dict[str, Any]:
     """What the daemon did for this session: ops executed, batches, seconds spent executing, and
     on a GPU how many graph-mode graphs it captured and replayed as CUDA graphs."""
+    from libremote_wire.messages import Cmd
+
     from .client import runtime
-    from .protocol import Cmd
 
     result, _ = runtime.current().request([Cmd.QUERY, "stats"])
     return dict(result)

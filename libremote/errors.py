@@ -27,7 +27,7 @@ class CaptureError(LibremoteError):
 
 
 class RemoteOpError(LibremoteError):
-    """An op failed on the daemon. ``kind``: what failed (see ``protocol.ErrorKind``)."""
+    """An op failed on the daemon. ``kind``: what failed (see ``messages.ErrorKind``)."""
 
     def __init__(self, kind: str, op: str, message: str) -> None:
         self.kind = kind

@@ -26,18 +26,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402  (not instrumented: torch is not what is under test)
 
 with atheris.instrument_imports(include=["libremote"]):
-    from libremote import protocol
-    from libremote.protocol import Msg
-    from libremote.server import limits, messages
-    from libremote.server.pool import PolicyError, Tenant
-    from libremote.server.session import Session
+    from libremote_wire import codec, messages, torch_codec
+    from libremote_wire.messages import Msg
+    from libremote_server import limits, messages
+    from libremote_server.policy import PolicyError, Tenant
+    from libremote_server.session import Session
 
 from libremote.client import activation  # noqa: E402
 
 activation.deactivate()  # this process plays the daemon (as server/daemon.py does)
 torch.set_grad_enabled(False)
 
-ANSWERED = (protocol.ProtocolError, PolicyError, limits.LimitExceeded)
+ANSWERED = (codec.ProtocolError, PolicyError, limits.LimitExceeded)
 _session: Session | None = None
 
 
@@ -57,7 +57,7 @@ def one_input(data: bytes) -> None:
     split = data.find(b"\0\0\0\0")  # an optional frame after the header
     header_bytes, frames = (data, []) if split < 0 else (data[:split], [data[split + 4:]])
     try:
-        header = protocol.unpackb(header_bytes)
+        header = torch_codec.unpackb(header_bytes)
         if not isinstance(header, list) or not header or not isinstance(header[0], int):
             return
         if header[0] == Msg.HELLO and len(header) == 2 and isinstance(header[1], dict):
@@ -72,7 +72,7 @@ def one_input(data: bytes) -> None:
             target.enqueue(seq, commands, frames, want_reply)
             while target.has_work():
                 for reply in target.run_slice(64):
-                    protocol.packb([Msg.REPLY, reply.seq, reply.results, reply.error])
+                    codec.packb([Msg.REPLY, reply.seq, reply.results, reply.error])
     except limits.LimitExceeded:
         _session = None
     except ANSWERED:
@@ -82,22 +82,22 @@ def one_input(data: bytes) -> None:
 def seed_messages() -> list[bytes]:
     """Well-formed messages to start from (libFuzzer mutates what it has): an op on the session's
     tensors, uploads, fetches, frees, a graph, a recorded step, settings and the field checks."""
-    handle = protocol.handle_ext
-    f32 = protocol.dtype_ext(torch.float32)
+    handle = codec.handle_ext
+    f32 = torch_codec.dtype_ext(torch.float32)
     batches = [
         [[0, [1, "aten::add.Tensor"], [handle(1), handle(2)], {}, [9]], [3, 9], [4, [9]]],
         [[1, [2, "aten::view.default"], [handle(1), [2, 2]], {}, [10]], [5]],
         [[11, 11, f32, [4], [1], 0, 1], [2, 11, f32, [4], 1], [3, 11]],
-        [[12, 1, 1, [["aten::mul.Tensor", [protocol.value_ext(0), protocol.value_ext(0)], {}]],
-          [protocol.value_ext(1)]], [13, 1, [handle(1)], [12]]],
+        [[12, 1, 1, [["aten::mul.Tensor", [codec.value_ext(0), codec.value_ext(0)], {}]],
+          [codec.value_ext(1)]], [13, 1, [handle(1)], [12]]],
         [[14, 1, [[0, [3, "aten::neg.default"], [handle(1)], {}, [13]]]], [15, 1]],
-        [[16, {"allow_tf32": True}], [10, "memory"], [6, 7], [7, protocol.device_ext(0)]],
+        [[16, {"allow_tf32": True}], [10, "memory"], [6, 7], [7, codec.device_ext(0)]],
     ]
-    seeds = [protocol.packb([Msg.BATCH, seq, commands, True]) for seq, commands in enumerate(batches)]
+    seeds = [codec.packb([Msg.BATCH, seq, commands, True]) for seq, commands in enumerate(batches)]
     seeds[2] += b"\0\0\0\0" + bytes(16)  # the upload's frame
-    seeds.append(protocol.packb([Msg.HELLO, {"protocol": protocol.PROTOCOL_VERSION, "pid": 1, "tenant": "a"}]))
-    seeds.append(protocol.packb([Msg.ADMIN, {"token": "t", "tenant": "a", "weight": 2}]))
-    seeds.append(protocol.packb([Msg.STATUS, {"tenant": "a", "tenant_token": "b"}]))
+    seeds.append(codec.packb([Msg.HELLO, {"protocol": messages.PROTOCOL_VERSION, "pid": 1, "tenant": "a"}]))
+    seeds.append(codec.packb([Msg.ADMIN, {"token": "t", "tenant": "a", "weight": 2}]))
+    seeds.append(codec.packb([Msg.STATUS, {"tenant": "a", "tenant_token": "b"}]))
     return seeds
 
 

@@ -46,9 +46,9 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
-from libremote import curve_keys
+from libremote_wire import curve_keys
 
-from .pool import PoolConfig, PolicyError, same_secret
+from .policy import PoolConfig, PolicyError, same_secret
 
 log = logging.getLogger("libremote.server.auth")
 
@@ -113,6 +113,15 @@ class KeyRing:
 
     def tenants(self) -> set[str]:
         return {identity.name for identity in self.identities.values() if identity.kind == TENANT}
+
+    def only_tenant(self, name: str) -> "KeyRing":
+        """The key ring a tenant's worker uses: the same key pair, and that tenant's keys only.
+        (A worker's socket then completes no handshake with anyone else: another tenant's
+        client, an admin, a scanner.)"""
+        ring = object.__new__(KeyRing)
+        ring.server_public, ring.server_secret = self.server_public, self.server_secret
+        ring.identities = {key: who for key, who in self.identities.items() if who == Identity(TENANT, name)}
+        return ring
 
 
 class _KeyRingAuthenticator(ThreadAuthenticator):

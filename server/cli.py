@@ -1,25 +1,24 @@
-"""``libremote-server``: run the daemon (also ``python -m libremote.server``)."""
+"""``libremote-server``: run the daemon (also ``python -m libremote_server``)."""
 
 from __future__ import annotations
 
 import argparse
-import atexit
 import logging
 import os
 import signal
 import sys
 from typing import Sequence
 
-from . import auth, compiled_graphs, devices, limits, pool
-from .daemon import Daemon
+from . import auth, limits, policy
+from .front import Front
 
 DEFAULT_LISTEN = "tcp://127.0.0.1:7777"
 
 
 def _size(text: str) -> int:
     try:
-        return pool.parse_size(text)
-    except pool.PolicyError as exc:
+        return policy.parse_size(text)
+    except policy.PolicyError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
@@ -41,6 +40,17 @@ def _microseconds(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a whole number of microseconds >= 0, not {text!r}")
     return value
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    try:
+        first, last = int(low), int(high or low)
+    except ValueError:
+        first = last = -1
+    if not 0 < first <= last < 65536:
+        raise argparse.ArgumentTypeError(f"expected ports LOW-HIGH, e.g. 7800-7899, not {text!r}")
+    return first, last
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +83,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="plain TCP only: peers on this host are admins (libremote status shows everything, "
         "libremote admin works) without the admin token. Every local user then is one",
     )
+    parser.add_argument(
+        "--max-sessions-per-tenant", type=_positive, default=limits.MAX_SESSIONS_PER_TENANT, metavar="N",
+        help=f"sessions one tenant (of a tenants file or a CURVE key) may hold at once; its further clients wait "
+        f"(default {limits.MAX_SESSIONS_PER_TENANT}; a tenant's max_sessions overrides it)",
+    )
+    parser.add_argument(
+        "--op-time-limit", type=float, default=None, metavar="SECONDS",
+        help="end a tenant's worker (and its sessions, with a clear error) when one op, or one slice of up to 64 "
+        "commands, runs longer than this (default: no limit). Other tenants never wait on it either way",
+    )
+    parser.add_argument(
+        "--worker-memory-margin", type=_size, default=limits.WORKER_MEMORY_MARGIN, metavar="SIZE",
+        help="host memory a tenant's worker may take beyond its start, enforced by the OS (cgroup v2 where "
+        "delegated, else RLIMIT_DATA), besides its tenant's quota on the CPU backend (default 1GiB)",
+    )
+    parser.add_argument(
+        "--worker-ports", type=_port_range, default=None, metavar="LOW-HIGH",
+        help="TCP ports the workers listen on (each client connects to its tenant's worker after admission); "
+        "default: any free port. Open this range in firewalls along with --listen's port",
+    )
+    parser.add_argument("--unsafe-no-op-rules", dest="op_rules", action="store_false",
+                        help=argparse.SUPPRESS)  # tests only: prove the process boundary without the rules
     parser.add_argument(
         "--device", default="auto",
         help="what the pool serves: auto (every accelerator torch sees, else the CPU), cpu, cuda, "
@@ -122,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="replay graph-mode graphs by the CUDA-graph rules on the CPU backend too (for testing libremote)",
     )
     parser.add_argument(
-        "--graph-compiler", choices=compiled_graphs.COMPILERS, default="none",
+        "--graph-compiler", choices=("none", "inductor"), default="none",
         help="compile graph-mode graphs with TorchInductor in the background (fused kernels; default "
         "none: interpret them). Compiled code checks indices with device-side asserts, which end the "
         "CUDA context of every session on the GPU when they fire: use it for tenants you trust",
@@ -157,20 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line and serve until SIGINT/SIGTERM; then the process exits (this
     returns only for a command line or address it refuses, with 2)."""
-    from libremote.client import activation
-
-    activation.deactivate()  # a daemon process sees the real torch.cuda, not the client's facade
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, args.log_level),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s",
         stream=sys.stderr,
     )
     try:
-        device_list = devices.resolve_devices(args.device)
-        pool_config = pool.PoolConfig(
+        pool_config = policy.PoolConfig(
             default_memory_quota=args.memory_quota,
             max_sessions_per_device=args.max_sessions,
+            max_sessions_per_tenant=args.max_sessions_per_tenant,
             max_handles=args.max_handles,
             placement=args.placement,
             idle_timeout_s=args.idle_timeout,
@@ -181,34 +210,42 @@ def main(argv: Sequence[str] | None = None) -> int:
             graph_compiler=args.graph_compiler,
         )
         if args.tenants:
-            pool_config.tenants, pool_config.admin_token = pool.load_tenants(
+            pool_config.tenants, pool_config.admin_token = policy.load_tenants(
                 args.tenants, tokens_required=not args.auth_keys)
         keyring = _transport(args, pool_config)
-    except (ValueError, pool.PolicyError) as exc:
+    except (ValueError, policy.PolicyError) as exc:
         print(f"libremote-server: {exc}", file=sys.stderr)
         return 2
     try:
-        daemon = Daemon(
-            args.listen, device_list, pool_config=pool_config, max_message_bytes=args.max_message_size,
+        front = Front(
+            args.listen, args.device, pool_config=pool_config, max_message_bytes=args.max_message_size,
             heartbeat_s=args.heartbeat, heartbeat_timeout_s=args.heartbeat_timeout, spin_us=args.spin_us,
-            keyring=keyring, loopback_admin=args.loopback_admin,
+            keyring=keyring, auth_keys=args.auth_keys, server_key=args.server_key, loopback_admin=args.loopback_admin,
+            op_time_limit_s=args.op_time_limit, worker_memory_margin=args.worker_memory_margin,
+            worker_ports=args.worker_ports, op_rules=args.op_rules, log_level=args.log_level,
         )
+    except ValueError as exc:  # --device names what this machine does not have
+        print(f"libremote-server: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:  # zmq.ZMQError: address in use, bad endpoint
         print(f"libremote-server: cannot listen on {args.listen}: {exc}", file=sys.stderr)
         return 2
+    if not args.op_rules:
+        logging.getLogger("libremote.server").warning(
+            "--unsafe-no-op-rules: workers run any aten op unchecked (tests of the process boundary only)")
 
     def _on_signal(signum: int, _frame: object) -> None:
         logging.getLogger("libremote.server").info("received %s, stopping", signal.Signals(signum).name)
-        daemon.stop()
+        front.stop()
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
-    daemon.serve_forever()
-    _exit_without_teardown(0)
-    return 0  # (not reached)
+    front.serve_forever()
+    logging.shutdown()
+    return 0
 
 
-def _transport(args: argparse.Namespace, pool_config: pool.PoolConfig) -> auth.KeyRing | None:
+def _transport(args: argparse.Namespace, pool_config: policy.PoolConfig) -> auth.KeyRing | None:
     """CURVE's key ring, or None for plain TCP; refuse plain TCP off loopback unless --insecure.
 
     Plain TCP carries tokens and tensors in clear and ties sessions to routing ids only, so it
@@ -216,7 +253,7 @@ def _transport(args: argparse.Namespace, pool_config: pool.PoolConfig) -> auth.K
     log = logging.getLogger("libremote.server")
     if args.auth_keys:
         if args.insecure or args.loopback_admin:
-            raise pool.PolicyError("--auth-keys cannot be combined with --insecure or --loopback-admin "
+            raise policy.PolicyError("--auth-keys cannot be combined with --insecure or --loopback-admin "
                                    "(with keys, admins have admin keys: DIR/admin/NAME.key)")
         keyring = auth.KeyRing(args.auth_keys, args.server_key)
         log.info("CURVE: %d client keys (%d tenants) accepted from %s", len(keyring.identities),
@@ -226,25 +263,12 @@ def _transport(args: argparse.Namespace, pool_config: pool.PoolConfig) -> auth.K
                 log.warning("tenant %r has a key but no entry in %s: its clients will be refused", name, args.tenants)
         return keyring
     if args.server_key:
-        raise pool.PolicyError("--server-key needs --auth-keys DIR")
+        raise policy.PolicyError("--server-key needs --auth-keys DIR")
     if not auth.is_loopback_endpoint(args.listen):
         if not args.insecure:
-            raise pool.PolicyError(
+            raise policy.PolicyError(
                 f"refusing to serve {args.listen} without authentication: give --auth-keys DIR (CURVE keys, "
                 "see `libremote keygen`), or --insecure to serve plain TCP there anyway")
         log.warning("--insecure: serving plain TCP on %s; anyone who can reach it can connect, and tokens and "
                     "tensors travel unencrypted. Use --auth-keys on networks you do not fully trust", args.listen)
     return None
-
-
-def _exit_without_teardown(code: int) -> None:
-    """End the process once the daemon has stopped cleanly (sessions ended, socket closed).
-
-    Tearing down an interpreter that imported torch takes ~0.5 s here (its module dictionaries
-    and objects, one by one) and frees nothing the operating system would not. The exit
-    handlers still run: logging's flush and torch's own (inductor's compile workers)."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    atexit._run_exitfuncs()
-    os._exit(code)

@@ -11,18 +11,39 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from libremote import protocol
-from libremote.protocol import ProtocolError
+import zmq
+
+from libremote_wire import codec, messages
+from libremote_wire.codec import ProtocolError
 
 # -- Before a session exists ------------------------------------------------------------------------
 #: Default ``--max-message-size``: the largest frame ZeroMQ accepts (larger ones disconnect the
 #: peer before the daemon sees a byte). The client sends tensor data in pieces of at most 8 MiB
 #: (libremote/client/sync.py, UPLOAD_PIECE_BYTES; anything of 16 MiB or more is cut), and headers
-#: stay far below protocol.MAX_HEADER_BYTES, which this matches.
-MAX_MESSAGE_BYTES = protocol.MAX_HEADER_BYTES
+#: stay far below codec.MAX_HEADER_BYTES, which this matches.
+MAX_MESSAGE_BYTES = codec.MAX_HEADER_BYTES
 #: Frames in one message (each one a Python object once received). A batch carries one frame per
 #: upload; the client sends its batch at LIBREMOTE_BATCH commands (256) or 4 MiB of uploads.
 MAX_FRAMES_PER_MESSAGE = 1 << 16
+#: A peer that has not finished the ZeroMQ handshake (greeting, CURVE) within this long is
+#: disconnected: a half-open connection holds a descriptor, and enough of them would take all.
+HANDSHAKE_MS = 5000
+#: Connections one address may hold open to a listening socket of the daemon (the front, each
+#: worker); beyond it, new ones are shut down before their handshake (server/peers.py). A libremote
+#: client holds two (its front and its worker); a host running many clients needs that many.
+CONNECTIONS_PER_ADDRESS = 512
+#: TCP keepalive on the daemon's sockets: a peer whose host vanished without closing its
+#: connections is found out by the kernel within about IDLE + COUNT * INTERVAL seconds.
+TCP_KEEPALIVE_IDLE_S = 30
+TCP_KEEPALIVE_INTERVAL_S = 10
+TCP_KEEPALIVE_COUNT = 3
+#: Default ``--worker-memory-margin``: host memory a worker may take beyond what it held when
+#: forked, besides (on the CPU backend) its tenant's quota: messages queued for it (up to
+#: MAX_QUEUED_BYTES), replies, bookkeeping, torch's own host allocations.
+WORKER_MEMORY_MARGIN = 1 << 30
+#: Default ``--max-sessions-per-tenant``: sessions one (authenticated) tenant may hold at once;
+#: its further clients wait in the admission queue, so no tenant can take every slot.
+MAX_SESSIONS_PER_TENANT = 16
 #: Default ``--max-sessions``: sessions per device; further clients wait in the admission queue.
 #: Each session costs a CUDA stream, generators and bookkeeping even when idle.
 MAX_SESSIONS_PER_DEVICE = 64
@@ -36,15 +57,19 @@ OUTBOX_MESSAGES = 1000
 
 # -- Per session --------------------------------------------------------------------------------------
 #: Batches / frame bytes a client may stream without asking for a reply: twice the window after
-#: which the libremote client asks (protocol.STREAM_WINDOW_*). Beyond it: a protocol violation,
+#: which the libremote client asks (messages.STREAM_WINDOW_*). Beyond it: a protocol violation,
 #: and the session ends.
-MAX_UNACKNOWLEDGED_BATCHES = 2 * protocol.STREAM_WINDOW_BATCHES
-MAX_UNACKNOWLEDGED_BYTES = 2 * protocol.STREAM_WINDOW_BYTES
+MAX_UNACKNOWLEDGED_BATCHES = 2 * messages.STREAM_WINDOW_BATCHES
+MAX_UNACKNOWLEDGED_BYTES = 2 * messages.STREAM_WINDOW_BYTES
 #: Batches / frame bytes queued and not yet run. The libremote client has at most two windows
 #: queued (it waits for one acknowledgement before asking the next); a client that asks for
 #: replies on every batch and floods them meets this bound instead.
-MAX_QUEUED_BATCHES = 4 * protocol.STREAM_WINDOW_BATCHES
-MAX_QUEUED_BYTES = 4 * protocol.STREAM_WINDOW_BYTES
+MAX_QUEUED_BATCHES = 4 * messages.STREAM_WINDOW_BATCHES
+MAX_QUEUED_BYTES = 4 * messages.STREAM_WINDOW_BYTES
+#: Bytes of replies a session's client may leave unread (ZeroMQ holds them, and the tensors they
+#: are copies of): beyond it the session's commands wait until the client reads. The libremote
+#: client reads every reply it asks for at once.
+MAX_UNSENT_REPLY_BYTES = 256 << 20
 #: Default ``--max-handles``: live tensors one session may hold. Empty tensors cost no quota but
 #: host memory each (a few hundred bytes); a large model with gradients and optimizer state holds
 #: some hundreds of thousands.
@@ -54,6 +79,16 @@ MAX_OP_IDS = 1 << 16
 #: Poisoned handles (outputs of failed ops) remembered to name the failure; beyond this the oldest
 #: are forgotten (using one then says "does not belong to this session" instead).
 MAX_POISONED_HANDLES = 1 << 16
+
+
+def bound_connections(socket: zmq.Socket) -> None:
+    """Options that keep connections from piling up on a listening socket (set before binding):
+    a handshake deadline, and TCP keepalive for peers whose hosts vanished."""
+    socket.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+    socket.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    socket.setsockopt(zmq.TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_IDLE_S)
+    socket.setsockopt(zmq.TCP_KEEPALIVE_INTVL, TCP_KEEPALIVE_INTERVAL_S)
+    socket.setsockopt(zmq.TCP_KEEPALIVE_CNT, TCP_KEEPALIVE_COUNT)
 
 
 class LimitExceeded(ProtocolError):
@@ -80,7 +115,7 @@ class Inflow:
                     f"the client streamed {self.unacknowledged_batches} batches ({self.unacknowledged_bytes} bytes) "
                     f"without asking for an acknowledgement (a reply); at most {MAX_UNACKNOWLEDGED_BATCHES} batches "
                     f"or {MAX_UNACKNOWLEDGED_BYTES} bytes may be, and libremote clients ask every "
-                    f"{protocol.STREAM_WINDOW_BATCHES} batches or {protocol.STREAM_WINDOW_BYTES} bytes"
+                    f"{messages.STREAM_WINDOW_BATCHES} batches or {messages.STREAM_WINDOW_BYTES} bytes"
                 )
         if queued_batches + 1 > MAX_QUEUED_BATCHES or queued_bytes + frame_bytes > MAX_QUEUED_BYTES:
             raise LimitExceeded(

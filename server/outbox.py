@@ -35,11 +35,13 @@ class Outbox:
         self._on_full = on_full
         self.dropped = 0  # messages for peers that could not take them (gone, or not reading)
 
-    def send(self, identity: bytes, parts: list[Any], *, copy: bool = True) -> bool:
-        """Queue ``parts`` for the peer ``identity``; False when it could not take them."""
+    def send(self, identity: bytes, parts: list[Any], *, copy: bool = True, track: bool = False) -> Any:
+        """Queue ``parts`` for the peer ``identity``; False when it could not take them. With
+        ``track`` (zero-copy frames only), a ``zmq.MessageTracker`` that is done once ZeroMQ has
+        let go of the frames (they went to the network), else True."""
         try:
-            self._socket.send_multipart([identity, *parts], flags=zmq.NOBLOCK, copy=copy)
-            return True
+            tracker = self._socket.send_multipart([identity, *parts], flags=zmq.NOBLOCK, copy=copy, track=track)
+            return tracker if track else True
         except zmq.Again:
             self.dropped += 1
             self._on_full(identity)

@@ -1,6 +1,6 @@
 """Fixtures: a real daemon process on a free loopback port, and a client session against it.
 
-The daemon runs ``python -m libremote.server --device cpu`` from this checkout (``PYTHONPATH``),
+The daemon runs ``python -m libremote_server --device cpu`` from this checkout (``PYTHONPATH``),
 exactly as a user would start it; tests compare remote results with plain local torch.
 """
 
@@ -47,7 +47,7 @@ class Daemon:
             self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"libremote-daemon-{self.port}.log"
             self._log = open(self.log_path, "w+")
             self.process = subprocess.Popen(
-                [python, "-m", "libremote.server", "--listen", self.address, "--device", device, *args],
+                [python, "-m", "libremote_server", "--listen", self.address, "--device", device, *args],
                 env=subprocess_env(),
                 cwd=REPO,
                 stdout=self._log,

@@ -18,8 +18,8 @@ import msgpack
 import torch
 from hypothesis import strategies as st
 
-from libremote import protocol
-from libremote.protocol import Cmd, Msg
+from libremote_wire import codec, torch_codec
+from libremote_wire.messages import Cmd, Msg
 
 #: Handles the fuzzing session puts before it starts (1..HANDLES), so that ops find operands.
 HANDLES = 4
@@ -31,13 +31,13 @@ KWARG_NAMES = ["alpha", "dim", "keepdim", "out", "dtype", "device", "generator"]
 SETTING_NAMES = ["allow_tf32", "deterministic", "matmul_precision", "bogus"]
 QUERIES = ["memory", "stats", "settings", "memory_fraction", "devices", "reset_peak_memory", "bogus"]
 _EXT_VALUES = [
-    protocol.dtype_ext(torch.float32), protocol.dtype_ext(torch.int64), protocol.dtype_ext(torch.bool),
-    protocol.inline_tensor_ext(torch.tensor([1.5, -2.0])), protocol.inline_tensor_ext(torch.tensor(3)),
-    protocol.complex_ext(1 - 2j), protocol.memory_format_ext(torch.channels_last),
-    protocol.layout_ext(torch.strided),
-    msgpack.ExtType(protocol.EXT_TENSOR, b"\x93\xa7float32\x91\x05\xc4\x00"),  # 5 floats, no bytes
-    msgpack.ExtType(protocol.EXT_DTYPE, b"float99"), msgpack.ExtType(99, b"x"),
-    msgpack.ExtType(protocol.EXT_HANDLE, b"\x01"),
+    torch_codec.dtype_ext(torch.float32), torch_codec.dtype_ext(torch.int64), torch_codec.dtype_ext(torch.bool),
+    torch_codec.inline_tensor_ext(torch.tensor([1.5, -2.0])), torch_codec.inline_tensor_ext(torch.tensor(3)),
+    codec.complex_ext(1 - 2j), torch_codec.memory_format_ext(torch.channels_last),
+    torch_codec.layout_ext(torch.strided),
+    msgpack.ExtType(codec.Ext.TENSOR, b"\x93\xa7float32\x91\x05\xc4\x00"),  # 5 floats, no bytes
+    msgpack.ExtType(codec.Ext.DTYPE, b"float99"), msgpack.ExtType(99, b"x"),
+    msgpack.ExtType(codec.Ext.HANDLE, b"\x01"),
 ]
 
 
@@ -47,9 +47,9 @@ _EXT_VALUES = [
 handles = st.integers(-1, HANDLES + 8)
 small_ints = st.integers(-4, 16)
 exts = st.one_of(
-    handles.map(lambda h: protocol.handle_ext(h) if h >= 0 else msgpack.ExtType(1, b"")),
-    st.integers(0, 3).map(protocol.device_ext),
-    st.integers(0, 6).map(protocol.value_ext),
+    handles.map(lambda h: codec.handle_ext(h) if h >= 0 else msgpack.ExtType(1, b"")),
+    st.integers(0, 3).map(codec.device_ext),
+    st.integers(0, 6).map(codec.value_ext),
     st.sampled_from(_EXT_VALUES),
     st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=12)),
 )
@@ -77,7 +77,7 @@ others = st.builds(lambda kind, rest: [kind, *rest], st.one_of(st.sampled_from(l
 headers = st.one_of(batches, batches, others, values)
 frame_lists = st.lists(st.binary(max_size=64), max_size=3)
 #: A message as it goes on the wire: packed header bytes (or raw bytes), and frames.
-messages = st.tuples(st.one_of(headers.map(protocol.packb), headers.map(protocol.packb), st.binary(max_size=64)),
+messages = st.tuples(st.one_of(headers.map(codec.packb), headers.map(codec.packb), st.binary(max_size=64)),
                      frame_lists)
 
 
@@ -98,7 +98,7 @@ class RandomMessages:
             return rng.randbytes(rng.randrange(64)), frames
         header = self.batch() if roll < 0.8 else [rng.choice(list(Msg)) if rng.random() < 0.9 else rng.randrange(-1, 20),
                                                   *[self.value() for _ in range(rng.randrange(3))]]
-        return protocol.packb(header), frames
+        return codec.packb(header), frames
 
     def batch(self) -> list[Any]:
         rng = self.rng
@@ -129,13 +129,13 @@ class RandomMessages:
         rng = self.rng
         roll = rng.random()
         if roll < 0.35:
-            return protocol.handle_ext(rng.randrange(0, HANDLES + 9))
+            return codec.handle_ext(rng.randrange(0, HANDLES + 9))
         if roll < 0.45:
             return rng.choice(_EXT_VALUES)
         if roll < 0.5:
             return msgpack.ExtType(rng.randrange(128), rng.randbytes(rng.randrange(12)))
         if roll < 0.55:
-            return protocol.device_ext(rng.randrange(4))
+            return codec.device_ext(rng.randrange(4))
         return rng.choice([None, True, False, rng.randrange(-4, 17), rng.randrange(-(2**63), 2**64),
                            rng.uniform(-1e6, 1e6), float("nan"), "", "x" * rng.randrange(9), b"\x00\x01",
                            rng.choice(SETTING_NAMES), rng.choice(QUERIES)])

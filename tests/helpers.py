@@ -33,12 +33,12 @@ def pool_daemon(*args: str, device: str = "cpu") -> Iterator[Daemon]:
 
 
 def cli(*args: str, timeout: float = 60.0, **env: str) -> subprocess.CompletedProcess:
-    """``python -m libremote.cli ARGS`` (the ``libremote`` command) in a fresh interpreter."""
+    """``python -m libremote_wire.cli ARGS`` (the ``libremote`` command) in a fresh interpreter."""
     environment = subprocess_env(**env)
     if "LIBREMOTE_ADMIN_TOKEN" not in env:
         environment.pop("LIBREMOTE_ADMIN_TOKEN", None)
     return subprocess.run(
-        [sys.executable, "-m", "libremote.cli", *args],
+        [sys.executable, "-m", "libremote_wire.cli", *args],
         env=environment, cwd=REPO, capture_output=True, text=True, timeout=timeout,
     )
 
@@ -48,7 +48,7 @@ def status(address: str, admin_token: str | None = None) -> dict[str, Any]:
     (the same request; a fresh interpreter per poll would cost seconds of importing torch). The
     command itself is tested through :func:`cli`. A daemon with a tenants file shows its whole
     pool to its admin only: pass ``admin_token`` (or start it with ``--loopback-admin``)."""
-    from libremote.cli import query_status
+    from libremote_wire.cli import query_status
 
     return query_status(address, admin_token=admin_token)
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import libremote
-from libremote.protocol import Cmd
+from libremote_wire.messages import Cmd
 from conftest import client_connected_to
 from helpers import pool_daemon
 from test_faults import raw  # noqa: F401  (fixture)
@@ -145,11 +145,10 @@ def test_raw_programs_hold_only_replayable_commands(raw):  # noqa: F811
 def test_raw_placeholders_are_checked_before_anything_is_allocated(raw):  # noqa: F811
     # A step recorded without running (torch.cuda.graph) names the results to allocate now: the
     # daemon checks their layouts and the session's quota first, and keeps serving either way.
-    from libremote import protocol
-
+    from libremote_wire import codec, torch_codec
     raw.put(1, torch.ones(4))
-    add = [Cmd.OP, [1, "aten::add.Tensor"], [protocol.handle_ext(1), protocol.handle_ext(1)], {}, [2]]
-    f32 = protocol.dtype_ext(torch.float32)
+    add = [Cmd.OP, [1, "aten::add.Tensor"], [codec.handle_ext(1), codec.handle_ext(1)], {}, [2]]
+    f32 = torch_codec.dtype_ext(torch.float32)
     before = raw.memory()["allocated"]
     _, error, _ = raw.call([[Cmd.PROGRAM, 1, [add], {"ran": False, "placeholders": [[2, f32, [1 << 40], [1], 0, 0]]}]])
     assert error is not None and error[0] == "oom", error

@@ -25,8 +25,8 @@ import msgpack
 import pytest
 import torch
 
-from libremote import protocol
-from libremote.protocol import Cmd, Msg
+from libremote_wire import codec, messages, torch_codec
+from libremote_wire.messages import Cmd, Msg
 
 from conftest import REPO, Daemon, free_port, subprocess_env
 from raw_client import RawClient
@@ -117,10 +117,10 @@ def own_daemon():
 
 
 def _float_bytes(*values: float) -> bytes:
-    return bytes(protocol.tensor_bytes(torch.tensor(values, dtype=torch.float32)))
+    return bytes(torch_codec.tensor_bytes(torch.tensor(values, dtype=torch.float32)))
 
 
-F32 = protocol.dtype_ext(torch.float32)
+F32 = torch_codec.dtype_ext(torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -293,7 +293,7 @@ def test_sync_mode_raises_on_the_failing_line(daemon):
 def test_from_file_on_cuda_is_refused(remote, tmp_path):
     path = tmp_path / "secret.bin"
     secret = torch.tensor([1234.5, -42.0, 7.25, 99.0], dtype=torch.float32)
-    path.write_bytes(bytes(protocol.tensor_bytes(secret)))
+    path.write_bytes(bytes(torch_codec.tensor_bytes(secret)))
     with pytest.raises(remote.RemoteOpError) as info:
         t = torch.from_file(str(path), size=4, device="cuda")
         t.cpu()
@@ -489,7 +489,7 @@ def test_forged_handles_from_another_session_are_never_served(remote, raw):
 
         # OP_SYNC using A's handle as input.
         results, error, frames = raw.call(
-            [[Cmd.OP_SYNC, [1, "aten::add.Tensor"], [protocol.handle_ext(handle), protocol.handle_ext(handle)], {}, [10_000 + handle]]]
+            [[Cmd.OP_SYNC, [1, "aten::add.Tensor"], [codec.handle_ext(handle), codec.handle_ext(handle)], {}, [10_000 + handle]]]
         )
         assert frames == []
         assert results == [None], (handle, results)
@@ -499,7 +499,7 @@ def test_forged_handles_from_another_session_are_never_served(remote, raw):
 
         # OP_SYNC returning a value (no new tensor): aten::_local_scalar_dense = .item().
         results, error, _ = raw.call(
-            [[Cmd.OP_SYNC, [2, "aten::_local_scalar_dense"], [protocol.handle_ext(handle)], {}, [None]]]
+            [[Cmd.OP_SYNC, [2, "aten::_local_scalar_dense"], [codec.handle_ext(handle)], {}, [None]]]
         )
         assert results == [None], (handle, results)
         assert error is not None and error[0] == "handle", (handle, error)
@@ -511,7 +511,7 @@ def test_forged_handles_from_another_session_are_never_served(remote, raw):
     # Session B frees "A's" handles and tries in-place ops on them: A must not notice.
     raw.call([[Cmd.FREE, candidates]])
     results, error, _ = raw.call(
-        [[Cmd.OP, [3, "aten::zero_"], [protocol.handle_ext(h)], {}, [None]] for h in candidates]
+        [[Cmd.OP, [3, "aten::zero_"], [codec.handle_ext(h)], {}, [None]] for h in candidates]
     )
     assert error is not None and error[0] == "handle", error
     assert secret.cpu().tolist() == secret_values
@@ -589,11 +589,11 @@ def test_put_with_hostile_layout_is_refused_without_allocating(raw, daemon, shap
 
 def test_hello_with_wrong_protocol_version_is_refused(daemon):
     with RawClient(daemon.address) as client:
-        header = client.hello(protocol=protocol.PROTOCOL_VERSION + 41, libremote="9.9.9")
+        header = client.hello(protocol=messages.PROTOCOL_VERSION + 41, libremote="9.9.9")
         assert header[0] == Msg.REFUSED, header
         reason = header[1]
-        assert f"protocol {protocol.PROTOCOL_VERSION + 41}" in reason
-        assert f"speaks {protocol.PROTOCOL_VERSION}" in reason
+        assert f"protocol {messages.PROTOCOL_VERSION + 41}" in reason
+        assert f"speaks {messages.PROTOCOL_VERSION}" in reason
         assert "9.9.9" in reason
         # Refused means no session: a batch gets a "session" error.
         results, error, _ = client.call([[Cmd.SYNC]])
@@ -601,15 +601,15 @@ def test_hello_with_wrong_protocol_version_is_refused(daemon):
     with RawClient(daemon.address) as client:
         header = client.hello(protocol=None)
         assert header[0] == Msg.REFUSED, header
-        assert "None" in header[1] and str(protocol.PROTOCOL_VERSION) in header[1]
+        assert "None" in header[1] and str(messages.PROTOCOL_VERSION) in header[1]
 
 
 def test_library_client_reports_refusal(daemon):
     """The libremote client turns REFUSED into ConnectionFailed naming both versions."""
     code = """
         import json, libremote
-        from libremote import protocol
-        protocol.PROTOCOL_VERSION = 77
+        from libremote_wire import codec, messages, torch_codec
+        messages.PROTOCOL_VERSION = 77
         try:
             libremote.connect(%r)
         except libremote.ConnectionFailed as exc:
@@ -619,7 +619,7 @@ def test_library_client_reports_refusal(daemon):
     assert result.returncode == 0, result.stderr
     message = last_json(result.stdout)["message"]
     assert "refused" in message
-    assert "77" in message and "speaks 1" in message
+    assert "77" in message and f"speaks {messages.PROTOCOL_VERSION}" in message
 
 
 def test_batch_before_hello_gets_session_error(daemon):
@@ -653,8 +653,8 @@ def test_oversized_header_is_refused():
     try:
         with RawClient(server.address) as raw:
             assert raw.hello()[0] == Msg.WELCOME
-            header = protocol.packb([Msg.BATCH, 1, [[Cmd.SYNC]], True])
-            raw.send_raw(header + b"\x00" * (protocol.MAX_HEADER_BYTES + 1 - len(header)))
+            header = codec.packb([Msg.BATCH, 1, [[Cmd.SYNC]], True])
+            raw.send_raw(header + b"\x00" * (codec.MAX_HEADER_BYTES + 1 - len(header)))
             reply, _ = raw.receive()
             message = _assert_protocol_error(reply)
             assert "exceeds the limit" in message
@@ -796,7 +796,7 @@ def test_killed_client_does_not_disturb_others(own_daemon, tmp_path):
         # The survivor keeps working, its state intact.
         assert survivor.fetch(1).tolist() == [1.0, 2.0, 3.0]
         results, error, _ = survivor.call(
-            [[Cmd.OP, [1, "aten::add.Tensor"], [protocol.handle_ext(1), protocol.handle_ext(1)], {}, [2]], [Cmd.SYNC]]
+            [[Cmd.OP, [1, "aten::add.Tensor"], [codec.handle_ext(1), codec.handle_ext(1)], {}, [2]], [Cmd.SYNC]]
         )
         assert error is None, error
         assert survivor.fetch(2).tolist() == [2.0, 4.0, 6.0]
@@ -840,9 +840,41 @@ def test_killed_client_session_and_memory_are_reclaimed(tmp_path):
         finally:
             victim.kill()
             victim.wait(timeout=30)
-        log = wait_for_log(server, "client silent", timeout=20)
-        released = [line for line in log.splitlines() if "client silent" in line]
+        # Its connection closed with the process: reclaimed at once, not after the heartbeat
+        # timeout (server/peers.py).
+        log = wait_for_log(server, "its client disconnected", timeout=20)
+        released = [line for line in log.splitlines() if "its client disconnected" in line and "released" in line]
         assert released and "released 4194304 bytes" in released[0], log
+    finally:
+        server.stop()
+
+
+def test_frozen_client_is_reclaimed_after_the_heartbeat_timeout(tmp_path):
+    """A client that stops answering without closing its connection (its host froze or vanished:
+    here, SIGSTOP) is reclaimed once ZeroMQ's heartbeats or the daemon's PING timeout give up."""
+    server = Daemon("--heartbeat", "0.5", "--heartbeat-timeout", "2")
+    try:
+        ready = tmp_path / "ready"
+        code = f"""
+            import torch, libremote
+            x = torch.empty(4 << 20, dtype=torch.uint8, device="cuda")
+            torch.cuda.synchronize()
+            open({str(ready)!r}, "w").close()
+            import time; time.sleep(600)
+        """
+        victim = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            env=subprocess_env(LIBREMOTE_SERVER=server.address), cwd=REPO,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            wait_for_file(ready, victim)
+            victim.send_signal(signal.SIGSTOP)
+            log = wait_for_log(server, "released 4194304 bytes", timeout=30)
+            assert "client silent" in log or "its client disconnected" in log, log
+        finally:
+            victim.kill()
+            victim.wait(timeout=30)
     finally:
         server.stop()
 
@@ -854,15 +886,15 @@ def test_client_with_older_torch_is_accepted_and_ops_run_by_schema_name(daemon):
     with RawClient(daemon.address) as client:
         header = client.hello(torch="2.11.0", libremote="0.1.0")
         assert header[0] == Msg.WELCOME, header
-        assert header[1]["protocol"] == protocol.PROTOCOL_VERSION
+        assert header[1]["protocol"] == messages.PROTOCOL_VERSION
         client.put(1, torch.tensor([1.0, 2.0, 3.0]))
         client.put(2, torch.tensor([10.0, 20.0, 30.0]))
         results, error, _ = client.call(
             [
-                [Cmd.OP, [1, "aten::add.Tensor"], [protocol.handle_ext(1), protocol.handle_ext(2)], {}, [3]],
+                [Cmd.OP, [1, "aten::add.Tensor"], [codec.handle_ext(1), codec.handle_ext(2)], {}, [3]],
                 # By id from now on; alpha is keyword-only in the schema.
-                [Cmd.OP, 1, [protocol.handle_ext(3), protocol.handle_ext(1)], {"alpha": 2}, [4]],
-                [Cmd.OP_SYNC, [2, "aten::sum"], [protocol.handle_ext(4)], {}, [5]],
+                [Cmd.OP, 1, [codec.handle_ext(3), codec.handle_ext(1)], {"alpha": 2}, [4]],
+                [Cmd.OP_SYNC, [2, "aten::sum"], [codec.handle_ext(4)], {}, [5]],
             ]
         )
         assert error is None, error
@@ -928,13 +960,13 @@ def test_raw_undefined_optional_result_poisons_only_its_handle(raw):
     q = torch.randn(1, 2, 4, 8)
     for handle in (1, 2, 3):
         raw.put(handle, q)
-    h = [protocol.handle_ext(i) for i in (1, 2, 3)]
+    h = [codec.handle_ext(i) for i in (1, 2, 3)]
     results, error, _ = raw.call([
         [Cmd.OP, [1, "aten::_scaled_dot_product_fused_attention_overrideable"], h, {}, [4, 5, None, None, None, None, 6, 7, None]],
-        [Cmd.OP, [2, "aten::ones_like"], [protocol.handle_ext(4)], {}, [8]],
+        [Cmd.OP, [2, "aten::ones_like"], [codec.handle_ext(4)], {}, [8]],
         [Cmd.OP, [3, "aten::_scaled_dot_product_fused_attention_overrideable_backward"],
-         [protocol.handle_ext(8), *h, None, [True, True, True, False], protocol.handle_ext(4), protocol.handle_ext(5),
-          None, None, 4, 4, 0.0, False, protocol.handle_ext(6), protocol.handle_ext(7)], {}, [9, 10, 11, 12]],
+         [codec.handle_ext(8), *h, None, [True, True, True, False], codec.handle_ext(4), codec.handle_ext(5),
+          None, None, 4, 4, 0.0, False, codec.handle_ext(6), codec.handle_ext(7)], {}, [9, 10, 11, 12]],
         [Cmd.SYNC],
     ])
     assert error is None, error
@@ -1068,7 +1100,7 @@ def test_daemon_serves_syncs_whether_it_spins_or_sleeps_between_messages(spin_us
 
 def test_negative_spin_is_refused_with_a_clear_error():
     result = subprocess.run(
-        [sys.executable, "-m", "libremote.server", "--listen", f"tcp://127.0.0.1:{free_port()}", "--spin-us", "-5"],
+        [sys.executable, "-m", "libremote_server", "--listen", f"tcp://127.0.0.1:{free_port()}", "--spin-us", "-5"],
         env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2

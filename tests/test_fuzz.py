@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from libremote import protocol
-
+from libremote_wire import codec, torch_codec
 import fuzz_messages
 from conftest import Daemon, client_connected_to
 
@@ -22,11 +21,11 @@ CI_SETTINGS = settings(max_examples=300, deadline=None, database=None,
 
 
 @CI_SETTINGS
-@given(st.one_of(st.binary(max_size=256), fuzz_messages.headers.map(protocol.packb)))
+@given(st.one_of(st.binary(max_size=256), fuzz_messages.headers.map(codec.packb)))
 def test_the_decoder_raises_nothing_but_protocol_errors(data):
     try:
-        protocol.unpackb(data)
-    except protocol.ProtocolError:
+        torch_codec.unpackb(data)
+    except codec.ProtocolError:
         pass
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from libremote import protocol
-from libremote.protocol import Cmd
+from libremote_wire import codec
+from libremote_wire.messages import Cmd
 from test_faults import raw  # noqa: F401  (fixture)
 
 F = nn.functional
@@ -170,7 +170,7 @@ def test_repeated_compiled_steps_do_not_leak_device_memory(remote):
 # What the daemon accepts as a graph (raw protocol: no libremote client code)
 # ------------------------------------------------------------------------------------------------
 def _value(index: int):
-    return protocol.value_ext(index)
+    return codec.value_ext(index)
 
 
 def test_raw_graph_runs_and_frees_intermediates(raw):  # noqa: F811
@@ -182,14 +182,14 @@ def test_raw_graph_runs_and_frees_intermediates(raw):  # noqa: F811
         ["aten::neg", [_value(3)], {}],  # value 4
     ]
     results, error, _ = raw.call([[Cmd.GRAPH, 7, 2, nodes, [_value(4), _value(2)]],
-                                  [Cmd.RUN_GRAPH, 7, [protocol.handle_ext(1), protocol.handle_ext(2)], [3, 4]]])
+                                  [Cmd.RUN_GRAPH, 7, [codec.handle_ext(1), codec.handle_ext(2)], [3, 4]]])
     assert error is None, error
     a, b = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 30.0])
     torch.testing.assert_close(raw.fetch(3), -(a * b + 2 * a))
     torch.testing.assert_close(raw.fetch(4), a * b)
     # Run again on other inputs: the definition stays.
     raw.put(5, torch.ones(3))
-    _, error, _ = raw.call([[Cmd.RUN_GRAPH, 7, [protocol.handle_ext(5), protocol.handle_ext(5)], [6, None]]])
+    _, error, _ = raw.call([[Cmd.RUN_GRAPH, 7, [codec.handle_ext(5), codec.handle_ext(5)], [6, None]]])
     assert error is None, error
     torch.testing.assert_close(raw.fetch(6), -torch.full((3,), 3.0))
 
@@ -216,7 +216,7 @@ def test_raw_graph_op_failure_names_the_op_and_poisons_outputs(raw):  # noqa: F8
     raw.put(1, torch.ones(2, 3))
     nodes = [["aten::mm", [_value(0), _value(0)], {}]]  # 2x3 @ 2x3: a shape error at run time
     _, error, _ = raw.call([[Cmd.GRAPH, 2, 1, nodes, [_value(1)]],
-                            [Cmd.RUN_GRAPH, 2, [protocol.handle_ext(1)], [2]]])
+                            [Cmd.RUN_GRAPH, 2, [codec.handle_ext(1)], [2]]])
     assert error is not None and error[0] == "op" and "aten::mm" in error[1] and "compiled graph" in error[1], error
     results, error, _ = raw.call([[Cmd.FETCH, 2]])
     assert error[0] == "handle" and "aten::mm" in error[2], error

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from conftest import Daemon, subprocess_env
-from libremote import protocol
-from libremote.protocol import Cmd
+from libremote_wire import codec
+from libremote_wire.messages import Cmd
 from raw_client import RawClient
 from test_gpu import _cuda_on_this_machine
 
@@ -42,11 +42,11 @@ def raw(emulating):
 
 
 def _value(index: int):
-    return protocol.value_ext(index)
+    return codec.value_ext(index)
 
 
 def _handles(*handles: int) -> list:
-    return [protocol.handle_ext(h) for h in handles]
+    return [codec.handle_ext(h) for h in handles]
 
 
 def _stats(raw: RawClient) -> dict:
@@ -120,7 +120,7 @@ def test_a_graph_that_writes_a_new_input_writes_the_callers_tensor(raw):
         _run(raw, 1, [100 + call, 1], [200 + call])
         torch.testing.assert_close(raw.fetch(100 + call), x + b, rtol=0, atol=0)
         # The output aliases the input: writing one shows in the other.
-        _, error, _ = raw.call([[Cmd.OP, [1, "aten::mul_.Scalar"], [protocol.handle_ext(200 + call), 3.0], {}, None]])
+        _, error, _ = raw.call([[Cmd.OP, [1, "aten::mul_.Scalar"], [codec.handle_ext(200 + call), 3.0], {}, None]])
         assert error is None, error
         torch.testing.assert_close(raw.fetch(100 + call), (x + b) * 3, rtol=0, atol=0)
         raw.call([[Cmd.FREE, [100 + call, 200 + call]]])

@@ -17,17 +17,17 @@ import pytest
 import torch
 import zmq
 
-from libremote import protocol
-from libremote.protocol import Cmd, Msg
+from libremote_wire import codec, messages, torch_codec
+from libremote_wire.messages import Cmd, Msg
 
 from conftest import REPO, Daemon, client_connected_to
 from helpers import pool_daemon
 from raw_client import REPLY_WAIT_S, RawClient
 from test_faults import run_python, wait_for_log
 
-HANDLE = protocol.handle_ext(1)
-TENSOR = protocol.inline_tensor_ext(torch.ones(2))
-DTYPE = protocol.dtype_ext(torch.float32)
+HANDLE = codec.handle_ext(1)
+TENSOR = torch_codec.inline_tensor_ext(torch.ones(2))
+DTYPE = torch_codec.dtype_ext(torch.float32)
 ADD = [1, "aten::add.Tensor"]
 
 #: A placeholder that :func:`pack_deep` replaces by DEPTH nested one-element arrays (msgpack's
@@ -38,7 +38,7 @@ DEPTH = 1000
 
 def pack_deep(header: Any, depth: int = DEPTH) -> bytes:
     """``header`` packed, with every :data:`DEEP` string replaced by ``depth`` nested arrays."""
-    return protocol.packb(header).replace(protocol.packb(DEEP), b"\x91" * depth + b"\xc0")
+    return codec.packb(header).replace(codec.packb(DEEP), b"\x91" * depth + b"\xc0")
 
 
 class Restartable:
@@ -198,7 +198,7 @@ def test_a_peer_that_reads_no_replies_loses_its_session_and_nobody_else_notices(
     try:
         assert flooder.hello()[0] == Msg.WELCOME
         session = flooder.welcome["session"]
-        request = protocol.packb([Msg.STATUS])
+        request = codec.packb([Msg.STATUS])  # (to its worker: each gets a protocol error back)
         for _ in range(FLOOD):
             _send_or_fail(flooder, request)
         # Meanwhile (and after) another client is answered; the flooder loses its session.
@@ -208,7 +208,10 @@ def test_a_peer_that_reads_no_replies_loses_its_session_and_nobody_else_notices(
             assert time.monotonic() < deadline, f"the flooder kept its session:\n{server.log()[-3000:]}"
             status_of(server.address)
             time.sleep(0.1)
-        assert "replies" in server.log().split(closed, 1)[1].splitlines()[0]
+        # Whichever comes first: its queue of unread replies fills, or ZeroMQ's heartbeat gives up
+        # on a peer that reads nothing (its engine stops reading, so it answers no heartbeat).
+        why = server.log().split(closed, 1)[1].splitlines()[0]
+        assert "replies" in why or "disconnected" in why, why
         assert session not in [row["session"] for row in status_of(server.address)["sessions"]]
     finally:
         flooder.close()  # gone for good: the daemon must not care
@@ -223,7 +226,7 @@ def test_a_peer_that_reads_no_replies_loses_its_session_and_nobody_else_notices(
 DEEP_BATCHES = {
     "op args": ([[Cmd.OP, ADD, [DEEP, DEEP], {}, [9]]], True),
     "op kwargs": ([[Cmd.OP, ADD, [HANDLE, HANDLE], {"alpha": DEEP}, [9]]], True),
-    "failing op outs": ([[Cmd.OP, ADD, [protocol.handle_ext(404), protocol.handle_ext(404)], {}, [DEEP]]], True),
+    "failing op outs": ([[Cmd.OP, ADD, [codec.handle_ext(404), codec.handle_ext(404)], {}, [DEEP]]], True),
     "op outs": ([[Cmd.OP, ADD, [HANDLE, HANDLE], {}, [DEEP]]], True),
     "a command": ([DEEP], True),
     "a command's tail": ([[Cmd.OP, ADD, [HANDLE, HANDLE], {}, [9], DEEP]], True),
@@ -231,8 +234,8 @@ DEEP_BATCHES = {
     "op sync args": ([[Cmd.OP_SYNC, ADD, [DEEP, DEEP], {}, [9]]], True),
     "free": ([[Cmd.FREE, [DEEP]]], False),
     "program": ([[Cmd.PROGRAM, 1, [[Cmd.OP, ADD, [HANDLE, HANDLE], {}, [DEEP]]]]], True),
-    "graph node": ([[Cmd.GRAPH, 1, 1, [["aten::add.Tensor", [protocol.value_ext(0), DEEP], {}]],
-                     [protocol.value_ext(1)]]], True),
+    "graph node": ([[Cmd.GRAPH, 1, 1, [["aten::add.Tensor", [codec.value_ext(0), DEEP], {}]],
+                     [codec.value_ext(1)]]], True),
     "settings": ([[Cmd.SETTINGS, {"allow_tf32": DEEP}]], True),
     "query": ([[Cmd.QUERY, "memory_fraction", DEEP]], True),
     "seed": ([[Cmd.SEED, 1, DEEP]], True),
@@ -268,7 +271,7 @@ def test_deep_nesting_in_op_arguments_is_a_protocol_error(server):
 
 
 @pytest.mark.parametrize("message", [
-    [Msg.HELLO, {"protocol": protocol.PROTOCOL_VERSION, "host": DEEP}],
+    [Msg.HELLO, {"protocol": messages.PROTOCOL_VERSION, "host": DEEP}],
     [Msg.HELLO, {"protocol": DEEP}],
     [Msg.ADMIN, {"session": DEEP, "weight": 2}],
     [Msg.ADMIN, {"tenant": "x", "memory_quota": DEEP}],
@@ -291,7 +294,7 @@ def test_deep_nesting_in_session_less_messages_does_no_harm(server, message):
 # HELLO's info: checked on arrival, only sanitized copies kept
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("field, value", [
-    ("pid", HANDLE), ("pid", "123"), ("host", TENSOR), ("torch", DTYPE), ("argv", "x" * 100_000),
+    ("pid", HANDLE), ("pid", "123"), ("host", TENSOR), ("torch", DTYPE), ("argv", "x" * 2_000),
     ("libremote", [1, 2]), ("tenant", {"a": 1}), ("priority", 3), ("devices", "2"), ("python", 3.11),
 ])
 def test_hello_info_fields_are_checked_on_arrival(server, field, value):
@@ -316,10 +319,10 @@ def test_unknown_hello_fields_are_dropped(server):
 # Bounds: frames, sessions, streams, handles
 # ------------------------------------------------------------------------------------------------
 def test_default_bounds_are_finite_and_documented():
-    from libremote.server.cli import build_parser
+    from libremote_server.cli import build_parser
 
     defaults = build_parser().parse_args([])
-    assert defaults.max_message_size <= protocol.MAX_HEADER_BYTES, defaults.max_message_size
+    assert defaults.max_message_size <= codec.MAX_HEADER_BYTES, defaults.max_message_size
     assert isinstance(defaults.max_sessions, int) and defaults.max_sessions > 0, defaults.max_sessions
     readme = (REPO / "README.md").read_text()
     for option in ("--max-message-size", "--max-sessions", "--max-handles"):
@@ -344,7 +347,7 @@ def test_the_real_client_never_sends_a_frame_over_the_piece_size():
 
 
 def test_streaming_past_the_window_without_asking_for_a_reply_ends_the_session(server):
-    from libremote.server import limits
+    from libremote_server import limits
 
     with RawClient(server.address) as raw:
         assert raw.hello()[0] == Msg.WELCOME
@@ -360,7 +363,7 @@ def test_streaming_past_the_window_without_asking_for_a_reply_ends_the_session(s
 
 
 def test_streaming_too_many_bytes_without_asking_for_a_reply_ends_the_session(server):
-    from libremote.server import limits
+    from libremote_server import limits
 
     piece = bytes(4 << 20)
     with RawClient(server.address) as raw:
@@ -375,7 +378,7 @@ def test_streaming_too_many_bytes_without_asking_for_a_reply_ends_the_session(se
 def test_a_client_queueing_batches_faster_than_they_run_loses_its_session(server):
     """Asking for a reply on every batch resets the stream window, but not the bound on batches
     queued: each of these runs a matrix product, and they arrive far faster than they run."""
-    from libremote.server import limits
+    from libremote_server import limits
 
     with RawClient(server.address) as raw:
         assert raw.hello()[0] == Msg.WELCOME
@@ -394,7 +397,7 @@ def test_a_client_queueing_batches_faster_than_they_run_loses_its_session(server
 
 
 def test_a_real_client_streaming_far_past_the_window_waits_and_computes_exactly(server):
-    from libremote.server import limits
+    from libremote_server import limits
 
     steps = 3 * limits.MAX_UNACKNOWLEDGED_BATCHES
     result = run_python(f"""
@@ -417,7 +420,7 @@ def test_handles_per_session_are_capped():
         for handle in range(1, 65):
             raw.put(handle, torch.tensor([float(handle)]))
         results, error, _ = raw.call([[Cmd.PUT, 65, DTYPE, [1], [1], 0, 1]],
-                                     [bytes(protocol.tensor_bytes(torch.tensor([65.0])))])
+                                     [bytes(torch_codec.tensor_bytes(torch.tensor([65.0])))])
         assert error is not None and error[0] == "oom" and "--max-handles" in error[2], error
         raw.call([[Cmd.FREE, [1]]])
         raw.put(65, torch.tensor([65.0]))  # room again

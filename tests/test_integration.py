@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from libremote.client.tensor import RemoteTensor
-from libremote.protocol import Cmd
+from libremote_wire.messages import Cmd
 
 from conftest import REPO, subprocess_env
 from test_faults import raw  # noqa: F401  (fixture)

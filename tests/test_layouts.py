@@ -40,7 +40,7 @@ def layout(tensor: torch.Tensor) -> tuple[Any, ...]:
 def daemon_layout(tensor: torch.Tensor) -> tuple[Any, ...]:
     """The layout of the daemon's own tensor behind ``tensor`` (a round trip)."""
     from libremote.client import runtime
-    from libremote.protocol import Cmd
+    from libremote_wire.messages import Cmd
 
     session = runtime.current()
     handle = session.new_handle()

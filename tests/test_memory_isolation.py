@@ -17,15 +17,15 @@ import torch
 
 from conftest import Daemon, client_connected_to
 from raw_client import RawClient
-from libremote import protocol
-from libremote.protocol import Cmd, Msg
+from libremote_wire import codec, torch_codec
+from libremote_wire.messages import Cmd, Msg
 
 SECRET = 0xA5
 #: Each secret tensor; B's allocations below are about this size, so they reuse A's blocks.
 BLOCK = 1 << 20
-U8 = protocol.dtype_ext(torch.uint8)
-DEVICE = {"device": protocol.device_ext(0)}
-H = protocol.handle_ext
+U8 = torch_codec.dtype_ext(torch.uint8)
+DEVICE = {"device": codec.device_ext(0)}
+H = codec.handle_ext
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ def test_quantized_empty_is_refused_or_zeroed(tenants):
     a, b = tenants
     leave_secrets(a)
     _, error, _ = b.call([op(1, "aten::_empty_affine_quantized.default", [[BLOCK]],
-                             {"dtype": protocol.dtype_ext(torch.quint8), "device": protocol.device_ext(0),
+                             {"dtype": torch_codec.dtype_ext(torch.quint8), "device": codec.device_ext(0),
                               "scale": 1.0, "zero_point": 0}, [1]),
                           op(2, "aten::int_repr.default", [H(1)], {}, [2])])
     if error is not None:
@@ -178,8 +178,8 @@ def test_quantized_empty_is_refused_or_zeroed(tenants):
 # ------------------------------------------------------------------------------------------------
 QUOTA = 64 << 20
 GIB = 1 << 30
-F32 = protocol.dtype_ext(torch.float32)
-V = protocol.value_ext
+F32 = torch_codec.dtype_ext(torch.float32)
+V = codec.value_ext
 
 
 @pytest.fixture(scope="module")

@@ -19,20 +19,20 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from libremote import protocol
-from libremote.protocol import Cmd, Msg
+from libremote_wire import codec, torch_codec
+from libremote_wire.messages import Cmd, Msg
 
 from conftest import Daemon
 from raw_client import RawClient
 
-F32 = protocol.dtype_ext(torch.float32)
-F64 = protocol.dtype_ext(torch.float64)
-DEVICE = protocol.device_ext(0)
+F32 = torch_codec.dtype_ext(torch.float32)
+F64 = torch_codec.dtype_ext(torch.float64)
+DEVICE = codec.device_ext(0)
 _op_ids = itertools.count(1)
 
 
 def h(handle: int) -> Any:
-    return protocol.handle_ext(handle)
+    return codec.handle_ext(handle)
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +314,7 @@ def test_results_without_storage_are_refused_and_the_session_closes_cleanly(serv
             ("aten::to_mkldnn", [h(1)], {}),
             ("aten::_add_batch_dim", [h(1), 0, 1], {}),
             ("aten::empty.memory_format", [[2]], {"layout": 1}),  # a raw int: sparse_coo
-            ("aten::empty.memory_format", [[2]], {"dtype": protocol.dtype_ext(torch.qint8)}),
+            ("aten::empty.memory_format", [[2]], {"dtype": torch_codec.dtype_ext(torch.qint8)}),
         ]:
             _, error = op_sync(client, name, args, kwargs, outs=[2])
             assert_refused(error)
@@ -330,7 +330,7 @@ def test_results_without_storage_are_refused_and_the_session_closes_cleanly(serv
 def test_the_store_refuses_results_without_storage_before_keeping_anything():
     """The last line of defence, below the op policy: a session never keeps a result it could not
     charge, free or hand to a kernel, and closes cleanly after refusing one."""
-    from libremote.server.session import CommandError, Session
+    from libremote_server.worker.session import CommandError, Session
 
     session = Session("store-test", [torch.device("cpu")], {})
     session._store(1, torch.ones(3))
@@ -385,8 +385,8 @@ def test_device_strings_cannot_escape_the_sessions_devices(raw, device):
 
 def test_a_graph_node_with_a_raw_integer_dtype_is_refused_when_it_runs(server, raw):
     raw.put(1, torch.ones(4))
-    node = ["aten::_to_copy", [protocol.value_ext(0)], {"dtype": -1}]
-    _, error, _ = raw.call([[Cmd.GRAPH, 1, 1, [node], [protocol.value_ext(1)]],
+    node = ["aten::_to_copy", [codec.value_ext(0)], {"dtype": -1}]
+    _, error, _ = raw.call([[Cmd.GRAPH, 1, 1, [node], [codec.value_ext(1)]],
                             [Cmd.RUN_GRAPH, 1, [h(1)], [2]]])
     assert_refused(error, "must be a")
     assert_never_computed(raw, 2)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from libremote.server import op_policy, op_rules, values
+from libremote_server.worker import op_policy, op_rules, values
 
 DEVICES = [torch.device("cpu")]
 

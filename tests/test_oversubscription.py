@@ -1005,15 +1005,13 @@ def test_a_session_waiting_for_its_turn_is_prefetched_for_before_it_runs(tmp_pat
 
 
 def test_a_gpu_without_a_set_budget_keeps_headroom_for_the_cuda_context():
-    from server.residency import default_device_budget
-
-    import torch
+    from libremote_server.broker import default_budget
 
     GiB = 1 << 30
-    assert default_device_budget(torch.device("cpu"), 64 * GiB) == 64 * GiB  # the CPU backend: all of it
-    assert default_device_budget(torch.device("cuda", 0), 80 * GiB) == 80 * GiB - int(80 * GiB * 0.06)
-    assert default_device_budget(torch.device("cuda", 0), 16 * GiB) == 14 * GiB  # at least 2 GiB headroom
-    assert default_device_budget(torch.device("cuda", 0), 3 * GiB) == 3 * GiB // 2  # never below half
+    assert default_budget("cpu", 64 * GiB) == 64 * GiB  # the CPU backend: all of it
+    assert default_budget("cuda:0", 80 * GiB) == 80 * GiB - int(80 * GiB * 0.06)
+    assert default_budget("cuda:0", 16 * GiB) == 14 * GiB  # at least 2 GiB headroom
+    assert default_budget("cuda:0", 3 * GiB) == 3 * GiB // 2  # never below half
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from libremote.server.auth import is_loopback_endpoint, is_loopback_peer, requester
-from libremote.server.pool import PoolConfig
+from libremote_server.auth import is_loopback_endpoint, is_loopback_peer, requester
+from libremote_server.policy import PoolConfig
 
 
 def test_loopback_peers_are_recognised():

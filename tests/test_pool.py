@@ -644,7 +644,7 @@ def test_malformed_tenants_file_stops_the_daemon_with_a_clear_message(tmp_path, 
     path = tmp_path / "tenants.toml"
     path.write_text(content)
     result = subprocess.run(
-        [sys.executable, "-m", "libremote.server", "--listen", f"tcp://127.0.0.1:{free_port()}",
+        [sys.executable, "-m", "libremote_server", "--listen", f"tcp://127.0.0.1:{free_port()}",
          "--device", "cpu", "--tenants", str(path)],
         env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S,
     )
@@ -658,7 +658,7 @@ def test_malformed_tenants_file_stops_the_daemon_with_a_clear_message(tmp_path, 
 def test_missing_tenants_file_stops_the_daemon(tmp_path):
     path = tmp_path / "absent.toml"
     result = subprocess.run(
-        [sys.executable, "-m", "libremote.server", "--listen", f"tcp://127.0.0.1:{free_port()}",
+        [sys.executable, "-m", "libremote_server", "--listen", f"tcp://127.0.0.1:{free_port()}",
          "--device", "cpu", "--tenants", str(path)],
         env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S,
     )

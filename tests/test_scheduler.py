@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from libremote.server.scheduler import Scheduler
+from libremote_server.worker.scheduler import Scheduler
 
 
 @dataclass(eq=False)

@@ -1,9 +1,7 @@
-"""Turning the client on (``import libremote``) and off (inside the daemon's own process).
+"""Turning the client on: what ``import libremote`` does to this process's torch.
 
-The daemon lives in the ``libremote`` package too (``libremote.server``), so importing it runs
-``libremote/__init__.py``, which activates the client. The daemon must see the real
-``torch.cuda``, so ``libremote.server`` calls :func:`deactivate` first thing. The PrivateUse1
-registration stays (torch cannot undo it); it is inert without the rest.
+Only client programs import ``libremote``: the daemon (``libremote_server``) and the wire
+(``libremote_wire``) are packages of their own, so no daemon process ever runs this.
 """
 
 from __future__ import annotations
@@ -30,23 +28,3 @@ def activate() -> None:
     attention.install()
     parameter_identity.install()
     active = True
-
-
-def deactivate() -> None:
-    global active
-    if not active:
-        return
-    from . import (amp, attention, cuda_api, device_map, optim, parameter_identity, serialization,
-                   warning_location)
-    from . import compile as graph_compile
-
-    parameter_identity.uninstall()
-    attention.uninstall()
-    optim.uninstall()
-    graph_compile.uninstall()
-    serialization.uninstall()
-    device_map.uninstall()
-    cuda_api.uninstall()
-    warning_location.uninstall()
-    amp.enabled = False
-    active = False

@@ -5,7 +5,7 @@ backend cannot register for, so on the ``remote`` device it would decompose into
 many again in backward). Instead, the torch-function mode routes the call here, and we call
 ``aten::_scaled_dot_product_fused_attention_overrideable`` directly: PyTorch's hook for backends
 with their own attention kernel, which has an autograd formula, so the backward is one op too.
-The daemon maps both to its device's fused kernel (``libremote.server.translations``).
+The daemon maps both to its device's fused kernel (``libremote_server.translations``).
 
 Dropout inside attention and grouped-query attention keep torch's own (decomposed) path.
 """

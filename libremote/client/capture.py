@@ -26,7 +26,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..errors import CaptureError
-from ..protocol import Cmd
+from libremote_wire.messages import Cmd
 from . import runtime
 from .tensor import RemoteTensor
 

@@ -1,4 +1,11 @@
-"""The client's end of the wire: one ZeroMQ DEALER socket to one daemon.
+"""The client's end of the wire: a ZeroMQ DEALER to the daemon's front, then one to its worker.
+
+The client says HELLO to the daemon's front (the address the user gave); the front admits it
+(WELCOME, after waiting in line if the pool is full) and names the worker process that runs the
+session, one per tenant. From then on every BATCH, PING and BYE goes straight to that worker, from
+a second socket with the same routing id and keys (the worker knows the client by them), and the
+replies come from there. The front's socket stays open: should the worker die (a crash, the op
+time limit), the front says why there, and the client raises that.
 
 Not thread-safe on its own: :class:`~libremote.client.session.ClientSession` serialises access.
 A connection that lost its daemon stays broken: messages in flight may have been dropped, so
@@ -19,12 +26,15 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from .. import curve_keys, protocol
+from libremote_wire import codec, curve_keys, messages, torch_codec
+from libremote_wire.messages import ErrorKind, Msg
+from libremote_wire.zmq_events import readable
+
 from ..errors import ConnectionFailed
-from ..protocol import Msg
-from ..zmq_events import readable
 
 _POLL_SLICE_MS = 100
+#: When the worker's connection drops, how long to wait for the front to say why.
+_WHY_WAIT_S = 1.0
 
 
 class Connection:
@@ -40,24 +50,17 @@ class Connection:
         #: CURVE on one side only): seen on the monitor, raised instead of "no daemon answered".
         self.handshake_failure: str | None = None
         self._using_curve = curve is not None
+        self._curve = curve
+        self._heartbeat_s = heartbeat_s
+        self._routing_id = secrets.token_bytes(16)
         self._context = zmq.Context()
-        self._socket = self._context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.ROUTING_ID, secrets.token_bytes(16))
-        # Queue nothing for a peer that is not connected: the handshake then fails fast.
-        self._socket.setsockopt(zmq.IMMEDIATE, 1)
-        self._socket.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat_s * 1000))
-        self._socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(heartbeat_s * 3000))
-        self._socket.setsockopt(zmq.SNDHWM, 0)
-        self._socket.setsockopt(zmq.RCVHWM, 0)
-        if curve is not None:
-            curve.apply(self._socket)
-        self._monitor = self._socket.get_monitor_socket(
-            zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | curve_keys.HANDSHAKE_FAILED_EVENTS)
+        self._front = self._socket = self._dealer()
+        self._worker: zmq.Socket | None = None
+        self._monitor = self._watch(self._front)
         self._connected_once = False
         self.last_send = time.monotonic()
         try:
-            self._socket.connect(address)
+            self._front.connect(address)
         except zmq.ZMQError as exc:
             self._close_sockets()
             raise ConnectionFailed(
@@ -65,12 +68,35 @@ class Connection:
             ) from None
         self.welcome: dict[str, Any] = {}
 
+    def _dealer(self, *, immediate: bool = True) -> zmq.Socket:
+        socket = self._context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.ROUTING_ID, self._routing_id)
+        if immediate:
+            # Queue nothing for a peer that is not connected: the handshake then fails fast. (Not
+            # for the worker: its connection is made while WELCOME is read, and what a worker
+            # said just before it went, "session closed: idle", must stay readable after; with
+            # IMMEDIATE, libzmq drops a closed connection's unread messages.)
+            socket.setsockopt(zmq.IMMEDIATE, 1)
+        socket.setsockopt(zmq.HEARTBEAT_IVL, int(self._heartbeat_s * 1000))
+        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self._heartbeat_s * 3000))
+        socket.setsockopt(zmq.SNDHWM, 0)
+        socket.setsockopt(zmq.RCVHWM, 0)
+        if self._curve is not None:
+            self._curve.apply(socket)
+        return socket
+
+    @staticmethod
+    def _watch(socket: zmq.Socket) -> zmq.Socket:
+        return socket.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | curve_keys.HANDSHAKE_FAILED_EVENTS)
+
     # ------------------------------------------------------------------------------------------
     def handshake(self, libremote_version: str, *, tenant: str | None = None, token: str | None = None,
                   priority: str | None = None, queue_timeout_s: float = 300.0, devices: int = 1) -> dict[str, Any]:
         """Say HELLO and wait for WELCOME; while queued (QUEUED), wait up to ``queue_timeout_s``."""
         hello = {
-            "protocol": protocol.PROTOCOL_VERSION,
+            "protocol": messages.PROTOCOL_VERSION,
             "libremote": libremote_version,
             "torch": torch.__version__,
             "python": platform.python_version(),
@@ -92,7 +118,7 @@ class Connection:
             self._drain_monitor()
             self.close()
             raise ConnectionFailed(self.handshake_failure) if self.handshake_failure else self._unreachable() from None
-        header = protocol.unpackb(self._socket.recv())
+        header = torch_codec.unpackb(self._socket.recv())
         self._drain_monitor()
         if header[0] == Msg.QUEUED:
             header = self._wait_in_queue(header[1], queue_timeout_s)
@@ -103,7 +129,28 @@ class Connection:
             self.close()
             raise ConnectionFailed(f"libremote: {self.address} answered the handshake with message kind {header[0]}")
         self.welcome = header[1]
+        self._connect_worker(self.welcome)
         return self.welcome
+
+    def _connect_worker(self, welcome: dict[str, Any]) -> None:
+        """Open the session's own connection, to the worker WELCOME names (on the host the
+        client reached the front at, when it is a TCP port)."""
+        address = welcome["worker"]
+        if address.startswith("tcp://") and "worker_port" in welcome:
+            address = f"{self.address.rsplit(':', 1)[0]}:{welcome['worker_port']}"
+        self._worker = self._socket = self._dealer(immediate=False)
+        self._drain_monitor()
+        self._front.disable_monitor()
+        self._monitor.close(0)
+        self._monitor = self._watch(self._worker)
+        self._connected_once = False
+        self.worker_address = address
+        try:
+            self._worker.connect(address)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise ConnectionFailed(f"libremote: the daemon named a worker at {address!r} that this client cannot "
+                                   f"connect to ({exc})") from None
 
     def _wait_in_queue(self, info: dict[str, Any], queue_timeout_s: float) -> list[Any]:
         """The daemon's sessions are all taken: wait for WELCOME (or REFUSED), PINGing."""
@@ -113,7 +160,7 @@ class Connection:
         while time.monotonic() < deadline:
             wait_ms = int(min(interval, max(0.0, deadline - time.monotonic())) * 1000)
             if self._socket.poll(max(1, wait_ms), zmq.POLLIN):
-                header = protocol.unpackb(self._socket.recv())
+                header = torch_codec.unpackb(self._socket.recv())
                 if header[0] == Msg.QUEUED:
                     position = header[1].get("position", position)
                     continue
@@ -147,7 +194,7 @@ class Connection:
         a missing peer) wait, until the connection is reported lost or ``timeout_s`` passes
         (then :class:`TimeoutError`)."""
         self._check_usable()
-        data = [protocol.packb(header), *frames]
+        data = [codec.packb(header), *frames]
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         # Zero-copy only pays for big frames; a header alone goes faster copied.
         zero_copy = bool(frames)
@@ -189,7 +236,11 @@ class Connection:
             if readable(self._socket) or self._socket.poll(_POLL_SLICE_MS, zmq.POLLIN):
                 frames = self._socket.recv_multipart(copy=False)
                 self._last_wait_s = time.perf_counter() - started
-                return protocol.unpackb(frames[0].buffer), frames[1:]
+                return torch_codec.unpackb(frames[0].buffer), frames[1:]
+            if self._worker is not None and readable(self._front):
+                # The front says the session ended (its worker died, the op time limit): a REPLY
+                # without seq, which the session raises like any other session error.
+                return codec.unpackb(self._front.recv()), []
             self._drain_monitor()
             if self.broken:
                 raise ConnectionFailed(self.broken)
@@ -206,11 +257,31 @@ class Connection:
                 self.handshake_failure = curve_keys.handshake_failure(event, self.address, self._using_curve)
                 self.broken = self.broken or self.handshake_failure
             elif event == zmq.EVENT_DISCONNECTED and self._connected_once and not self.broken:
-                self.broken = (
+                self.broken = self._why_lost() or (
                     f"libremote: lost the connection to the daemon at {self.address} (it stopped, "
                     "crashed or became unreachable). Tensors on it are gone; call "
                     "libremote.connect() to start a new session."
                 )
+
+    def _why_lost(self) -> str | None:
+        """When the worker's connection dropped: why the session ended, if the worker said so
+        before it went (an idle timeout) or the front says so now (the worker died)."""
+        if self._worker is None:
+            return None
+        if readable(self._worker):
+            source = self._worker
+        elif self._front.poll(int(_WHY_WAIT_S * 1000), zmq.POLLIN):
+            source = self._front
+        else:
+            return None
+        try:
+            header = codec.unpackb(source.recv(zmq.NOBLOCK))
+        except (zmq.ZMQError, codec.ProtocolError):
+            return None
+        if type(header) is list and len(header) == 4 and header[0] == Msg.REPLY and isinstance(header[3], list) \
+                and len(header[3]) == 3 and header[3][0] == ErrorKind.SESSION.value:
+            return f"libremote: the daemon at {self.address} ended this session: {header[3][2]}"
+        return None
 
     def _check_usable(self) -> None:
         # (Loss of the daemon is noticed where waiting starts: a send that cannot go out, or a
@@ -236,5 +307,7 @@ class Connection:
         except zmq.ZMQError:
             pass
         self._monitor.close(0)
-        self._socket.close(0)
+        self._front.close(0)
+        if self._worker is not None:
+            self._worker.close(0)
         self._context.term()

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import ConnectionFailed, NotConfiguredError
-from ..protocol import Cmd
+from libremote_wire.messages import Cmd
 from . import capture, cuda_graph, legacy_types, parallel, runtime, warning_location
 
 _current_device = 0

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import protocol
+from libremote_wire import torch_codec
 from ..errors import CaptureError
-from ..protocol import Cmd
+from libremote_wire.messages import Cmd
 from . import capture, runtime
 
 
@@ -53,7 +53,7 @@ class CUDAGraph:
         self.id = self._capture_id
         # The results still held exist from now on, uninitialised until the first replay (as
         # CUDA's): the daemon allocates them with these layouts.
-        placeholders = [[tensor._ref.id, protocol.dtype_ext(tensor.dtype), list(tensor.shape), list(tensor.stride()),
+        placeholders = [[tensor._ref.id, torch_codec.dtype_ext(tensor.dtype), list(tensor.shape), list(tensor.stride()),
                          tensor.storage_offset(), tensor._device_index]
                         for tensor in made if tensor._ref.session is self._session]
         self._session.submit([Cmd.PROGRAM, self.id, recording, {"ran": False, "placeholders": placeholders}])

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..protocol import Cmd
+from libremote_wire.messages import Cmd
 from . import backend, meta, runtime, sync
 from .ops import OpInfo, Return, WireEncoder, op_info
 from .tensor import RemoteStorage, RemoteTensor, fit_storage, make, share_storage, storage_of

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 import torch.fx
 
-from .. import protocol
-from ..protocol import Cmd
+from libremote_wire import codec, messages, torch_codec
+from libremote_wire.messages import Cmd
 from . import runtime
 from .ops import op_info
 from .tensor import RemoteTensor, make
@@ -89,21 +89,21 @@ def _encode(gm: torch.fx.GraphModule) -> tuple[int, list[Any], list[Any], list[A
 
     def value(item: Any) -> Any:
         if isinstance(item, torch.fx.Node):
-            return protocol.value_ext(slots[item])
+            return codec.value_ext(slots[item])
         if item is None or isinstance(item, (bool, int, float, str)):
             return item
         if isinstance(item, (list, tuple)):
             return [value(element) for element in item]
         if isinstance(item, torch.dtype):
-            return protocol.dtype_ext(item)
+            return torch_codec.dtype_ext(item)
         if isinstance(item, torch.device):
-            return protocol.device_ext(0)  # traced on meta: the graph's device is the caller's
+            return codec.device_ext(0)  # traced on meta: the graph's device is the caller's
         if isinstance(item, torch.memory_format):
-            return protocol.memory_format_ext(item)
+            return torch_codec.memory_format_ext(item)
         if isinstance(item, torch.layout):
-            return protocol.layout_ext(item)
+            return torch_codec.layout_ext(item)
         if isinstance(item, complex):
-            return protocol.complex_ext(item)
+            return codec.complex_ext(item)
         raise GraphUnsupported(f"constant of type {type(item).__name__}")
 
     output_node = None
@@ -115,10 +115,10 @@ def _encode(gm: torch.fx.GraphModule) -> tuple[int, list[Any], list[Any], list[A
             break
         if node.op == "get_attr":
             constant = getattr(gm, node.target)
-            if not isinstance(constant, torch.Tensor) or constant.nbytes > protocol.INLINE_TENSOR_BYTES:
+            if not isinstance(constant, torch.Tensor) or constant.nbytes > messages.INLINE_TENSOR_BYTES:
                 raise GraphUnsupported(f"graph constant {node.target}")
-            nodes.append(["aten::_to_copy", [protocol.inline_tensor_ext(constant.cpu())],
-                          {"device": protocol.device_ext(0)}])
+            nodes.append(["aten::_to_copy", [torch_codec.inline_tensor_ext(constant.cpu())],
+                          {"device": codec.device_ext(0)}])
         elif node.op == "call_function" and node.target is operator.getitem:
             nodes.append(["getitem", [value(node.args[0]), node.args[1]], {}])
         elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
@@ -134,7 +134,7 @@ def _encode(gm: torch.fx.GraphModule) -> tuple[int, list[Any], list[Any], list[A
             example = item.meta.get("val")
             if not isinstance(example, torch.Tensor):
                 raise GraphUnsupported(f"graph output {item.name} is not a tensor")
-            outputs.append(protocol.value_ext(slots[item]))
+            outputs.append(codec.value_ext(slots[item]))
             specs.append(_spec(example))
         elif item is None:
             outputs.append(None)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .. import protocol
+from libremote_wire import codec, messages, torch_codec
 from . import backend
 from .tensor import RemoteTensor
 
@@ -226,20 +226,20 @@ class WireEncoder:
         if isinstance(value, torch.Tensor):
             return self.host_tensor(value)
         if kind is torch.dtype:
-            return protocol.dtype_ext(value)
+            return torch_codec.dtype_ext(value)
         if kind is torch.device:
             if value.type != backend.BACKEND_NAME:
                 raise RuntimeError(
                     f"libremote: {self.op_name} was asked for device {value}; it can create tensors "
                     "on the remote device only (make it on the remote device, then call .cpu())"
                 )
-            return protocol.device_ext(value.index or 0)
+            return codec.device_ext(value.index or 0)
         if kind is torch.memory_format:
-            return protocol.memory_format_ext(value)
+            return torch_codec.memory_format_ext(value)
         if kind is torch.layout:
-            return protocol.layout_ext(value)
+            return torch_codec.layout_ext(value)
         if kind is complex:
-            return protocol.complex_ext(value)
+            return codec.complex_ext(value)
         if isinstance(value, bool):
             return bool(value)
         if isinstance(value, int):  # IntEnum and other int subclasses
@@ -270,8 +270,8 @@ class WireEncoder:
                 f"Expected all tensors to be on the same device, but found at least two devices, "
                 f"cuda:0 and {tensor.device}! (in {self.op_name})"
             )
-        if tensor.nbytes <= protocol.INLINE_TENSOR_BYTES:
-            return protocol.inline_tensor_ext(tensor.resolve_conj().resolve_neg())
+        if tensor.nbytes <= messages.INLINE_TENSOR_BYTES:
+            return torch_codec.inline_tensor_ext(tensor.resolve_conj().resolve_neg())
         # A large host tensor mixed into a device op (CUDA allows this for index tensors):
         # upload it first; it is released after the op in command order.
         remote = tensor.to(backend.device(0))

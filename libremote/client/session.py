@@ -6,7 +6,7 @@ fills or when the program needs something back (a *sync point*: ``.item()``, ``.
 integers this side allocates, so an op never waits to learn the name of its result.
 
 Backpressure: a program that never syncs streams for ever, and the daemon holds a client to a
-bounded stream (server/limits.py). So every ``protocol.STREAM_WINDOW_BATCHES`` batches or
+bounded stream (server/limits.py). So every ``messages.STREAM_WINDOW_BATCHES`` batches or
 ``STREAM_WINDOW_BYTES`` bytes, a streamed batch asks for a reply (an acknowledgement), and before
 asking for the next one the client waits for the previous: at most two windows are in flight, and
 the wire stays busy meanwhile. An error an acknowledgement carries is raised at the next sync point,
@@ -29,10 +29,12 @@ from typing import Any
 
 import torch
 
-from .. import errors, numerics, protocol
+from libremote_wire import messages, numerics, torch_codec
+from libremote_wire.curve_keys import ClientKeys, KeyFileError
+from libremote_wire.messages import Cmd, ErrorKind, Msg
+
+from .. import errors
 from ..config import Settings
-from ..curve_keys import ClientKeys, KeyFileError
-from ..protocol import Cmd, Msg
 from .connection import Connection
 
 #: Pending upload bytes above which the batch is sent at once.
@@ -161,8 +163,8 @@ class ClientSession:
         if source.is_conj() or source.is_neg():
             source = source.resolve_conj().resolve_neg()
         contiguous = source.contiguous()
-        large = contiguous.nbytes > protocol.INLINE_TENSOR_BYTES
-        data = protocol.tensor_bytes(contiguous) if large else bytes(protocol.tensor_bytes(contiguous))
+        large = contiguous.nbytes > messages.INLINE_TENSOR_BYTES
+        data = torch_codec.tensor_bytes(contiguous) if large else bytes(torch_codec.tensor_bytes(contiguous))
         with self._lock:
             if self._released:
                 self._queue_frees()
@@ -269,8 +271,8 @@ class ClientSession:
         acknowledgement and return True: this batch asks for the next one."""
         self._streamed_batches += 1
         self._streamed_bytes += nbytes
-        if (self._streamed_batches < protocol.STREAM_WINDOW_BATCHES
-                and self._streamed_bytes < protocol.STREAM_WINDOW_BYTES):
+        if (self._streamed_batches < messages.STREAM_WINDOW_BATCHES
+                and self._streamed_bytes < messages.STREAM_WINDOW_BYTES):
             return False
         self._streamed_batches = self._streamed_bytes = 0
         while self._acknowledgement is not None:
@@ -284,6 +286,11 @@ class ClientSession:
         if header[0] != Msg.REPLY:
             return
         _, reply_seq, _, error = header
+        if reply_seq is None and error and error[0] == ErrorKind.SESSION.value:
+            # The session is over (its worker died, the daemon reclaimed it): nothing will answer.
+            failure = errors.from_wire(error)
+            self.connection.broken = str(failure)
+            raise failure
         if self._acknowledgement is not None and (reply_seq is None or reply_seq >= self._acknowledgement):
             self._acknowledgement = None  # (replies come in order: a later one means it came)
         if error and self._deferred_error is None:

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from .. import protocol
-from ..protocol import Cmd
+from libremote_wire import torch_codec
+from libremote_wire.messages import Cmd
 from . import backend
 from .tensor import RemoteTensor
 
@@ -37,7 +37,7 @@ def fetch(tensor: RemoteTensor) -> torch.Tensor:
     with warnings.catch_warnings():
         # The frame is read-only to Python but ours alone: the tensor may write to it.
         warnings.simplefilter("ignore", UserWarning)
-        flat = protocol.tensor_from_bytes(frames[frame_index - 1].buffer, dtype, [numel])
+        flat = torch_codec.tensor_from_bytes(frames[frame_index - 1].buffer, dtype, [numel])
     return flat.as_strided(shape, stride)
 
 
@@ -81,7 +81,7 @@ def _upload_new(source: torch.Tensor, kwargs: dict[str, Any]) -> RemoteTensor:
             return _upload_in_pieces(host, spec, session, device.index or 0)
         return _laid_out(_staged(host, session, device.index or 0), spec)
     target = make(spec, session, device.index or 0)
-    dtype_ext = protocol.dtype_ext(spec[0])
+    dtype_ext = torch_codec.dtype_ext(spec[0])
     fields = [Cmd.PUT, target._ref.id, dtype_ext, list(spec[1]), list(spec[2]), target._device_index]
     session.submit_data(fields, host)
     return target
@@ -134,7 +134,7 @@ def _send_in_pieces(host: torch.Tensor, destination: RemoteTensor, session: Any)
     from .dispatch import run
 
     flat_host = host.detach().contiguous().view(-1)
-    dtype_ext = protocol.dtype_ext(flat_host.dtype)
+    dtype_ext = torch_codec.dtype_ext(flat_host.dtype)
     per_piece = max(1, UPLOAD_PIECE_BYTES // flat_host.element_size())
     offset = destination.storage_offset()
     for start in range(0, flat_host.numel(), per_piece):
@@ -162,7 +162,7 @@ def copy_(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             # Another layout or a broadcast: the pieces go to a contiguous copy, copied on the daemon.
             staged = _staged(source, destination._ref.session, destination._device_index)
             return run(func, (destination, staged), kwargs, device_index=destination._device_index)
-        fields = [Cmd.UPLOAD, destination._ref.id, protocol.dtype_ext(source.dtype), list(source.shape)]
+        fields = [Cmd.UPLOAD, destination._ref.id, torch_codec.dtype_ext(source.dtype), list(source.shape)]
         destination._ref.session.submit_data(fields, source)
         return destination
     # Download into an existing host tensor.

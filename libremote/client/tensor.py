@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..protocol import handle_ext
+from libremote_wire.codec import handle_ext
 from . import backend
 
 Spec = tuple  # (dtype, shape tuple, stride tuple, storage offset)

@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import torch
 
-from libremote import protocol
-from libremote.protocol import DeviceRef, ProtocolError, ValueRef
+from libremote_wire import codec
+from libremote_wire.codec import DeviceRef, ProtocolError, ValueRef
 
 from . import op_policy
 
@@ -50,28 +50,28 @@ class Graph:
 def define(input_count: Any, wire_nodes: Any, wire_outputs: Any) -> Graph:
     """Check and build a graph from its wire form; :class:`ProtocolError` or
     :class:`op_policy.OpRefused` when it is malformed or uses a refused op."""
-    protocol.check(isinstance(input_count, int) and 0 <= input_count <= MAX_GRAPH_NODES, "bad graph input count")
-    protocol.check(isinstance(wire_nodes, list) and len(wire_nodes) <= MAX_GRAPH_NODES,
+    codec.check(isinstance(input_count, int) and 0 <= input_count <= MAX_GRAPH_NODES, "bad graph input count")
+    codec.check(isinstance(wire_nodes, list) and len(wire_nodes) <= MAX_GRAPH_NODES,
                    lambda: f"a graph has at most {MAX_GRAPH_NODES} nodes")
-    protocol.check(isinstance(wire_outputs, list), "graph outputs must be a list")
+    codec.check(isinstance(wire_outputs, list), "graph outputs must be a list")
     last_use: dict[int, int] = {}
     nodes: list[Node] = []
     for position, wire in enumerate(wire_nodes):
-        protocol.check(isinstance(wire, list) and len(wire) == 3 and isinstance(wire[0], str)
+        codec.check(isinstance(wire, list) and len(wire) == 3 and isinstance(wire[0], str)
                        and isinstance(wire[1], list) and isinstance(wire[2], dict),
                        lambda: f"graph node {position} must be [op name, args, kwargs]")
         name, args, kwargs = wire
         available = input_count + position
 
         def note(ref: ValueRef) -> None:
-            protocol.check(0 <= ref.index < available,
+            codec.check(0 <= ref.index < available,
                            lambda: f"graph node {position} uses value {ref.index} before it exists")
             last_use[ref.index] = position
 
         visit(args, note)
         visit(kwargs, note)
         if name == GETITEM:
-            protocol.check(len(args) == 2 and isinstance(args[0], ValueRef) and isinstance(args[1], int),
+            codec.check(len(args) == 2 and isinstance(args[0], ValueRef) and isinstance(args[1], int),
                            lambda: f"graph node {position}: getitem takes [value, index]")
             entry = None
         else:
@@ -80,7 +80,7 @@ def define(input_count: Any, wire_nodes: Any, wire_outputs: Any) -> Graph:
     end = len(nodes)
     for output in wire_outputs:
         if isinstance(output, ValueRef):
-            protocol.check(0 <= output.index < input_count + end, "graph output names a missing value")
+            codec.check(0 <= output.index < input_count + end, "graph output names a missing value")
             last_use[output.index] = end  # kept to the end
     drops: dict[int, list[int]] = {}
     for value, position in last_use.items():
@@ -136,12 +136,12 @@ def _bind(value: Any, values: list[Any], device_of: Callable[[DeviceRef], Any]) 
 
 def visit(value: Any, note: Callable[[ValueRef], None], depth: int = 0) -> None:
     """Call ``note`` on every value reference inside ``value`` (lists and maps included).
-    :class:`ProtocolError` for nesting deeper than protocol.MAX_NESTING (so that :func:`_bind`,
+    :class:`ProtocolError` for nesting deeper than codec.MAX_NESTING (so that :func:`_bind`,
     which walks the same values on every run, never meets it)."""
     if isinstance(value, ValueRef):
         note(value)
     elif isinstance(value, (list, dict)):
-        protocol.check(depth < protocol.MAX_NESTING, lambda: f"a graph argument is nested more than {protocol.MAX_NESTING} deep")
+        codec.check(depth < codec.MAX_NESTING, lambda: f"a graph argument is nested more than {codec.MAX_NESTING} deep")
         for item in (value if isinstance(value, list) else value.values()):
             visit(item, note, depth + 1)
 

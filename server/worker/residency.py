@@ -36,26 +36,11 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .pool import PRIORITIES
+from ..policy import PRIORITIES
 
 
 #: How many queued commands per session eviction looks ahead at.
 LOOKAHEAD_COMMANDS = 64
-
-#: On a GPU with no ``--device-memory``, the budget for session storages is the card's size less
-#: this headroom (at least 2 GiB, or 6%): the CUDA context, cuBLAS/cuDNN workspaces and the
-#: temporaries inside ops live there. What the estimate misses, the out-of-memory retry catches.
-GPU_HEADROOM_FRACTION = 0.06
-GPU_HEADROOM_MIN = 2 << 30
-
-
-def default_device_budget(device: torch.device, total_memory: int) -> int:
-    """The resident budget of a device when the operator set none."""
-    if device.type == "cpu":
-        return total_memory  # the CPU backend has no allocator that says "full"
-    headroom = max(GPU_HEADROOM_MIN, int(total_memory * GPU_HEADROOM_FRACTION))
-    return max(total_memory - headroom, total_memory // 2)
-
 
 @dataclass
 class Lookahead:
@@ -131,6 +116,9 @@ class DeviceMemory:
         self.peak_resident_bytes = 0
         self._clock = 0
         self._untimed: list[tuple[str, Any, Any]] = []  # GPU copies: ("evict"|"restore", start, end) events
+        #: In a worker under the front's broker: the lease that ``budget`` and ``host_limit`` are
+        #: (server/worker/leases.py); asked for more before this worker spills its own storages.
+        self.lease: Any = None
 
     # ------------------------------------------------------------------------------------------
     def track(self, record: StorageRecord) -> None:
@@ -203,6 +191,11 @@ class DeviceMemory:
         spilled = [record for record in wanted.values() if not record.resident]  # nearest use first
         if not spilled:
             return
+        short = self.resident_bytes + sum(record.nbytes for record in spilled) - self.budget
+        if short > 0 and self.lease is not None:
+            # Room other workers can give without slowing anyone: free memory, lower priority
+            # classes' storages, idle peers' (the broker asks them: leases.py).
+            self.lease.want(resident=short, prefetch=True, protect=set(spilled))
         next_use, dead = self._scan_queues(known={id(owner): own})
         own_class = PRIORITIES.get(owner.priority, 1)
 
@@ -246,40 +239,74 @@ class DeviceMemory:
         raise AssertionError("unreachable")
 
     def fit(self, extra: int = 0, *, protect: Iterable[StorageRecord] = ()) -> None:
-        """Evict until ``extra`` more bytes fit in the budget; :class:`SpillExhausted` if not."""
+        """Evict until ``extra`` more bytes fit in the budget; :class:`SpillExhausted` if not.
+        Under a lease, ask the broker for the room first (others may give it)."""
         if self.budget is None:
             return
         excess = self.resident_bytes + extra - self.budget
+        if excess > 0 and self.lease is not None:
+            protect = set(protect)
+            self.lease.want(resident=excess, protect=protect)
+            excess = self.resident_bytes + extra - self.budget
         if excess > 0:
             self.evict(excess, protect=protect)
 
-    def evict(self, at_least: int, *, protect: Iterable[StorageRecord] = ()) -> int:
+    def shrink_to(self, budget: int, *, protect: Iterable[StorageRecord] = ()) -> None:
+        """Spill (by the usual order) until at most ``budget`` bytes are resident, sparing
+        ``protect`` (the broker asked this worker to give way: server/worker/leases.py)."""
+        excess = self.resident_bytes - budget
+        if excess > 0:
+            self.evict(excess, protect=protect, ask=False, overshoot=True)
+
+    def evict(self, at_least: int, *, protect: Iterable[StorageRecord] = (), ask: bool = True,
+              overshoot: bool = False) -> int:
         """Spill resident records (least valuable first) totalling ``at_least`` bytes.
 
         What the current command itself touches (``protect``) stays resident even if that alone
         exceeds the budget: an op needs its operands on the device. :class:`SpillExhausted`
-        only when host RAM cannot take what would have to go.
+        only when host RAM cannot take what would have to go. Under a lease (``ask``: not while
+        answering the broker itself), the host room the spill needs is asked for first
+        (server/worker/leases.py); while the worker waits for it, a SHRINK may spill some of
+        these records already, so what is left is planned again, a few times at most.
+        ``overshoot``: the host limit may be passed by one storage (a worker giving way to
+        another spills whole storages; the broker set aside only the bytes it asked for).
         """
         protected = set(protect)
-        next_use, dead = self._scan_queues()
-        candidates = sorted(
-            (r for r in self.records if r.resident and r not in protected and r.nbytes),
-            key=lambda record: self._eviction_order(record, next_use, dead),
-        )
         freed = 0
         blocked = 0
-        for record in candidates:
-            if freed >= at_least:
-                break
-            if record in dead:
-                self._discard(record)
+        for _ in range(3 if ask and self.lease is not None else 1):
+            next_use, dead = self._scan_queues()
+            candidates = sorted(
+                (r for r in self.records if r.resident and r not in protected and r.nbytes),
+                key=lambda record: self._eviction_order(record, next_use, dead),
+            )
+            if ask and self.lease is not None:
+                planned = spilled = 0
+                for record in candidates:
+                    if freed + planned >= at_least:
+                        break
+                    planned += record.nbytes
+                    spilled += 0 if record in dead else record.nbytes
+                if self.spilled_bytes + spilled > self.host_limit:
+                    self.lease.want(spill=self.spilled_bytes + spilled - self.host_limit, protect=protected)
+            blocked = 0
+            for record in candidates:
+                if freed >= at_least:
+                    break
+                if not record.resident:  # (spilled meanwhile: a SHRINK answered while waiting on the lease)
+                    continue
+                if record in dead:
+                    self._discard(record)
+                    freed += record.nbytes
+                    continue
+                room = self.host_limit - self.spilled_bytes
+                if record.nbytes > room and not (overshoot and room > 0):
+                    blocked += record.nbytes
+                    continue
+                self._evict(record)
                 freed += record.nbytes
-                continue
-            if self.spilled_bytes + record.nbytes > self.host_limit:
-                blocked += record.nbytes
-                continue
-            self._evict(record)
-            freed += record.nbytes
+            if freed >= at_least or not blocked:
+                break
         if freed < at_least and blocked:
             raise SpillExhausted(self.describe_shortage(at_least - freed))
         return freed

@@ -60,7 +60,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from libremote.protocol import DeviceRef, ValueRef
+from libremote_wire.codec import DeviceRef, ValueRef
 
 from . import graphs
 

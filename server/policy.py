@@ -14,6 +14,7 @@ the highest its clients may ask for::
     weight = 2                         # share of device time when several sessions want it
     priority = "high"                  # high | normal | low: the ceiling for its clients
     devices = ["H100", "A100"]         # optional: device names it may be placed on
+    max_sessions = 8                   # optional: sessions at once (default --max-sessions-per-tenant)
 
 Without an admin token, admin commands are refused unless the daemon runs with
 ``--loopback-admin`` (then its own host may administer it). With ``--auth-keys`` (CURVE), a
@@ -84,6 +85,7 @@ class Tenant:
     weight: float = 1.0
     priority: str = "normal"
     device_names: list[str] | None = None
+    max_sessions: int | None = None  # None: the daemon's --max-sessions-per-tenant
 
     def allows_device(self, device_name: str) -> bool:
         return self.device_names is None or any(name.lower() in device_name.lower() for name in self.device_names)
@@ -96,6 +98,8 @@ class PoolConfig:
     #: Live tensors one session may hold (``--max-handles``).
     max_handles: int = limits.MAX_HANDLES
     placement: str = "binpack"
+    #: Sessions one authenticated tenant may hold at once (``--max-sessions-per-tenant``).
+    max_sessions_per_tenant: int = limits.MAX_SESSIONS_PER_TENANT
     idle_timeout_s: float | None = None
     tenants: dict[str, Tenant] = field(default_factory=dict)
     admin_token: str | None = None
@@ -110,6 +114,18 @@ class PoolConfig:
     #: Compile graph-mode graphs on the daemon (server/compiled_graphs.py): "none" or "inductor".
     graph_compiler: str = "none"
 
+    #: Tenants met without a tenants file (a CURVE key's name, or a name a client gave), kept so
+    #: that an admin change to one reaches its next sessions too.
+    _anonymous: dict[str, Tenant] = field(default_factory=dict)
+
+    def _unlisted(self, name: str) -> Tenant:
+        tenant = self._anonymous.get(name)
+        if tenant is None:
+            if len(self._anonymous) >= 4096:  # (names come from clients: bounded)
+                self._anonymous.pop(next(iter(self._anonymous)))
+            tenant = self._anonymous[name] = Tenant(name, None, self.default_memory_quota)
+        return tenant
+
     @property
     def manages_residency(self) -> bool:
         return self.host_spill > 0 or self.device_memory is not None
@@ -118,11 +134,17 @@ class PoolConfig:
     def has_tenants(self) -> bool:
         return bool(self.tenants)
 
+    def tenant_named(self, name: str) -> Tenant | None:
+        """The tenant of that name, for an admin change that should reach its future sessions:
+        a tenants file's entry, or (without one) the defaults kept for a name seen before."""
+        if self.has_tenants:
+            return self.tenants.get(name)
+        return self._anonymous.get(name)
+
     def authenticate(self, name: Any, token: Any) -> Tenant:
         """The tenant a client belongs to, or :class:`PolicyError` saying why not."""
         if not self.has_tenants:
-            label = str(name) if name else ANONYMOUS
-            return Tenant(label[:64], None, self.default_memory_quota)
+            return self._unlisted(str(name)[:64] if name else ANONYMOUS)
         tenant = self.tenants.get(str(name)) if name else None
         if (tenant is None or tenant.token is None or not isinstance(token, str)
                 or not same_secret(tenant.token, token)):
@@ -138,7 +160,7 @@ class PoolConfig:
         if identity is None or identity.kind != "tenant":
             raise PolicyError("this key is an admin key (for libremote status/admin); sessions need a tenant key")
         if not self.has_tenants:
-            return Tenant(identity.name[:64], None, self.default_memory_quota)
+            return self._unlisted(identity.name[:64])
         tenant = self.tenants.get(identity.name)
         if tenant is None:
             raise PolicyError(f"this client's key names tenant {identity.name!r}, which the daemon's tenants file "
@@ -171,6 +193,10 @@ def load_tenants(path: str, *, tokens_required: bool = True) -> tuple[dict[str, 
         if (tokens_required or token is not None) and (not isinstance(token, str) or not token):
             raise PolicyError(f"tenants file {path}: tenant {name!r} needs a token")
         devices = entry.get("devices")
+        max_sessions = entry.get("max_sessions")
+        if max_sessions is not None and not (isinstance(max_sessions, int) and not isinstance(max_sessions, bool)
+                                             and max_sessions >= 1):
+            raise PolicyError(f"tenants file {path}: tenant {name!r}: max_sessions must be a whole number >= 1")
         if devices is not None and not (isinstance(devices, list) and all(isinstance(d, str) for d in devices)):
             raise PolicyError(f"tenants file {path}: tenant {name!r}: devices must be a list of names")
         try:
@@ -181,6 +207,7 @@ def load_tenants(path: str, *, tokens_required: bool = True) -> tuple[dict[str, 
                 weight=parse_weight(entry.get("weight", 1.0)),
                 priority=parse_priority(entry.get("priority", "normal")),
                 device_names=devices,
+                max_sessions=max_sessions,
             )
         except PolicyError as exc:
             raise PolicyError(f"tenants file {path}: tenant {name!r}: {exc}") from None

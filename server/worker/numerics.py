@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from libremote import numerics
+from libremote_wire import numerics
 
 #: The daemon process's own values at start: a session's until it sends SETTINGS.
 DEFAULTS: dict[str, Any] = numerics.as_wire(numerics.current())

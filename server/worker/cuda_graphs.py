@@ -55,7 +55,7 @@ from typing import Any, Callable, ContextManager
 
 import torch
 
-from libremote.protocol import DeviceRef
+from libremote_wire.codec import DeviceRef
 
 from . import graphs
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Iterable, Protocol
 
-from .pool import PRIORITIES
+from ..policy import PRIORITIES
 
 
 class Schedulable(Protocol):

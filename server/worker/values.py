@@ -7,8 +7,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from libremote import protocol
-from libremote.protocol import Cmd, HandleRef
+from libremote_wire import codec, torch_codec
+from libremote_wire.codec import HandleRef
+from libremote_wire.messages import Cmd
 
 from .op_policy import OpEntry
 
@@ -97,10 +98,10 @@ def returned_values(entry: OpEntry, result: Any) -> tuple[Any, ...]:
 
 def flatten_handles(outs: Any, depth: int = 0) -> Iterator[Any]:
     """The entries of an ``outs`` field (handles, or whatever a hostile client put there), nested
-    lists flattened, at most protocol.MAX_NESTING deep."""
+    lists flattened, at most codec.MAX_NESTING deep."""
     if isinstance(outs, list):
-        if depth >= protocol.MAX_NESTING:
-            raise protocol.ProtocolError(f"outs are nested more than {protocol.MAX_NESTING} deep")
+        if depth >= codec.MAX_NESTING:
+            raise codec.ProtocolError(f"outs are nested more than {codec.MAX_NESTING} deep")
         for item in outs:
             yield from flatten_handles(item, depth + 1)
     elif outs is not None:
@@ -137,17 +138,17 @@ def wire_value(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [wire_value(item) for item in value]
     if isinstance(value, complex):
-        return protocol.complex_ext(value)
+        return codec.complex_ext(value)
     if isinstance(value, torch.dtype):
-        return protocol.dtype_ext(value)
+        return torch_codec.dtype_ext(value)
     return value
 
 
 def wire_meta(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        return protocol.tensor_meta(value)
+        return torch_codec.tensor_meta(value)
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
-        return [protocol.tensor_meta(v) for v in value]
+        return [torch_codec.tensor_meta(v) for v in value]
     return None
 
 

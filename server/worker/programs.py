@@ -14,8 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from libremote import protocol
-
+from libremote_wire import codec, messages
 from . import values
 
 #: Bounds on what one client may define: commands per program and programs per session.
@@ -37,29 +36,29 @@ class Program:
 
 
 #: What a recording may hold: commands that need no answer and carry no host data.
-_PROGRAM_COMMANDS = {protocol.Cmd.OP: 4, protocol.Cmd.RUN_GRAPH: 3}
+_PROGRAM_COMMANDS = {messages.Cmd.OP: 4, messages.Cmd.RUN_GRAPH: 3}
 
 
 def define(wire_commands: Any) -> Program:
-    protocol.check(isinstance(wire_commands, list) and len(wire_commands) <= MAX_COMMANDS,
+    codec.check(isinstance(wire_commands, list) and len(wire_commands) <= MAX_COMMANDS,
                    lambda: f"a captured step holds at most {MAX_COMMANDS} commands")
     created: set[int] = set()
     named: set[int] = set()
     commands: list[list[Any]] = []
     for position, command in enumerate(wire_commands):
-        protocol.check(isinstance(command, list) and command and isinstance(command[0], int),
+        codec.check(isinstance(command, list) and command and isinstance(command[0], int),
                        lambda: f"captured command {position} is malformed")
         kind = command[0]
-        if kind == protocol.Cmd.FREE:
-            protocol.check(len(command) == 2 and isinstance(command[1], list), "FREE takes [FREE, [handles]]")
+        if kind == messages.Cmd.FREE:
+            codec.check(len(command) == 2 and isinstance(command[1], list), "FREE takes [FREE, [handles]]")
             kept = [handle for handle in command[1] if handle in created]
             if kept:
-                commands.append([protocol.Cmd.FREE, kept])
+                commands.append([messages.Cmd.FREE, kept])
             continue
-        protocol.check(kind in _PROGRAM_COMMANDS,
+        codec.check(kind in _PROGRAM_COMMANDS,
                        lambda: f"captured command {position}: only ops, graph runs and frees can be replayed")
         outs_at = _PROGRAM_COMMANDS[kind]
-        protocol.check(len(command) > outs_at, lambda: f"captured command {position} is malformed")
+        codec.check(len(command) > outs_at, lambda: f"captured command {position} is malformed")
         named.update(values.handles_named(command))
         created.update(h for h in values.flatten_handles(command[outs_at]) if type(h) is int)
         commands.append(command)

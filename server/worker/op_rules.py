@@ -295,6 +295,10 @@ GEOMETRY_ARGUMENTS: dict[str, tuple[str, str, str, str | None]] = {
     "set_": ("source", "size", "stride", "storage_offset"),
 }
 
+#: What allows every op when the rules are off (``--unsafe-no-op-rules``: tests of the process
+#: boundary only, see op_policy.enforce_rules).
+UNCHECKED = Rule("unchecked", True, "op rules turned off (--unsafe-no-op-rules: tests only)", lambda f: True)
+
 RULES: tuple[Rule, ...] = (
     Rule("namespace", False, "only aten ops run on the daemon", lambda f: f.namespace != "aten"),
     Rule("unexpressible", False, "takes or returns storages, streams, generators or opaque objects",

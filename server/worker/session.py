@@ -21,15 +21,17 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from libremote import protocol
-from libremote.protocol import Cmd, DeviceRef, ErrorKind, HandleRef, ProtocolError
+from libremote_wire import codec, messages, torch_codec
+from libremote_wire.codec import DeviceRef, HandleRef, ProtocolError
+from libremote_wire.messages import Cmd, ErrorKind
 
-from . import devices, foreach_chunks, graphs, limits, numerics, op_policy, preflight, programs, values, zeroing
+from .. import limits
+from . import devices, foreach_chunks, graphs, numerics, op_policy, preflight, programs, values, zeroing
 from .compiled_graphs import GraphCompiler
 from .cuda_graphs import GraphCapture
 from .memory import MemoryAccount, PoolStats
 from .residency import DeviceMemory, Lookahead, SpillExhausted, StorageRecord
-from .pool import ANONYMOUS, Tenant
+from ..policy import ANONYMOUS, Tenant
 
 log = logging.getLogger("libremote.server")
 
@@ -78,6 +80,18 @@ class Reply:
     malformed: bool = False
 
 
+class TenantAccount:
+    """A tenant's memory quota, shared by its sessions in its worker: what they hold together
+    stays within it (each session also within its own quota, by default the same figure)."""
+
+    def __init__(self, quota: int) -> None:
+        self.quota = quota
+        self.sessions: list[Session] = []
+
+    def allocated(self) -> int:
+        return sum(session.memory.allocated for session in self.sessions)
+
+
 class Session:
     """Handles, RNG, events, memory account and scheduling state of one connected client."""
 
@@ -87,7 +101,8 @@ class Session:
     def __init__(self, session_id: str, devices_: list[torch.device], client_info: dict[str, Any],
                  *, tenant: Tenant | None = None, priority: str = "normal", identity: bytes = b"",
                  slots: list[Any] | None = None, device_memories: list[DeviceMemory | None] | None = None,
-                 cuda_graphs: str = "auto", graph_compiler: str = "none", owner: str | None = None) -> None:
+                 cuda_graphs: str = "auto", graph_compiler: str = "none", owner: str | None = None,
+                 account: TenantAccount | None = None) -> None:
         self.id = session_id
         #: The ZAP User-Id (CURVE key identity) that opened it; only that identity may use it.
         self.owner = owner
@@ -98,6 +113,10 @@ class Session:
         #: The pool's DeviceSlots behind ``devices``; the first is where the session is scheduled.
         self.slots = list(slots or [])
         self.tenant = tenant or Tenant(ANONYMOUS, None, 8 << 30)
+        #: The quota the tenant's sessions in this worker share (None: this session's alone).
+        self.account = account
+        if account is not None:
+            account.sessions.append(self)
         self._memory_quota = self.tenant.memory_quota
         #: The client's own cap (``torch.cuda.set_per_process_memory_fraction``), or None.
         self._memory_cap: int | None = None
@@ -108,6 +127,8 @@ class Session:
         self.virtual_time = 0.0
         self.queue: collections.deque[PendingBatch] = collections.deque()
         self.queued_bytes = 0  # frames of the queued batches
+        #: Large replies ZeroMQ has not sent yet (the client has not read them): (tracker, bytes).
+        self._unsent: collections.deque[tuple[Any, int]] = collections.deque()
         #: What the client streamed since it last asked for a reply (bounded: server/limits.py).
         self.inflow = limits.Inflow()
         self.tensors: dict[int, torch.Tensor] = {}
@@ -186,7 +207,7 @@ class Session:
     def set_memory_fraction(self, fraction: Any) -> None:
         """``torch.cuda.set_per_process_memory_fraction``: cap this session at ``fraction`` of its
         device's memory (below its quota; a fraction of 1 leaves only the quota)."""
-        protocol.check(type(fraction) in (int, float) and 0 <= fraction <= 1, "a memory fraction is a number in [0, 1]")
+        codec.check(type(fraction) in (int, float) and 0 <= fraction <= 1, "a memory fraction is a number in [0, 1]")
         total = self.memory_stats()["device_total"]
         self._memory_cap = None if fraction >= 1 else int(fraction * total)
         self.memory_quota = self._memory_quota
@@ -195,12 +216,25 @@ class Session:
     # Batch execution: batches queue up and run in slices the scheduler hands out
     # ------------------------------------------------------------------------------------------
     def enqueue(self, seq: Any, commands: Any, frames: list[Any], want_reply: bool, nbytes: int = 0) -> None:
-        protocol.check(isinstance(commands, list), "BATCH commands must be a list")
+        codec.check(isinstance(commands, list), "BATCH commands must be a list")
         self.queue.append(PendingBatch(seq, commands, frames, want_reply, nbytes))
         self.queued_bytes += nbytes
 
     def has_work(self) -> bool:
-        return bool(self.queue)
+        """Whether commands wait to run, and may: a session whose client has not read replies
+        of :data:`~.limits.MAX_UNSENT_REPLY_BYTES` or more waits until it does (its queue is
+        bounded too: limits.Inflow), so a client that asks for data and never reads it makes
+        the worker hold at most that much."""
+        return bool(self.queue) and (not self._unsent or self._unsent_bytes() < limits.MAX_UNSENT_REPLY_BYTES)
+
+    def replies_unsent(self, tracker: Any, nbytes: int) -> None:
+        """A large reply went into ZeroMQ's queue: count it until ZeroMQ has sent it."""
+        self._unsent.append((tracker, nbytes))
+
+    def _unsent_bytes(self) -> int:
+        while self._unsent and self._unsent[0][0].done:
+            self._unsent.popleft()
+        return sum(nbytes for _, nbytes in self._unsent)
 
     def run_slice(self, max_commands: int, max_seconds: float = float("inf")) -> list[Reply]:
         """Run queued commands until ``max_commands`` ran or ``max_seconds`` passed (checked
@@ -309,9 +343,9 @@ class Session:
         self._running = (batch, position)
         command = batch.commands[position]
         self._last_in_batch = position == len(batch.commands) - 1
-        # (Plain ifs, not protocol.check with a message callback: this runs for every command.)
+        # (Plain ifs, not codec.check with a message callback: this runs for every command.)
         if type(command) is not list or not command or type(command[0]) is not int:
-            raise ProtocolError(f"malformed command {protocol.brief(command)}")
+            raise ProtocolError(f"malformed command {codec.brief(command)}")
         kind = command[0]
         handler = self._handlers.get(kind)
         if handler is None:
@@ -329,7 +363,7 @@ class Session:
         except Exception as exc:  # the op's own error: report it, keep serving
             self._fail(CommandError(ErrorKind.OP, self._describe(command), values.error_message(exc)), command)
             value = None
-        if kind in protocol.RESULT_COMMANDS:
+        if kind in messages.RESULT_COMMANDS:
             if kind == Cmd.FETCH and value is not None:
                 meta, buffer = value
                 batch.out_frames.append(buffer)
@@ -362,9 +396,9 @@ class Session:
         if command[0] in (Cmd.OP, Cmd.OP_SYNC) and len(command) > 1:
             ref = command[1]
             if isinstance(ref, list) and len(ref) == 2:
-                return ref[1] if type(ref[1]) is str else protocol.brief(ref[1])
+                return ref[1] if type(ref[1]) is str else codec.brief(ref[1])
             entry = self._ops.get(ref) if isinstance(ref, int) else None
-            return entry.name if entry else f"op #{protocol.brief(ref)}"
+            return entry.name if entry else f"op #{codec.brief(ref)}"
         try:
             return Cmd(command[0]).name
         except ValueError:
@@ -381,12 +415,12 @@ class Session:
             if origin is not None:
                 raise CommandError(ErrorKind.HANDLE, "", f"input was never computed: {origin}") from None
             raise CommandError(
-                ErrorKind.HANDLE, "", f"handle {protocol.brief(handle)} does not belong to this session"
+                ErrorKind.HANDLE, "", f"handle {codec.brief(handle)} does not belong to this session"
             ) from None
 
     def _store(self, handle: Any, tensor: Any) -> None:
         if not isinstance(handle, int) or isinstance(handle, bool):
-            raise ProtocolError(f"output handle must be an integer, not {protocol.brief(handle)}")
+            raise ProtocolError(f"output handle must be an integer, not {codec.brief(handle)}")
         if len(self.tensors) >= self.max_handles:
             raise CommandError(ErrorKind.OOM, "", f"this session holds {len(self.tensors)} tensors, the most the daemon "
                                "allows (--max-handles); free tensors you no longer need (del them)")
@@ -418,6 +452,8 @@ class Session:
 
     def close(self) -> int:
         """Drop every handle; return the bytes released."""
+        if self.account is not None and self in self.account.sessions:
+            self.account.sessions.remove(self)
         released = self.memory.allocated
         for handle in list(self.tensors):
             self._drop(handle)
@@ -436,7 +472,7 @@ class Session:
 
     def _device(self, index: Any) -> torch.device:
         if not isinstance(index, int) or not 0 <= index < len(self.devices):
-            raise CommandError(ErrorKind.OP, "", f"device cuda:{protocol.brief(index)} does not exist: this session has "
+            raise CommandError(ErrorKind.OP, "", f"device cuda:{codec.brief(index)} does not exist: this session has "
                                                  f"{len(self.devices)} device(s) (LIBREMOTE_DEVICES)")
         return self.devices[index]
 
@@ -449,14 +485,14 @@ class Session:
 
     def _resolve(self, value: Any, depth: int = 0) -> Any:
         """A decoded argument with handles replaced by this session's tensors (and device
-        references by its devices). Nested at most protocol.MAX_NESTING deep."""
+        references by its devices). Nested at most codec.MAX_NESTING deep."""
         kind = type(value)
         if kind is HandleRef:
             tensor = self.tensors.get(value.handle)
             return tensor if tensor is not None else self.tensor(value.handle)
         if kind is list:
-            if depth >= protocol.MAX_NESTING:
-                raise ProtocolError(f"an argument is nested more than {protocol.MAX_NESTING} deep")
+            if depth >= codec.MAX_NESTING:
+                raise ProtocolError(f"an argument is nested more than {codec.MAX_NESTING} deep")
             inner = depth + 1
             return [self._resolve(item, inner) for item in value]
         if kind is DeviceRef:
@@ -471,7 +507,7 @@ class Session:
         if entry is not None:  # the common case: an op this session named before
             return entry
         if isinstance(ref, list):
-            protocol.check(len(ref) == 2 and isinstance(ref[0], int) and type(ref[1]) is str,
+            codec.check(len(ref) == 2 and isinstance(ref[0], int) and type(ref[1]) is str,
                            "op reference must be [id, name]")
             op_id, name = ref
             if op_id not in self._ops and len(self._ops) + len(self._refused_ops) >= limits.MAX_OP_IDS:
@@ -480,20 +516,20 @@ class Session:
                 entry = op_policy.resolve(name)
             except op_policy.OpRefused as exc:
                 # Remember the refusal: the client will name this op by its id from now on.
-                refusal = self._refused_ops[op_id] = CommandError(ErrorKind.REFUSED, protocol.brief(name), str(exc))
+                refusal = self._refused_ops[op_id] = CommandError(ErrorKind.REFUSED, codec.brief(name), str(exc))
                 raise refusal from None
             self._ops[op_id] = entry
             return entry
         refusal = self._refused_ops.get(ref) if isinstance(ref, int) else None
         if refusal is not None:
             raise CommandError(refusal.kind, refusal.op, refusal.message)
-        raise ProtocolError(f"op id {protocol.brief(ref)} was never defined in this session")
+        raise ProtocolError(f"op id {codec.brief(ref)} was never defined in this session")
 
     def _run_op(self, command: list[Any]) -> tuple[op_policy.OpEntry, Any]:
-        protocol.check(len(command) == 5, "OP takes [OP, op, args, kwargs, outs]")
+        codec.check(len(command) == 5, "OP takes [OP, op, args, kwargs, outs]")
         _, ref, args, kwargs, outs = command
         entry = self._op_entry(ref)
-        protocol.check(type(args) is list and type(kwargs) is dict, "OP args must be a list and kwargs a map")
+        codec.check(type(args) is list and type(kwargs) is dict, "OP args must be a list and kwargs a map")
         try:
             args = self._resolve(args)
             if kwargs:
@@ -505,7 +541,7 @@ class Session:
         if entry.foreach and self.memory.managed:
             sliced = self._foreach_in_slices(entry, args, kwargs, outs)
             if sliced is not None:
-                if self.memory.allocated > self.memory_limit:
+                if self._over_quota():
                     self._refuse_over_quota(entry.name, allocated_before, outs)
                 return entry, sliced[0]
         try:
@@ -519,7 +555,7 @@ class Session:
             raise
         grown = self._remeasure(entry, args, kwargs, command[2], command[3]) if entry.resized_arguments else ()
         self._store_outputs(entry, result, outs)
-        if self.memory.allocated > self.memory_limit:
+        if self._over_quota():
             self._refuse_over_quota(entry.name, allocated_before, outs, grown)
         if self.memory.managed:
             self._fit_on_device(entry.name, inputs, outs)
@@ -558,17 +594,17 @@ class Session:
     def _store_outputs(self, entry: op_policy.OpEntry, result: Any, outs: Any) -> None:
         if outs is None:
             return
-        protocol.check(isinstance(outs, list), "OP outs must be a list")
+        codec.check(isinstance(outs, list), "OP outs must be a list")
         if len(outs) == 1 and type(outs[0]) is int and entry.returns_one_tensor:
             self._store(outs[0], result)  # the common case: one new tensor
             return
         returned = values.returned_values(entry, result)
-        protocol.check(len(outs) <= len(returned), lambda: f"{entry.name} returns {len(returned)} values, outs names {len(outs)}")
+        codec.check(len(outs) <= len(returned), lambda: f"{entry.name} returns {len(returned)} values, outs names {len(outs)}")
         for value, out in zip(returned, outs):
             if out is None:
                 continue
             if isinstance(out, list):
-                protocol.check(isinstance(value, (list, tuple)) and len(value) == len(out),
+                codec.check(isinstance(value, (list, tuple)) and len(value) == len(out),
                                lambda: f"{entry.name}: outs do not match the returned list")
                 for item, handle in zip(value, out):
                     self._store(handle, item)
@@ -594,7 +630,7 @@ class Session:
     def _check_quota_before(self, entry: op_policy.OpEntry, args: list[Any], kwargs: dict[str, Any]) -> None:
         """Refuse an op before it runs when what it would allocate is known not to fit in the
         session's quota (server/preflight.py; cheap for ops that surely fit)."""
-        headroom = self.memory_limit - self.memory.allocated
+        headroom = self._headroom()
         needed = preflight.needed_bytes(entry, args, kwargs, headroom)
         if needed is not None and needed > headroom:
             raise QuotaRefusal(ErrorKind.OOM, entry.name, self._quota_message(self.memory.allocated, needed))
@@ -645,7 +681,33 @@ class Session:
                 self._failed[handle] = f"{what} failed: {message}"
         raise CommandError(ErrorKind.OOM, what, message)
 
+    def _headroom(self) -> int:
+        """Bytes this session may still allocate: within its own quota (or cap), and within its
+        tenant's, which all the tenant's sessions in this worker share."""
+        room = self.memory_limit - self.memory.allocated
+        account = self.account
+        if account is not None and (len(account.sessions) > 1 or account.quota < self.memory_limit):
+            room = min(room, account.quota - account.allocated())
+        return room
+
+    def _over_quota(self, extra: int = 0) -> bool:
+        return self._headroom() < extra
+
+    def _tenant_binds(self) -> bool:
+        """Whether the tenant's shared quota, not this session's own, is what is short."""
+        account = self.account
+        return account is not None and account.quota - account.allocated() < self.memory_limit - self.memory.allocated
+
     def _quota_message(self, in_use: int, needed: int) -> str:
+        if self._tenant_binds():
+            account = self.account
+            assert account is not None
+            return (
+                f"CUDA out of memory: tenant {self.tenant.name!r} may hold {values.size_text(account.quota)} across its "
+                f"{len(account.sessions)} sessions, {values.size_text(account.allocated())} are in use and the request "
+                f"needs {values.size_text(needed)} more. Free tensors you no longer need (del them), close other "
+                "sessions of the tenant, or ask the operator for a larger quota."
+            )
         if self.memory_limit < self._memory_quota:
             return (
                 f"CUDA out of memory: this process limited itself to {values.size_text(self.memory_limit)} "
@@ -663,9 +725,9 @@ class Session:
     # Graph mode: graphs defined once, run on handles (see server/graphs.py)
     # ------------------------------------------------------------------------------------------
     def _define_graph(self, command: list[Any], frames: list[Any]) -> None:
-        protocol.check(len(command) == 5, "GRAPH takes [GRAPH, id, input count, nodes, outputs]")
+        codec.check(len(command) == 5, "GRAPH takes [GRAPH, id, input count, nodes, outputs]")
         _, graph_id, input_count, nodes, outputs = command
-        protocol.check(isinstance(graph_id, int) and not isinstance(graph_id, bool), "graph id must be an integer")
+        codec.check(isinstance(graph_id, int) and not isinstance(graph_id, bool), "graph id must be an integer")
         if graph_id not in self._graphs and len(self._graphs) >= graphs.MAX_GRAPHS_PER_SESSION:
             raise CommandError(ErrorKind.OP, "graph", f"a session may define at most {graphs.MAX_GRAPHS_PER_SESSION} "
                                "graphs; recompiling on every new input shape? mark dynamic shapes or pad inputs")
@@ -675,13 +737,13 @@ class Session:
             raise CommandError(ErrorKind.REFUSED, "graph", str(exc)) from None
 
     def _run_graph(self, command: list[Any], frames: list[Any]) -> None:
-        protocol.check(len(command) == 4, "RUN_GRAPH takes [RUN_GRAPH, id, inputs, outs]")
+        codec.check(len(command) == 4, "RUN_GRAPH takes [RUN_GRAPH, id, inputs, outs]")
         _, graph_id, wire_inputs, outs = command
         graph = self._graphs.get(graph_id) if isinstance(graph_id, int) else None
-        protocol.check(graph is not None, lambda: f"graph {protocol.brief(graph_id)} was never defined in this session")
-        protocol.check(isinstance(wire_inputs, list) and len(wire_inputs) == graph.input_count,
+        codec.check(graph is not None, lambda: f"graph {codec.brief(graph_id)} was never defined in this session")
+        codec.check(isinstance(wire_inputs, list) and len(wire_inputs) == graph.input_count,
                        lambda: f"the graph takes {graph.input_count} inputs")
-        protocol.check(isinstance(outs, list) and len(outs) == len(graph.outputs), "RUN_GRAPH outs do not match the graph")
+        codec.check(isinstance(outs, list) and len(outs) == len(graph.outputs), "RUN_GRAPH outs do not match the graph")
         allocated_before = self.memory.allocated
         inputs = self._resolve(wire_inputs)
         failing = [""]
@@ -692,7 +754,7 @@ class Session:
             # Intermediates are the session's memory while they live: the quota sees the run's peak.
             for tensor in zeroing.tensors_of(result):
                 self.memory.hold(tensor)
-            if self.memory.allocated > self.memory_limit:
+            if self._over_quota():
                 needed = self.memory.allocated - allocated_before
                 raise CommandError(ErrorKind.OOM, entry.name, self._quota_message(allocated_before, needed))
             return result
@@ -722,7 +784,7 @@ class Session:
         for handle, value in zip(outs, results):
             if handle is not None:
                 self._store(handle, value)
-        if self.memory.allocated > self.memory_limit:
+        if self._over_quota():
             self._refuse_over_quota(graph.name, allocated_before, outs, ())
         if self.memory.managed:
             self._fit_on_device(graph.name, [], outs)
@@ -731,7 +793,7 @@ class Session:
     # Whole-step capture: a recorded command list, replayed (libremote.capture_step)
     # ------------------------------------------------------------------------------------------
     def _define_program(self, command: list[Any], frames: list[Any]) -> None:
-        protocol.check(len(command) in (3, 4) and isinstance(command[1], int) and isinstance(command[2], list)
+        codec.check(len(command) in (3, 4) and isinstance(command[1], int) and isinstance(command[2], list)
                        and (len(command) == 3 or isinstance(command[3], dict)),
                        "PROGRAM takes [PROGRAM, id, commands, options?]")
         program_id, commands = command[1], command[2]
@@ -773,22 +835,22 @@ class Session:
         and first replay: the client may size things on them (``torch.empty_like(out)``, as
         ``make_graphed_callables`` does) and a later step may read them. Each replay writes
         into them (``_copy_into_previous``)."""
-        protocol.check(isinstance(placeholders, list) and len(placeholders) <= len(program.created),
+        codec.check(isinstance(placeholders, list) and len(placeholders) <= len(program.created),
                        "PROGRAM placeholders must be a list of the step's results")
         allocated_before = self.memory.allocated
         handles = []
         for entry in placeholders:
-            protocol.check(isinstance(entry, list) and len(entry) == 6 and isinstance(entry[1], torch.dtype),
+            codec.check(isinstance(entry, list) and len(entry) == 6 and isinstance(entry[1], torch.dtype),
                            "a placeholder is [handle made by the step, dtype, shape, stride, offset, device]")
             handle, dtype, shape, stride, offset, device = entry
             if type(handle) is not int or handle not in program.created or handle in self.tensors:
                 continue  # not a result of this step: nothing to hold for it
-            protocol.check(isinstance(shape, list) and isinstance(stride, list) and len(shape) == len(stride)
+            codec.check(isinstance(shape, list) and isinstance(stride, list) and len(shape) == len(stride)
                            and all(type(n) is int and n >= 0 for n in (*shape, *stride, offset)),
                            "a placeholder's shape, strides and offset are non-negative integers")
             span = offset + sum((size - 1) * step for size, step in zip(shape, stride) if size) + 1
             needed = span * dtype.itemsize
-            if self.memory.allocated + needed > self.memory_limit:  # checked before allocating
+            if self._over_quota(needed):  # checked before allocating
                 message = self._quota_message(allocated_before, self.memory.allocated - allocated_before + needed)
                 for made in handles:
                     self._drop(made)
@@ -799,9 +861,9 @@ class Session:
             handles.append(handle)
 
     def _replay(self, command: list[Any], frames: list[Any]) -> None:
-        protocol.check(len(command) == 2, "REPLAY takes [REPLAY, id]")
+        codec.check(len(command) == 2, "REPLAY takes [REPLAY, id]")
         program = self._programs.get(command[1]) if isinstance(command[1], int) else None
-        protocol.check(program is not None, lambda: f"captured step {protocol.brief(command[1])} was never defined in this session")
+        codec.check(program is not None, lambda: f"captured step {codec.brief(command[1])} was never defined in this session")
         # A step is captured once the session's compiles are done, so that the capture records
         # the compiled code, not the interpreter's, for the rest of its life.
         compiling = self._compiler is not None and self._compiler.pending > 0
@@ -973,26 +1035,26 @@ class Session:
     # Command handlers: host data, frees, RNG, events and queries
     # ------------------------------------------------------------------------------------------
     def _upload(self, command: list[Any], frames: list[Any]) -> None:
-        protocol.check(len(command) == 5, "UPLOAD takes [UPLOAD, dst, dtype, shape, frame]")
+        codec.check(len(command) == 5, "UPLOAD takes [UPLOAD, dst, dtype, shape, frame]")
         _, handle, dtype, shape, index = command
-        protocol.check(isinstance(dtype, torch.dtype) and isinstance(shape, list), "UPLOAD needs a dtype and a shape")
-        protocol.check(isinstance(index, int) and 1 <= index < len(frames) + 1, "UPLOAD names a missing frame")
-        source = protocol.tensor_from_bytes(frames[index - 1], dtype, shape)
+        codec.check(isinstance(dtype, torch.dtype) and isinstance(shape, list), "UPLOAD needs a dtype and a shape")
+        codec.check(isinstance(index, int) and 1 <= index < len(frames) + 1, "UPLOAD names a missing frame")
+        source = torch_codec.tensor_from_bytes(frames[index - 1], dtype, shape)
         destination = self.tensor(handle)
         if self.memory.managed:
             self._make_resident("upload", [destination])
         destination.copy_(source)
 
     def _put(self, command: list[Any], frames: list[Any]) -> None:
-        protocol.check(len(command) == 7, "PUT takes [PUT, new, dtype, shape, stride, device, frame]")
+        codec.check(len(command) == 7, "PUT takes [PUT, new, dtype, shape, stride, device, frame]")
         _, handle, dtype, shape, stride, device_index, index = command
         device = self._device(device_index)
-        protocol.check(isinstance(dtype, torch.dtype) and isinstance(shape, list) and isinstance(stride, list),
+        codec.check(isinstance(dtype, torch.dtype) and isinstance(shape, list) and isinstance(stride, list),
                        "PUT needs a dtype, a shape and strides")
-        protocol.check(isinstance(index, int) and 1 <= index < len(frames) + 1, "PUT names a missing frame")
-        protocol.check(values.is_dense_layout(shape, stride), lambda: f"PUT strides {stride} do not lay out {shape} densely")
-        source = protocol.tensor_from_bytes(frames[index - 1], dtype, shape)
-        if self.memory.allocated + source.nbytes > self.memory_limit:
+        codec.check(isinstance(index, int) and 1 <= index < len(frames) + 1, "PUT names a missing frame")
+        codec.check(values.is_dense_layout(shape, stride), lambda: f"PUT strides {stride} do not lay out {shape} densely")
+        source = torch_codec.tensor_from_bytes(frames[index - 1], dtype, shape)
+        if self._over_quota(source.nbytes):
             raise CommandError(ErrorKind.OOM, "upload", self._quota_message(self.memory.allocated, source.nbytes))
         # Always a copy into memory torch owns: a tensor over the frame's buffer could never be
         # resized (resize_, out= arguments). Receiving straight into torch-owned (pinned, on a
@@ -1012,7 +1074,7 @@ class Session:
             self._fit_on_device("upload", [], [handle])
 
     def _fetch(self, command: list[Any], frames: list[Any]) -> tuple[list[Any], Any]:
-        protocol.check(len(command) == 2, "FETCH takes [FETCH, handle]")
+        codec.check(len(command) == 2, "FETCH takes [FETCH, handle]")
         tensor = self.tensor(command[1])
         if self.memory.managed:
             self._make_resident("FETCH", [tensor])
@@ -1030,11 +1092,11 @@ class Session:
                 host = host.contiguous()
         numel = host.numel()
         flat = host.as_strided((numel,), (1,), host.storage_offset()) if numel else host.reshape(-1)
-        meta = [protocol.dtype_ext(host.dtype), list(host.shape), list(host.stride())]
-        return meta, protocol.tensor_bytes(flat)
+        meta = [torch_codec.dtype_ext(host.dtype), list(host.shape), list(host.stride())]
+        return meta, torch_codec.tensor_bytes(flat)
 
     def _free(self, command: list[Any], frames: list[Any]) -> None:
-        protocol.check(len(command) == 2 and isinstance(command[1], list), "FREE takes [FREE, [handles]]")
+        codec.check(len(command) == 2 and isinstance(command[1], list), "FREE takes [FREE, [handles]]")
         graph_pool = self._graph_pool
         for handle in command[1]:
             if isinstance(handle, int):
@@ -1044,7 +1106,7 @@ class Session:
                     self._drop(handle)
 
     def _settings(self, command: list[Any], frames: list[Any]) -> None:
-        protocol.check(len(command) == 2, "SETTINGS takes [SETTINGS, {name: value}]")
+        codec.check(len(command) == 2, "SETTINGS takes [SETTINGS, {name: value}]")
         try:
             self.numerics = numerics.updated(self.numerics, command[1])
         except ValueError as exc:
@@ -1060,22 +1122,22 @@ class Session:
         return None
 
     def _seed(self, command: list[Any], frames: list[Any]) -> None:
-        protocol.check(len(command) in (2, 3) and isinstance(command[1], int), "SEED takes [SEED, int, device?]")
+        codec.check(len(command) in (2, 3) and isinstance(command[1], int), "SEED takes [SEED, int, device?]")
         chosen = self.generators if len(command) == 2 else [self.generators[self._index_of(self._device(command[2]))]]
         for generator in chosen:
             generator.manual_seed(command[1] & ((1 << 64) - 1))
 
     def _rng_state(self, command: list[Any], frames: list[Any]) -> bytes | None:
-        protocol.check(len(command) in (2, 3), "RNG_STATE takes [RNG_STATE, device] or [RNG_STATE, device, state]")
+        codec.check(len(command) in (2, 3), "RNG_STATE takes [RNG_STATE, device] or [RNG_STATE, device, state]")
         generator = self.generators[self._index_of(self._device(command[1]))]
         if len(command) == 2:
             return bytes(generator.get_state().numpy())
-        protocol.check(isinstance(command[2], bytes), "RNG_STATE's state must be bytes")
+        codec.check(isinstance(command[2], bytes), "RNG_STATE's state must be bytes")
         generator.set_state(torch.frombuffer(bytearray(command[2]), dtype=torch.uint8))
         return None
 
     def _event(self, command: list[Any], frames: list[Any]) -> None:
-        protocol.check(len(command) == 2 and isinstance(command[1], int), "EVENT takes [EVENT, id]")
+        codec.check(len(command) == 2 and isinstance(command[1], int), "EVENT takes [EVENT, id]")
         if self.stream is not None:
             event = torch.cuda.Event(enable_timing=True)
             event.record(self.stream)
@@ -1086,7 +1148,7 @@ class Session:
             self._events.popitem(last=False)
 
     def _elapsed(self, command: list[Any], frames: list[Any]) -> float:
-        protocol.check(len(command) == 3, "ELAPSED takes [ELAPSED, start, end]")
+        codec.check(len(command) == 3, "ELAPSED takes [ELAPSED, start, end]")
         try:
             start, end = self._events[command[1]], self._events[command[2]]
         except (KeyError, TypeError):
@@ -1097,12 +1159,12 @@ class Session:
         return float(start.elapsed_time(end))
 
     def _query(self, command: list[Any], frames: list[Any]) -> Any:
-        protocol.check(len(command) in (2, 3) and isinstance(command[1], str), "QUERY takes [QUERY, what, argument?]")
+        codec.check(len(command) in (2, 3) and isinstance(command[1], str), "QUERY takes [QUERY, what, argument?]")
         what = command[1]
         if what == "settings":  # what is set in the daemon's process while this session runs
             return numerics.in_effect()
         if what == "memory_fraction":
-            protocol.check(len(command) == 3, "QUERY memory_fraction takes a fraction")
+            codec.check(len(command) == 3, "QUERY memory_fraction takes a fraction")
             self.set_memory_fraction(command[2])
             return None
         if what == "memory":
@@ -1124,7 +1186,7 @@ class Session:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             return None
-        raise CommandError(ErrorKind.OP, f"QUERY {protocol.brief(what)}", f"unknown query {protocol.brief(what)}")
+        raise CommandError(ErrorKind.OP, f"QUERY {codec.brief(what)}", f"unknown query {codec.brief(what)}")
 
     def compile_counts(self) -> dict[str, int]:
         """Graphs compiled for this session (``--graph-compiler``), compiles still running, and

@@ -1,0 +1,524 @@
+"""Every message of libremote's wire, declared once: its fields, their types and their bounds.
+
+Three kinds of peer speak it (docs/ARCHITECTURE.md):
+
+- a **client** says HELLO to the daemon's **front**, which admits it (WELCOME, QUEUED, REFUSED)
+  and names the **worker** process that will run its session. The client then sends its BATCHes
+  of commands straight to that worker, which answers with REPLYs;
+- the **front** and its **workers** talk over a private control socket (:class:`Ctl` messages):
+  sessions opened and closed, memory leases, reports;
+- the ``libremote`` command asks the front for STATUS and sends ADMIN changes.
+
+The declarations below (:data:`MESSAGES`, :data:`CONTROL`, :data:`COMMANDS` and the records
+inside them) are what the peers decode with: :meth:`Message.parse` refuses a header whose fields
+have the wrong type or break a bound, and :meth:`Record.parse` (which the receiver calls on a
+map-typed field, deciding what a bad one means) keeps only the declared keys of a map, checked. ``python -m libremote_wire.messages`` prints them as docs/PROTOCOL.md (a test
+fails when that file is stale).
+
+Commands inside a BATCH run once per op, so the worker does not parse them through
+:meth:`Message.parse` (that would cost more than the op's own bookkeeping); their declarations
+document them, and each worker handler checks its own fields where it first uses them.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from .codec import Opaque, ProtocolError, check
+
+#: Bumped whenever a message changes meaning. 2: WELCOME names the worker that runs the session;
+#: BATCH, PING and BYE go there.
+PROTOCOL_VERSION = 2
+
+#: CPU tensors up to this size travel inside the header (op arguments such as a 0-dim scalar).
+INLINE_TENSOR_BYTES = 64 << 10
+
+#: Backpressure for streamed batches (those that ask for no reply). The client asks for a reply,
+#: an acknowledgement, on a batch at least every STREAM_WINDOW_BATCHES batches or
+#: STREAM_WINDOW_BYTES bytes of frames, and before it asks again it waits for the previous
+#: acknowledgement: at most two windows are ever on the wire or queued on the worker. The worker
+#: holds clients to a multiple of this (libremote_server/limits.py) and ends the session of one
+#: that streams further without asking.
+STREAM_WINDOW_BATCHES = 64
+STREAM_WINDOW_BYTES = 64 << 20
+
+#: Largest message the front accepts (ZeroMQ disconnects a peer that sends a larger one before a
+#: byte of it is decoded). Everything the front takes is small: HELLO, PING, BYE, STATUS, ADMIN;
+#: tensor data goes to workers. So an unauthenticated peer can make the front hold at most this
+#: much per message, decoded into a bounded number of objects.
+MAX_FRONT_MESSAGE_BYTES = 64 << 10
+
+
+class Msg(enum.IntEnum):
+    """Messages between a client (or the ``libremote`` command) and the daemon."""
+
+    HELLO = 1
+    WELCOME = 2
+    REFUSED = 3
+    BATCH = 4
+    REPLY = 5
+    BYE = 6
+    PING = 7
+    QUEUED = 8
+    STATUS = 9
+    ADMIN = 10
+
+
+class Cmd(enum.IntEnum):
+    """Commands inside a BATCH."""
+
+    OP = 0
+    OP_SYNC = 1
+    UPLOAD = 2
+    FETCH = 3
+    FREE = 4
+    SYNC = 5
+    SEED = 6
+    RNG_STATE = 7
+    EVENT = 8
+    ELAPSED = 9
+    QUERY = 10
+    PUT = 11
+    GRAPH = 12
+    RUN_GRAPH = 13
+    PROGRAM = 14
+    REPLAY = 15
+    SETTINGS = 16
+
+
+class Ctl(enum.IntEnum):
+    """Control messages between the front and a worker (never seen by clients)."""
+
+    READY = 1
+    OPEN = 2
+    OPENED = 3
+    CLOSE = 4
+    ENDED = 5
+    UPDATE = 6
+    REPORT = 7
+    WANT = 8
+    GRANT = 9
+    SHRINK = 10
+    SHRUNK = 11
+    STOP = 12
+
+
+#: Commands whose execution yields an entry in REPLY.results.
+RESULT_COMMANDS = frozenset({Cmd.OP_SYNC, Cmd.FETCH, Cmd.SYNC, Cmd.RNG_STATE, Cmd.ELAPSED, Cmd.QUERY})
+
+
+class ErrorKind(str, enum.Enum):
+    """What went wrong, as a worker reports it in REPLY.error = [kind, op, message]."""
+
+    OP = "op"  # the op itself raised (bad arguments that local inference could not catch, ...)
+    OOM = "oom"  # out of device memory or over the quota
+    REFUSED = "refused"  # the op is not on the worker's allowlist
+    HANDLE = "handle"  # a handle that this session does not own (or that a failed op never made)
+    PROTOCOL = "protocol"  # a malformed message
+    SESSION = "session"  # the daemon does not know this session (restarted, reclaimed, worker died)
+
+
+# ----------------------------------------------------------------------------------------------
+# Declarations
+# ----------------------------------------------------------------------------------------------
+ANY = object()  #: a field type: any value (checked where it is used)
+NUMBER = (int, float)
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "text", bytes: "bytes",
+               list: "a list", dict: "a map", type(None): "nil", Opaque: "an extension value"}
+
+
+def _words(kind: type) -> str:
+    return _TYPE_WORDS.get(kind, kind.__name__)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field: a position in a message's array or a key of a :class:`Record`."""
+
+    name: str
+    type: Any  # a Python type, a tuple of them, a Record, or ANY
+    doc: str
+    #: Longest accepted: characters of text, bytes, entries of an array or map (0: the codec's).
+    bound: int = 0
+    optional: bool = False  # may be nil, or (at the end of a message) absent
+
+    def check(self, value: Any, where: str) -> Any:
+        """``value`` if it has this field's type and bounds (a Record: its parsed copy)."""
+        if value is None and self.optional:
+            return None
+        expected = self.type
+        if isinstance(expected, Record):
+            # (Only its type here: the receiver parses the record itself, and decides what a bad
+            # field means: HELLO's is REFUSED with the reason, ADMIN's answered {ok: false}.)
+            check(type(value) is dict, lambda: f"{where} {self.name} must be a map, not {_words(type(value))}")
+            return value
+        if expected is ANY:
+            return value
+        kinds = expected if isinstance(expected, tuple) else (expected,)
+        # type(), not isinstance: True is not an integer here, and subclasses never come off the wire.
+        if type(value) not in kinds and not (float in kinds and type(value) is int):
+            raise ProtocolError(f"{where} {self.name} must be {self.type_words()}, not {_words(type(value))}")
+        if self.bound and type(value) in (str, bytes, list, dict) and len(value) > self.bound:
+            unit = "characters" if type(value) is str else "entries" if type(value) in (list, dict) else "bytes"
+            raise ProtocolError(f"{where} {self.name} holds {len(value)} {unit}; at most {self.bound} are accepted")
+        return value
+
+    def type_words(self) -> str:
+        if isinstance(self.type, Record):
+            return f"a map ({self.type.name})"
+        if self.type is ANY:
+            return "any value"
+        kinds = self.type if isinstance(self.type, tuple) else (self.type,)
+        return " or ".join(_TYPE_WORDS.get(kind, kind.__name__) for kind in kinds)
+
+
+@dataclass(frozen=True)
+class Record:
+    """A map with declared keys. Unknown keys are dropped; a declared one that is nil is left out."""
+
+    name: str
+    doc: str
+    fields: tuple[Field, ...]
+
+    def parse(self, value: dict[Any, Any], *, where: str | None = None) -> dict[str, Any]:
+        where = where or self.name
+        kept: dict[str, Any] = {}
+        for spec in self.fields:
+            item = value.get(spec.name)
+            if item is None:
+                check(spec.optional, lambda: f"{where} needs {spec.name}")
+                continue
+            kept[spec.name] = spec.check(item, where)
+        return kept
+
+
+@dataclass(frozen=True)
+class Message:
+    """A header: ``[kind, field, field, ...]``; optional fields may be left off at the end."""
+
+    kind: enum.IntEnum
+    sender: str  # who sends it: "client", "front", "worker", "admin tool" (several: "client, front")
+    doc: str
+    fields: tuple[Field, ...] = ()
+
+    def parse(self, header: list[Any]) -> list[Any]:
+        """The fields after the kind, checked (absent optional ones as None)."""
+        given = len(header) - 1
+        required = sum(1 for spec in self.fields if not spec.optional)
+        if not required <= given <= len(self.fields):
+            raise ProtocolError(f"{self.kind.name} is [{', '.join([self.kind.name, *(f.name for f in self.fields)])}]")
+        for position, spec in enumerate(self.fields[:given]):
+            if isinstance(spec.type, Record) and type(header[position + 1]) is not dict:
+                raise ProtocolError(f"{self.kind.name} is {self.spelled()}: {spec.name} must be a map")
+        values = [spec.check(header[position + 1], self.kind.name) for position, spec in enumerate(self.fields[:given])]
+        return values + [None] * (len(self.fields) - given)
+
+    def spelled(self) -> str:
+        names = [self.kind.name, *((f"{f.name}?" if f.optional else f.name) for f in self.fields)]
+        return "[" + ", ".join(names) + "]"
+
+
+_TEXT = 256
+_SECRET = 4096
+
+HELLO_INFO = Record("hello", "Who the client is and what it asks for.", (
+    Field("protocol", int, "the client's PROTOCOL_VERSION; a mismatch (or none) is REFUSED with both versions named",
+          optional=True),
+    Field("libremote", str, "the client's libremote version", 64, optional=True),
+    Field("torch", str, "the client's torch version", 64, optional=True),
+    Field("python", str, "the client's Python version", 64, optional=True),
+    Field("pid", int, "the client's process id (shown by STATUS)", optional=True),
+    Field("host", str, "the client's host name (shown by STATUS)", _TEXT, optional=True),
+    Field("argv", str, "the client's command line, cut (the client sends at most 200 characters)", 1024, optional=True),
+    Field("tenant", str, "plain TCP with a tenants file: the tenant's name (ignored under CURVE)", _TEXT, optional=True),
+    Field("token", str, "plain TCP with a tenants file: the tenant's token", _SECRET, optional=True),
+    Field("priority", str, "high, normal or low: at most the tenant's", 16, optional=True),
+    Field("devices", int, "how many devices the session wants (LIBREMOTE_DEVICES)", optional=True),
+))
+WELCOME_INFO = Record("welcome", "The admitted session and where it runs.", (
+    Field("session", str, "the session's id", 64),
+    Field("protocol", int, "the daemon's PROTOCOL_VERSION"),
+    Field("features", list, "what this daemon understands beyond its protocol's first release", 64),
+    Field("worker", str, "the ZeroMQ address of the worker that runs the session: BATCH, PING and BYE go "
+          "there, from a socket with the same routing id and keys", _TEXT),
+    Field("worker_port", int, "the worker's TCP port: a client that reached the front through another "
+          "address than the one the worker binds (NAT, a name) uses its own host with this port", optional=True),
+    Field("libremote", str, "the daemon's libremote version", 64, optional=True),
+    Field("torch", str, "the worker's torch version", 64, optional=True),
+    Field("host", str, "the daemon's host name", _TEXT, optional=True),
+    Field("pid", int, "the worker's process id", optional=True),
+    Field("devices", list, "one map of device facts (name, type, total_memory, ...) per device given", 64),
+    Field("heartbeat_s", NUMBER, "how often the client must PING its worker when otherwise silent"),
+    Field("tenant", str, "the tenant the session belongs to", _TEXT, optional=True),
+    Field("priority", str, "the priority it was admitted with", 16, optional=True),
+    Field("memory_quota", int, "bytes the session may hold", optional=True),
+))
+QUEUED_INFO = Record("queued", "The client waits in the admission queue.", (
+    Field("position", int, "its place in line (1: next)"),
+    Field("heartbeat_s", NUMBER, "how often to PING the front while waiting"),
+    Field("reason", str, "why it waits", 1024, optional=True),
+))
+STATUS_CREDENTIALS = Record("credentials", "Who asks, on plain TCP (under CURVE the key says it).", (
+    Field("token", str, "the admin token", _SECRET, optional=True),
+    Field("tenant", str, "a tenant's name (sees its own sessions only)", _TEXT, optional=True),
+    Field("tenant_token", str, "that tenant's token", _SECRET, optional=True),
+))
+ADMIN_REQUEST = Record("admin request", "A live change of quotas, weights or priorities.", (
+    Field("token", str, "the admin token (plain TCP)", _SECRET, optional=True),
+    Field("tenant_token", str, "a tenant's token (refused: tenants change nothing)", _SECRET, optional=True),
+    Field("session", str, "the session to change (or give tenant)", 64, optional=True),
+    Field("tenant", str, "the tenant whose sessions, present and future, change", _TEXT, optional=True),
+    Field("memory_quota", (int, str), "bytes, or a size such as 16GiB", 64, optional=True),
+    Field("weight", (int, float, str), "share of device time", 64, optional=True),
+    Field("priority", str, "high, normal or low", 16, optional=True),
+))
+
+MESSAGES: dict[Msg, Message] = {m.kind: m for m in (  # type: ignore[misc]
+    Message(Msg.HELLO, "client", "Open a session (sent to the front).", (Field("info", HELLO_INFO, "who the client is"),)),
+    Message(Msg.WELCOME, "front", "The session is open; the client connects to its worker.",
+            (Field("info", WELCOME_INFO, "the session"),)),
+    Message(Msg.REFUSED, "front, worker", "The daemon will not serve this client, and says why.",
+            (Field("reason", str, "what happened and what to do", 4096),)),
+    Message(Msg.QUEUED, "front", "The pool is full: HELLO waits in line; WELCOME or REFUSED follows.",
+            (Field("info", QUEUED_INFO, "its place"),)),
+    Message(Msg.BATCH, "client", "A run of commands for the worker, executed in order.", (
+        Field("seq", int, "the batch's number, echoed in its REPLY"),
+        Field("commands", list, "the commands (see Commands)"),
+        Field("want_reply", bool, "true at a sync point or for an acknowledgement (backpressure)"),
+    )),
+    Message(Msg.REPLY, "worker, front", "The answer to a BATCH that asked for one; with seq nil, an error not "
+            "tied to a batch (a malformed message, or the session ended: the error says why).", (
+        Field("seq", int, "the BATCH's seq, or nil", optional=True),
+        Field("results", list, "one entry per command that yields a result (RESULT_COMMANDS), in order"),
+        Field("error", list, "[kind, op, message]: the first failure since the last reply, or nil", 3, optional=True),
+    )),
+    Message(Msg.BYE, "client", "The client leaves; its session and memory are freed at once (to the worker; "
+            "to the front while queued)."),
+    Message(Msg.PING, "client", "The client is alive (sent when otherwise silent: to the front while queued, "
+            "to the worker once admitted)."),
+    Message(Msg.STATUS, "admin tool, front", "Ask for the pool's state (with credentials on plain TCP) / the "
+            "report, as much of it as the asker may see.", (Field("body", dict, "credentials, or the report", optional=True),)),
+    Message(Msg.ADMIN, "admin tool, front", "A live change / its result {ok, message, sessions}.",
+            (Field("body", dict, "the request (ADMIN_REQUEST), or the result"),)),
+)}
+
+#: A session as the front hands it to the worker that will run it.
+SESSION_SPEC = Record("session spec", "Everything a worker needs to run a session the front admitted.", (
+    Field("session", str, "the session's id", 64),
+    Field("routing_id", bytes, "the client's ZeroMQ routing id: messages from it belong to the session", 256),
+    Field("owner", str, "the CURVE identity (ZAP User-Id) that opened it; nil on plain TCP", _TEXT, optional=True),
+    Field("devices", list, "indices of the daemon's devices given to it, the first is where it is scheduled", 64),
+    Field("tenant", str, "its tenant", _TEXT),
+    Field("priority", str, "high, normal or low", 16),
+    Field("weight", NUMBER, "its share of device time among its tenant's sessions"),
+    Field("memory_quota", int, "bytes it may hold"),
+    Field("tenant_quota", int, "bytes the tenant's sessions in the worker may hold together"),
+    Field("client", dict, "the HELLO info (shown by STATUS)", 32),
+))
+
+CONTROL: dict[Ctl, Message] = {m.kind: m for m in (  # type: ignore[misc]
+    Message(Ctl.READY, "worker", "The worker serves clients at this address.", (
+        Field("endpoint", str, "where its clients connect", _TEXT),
+        Field("pid", int, "its process id"),
+    )),
+    Message(Ctl.OPEN, "front", "Run this session.", (Field("spec", SESSION_SPEC, "the session"),)),
+    Message(Ctl.OPENED, "worker", "The session runs: the client may send its batches.", (
+        Field("session", str, "its id", 64),
+        Field("error", str, "why it could not be opened, or nil", 1024, optional=True),
+    )),
+    Message(Ctl.CLOSE, "front", "End this session (its client said BYE to the front, an admin, the front "
+            "stopping).", (Field("session", str, "its id", 64), Field("why", str, "told to the client", 1024))),
+    Message(Ctl.ENDED, "worker", "A session ended in the worker (BYE, client gone or silent, idle, an offence).", (
+        Field("session", str, "its id", 64),
+        Field("why", str, "for the log", 1024),
+        Field("released", int, "bytes it held"),
+        Field("notice", str, "what the front tells the client (its worker may be gone before the client reads "
+              "anything from it), or nil when the client ended the session itself", 1024, optional=True),
+    )),
+    Message(Ctl.UPDATE, "front", "New quota, weight or priority for a session of the worker.", (
+        Field("session", str, "its id", 64),
+        Field("changes", dict, "memory_quota, weight, priority; tenant_quota when the change was the tenant's", 8),
+    )),
+    Message(Ctl.REPORT, "front, worker", "Ask for / answer with the worker's sessions and devices.", (
+        Field("request", int, "echoed"),
+        Field("report", dict, "sessions and devices (the answer only)", 8, optional=True),
+    )),
+    Message(Ctl.WANT, "worker", "The worker needs more resident device memory than its lease.", (
+        Field("device", int, "the daemon's device index"),
+        Field("resident", int, "how many more bytes it wants to keep resident"),
+        Field("spill", int, "how many more bytes it wants to keep spilled in host RAM"),
+        Field("prefetch", bool, "only ahead of use: take nothing from busy peers of its class for it"),
+        Field("request", int, "the worker's number for this WANT (its GRANT echoes it)"),
+    )),
+    Message(Ctl.GRANT, "front", "The worker's leases on a device, now: the answer to a WANT.", (
+        Field("device", int, "the daemon's device index"),
+        Field("resident", int, "bytes it may keep on the device"),
+        Field("spill", int, "bytes it may keep spilled in host RAM"),
+        Field("request", int, "the WANT this answers"),
+    )),
+    Message(Ctl.SHRINK, "front", "Spill down to a smaller lease (others need the room).", (
+        Field("device", int, "the daemon's device index"),
+        Field("idle_resident", int, "the new lease if no queued command of the worker uses the device"),
+        Field("busy_resident", int, "the new lease if one does"),
+        Field("spill", int, "bytes it may keep spilled in host RAM"),
+    )),
+    Message(Ctl.SHRUNK, "worker", "The worker's leases after a SHRINK, or after its last session on the "
+            "device ended (both 0).", (
+        Field("device", int, "the daemon's device index"),
+        Field("resident", int, "bytes it may keep resident from now on"),
+        Field("spill", int, "bytes it may keep spilled from now on"),
+        Field("busy", bool, "whether it has queued work"),
+    )),
+    Message(Ctl.STOP, "front", "No session is left for the worker: it exits."),
+)}
+
+
+@dataclass(frozen=True)
+class Command:
+    kind: Cmd
+    doc: str
+    fields: tuple[Field, ...] = field(default=())
+
+    def spelled(self) -> str:
+        return "[" + ", ".join([self.kind.name, *((f"{f.name}?" if f.optional else f.name) for f in self.fields)]) + "]"
+
+
+_HANDLE = Field("handle", int, "a tensor handle the client allocated")
+COMMANDS: dict[Cmd, Command] = {c.kind: c for c in (  # type: ignore[misc]
+    Command(Cmd.OP, "Run an aten op; store new outputs under the handles in outs.", (
+        Field("op", (int, list), "an op id, or [id, schema name] the first time the session uses it"),
+        Field("args", list, "positional arguments (handles, scalars, lists, extension values)"),
+        Field("kwargs", dict, "keyword-only arguments by name"),
+        Field("outs", ANY, "mirrors the returns: a handle, a list of handles, or nil (in-place, scalars)"),
+    )),
+    Command(Cmd.OP_SYNC, "As OP, and return the values and output metadata (dynamic shapes, scalars).", (
+        Field("op", (int, list), "as OP"), Field("args", list, "as OP"), Field("kwargs", dict, "as OP"),
+        Field("outs", ANY, "as OP"),
+    )),
+    Command(Cmd.UPLOAD, "Copy the bytes of a frame into tensor dst.", (
+        Field("dst", int, "the handle"), Field("dtype", ANY, "the frame's dtype (extension value)"),
+        Field("shape", list, "the frame's shape"), Field("frame", int, "the frame's index (1-based)"),
+    )),
+    Command(Cmd.PUT, "A new tensor on a device from a frame.", (
+        Field("new", int, "its handle"), Field("dtype", ANY, "dtype"), Field("shape", list, "shape"),
+        Field("stride", list, "stride"), Field("dev", ANY, "the device (extension value)"),
+        Field("frame", int, "the frame's index"),
+    )),
+    Command(Cmd.FETCH, "Return the tensor's bytes (one frame).", (_HANDLE,)),
+    Command(Cmd.FREE, "Drop these handles.", (Field("handles", list, "handles"),)),
+    Command(Cmd.SYNC, "Wait for the device; return nothing."),
+    Command(Cmd.SEED, "Seed the session's generators (or one device's).", (
+        Field("seed", int, "the seed"), Field("dev", ANY, "one device only", optional=True),
+    )),
+    Command(Cmd.RNG_STATE, "Get / set a device generator's state.", (
+        Field("dev", ANY, "the device"), Field("state", bytes, "the state to set", optional=True),
+    )),
+    Command(Cmd.EVENT, "Record a timing event in the session's stream.", (Field("event", int, "its id"),)),
+    Command(Cmd.ELAPSED, "Milliseconds between two recorded events.", (
+        Field("start", int, "event id"), Field("end", int, "event id"),
+    )),
+    Command(Cmd.QUERY, "Daemon facts: devices, memory, stats, settings; memory_fraction with a number caps "
+            "the session.", (Field("what", str, "the question"), Field("argument", ANY, "its argument", optional=True))),
+    Command(Cmd.GRAPH, "Define a graph (graph mode): its inputs and nodes.", (
+        Field("graph", int, "its id"), Field("inputs", int, "how many inputs"), Field("nodes", list, "the nodes"),
+        Field("outputs", list, "the values it returns"),
+    )),
+    Command(Cmd.RUN_GRAPH, "Run a graph on handles; outs get the results.", (
+        Field("graph", int, "its id"), Field("inputs", list, "handles"), Field("outs", list, "handles"),
+    )),
+    Command(Cmd.PROGRAM, "A recorded step (OP, RUN_GRAPH, FREE commands); options {ran: false}: recorded "
+            "without running (torch.cuda.graph).", (
+        Field("program", int, "its id"), Field("commands", list, "the step"),
+        Field("options", dict, "options", optional=True),
+    )),
+    Command(Cmd.REPLAY, "Run a recorded step again.", (Field("program", int, "its id"),)),
+    Command(Cmd.SETTINGS, "torch numerics switches for what follows (libremote_wire/numerics.py).",
+            (Field("settings", dict, "name -> value"),)),
+)}
+
+
+def parse(header: Any, declared: dict[Any, Message], *, accepted: frozenset[Any] | None = None,
+          at: str = "here") -> tuple[Any, list[Any]]:
+    """A decoded header's kind and checked fields, by the declarations in ``declared``; kinds not
+    in ``accepted`` (the ones the receiver takes, ``at`` names it) are refused before their fields."""
+    check(type(header) is list and bool(header) and type(header[0]) is int,
+          "header must be an array starting with a message kind")
+    message = declared.get(header[0])
+    if message is None or (accepted is not None and message.kind not in accepted):
+        takes = f": {at} takes {', '.join(kind.name for kind in sorted(accepted))}" if accepted is not None else ""
+        raise ProtocolError(f"unknown message kind {header[0]}{takes}")
+    return message.kind, message.parse(header)
+
+
+def batch_seq(header: Any) -> int | None:
+    """The seq to answer a malformed message with: a BATCH's, when it is an integer."""
+    if type(header) is list and len(header) > 1 and header[0] == Msg.BATCH and type(header[1]) is int:
+        return header[1]
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# docs/PROTOCOL.md
+# ----------------------------------------------------------------------------------------------
+def _field_rows(fields: tuple[Field, ...]) -> list[str]:
+    rows = []
+    for spec in fields:
+        bound = f", at most {spec.bound}" if spec.bound else ""
+        optional = ", optional" if spec.optional else ""
+        rows.append(f"| `{spec.name}` | {spec.type_words()}{bound}{optional} | {spec.doc} |")
+    return rows
+
+
+def markdown() -> str:
+    """The protocol reference, from the declarations above."""
+    lines = [
+        "# The libremote protocol",
+        "",
+        "Generated from `libremote/wire/messages.py` by `python -m libremote_wire.messages > docs/PROTOCOL.md`;",
+        "a test fails when this file is stale. Framing and extension types: `libremote/wire/codec.py`.",
+        "",
+        f"Protocol version {PROTOCOL_VERSION}. Every message is a MessagePack array (frame 0) followed by raw "
+        "frames (tensor bytes) that it refers to by index. Nothing is pickled.",
+        "",
+        "## Bounds",
+        "",
+        f"- a header is at most {MAX_FRONT_MESSAGE_BYTES} bytes at the front (before and outside sessions) "
+        "and 64 MiB at a worker; arrays nest at most 16 deep where they are walked;",
+        f"- a client asks for an acknowledgement every {STREAM_WINDOW_BATCHES} streamed batches or "
+        f"{STREAM_WINDOW_BYTES >> 20} MiB of frames;",
+        f"- CPU tensors up to {INLINE_TENSOR_BYTES >> 10} KiB may travel inside the header.",
+        "",
+        "## Messages (client, front, worker)",
+        "",
+    ]
+    for message in MESSAGES.values():
+        lines += [f"### {message.kind.name} = {int(message.kind)}", "", f"`{message.spelled()}`, sent by {message.sender}. "
+                  f"{message.doc}", ""]
+        if message.fields:
+            lines += ["| field | type | meaning |", "|---|---|---|", *_field_rows(message.fields), ""]
+    lines += ["## Records (maps with declared keys; others are dropped)", ""]
+    for record in (HELLO_INFO, WELCOME_INFO, QUEUED_INFO, STATUS_CREDENTIALS, ADMIN_REQUEST, SESSION_SPEC):
+        lines += [f"### {record.name}", "", record.doc, "", "| key | type | meaning |", "|---|---|---|",
+                  *_field_rows(record.fields), ""]
+    lines += ["## Commands (inside a BATCH)", "",
+              "Results of " + ", ".join(sorted(c.name for c in RESULT_COMMANDS)) + " go into REPLY.results, in order.", ""]
+    for command in COMMANDS.values():
+        lines += [f"### {command.kind.name} = {int(command.kind)}", "", f"`{command.spelled()}`. {command.doc}", ""]
+        if command.fields:
+            lines += ["| field | type | meaning |", "|---|---|---|", *_field_rows(command.fields), ""]
+    lines += ["## Control messages (front and workers, over a private socket)", ""]
+    for message in CONTROL.values():
+        lines += [f"### {message.kind.name} = {int(message.kind)}", "", f"`{message.spelled()}`, sent by {message.sender}. "
+                  f"{message.doc}", ""]
+        if message.fields:
+            lines += ["| field | type | meaning |", "|---|---|---|", *_field_rows(message.fields), ""]
+    lines += ["## Errors", "", "REPLY.error is `[kind, op, message]`; kinds: "
+              + ", ".join(f"`{kind.value}`" for kind in ErrorKind) + "."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown())

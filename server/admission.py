@@ -1,0 +1,107 @@
+"""Admission: who may open a session, at what priority, on which devices, or who waits in line.
+
+The front's policy decisions, apart from the loop that carries them out (front.py): the priority a
+client gets (at most its tenant's), how many devices it may ask for, where a session is placed
+(binpack or spread, the tenant's allowed device names, ``--max-sessions`` per device, the
+oversubscription ratio of quotas to device memory, the tenant's session cap), and the order of
+the admission queue (priority classes first, then first come).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import policy
+from .policy import PolicyError, PoolConfig, Tenant
+
+
+@dataclass
+class FrontDevice:
+    """One device of the daemon, as the front sees it: its facts (from the zygote's probe), the
+    sessions placed on it, and, with oversubscription, the broker of its memory."""
+
+    index: int
+    spec: str  # "cpu", "cuda:0", ...
+    facts: dict[str, Any]
+    sessions: list[Any] = field(default_factory=list)  # FrontSessions
+    broker: Any = None
+
+    @property
+    def name(self) -> str:
+        return str(self.facts.get("name", self.spec))
+
+    @property
+    def total_memory(self) -> int:
+        return int(self.facts.get("total_memory", 0))
+
+
+@dataclass
+class Waiting:
+    """A client in the admission queue."""
+
+    identity: bytes
+    info: dict[str, Any]
+    tenant: Tenant
+    priority: str
+    device_count: int = 1
+    owner: str | None = None  # the ZAP User-Id it said HELLO with (CURVE), see auth.py
+    authenticated: bool = False  # whether the tenant is known for sure (a key or a token)
+    since: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+def admitted_priority(pool: PoolConfig, tenant: Tenant, requested: Any) -> str:
+    priority = policy.parse_priority(requested) if requested else "normal"
+    if pool.has_tenants and policy.PRIORITIES[priority] > policy.PRIORITIES[tenant.priority]:
+        return tenant.priority  # a tenant's priority is its clients' ceiling
+    return priority
+
+
+def requested_devices(info: dict[str, Any], tenant: Tenant, devices: list[FrontDevice]) -> int:
+    count = info.get("devices", 1)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise PolicyError(f"LIBREMOTE_DEVICES must be a positive integer (got {count!r})")
+    available = sum(1 for device in devices if tenant.allows_device(device.name))
+    if count > available:
+        raise PolicyError(f"asked for {count} devices (LIBREMOTE_DEVICES); this daemon can give "
+                          f"tenant {tenant.name!r} at most {available}")
+    return count
+
+
+def quota_fits(pool: PoolConfig, device: FrontDevice, quota: int, *, alone: bool = False) -> bool:
+    """With --oversubscribe R, the quotas of a device's sessions add up to at most R times its
+    memory (the device budget, or its real size)."""
+    if pool.oversubscribe is None:
+        return True
+    capacity = pool.device_memory or device.total_memory
+    committed = 0 if alone else sum(session.memory_quota for session in device.sessions)
+    return committed + quota <= pool.oversubscribe * capacity
+
+
+def place(pool: PoolConfig, devices: list[FrontDevice], tenant: Tenant, count: int) -> list[FrontDevice] | None:
+    """``count`` distinct devices for a new session, by the placement policy, or None."""
+    limit = pool.max_sessions_per_device
+    candidates = [device for device in devices
+                  if tenant.allows_device(device.name) and (limit is None or len(device.sessions) < limit)
+                  and quota_fits(pool, device, tenant.memory_quota)]
+    if len(candidates) < count:
+        return None
+    if pool.placement == "spread":
+        ordered = sorted(candidates, key=lambda device: (len(device.sessions), device.index))
+    elif limit is None:  # binpack without a limit: everyone on the first allowed devices
+        ordered = candidates
+    else:  # binpack: the fullest device that still has room first
+        ordered = sorted(candidates, key=lambda device: (-len(device.sessions), device.index))
+    return ordered[:count]
+
+
+def devices_full(pool: PoolConfig, devices: list[FrontDevice], tenant: Tenant) -> bool:
+    limit = pool.max_sessions_per_device
+    return limit is not None and all(len(device.sessions) >= limit for device in devices
+                                     if tenant.allows_device(device.name))
+
+
+def queue_order(waiter: Waiting) -> tuple[int, float]:
+    return (-policy.PRIORITIES[waiter.priority], waiter.since)

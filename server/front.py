@@ -1,0 +1,702 @@
+"""The daemon's front: the network, admission, tenants, the device budget and status.
+
+The front is the daemon's small privileged process. It owns the public socket (CURVE, the
+admission queue, tenants and their quotas and priorities), places sessions on devices, hands
+each session to its tenant's worker (workers.py) and tells the client where that worker listens,
+brokers the devices' memory between workers (broker.py), and answers STATUS and ADMIN. It never
+runs a tenant's kernel and never imports torch: the clients' tensors never pass through it.
+
+Everything the front accepts is small (:data:`~libremote_wire.messages.MAX_FRONT_MESSAGE_BYTES`:
+ZeroMQ drops a peer that sends more before a byte is decoded), it is decoded by the declarations
+of libremote_wire.messages, and whatever a peer sends, the front answers it or drops it and keeps
+serving. A client that disconnects is forgotten at once (peers.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from libremote_wire import __version__, codec, messages
+from libremote_wire.codec import ProtocolError
+from libremote_wire.messages import CONTROL, Ctl, ErrorKind, Msg
+
+from . import admission, auth, limits, os_limits, outbox, peers, policy
+from .admission import FrontDevice, Waiting
+from .broker import DeviceBroker, default_budget
+from .policy import PolicyError, PoolConfig, Tenant
+from .workers import WorkerPool, WorkerProcess
+
+log = logging.getLogger("libremote.server")
+
+_HOUSEKEEPING_S = 0.25
+#: What the front takes (BATCH, PING and BYE of a session go to its worker).
+_FRONT_MESSAGES = frozenset({Msg.HELLO, Msg.PING, Msg.BYE, Msg.STATUS, Msg.ADMIN})
+_STATUS_TIMEOUT_S = 2.0
+#: What this daemon understands beyond its protocol's first release (clients check).
+FEATURES = ["settings", "memory_fraction", "program_options", "workers"]
+
+
+@dataclass
+class FrontSession:
+    """A session as the front knows it: who, where, and the figures its worker last reported."""
+
+    id: str
+    identity: bytes  # the client's routing id
+    owner: str | None
+    tenant: Tenant
+    priority: str
+    weight: float
+    memory_quota: int
+    devices: list[FrontDevice]
+    worker: WorkerProcess
+    info: dict[str, Any]
+    created: float = field(default_factory=time.time)
+    opened: bool = False  # the worker said OPENED (and the client got WELCOME)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StatusRequest:
+    identity: bytes
+    viewer: auth.Requester
+    awaiting: set[str]
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+
+class Front:
+    """Serve clients on ``address`` with the devices ``--device`` names."""
+
+    def __init__(self, address: str, device_spec: str, *, pool_config: PoolConfig | None = None,
+                 max_message_bytes: int = limits.MAX_MESSAGE_BYTES, heartbeat_s: float = 2.0,
+                 heartbeat_timeout_s: float = 10.0, spin_us: int = 300, keyring: auth.KeyRing | None = None,
+                 auth_keys: str | None = None, server_key: str | None = None, loopback_admin: bool = False,
+                 op_time_limit_s: float | None = None, worker_memory_margin: int = limits.WORKER_MEMORY_MARGIN,
+                 worker_ports: tuple[int, int] | None = None, op_rules: bool = True, log_level: str = "INFO") -> None:
+        self.pool = pool_config or PoolConfig()
+        self.heartbeat_s = heartbeat_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.loopback_admin = loopback_admin
+        self.sessions: dict[bytes, FrontSession] = {}
+        self._by_id: dict[str, FrontSession] = {}
+        self.waiting: list[Waiting] = []
+        self._status_requests: dict[int, StatusRequest] = {}
+        #: Per device, the totals of workers that have stopped (device time, spill traffic).
+        self._retired: dict[int, dict[str, Any]] = {}
+        self._next_request = 1
+        self._next_housekeeping = 0.0
+        self._stop = threading.Event()
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="libremote-"))  # 0700: this user's only
+        self._context = zmq.Context()
+        self._control = self._context.socket(zmq.ROUTER)
+        self._control.setsockopt(zmq.LINGER, 0)
+        self._control.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._control.bind(f"ipc://{self.runtime_dir}/control")
+        bind_host = address.rsplit(":", 1)[0] if address.startswith("tcp://") else f"ipc://{self.runtime_dir}"
+        worker_config = dict(
+            control=f"ipc://{self.runtime_dir}/control", bind_host=bind_host, heartbeat_s=heartbeat_s,
+            heartbeat_timeout_s=heartbeat_timeout_s, idle_timeout_s=self.pool.idle_timeout_s, spin_us=spin_us,
+            max_message_bytes=max_message_bytes, max_handles=self.pool.max_handles, cuda_graphs=self.pool.cuda_graphs,
+            graph_compiler=self.pool.graph_compiler, residency=self.pool.manages_residency, op_rules=op_rules,
+            auth_keys=auth_keys, server_key=server_key, port_range=list(worker_ports) if worker_ports else None,
+        )
+        try:
+            device_type_probe = device_spec.split(",")[0].strip().lower()
+            self.workers = WorkerPool(self.runtime_dir, self._control, worker_config, op_time_limit_s=op_time_limit_s,
+                                      memory_margin=worker_memory_margin,
+                                      device_type="cpu" if device_type_probe == "cpu" else "accelerator",
+                                      on_exit=self._worker_exited)
+            specs, facts, self.torch_version = self.workers.start(device_spec, log_level)
+            self.workers.device_type = "cpu" if all(spec == "cpu" for spec in specs) else "accelerator"
+            worker_config["device_specs"] = specs
+            self.devices = [FrontDevice(index, spec, fact) for index, (spec, fact) in enumerate(zip(specs, facts))]
+            if self.pool.manages_residency:
+                for device in self.devices:
+                    budget = self.pool.device_memory or default_budget(device.spec, device.total_memory)
+                    device.broker = DeviceBroker(device.index, budget, self.pool.host_spill, self._priority_on)
+            self._socket = self._context.socket(zmq.ROUTER)
+            self._socket.setsockopt(zmq.LINGER, 0)
+            # Everything the front takes is small: a larger message disconnects its sender before
+            # a byte of it is decoded (messages.MAX_FRONT_MESSAGE_BYTES).
+            self._socket.setsockopt(zmq.MAXMSGSIZE, messages.MAX_FRONT_MESSAGE_BYTES)
+            outbox.configure(self._socket)
+            self._outbox = outbox.Outbox(self._socket, self._on_outbox_full)
+            self._socket.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat_s * 1000))
+            self._socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(heartbeat_s * 3000))
+            limits.bound_connections(self._socket)
+            self._peers = peers.Peers(self._socket, per_address=limits.CONNECTIONS_PER_ADDRESS)
+            self._authenticator = auth.secure(self._socket, keyring) if keyring is not None else None
+            if address.endswith(":0"):
+                port = self._socket.bind_to_random_port(address.rsplit(":", 1)[0])
+                address = f"{address.rsplit(':', 1)[0]}:{port}"
+            else:
+                self._socket.bind(address)
+        except BaseException:
+            self._close()
+            raise
+        self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT) or address
+
+    # ------------------------------------------------------------------------------------------
+    # The loop
+    # ------------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the loop to finish (safe from a signal handler or another thread)."""
+        self._stop.set()
+
+    def serve_forever(self) -> None:
+        names = ", ".join(f"{device.spec} ({device.name})" for device in self.devices)
+        log.info("libremote-server %s listening on %s, executing on %s, torch %s, protocol %d (a worker process per "
+                 "tenant)", __version__, self.address, names, self.torch_version, messages.PROTOCOL_VERSION)
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._control, zmq.POLLIN)
+        poller.register(self.workers.zygote_fd, zmq.POLLIN)
+        poller.register(self._peers.monitor, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                ready = dict(poller.poll(50))
+                if self._socket in ready:
+                    for _ in range(256):
+                        try:
+                            frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._on_message(frames)
+                if self._control in ready:
+                    for _ in range(256):
+                        try:
+                            frames = self._control.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._on_control(frames)
+                if self.workers.zygote_fd in ready:
+                    self.workers.on_zygote()
+                    if self.workers.zygote_fd < 0:
+                        poller.unregister(self.workers.zygote_fd)
+                for identity in self._peers.closed():
+                    self._forget_client(identity, "its client disconnected (exited, was killed, or closed the connection)")
+                self._housekeeping()
+        finally:
+            self._close()
+            log.info("libremote-server stopped")
+
+    def _close(self) -> None:
+        for session in list(self.sessions.values()):
+            self._tell(session.identity, "the daemon is stopping")
+        if getattr(self, "workers", None) is not None:
+            self.workers.stop()
+        if getattr(self, "_authenticator", None) is not None:
+            self._authenticator.stop()
+        self._context.destroy(linger=0)
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------
+    # Messages from clients and the libremote command
+    # ------------------------------------------------------------------------------------------
+    def _on_message(self, frames: list[zmq.Frame]) -> None:
+        """Handle one message. A malformed one is answered with a protocol error; whatever it
+        holds, only its sender is affected."""
+        identity = frames[0].bytes
+        if len(frames) > 1:
+            self._peers.seen(identity, frames[1])
+        user_id = auth.user_id_of(frames[0]) if self._authenticator is not None else None
+        header: Any = None
+        try:
+            codec.check(len(frames) == 2, "the front takes single-frame messages (tensor data goes to workers)")
+            header = codec.unpackb(frames[1].buffer, max_bytes=messages.MAX_FRONT_MESSAGE_BYTES)
+            if type(header) is list and header and header[0] == Msg.BATCH:
+                self._batch_to_front(identity, messages.MESSAGES[Msg.BATCH].parse(header))
+                return
+            kind, fields = messages.parse(header, messages.MESSAGES, accepted=_FRONT_MESSAGES, at="the daemon's front")
+            if user_id is not None and kind in (Msg.HELLO, Msg.PING, Msg.BYE) and self._held_by_another(identity, user_id):
+                self._refuse(identity, "this connection's routing id belongs to a session opened with another key; "
+                                       "use a fresh random routing id (the libremote client does)")
+            elif kind == Msg.HELLO:
+                try:
+                    info = messages.HELLO_INFO.parse(fields[0], where="HELLO")
+                except ProtocolError as exc:
+                    self._refuse(identity, f"malformed HELLO: {exc}")
+                    return
+                self._on_hello(identity, info, user_id)
+            elif kind == Msg.PING:
+                for waiter in self.waiting:
+                    if waiter.identity == identity:
+                        waiter.last_seen = time.monotonic()
+            elif kind == Msg.BYE:
+                self._forget_client(identity, "client said goodbye")
+            elif kind == Msg.STATUS:
+                try:
+                    credentials = messages.STATUS_CREDENTIALS.parse(fields[0], where="STATUS") if fields[0] else {}
+                except ProtocolError as exc:
+                    self._refuse(identity, str(exc))
+                    return
+                self._on_status(identity, credentials, user_id, frames[1].get("Peer-Address"))
+            elif kind == Msg.ADMIN:
+                try:
+                    request = messages.ADMIN_REQUEST.parse(fields[0], where="ADMIN")
+                    answer = self._on_admin(request, user_id, frames[1].get("Peer-Address"))
+                except ProtocolError as exc:
+                    answer = {"ok": False, "message": str(exc)}
+                self._send(identity, [Msg.ADMIN, answer])
+        except ProtocolError as exc:
+            log.warning("malformed message from peer %s: %s", identity.hex()[:12], exc)
+            self._send(identity, [Msg.REPLY, messages.batch_seq(header), [], [ErrorKind.PROTOCOL.value, "", str(exc)]])
+        except Exception as exc:  # a bug met by this input: its sender pays, nobody else
+            log.error("peer %s: the front failed on its message", identity.hex()[:12], exc_info=exc)
+            self._send(identity, [Msg.REPLY, None, [], [ErrorKind.PROTOCOL.value, "",
+                                                         f"the daemon failed on this message ({type(exc).__name__})"]])
+
+    def _batch_to_front(self, identity: bytes, fields: list[Any]) -> None:
+        """A BATCH belongs to a session's worker; at the front, the sender has none here (it said
+        no HELLO, its session ended, or it predates protocol 2). A batch that asks is told so."""
+        seq, _, want_reply = fields
+        if want_reply:
+            why = ("this client's session ended: reconnect" if identity in self.sessions else
+                   "this daemon has no session for the client (say HELLO first; once welcomed, BATCH goes to the "
+                   "worker WELCOME names, which libremote clients of this release do); reconnect")
+            self._send(identity, [Msg.REPLY, seq, [], [ErrorKind.SESSION.value, "", why]])
+
+    def _forget_client(self, identity: bytes, why: str) -> None:
+        """A client is gone (BYE or disconnected): out of the queue, and its session closed."""
+        self.waiting = [w for w in self.waiting if w.identity != identity]
+        self._peers.forget(identity)
+        session = self.sessions.get(identity)
+        if session is not None:
+            self.workers.send(session.worker, [Ctl.CLOSE, session.id, why])
+            self._remove_session(session, why)
+
+    def _send(self, identity: bytes, header: list[Any]) -> None:
+        self._outbox.send(identity, [codec.packb(header)])
+
+    def _refuse(self, identity: bytes, reason: str) -> None:
+        log.warning("refused %s: %s", identity.hex()[:12], reason)
+        self._send(identity, [Msg.REFUSED, reason])
+
+    def _tell(self, identity: bytes, why: str) -> None:
+        """Tell an admitted client its session ended (it raises this at its next wait)."""
+        self._send(identity, [Msg.REPLY, None, [], [ErrorKind.SESSION.value, "", why]])
+
+    def _on_outbox_full(self, identity: bytes) -> None:
+        self._forget_client(identity, f"its client did not read its messages ({limits.OUTBOX_MESSAGES} were waiting)")
+
+    def _held_by_another(self, identity: bytes, user_id: str | None) -> bool:
+        """Whether ``identity`` (a routing id) has a session or queue place opened by another
+        authenticated identity: a peer that reconnected with a dropped client's routing id."""
+        session = self.sessions.get(identity)
+        owners = ([session.owner] if session is not None else []) + [w.owner for w in self.waiting if w.identity == identity]
+        return any(not auth.same_owner(owner, user_id) for owner in owners)
+
+    # ------------------------------------------------------------------------------------------
+    # Admission: HELLO, the queue, placement, the worker
+    # ------------------------------------------------------------------------------------------
+    def _on_hello(self, identity: bytes, info: dict[str, Any], user_id: str | None) -> None:
+        if info.get("protocol") != messages.PROTOCOL_VERSION:
+            self._refuse(identity, (
+                f"protocol mismatch: the client speaks libremote protocol {info.get('protocol')} "
+                f"(libremote {info.get('libremote')}), this daemon speaks {messages.PROTOCOL_VERSION} "
+                f"(libremote {__version__}); install the same libremote release on both sides"))
+            return
+        try:
+            tenant = (self.pool.tenant_of_key(auth.Identity.from_user_id(user_id)) if user_id is not None
+                      else self.pool.authenticate(info.get("tenant"), info.get("token")))
+            if not any(tenant.allows_device(device.name) for device in self.devices):
+                raise PolicyError(f"tenant {tenant.name!r} may use {tenant.device_names}, and this daemon has "
+                                  f"{[device.name for device in self.devices]}")
+            priority = admission.admitted_priority(self.pool, tenant, info.get("priority"))
+            device_count = admission.requested_devices(info, tenant, self.devices)
+        except PolicyError as exc:
+            self._refuse(identity, str(exc))
+            return
+        if identity in self.sessions:
+            self._forget_client(identity, "client said hello again")
+        self.waiting = [w for w in self.waiting if w.identity != identity]
+        if self.pool.oversubscribe is not None and not any(
+                tenant.allows_device(device.name) and admission.quota_fits(self.pool, device, tenant.memory_quota, alone=True)
+                for device in self.devices):
+            self._refuse(identity, f"tenant {tenant.name!r}'s memory quota ({tenant.memory_quota} bytes) is more "
+                                   f"than --oversubscribe {self.pool.oversubscribe:g} lets any device admit")
+            return
+        authenticated = user_id is not None or self.pool.has_tenants
+        waiter = Waiting(identity, info, tenant, priority, device_count, owner=user_id, authenticated=authenticated)
+        if not self._admit(waiter):
+            if len(self.waiting) >= limits.MAX_WAITING:
+                self._refuse(identity, f"the admission queue is full ({limits.MAX_WAITING} clients wait); try later")
+                return
+            self.waiting.append(waiter)
+            position = self._queue_position(waiter)
+            reason = self._why_waiting(waiter)
+            log.info("client pid %s (tenant %s) queued at position %d: %s", info.get("pid"), tenant.name, position, reason)
+            self._send(identity, [Msg.QUEUED, {"position": position, "heartbeat_s": self.heartbeat_s, "reason": reason}])
+
+    def _why_waiting(self, waiter: Waiting) -> str:
+        if self._tenant_full(waiter):
+            return (f"tenant {waiter.tenant.name!r} has its most sessions open at once "
+                    f"({self._session_cap(waiter.tenant)}, --max-sessions-per-tenant)")
+        if admission.devices_full(self.pool, self.devices, waiter.tenant):
+            return "every device has its maximum number of sessions (--max-sessions)"
+        return "admitting it would commit more memory than --oversubscribe allows"
+
+    def _session_cap(self, tenant: Tenant) -> int:
+        return tenant.max_sessions or self.pool.max_sessions_per_tenant
+
+    def _tenant_full(self, waiter: Waiting) -> bool:
+        if not waiter.authenticated:
+            return False  # (anonymous clients cannot be told apart: --max-sessions bounds them)
+        open_now = sum(1 for s in self.sessions.values() if s.tenant.name == waiter.tenant.name)
+        return open_now >= self._session_cap(waiter.tenant)
+
+    def _admit(self, waiter: Waiting) -> bool:
+        if self._tenant_full(waiter):
+            return False
+        placed = admission.place(self.pool, self.devices, waiter.tenant, waiter.device_count)
+        if placed is None:
+            return False
+        session_id = uuid.uuid4().hex[:12]
+        key = waiter.tenant.name if waiter.authenticated else f"session:{session_id}"
+        worker = self.workers.worker_for(key, waiter.tenant, waiter.priority)
+        session = FrontSession(session_id, waiter.identity, waiter.owner, waiter.tenant, waiter.priority,
+                               waiter.tenant.weight, waiter.tenant.memory_quota, placed, worker, waiter.info)
+        for device in placed:
+            device.sessions.append(session)
+        worker.sessions.add(session.id)
+        self.sessions[waiter.identity] = session
+        self._by_id[session.id] = session
+        self.workers.send(worker, [Ctl.OPEN, {
+            "session": session.id, "routing_id": waiter.identity, "owner": waiter.owner,
+            "devices": [device.index for device in placed], "tenant": waiter.tenant.name,
+            "priority": waiter.priority, "weight": session.weight, "memory_quota": session.memory_quota,
+            "tenant_quota": waiter.tenant.memory_quota, "client": waiter.info,
+        }])
+        return True
+
+    def _on_opened(self, worker: WorkerProcess, session_id: str, error: str | None) -> None:
+        session = self._by_id.get(session_id)
+        if session is None or session.worker is not worker:
+            return
+        if error:
+            self._refuse(session.identity, error)
+            self._remove_session(session, error)
+            return
+        session.opened = True
+        info = session.info
+        log.info("session %s opened on %s in worker %s (pid %s): tenant %s, priority %s, pid %s on %s, torch %s",
+                 session.id, ", ".join(f"{d.index}:{d.spec}" for d in session.devices), worker.id, worker.pid,
+                 session.tenant.name, session.priority, info.get("pid"), info.get("host"), info.get("torch"))
+        port = worker.endpoint.rsplit(":", 1)[1] if worker.endpoint and worker.endpoint.startswith("tcp://") else None
+        self._send(session.identity, [Msg.WELCOME, {
+            "session": session.id,
+            "protocol": messages.PROTOCOL_VERSION,
+            "features": FEATURES,
+            "worker": worker.endpoint,
+            **({"worker_port": int(port)} if port is not None else {}),
+            "libremote": __version__,
+            "torch": self.torch_version,
+            "host": socket.gethostname(),
+            "pid": worker.pid,
+            "devices": [device.facts for device in session.devices],
+            "heartbeat_s": self.heartbeat_s,
+            "tenant": session.tenant.name,
+            "priority": session.priority,
+            "memory_quota": session.memory_quota,
+        }])
+
+    def _queue_position(self, waiter: Waiting) -> int:
+        return sorted(self.waiting, key=admission.queue_order).index(waiter) + 1
+
+    def _remove_session(self, session: FrontSession, why: str) -> None:
+        if self.sessions.get(session.identity) is session:
+            del self.sessions[session.identity]
+        self._by_id.pop(session.id, None)
+        for device in session.devices:
+            if session in device.sessions:
+                device.sessions.remove(session)
+        session.worker.sessions.discard(session.id)
+        log.info("session %s ended: %s", session.id, why)
+
+    def _worker_exited(self, worker: WorkerProcess, why: str) -> None:
+        """A worker died (crash, killed): its sessions end; the clients are told why; the next
+        session of its tenant gets a fresh worker. Nobody else notices."""
+        for session in [s for s in self.sessions.values() if s.worker is worker]:
+            message = (f"{why}. The session was closed (its tensors are gone); other tenants were not affected. "
+                       "Call libremote.connect() to start a new session.")
+            if session.opened:
+                self._tell(session.identity, message)
+            else:
+                self._refuse(session.identity, message)
+            self._remove_session(session, why)
+        for device in self.devices:
+            if device.broker is not None:
+                self._send_control(device.broker.drop(worker.id))
+        for request in list(self._status_requests.values()):
+            request.awaiting.discard(worker.id)
+
+    # ------------------------------------------------------------------------------------------
+    # Control messages from workers
+    # ------------------------------------------------------------------------------------------
+    def _on_control(self, frames: list[bytes]) -> None:
+        """A message from a worker. Workers run tenants' code, so what they say is checked like
+        any peer's input: a worker can only speak for itself, and a malformed message is dropped."""
+        worker = self.workers.by_routing_id(frames[0])
+        if worker is None or len(frames) != 2:
+            return
+        try:
+            kind, fields = messages.parse(codec.unpackb(frames[1], max_bytes=1 << 20), CONTROL)
+            if kind == Ctl.READY:
+                self.workers.ready(worker, fields[0])
+            elif kind == Ctl.OPENED:
+                self._on_opened(worker, fields[0], fields[1])
+            elif kind == Ctl.ENDED:
+                session = self._by_id.get(fields[0])
+                if session is not None and session.worker is worker:
+                    if fields[3]:
+                        self._tell(session.identity, fields[3])
+                    self._remove_session(session, fields[1])
+            elif kind == Ctl.REPORT:
+                self._on_report(worker, fields[0], fields[1] or {})
+            elif kind in (Ctl.WANT, Ctl.SHRUNK):
+                device = self.devices[fields[0]] if 0 <= fields[0] < len(self.devices) else None
+                if device is not None and device.broker is not None:
+                    if kind == Ctl.WANT:
+                        self._send_control(device.broker.want(worker.id, fields[1], fields[2], fields[3], fields[4]))
+                    else:
+                        self._send_control(device.broker.shrunk(worker.id, fields[1], fields[2]))
+        except ProtocolError as exc:
+            log.error("worker %s sent a malformed control message: %s", worker.id, exc)
+
+    def _send_control(self, outgoing: list[tuple[str, list[Any]]]) -> None:
+        for worker_id, header in outgoing:
+            worker = self.workers.workers.get(worker_id)
+            if worker is not None:
+                self.workers.send(worker, header)
+
+    def _priority_on(self, worker_id: str, device_index: int) -> str:
+        """A worker's highest session priority on a device (for the broker's order)."""
+        best = "low"
+        for session in self.sessions.values():
+            if session.worker.id == worker_id and any(d.index == device_index for d in session.devices):
+                if policy.PRIORITIES[session.priority] > policy.PRIORITIES[best]:
+                    best = session.priority
+        return best
+
+    # ------------------------------------------------------------------------------------------
+    # Housekeeping: the queue, workers, leases, status answers
+    # ------------------------------------------------------------------------------------------
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now < self._next_housekeeping:
+            return
+        self._next_housekeeping = now + _HOUSEKEEPING_S
+        self.waiting = [w for w in self.waiting if now - w.last_seen <= self.heartbeat_timeout_s]
+        for waiter in sorted(self.waiting, key=admission.queue_order):
+            if self._admit(waiter):
+                self.waiting.remove(waiter)
+        self.workers.housekeeping(now)
+        for device in self.devices:
+            if device.broker is not None:
+                self._send_control(device.broker.tick(now))
+        for request_id, request in list(self._status_requests.items()):
+            if not request.awaiting or now - request.started > _STATUS_TIMEOUT_S:
+                self._finish_status(request_id)
+
+    # ------------------------------------------------------------------------------------------
+    # Status and live changes
+    # ------------------------------------------------------------------------------------------
+    def _on_status(self, identity: bytes, credentials: dict[str, Any], user_id: str | None, peer: str | None) -> None:
+        viewer = auth.requester(self.pool, user_id, credentials, peer, loopback_admin=self.loopback_admin)
+        if viewer.refusal:
+            self._send(identity, [Msg.REFUSED, viewer.refusal])
+            return
+        request_id = self._next_request
+        self._next_request += 1
+        ready = {worker.id for worker in self.workers.workers.values() if worker.ready}
+        self._status_requests[request_id] = StatusRequest(identity, viewer, set(ready))
+        for worker_id in ready:
+            self.workers.send(self.workers.workers[worker_id], [Ctl.REPORT, request_id])
+        if not ready:
+            self._finish_status(request_id)
+
+    def _on_report(self, worker: WorkerProcess, request_id: int, report: dict[str, Any]) -> None:
+        if request_id == 0:  # a stopping worker's last word: its totals go on counting in status
+            for row in report.get("devices", ()):
+                if isinstance(row, dict) and isinstance(row.get("index"), int):
+                    retired = self._retired.setdefault(row["index"], {})
+                    _accumulate(retired, {"busy_s": row.get("busy_s", 0.0),
+                                          **{key: value for key, value in (row.get("residency") or {}).items()
+                                             if key in _CUMULATIVE}})
+            return
+        request = self._status_requests.get(request_id)
+        if request is None or worker.id not in request.awaiting:
+            return
+        request.awaiting.discard(worker.id)
+        request.reports[worker.id] = report
+        for row in report.get("sessions", ()):
+            session = self._by_id.get(row.get("session")) if isinstance(row, dict) else None
+            if session is not None and session.worker is worker:
+                session.stats = row
+        if not request.awaiting:
+            self._finish_status(request_id)
+
+    def _finish_status(self, request_id: int) -> None:
+        request = self._status_requests.pop(request_id)
+        self._send(request.identity, [Msg.STATUS, auth.visible_status(self.status(request.reports), request.viewer)])
+
+    def status(self, reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """The report ``libremote status`` shows, from the front's registry and the workers'
+        latest figures."""
+        now = time.monotonic()
+        per_device: dict[int, list[dict[str, Any]]] = {}
+        for report in reports.values():
+            for row in report.get("devices", ()):
+                if isinstance(row, dict) and isinstance(row.get("index"), int):
+                    per_device.setdefault(row["index"], []).append(row)
+        device_rows = []
+        for device in self.devices:
+            rows = per_device.get(device.index, [])
+            free, total = host_memory_info() if device.spec == "cpu" else (
+                min((r["memory_free"] for r in rows if "memory_free" in r), default=device.total_memory),
+                device.total_memory)
+            if device.broker is not None:
+                total = min(total, device.broker.budget)  # what the pool may keep resident
+            retired = self._retired.get(device.index, {})
+            row: dict[str, Any] = {
+                "index": device.index, "device": device.spec, "name": device.name,
+                "memory_used": sum(s.stats.get("memory_allocated", 0) for s in device.sessions if s.devices[0] is device),
+                "memory_total": total, "memory_free": free,
+                "utilization": min(1.0, sum(r.get("utilization", 0.0) for r in rows)),
+                "sessions": len(device.sessions),
+                "busy_s": sum(r.get("busy_s", 0.0) for r in rows) + retired.get("busy_s", 0.0),
+            }
+            if device.broker is not None:
+                residency: dict[str, Any] = dict.fromkeys(_RESIDENCY_KEYS, 0)
+                for part in [r["residency"] for r in rows if "residency" in r] + [retired]:
+                    _accumulate(residency, {key: value for key, value in part.items() if key in _RESIDENCY_KEYS})
+                row["residency"] = {**residency, "device_budget": device.broker.budget,
+                                    "host_spill_limit": device.broker.host, **device.broker.stats()}
+            device_rows.append(row)
+        session_rows = [{
+            "session": s.id, "tenant": s.tenant.name, "priority": s.priority, "weight": s.weight,
+            "device": s.devices[0].index, "devices": [d.index for d in s.devices],
+            "memory_allocated": 0, "memory_peak": 0, "memory_spilled": 0, "ops": 0, "device_time_s": 0.0,
+            "queued_batches": 0, **{k: v for k, v in s.stats.items() if k not in ("session", "priority", "weight")},
+            "memory_quota": s.memory_quota, "pid": s.info.get("pid"), "host": s.info.get("host"),
+            "age_s": time.time() - s.created, "worker_pid": s.worker.pid,
+        } for s in self.sessions.values() if s.opened]
+        waiting_rows = [{"tenant": w.tenant.name, "priority": w.priority, "waited_s": now - w.since,
+                         "pid": w.info.get("pid"), "host": w.info.get("host")}
+                        for w in sorted(self.waiting, key=admission.queue_order)]
+        worker_rows = [{"worker": w.id, "key": w.key if w.key == w.tenant.name else "session", "tenant": w.tenant.name,
+                        "pid": w.pid, "state": w.state, "sessions": len(w.sessions)}
+                       for w in self.workers.workers.values()]
+        return {"daemon": {"address": self.address, "libremote": __version__, "torch": self.torch_version,
+                           "pid": os.getpid(), "host": socket.gethostname(), "graph_compiler": self.pool.graph_compiler,
+                           "worker_crashes": self.workers.crashes},
+                "devices": device_rows, "sessions": session_rows, "waiting": waiting_rows, "workers": worker_rows}
+
+    def _on_admin(self, request: dict[str, Any], user_id: str | None, peer: str | None) -> dict[str, Any]:
+        viewer = auth.requester(self.pool, user_id, request, peer, loopback_admin=self.loopback_admin)
+        if not viewer.is_admin:
+            return {"ok": False, "message": viewer.refusal or auth.admin_refusal(viewer, curve=user_id is not None)}
+        try:
+            return self._apply_admin(request)
+        except PolicyError as exc:
+            return {"ok": False, "message": str(exc)}
+
+    def _apply_admin(self, request: dict[str, Any]) -> dict[str, Any]:
+        changes = {key: request[key] for key in ("memory_quota", "weight", "priority") if request.get(key) is not None}
+        if not changes:
+            raise PolicyError("nothing to change: give memory_quota, weight and/or priority")
+        quota = policy.parse_size(changes["memory_quota"]) if "memory_quota" in changes else None
+        weight = policy.parse_weight(changes["weight"]) if "weight" in changes else None
+        priority = policy.parse_priority(changes["priority"]) if "priority" in changes else None
+        session_id, tenant_name = request.get("session"), request.get("tenant")
+        if bool(session_id) == bool(tenant_name):
+            raise PolicyError("name exactly one target: a session id or a tenant")
+        previous_tenant_quota: int | None = None
+        if tenant_name:
+            tenant = self.pool.tenant_named(tenant_name)
+            if tenant is not None:  # future sessions of the tenant too
+                previous_tenant_quota = tenant.memory_quota
+                tenant.memory_quota = quota or tenant.memory_quota
+                tenant.weight = weight or tenant.weight
+                tenant.priority = priority or tenant.priority
+            targets = [s for s in self.sessions.values() if s.tenant.name == tenant_name]
+            if tenant is None and not targets:
+                raise PolicyError(f"no tenant or session of tenant {tenant_name!r}")
+        else:
+            targets = [s for s in self.sessions.values() if s.id == session_id]
+            if not targets:
+                raise PolicyError(f"no session {session_id!r} (see libremote status)")
+        reniced, capped = set(), set()
+        for session in targets:
+            worker = session.worker
+            # The tenant's shared quota moves with a change to the tenant, or to a session that has
+            # its worker to itself (no identities: each session is its own tenant).
+            alone = worker.key != session.tenant.name
+            tenant_quota = quota if quota is not None and (tenant_name or alone) else None
+            if tenant_quota is not None and worker.id not in capped and worker_memory_follows(self, session):
+                capped.add(worker.id)  # the OS cap of its process follows (os_limits.py)
+                before = session.memory_quota if alone or previous_tenant_quota is None else previous_tenant_quota
+                os_limits.adjust_memory(worker.pid, tenant_quota - before)
+            session.memory_quota = quota if quota is not None else session.memory_quota
+            session.weight = weight if weight is not None else session.weight
+            session.priority = priority if priority is not None else session.priority
+            self.workers.send(worker, [Ctl.UPDATE, session.id, {
+                "memory_quota": quota, "weight": weight, "priority": priority, "tenant_quota": tenant_quota}])
+            if (weight is not None or priority is not None) and worker.pid and worker.id not in reniced:
+                reniced.add(worker.id)  # the CPU share of the tenant's process follows (os_limits.py)
+                os_limits.renice(worker.pid, os_limits.nice_for(priority or session.priority, weight or session.weight))
+        log.info("admin: %s %s -> %s", "tenant" if tenant_name else "session", tenant_name or session_id, changes)
+        return {"ok": True, "message": f"updated {len(targets)} session(s)", "sessions": [s.id for s in targets]}
+
+
+def worker_memory_follows(front: Front, session: FrontSession) -> bool:
+    """Whether a quota change moves the OS cap of the session's worker (CPU backend: device
+    memory is host memory there; the cap is the tenant's quota plus a margin)."""
+    return front.workers.device_type == "cpu" and front.workers.memory_margin > 0 and session.worker.pid is not None
+
+
+#: A device's residency figures (server/worker/residency.py ``DeviceMemory.stats``), summed over
+#: its workers; the cumulative ones also over workers that have stopped.
+_CUMULATIVE = frozenset({
+    "evictions", "restores", "bytes_evicted", "bytes_restored", "evict_seconds", "restore_seconds",
+    "peak_resident_bytes", "prefetches", "bytes_prefetched", "bytes_freed_while_spilled", "discards",
+    "bytes_discarded"})
+_RESIDENCY_KEYS = _CUMULATIVE | {"resident_bytes", "spilled_bytes"}
+
+
+def _accumulate(total: dict[str, Any], part: dict[str, Any]) -> None:
+    """Add a worker's figures to ``total`` (peaks: the largest)."""
+    for key, value in part.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            previous = total.get(key, 0)
+            total[key] = max(previous, value) if key.startswith("peak") else previous + value
+
+
+def host_memory_info() -> tuple[int, int]:
+    """(available, total) bytes of this host's memory (the CPU backend's device)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 0
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, total
+    except OSError:
+        pass
+    return total, total
+
+
