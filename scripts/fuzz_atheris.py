@@ -1,6 +1,7 @@
 """Coverage-guided fuzzing of what the daemon does with a message's bytes, with atheris (libFuzzer
-for Python): the decoder, the checks on message fields, and a session's command handlers, all in
-this process so that libFuzzer sees which branches each input reaches.
+for Python): the decoder, the declared message fields (libremote_wire.messages), and a worker
+session's command handlers, all in this process so that libFuzzer sees which branches each input
+reaches.
 
     pip install atheris
     python scripts/fuzz_atheris.py -max_total_time=600          # (any libFuzzer flag)
@@ -25,17 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402  (not instrumented: torch is not what is under test)
 
-with atheris.instrument_imports(include=["libremote"]):
+with atheris.instrument_imports(include=["libremote_wire", "libremote_server"]):
+    from libremote_server import limits
+    from libremote_server.policy import PolicyError, Tenant
+    from libremote_server.worker.session import Session
     from libremote_wire import codec, messages, torch_codec
     from libremote_wire.messages import Msg
-    from libremote_server import limits, messages
-    from libremote_server.policy import PolicyError, Tenant
-    from libremote_server.session import Session
 
-from libremote.client import activation  # noqa: E402
-
-activation.deactivate()  # this process plays the daemon (as server/daemon.py does)
-torch.set_grad_enabled(False)
+torch.set_grad_enabled(False)  # (this process plays a worker: no client code is loaded)
 
 ANSWERED = (codec.ProtocolError, PolicyError, limits.LimitExceeded)
 _session: Session | None = None
@@ -60,14 +58,15 @@ def one_input(data: bytes) -> None:
         header = torch_codec.unpackb(header_bytes)
         if not isinstance(header, list) or not header or not isinstance(header[0], int):
             return
-        if header[0] == Msg.HELLO and len(header) == 2 and isinstance(header[1], dict):
-            messages.hello_info(header[1])
-        elif header[0] == Msg.ADMIN and len(header) == 2 and isinstance(header[1], dict):
-            messages.admin_request(header[1])
-        elif header[0] == Msg.STATUS and len(header) == 2 and isinstance(header[1], dict):
-            messages.status_credentials(header[1])
-        elif header[0] == Msg.BATCH:
-            seq, commands, want_reply = messages.batch_envelope(header)
+        kind, fields = messages.parse(header, messages.MESSAGES)
+        if kind == Msg.HELLO:
+            messages.HELLO_INFO.parse(fields[0])
+        elif kind == Msg.ADMIN:
+            messages.ADMIN_REQUEST.parse(fields[0])
+        elif kind == Msg.STATUS and fields[0] is not None:
+            messages.STATUS_CREDENTIALS.parse(fields[0])
+        elif kind == Msg.BATCH:
+            seq, commands, want_reply = fields
             target = session()
             target.enqueue(seq, commands, frames, want_reply)
             while target.has_work():
