@@ -59,8 +59,12 @@ PUT        [PUT, new, dtype, shape, stride, dev, frame]  a new tensor on device 
 FETCH      [FETCH, handle]                             return the tensor's bytes (one frame)
 FREE       [FREE, [handle, ...]]                       drop these handles
 SYNC       [SYNC]                                      wait for the device; return nothing
-SEED       [SEED, seed] / [SEED, seed, dev]            seed the session's generators (or one device's)
-RNG_STATE  [RNG_STATE, dev] / [..., dev, state bytes]  get / set a device generator's state
+SEED       [SEED, seed] / [SEED, seed, dev]            seed the session's generators (or one device's,
+                                                       or, with a generator reference, that generator)
+RNG_STATE  [RNG_STATE, dev] / [..., dev, state bytes]  get / set a device generator's state (dev may be a
+                                                       generator reference; setting one returns its seed)
+GENERATOR  [GENERATOR, id, dev] / [GENERATOR, id]      a new generator ``id`` on device ``dev`` (seeded as
+                                                       torch seeds a new one) / drop it
 EVENT      [EVENT, event_id]                           record a timing event in the stream
 ELAPSED    [ELAPSED, start_id, end_id]                 milliseconds between two recorded events
 QUERY      [QUERY, what, argument?]                    "devices" or "memory": daemon facts; also
@@ -75,6 +79,10 @@ versions agree on what an op is. Arguments travel by schema position (positional
 a defaulted argument still runs on an older daemon. ``outs`` mirrors the op's returns: a handle,
 a list of handles (``Tensor[]``) or nil for a return that is not a new tensor (in-place results,
 scalars). Handles are integers the *client* allocates, so no op ever waits for the daemon.
+
+Explicit generators (``torch.Generator("cuda")``) are the session's too, named by integers the
+client allocates (a namespace of their own): GENERATOR makes or drops one, and an op argument,
+SEED or RNG_STATE refers to one as an EXT_GENERATOR value.
 """
 
 from __future__ import annotations
@@ -150,6 +158,7 @@ class Cmd(enum.IntEnum):
     #               commands); options {"ran": False}: recorded without running (torch.cuda.graph)
     REPLAY = 15  # [REPLAY, program id]: run the recorded commands again
     SETTINGS = 16  # [SETTINGS, {name: value}]: torch numerics switches for what follows (numerics.py)
+    GENERATOR = 17  # [GENERATOR, id, device]: a new explicit generator; [GENERATOR, id]: drop it
 
 
 #: Commands whose execution yields an entry in REPLY.results.
@@ -180,6 +189,7 @@ EXT_MEMORY_FORMAT = 5  # ascii name, "channels_last"
 EXT_TENSOR = 6  # small CPU tensor: msgpack [dtype name, shape, bytes]
 EXT_COMPLEX = 7  # two float64, real then imaginary
 EXT_VALUE = 8  # uint32 little endian: a value of the graph being defined (its inputs, then nodes)
+EXT_GENERATOR = 9  # uint64 little endian: an explicit generator of the sending session (GENERATOR)
 
 _U64 = struct.Struct("<Q")
 _U16 = struct.Struct("<H")
@@ -232,6 +242,18 @@ class ValueRef:
         return f"ValueRef({self.index})"
 
 
+class GeneratorRef:
+    """A decoded EXT_GENERATOR: the daemon resolves it against the sending session's generators."""
+
+    __slots__ = ("id",)
+
+    def __init__(self, generator_id: int) -> None:
+        self.id = generator_id
+
+    def __repr__(self) -> str:
+        return f"GeneratorRef({self.id})"
+
+
 class DeviceRef:
     """A decoded EXT_DEVICE: index into the devices the daemon gave this session."""
 
@@ -268,6 +290,10 @@ def handle_ext(handle: int) -> msgpack.ExtType:
 
 def value_ext(index: int) -> msgpack.ExtType:
     return _ext(EXT_VALUE, _U32.pack(index))
+
+
+def generator_ext(generator_id: int) -> msgpack.ExtType:
+    return _ext(EXT_GENERATOR, _U64.pack(generator_id))
 
 
 def dtype_ext(dtype: torch.dtype) -> msgpack.ExtType:
@@ -357,6 +383,8 @@ def _ext_hook(code: int, data: bytes) -> Any:
             return MEMORY_FORMATS[data.decode()]
         if code == EXT_VALUE:
             return ValueRef(_U32.unpack(data)[0])
+        if code == EXT_GENERATOR:
+            return GeneratorRef(_U64.unpack(data)[0])
         if code == EXT_COMPLEX:
             real, imag = _C128.unpack(data)
             return complex(real, imag)

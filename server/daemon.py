@@ -538,7 +538,7 @@ class Daemon:
             "session": session.id,
             "protocol": protocol.PROTOCOL_VERSION,
             #: What this daemon understands beyond protocol 1's first release (clients check).
-            "features": ["settings", "memory_fraction", "program_options"],
+            "features": ["settings", "memory_fraction", "program_options", "generators"],
             "libremote": libremote.__version__,
             "torch": torch.__version__,
             "host": socket.gethostname(),

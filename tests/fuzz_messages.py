@@ -37,7 +37,8 @@ _EXT_VALUES = [
     protocol.layout_ext(torch.strided),
     msgpack.ExtType(protocol.EXT_TENSOR, b"\x93\xa7float32\x91\x05\xc4\x00"),  # 5 floats, no bytes
     msgpack.ExtType(protocol.EXT_DTYPE, b"float99"), msgpack.ExtType(99, b"x"),
-    msgpack.ExtType(protocol.EXT_HANDLE, b"\x01"),
+    msgpack.ExtType(protocol.EXT_HANDLE, b"\x01"), protocol.generator_ext(1),
+    msgpack.ExtType(protocol.EXT_GENERATOR, b"\x01"),
 ]
 
 
@@ -50,6 +51,7 @@ exts = st.one_of(
     handles.map(lambda h: protocol.handle_ext(h) if h >= 0 else msgpack.ExtType(1, b"")),
     st.integers(0, 3).map(protocol.device_ext),
     st.integers(0, 6).map(protocol.value_ext),
+    st.integers(0, 3).map(protocol.generator_ext),
     st.sampled_from(_EXT_VALUES),
     st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=12)),
 )
