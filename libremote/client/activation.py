@@ -15,8 +15,8 @@ def activate() -> None:
     global active
     if active:
         return
-    from . import (amp, attention, backend, cuda_api, device_map, optim, parameter_identity, serialization,
-                   warning_location)
+    from . import (amp, attention, backend, cuda_api, device_map, generators, optim, parameter_identity,
+                   serialization, warning_location)
     from . import compile as graph_compile
 
     backend.register()
@@ -29,6 +29,7 @@ def activate() -> None:
     optim.install()
     attention.install()
     parameter_identity.install()
+    generators.install()
     active = True
 
 
@@ -36,10 +37,11 @@ def deactivate() -> None:
     global active
     if not active:
         return
-    from . import (amp, attention, cuda_api, device_map, optim, parameter_identity, serialization,
+    from . import (amp, attention, cuda_api, device_map, generators, optim, parameter_identity, serialization,
                    warning_location)
     from . import compile as graph_compile
 
+    generators.uninstall()
     parameter_identity.uninstall()
     attention.uninstall()
     optim.uninstall()

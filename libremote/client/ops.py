@@ -261,11 +261,10 @@ class WireEncoder:
             return float(value)
         if hasattr(value, "dtype") and hasattr(value, "item"):  # numpy scalars
             return self.value(value.item())
-        if isinstance(value, torch.Generator):
-            raise NotImplementedError(
-                f"libremote: {self.op_name} got an explicit torch.Generator; remote random numbers "
-                "come from the session's generator (seed it with torch.cuda.manual_seed)"
-            )
+        if isinstance(value, torch._C.Generator):  # torch.Generator("cuda"): see generators.py
+            from . import generators
+
+            return generators.wire(value, self.session)
         raise TypeError(f"libremote: cannot send a {kind.__name__} argument of {self.op_name} to the daemon")
 
     def tensor(self, tensor: RemoteTensor) -> Any:
