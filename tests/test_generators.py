@@ -99,6 +99,12 @@ def test_device_generators_are_made_as_on_cuda(remote):
     assert torch.Generator(device="cpu").device == torch.device("cpu")
     assert isinstance(torch.default_generator, torch.Generator)
 
+    class ProgramsOwn(torch.Generator):  # a subclass made while libremote is active: torch's own
+        pass
+
+    own = ProgramsOwn()
+    assert type(own) is ProgramsOwn and own.device == torch.device("cpu") and torch.rand(2, generator=own).shape == (2,)
+
     generator = torch.Generator("cuda")
     assert generator.manual_seed(7) is generator and generator.initial_seed() == 7
     assert generator.manual_seed(-1).initial_seed() == 2**64 - 1  # as torch wraps negative seeds

@@ -199,6 +199,8 @@ class _GeneratorType(type(_TorchGenerator)):  # type: ignore[misc]
     generator otherwise; every ``torch._C.Generator`` is an instance."""
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is not Generator:  # a program's own subclass of torch.Generator: torch's construction
+            return super().__call__(*args, **kwargs)
         if len(args) + len(kwargs) == 1:
             device = args[0] if args else kwargs.get("device")
             remote, index = _remote_index(device)
