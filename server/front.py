@@ -45,7 +45,7 @@ _HOUSEKEEPING_S = 0.25
 _FRONT_MESSAGES = frozenset({Msg.HELLO, Msg.PING, Msg.BYE, Msg.STATUS, Msg.ADMIN})
 _STATUS_TIMEOUT_S = 2.0
 #: What this daemon understands beyond its protocol's first release (clients check).
-FEATURES = ["settings", "memory_fraction", "program_options", "workers"]
+FEATURES = ["settings", "memory_fraction", "program_options", "generators", "workers"]
 
 
 @dataclass

@@ -76,6 +76,10 @@ MAX_UNSENT_REPLY_BYTES = 256 << 20
 MAX_HANDLES = 1 << 21
 #: Op ids one session may define (the client gives each op name one id).
 MAX_OP_IDS = 1 << 16
+#: Explicit generators (``torch.Generator("cuda")``) one session may hold at once. Each is a few
+#: kilobytes of host memory (a CPU generator's state is 5056 bytes); programs make a handful, and
+#: the client drops each one the program lets go of. Making one more fails like out-of-memory.
+MAX_GENERATORS = 1 << 12
 #: Poisoned handles (outputs of failed ops) remembered to name the failure; beyond this the oldest
 #: are forgotten (using one then says "does not belong to this session" instead).
 MAX_POISONED_HANDLES = 1 << 16

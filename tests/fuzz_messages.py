@@ -35,9 +35,10 @@ _EXT_VALUES = [
     torch_codec.inline_tensor_ext(torch.tensor([1.5, -2.0])), torch_codec.inline_tensor_ext(torch.tensor(3)),
     codec.complex_ext(1 - 2j), torch_codec.memory_format_ext(torch.channels_last),
     torch_codec.layout_ext(torch.strided),
-    msgpack.ExtType(codec.Ext.TENSOR, b"\x93\xa7float32\x91\x05\xc4\x00"),  # 5 floats, no bytes
-    msgpack.ExtType(codec.Ext.DTYPE, b"float99"), msgpack.ExtType(99, b"x"),
-    msgpack.ExtType(codec.Ext.HANDLE, b"\x01"),
+    msgpack.ExtType(int(codec.Ext.TENSOR), b"\x93\xa7float32\x91\x05\xc4\x00"),  # 5 floats, no bytes
+    msgpack.ExtType(int(codec.Ext.DTYPE), b"float99"), msgpack.ExtType(99, b"x"),
+    msgpack.ExtType(int(codec.Ext.HANDLE), b"\x01"), codec.generator_ext(1),
+    msgpack.ExtType(int(codec.Ext.GENERATOR), b"\x01"),
 ]
 
 
@@ -50,6 +51,7 @@ exts = st.one_of(
     handles.map(lambda h: codec.handle_ext(h) if h >= 0 else msgpack.ExtType(1, b"")),
     st.integers(0, 3).map(codec.device_ext),
     st.integers(0, 6).map(codec.value_ext),
+    st.integers(0, 3).map(codec.generator_ext),
     st.sampled_from(_EXT_VALUES),
     st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=12)),
 )

@@ -13,8 +13,8 @@ def activate() -> None:
     global active
     if active:
         return
-    from . import (amp, attention, backend, cuda_api, device_map, optim, parameter_identity, serialization,
-                   warning_location)
+    from . import (amp, attention, backend, cuda_api, device_map, generators, optim, parameter_identity,
+                   serialization, warning_location)
     from . import compile as graph_compile
 
     backend.register()
@@ -27,4 +27,5 @@ def activate() -> None:
     optim.install()
     attention.install()
     parameter_identity.install()
+    generators.install()
     active = True

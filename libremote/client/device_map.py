@@ -25,10 +25,11 @@ from typing import Any, Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
-from . import backend
+from . import backend, generators
 from .tensor import RemoteTensor
 
 _Tensor = torch.Tensor
+_RemoteGenerator = generators.RemoteGenerator
 
 
 def _current_index() -> int:
@@ -165,6 +166,9 @@ class CudaIsRemote(TorchFunctionMode):
             device = kwargs.get("device")
             if device is not None:
                 kwargs["device"] = _map_ordinal(device)
+            generator = kwargs.get("generator")
+            if generator is not None and type(generator) is _RemoteGenerator:
+                generators.check_host_call(args, kwargs)  # a host op with a device generator: CUDA's error
             if kwargs.get("pin_memory"):  # torch.empty(..., pin_memory=True): see _pin_memory
                 kwargs["pin_memory"] = False
                 result = func(*args, **kwargs)

@@ -72,9 +72,8 @@ def _stream_one_tensor(func: torch._ops.OpOverload, info: OpInfo, args: tuple[An
     if specs is None or specs[0] is None:
         return None
     wire_args, _ = WireEncoder(session, info.name).arguments(info, args, {})
-    tensor = make(specs[0], session, index)
-    if info.view_of is not None:
-        share_storage(tensor, args[info.view_of])
+    tensor = make(specs[0], session, index, None if info.view_of is None else args[info.view_of],
+                  info.view_keeps_inference)
     session.submit([Cmd.OP, session.op_ref(info.name), wire_args, {}, [tensor._ref.id]])
     return tensor
 
@@ -136,15 +135,15 @@ def _mutated_input(source: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     return args[key] if where == "arg" else kwargs[key]
 
 
-def _share_if_view(tensor: RemoteTensor, view_source: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """A result that the schema makes a view of an argument shares that argument's storage."""
+def _view_base(view_source: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The argument that the schema makes a result a view of (``None`` for a new tensor): the
+    result shares its storage and its inference-ness (:func:`.tensor.make`)."""
     if view_source is None:
-        return
+        return None
     where, key = view_source
     if where == "kwarg":
-        share_storage(tensor, kwargs.get(key))
-    elif key < len(args):
-        share_storage(tensor, args[key])
+        return kwargs.get(key)
+    return args[key] if key < len(args) else None
 
 
 def _stream(func: torch._ops.OpOverload, info: OpInfo, specs: tuple[Any, ...], args: tuple[Any, ...],
@@ -154,8 +153,8 @@ def _stream(func: torch._ops.OpOverload, info: OpInfo, specs: tuple[Any, ...], a
     wire_args, wire_kwargs = encoder.arguments(info, args, kwargs)
     index = _device_index(args, kwargs) if device_index is None else device_index
     if info.returns_one_new_tensor and type(specs[0]) is tuple:  # (not None, not a HostResult)
-        tensor = make(specs[0], session, index)
-        _share_if_view(tensor, info.view_sources[0], args, kwargs)
+        tensor = make(specs[0], session, index, _view_base(info.view_sources[0], args, kwargs),
+                      info.view_keeps_inference)
         session.submit([Cmd.OP, session.op_ref(info.name), wire_args, wire_kwargs, [tensor._ref.id]])
         return tensor
     outs: list[Any] = []
@@ -169,14 +168,12 @@ def _stream(func: torch._ops.OpOverload, info: OpInfo, specs: tuple[Any, ...], a
                 outs.append(None)
                 results.append(spec.tensor)
             else:
-                tensor = make(spec, session, index)
-                _share_if_view(tensor, view_source, args, kwargs)
+                tensor = make(spec, session, index, _view_base(view_source, args, kwargs), info.view_keeps_inference)
                 outs.append(tensor._ref.id)
                 results.append(tensor)
         elif kind is Return.NEW_LIST:
-            tensors = [make(item, session, index) for item in spec]
-            for tensor in tensors:
-                _share_if_view(tensor, view_source, args, kwargs)
+            base = _view_base(view_source, args, kwargs)
+            tensors = [make(item, session, index, base, info.view_keeps_inference) for item in spec]
             outs.append([tensor._ref.id for tensor in tensors])
             results.append(tensors)
         elif kind is Return.SIZE:
@@ -232,14 +229,12 @@ def _run_synchronously(func: torch._ops.OpOverload, info: OpInfo, args: tuple[An
                 session.release(out)
                 results.append(None)
             else:
-                tensor = _adopt(tensor_meta, out, session, index)
-                _share_if_view(tensor, view_source, args, kwargs)
-                results.append(tensor)
+                results.append(_adopt(tensor_meta, out, session, index, _view_base(view_source, args, kwargs),
+                                      info.view_keeps_inference))
         elif kind is Return.NEW_LIST:
-            tensors = [_adopt(m, h, session, index) for m, h in zip(tensor_meta, out)]
-            for tensor in tensors:
-                _share_if_view(tensor, view_source, args, kwargs)
-            results.append(tensors)
+            base = _view_base(view_source, args, kwargs)
+            results.append([_adopt(m, h, session, index, base, info.view_keeps_inference)
+                            for m, h in zip(tensor_meta, out)])
         elif kind is Return.MUTATED_INPUT:
             mutated = _mutated_input(source, args, kwargs) if source else None
             if isinstance(mutated, RemoteTensor) and tensor_meta is not None:
@@ -267,15 +262,25 @@ def _spec_from_wire(tensor_meta: list[Any]) -> tuple[Any, ...]:
     return (dtype, tuple(shape), tuple(stride), offset)
 
 
-def _adopt(tensor_meta: list[Any], handle: int, session: Any, index: int) -> RemoteTensor:
+def _adopt(tensor_meta: list[Any], handle: int, session: Any, index: int, view_of: Any = None,
+           keeps_inference: bool = True) -> RemoteTensor:
+    """A result of a synchronous op, whose handle was allocated before the call; ``view_of`` and
+    ``keeps_inference`` as for :func:`.tensor.make`."""
     from .tensor import _HandleRef
 
-    return RemoteTensor(_spec_from_wire(tensor_meta), _HandleRef(handle, session), index)
+    if not isinstance(view_of, RemoteTensor):
+        return RemoteTensor(_spec_from_wire(tensor_meta), _HandleRef(handle, session), index)
+    tensor = RemoteTensor(_spec_from_wire(tensor_meta), _HandleRef(handle, session), index,
+                          view_of if keeps_inference else None)
+    share_storage(tensor, view_of)
+    return tensor
 
 
 def _set_spec(tensor: RemoteTensor, spec: tuple[Any, ...]) -> None:
-    """Give ``tensor`` new metadata in place (after resize_, t_, unsqueeze_, ...)."""
-    template = RemoteTensor(spec, tensor._ref, tensor._device_index)
+    """Give ``tensor`` new metadata in place (after resize_, t_, unsqueeze_, ...). ``.data =``
+    copies the template's dispatch keys too, so the template is made with ``tensor``'s own
+    inference-ness: an in-place op inside inference mode leaves a normal tensor normal."""
+    template = RemoteTensor(spec, tensor._ref, tensor._device_index, tensor)
     torch._C.TensorBase.data.__set__(tensor, template)
     tensor._spec = spec
     fit_storage(tensor)
@@ -290,6 +295,14 @@ def rebind(target: RemoteTensor, new: torch.Tensor) -> None:
         )
     with torch.no_grad():
         alias = aten.alias.default(new)
+    if alias.is_inference() != target.is_inference():
+        # torch lets ``.data =`` copy an inference tensor's dispatch keys into a normal tensor
+        # (or the reverse) only between dense CPU/CUDA tensors (``_has_compatible_shallow_copy_type``);
+        # it keeps the target's version counter, which decides whether in-place updates raise.
+        # A PrivateUse1 tensor only takes identical keys: the target keeps its own inference-ness.
+        template = RemoteTensor(alias._spec, alias._ref, alias._device_index, target)
+        template._storage = storage_of(alias)
+        alias = template
     torch._C.TensorBase.data.__set__(target, alias)
     target._ref = alias._ref
     target._spec = alias._spec

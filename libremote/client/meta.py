@@ -55,6 +55,8 @@ def signature(value: Any, values_matter: bool) -> Any:
         return ("host", value.dtype, tuple(value.shape), value.stride(), value.device.type)
     if kind is dict:
         return tuple((key, signature(item, values_matter)) for key, item in value.items())
+    if isinstance(value, torch._C.Generator):
+        return "generator"  # shapes never depend on it (and the cache must not keep it alive)
     try:
         hash(value)
     except TypeError:

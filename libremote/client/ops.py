@@ -55,6 +55,10 @@ class OpInfo:
     view_sources: tuple[Any, ...] = ()
     #: The positional index of the argument a single returned view shares its storage with.
     view_of: int | None = None
+    #: A returned view is an inference tensor exactly when its base is (ATen builds views from
+    #: the base's dispatch keys); False for view kernels that build their result as a new
+    #: tensor, whose inference-ness is the current mode's (see :data:`_VIEWS_MADE_AFRESH`).
+    view_keeps_inference: bool = True
 
 
 _infos: dict[torch._ops.OpOverload, OpInfo] = {}
@@ -78,6 +82,14 @@ def _return_kind(ret: torch._C.Argument) -> Return:
 #: Ops whose result shares its input's storage on every device although the schema does not say
 #: so (``_unsafe_view``: a view that autograd must not track as one).
 _UNDECLARED_VIEWS = {"aten::_unsafe_view": ("arg", 0)}
+
+
+#: View ops whose ATen kernel makes its result with ``make_tensor<TensorImpl>(storage, key_set, ...)``
+#: rather than as a ``TensorImpl::VIEW`` (``view_dtype``, aten/src/ATen/native/TensorConversions.cpp):
+#: under ``torch.inference_mode()`` their result is an inference tensor whatever the base, and
+#: outside it a normal tensor (checked against every strided view op of torch 2.13 in
+#: tests/test_inference_mode.py).
+_VIEWS_MADE_AFRESH = frozenset({"aten::view.dtype"})
 
 
 def _view_sources(schema: torch._C.FunctionSchema, returns: tuple[Return, ...]) -> tuple[Any, ...]:
@@ -164,6 +176,7 @@ def op_info(func: torch._ops.OpOverload) -> OpInfo:
         returns_one_new_tensor=returns == (Return.NEW,),
         view_sources=view_sources,
         view_of=_single_view_of(view_sources),
+        view_keeps_inference=name not in _VIEWS_MADE_AFRESH,
     )
     _infos[func] = info
     return info
@@ -248,11 +261,10 @@ class WireEncoder:
             return float(value)
         if hasattr(value, "dtype") and hasattr(value, "item"):  # numpy scalars
             return self.value(value.item())
-        if isinstance(value, torch.Generator):
-            raise NotImplementedError(
-                f"libremote: {self.op_name} got an explicit torch.Generator; remote random numbers "
-                "come from the session's generator (seed it with torch.cuda.manual_seed)"
-            )
+        if isinstance(value, torch._C.Generator):  # torch.Generator("cuda"): see generators.py
+            from . import generators
+
+            return generators.wire(value, self.session)
         raise TypeError(f"libremote: cannot send a {kind.__name__} argument of {self.op_name} to the daemon")
 
     def tensor(self, tensor: RemoteTensor) -> Any:

@@ -39,8 +39,9 @@ from .connection import Connection
 
 #: Pending upload bytes above which the batch is sent at once.
 _MAX_PENDING_BYTES = 4 << 20
-#: Commands sent while recording a step that are not part of it: graph definitions, settings.
-_NOT_RECORDED = frozenset({Cmd.GRAPH, Cmd.SETTINGS})
+#: Commands sent while recording a step that are not part of it: graph definitions, settings,
+#: explicit generators made or dropped meanwhile.
+_NOT_RECORDED = frozenset({Cmd.GRAPH, Cmd.SETTINGS, Cmd.GENERATOR})
 
 
 def _client_keys(settings: Settings) -> ClientKeys | None:
@@ -74,6 +75,7 @@ class ClientSession:
         self._pending_bytes = 0
         self._released: collections.deque[int] = collections.deque()
         self._released_programs: collections.deque[int] = collections.deque()
+        self._released_generators: collections.deque[int] = collections.deque()
         self._deferred_error: Exception | None = None
         #: Streamed since the last batch that asked for a reply (see Backpressure above), and the
         #: seq of the acknowledgement asked for and not yet received.
@@ -115,6 +117,12 @@ class ClientSession:
         appends to a deque: safe from a garbage-collector pass."""
         if not self.closed:
             self._released_programs.append(program_id)
+
+    def release_generator(self, generator_id: int) -> None:
+        """Called when a ``torch.Generator("cuda")`` is collected: the daemon drops its generator
+        with the next batch. Like :meth:`release`, only appends to a deque."""
+        if not self.closed:
+            self._released_generators.append(generator_id)
 
     def op_ref(self, name: str) -> Any:
         """The wire reference for op ``name``: its id, defined by name on first use."""
@@ -188,7 +196,7 @@ class ClientSession:
                 "replay sends one command and reads nothing back. Move it out of the step, after the call."
             )
         with self._lock:
-            if self._released or self._released_programs:  # (before the request: memory figures see them)
+            if self._released or self._released_programs or self._released_generators:  # (before the request: memory figures see them)
                 self._queue_frees()
             self._commands.append(command)
             results, frames = self._roundtrip()
@@ -213,6 +221,8 @@ class ClientSession:
             self._commands.append([Cmd.FREE, released])
         while self._released_programs:
             self._commands.append([Cmd.PROGRAM, self._released_programs.popleft(), [], {"drop": True}])
+        while self._released_generators:
+            self._commands.append([Cmd.GENERATOR, self._released_generators.popleft()])
 
     def start_recording(self, recording: list[Any], *, run: bool = True) -> None:
         """From now on, also append every command sent to ``recording`` (pending ones go first).

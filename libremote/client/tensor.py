@@ -18,6 +18,17 @@ and its views (dispatch gives a view its base's, from the op schema's alias sets
 every view and distinct per storage, so checkpoint code that finds tied tensors by
 ``data_ptr()`` and ``nbytes()`` (safetensors, accelerate) works; ``data_ptr()`` is that address
 plus the storage offset, as on CUDA.
+
+Inference mode: whether a tensor is an *inference tensor* is fixed when its C++ TensorImpl is made
+(c10/core/TensorImpl.cpp: a TensorImpl constructed while ``InferenceMode`` is on gets no autograd or
+ADInplaceOrView keys and no version counter). ATen makes a view's TensorImpl from its base's key set
+instead (``alias_with_sizes_and_strides``), so a view of a normal tensor taken inside
+``torch.inference_mode()`` is a normal tensor, and a view of an inference tensor taken outside is an
+inference tensor. The ADInplaceOrView kernel above us then gives a view of a normal base the base's
+version counter (``as_view`` -> ``DifferentiableViewMeta``, torch/csrc/autograd/variable.cpp), which
+raises "Cannot set version_counter for inference tensor" if the wrapper we returned was made as an
+inference tensor. So a view's wrapper is made with its base's inference-ness (see
+:class:`RemoteTensor`'s ``base``), every other tensor with the current mode's, as ATen does.
 """
 
 from __future__ import annotations
@@ -174,12 +185,24 @@ class RemoteTensor(torch.Tensor):
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     @staticmethod
-    def __new__(cls, spec: Spec, ref: _HandleRef, device_index: int = 0) -> "RemoteTensor":
+    def __new__(cls, spec: Spec, ref: _HandleRef, device_index: int = 0,
+                base: torch.Tensor | None = None) -> "RemoteTensor":
+        """``base``: the tensor this one is a view of (or whose metadata it replaces, for
+        :func:`.dispatch._set_spec`), whose inference-ness it takes; see the module docstring."""
         dtype, shape, stride, offset = spec
-        tensor = torch.Tensor._make_wrapper_subclass(
-            cls, shape, strides=stride, storage_offset=offset, dtype=dtype,
-            device=backend.device(device_index), requires_grad=False,
-        )
+        if base is not None and base.is_inference() != torch.is_inference_mode_enabled():
+            # A TensorImpl is an inference tensor iff InferenceMode is on while it is constructed:
+            # switch the mode to the base's for the construction only (no op runs under it).
+            with torch._C._InferenceMode(base.is_inference()):
+                tensor = torch.Tensor._make_wrapper_subclass(
+                    cls, shape, strides=stride, storage_offset=offset, dtype=dtype,
+                    device=backend.device(device_index), requires_grad=False,
+                )
+        else:
+            tensor = torch.Tensor._make_wrapper_subclass(
+                cls, shape, strides=stride, storage_offset=offset, dtype=dtype,
+                device=backend.device(device_index), requires_grad=False,
+            )
         tensor._ref = ref
         tensor._spec = spec
         tensor._device_index = device_index
@@ -303,9 +326,18 @@ def _load_dispatch() -> Any:
     return dispatch
 
 
-def make(spec: Spec, session: Any, device_index: int = 0) -> RemoteTensor:
-    """A new tensor with a fresh handle (the caller tells the daemon what to put there)."""
-    tensor = RemoteTensor(spec, _HandleRef(session.new_handle(), session), device_index)
+def make(spec: Spec, session: Any, device_index: int = 0, view_of: Any = None,
+         keeps_inference: bool = True) -> RemoteTensor:
+    """A new tensor with a fresh handle (the caller tells the daemon what to put there).
+    ``view_of``: the argument the op's schema makes this result a view of; the result shares its
+    storage identity and (unless ``keeps_inference`` is False: ``OpInfo.view_keeps_inference``)
+    its inference-ness (see the module docstring)."""
+    if isinstance(view_of, RemoteTensor):
+        tensor = RemoteTensor(spec, _HandleRef(session.new_handle(), session), device_index,
+                              view_of if keeps_inference else None)
+        share_storage(tensor, view_of)
+    else:
+        tensor = RemoteTensor(spec, _HandleRef(session.new_handle(), session), device_index)
     if session.made_while_recording is not None:  # torch.cuda.graph: see ClientSession.start_recording
         session.made_while_recording.append(weakref.ref(tensor))
     return tensor

@@ -53,11 +53,12 @@ class Ext(enum.IntEnum):
     TENSOR = 6  # small CPU tensor: msgpack [dtype name, shape, bytes]
     COMPLEX = 7  # two float64, real then imaginary
     VALUE = 8  # uint32 little endian: a value of the graph being defined (its inputs, then nodes)
+    GENERATOR = 9  # uint64 little endian: an explicit generator of the sending session (Cmd.GENERATOR)
 
 
 # (Plain ints in the ExtType values built below: an ExtType's repr shows up in generated code,
 # torch.fx's, where an enum's repr would not parse.)
-_HANDLE, _VALUE = int(Ext.HANDLE), int(Ext.VALUE)
+_HANDLE, _VALUE, _GENERATOR = int(Ext.HANDLE), int(Ext.VALUE), int(Ext.GENERATOR)
 _U64 = struct.Struct("<Q")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -88,6 +89,18 @@ class ValueRef:
         return f"ValueRef({self.index})"
 
 
+class GeneratorRef:
+    """A decoded GENERATOR: the worker resolves it against the sending session's generators."""
+
+    __slots__ = ("id",)
+
+    def __init__(self, generator_id: int) -> None:
+        self.id = generator_id
+
+    def __repr__(self) -> str:
+        return f"GeneratorRef({self.id})"
+
+
 class DeviceRef:
     """A decoded DEVICE: index into the devices the daemon gave this session."""
 
@@ -114,6 +127,10 @@ def value_ext(index: int) -> msgpack.ExtType:
     return _ext(_VALUE, _U32.pack(index))
 
 
+def generator_ext(generator_id: int) -> msgpack.ExtType:
+    return _ext(_GENERATOR, _U64.pack(generator_id))
+
+
 _device_exts: dict[int, msgpack.ExtType] = {}
 
 
@@ -133,6 +150,7 @@ BASE_DECODERS: dict[int, Callable[[bytes], Any]] = {
     Ext.HANDLE: lambda data: HandleRef(_U64.unpack(data)[0]),
     Ext.DEVICE: lambda data: DeviceRef(_U16.unpack(data)[0]),
     Ext.VALUE: lambda data: ValueRef(_U32.unpack(data)[0]),
+    Ext.GENERATOR: lambda data: GeneratorRef(_U64.unpack(data)[0]),
     Ext.COMPLEX: lambda data: complex(*_C128.unpack(data)),
 }
 

@@ -87,6 +87,7 @@ class Cmd(enum.IntEnum):
     PROGRAM = 14
     REPLAY = 15
     SETTINGS = 16
+    GENERATOR = 17
 
 
 class Ctl(enum.IntEnum):
@@ -410,11 +411,17 @@ COMMANDS: dict[Cmd, Command] = {c.kind: c for c in (  # type: ignore[misc]
     Command(Cmd.FETCH, "Return the tensor's bytes (one frame).", (_HANDLE,)),
     Command(Cmd.FREE, "Drop these handles.", (Field("handles", list, "handles"),)),
     Command(Cmd.SYNC, "Wait for the device; return nothing."),
-    Command(Cmd.SEED, "Seed the session's generators (or one device's).", (
-        Field("seed", int, "the seed"), Field("dev", ANY, "one device only", optional=True),
+    Command(Cmd.SEED, "Seed the session's generators (or one device's, or one explicit generator's).", (
+        Field("seed", int, "the seed"), Field("dev", ANY, "one device only, or a generator reference", optional=True),
     )),
-    Command(Cmd.RNG_STATE, "Get / set a device generator's state.", (
-        Field("dev", ANY, "the device"), Field("state", bytes, "the state to set", optional=True),
+    Command(Cmd.RNG_STATE, "Get / set a device generator's state (setting an explicit generator's returns its seed).", (
+        Field("dev", ANY, "the device, or a generator reference"),
+        Field("state", bytes, "the state to set", optional=True),
+    )),
+    Command(Cmd.GENERATOR, "A new explicit generator (torch.Generator(\"cuda\")), named by an id the client "
+            "allocates, seeded as torch seeds a new one; without dev: drop it. Op arguments, SEED and RNG_STATE "
+            "refer to it as a GENERATOR extension value.", (
+        Field("generator", int, "its id"), Field("dev", ANY, "its device (absent: drop it)", optional=True),
     )),
     Command(Cmd.EVENT, "Record a timing event in the session's stream.", (Field("event", int, "its id"),)),
     Command(Cmd.ELAPSED, "Milliseconds between two recorded events.", (

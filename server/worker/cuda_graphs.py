@@ -55,7 +55,8 @@ from typing import Any, Callable, ContextManager
 
 import torch
 
-from libremote_wire.codec import DeviceRef
+from libremote_wire.codec import DeviceRef, GeneratorRef
+from libremote_wire.messages import Cmd
 
 from . import graphs
 
@@ -243,7 +244,21 @@ class _ProgramState:
         self.program = program
         self.runs = 0
         self.captured: _CapturedProgram | None = None
-        self.disabled: str | None = None
+        self.disabled: str | None = (
+            "an op draws from an explicit torch.Generator (only the session's is registered with a graph)"
+            if _names_explicit_generator(program) else None)
+
+
+def _names_explicit_generator(program: Any) -> bool:
+    """Whether a step's ops name one of the program's own generators (``torch.Generator("cuda")``):
+    a replay of a CUDA graph would not advance it, so such a step stays interpreted."""
+    for command in program.commands:
+        if command[0] == Cmd.OP and len(command) > 3:
+            arguments = command[2] if isinstance(command[2], list) else []
+            keywords = command[3].values() if isinstance(command[3], dict) else ()
+            if any(type(value) is GeneratorRef for value in (*arguments, *keywords)):
+                return True
+    return False
 
 
 class _GraphState:

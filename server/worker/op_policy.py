@@ -44,7 +44,8 @@ class OpEntry:
     overload: torch._ops.OpOverload
     #: What runs: the overload itself, or a translation for ops the device has no kernel for.
     call: Callable[..., Any]
-    #: The schema has a ``Generator? generator`` argument: inject the session's generator.
+    #: The schema has a ``Generator? generator`` argument: inject the session's generator
+    #: unless the client named one of its own (``torch.Generator("cuda")``).
     takes_generator: bool
     #: Draws random numbers without a generator argument: run under the session's RNG state.
     seeded_without_generator: bool
@@ -68,6 +69,9 @@ class OpEntry:
     #: Per-call checks of the arguments (raise :class:`ArgumentRefused`), given the session's
     #: devices; None for ops whose arguments need none.
     check_arguments: Callable[[list[Any], dict[str, Any], Sequence[torch.device]], None] | None = None
+    #: Where a ``generator`` that is not keyword-only sits among the positional arguments
+    #: (``poisson``, ``binomial``, ``_standard_gamma``...); None when it is keyword-only or absent.
+    generator_at: int | None = None
 
 
 def _unsafe_flag_forced_off(schema: torch.FunctionSchema) -> Callable[[list[Any], dict[str, Any]], None] | None:
@@ -132,6 +136,8 @@ def resolve(name: str) -> OpEntry:
         raise OpRefused(f"{name} is refused by the daemon's op policy ({rule.name}: {rule.why})")
     schema = overload._schema
     takes_generator = any(arg.name == "generator" for arg in schema.arguments)
+    generator_at = next((position for position, arg in enumerate(schema.arguments)
+                         if arg.name == "generator" and not arg.kwarg_only), None)
     resizing_op = op_name in zeroing.SIZE_ONLY_OPS
     resized = tuple(
         ("kwarg", arg.name) if arg.kwarg_only else ("arg", position)
@@ -155,6 +161,7 @@ def resolve(name: str) -> OpEntry:
         returns_one_tensor=len(schema.returns) == 1 and isinstance(schema.returns[0].type, torch._C.TensorType),
         rule=rule.name,
         check_arguments=op_rules.argument_checker(overload, rule) if _rules_enforced else None,
+        generator_at=generator_at,
     )
     _cache[name] = entry
     return entry

@@ -114,7 +114,7 @@ SAFE_ARGUMENT_TYPES = frozenset({
     "str", "Optional[str]",
     "ScalarType", "Optional[ScalarType]", "Layout", "Optional[Layout]",
     "MemoryFormat", "Optional[MemoryFormat]", "Device", "Optional[Device]",
-    "Optional[Generator]",  # only ever None from the wire: the session supplies its own
+    "Optional[Generator]",  # None (the session supplies its own) or one of the session's generators (GENERATOR)
 })
 #: Result types the daemon can store or send back.
 SAFE_RETURN_TYPES = frozenset({

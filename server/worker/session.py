@@ -1,6 +1,6 @@
 """One client's state on the daemon, and the handlers that execute its commands.
 
-Each handler below implements one command of :mod:`libremote.protocol`; ``execute`` runs a
+Each handler below implements one command of :mod:`libremote_wire.messages`; ``execute`` runs a
 batch in order. A command that fails records the session's *pending error* (reported in the next
 REPLY, like an asynchronous CUDA error) and poisons the handles it would have produced, so later
 commands that use them fail with a message naming the original failure instead of "unknown
@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from libremote_wire import codec, messages, torch_codec
-from libremote_wire.codec import DeviceRef, HandleRef, ProtocolError
+from libremote_wire.codec import DeviceRef, GeneratorRef, HandleRef, ProtocolError
 from libremote_wire.messages import Cmd, ErrorKind
 
 from .. import limits
@@ -153,6 +153,9 @@ class Session:
         self.generators = [torch.Generator(device=device) for device in self.devices]
         for generator in self.generators:
             generator.manual_seed(secrets.randbits(63))
+        #: The program's own generators (``torch.Generator("cuda")``), by the id its client gave
+        #: each (GENERATOR); at most limits.MAX_GENERATORS.
+        self.explicit_generators: dict[int, torch.Generator] = {}
         #: Graph-mode graphs replayed as CUDA graphs (not under residency management: see there).
         replays = cuda_graphs == "emulate" or (cuda_graphs == "auto" and self.stream is not None)
         self._cuda_graphs = (GraphCapture(self.devices[0], self.generators[0], lambda: self._session_rng(self.devices[0]))
@@ -188,6 +191,7 @@ class Session:
             Cmd.SYNC: self._sync,
             Cmd.SEED: self._seed,
             Cmd.RNG_STATE: self._rng_state,
+            Cmd.GENERATOR: self._generator,
             Cmd.EVENT: self._event,
             Cmd.ELAPSED: self._elapsed,
             Cmd.QUERY: self._query,
@@ -497,6 +501,8 @@ class Session:
             return [self._resolve(item, inner) for item in value]
         if kind is DeviceRef:
             return self._device(value.index)
+        if kind is GeneratorRef:
+            return self._explicit_generator(value)
         return value
 
     # ------------------------------------------------------------------------------------------
@@ -571,8 +577,8 @@ class Session:
                 entry.check_arguments(args, kwargs, self.devices)
             except op_policy.ArgumentRefused as exc:
                 raise CommandError(ErrorKind.REFUSED, entry.name, str(exc)) from None
-        if entry.takes_generator and kwargs.get("generator") is None:
-            kwargs["generator"] = self.generators[self._index_of(values.device_of(args, kwargs))]
+        if entry.takes_generator:
+            self._default_generator(entry, args, kwargs)
         inputs = self._make_resident(entry.name, values.tensors_in(args, kwargs)) if self.memory.managed else ()
         self._check_quota_before(entry, args, kwargs)  # (after: a spilled storage has no bytes to measure)
         # (Both zeroing rules are off the common path: server/zeroing.py.)
@@ -1123,18 +1129,66 @@ class Session:
 
     def _seed(self, command: list[Any], frames: list[Any]) -> None:
         codec.check(len(command) in (2, 3) and isinstance(command[1], int), "SEED takes [SEED, int, device?]")
-        chosen = self.generators if len(command) == 2 else [self.generators[self._index_of(self._device(command[2]))]]
+        if len(command) == 2:
+            chosen = self.generators
+        elif type(command[2]) is GeneratorRef:
+            chosen = [self._explicit_generator(command[2])]
+        else:
+            chosen = [self.generators[self._index_of(self._device(command[2]))]]
         for generator in chosen:
             generator.manual_seed(command[1] & ((1 << 64) - 1))
 
-    def _rng_state(self, command: list[Any], frames: list[Any]) -> bytes | None:
+    def _rng_state(self, command: list[Any], frames: list[Any]) -> bytes | int | None:
+        """A generator's state (RNG_STATE with a device or a generator reference), or a new one
+        set. Setting an explicit generator's state answers its seed (part of the state), which
+        the client's ``initial_seed()`` reports from then on."""
         codec.check(len(command) in (2, 3), "RNG_STATE takes [RNG_STATE, device] or [RNG_STATE, device, state]")
-        generator = self.generators[self._index_of(self._device(command[1]))]
+        explicit = type(command[1]) is GeneratorRef
+        generator = (self._explicit_generator(command[1]) if explicit
+                     else self.generators[self._index_of(self._device(command[1]))])
         if len(command) == 2:
             return bytes(generator.get_state().numpy())
         codec.check(isinstance(command[2], bytes), "RNG_STATE's state must be bytes")
-        generator.set_state(torch.frombuffer(bytearray(command[2]), dtype=torch.uint8))
-        return None
+        try:
+            generator.set_state(torch.frombuffer(bytearray(command[2]), dtype=torch.uint8))
+        except RuntimeError as exc:  # a state of the wrong size or kind: torch's own message
+            raise CommandError(ErrorKind.OP, "Generator.set_state", str(exc).splitlines()[0]) from None
+        return generator.initial_seed() if explicit else None
+
+    def _generator(self, command: list[Any], frames: list[Any]) -> None:
+        """GENERATOR: make an explicit generator (``torch.Generator("cuda")``) under the id the
+        client chose, on one of the session's devices, or drop one. A new generator starts from
+        torch's default seed, as a new ``torch.Generator`` does on every device."""
+        codec.check(len(command) in (2, 3), "GENERATOR takes [GENERATOR, id, device] or [GENERATOR, id]")
+        generator_id = command[1]
+        codec.check(type(generator_id) is int and generator_id >= 0,
+                       lambda: f"a generator id is a non-negative integer, not {codec.brief(generator_id)}")
+        if len(command) == 2:
+            self.explicit_generators.pop(generator_id, None)
+            return
+        codec.check(generator_id not in self.explicit_generators, lambda: f"generator {generator_id} already exists")
+        if len(self.explicit_generators) >= limits.MAX_GENERATORS:
+            raise CommandError(ErrorKind.OOM, "torch.Generator",
+                               f"this session holds {len(self.explicit_generators)} generators, the most the daemon "
+                               "allows; drop the ones you no longer need (del them)")
+        self.explicit_generators[generator_id] = torch.Generator(device=self._device(command[2]))
+
+    def _explicit_generator(self, ref: GeneratorRef) -> torch.Generator:
+        generator = self.explicit_generators.get(ref.id)
+        if generator is None:
+            raise CommandError(ErrorKind.HANDLE, "", f"generator {ref.id} does not belong to this session")
+        return generator
+
+    def _default_generator(self, entry: op_policy.OpEntry, args: list[Any], kwargs: dict[str, Any]) -> None:
+        """A random op draws from the session's generator of its device unless the client named
+        a generator of its own (a keyword argument, or a positional one for ``poisson`` and
+        the like)."""
+        at = entry.generator_at
+        if at is not None and len(args) > at:
+            if args[at] is None:
+                args[at] = self.generators[self._index_of(values.device_of(args, kwargs))]
+        elif kwargs.get("generator") is None:
+            kwargs["generator"] = self.generators[self._index_of(values.device_of(args, kwargs))]
 
     def _event(self, command: list[Any], frames: list[Any]) -> None:
         codec.check(len(command) == 2 and isinstance(command[1], int), "EVENT takes [EVENT, id]")
@@ -1171,7 +1225,7 @@ class Session:
             return self.memory_stats()
         if what == "stats":
             return {"ops": self.ops_executed, "batches": self.batches, "busy_s": self.busy_s, "host_s": self.host_s,
-                    "handles": len(self.tensors),
+                    "handles": len(self.tensors), "generators": len(self.explicit_generators),
                     "cuda_graph_captures": self._cuda_graphs.captures if self._cuda_graphs else 0,
                     "cuda_graph_replays": self._cuda_graphs.replays if self._cuda_graphs else 0,
                     "cuda_graph_interpreted": dict(self._cuda_graphs.interpreted) if self._cuda_graphs else {},
