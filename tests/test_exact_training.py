@@ -12,11 +12,13 @@ Llama-style decoder, a ViT-style patch model) crossed with optimizers (Adam, Ada
 momentum, each as foreach, for-loop and fused implementation), each step with
 ``clip_grad_norm_`` and an LR scheduler. Both sides take the implementation named explicitly:
 left to its default, torch picks foreach for remote parameters (as for CUDA ones) and the
-for-loop for CPU ones. The model then runs in evaluation mode, with and without grad mode.
+for-loop for CPU ones. The model then runs in evaluation mode: under ``no_grad`` (where
+``nn.TransformerEncoder`` takes its fused fast path), in grad mode and in ``inference_mode``.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 from typing import Any, Callable
 
@@ -341,6 +343,8 @@ def _run(family: str, optimizer_case: str, device: str) -> dict[str, Any]:
     with torch.no_grad():
         record["eval_no_grad"] = model(inputs(x)).cpu()
     record["eval_grad"] = model(inputs(x)).detach().cpu()
+    with torch.inference_mode():
+        record["eval_inference"] = model(inputs(x)).cpu()
     return record
 
 
@@ -398,8 +402,8 @@ def test_training_matches_local_torch_bit_for_bit(remote, family: str, optimizer
         "optimizer state": (_optimizer_states(got), _optimizer_states(expected)),
         "losses": ({"": torch.tensor(got["losses"])}, {"": torch.tensor(expected["losses"])}),
         "gradient norms": ({"": torch.tensor(got["norms"])}, {"": torch.tensor(expected["norms"])}),
-        "outputs in evaluation": ({"no_grad": got["eval_no_grad"], "grad": got["eval_grad"]},
-                                  {"no_grad": expected["eval_no_grad"], "grad": expected["eval_grad"]}),
+        "outputs in evaluation": ({mode: got[f"eval_{mode}"] for mode in ("no_grad", "grad", "inference")},
+                                  {mode: expected[f"eval_{mode}"] for mode in ("no_grad", "grad", "inference")}),
     }
     if family in CUDA_PATHS:
         assert CUDA_PATHS[family][0] in ops, f"{family} did not take CUDA's path"
@@ -433,3 +437,29 @@ def test_activation_backward_is_one_op_as_on_cuda(remote, activation: Callable[.
             got = backward(inference_grad, inference_x)
     assert ops == [name]
     assert torch.equal(got.cpu(), backward(grad, x.detach()))
+
+
+def test_inference_mode_views_and_composites_as_on_the_cpu(remote) -> None:
+    """In ``inference_mode`` a view of a parameter is a normal tensor that requires grad (a
+    ViT's ``cls_token.expand(...)`` failed: "Cannot set version_counter for inference tensor"),
+    and composite ops decompose as on the CPU: ``linear`` of a transposed batch folds into one
+    ``mm`` because its weight requires grad (``bmm`` instead rounds otherwise), and
+    ``upsample_nearest2d.vec`` runs torch's C++ composite, not its Python decomposition (which
+    made a tensor on ``input.device``, cuda)."""
+    torch.manual_seed(0)
+    token, linear = nn.Parameter(torch.randn(1, 1, 4)), nn.Linear(4, 5)
+    batch, image = torch.randn(4, 3, 4).transpose(0, 1), torch.randn(1, 2, 3, 3)
+    remote_token, remote_linear = nn.Parameter(token.detach().cuda()), copy.deepcopy(linear).cuda()
+
+    def evaluate(token: torch.Tensor, linear: nn.Module, batch: torch.Tensor, image: torch.Tensor) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            expanded = token.expand(2, -1, -1)
+            assert not expanded.is_inference() and expanded.requires_grad
+            return [expanded * 2, linear(batch), F.interpolate(image, scale_factor=2.0, mode="nearest")]
+
+    expected = evaluate(token, linear, batch, image)
+    with remote.op_trace() as ops:
+        got = evaluate(remote_token, remote_linear, batch.cuda(), image.cuda())
+    assert "aten::mm" in ops and "aten::bmm" not in ops, ops
+    for got_tensor, expected_tensor in zip(got, expected):
+        assert got_tensor.is_inference() and torch.equal(got_tensor.cpu(), expected_tensor)

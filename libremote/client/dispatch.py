@@ -26,6 +26,28 @@ aten = torch.ops.aten
 
 
 def dispatch(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if torch.is_inference_mode_enabled() and _views_a_normal_tensor(func, args, kwargs):
+        # In inference mode a view of a normal tensor (a parameter: ``cls_token.expand(...)``)
+        # is a normal tensor: torch's view kernels give it their base's dispatch keys. A
+        # wrapper made in inference mode would be an inference tensor, to which autograd's view
+        # tracking (ADInplaceOrView) then refuses to give the base's version counter ("Cannot
+        # set version_counter for inference tensor"). So such views are made outside it.
+        with torch.inference_mode(False):
+            return _dispatch(func, args, kwargs)
+    return _dispatch(func, args, kwargs)
+
+
+def _views_a_normal_tensor(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    for source in op_info(func).view_sources:
+        if source is not None:
+            where, key = source
+            base = kwargs.get(key) if where == "kwarg" else args[key] if key < len(args) else None
+            if isinstance(base, RemoteTensor) and not base.is_inference():
+                return True
+    return False
+
+
+def _dispatch(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     info = _one_tensor_ops.get(func)
     if info is not None and not kwargs:
         tensor = _stream_one_tensor(func, info, args)
@@ -36,6 +58,9 @@ def dispatch(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[st
         return special(func, args, kwargs)
     return run(func, args, kwargs)
 
+
+_COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
+_AD_INPLACE_OR_VIEW = torch._C.DispatchKey.ADInplaceOrView
 
 #: Ops that return one new tensor and need nothing but local inference (``y = x * a``, views,
 #: matmuls): the bulk of a training step. Filled as ops are first run through :func:`run`.
@@ -87,9 +112,16 @@ def run(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, An
     if info.returns_one_new_tensor and not info.composite and not info.needs_daemon_answer and func not in _SPECIAL:
         _one_tensor_ops[func] = info
     if info.composite:
-        decomposed = func.decompose(*args, **kwargs)
-        if decomposed is not NotImplemented:
-            return decomposed
+        # The C++ CompositeImplicitAutograd kernel, which the CPU and CUDA run; not
+        # ``func.decompose``, which prefers the Python decompositions torch registers over some
+        # (``matmul``, ``upsample_nearest2d.vec``, ``lstm``): those round otherwise, and some
+        # make tensors on ``input.device`` (cuda, which a CPU build cannot hold). Its ops
+        # dispatch as they would outside this handler, where torch excludes ADInplaceOrView: a
+        # view of a parameter must be a view that requires grad, as on the CPU, because
+        # composites decide by that (``matmul`` folds a batched input into one ``mm`` when the
+        # weight requires grad, else runs ``bmm``: another rounding, in inference mode).
+        with torch._C._SetExcludeDispatchKeyGuard(_AD_INPLACE_OR_VIEW, False):
+            return func._op_dk(_COMPOSITE, *args, **kwargs)
     device = kwargs.get("device")
     if isinstance(device, torch.device) and device.type not in (backend.BACKEND_NAME, "meta"):
         # zeros_like(remote, device="cpu"), x.new_empty(..., device="cpu"): only the remote
