@@ -452,3 +452,25 @@ def test_batch_norm_results_as_on_cuda(remote):
         for saved in got[1:]:
             assert tuple(saved.shape) == (4,) == daemon_layout(saved)[1]
     torch.testing.assert_close(got[0].cpu(), torch.native_batch_norm(x, None, None, *stats, True, 0.1, 1e-5)[0])
+
+
+@pytest.mark.parametrize("reduction", [0, 1])
+def test_loss_kernels_lay_results_out_as_on_cpu_and_cuda(remote, reduction):
+    """Losses whose only meta kernel is torch's Python decomposition, which lays results out
+    unlike the CPU and CUDA kernels (shared code in Loss.cpp/Loss.cu): ``mse_loss_backward``'s
+    gradient is contiguous for a channels-last input (a UNet trained with ``F.mse_loss`` in
+    channels-last format), ``binary_cross_entropy(reduction="none")`` keeps its input's layout."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    probabilities = torch.rand(2, 3, 4, 4).contiguous(memory_format=torch.channels_last) * 0.8 + 0.1
+    target = torch.rand(2, 3, 4, 4)
+    grad = torch.ones(()) if reduction else torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    calls = {
+        "mse_loss_backward": lambda g, x, p, t: torch.ops.aten.mse_loss_backward(g, x, t, reduction),
+        "binary_cross_entropy": lambda g, x, p, t: torch.ops.aten.binary_cross_entropy(p, t, None, reduction),
+    }
+    for name, call in calls.items():
+        expected = call(grad, x, probabilities, target)
+        got = call(*on_both(lambda: (grad, x, probabilities, target))[1])
+        check_layout(got, expected, name)
+        assert torch.equal(got.cpu(), expected), name

@@ -87,6 +87,15 @@ def _fallback(op: torch._ops.OpOverload, *args: Any, **kwargs: Any) -> Any:
 
 _OPS_WITH_KERNELS = ("_to_copy", "copy_", "_copy_from", "_copy_from_and_resize")
 
+#: Ops with a CompositeImplicitAutograd kernel *and* device kernels. The dispatcher decomposes
+#: them on a backend without a kernel of its own (``AutogradPrivateUse1`` gets the math kernel),
+#: while CUDA and the CPU run their fused kernel and differentiate it with the op's own autograd
+#: formula. Decomposed, ``silu_backward`` rounds differently (``math_silu_backward``'s
+#: ``grad * sig * (1 + x * (1 - sig))`` in five ops against the kernel's one expression), so a
+#: SwiGLU model's gradients were off by an ulp. A PrivateUse1 kernel of ours makes them one op.
+#: (``native_channel_shuffle`` is also composite with a CPU kernel, but CUDA decomposes it.)
+_OPS_FUSED_ON_CUDA = ("silu_backward", "mish_backward")
+
 
 def _kernel_for(name: str) -> Any:
     def kernel(*args: Any, **kwargs: Any) -> Any:
@@ -128,7 +137,7 @@ def register() -> None:
         # Python *fallback* cannot take tensor-subclass arguments there (an internal assert), so
         # the ops those paths use get real PrivateUse1 kernels.
         aten_library = torch.library.Library("aten", "IMPL")
-        for name in _OPS_WITH_KERNELS:
+        for name in _OPS_WITH_KERNELS + _OPS_FUSED_ON_CUDA:
             aten_library.impl(name, _kernel_for(name), "PrivateUse1")
         _libraries.append(aten_library)
         from . import amp, meta

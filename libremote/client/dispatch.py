@@ -37,6 +37,9 @@ def dispatch(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[st
     return run(func, args, kwargs)
 
 
+_COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
+_AD_INPLACE_OR_VIEW = torch._C.DispatchKey.ADInplaceOrView
+
 #: Ops that return one new tensor and need nothing but local inference (``y = x * a``, views,
 #: matmuls): the bulk of a training step. Filled as ops are first run through :func:`run`.
 _one_tensor_ops: dict[torch._ops.OpOverload, OpInfo] = {}
@@ -86,9 +89,21 @@ def run(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, An
     if info.returns_one_new_tensor and not info.composite and not info.needs_daemon_answer and func not in _SPECIAL:
         _one_tensor_ops[func] = info
     if info.composite:
-        decomposed = func.decompose(*args, **kwargs)
-        if decomposed is not NotImplemented:
-            return decomposed
+        # The C++ CompositeImplicitAutograd kernel, which the CPU and CUDA run; not
+        # ``func.decompose``, which prefers the Python decompositions torch registers over some
+        # (``matmul``, ``upsample_nearest2d.vec``, ``lstm``): those round otherwise, and some
+        # make tensors on ``input.device`` (cuda, which a CPU build cannot hold). Its ops
+        # dispatch as they would outside this handler, where torch excludes ADInplaceOrView: a
+        # view of a parameter must be a view that requires grad, as on the CPU, because
+        # composites decide by that (``matmul`` folds a batched input into one ``mm`` when the
+        # weight requires grad, else runs ``bmm``: another rounding, in inference mode).
+        # (Not for composites that return views, ``reshape``, ``chunk``: their inner view ops'
+        # results already take their base's inference-ness and version counter (tensor.make),
+        # and ADInplaceOrView would make them views a second time.)
+        if any(source is not None for source in info.view_sources):
+            return func._op_dk(_COMPOSITE, *args, **kwargs)
+        with torch._C._SetExcludeDispatchKeyGuard(_AD_INPLACE_OR_VIEW, False):
+            return func._op_dk(_COMPOSITE, *args, **kwargs)
     device = kwargs.get("device")
     if isinstance(device, torch.device) and device.type not in (backend.BACKEND_NAME, "meta"):
         # zeros_like(remote, device="cpu"), x.new_empty(..., device="cpu"): only the remote

@@ -327,6 +327,30 @@ def _with_tensor_iterator_strides(func: torch._ops.OpOverload, info: OpInfo, spe
     return specs if strides is None else ((dtype, shape, strides, offset),)
 
 
+def _contiguous_result(specs: tuple[Any, ...], meta_args: tuple[Any, ...]) -> tuple[Any, ...]:
+    dtype, shape, _, offset = specs[0]
+    return ((dtype, shape, torch.empty(shape, device=_META).stride(), offset),)
+
+
+def _result_like_input(specs: tuple[Any, ...], meta_args: tuple[Any, ...]) -> tuple[Any, ...]:
+    dtype, shape, _, offset = specs[0]
+    if tuple(meta_args[0].shape) != tuple(shape):
+        return specs  # reduced to a scalar
+    return ((dtype, shape, torch.empty_like(meta_args[0]).stride(), offset),)
+
+
+#: Ops whose only meta kernel is torch's Python one, where the CPU and CUDA kernels (the same
+#: code, aten/src/ATen/native/Loss.cpp and Loss.cu) lay the result out otherwise:
+#: ``mse_loss_backward`` allocates ``zeros_like(input, LEGACY_CONTIGUOUS_MEMORY_FORMAT)`` (the
+#: decomposition's arithmetic keeps a channels-last input's layout), ``binary_cross_entropy``
+#: ``empty_like(input)`` (the decomposition's result is contiguous). Otherwise the client
+#: promises one layout and the daemon holds another.
+_KERNEL_LAYOUTS: dict[Any, Any] = {
+    torch.ops.aten.mse_loss_backward.default: _contiguous_result,
+    torch.ops.aten.binary_cross_entropy.default: _result_like_input,
+}
+
+
 _DEVICE_MISMATCH = re.compile(r"Tensor on device (\S+) is not on the expected device (\S+)!")
 
 
@@ -421,6 +445,8 @@ def infer(func: torch._ops.OpOverload, info: OpInfo, args: tuple[Any, ...], kwar
     specs = _describe_result(info, result, meta_args, meta_kwargs, on_meta=device is _META)
     if func in _python_tensor_iterator_ops:
         specs = _with_tensor_iterator_strides(func, info, specs, meta_args, out_shape != _out_shape(meta_kwargs))
+    elif func in _KERNEL_LAYOUTS and type(specs[0]) is tuple:
+        specs = _KERNEL_LAYOUTS[func](specs, meta_args)
     if any(type(spec) is HostResult for spec in specs):
         return specs  # its values come from this call's host arguments: not reusable
     resized_a_nonempty_out = out_shape is not None and 0 not in out_shape and out_shape != _out_shape(meta_kwargs)

@@ -172,7 +172,10 @@ def op_info(func: torch._ops.OpOverload) -> OpInfo:
             or torch.Tag.dynamic_output_shape in tags
             or torch.Tag.data_dependent_output in tags
         ),
-        composite=torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"),
+        # Unless the remote device has a kernel of its own (backend._OPS_FUSED_ON_CUDA): those
+        # travel as one op, as CUDA runs them.
+        composite=(torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd")
+                   and not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "PrivateUse1")),
         returns_one_new_tensor=returns == (Return.NEW,),
         view_sources=view_sources,
         view_of=_single_view_of(view_sources),
