@@ -48,7 +48,11 @@ setup(
               "libremote.shims"],
     package_dir={"libremote_wire": "libremote/wire", "libremote_server": "server",
                  "libremote_server.worker": "server/worker", "libremote.shims": "shims"},
-    install_requires=["torch>=2.6", "pyzmq>=25", "msgpack>=1.0", "numpy", "cffi>=1.15"],
+    # The torch releases CI tests (requirements-dev.txt pins 2.13.0): the client patches torch's
+    # names and relies on its PrivateUse1 hooks, so an untested release is not promised. (Daemons
+    # have also run from a checkout on the GPU images' torch 2.11; the wire carries ops by schema
+    # name, so client and daemon may differ: tests/test_version_skew.py.)
+    install_requires=["torch>=2.13,<2.14", "pyzmq>=25", "msgpack>=1.0", "numpy", "cffi>=1.15"],
     extras_require={"test": ["pytest>=7"], "multidevice": ["ninja"]},
     entry_points={
         "console_scripts": [

@@ -15,7 +15,6 @@ serving. A client that disconnects is forgotten at once (peers.py).
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import socket
 import tempfile
@@ -32,7 +31,7 @@ from libremote_wire import __version__, codec, messages
 from libremote_wire.codec import ProtocolError
 from libremote_wire.messages import CONTROL, Ctl, ErrorKind, Msg
 
-from . import admission, auth, limits, os_limits, outbox, peers, policy
+from . import admin, admission, auth, limits, outbox, peers, policy, status
 from .admission import FrontDevice, Waiting
 from .broker import DeviceBroker, default_budget
 from .policy import PolicyError, PoolConfig, Tenant
@@ -43,7 +42,6 @@ log = logging.getLogger("libremote.server")
 _HOUSEKEEPING_S = 0.25
 #: What the front takes (BATCH, PING and BYE of a session go to its worker).
 _FRONT_MESSAGES = frozenset({Msg.HELLO, Msg.PING, Msg.BYE, Msg.STATUS, Msg.ADMIN})
-_STATUS_TIMEOUT_S = 2.0
 #: What this daemon understands beyond its protocol's first release (clients check).
 FEATURES = ["settings", "memory_fraction", "program_options", "generators", "workers"]
 
@@ -67,15 +65,6 @@ class FrontSession:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class StatusRequest:
-    identity: bytes
-    viewer: auth.Requester
-    awaiting: set[str]
-    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
-    started: float = field(default_factory=time.monotonic)
-
-
 class Front:
     """Serve clients on ``address`` with the devices ``--device`` names."""
 
@@ -92,7 +81,7 @@ class Front:
         self.sessions: dict[bytes, FrontSession] = {}
         self._by_id: dict[str, FrontSession] = {}
         self.waiting: list[Waiting] = []
-        self._status_requests: dict[int, StatusRequest] = {}
+        self._status_requests: dict[int, status.StatusRequest] = {}
         #: Per device, the totals of workers that have stopped (device time, spill traffic).
         self._retired: dict[int, dict[str, Any]] = {}
         self._next_request = 1
@@ -507,7 +496,7 @@ class Front:
             if device.broker is not None:
                 self._send_control(device.broker.tick(now))
         for request_id, request in list(self._status_requests.items()):
-            if not request.awaiting or now - request.started > _STATUS_TIMEOUT_S:
+            if not request.awaiting or now - request.started > status.STATUS_TIMEOUT_S:
                 self._finish_status(request_id)
 
     # ------------------------------------------------------------------------------------------
@@ -521,7 +510,7 @@ class Front:
         request_id = self._next_request
         self._next_request += 1
         ready = {worker.id for worker in self.workers.workers.values() if worker.ready}
-        self._status_requests[request_id] = StatusRequest(identity, viewer, set(ready))
+        self._status_requests[request_id] = status.StatusRequest(identity, viewer, set(ready))
         for worker_id in ready:
             self.workers.send(self.workers.workers[worker_id], [Ctl.REPORT, request_id])
         if not ready:
@@ -529,12 +518,7 @@ class Front:
 
     def _on_report(self, worker: WorkerProcess, request_id: int, report: dict[str, Any]) -> None:
         if request_id == 0:  # a stopping worker's last word: its totals go on counting in status
-            for row in report.get("devices", ()):
-                if isinstance(row, dict) and isinstance(row.get("index"), int):
-                    retired = self._retired.setdefault(row["index"], {})
-                    _accumulate(retired, {"busy_s": row.get("busy_s", 0.0),
-                                          **{key: value for key, value in (row.get("residency") or {}).items()
-                                             if key in _CUMULATIVE}})
+            status.retire(self._retired, report)
             return
         request = self._status_requests.get(request_id)
         if request is None or worker.id not in request.awaiting:
@@ -553,56 +537,8 @@ class Front:
         self._send(request.identity, [Msg.STATUS, auth.visible_status(self.status(request.reports), request.viewer)])
 
     def status(self, reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """The report ``libremote status`` shows, from the front's registry and the workers'
-        latest figures."""
-        now = time.monotonic()
-        per_device: dict[int, list[dict[str, Any]]] = {}
-        for report in reports.values():
-            for row in report.get("devices", ()):
-                if isinstance(row, dict) and isinstance(row.get("index"), int):
-                    per_device.setdefault(row["index"], []).append(row)
-        device_rows = []
-        for device in self.devices:
-            rows = per_device.get(device.index, [])
-            free, total = host_memory_info() if device.spec == "cpu" else (
-                min((r["memory_free"] for r in rows if "memory_free" in r), default=device.total_memory),
-                device.total_memory)
-            if device.broker is not None:
-                total = min(total, device.broker.budget)  # what the pool may keep resident
-            retired = self._retired.get(device.index, {})
-            row: dict[str, Any] = {
-                "index": device.index, "device": device.spec, "name": device.name,
-                "memory_used": sum(s.stats.get("memory_allocated", 0) for s in device.sessions if s.devices[0] is device),
-                "memory_total": total, "memory_free": free,
-                "utilization": min(1.0, sum(r.get("utilization", 0.0) for r in rows)),
-                "sessions": len(device.sessions),
-                "busy_s": sum(r.get("busy_s", 0.0) for r in rows) + retired.get("busy_s", 0.0),
-            }
-            if device.broker is not None:
-                residency: dict[str, Any] = dict.fromkeys(_RESIDENCY_KEYS, 0)
-                for part in [r["residency"] for r in rows if "residency" in r] + [retired]:
-                    _accumulate(residency, {key: value for key, value in part.items() if key in _RESIDENCY_KEYS})
-                row["residency"] = {**residency, "device_budget": device.broker.budget,
-                                    "host_spill_limit": device.broker.host, **device.broker.stats()}
-            device_rows.append(row)
-        session_rows = [{
-            "session": s.id, "tenant": s.tenant.name, "priority": s.priority, "weight": s.weight,
-            "device": s.devices[0].index, "devices": [d.index for d in s.devices],
-            "memory_allocated": 0, "memory_peak": 0, "memory_spilled": 0, "ops": 0, "device_time_s": 0.0,
-            "queued_batches": 0, **{k: v for k, v in s.stats.items() if k not in ("session", "priority", "weight")},
-            "memory_quota": s.memory_quota, "pid": s.info.get("pid"), "host": s.info.get("host"),
-            "age_s": time.time() - s.created, "worker_pid": s.worker.pid,
-        } for s in self.sessions.values() if s.opened]
-        waiting_rows = [{"tenant": w.tenant.name, "priority": w.priority, "waited_s": now - w.since,
-                         "pid": w.info.get("pid"), "host": w.info.get("host")}
-                        for w in sorted(self.waiting, key=admission.queue_order)]
-        worker_rows = [{"worker": w.id, "key": w.key if w.key == w.tenant.name else "session", "tenant": w.tenant.name,
-                        "pid": w.pid, "state": w.state, "sessions": len(w.sessions)}
-                       for w in self.workers.workers.values()]
-        return {"daemon": {"address": self.address, "libremote": __version__, "torch": self.torch_version,
-                           "pid": os.getpid(), "host": socket.gethostname(), "graph_compiler": self.pool.graph_compiler,
-                           "worker_crashes": self.workers.crashes},
-                "devices": device_rows, "sessions": session_rows, "waiting": waiting_rows, "workers": worker_rows}
+        """The report ``libremote status`` shows (status.py)."""
+        return status.report(self, reports)
 
     def _on_admin(self, request: dict[str, Any], user_id: str | None, peer: str | None) -> dict[str, Any]:
         viewer = auth.requester(self.pool, user_id, request, peer, loopback_admin=self.loopback_admin)
@@ -614,89 +550,4 @@ class Front:
             return {"ok": False, "message": str(exc)}
 
     def _apply_admin(self, request: dict[str, Any]) -> dict[str, Any]:
-        changes = {key: request[key] for key in ("memory_quota", "weight", "priority") if request.get(key) is not None}
-        if not changes:
-            raise PolicyError("nothing to change: give memory_quota, weight and/or priority")
-        quota = policy.parse_size(changes["memory_quota"]) if "memory_quota" in changes else None
-        weight = policy.parse_weight(changes["weight"]) if "weight" in changes else None
-        priority = policy.parse_priority(changes["priority"]) if "priority" in changes else None
-        session_id, tenant_name = request.get("session"), request.get("tenant")
-        if bool(session_id) == bool(tenant_name):
-            raise PolicyError("name exactly one target: a session id or a tenant")
-        previous_tenant_quota: int | None = None
-        if tenant_name:
-            tenant = self.pool.tenant_named(tenant_name)
-            if tenant is not None:  # future sessions of the tenant too
-                previous_tenant_quota = tenant.memory_quota
-                tenant.memory_quota = quota or tenant.memory_quota
-                tenant.weight = weight or tenant.weight
-                tenant.priority = priority or tenant.priority
-            targets = [s for s in self.sessions.values() if s.tenant.name == tenant_name]
-            if tenant is None and not targets:
-                raise PolicyError(f"no tenant or session of tenant {tenant_name!r}")
-        else:
-            targets = [s for s in self.sessions.values() if s.id == session_id]
-            if not targets:
-                raise PolicyError(f"no session {session_id!r} (see libremote status)")
-        reniced, capped = set(), set()
-        for session in targets:
-            worker = session.worker
-            # The tenant's shared quota moves with a change to the tenant, or to a session that has
-            # its worker to itself (no identities: each session is its own tenant).
-            alone = worker.key != session.tenant.name
-            tenant_quota = quota if quota is not None and (tenant_name or alone) else None
-            if tenant_quota is not None and worker.id not in capped and worker_memory_follows(self, session):
-                capped.add(worker.id)  # the OS cap of its process follows (os_limits.py)
-                before = session.memory_quota if alone or previous_tenant_quota is None else previous_tenant_quota
-                os_limits.adjust_memory(worker.pid, tenant_quota - before)
-            session.memory_quota = quota if quota is not None else session.memory_quota
-            session.weight = weight if weight is not None else session.weight
-            session.priority = priority if priority is not None else session.priority
-            self.workers.send(worker, [Ctl.UPDATE, session.id, {
-                "memory_quota": quota, "weight": weight, "priority": priority, "tenant_quota": tenant_quota}])
-            if (weight is not None or priority is not None) and worker.pid and worker.id not in reniced:
-                reniced.add(worker.id)  # the CPU share of the tenant's process follows (os_limits.py)
-                os_limits.renice(worker.pid, os_limits.nice_for(priority or session.priority, weight or session.weight))
-        log.info("admin: %s %s -> %s", "tenant" if tenant_name else "session", tenant_name or session_id, changes)
-        return {"ok": True, "message": f"updated {len(targets)} session(s)", "sessions": [s.id for s in targets]}
-
-
-def worker_memory_follows(front: Front, session: FrontSession) -> bool:
-    """Whether a quota change moves the OS cap of the session's worker (CPU backend: device
-    memory is host memory there; the cap is the tenant's quota plus a margin)."""
-    return front.workers.device_type == "cpu" and front.workers.memory_margin > 0 and session.worker.pid is not None
-
-
-#: A device's residency figures (server/worker/residency.py ``DeviceMemory.stats``), summed over
-#: its workers; the cumulative ones also over workers that have stopped.
-_CUMULATIVE = frozenset({
-    "evictions", "restores", "bytes_evicted", "bytes_restored", "evict_seconds", "restore_seconds",
-    "peak_resident_bytes", "prefetches", "bytes_prefetched", "bytes_freed_while_spilled", "discards",
-    "bytes_discarded"})
-_RESIDENCY_KEYS = _CUMULATIVE | {"resident_bytes", "spilled_bytes"}
-
-
-def _accumulate(total: dict[str, Any], part: dict[str, Any]) -> None:
-    """Add a worker's figures to ``total`` (peaks: the largest)."""
-    for key, value in part.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            previous = total.get(key, 0)
-            total[key] = max(previous, value) if key.startswith("peak") else previous + value
-
-
-def host_memory_info() -> tuple[int, int]:
-    """(available, total) bytes of this host's memory (the CPU backend's device)."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        total = 0
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, total
-    except OSError:
-        pass
-    return total, total
-
-
+        return admin.apply(self, request)

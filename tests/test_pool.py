@@ -752,6 +752,56 @@ def test_admin_changes_weight_and_priority_of_a_tenants_live_sessions(tmp_path):
             kill_all(clients)
 
 
+STREAMING_CLIENT = """
+    import json, os, time, torch, libremote
+    from pathlib import Path
+    folder, name = Path(os.environ["DIR"]), os.environ["NAME"]
+    a = torch.randn(384, 384, device="cuda")
+    a.sum().item()
+    (folder / (name + ".tmp")).write_text(libremote.server_info()["session"])
+    os.replace(folder / (name + ".tmp"), folder / (name + ".in"))
+    while not (folder / "go").exists():
+        time.sleep(0.01)
+    done, deadline = 0, time.monotonic() + float(os.environ["SECONDS"])
+    while time.monotonic() < deadline:
+        for _ in range(16):          # a backlog of queued ops: the worker's scheduler chooses
+            c = a @ a
+        c.sum().item()
+        done += 16
+    print(json.dumps({"done": done}), flush=True)
+"""
+
+
+def test_sessions_of_a_tenant_share_its_worker_by_their_weights(tmp_path):
+    """Issue 23: a daemon that ignored fair-share weights passed every test. Two sessions of one
+    tenant (one worker process) with weights 3 and 1, both with work queued: the worker's
+    scheduler gives the first about three times the device time, so it finishes about three
+    times the products. (Loose bound: the test machine runs other tests too.)"""
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text('[tenants.team]\ntoken = "team-secret"\n')
+    with pool_daemon("--tenants", str(tenants), "--loopback-admin") as server:
+        clients = [spawn_client(STREAMING_CLIENT, server.address, DIR=str(tmp_path), NAME=name, SECONDS="6",
+                                LIBREMOTE_TENANT="team", LIBREMOTE_TOKEN="team-secret") for name in ("heavy", "light")]
+        try:
+            sessions = {}
+            for name, client in zip(("heavy", "light"), clients):
+                wait_for_file(tmp_path / f"{name}.in", client, timeout=CLIENT_TIMEOUT_S)
+                sessions[name] = (tmp_path / f"{name}.in").read_text()
+            report = status(server.address)
+            assert len({row["worker_pid"] for row in report["sessions"]}) == 1, report  # one worker
+            result = cli("admin", "--server", server.address, "--session", sessions["heavy"], "--weight", "3")
+            assert result.returncode == 0, result.stdout + result.stderr
+            (tmp_path / "go").touch()
+            done = {}
+            for name, client in zip(("heavy", "light"), clients):
+                out, err = finish(client, f"{name} hung", timeout=CLIENT_TIMEOUT_S)
+                assert client.returncode == 0, err
+                done[name] = last_json(out)["done"]
+            assert done["heavy"] >= 1.6 * done["light"], done  # 3:1 expected; without weights about 1:1
+        finally:
+            kill_all(clients)
+
+
 def test_admin_requires_the_admin_token_when_the_tenants_file_has_one(tenants_file, tmp_path):
     with pool_daemon("--tenants", str(tenants_file)) as server:
         holder = spawn_holder(server.address, tmp_path, "r", LIBREMOTE_TENANT="research", LIBREMOTE_TOKEN="research-secret")
