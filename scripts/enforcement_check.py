@@ -27,7 +27,7 @@ SABOTAGE = REPO / "scripts" / "sabotage"
 #: point -> the tests that must catch it (pytest node ids or -k expressions per file).
 POINTS: dict[str, list[str]] = {
     "quota_before": ["tests/test_memory_isolation.py"],
-    "quota_after": ["tests/test_pool.py::test_tenant_quota_is_enforced", "tests/test_tenant_isolation.py::test_a_tenants_quota_is_shared_by_its_sessions"],
+    "quota_after": ["tests/test_pool.py::test_an_output_sized_by_its_data_is_checked_against_the_quota_after_it_runs"],
     "zeroing": ["tests/test_memory_isolation.py"],
     "tenant_weights": ["tests/test_tenant_isolation.py::test_tenants_share_the_cpu_backend_by_their_weights"],
     "session_weights": ["tests/test_pool.py::test_sessions_of_a_tenant_share_its_worker_by_their_weights"],

@@ -227,6 +227,35 @@ def test_memory_quota_raises_oom_at_next_sync_and_session_stays_usable():
     assert out["c_sum_again"] == 32 * MiB, out
 
 
+def test_an_output_sized_by_its_data_is_checked_against_the_quota_after_it_runs():
+    """Issue 23: the check after an op is the only quota for ops whose output size depends on
+    their data (no bound before them can tell): a 40 MiB boolean selection beside 50 MiB held,
+    under a 64 MiB quota, is refused once it ran, and the session goes on."""
+    code = """
+        import json, torch, libremote
+        x = torch.ones(10 << 20, device="cuda")          # 40 MiB
+        mask = x > 0                                      # 10 MiB
+        out = {}
+        try:
+            selected = x[mask]                            # 40 MiB more: its size comes from the data
+            torch.cuda.synchronize()
+            out["raised"] = None
+        except torch.cuda.OutOfMemoryError as exc:
+            out["raised"] = str(exc)
+        out["allocated"] = torch.cuda.memory_allocated()
+        del mask
+        out["small"] = x[:4][x[:4] > 0].sum().item()     # the session goes on
+        print(json.dumps(out))
+    """
+    with pool_daemon("--memory-quota", "64MiB") as server:
+        result = run_python(code, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=server.address)
+        assert result.returncode == 0, result.stderr
+        out = last_json(result.stdout)
+    assert out["raised"] and "quota" in out["raised"] and "64.00 MiB" in out["raised"], out
+    assert out["allocated"] == 50 * MiB, out  # the refused selection is not charged
+    assert out["small"] == 4.0, out
+
+
 def test_memory_quota_with_sync_mode_raises_on_the_line():
     code = """
         import json, torch, libremote
