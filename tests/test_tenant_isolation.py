@@ -11,6 +11,7 @@ pyzmq clients for what the libremote client never sends.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -232,11 +233,19 @@ def test_a_crashed_worker_ends_only_its_tenants_sessions(tenants_file, tmp_path)
 # ------------------------------------------------------------------------------------------------
 # 3. With the op rules off, the boundary still holds
 # ------------------------------------------------------------------------------------------------
-def _reads_past_its_storage(bob: RawClient) -> bytes | str:
+_fresh_handles = itertools.count(1000)
+
+
+def _reads_past_its_storage(bob: RawClient, *, meanwhile: RawClient | None = None) -> bytes | str:
     """Bob reads 4 MiB past an 8-byte tensor with a view no rule checks (rules are off): the
     old ``_reshape_alias`` finding. Returns the bytes read, or the error (a crash of bob's
-    worker ends its session: that is the boundary holding too)."""
+    worker ends its session: that is the boundary holding too). ``meanwhile``: another client
+    puts copies of alice's secret after bob's small tensor exists (so they may lie in the
+    window read, if they are in the same process)."""
     bob.put(1, torch.zeros(1, dtype=torch.int64))
+    if meanwhile is not None:
+        for _ in range(8):
+            _put_secret(meanwhile, next(_fresh_handles))
     results, error, _ = bob.call([[Cmd.OP, [1, "aten::_reshape_alias"], [codec.handle_ext(1), [1 << 19], [1]], {}, [2]]])
     if error is not None:
         return str(error)
@@ -258,17 +267,18 @@ def test_without_op_rules_an_unchecked_view_reads_nothing_of_another_tenant(tena
             _put_secret(alice)
             _hello(bob, "bob")
             try:
-                seen = _reads_past_its_storage(bob)
+                seen = _reads_past_its_storage(bob, meanwhile=alice)
             except AssertionError:  # (bob's worker died: the boundary held)
                 seen = "no answer"
             if isinstance(seen, bytes):
                 assert _holds_secret(seen) == 0
             assert _holds_secret(bytes(alice.fetch(1).numpy().tobytes())) == 8192  # alice's own, intact
-            # The control: the same read from a session that shares alice's process (her own
-            # second session) does find her secret. Only the process boundary kept it from bob.
+            # The control: the same read, the same way, from a session that shares alice's
+            # process (her own second session) finds her first session's secret. Only the process
+            # boundary kept it from bob.
             with RawClient(server.address) as alice_too:
                 _hello(alice_too, "alice")
-                own = _reads_past_its_storage(alice_too)
+                own = _reads_past_its_storage(alice_too, meanwhile=alice)
                 assert isinstance(own, bytes) and _holds_secret(own) > 0, own if isinstance(own, str) else len(own)
     finally:
         server.stop()
