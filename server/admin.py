@@ -55,7 +55,8 @@ def apply(front: Front, request: dict[str, Any]) -> dict[str, Any]:
         # its worker to itself (no identities: each session is its own tenant).
         alone = worker.key != session.tenant.name
         tenant_quota = quota if quota is not None and (tenant_name or alone) else None
-        if tenant_quota is not None and worker.id not in capped and worker_memory_follows(front, session):
+        if (tenant_quota is not None and worker.pid is not None and worker.id not in capped
+                and worker_memory_follows(front, session)):
             capped.add(worker.id)  # the OS cap of its process follows (os_limits.py)
             before = session.memory_quota if alone or previous_tenant_quota is None else previous_tenant_quota
             os_limits.adjust_memory(worker.pid, tenant_quota - before)

@@ -82,7 +82,7 @@ class KeyRing:
     Keys are read at start: adding or removing a client key takes a daemon restart (sessions of
     a removed key keep their connection until it drops)."""
 
-    def __init__(self, directory: str | os.PathLike, server_key_file: str | os.PathLike | None = None) -> None:
+    def __init__(self, directory: str | os.PathLike[str], server_key_file: str | os.PathLike[str] | None = None) -> None:
         folder = Path(directory)
         if not folder.is_dir():
             raise PolicyError(f"--auth-keys {directory}: not a directory (make keys with `libremote keygen`)")
@@ -127,7 +127,7 @@ class KeyRing:
 class _KeyRingAuthenticator(ThreadAuthenticator):
     """pyzmq's ZAP handler, with each accepted key's User-Id taken from the key ring."""
 
-    def __init__(self, context: zmq.Context, keyring: KeyRing) -> None:
+    def __init__(self, context: zmq.Context[Any], keyring: KeyRing) -> None:
         super().__init__(context, log=logging.getLogger("libremote.server.zap"))
         self.keyring = keyring
 
@@ -148,7 +148,7 @@ class _KnownKeys:
         return known
 
 
-def secure(socket: zmq.Socket, keyring: KeyRing) -> ThreadAuthenticator:
+def secure(socket: zmq.Socket[Any], keyring: KeyRing) -> ThreadAuthenticator:
     """Make ``socket`` (before it binds) a CURVE server that accepts the key ring's keys; return
     the running ZAP handler (stop it when the socket is closed)."""
     authenticator = _KeyRingAuthenticator(socket.context, keyring)
@@ -163,9 +163,10 @@ def secure(socket: zmq.Socket, keyring: KeyRing) -> ThreadAuthenticator:
 def user_id_of(frame: zmq.Frame) -> str | None:
     """The ZAP User-Id ZeroMQ attached to a received frame (None on plain TCP, where there is none)."""
     try:
-        return frame.get("User-Id")
+        user_id = frame.get("User-Id")
     except zmq.ZMQError:
         return None
+    return user_id if isinstance(user_id, str) else None
 
 
 def same_owner(bound_user_id: str | None, user_id: str | None) -> bool:

@@ -166,10 +166,10 @@ class Front:
                 if self._control in ready:
                     for _ in range(256):
                         try:
-                            frames = self._control.recv_multipart(zmq.NOBLOCK)
+                            control = self._control.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        self._on_control(frames)
+                        self._on_control(control)
                 if self.workers.zygote_fd in ready:
                     self.workers.on_zygote()
                     if self.workers.zygote_fd < 0:
@@ -186,8 +186,9 @@ class Front:
             self._tell(session.identity, "the daemon is stopping")
         if getattr(self, "workers", None) is not None:
             self.workers.stop()
-        if getattr(self, "_authenticator", None) is not None:
-            self._authenticator.stop()
+        authenticator = getattr(self, "_authenticator", None)
+        if authenticator is not None:
+            authenticator.stop()
         self._context.destroy(linger=0)
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
@@ -231,11 +232,11 @@ class Front:
                 except ProtocolError as exc:
                     self._refuse(identity, str(exc))
                     return
-                self._on_status(identity, credentials, user_id, frames[1].get("Peer-Address"))
+                self._on_status(identity, credentials, user_id, _peer_address(frames[1]))
             elif kind == Msg.ADMIN:
                 try:
                     request = messages.ADMIN_REQUEST.parse(fields[0], where="ADMIN")
-                    answer = self._on_admin(request, user_id, frames[1].get("Peer-Address"))
+                    answer = self._on_admin(request, user_id, _peer_address(frames[1]))
                 except ProtocolError as exc:
                     answer = {"ok": False, "message": str(exc)}
                 self._send(identity, [Msg.ADMIN, answer])
@@ -526,7 +527,7 @@ class Front:
         request.awaiting.discard(worker.id)
         request.reports[worker.id] = report
         for row in report.get("sessions", ()):
-            session = self._by_id.get(row.get("session")) if isinstance(row, dict) else None
+            session = self._by_id.get(str(row.get("session"))) if isinstance(row, dict) else None
             if session is not None and session.worker is worker:
                 session.stats = row
         if not request.awaiting:
@@ -551,3 +552,9 @@ class Front:
 
     def _apply_admin(self, request: dict[str, Any]) -> dict[str, Any]:
         return admin.apply(self, request)
+
+
+def _peer_address(frame: zmq.Frame) -> str | None:
+    """The IP address a message came from (ZeroMQ's ``Peer-Address`` property)."""
+    address = frame.get("Peer-Address")
+    return address if isinstance(address, str) else None

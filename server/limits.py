@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Any
+
 import zmq
 
 from libremote_wire import codec, messages
@@ -85,7 +87,7 @@ MAX_GENERATORS = 1 << 12
 MAX_POISONED_HANDLES = 1 << 16
 
 
-def bound_connections(socket: zmq.Socket) -> None:
+def bound_connections(socket: zmq.Socket[Any]) -> None:
     """Options that keep connections from piling up on a listening socket (set before binding):
     a handshake deadline, and TCP keepalive for peers whose hosts vanished."""
     socket.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)

@@ -20,7 +20,7 @@ from . import limits
 log = logging.getLogger("libremote.server")
 
 
-def configure(socket: zmq.Socket) -> None:
+def configure(socket: zmq.Socket[Any]) -> None:
     """Options of the daemon's ROUTER socket that the outbox relies on (set before binding)."""
     # Unroutable messages raise (EHOSTUNREACH) instead of vanishing; a full queue raises zmq.Again.
     socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -30,7 +30,7 @@ def configure(socket: zmq.Socket) -> None:
 class Outbox:
     """Non-blocking sends on a ROUTER socket; ``on_full(identity)`` when a peer's queue is full."""
 
-    def __init__(self, socket: zmq.Socket, on_full: Callable[[bytes], None]) -> None:
+    def __init__(self, socket: zmq.Socket[Any], on_full: Callable[[bytes], None]) -> None:
         self._socket = socket
         self._on_full = on_full
         self.dropped = 0  # messages for peers that could not take them (gone, or not reading)

@@ -37,7 +37,7 @@ log = logging.getLogger("libremote.server")
 class Peers:
     """Connections of one listening socket: which routing id is on which, and which closed."""
 
-    def __init__(self, socket: zmq.Socket, *, per_address: int | None = None) -> None:
+    def __init__(self, socket: zmq.Socket[Any], *, per_address: int | None = None) -> None:
         self.monitor = socket.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self._per_address = per_address
         self._generation: dict[int, int] = collections.defaultdict(int)
@@ -74,7 +74,7 @@ class Peers:
         if binding is not None:
             self._on_fd[binding].discard(routing_id)
 
-    def close(self, socket: zmq.Socket) -> None:
+    def close(self, socket: zmq.Socket[Any]) -> None:
         try:
             socket.disable_monitor()
         except zmq.ZMQError:

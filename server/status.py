@@ -49,10 +49,10 @@ def report(front: Front, reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The report for ``libremote status`` (all of it; auth.visible_status trims it per viewer)."""
     now = time.monotonic()
     per_device: dict[int, list[dict[str, Any]]] = {}
-    for report in reports.values():
-        for row in report.get("devices", ()):
-            if isinstance(row, dict) and isinstance(row.get("index"), int):
-                per_device.setdefault(row["index"], []).append(row)
+    for worker_report in reports.values():
+        for entry in worker_report.get("devices", ()):
+            if isinstance(entry, dict) and isinstance(entry.get("index"), int):
+                per_device.setdefault(entry["index"], []).append(entry)
     device_rows = []
     for device in front.devices:
         rows = per_device.get(device.index, [])

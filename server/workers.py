@@ -82,13 +82,14 @@ class WorkerProcess:
         """When the slice it runs now began (CLOCK_MONOTONIC), or 0 between slices."""
         if self._watchdog is None:
             return 0.0
-        return _WATCHDOG.unpack_from(self._watchdog, 0)[0]
+        started: float = _WATCHDOG.unpack_from(self._watchdog, 0)[0]
+        return started
 
 
 class WorkerPool:
     """The zygote, the workers it forked, and the front's control socket to them."""
 
-    def __init__(self, runtime_dir: Path, control: zmq.Socket, base_config: dict[str, Any], *,
+    def __init__(self, runtime_dir: Path, control: zmq.Socket[Any], base_config: dict[str, Any], *,
                  op_time_limit_s: float | None, memory_margin: int, device_type: str,
                  on_exit: Callable[[WorkerProcess, str], None]) -> None:
         self.runtime_dir = runtime_dir
@@ -103,7 +104,7 @@ class WorkerPool:
         #: Workers that exited, a while: a stopping worker's last REPORT may come after its exit.
         self._gone: collections.OrderedDict[str, WorkerProcess] = collections.OrderedDict()
         self._cgroups = os_limits.Cgroups.detect()
-        self._zygote: subprocess.Popen | None = None
+        self._zygote: subprocess.Popen[bytes] | None = None
         self._zygote_out = -1
         self.crashes = 0
 
@@ -159,8 +160,8 @@ class WorkerPool:
             if self._zygote_out < 0 or not select.select([self._zygote_out], [], [], 0.1)[0]:
                 continue
             self.on_zygote()
-        if self._zygote is not None:
-            self._zygote.stdin.close()  # type: ignore[union-attr]  (the zygote kills what is left)
+        if self._zygote is not None and self._zygote.stdin is not None:
+            self._zygote.stdin.close()  # (the zygote kills what is left)
             try:
                 self._zygote.wait(timeout=5)
             except subprocess.TimeoutExpired:

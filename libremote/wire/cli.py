@@ -64,7 +64,8 @@ def _ask(address: str, message: list[Any], timeout_s: float) -> list[Any]:
                     raise SystemExit(failure)
             if time.monotonic() > deadline:
                 raise SystemExit(f"libremote: no daemon answered at {address} within {timeout_s:g} s")
-        return codec.unpackb(sock.recv())
+        answer: list[Any] = codec.unpackb(sock.recv())
+        return answer
     finally:
         sock.disable_monitor()
         monitor.close(0)
@@ -88,7 +89,8 @@ def query_status(address: str, timeout_s: float = 10.0, admin_token: str | None 
         raise SystemExit(f"libremote: the daemon at {address} refused: {reply[1]}")
     if reply[0] != Msg.STATUS:
         raise SystemExit(f"libremote: unexpected answer {reply!r:.200}")
-    return reply[1]
+    report: dict[str, Any] = reply[1]
+    return report
 
 
 def keygen(role: str, directory: str, name: str | None) -> str:

@@ -193,7 +193,8 @@ _BASE_HOOK = ext_hook_for(BASE_DECODERS, opaque=True)
 
 
 def packb(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    return data
 
 
 def unpackb(data: bytes | memoryview, *, max_bytes: int = MAX_HEADER_BYTES,

@@ -21,6 +21,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import zmq
 import zmq.auth
@@ -33,7 +34,7 @@ class KeyFileError(ValueError):
     """A key file that is missing, malformed or unsafe; the message says which and what to do."""
 
 
-def generate(directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
+def generate(directory: str | os.PathLike[str], name: str) -> tuple[Path, Path]:
     """Write ``NAME.key`` (public, 0644) and ``NAME.key_secret`` (0600) into ``directory``.
 
     Refuses to overwrite existing files: replacing a key pair silently locks out whoever holds
@@ -57,7 +58,7 @@ def generate(directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
     return public, secret
 
 
-def load_public(path: str | os.PathLike) -> bytes:
+def load_public(path: str | os.PathLike[str]) -> bytes:
     """The z85 public key in a ``.key`` (or ``.key_secret``) file."""
     try:
         public, _ = zmq.auth.load_certificate(str(path))
@@ -67,7 +68,7 @@ def load_public(path: str | os.PathLike) -> bytes:
     return public
 
 
-def load_secret(path: str | os.PathLike) -> tuple[bytes, bytes]:
+def load_secret(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
     """(public, secret) z85 keys from a ``.key_secret`` file that only its owner can read."""
     try:
         mode = os.stat(path).st_mode
@@ -107,7 +108,7 @@ class ClientKeys:
         public, secret = load_secret(client_secret_file)
         return cls(public, secret, load_public(server_public_file))
 
-    def apply(self, socket: zmq.Socket) -> None:
+    def apply(self, socket: zmq.Socket[Any]) -> None:
         """Make ``socket`` (before it connects) a CURVE client of the daemon with this key."""
         socket.curve_publickey = self.public
         socket.curve_secretkey = self.secret

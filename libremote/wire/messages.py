@@ -388,7 +388,7 @@ class Command:
 
 
 _HANDLE = Field("handle", int, "a tensor handle the client allocated")
-COMMANDS: dict[Cmd, Command] = {c.kind: c for c in (  # type: ignore[misc]
+COMMANDS: dict[Cmd, Command] = {c.kind: c for c in (
     Command(Cmd.OP, "Run an aten op; store new outputs under the handles in outs.", (
         Field("op", (int, list), "an op id, or [id, schema name] the first time the session uses it"),
         Field("args", list, "positional arguments (handles, scalars, lists, extension values)"),

@@ -8,6 +8,8 @@ sides of every round trip.
 
 from __future__ import annotations
 
+from typing import Any
+
 import zmq
 from zmq.backend import Socket as _BackendSocket
 
@@ -16,6 +18,7 @@ _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
 
-def readable(socket: zmq.Socket) -> bool:
+def readable(socket: zmq.Socket[Any]) -> bool:
     """Whether ``socket`` has a message to receive now."""
-    return bool(_get(socket, _EVENTS) & _POLLIN)
+    # (ZMQ_EVENTS is an int option; pyzmq's stubs say int | bytes. No int() here: a call per check.)
+    return bool(_get(socket, _EVENTS) & _POLLIN)  # type: ignore[operator]

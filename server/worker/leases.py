@@ -47,7 +47,8 @@ class DeviceLease:
         #: meanwhile must leave resident.
         self.protected: set[Any] = set()
 
-    def want(self, resident: int = 0, spill: int = 0, *, prefetch: bool = False, protect: set[Any] = frozenset()) -> None:
+    def want(self, resident: int = 0, spill: int = 0, *, prefetch: bool = False,
+             protect: set[Any] | frozenset[Any] = frozenset()) -> None:
         """Ask the front for ``resident`` more bytes of device room and ``spill`` more of host
         room; returns once the lease (``memory.budget``/``memory.host_limit``) is what it grants.
         ``protect``: what the running command uses (kept resident through SHRINKs meanwhile)."""
@@ -63,7 +64,7 @@ class DeviceLease:
 class LeaseClient:
     """The worker's end of the broker protocol, on its control socket."""
 
-    def __init__(self, control: zmq.Socket, on_other: Callable[[list[bytes]], None]) -> None:
+    def __init__(self, control: zmq.Socket[Any], on_other: Callable[[list[bytes]], None]) -> None:
         self._control = control
         self._on_other = on_other  # the worker's handler for everything but leases
         self.leases: dict[int, DeviceLease] = {}

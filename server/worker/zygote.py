@@ -27,7 +27,7 @@ import signal
 import struct
 import sys
 import traceback
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 import msgpack
 
@@ -35,7 +35,7 @@ _LENGTH = struct.Struct("<I")
 _PR_SET_PDEATHSIG = 1
 
 
-def write_message(stream: BinaryIO, message: dict[str, Any]) -> None:
+def write_message(stream: IO[bytes], message: dict[str, Any]) -> None:
     data = msgpack.packb(message, use_bin_type=True)
     stream.write(_LENGTH.pack(len(data)) + data)
     stream.flush()
