@@ -24,6 +24,7 @@ import os
 import secrets
 import sys
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import zmq
@@ -103,9 +104,10 @@ def keygen(role: str, directory: str, name: str | None) -> str:
     except curve_keys.KeyFileError as exc:
         raise SystemExit(f"libremote: {exc}") from None
     if role == "daemon":
+        admins = Path(directory) / "admin" / "NAME.key"
         return (f"wrote {secret} (secret, mode 0600: keep it on the daemon's host) and {public} (public).\n"
                 f"Start the daemon with:   libremote-server --auth-keys {directory} ...\n"
-                f"Put clients' public keys in {directory} as TENANT.key (admins: {directory}/admin/NAME.key),\n"
+                f"Put clients' public keys in {directory} as TENANT.key (admins: {admins}),\n"
                 f"and give every client {public}, to set as LIBREMOTE_SERVER_KEY.")
     return (f"wrote {secret} (secret, mode 0600: never share it) and {public} (public).\n"
             f"Send {public} to the daemon's operator, who copies it into the daemon's --auth-keys directory as\n"
