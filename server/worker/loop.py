@@ -310,6 +310,10 @@ class Worker:
                 continue
             timer = SliceTimer(session.stream)
             started = time.perf_counter()
+            # On the CPU backend the device is the CPU, which other tenants' workers share: the
+            # process's CPU time (intra-op threads included) is the device time this slice used,
+            # where wall time would also count the time the kernel gave other workers.
+            cpu_started = time.process_time() if slot.device.type == "cpu" else 0.0
             self.watchdog.started()
             try:
                 replies = session.run_slice(SLICE_COMMANDS, SLICE_SECONDS)
@@ -319,8 +323,10 @@ class Worker:
             finally:
                 self.watchdog.finished()
             elapsed = time.perf_counter() - started
-            slot.scheduler.charge(session, elapsed)
-            slot.record_busy(elapsed)
+            used = time.process_time() - cpu_started if slot.device.type == "cpu" else elapsed
+            slot.scheduler.charge(session, used)
+            slot.record_busy(used)
+            session.busy_s += used
             if timer.start is not None:
                 timer.finish(session, elapsed)
                 slot.timers.append(timer)
