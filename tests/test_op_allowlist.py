@@ -295,12 +295,13 @@ def test_a_backward_cannot_read_past_its_saved_output(raw):
 def test_sparse_constructors_with_unchecked_indices_are_refused(raw):
     raw.put(1, torch.tensor([[1 << 20]]))  # an index far outside the declared size
     raw.put(2, torch.ones(1))
+    coo = {"layout": torch_codec.layout_ext(torch.sparse_coo), "device": DEVICE}
     for name, args, words in [
         ("aten::sparse_coo_tensor.indices_size", [h(1), h(2), [2]], ("invariant checks", "index 1048576")),
         ("aten::_sparse_coo_tensor_with_dims_and_tensors", [1, 0, [2], h(1), h(2)], ("invariant checks",)),
         ("aten::_sparse_coo_tensor_unsafe", [h(1), h(2), [2]], ("refused by the daemon's op policy",)),
     ]:
-        _, error = op_sync(raw, name, args, outs=[3])
+        _, error = op_sync(raw, name, args, coo, outs=[3])
         assert_refused(error, *words)
         assert_never_computed(raw, 3)
 

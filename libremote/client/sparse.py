@@ -153,7 +153,7 @@ _LOCAL: dict[Any, Any] = {
 }
 
 #: Ops whose sparse result has its argument's metadata: they stream (no answer awaited).
-_SAME_SPEC = frozenset({aten.detach.default, aten.alias.default, aten.clone.default})
+_SAME_SPEC = frozenset({aten.detach.default, aten.clone.default})
 
 #: Dense result metadata of ops on sparse arguments, from the daemon's first answer: (op,
 #: argument signature) -> specs.
@@ -270,6 +270,19 @@ def to_host(tensor: RemoteSparseTensor) -> torch.Tensor:
     spec = tensor._spec
     return _build(spec.layout, parts, spec.shape, spec.dtype, torch.device("cpu"), spec.coalesced,
                   spec.sparse_dim, spec.dense_dim)
+
+
+def moved_to_device(tensor: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``tensor.to(*args, **kwargs)`` when ``tensor`` is a host sparse tensor going to the remote
+    device: uploaded by parts (:func:`upload`); None otherwise. (Not left to torch: the CPU
+    kernel of ``_to_copy`` for compressed layouts uploads the parts and makes the sparse tensor
+    in C++, never dispatching a constructor the daemon could check.)"""
+    if type(tensor) is not torch.Tensor or tensor.layout not in LAYOUTS or tensor.device.type != "cpu":
+        return None
+    device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+    if device is None or device.type != backend.BACKEND_NAME:
+        return None
+    return upload(tensor, device.index or 0, dtype)
 
 
 def upload(source: torch.Tensor, device_index: int, dtype: torch.dtype | None = None) -> RemoteSparseTensor:
