@@ -440,7 +440,7 @@ class Session:
         if tensor.layout is not torch.strided:  # sparse (unstorable refuses other layouts)
             tensor = self._sparse_indices.admit(tensor, self.memory.is_charged)
             self._sparse_indices.add(handle, tensor)
-        elif self._sparse_indices:
+        elif self._sparse_indices.counts:  # (a dict's truth: this runs for every stored result)
             tensor = self._sparse_indices.strided(tensor)
         self._storage_keys[handle] = self.memory.add(tensor)
         self._failed.pop(handle, None)
@@ -458,7 +458,7 @@ class Session:
     def _drop(self, handle: int) -> None:
         if self.tensors.pop(handle, None) is not None:
             self.memory.release(self._storage_keys.pop(handle))
-            if self._sparse_indices:
+            if self._sparse_indices.counts:
                 self._sparse_indices.remove(handle)
         else:
             self._failed.pop(handle, None)
@@ -569,7 +569,7 @@ class Session:
                 self._failed[handle] = f"{entry.name} failed: {exc.message}"
             raise
         grown = self._remeasure(entry, args, kwargs, command[2], command[3]) if entry.resized_arguments else ()
-        if self._sparse_indices and entry.written_arguments:
+        if self._sparse_indices.counts and entry.written_arguments:
             self._recheck_written_sparse(entry, args, kwargs, command[2], command[3])
         self._store_outputs(entry, result, outs)
         if self._over_quota():
