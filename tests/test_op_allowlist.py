@@ -2,7 +2,7 @@
 
 Each test replays a finding of issue 15 ("the daemon as a real trust boundary") with a raw pyzmq
 client (:class:`RawClient`), which sends what the libremote client never would: views with
-explicit sizes and strides past their storage, sparse constructors with unchecked indices, ops
+explicit sizes and strides past their storage, sparse constructors with indices outside their size, ops
 whose results have no storage, raw integers where a schema wants a dtype, device strings. The
 daemon must refuse each with a clear error, store nothing, and keep serving every session. The
 rules themselves are tested over the whole schema registry in test_op_rules.py.
@@ -292,16 +292,17 @@ def test_a_backward_cannot_read_past_its_saved_output(raw):
 # ------------------------------------------------------------------------------------------------
 # Sparse constructors and results without storage
 # ------------------------------------------------------------------------------------------------
-def test_sparse_constructors_are_refused(raw):
+def test_sparse_constructors_with_unchecked_indices_are_refused(raw):
     raw.put(1, torch.tensor([[1 << 20]]))  # an index far outside the declared size
     raw.put(2, torch.ones(1))
-    for name, args in [
-        ("aten::sparse_coo_tensor.indices_size", [h(1), h(2), [2]]),
-        ("aten::_sparse_coo_tensor_unsafe", [h(1), h(2), [2]]),
-        ("aten::_sparse_coo_tensor_with_dims_and_tensors", [1, 0, [2], h(1), h(2)]),
+    coo = {"layout": torch_codec.layout_ext(torch.sparse_coo), "device": DEVICE}
+    for name, args, words in [
+        ("aten::sparse_coo_tensor.indices_size", [h(1), h(2), [2]], ("invariant checks", "index 1048576")),
+        ("aten::_sparse_coo_tensor_with_dims_and_tensors", [1, 0, [2], h(1), h(2)], ("invariant checks",)),
+        ("aten::_sparse_coo_tensor_unsafe", [h(1), h(2), [2]], ("refused by the daemon's op policy",)),
     ]:
-        _, error = op_sync(raw, name, args, outs=[3])
-        assert_refused(error, "refused by the daemon's op policy")
+        _, error = op_sync(raw, name, args, coo, outs=[3])
+        assert_refused(error, *words)
         assert_never_computed(raw, 3)
 
 
@@ -310,7 +311,6 @@ def test_results_without_storage_are_refused_and_the_session_closes_cleanly(serv
         assert client.hello()[0] == Msg.WELCOME
         client.put(1, torch.ones(2, 3))
         for name, args, kwargs in [
-            ("aten::_to_sparse", [h(1)], {}),
             ("aten::to_mkldnn", [h(1)], {}),
             ("aten::_add_batch_dim", [h(1), 0, 1], {}),
             ("aten::empty.memory_format", [[2]], {"layout": 1}),  # a raw int: sparse_coo
@@ -334,7 +334,8 @@ def test_the_store_refuses_results_without_storage_before_keeping_anything():
 
     session = Session("store-test", [torch.device("cpu")], {})
     session._store(1, torch.ones(3))
-    for handle, tensor in [(2, torch.ones(3).to_sparse()), (3, torch.ones(3).to_mkldnn()),
+    for handle, tensor in [(2, torch.sparse_coo_tensor([[7]], [1.0], (3,), check_invariants=False)),
+                           (3, torch.ones(3).to_mkldnn()),
                            (4, torch.ops.aten._add_batch_dim(torch.ones(3), 0, 1)),
                            (5, torch.ones(3, device="meta"))]:
         with pytest.raises(CommandError) as refused:

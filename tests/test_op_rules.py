@@ -114,6 +114,23 @@ def test_no_allowed_op_is_of_a_non_strided_family():
             assert not pattern.search(facts.op), (name, family)
 
 
+def test_sparse_ops_are_allowed_by_the_sparse_rule_and_unaudited_sparse_kernels_are_not():
+    """The sparse family runs because the worker keeps every sparse tensor valid (the ``sparse``
+    rule), never by a rule for dense kernels; helpers that walk raw index tensors, factories of
+    unwritten indices and sparse backward kernels are refused (``sparse_unaudited``)."""
+    allowed = {name: rule.name for name, facts, rule in ALLOWED if op_rules.SPARSE_FAMILY.search(facts.op)}
+    assert set(allowed.values()) <= {"sparse", "host_check"}, allowed
+    for name in ("aten::_sparse_coo_tensor_with_dims_and_tensors", "aten::sparse_compressed_tensor.comp_plain_value_size",
+                 "aten::_to_sparse", "aten::_to_sparse_csr", "aten::_to_dense", "aten::_coalesce", "aten::_indices",
+                 "aten::crow_indices", "aten::_sparse_addmm", "aten::_coalesced_", "aten::sparse_mask"):
+        assert allowed.get(name) == "sparse", name
+    for name in ("aten::_validate_sparse_coo_tensor_args", "aten::_validate_sparse_compressed_tensor_args"):
+        assert allowed.get(name) == "host_check", name
+    for name, facts, rule in CLASSIFIED:
+        if op_rules.SPARSE_FAMILY.search(facts.op) and op_rules.SPARSE_UNAUDITED.search(facts.op):
+            assert not rule.allows, name
+
+
 def test_explicit_geometry_over_an_input_is_allowed_only_with_a_bounds_check():
     checked = []
     for name, facts, rule in ALLOWED:
@@ -149,7 +166,8 @@ def test_every_enum_argument_refuses_raw_integers_and_every_device_argument_refu
                         "MemoryFormat": torch.contiguous_format}[base]
                 assert not _refuses(entry, position, argument, kwarg_only, good), (name, argument)
                 if base == "Layout":
-                    assert _refuses(entry, position, argument, kwarg_only, torch.sparse_coo), name
+                    assert _refuses(entry, position, argument, kwarg_only, torch._mkldnn), name
+                    assert not _refuses(entry, position, argument, kwarg_only, torch.sparse_csr), name
                 if base == "ScalarType":
                     assert _refuses(entry, position, argument, kwarg_only, torch.qint8), name
                 enum_checked += 1
@@ -352,9 +370,10 @@ def test_no_allowed_op_is_without_tensors_and_without_effect():
 
 
 @pytest.mark.parametrize("name, rule", [
-    ("aten::sparse_coo_tensor.indices_size", "non_strided"),
     ("aten::_sparse_coo_tensor_unsafe", "unchecked"),
-    ("aten::_to_sparse", "non_strided"),
+    ("aten::_sparse_csr_tensor_unsafe", "unchecked"),
+    ("aten::_cslt_sparse_mm", "non_strided"),
+    ("aten::_to_sparse_semi_structured", "non_strided"),
     ("aten::to_mkldnn", "non_strided"),
     ("aten::_add_batch_dim", "non_strided"),
     ("aten::_efficientzerotensor", "non_strided"),
@@ -374,7 +393,11 @@ def test_no_allowed_op_is_without_tensors_and_without_effect():
     ("aten::_test_warn_in_autograd", "test_hook"),
     ("aten::_segment_reduce_backward", "trusts_saved_indices"),
     ("aten::_thnn_differentiable_gru_cell_backward", "trusts_saved_indices"),
-    ("aten::_convert_indices_from_csr_to_coo", "non_strided"),
+    ("aten::_convert_indices_from_csr_to_coo", "sparse_unaudited"),
+    ("aten::_spdiags", "sparse_unaudited"),
+    ("aten::_sparse_compressed_tensor_with_dims", "sparse_unaudited"),
+    ("aten::_sparse_softmax_backward_data", "sparse_unaudited"),
+    ("aten::embedding_sparse_backward", "sparse_unaudited"),
 ])
 def test_the_hazardous_families_are_refused(name, rule):
     _, decided = op_rules.classify(_overload(name))
@@ -413,7 +436,8 @@ def test_set_without_strides_is_checked_as_contiguous():
 
 
 @pytest.mark.parametrize("make, why", [
-    (lambda: torch.zeros(3).to_sparse(), "sparse"),
+    (lambda: torch.sparse_coo_tensor([[7]], [1.0], (3,), check_invariants=False), "invariant"),
+    (lambda: torch.sparse_csr_tensor([0, 2], [0, 9], [1.0, 2.0], (1, 3), check_invariants=False), "invariant"),
     (lambda: torch.zeros(3).to_mkldnn(), "mkldnn"),
     (lambda: torch.quantize_per_tensor(torch.zeros(3), 0.1, 0, torch.qint8), "quantized"),
     (lambda: torch.ops.aten._add_batch_dim(torch.zeros(3), 0, 1), "storage"),

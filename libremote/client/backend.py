@@ -131,6 +131,10 @@ def register() -> None:
             _setup_privateuseone_for_python_backend(BACKEND_NAME, backend_module=_BackendModule())
         library = torch.library.Library("_", "IMPL")
         library.fallback(_fallback, "PrivateUse1")
+        # Factories of sparse layouts (``torch.zeros(..., layout=torch.sparse_coo, device=...)``)
+        # dispatch to the sparse keys of the backend: forwarded the same way (see sparse.py).
+        library.fallback(_fallback, "SparsePrivateUse1")
+        library.fallback(_fallback, "SparseCsrPrivateUse1")
         _libraries.append(library)
         # Some C++ paths (torch.tensor(data, device=...)) call ops with the Python key excluded,
         # so RemoteTensor.__torch_dispatch__ is skipped and the PrivateUse1 kernel runs. torch's

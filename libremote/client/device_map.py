@@ -61,6 +61,12 @@ def _tensor_to(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str
         args = (args[0], _map_ordinal(args[1]), *args[2:])
     if "device" in kwargs:
         kwargs["device"] = _map_ordinal(kwargs["device"])
+    if args[0].layout is not torch.strided:  # a sparse tensor: see sparse.moved_to_device
+        from .sparse import moved_to_device
+
+        moved = moved_to_device(args[0], args[1:], kwargs)
+        if moved is not None:
+            return moved
     return func(*args, **kwargs)
 
 
@@ -69,7 +75,7 @@ def _tensor_cuda(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[s
     device = args[1] if len(args) > 1 else kwargs.pop("device", None)
     target = backend.device(_current_index()) if device is None else _map_ordinal(device)
     non_blocking = args[2] if len(args) > 2 else kwargs.pop("non_blocking", False)
-    return _Tensor.to(tensor, target, non_blocking=non_blocking, **kwargs)
+    return _tensor_to(_Tensor.to, (tensor, target), {"non_blocking": non_blocking, **kwargs})
 
 
 #: The mark :func:`_mark_pinned` sets on a storage's Python object (torch keeps that object for as

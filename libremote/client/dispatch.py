@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from libremote_wire.messages import Cmd
-from . import backend, meta, runtime, sync
+from . import backend, meta, runtime, sparse, sync
 from .ops import OpInfo, Return, WireEncoder, op_info
 from .tensor import RemoteStorage, RemoteTensor, fit_storage, make, share_storage, storage_of
 
@@ -273,6 +273,8 @@ def _flat(outs: list[Any]) -> list[int]:
 
 
 def _spec_from_wire(tensor_meta: list[Any]) -> tuple[Any, ...]:
+    if len(tensor_meta) != 4:  # a sparse tensor's (libremote_wire.torch_codec.tensor_meta)
+        return sparse.spec_from_wire(tensor_meta)
     dtype, shape, stride, offset = tensor_meta
     return (dtype, tuple(shape), tuple(stride), offset)
 
@@ -283,6 +285,8 @@ def _adopt(tensor_meta: list[Any], handle: int, session: Any, index: int, view_o
     ``keeps_inference`` as for :func:`.tensor.make`."""
     from .tensor import _HandleRef
 
+    if len(tensor_meta) != 4:
+        return sparse.adopt(sparse.spec_from_wire(tensor_meta), handle, session, index)
     if not isinstance(view_of, RemoteTensor):
         return RemoteTensor(_spec_from_wire(tensor_meta), _HandleRef(handle, session), index)
     tensor = RemoteTensor(_spec_from_wire(tensor_meta), _HandleRef(handle, session), index,
@@ -295,6 +299,9 @@ def _set_spec(tensor: RemoteTensor, spec: tuple[Any, ...]) -> None:
     """Give ``tensor`` new metadata in place (after resize_, t_, unsqueeze_, ...). ``.data =``
     copies the template's dispatch keys too, so the template is made with ``tensor``'s own
     inference-ness: an in-place op inside inference mode leaves a normal tensor normal."""
+    if type(spec) is not tuple:
+        sparse.set_spec(tensor, spec)
+        return
     template = RemoteTensor(spec, tensor._ref, tensor._device_index, tensor)
     torch._C.TensorBase.data.__set__(tensor, template)
     tensor._spec = spec

@@ -126,6 +126,8 @@ class HostResult:
 def _describe_result(info: OpInfo, result: Any, meta_args: tuple[Any, ...], meta_kwargs: dict[str, Any],
                      on_meta: bool) -> tuple[Any, ...]:
     values = (result,) if len(info.returns) == 1 else (result if result is not None else ())
+    if any(isinstance(value, torch.Tensor) and value.layout is not torch.strided for value in values):
+        raise NeedsDaemon()  # a sparse result: its nnz depends on data (see sparse.py)
     specs: list[Any] = []
     for kind, source, value in zip(info.returns, info.return_sources, values):
         if kind is Return.NEW:

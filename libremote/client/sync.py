@@ -47,6 +47,10 @@ def to_copy(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     device = kwargs.get("device")
     source = args[0]
     if not isinstance(source, RemoteTensor):
+        if source.layout is not torch.strided:  # a host sparse tensor
+            from .sparse import upload
+
+            return upload(source, kwargs["device"].index or 0, kwargs.get("dtype"))
         return _upload_new(source, kwargs)
     if device is None or device.type == backend.BACKEND_NAME:
         return run(func, args, kwargs)

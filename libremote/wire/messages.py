@@ -395,7 +395,8 @@ COMMANDS: dict[Cmd, Command] = {c.kind: c for c in (
         Field("kwargs", dict, "keyword-only arguments by name"),
         Field("outs", ANY, "mirrors the returns: a handle, a list of handles, or nil (in-place, scalars)"),
     )),
-    Command(Cmd.OP_SYNC, "As OP, and return the values and output metadata (dynamic shapes, scalars).", (
+    Command(Cmd.OP_SYNC, "As OP, and return the values and output metadata (dynamic shapes, scalars; a sparse "
+            "result's layout, dims, nnz, coalesced flag, index dtype and blocksize).", (
         Field("op", (int, list), "as OP"), Field("args", list, "as OP"), Field("kwargs", dict, "as OP"),
         Field("outs", ANY, "as OP"),
     )),

@@ -24,7 +24,15 @@ for _name, _dtype in DTYPES.items():
     # Prefer the canonical name ("float32" over the alias "float") as str(dtype) spells it.
     if str(_dtype) == f"torch.{_name}":
         _DTYPE_NAMES[_dtype] = _name
-LAYOUTS: dict[str, torch.layout] = {"strided": torch.strided}
+LAYOUTS: dict[str, torch.layout] = {
+    "strided": torch.strided,
+    "sparse_coo": torch.sparse_coo,
+    "sparse_csr": torch.sparse_csr,
+    "sparse_csc": torch.sparse_csc,
+    "sparse_bsr": torch.sparse_bsr,
+    "sparse_bsc": torch.sparse_bsc,
+}
+_LAYOUT_NAMES = {value: name for name, value in LAYOUTS.items()}
 MEMORY_FORMATS: dict[str, torch.memory_format] = {
     "contiguous_format": torch.contiguous_format,
     "channels_last": torch.channels_last,
@@ -35,7 +43,7 @@ _MEMORY_FORMAT_NAMES = {value: name for name, value in MEMORY_FORMATS.items()}
 
 _dtype_exts = {dtype: msgpack.ExtType(int(Ext.DTYPE), name.encode()) for dtype, name in _DTYPE_NAMES.items()}
 _memory_format_exts = {fmt: msgpack.ExtType(int(Ext.MEMORY_FORMAT), name.encode()) for fmt, name in _MEMORY_FORMAT_NAMES.items()}
-_layout_exts = {torch.strided: msgpack.ExtType(int(Ext.LAYOUT), b"strided")}
+_layout_exts = {layout: msgpack.ExtType(int(Ext.LAYOUT), name.encode()) for layout, name in _LAYOUT_NAMES.items()}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -50,7 +58,7 @@ def layout_ext(layout: torch.layout) -> msgpack.ExtType:
     try:
         return _layout_exts[layout]
     except KeyError:
-        raise NotImplementedError(f"libremote supports strided tensors only, not {layout}") from None
+        raise NotImplementedError(f"libremote supports strided and sparse tensors only, not {layout}") from None
 
 
 def memory_format_ext(fmt: torch.memory_format) -> msgpack.ExtType:
@@ -111,8 +119,21 @@ def _inline_tensor(data: bytes) -> torch.Tensor:
 
 
 def tensor_meta(tensor: torch.Tensor) -> list[Any]:
-    """What the client needs to build a wrapper for a tensor the worker made."""
-    return [dtype_ext(tensor.dtype), list(tensor.shape), list(tensor.stride()), tensor.storage_offset()]
+    """What the client needs to build a wrapper for a tensor the worker made: ``[dtype, shape,
+    strides, storage offset]``, or for a sparse tensor ``[dtype, shape, layout, sparse dims,
+    dense dims, nnz, coalesced (COO; else nil), index dtype, blocksize (BSR/BSC; else [])]``."""
+    layout = tensor.layout
+    if layout is torch.strided:
+        return [dtype_ext(tensor.dtype), list(tensor.shape), list(tensor.stride()), tensor.storage_offset()]
+    if layout is torch.sparse_coo:
+        coalesced, index_dtype, blocksize = tensor.is_coalesced(), tensor._indices().dtype, []
+    else:
+        coalesced = None
+        index_dtype = (tensor.crow_indices() if layout in (torch.sparse_csr, torch.sparse_bsr) else tensor.ccol_indices()).dtype
+        batch_dims = tensor.dim() - tensor.sparse_dim() - tensor.dense_dim()
+        blocksize = list(tensor.values().shape[batch_dims + 1:batch_dims + 3]) if layout in (torch.sparse_bsr, torch.sparse_bsc) else []
+    return [dtype_ext(tensor.dtype), list(tensor.shape), layout_ext(layout), tensor.sparse_dim(), tensor.dense_dim(),
+            tensor._nnz(), coalesced, dtype_ext(index_dtype), blocksize]
 
 
 _hook = codec.ext_hook_for({

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import sparse
 from .residency import DeviceMemory, StorageRecord
 
 
@@ -90,8 +91,12 @@ class MemoryAccount:
         """Whether storages are residency-managed (oversubscription or a device budget is on)."""
         return self._device_memory_for is not None
 
-    def add(self, tensor: torch.Tensor) -> int:
-        """Charge for ``tensor``'s storage (once per storage); return the key to release it by."""
+    def add(self, tensor: torch.Tensor) -> Any:
+        """Charge for ``tensor``'s storage (once per storage); return the key to release it by. A
+        sparse tensor is charged for the storages of its indices and values: its key is the
+        tuple of theirs (see sparse.py)."""
+        if tensor.layout is not torch.strided:
+            return tuple(self.add(part) for part in sparse.parts(tensor))
         storage = tensor.untyped_storage()
         key = storage._cdata
         entry = self._entries.get(key)
@@ -117,6 +122,10 @@ class MemoryAccount:
         if len(self._entries) > self.peak_count:
             self.peak_count = len(self._entries)
         return key
+
+    def is_charged(self, key: int) -> bool:
+        """Whether the storage at ``key`` is charged to the session (a handle's, or held)."""
+        return key in self._entries or key in self._held
 
     def hold(self, tensor: torch.Tensor) -> None:
         """Charge ``tensor``'s storage, unless the session holds it already, for as long as the
@@ -147,7 +156,11 @@ class MemoryAccount:
             del self._held[key]
             self.allocated -= held[1]
 
-    def release(self, key: int) -> None:
+    def release(self, key: Any) -> None:
+        if type(key) is tuple:  # a sparse tensor's parts
+            for part in key:
+                self.release(part)
+            return
         entry = self._entries[key]
         entry.handles -= 1
         if entry.handles == 0:
@@ -179,16 +192,28 @@ class MemoryAccount:
         return grew
 
     def record_of(self, tensor: torch.Tensor) -> StorageRecord | None:
+        if tensor.layout is not torch.strided:
+            return None  # a sparse tensor has several: records_of
         return self.record_at(tensor.untyped_storage()._cdata)
 
-    def record_at(self, key: int) -> StorageRecord | None:
+    def records_of(self, tensor: torch.Tensor) -> list[StorageRecord]:
+        """The records of the storages ``tensor`` uses (a sparse tensor's parts' too)."""
+        tensors = sparse.parts(tensor) if tensor.layout is not torch.strided else (tensor,)
+        return [record for record in map(self.record_of, tensors) if record is not None]
+
+    def record_at(self, key: Any) -> StorageRecord | None:
         """The record of the storage :meth:`add` returned ``key`` for (no ``untyped_storage()``
-        call: eviction reads the queue's handles this way, hundreds at a time)."""
+        call: eviction reads the queue's handles this way, hundreds at a time). None for a sparse
+        tensor's tuple of keys (the lookahead does not follow sparse tensors)."""
+        if type(key) is tuple:
+            return None
         entry = self._entries.get(key)
         return None if entry is None else entry.record
 
-    def handle_count(self, key: int) -> int:
+    def handle_count(self, key: Any) -> int:
         """How many handles (and other holders) keep the storage at ``key`` charged."""
+        if type(key) is tuple:
+            return 0
         entry = self._entries.get(key)
         return 0 if entry is None else entry.handles
 

@@ -72,6 +72,9 @@ class OpEntry:
     #: Where a ``generator`` that is not keyword-only sits among the positional arguments
     #: (``poisson``, ``binomial``, ``_standard_gamma``...); None when it is keyword-only or absent.
     generator_at: int | None = None
+    #: Every argument the op writes (``Tensor(a!)``), as ("arg", position) or ("kwarg", name):
+    #: a sparse tensor among them is charged and checked again after the op (sparse.py).
+    written_arguments: tuple[tuple[str, Any], ...] = ()
 
 
 def _unsafe_flag_forced_off(schema: torch.FunctionSchema) -> Callable[[list[Any], dict[str, Any]], None] | None:
@@ -162,6 +165,10 @@ def resolve(name: str) -> OpEntry:
         rule=rule.name,
         check_arguments=op_rules.argument_checker(overload, rule) if _rules_enforced else None,
         generator_at=generator_at,
+        written_arguments=tuple(
+            ("kwarg", arg.name) if arg.kwarg_only else ("arg", position)
+            for position, arg in enumerate(schema.arguments)
+            if arg.alias_info is not None and arg.alias_info.is_write),
     )
     _cache[name] = entry
     return entry

@@ -21,11 +21,11 @@ Refused (in order):
 ``device_assert``   asserts (``_assert_async``...): a failed device-side assert poisons the CUDA
                     context of every tenant on the device.
 ``test_hook``       ``_test_*`` ops: torch's own test scaffolding.
-``non_strided``     makes or reads tensors that are not strided tensors over a storage: sparse,
-                    mkldnn, quantized, nested/jagged, functorch-batched, zero tensors, packed
-                    weights (:data:`NON_STRIDED_FAMILIES`). Their constructors do not validate
-                    indices against sizes (``sparse_coo_tensor.indices_size`` writes out of
-                    bounds), and their results have no storage the daemon can charge or free.
+``non_strided``     makes or reads tensors that are not strided tensors over a storage (or
+                    sparse ones the worker can check): mkldnn, quantized, nested/jagged,
+                    functorch-batched, zero tensors, packed weights, semi-structured sparsity
+                    (:data:`NON_STRIDED_FAMILIES`): their results have no storage the daemon can
+                    charge or free, and their kernels trust invariants nobody checks.
 ``process_state``   no tensor in and no tensor out (``_cufft_set_plan_cache_max_size``,
                     ``_nnpack_available``): all such an op can reach is process-wide state; and
                     the RNN kernels that keep a process-wide dropout state per device
@@ -38,8 +38,17 @@ Refused (in order):
 ``no_effect``       returns nothing and writes nothing, and is no host check (``_backward``):
                     its only effects are outside tensors.
 
+``sparse_unaudited``  sparse kernels that read a client's index tensors before a sparse tensor
+                    exists to check, leave indices unwritten, or are backward kernels combining a
+                    gradient with a forward's structure (:data:`SPARSE_UNAUDITED`).
+
 Allowed:
 
+``sparse``          the ops of COO and compressed sparse tensors (:data:`SPARSE_FAMILY`): the
+                    worker checks every sparse result with torch's invariant checks before it
+                    gets a handle and every sparse tensor an op wrote after it, and keeps the
+                    storage of sparse indices out of any strided handle (server/worker/sparse.py),
+                    so sparse kernels meet valid indices only.
 ``shape_checked``   backward kernels that trust their saved tensors' shapes (softmax, layer norm:
                     :data:`SAME_SHAPE`): allowed with a per-call check that the shapes agree.
 ``channel_checked`` batch norm (its kernels index per-channel tensors unchecked): allowed with a
@@ -74,7 +83,8 @@ Per-call checks, decided here once per overload (an op that has none pays nothin
 
 * enum arguments (``ScalarType``, ``Layout``, ``MemoryFormat``) must hold the wire's own values
   (``torch.dtype`` and so on): torch accepts raw integers for them and an integer outside the
-  enum crashes the daemon. A layout must be ``strided``; a dtype must not be quantized.
+  enum crashes the daemon. A layout must be ``strided`` or sparse (COO, CSR, CSC, BSR, BSC); a
+  dtype must not be quantized.
 * ``Device`` arguments must name one of the session's devices (the wire's ``DeviceRef``
   resolves only to those): a string or an integer there could name another GPU, the host or
   another backend (``privateuseone`` is libremote's own client backend, loaded in the daemon
@@ -92,7 +102,8 @@ Per-call checks, decided here once per overload (an op that has none pays nothin
   the saved tensors of ``shape_checked`` backward kernels must fit the gradient.
 
 Results are checked once more when the daemon stores them (``values.unstorable``): a tensor that
-is not strided, has no storage or lies on a device not the session's is refused there too.
+is neither strided nor a valid sparse tensor, has no storage or lies on a device not the
+session's is refused there too.
 """
 
 from __future__ import annotations
@@ -102,6 +113,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
+
+from .sparse import SPARSE_LAYOUTS
 
 #: Argument types (``Argument.real_type``) a kernel may take from a client: tensors, plain values
 #: and the enums and devices the wire carries as its own extension types.
@@ -128,9 +141,8 @@ UNSAFE_FOR_AUTOGRAD_ONLY = frozenset({"_unsafe_view", "unsafe_split", "unsafe_sp
 
 #: Families of ops on tensors that are not strided tensors over a storage, by name.
 NON_STRIDED_FAMILIES: dict[str, re.Pattern[str]] = {
-    "sparse": re.compile(r"sparse|^_?(indices|values|crow_indices|col_indices|ccol_indices|row_indices)$"
-                         r"|coalesce|^_?nnz$|^(sparse|dense)_dim$|^_dim[IV]$|^(hspmm|smm|sspaddmm|_spdiags)$"
-                         r"|^_?to_dense$|^_cslt|semi_structured|^_convert_indices_from_"),
+    # (COO and compressed sparse tensors are allowed by the ``sparse`` rule: SPARSE_FAMILY.)
+    "semi_structured": re.compile(r"^_cslt|semi_structured"),
     "mkldnn": re.compile(r"mkldnn|onednn"),
     "quantized": re.compile(r"(?<!fake_)quantiz(e|ed)(?!_fake)|^q_|^qscheme$|^int_repr$|affine_quantized"
                             r"|^_make_per_(tensor|channel)|fbgemm|^_wrapped_|int4pack|int8pack|^_dyn_quant"
@@ -139,6 +151,23 @@ NON_STRIDED_FAMILIES: dict[str, re.Pattern[str]] = {
     "functorch": re.compile(r"batch_dim|^_make_dual|^_unpack_dual|^_fw_primal|^_functionalize|zerotensor"
                             r"|^_make_dep_token|^_propagate_xla_data|^_new_zeros_with_same_feature_meta"),
 }
+
+#: The ops of sparse tensors (COO, CSR, CSC, BSR, BSC), by name: constructors, accessors,
+#: conversions, sparse kernels. Allowed by the ``sparse`` rule, because the worker keeps every
+#: sparse tensor under a handle valid (server/worker/sparse.py): each sparse result is checked
+#: with torch's invariant checks before it is stored and each one an op wrote in place after it,
+#: and no strided handle shares a storage with a sparse tensor's indices. (Generic ops, ``mm``,
+#: ``add``, ``mul``, meet sparse arguments too: under their own rules, on the same invariant.)
+SPARSE_FAMILY = re.compile(r"sparse|^_?(indices|values|crow_indices|col_indices|ccol_indices|row_indices)$"
+                           r"|coalesce|^_?nnz$|^(sparse|dense)_dim$|^_dim[IV]$|^(hspmm|smm|sspaddmm|_spdiags)$"
+                           r"|^_?to_dense$|^_convert_indices_from_")
+#: Sparse ops whose kernels read client-chosen strided tensors as addresses before any sparse
+#: tensor exists to validate (``_convert_indices_from_csr_to_coo`` walks ``crow_indices`` as
+#: offsets into its output; ``_spdiags`` places diagonals at given offsets), allocate indices they
+#: do not write (``_sparse_compressed_tensor_with_dims`` with nnz > 0), or are backward kernels
+#: that combine a gradient with the forward's structure (not audited: sparse softmax and sum
+#: backward, sparse embedding gradients).
+SPARSE_UNAUDITED = re.compile(r"_backward|^_convert_indices_from_|^_spdiags$|^_sparse_compressed_tensor_with_dims$")
 
 #: Ops that keep process-wide state across tenants although they take tensors: cuDNN's and
 #: MIOpen's RNN kernels cache a dropout state per device (and take a caller-sized state buffer).
@@ -316,11 +345,18 @@ RULES: tuple[Rule, ...] = (
          lambda f: any(p.search(f.op) for p in NON_STRIDED_FAMILIES.values())),
     Rule("host_check", True, "raises on the host when its argument is bad, changes nothing",
          lambda f: bool(HOST_CHECK_OPS.search(f.op))),
+    Rule("sparse_unaudited", False, "a sparse kernel that reads client-chosen index tensors before a sparse "
+         "tensor exists to validate, leaves indices unwritten, or combines a gradient with a forward's "
+         "structure unchecked", lambda f: bool(SPARSE_FAMILY.search(f.op)) and bool(SPARSE_UNAUDITED.search(f.op))),
     Rule("process_state", False, "reaches process-wide state shared by every tenant",
          lambda f: (not f.takes_tensor and not f.returns_tensor) or bool(PROCESS_STATE_OPS.search(f.op))),
     Rule("trusts_saved_indices", False, "a backward kernel that indexes with its forward's bookkeeping "
          "tensors without checking them (a forged one crashes the daemon)",
          lambda f: bool(TRUSTS_SAVED_INDICES.search(f.op))),
+    Rule("sparse", True, "sparse tensors: every sparse result is checked with torch's invariant checks "
+         "before it is stored, every sparse tensor an op writes after it, and no strided tensor shares the "
+         "storage of a sparse tensor's indices, so sparse kernels only meet valid indices",
+         lambda f: bool(SPARSE_FAMILY.search(f.op))),
     Rule("index_checked", True, "an index tensor the kernel trusts: checked to lie inside the tensor it "
          "indexes before the kernel runs", lambda f: f.op in INDEX_BOUNDS),
     Rule("bags_checked", True, "embedding bag: its indices and offsets, and in backward the forward's "
@@ -387,8 +423,8 @@ def _enum_check(type_name: str) -> ValueCheck:
             return f"must be a {type_name} (the wire's {expected.__name__}), not {type(value).__name__} {value!r:.30}"
         if value in QUANTIZED_DTYPES:
             return f"quantized dtype {value} is not supported"
-        if expected is torch.layout and value is not torch.strided:
-            return f"layout {value} is not supported (strided tensors only)"
+        if expected is torch.layout and value is not torch.strided and value not in SPARSE_LAYOUTS:
+            return f"layout {value} is not supported (strided and sparse tensors only)"
         return None
 
     return check

@@ -149,6 +149,8 @@ def needed_bytes(entry: Any, args: list[Any], kwargs: dict[str, Any], headroom: 
         bound = cheap_bound(sizing, args, kwargs)
         if bound <= headroom:
             return None
+    if _sparse_arguments(args, kwargs):
+        return None  # a sparse argument: meta kernels cannot size the results (nnz); checked after the op
     if sizing.sized_by_data:
         elements = _data_dependent_elements(sizing, args, kwargs)
         if elements is not None:
@@ -157,6 +159,15 @@ def needed_bytes(entry: Any, args: list[Any], kwargs: dict[str, Any], headroom: 
     if answer is None and sizing.factory:
         answer = _explicit_size_bound(sizing, args, kwargs)  # a factory with no meta kernel (quantized)
     return answer
+
+
+def _sparse_arguments(args: list[Any], kwargs: dict[str, Any]) -> bool:
+    """Whether a (non-strided) sparse tensor is among the arguments, lists included."""
+    for value in (*args, *kwargs.values()):
+        for item in (value if type(value) is list else (value,)):
+            if isinstance(item, torch.Tensor) and item.layout is not torch.strided:
+                return True
+    return False
 
 
 def cheap_bound(sizing: Sizing, args: list[Any], kwargs: dict[str, Any]) -> int:

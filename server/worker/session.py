@@ -26,7 +26,7 @@ from libremote_wire.codec import DeviceRef, GeneratorRef, HandleRef, ProtocolErr
 from libremote_wire.messages import Cmd, ErrorKind
 
 from .. import limits
-from . import devices, foreach_chunks, graphs, numerics, op_policy, preflight, programs, values, zeroing
+from . import devices, foreach_chunks, graphs, numerics, op_policy, preflight, programs, sparse, values, zeroing
 from .compiled_graphs import GraphCompiler
 from .cuda_graphs import GraphCapture
 from .memory import MemoryAccount, PoolStats
@@ -132,7 +132,9 @@ class Session:
         #: What the client streamed since it last asked for a reply (bounded: server/limits.py).
         self.inflow = limits.Inflow()
         self.tensors: dict[int, torch.Tensor] = {}
-        self._storage_keys: dict[int, int] = {}
+        self._storage_keys: dict[int, Any] = {}  # (a sparse tensor's: a tuple, see memory.py)
+        #: The storages of sparse handles' indices, which no strided handle may share (sparse.py).
+        self._sparse_indices = sparse.IndexStorages()
         self._failed: dict[int, str] = {}
         self._graphs: dict[int, graphs.Graph] = {}
         self._programs: dict[int, programs.Program] = {}
@@ -434,6 +436,11 @@ class Session:
         refusal = values.unstorable(tensor, self.devices)
         if refusal is not None:  # checked before anything is stored: close() never meets it
             raise CommandError(ErrorKind.REFUSED, "", f"the result for handle {handle} {refusal}")
+        if tensor.layout is not torch.strided:  # sparse (unstorable refuses other layouts)
+            tensor = self._sparse_indices.admit(tensor, self.memory.is_charged)
+            self._sparse_indices.add(handle, tensor)
+        elif self._sparse_indices.counts:  # (a dict's truth: this runs for every stored result)
+            tensor = self._sparse_indices.strided(tensor)
         self._storage_keys[handle] = self.memory.add(tensor)
         self._failed.pop(handle, None)
         self.tensors[handle] = tensor
@@ -450,6 +457,8 @@ class Session:
     def _drop(self, handle: int) -> None:
         if self.tensors.pop(handle, None) is not None:
             self.memory.release(self._storage_keys.pop(handle))
+            if self._sparse_indices.counts:
+                self._sparse_indices.remove(handle)
         else:
             self._failed.pop(handle, None)
 
@@ -559,6 +568,8 @@ class Session:
                 self._failed[handle] = f"{entry.name} failed: {exc.message}"
             raise
         grown = self._remeasure(entry, args, kwargs, command[2], command[3]) if entry.resized_arguments else ()
+        if self._sparse_indices.counts and entry.written_arguments:
+            self._recheck_written_sparse(entry, args, kwargs, command[2], command[3])
         self._store_outputs(entry, result, outs)
         if self._over_quota():
             self._refuse_over_quota(entry.name, allocated_before, outs, grown)
@@ -589,12 +600,31 @@ class Session:
             result = self._call(entry, args, kwargs, inputs)
         if entry.zero_fill_result:
             zeroing.zero_fresh_results(result, args, kwargs)
-        elif entry.trims_results:
+        elif entry.trims_results or (type(result) is torch.Tensor and result.layout is not torch.strided):
+            # (A sparse kernel may allocate indices and values for more elements than it keeps:
+            # sparse + sparse sizes them for both inputs' nnz.)
             zeroing.zero_beyond_results(result, args, kwargs)
         if sizes is not None:
             sizes.zero_growth(entry, args, kwargs)
         self.ops_executed += 1
         return result, inputs
+
+    def _recheck_written_sparse(self, entry: op_policy.OpEntry, args: list[Any], kwargs: dict[str, Any],
+                                wire_args: list[Any], wire_kwargs: dict[str, Any]) -> None:
+        """Each sparse tensor the op wrote in place is stored again: charged for the storages it
+        uses now, and checked against torch's invariants (``_coalesced_(True)`` on unsorted
+        indices). One that fails is dropped and its handle poisoned (sparse.py)."""
+        for handle, tensor in sparse.written_sparse(entry.written_arguments, args, kwargs, wire_args, wire_kwargs,
+                                                    HandleRef):
+            if self.tensors.get(handle) is not tensor:
+                continue
+            reason = values.unstorable(tensor, self.devices)
+            self._drop(handle)
+            if reason is not None:
+                message = f"the tensor it wrote in place (handle {handle}) {reason}; it was dropped"
+                self._failed[handle] = f"{entry.name} failed: {message}"
+                raise CommandError(ErrorKind.REFUSED, entry.name, message)
+            self._store(handle, tensor)
 
     def _store_outputs(self, entry: op_policy.OpEntry, result: Any, outs: Any) -> None:
         if outs is None:
@@ -657,7 +687,7 @@ class Session:
         for where, key in entry.resized_arguments:
             value = (args[key] if key < len(args) else None) if where == "arg" else kwargs.get(key)
             wire = (wire_args[key] if key < len(wire_args) else None) if where == "arg" else wire_kwargs.get(key)
-            if isinstance(value, torch.Tensor) and isinstance(wire, HandleRef) and (
+            if isinstance(value, torch.Tensor) and isinstance(wire, HandleRef) and value.layout is torch.strided and (
                     self._charge_new_storage(wire.handle, value) or self.memory.refresh(value)):
                 grown.append(wire.handle)
         return grown
@@ -954,7 +984,7 @@ class Session:
 
     def _make_resident(self, what: str, tensors: list[torch.Tensor]) -> list[StorageRecord]:
         """Restore the storages these tensors use (spilled ones come back first)."""
-        records = list({id(r): r for r in map(self.memory.record_of, tensors) if r is not None}.values())
+        records = list({id(r): r for t in tensors for r in self.memory.records_of(t)}.values())
         try:
             for device_memory in {id(r.device_memory): r.device_memory for r in records}.values():
                 device_memory.ensure_resident([r for r in records if r.device_memory is device_memory])
@@ -1024,7 +1054,7 @@ class Session:
         """New outputs are resident: evict others to get back within the device budget, or undo
         the op and raise out-of-memory when host RAM cannot take the overflow either."""
         outputs = [self.tensors[h] for h in values.flatten_handles(outs) if isinstance(h, int) and h in self.tensors]
-        records = inputs + [r for r in map(self.memory.record_of, outputs) if r is not None]
+        records = inputs + [r for t in outputs for r in self.memory.records_of(t)]
         try:
             for device_memory in {id(dm): dm for dm in self.device_memories if dm is not None}.values():
                 device_memory.fit(protect=records)
@@ -1081,6 +1111,9 @@ class Session:
     def _fetch(self, command: list[Any], frames: list[Any]) -> tuple[list[Any], Any]:
         codec.check(len(command) == 2, "FETCH takes [FETCH, handle]")
         tensor = self.tensor(command[1])
+        if tensor.layout is not torch.strided:
+            raise CommandError(ErrorKind.OP, "FETCH", f"handle {command[1]} is a {tensor.layout} tensor: fetch its "
+                               "indices and values (strided tensors) instead")
         if self.memory.managed:
             self._make_resident("FETCH", [tensor])
         if (self.device.type == "cpu" and self._last_in_batch and not self.memory.managed

@@ -11,6 +11,7 @@ from libremote_wire import codec, torch_codec
 from libremote_wire.codec import HandleRef
 from libremote_wire.messages import Cmd
 
+from . import sparse
 from .op_policy import OpEntry
 
 
@@ -65,10 +66,13 @@ def unstorable(tensor: torch.Tensor, devices: Sequence[torch.device]) -> str | N
     """Why the daemon will not keep ``tensor`` under a handle, or None. A handle holds a strided
     tensor over a storage on one of the session's devices: the memory account charges and frees
     that storage, FETCH reads it, and every later op may take it as an input. (Non-strided and
-    wrapper tensors, such as sparse, mkldnn, quantized or functorch-batched ones, have no storage
-    to charge, and their kernels trust invariants a client could break.)"""
+    wrapper tensors, such as mkldnn, quantized or functorch-batched ones, have no storage to
+    charge, and their kernels trust invariants a client could break.) Sparse tensors are kept
+    when their parts are such tensors and they pass torch's invariant checks (sparse.py)."""
     if tensor.layout is not torch.strided:
-        return f"is a {tensor.layout} tensor; the daemon keeps strided tensors only"
+        if sparse.is_sparse(tensor):
+            return sparse.unstorable(tensor, devices)
+        return f"is a {tensor.layout} tensor; the daemon keeps strided and sparse tensors only"
     if tensor.is_quantized:
         return "is a quantized tensor; the daemon keeps strided tensors only"
     if tensor.device not in devices:

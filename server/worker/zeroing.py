@@ -38,7 +38,7 @@ from typing import Any, Iterator
 
 import torch
 
-from . import residency
+from . import residency, sparse
 
 aten = torch.ops.aten
 
@@ -66,9 +66,13 @@ def byte_view(storage: torch.UntypedStorage) -> torch.Tensor:
 
 
 def tensors_of(value: Any) -> Iterator[torch.Tensor]:
-    """Tensors in an op's result or argument (lists and tuples included)."""
+    """Tensors in an op's result or argument (lists and tuples included); for a sparse tensor,
+    the strided tensors it is made of (sparse.py), whose storages are what is zeroed and charged."""
     if isinstance(value, torch.Tensor):
-        yield value
+        if value.layout is not torch.strided and sparse.is_sparse(value):
+            yield from sparse.parts(value)
+        else:
+            yield value
     elif isinstance(value, (list, tuple)):
         for item in value:
             yield from tensors_of(item)
