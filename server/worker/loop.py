@@ -35,7 +35,8 @@ from libremote_wire.zmq_events import readable
 from .. import auth, limits, outbox, peers, policy
 from . import devices, host_memory, leases, op_policy
 from .residency import DeviceMemory
-from .session import Reply, Session, TenantAccount
+from .session import Reply, Session
+from .session_quota import TenantAccount
 from .slots import DeviceSlot, SliceTimer, Watchdog
 
 log = logging.getLogger("libremote.server.worker")
