@@ -44,6 +44,9 @@ lives). So
 that a finished model does not pin its memory, the daemon's housekeeping drops the captures whose
 parameters (the inputs a graph was last called with as the very tensors it was captured on) or
 whose step's tensors the client has freed (:meth:`GraphCapture.reclaim`).
+
+Why one module of this size: capture, replay and the bookkeeping of what a replay may overwrite
+are one protocol with one invariant (addresses fixed while a client may still read them).
 """
 
 from __future__ import annotations

@@ -104,6 +104,9 @@ Per-call checks, decided here once per overload (an op that has none pays nothin
 Results are checked once more when the daemon stores them (``values.unstorable``): a tensor that
 is neither strided nor a valid sparse tensor, has no storage or lies on a device not the
 session's is refused there too.
+
+Why one module of this size: the rules are one ordered table, and each rule's per-call check
+sits beside it; split, the order that decides (refusing rules first) would be spread over files.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ records the session's *pending error* (reported in the next REPLY, like an async
 error) and poisons the handles it would have produced, so later commands that use them fail with
 a message naming the original failure instead of "unknown handle". The session stays usable:
 commands that do not depend on the failure run normally.
+
+Why this module is still ~600 lines: running batches, the handle table and op execution share
+the per-command path, which is kept in one place for its speed (one attribute lookup per step).
 """
 
 from __future__ import annotations
