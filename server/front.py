@@ -102,14 +102,9 @@ class Front:
             auth_keys=auth_keys, server_key=server_key, port_range=list(worker_ports) if worker_ports else None,
         )
         try:
-            device_type_probe = device_spec.split(",")[0].strip().lower()
             self.workers = WorkerPool(self.runtime_dir, self._control, worker_config, op_time_limit_s=op_time_limit_s,
-                                      memory_margin=worker_memory_margin,
-                                      device_type="cpu" if device_type_probe == "cpu" else "accelerator",
-                                      on_exit=self._worker_exited)
+                                      memory_margin=worker_memory_margin, on_exit=self._worker_exited)
             specs, facts, self.torch_version = self.workers.start(device_spec, log_level)
-            self.workers.device_type = "cpu" if all(spec == "cpu" for spec in specs) else "accelerator"
-            worker_config["device_specs"] = specs
             self.devices = [FrontDevice(index, spec, fact) for index, (spec, fact) in enumerate(zip(specs, facts))]
             if self.pool.manages_residency:
                 for device in self.devices:

@@ -90,14 +90,16 @@ class WorkerPool:
     """The zygote, the workers it forked, and the front's control socket to them."""
 
     def __init__(self, runtime_dir: Path, control: zmq.Socket[Any], base_config: dict[str, Any], *,
-                 op_time_limit_s: float | None, memory_margin: int, device_type: str,
+                 op_time_limit_s: float | None, memory_margin: int,
                  on_exit: Callable[[WorkerProcess, str], None]) -> None:
         self.runtime_dir = runtime_dir
         self._control = control
         self.base_config = base_config
         self.op_time_limit_s = op_time_limit_s
         self.memory_margin = memory_margin
-        self.device_type = device_type
+        #: "cpu" when every device of the daemon is the CPU backend (then device memory is host
+        #: memory, and a worker's memory cap includes its tenant's quota), else "accelerator".
+        self.device_type = "accelerator"
         self._on_exit = on_exit
         self.workers: dict[str, WorkerProcess] = {}
         self._by_key: dict[str, WorkerProcess] = {}
@@ -125,6 +127,8 @@ class WorkerPool:
             raise ValueError("the worker zygote died while starting (see the log above)")
         if answer.get("error"):
             raise ValueError(answer["error"])
+        self.base_config["device_specs"] = answer["devices"]
+        self.device_type = "cpu" if all(spec == "cpu" for spec in answer["devices"]) else "accelerator"
         return answer["devices"], answer["facts"], answer["torch"]
 
     @property
