@@ -170,7 +170,7 @@ class Front:
                     if self.workers.zygote_fd < 0:
                         poller.unregister(self.workers.zygote_fd)
                 for identity in self._peers.closed():
-                    self._forget_client(identity, "its client disconnected (exited, was killed, or closed the connection)")
+                    self._front_connection_closed(identity)
                 self._housekeeping()
         finally:
             self._close()
@@ -252,6 +252,17 @@ class Front:
                    "this daemon has no session for the client (say HELLO first; once welcomed, BATCH goes to the "
                    "worker WELCOME names, which libremote clients of this release do); reconnect")
             self._send(identity, [Msg.REPLY, seq, [], [ErrorKind.SESSION.value, "", why]])
+
+    def _front_connection_closed(self, identity: bytes) -> None:
+        """A client's connection to the front closed. Waiting, or not yet told where its worker
+        is, it is gone; with a session at its worker, that worker sees its own connection close
+        (or its BYE, which may still be on its way there) and ends the session itself."""
+        session = self.sessions.get(identity)
+        if session is not None and session.opened:
+            self.waiting = [w for w in self.waiting if w.identity != identity]
+            self._peers.forget(identity)
+            return
+        self._forget_client(identity, "its client disconnected (exited, was killed, or closed the connection)")
 
     def _forget_client(self, identity: bytes, why: str) -> None:
         """A client is gone (BYE or disconnected): out of the queue, and its session closed."""

@@ -33,6 +33,8 @@ from libremote_wire.zmq_events import readable
 from ..errors import ConnectionFailed
 
 _POLL_SLICE_MS = 100
+#: How long a closing connection may take to send what is queued (its BYE) before it goes.
+_CLOSE_LINGER_MS = 500
 #: When the worker's connection drops, how long to wait for the front to say why.
 _WHY_WAIT_S = 1.0
 
@@ -297,11 +299,13 @@ class Connection:
     def close(self) -> None:
         if os.getpid() != self.pid:
             return  # never touch ZeroMQ state inherited through fork
+        # A connection still up may have a last message queued (BYE): let it go out, briefly.
+        linger_ms = 0 if self.broken else _CLOSE_LINGER_MS
         if not self.broken:
             self.broken = "libremote: the connection was closed; call libremote.connect() to open another"
-        self._close_sockets()
+        self._close_sockets(linger_ms)
 
-    def _close_sockets(self) -> None:
+    def _close_sockets(self, linger_ms: int = 0) -> None:
         try:
             self._socket.disable_monitor()
         except zmq.ZMQError:
@@ -309,5 +313,5 @@ class Connection:
         self._monitor.close(0)
         self._front.close(0)
         if self._worker is not None:
-            self._worker.close(0)
+            self._worker.close(linger_ms)
         self._context.term()
