@@ -20,33 +20,14 @@ import torch
 from ..errors import ConnectionFailed, NotConfiguredError
 from libremote_wire.messages import Cmd
 from . import capture, cuda_graph, legacy_types, parallel, runtime, warning_location
+from .runtime import current_device, set_device
+from .runtime import device_facts as _facts, device_index as _index, exchange_device as _exchange_device
 
-_current_device = 0
 _warned: set[str] = set()
 
 
 def _session() -> Any:
     return runtime.current()
-
-
-def _index(device: Any = None) -> int:
-    if device is None:
-        return _current_device
-    if isinstance(device, int):
-        return device
-    if isinstance(device, str):
-        device = torch.device(device)
-    if isinstance(device, torch.device):
-        return _current_device if device.index is None else device.index
-    raise ValueError(f"libremote: {device!r} does not name a device")
-
-
-def _facts(device: Any = None) -> dict[str, Any]:
-    devices = _session().devices
-    index = _index(device)
-    if not 0 <= index < len(devices):
-        raise RuntimeError(f"libremote: device cuda:{index} does not exist; the daemon gave this session {len(devices)}")
-    return devices[index]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -74,25 +55,7 @@ def device_count() -> int:
     return len(_session().devices) if is_available() else 0
 
 
-def current_device() -> int:
-    return _current_device
-
-
-def set_device(device: Any) -> None:
-    global _current_device
-    index = _index(device)
-    if index < 0:
-        return
-    _facts(index)
-    _current_device = index
-
-
-def _exchange_device(index: int) -> int:
-    global _current_device
-    previous = _current_device
-    if index >= 0:
-        _current_device = index
-    return previous
+# (Which device is current, ``current_device``/``set_device``, is process-wide state: runtime.py.)
 
 
 def synchronize(device: Any = None) -> None:
@@ -162,7 +125,7 @@ def _seed(seed: int, device: int | None) -> None:
 
 def manual_seed(seed: int) -> None:
     """Seed the current device's generator on the daemon."""
-    _seed(seed, _current_device)
+    _seed(seed, current_device())
 
 
 def manual_seed_all(seed: int) -> None:

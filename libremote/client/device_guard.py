@@ -10,6 +10,11 @@ the Python one. It needs a C++ compiler on the client, and only when ``LIBREMOTE
 
 from __future__ import annotations
 
+import os
+import time
+
+from . import warning_location
+
 _SOURCE = r"""
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <c10/core/Stream.h>
@@ -91,11 +96,7 @@ _STALE_LOCK_S = 600
 
 
 def _clear_stale_build_lock() -> None:
-    import os
-    import time
     from torch.utils.cpp_extension import _get_build_directory
-
-    from . import warning_location
 
     lock = os.path.join(_get_build_directory("libremote_device_guard", verbose=False), "lock")
     try:

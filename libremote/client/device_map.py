@@ -26,16 +26,11 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from . import backend, generators
+from .runtime import current_device as _current_index
 from .tensor import RemoteTensor
 
 _Tensor = torch.Tensor
 _RemoteGenerator = generators.RemoteGenerator
-
-
-def _current_index() -> int:
-    from . import cuda_api
-
-    return cuda_api.current_device()
 
 
 def map_device(device: Any) -> Any:

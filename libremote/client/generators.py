@@ -74,16 +74,14 @@ class RemoteGenerator(_TorchGenerator):
         return _TorchGenerator.__new__(cls, "cpu")  # the backing generator: see the module docstring
 
     def __init__(self, index: int | None = None) -> None:
-        from . import cuda_api
-
         session = runtime.current()
         if "generators" not in session.daemon_info.get("features", ()):
             raise RuntimeError(
                 f"libremote: the daemon at {session.address} is too old for torch.Generator(device='cuda'); "
                 "upgrade it, or seed the default generator with torch.cuda.manual_seed"
             )
-        device = cuda_api.current_device() if index is None else index
-        cuda_api._facts(device)  # raises for a device the session does not have
+        device = runtime.current_device() if index is None else index
+        runtime.device_facts(device)  # raises for a device the session does not have
         self._index = index
         self._id = next(_ids)
         self._session = session

@@ -1,13 +1,20 @@
-"""Process-wide client state: which daemon, and the session with it (opened on first use)."""
+"""Process-wide client state: which daemon, the session with it (opened on first use), and which
+of its devices is current."""
 
 from __future__ import annotations
 
 import atexit
 import os
 import threading
+from typing import Any
+
+import torch
+
+from libremote_wire import __version__
 
 from ..config import Settings
 from ..errors import ConnectionFailed, NotConfiguredError
+from . import device_guard
 from .session import ClientSession
 
 _session: ClientSession | None = None
@@ -15,12 +22,6 @@ _address: str | None = None
 #: The last failure to connect: raised again at once instead of waiting out another timeout.
 _failure: Exception | None = None
 _lock = threading.Lock()
-
-
-def _libremote_version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 def configured_address() -> str | None:
@@ -80,8 +81,6 @@ def _new_session(address: str | None) -> ClientSession:
             "libremote.connect('tcp://host:port') before using the device."
         )
     settings = Settings.from_env()
-    from . import device_guard
-
     if settings.devices > device_guard.device_count:
         # The device guard that tells autograd how many devices exist is chosen at import.
         raise NotConfiguredError(
@@ -89,7 +88,54 @@ def _new_session(address: str | None) -> ClientSession:
             f"(it registered support for {device_guard.device_count} device(s)); set it in the "
             "environment before the program starts"
         )
-    return ClientSession(settings, address, _libremote_version())
+    return ClientSession(settings, address, __version__)
+
+
+# ------------------------------------------------------------------------------------------------
+# The current device: which of the session's devices ``cuda`` without an index names
+# ------------------------------------------------------------------------------------------------
+_current_device = 0
+
+
+def device_index(device: Any = None) -> int:
+    if device is None:
+        return _current_device
+    if isinstance(device, int):
+        return device
+    if isinstance(device, str):
+        device = torch.device(device)
+    if isinstance(device, torch.device):
+        return _current_device if device.index is None else device.index
+    raise ValueError(f"libremote: {device!r} does not name a device")
+
+
+def device_facts(device: Any = None) -> dict[str, Any]:
+    devices = current().devices
+    index = device_index(device)
+    if not 0 <= index < len(devices):
+        raise RuntimeError(f"libremote: device cuda:{index} does not exist; the daemon gave this session {len(devices)}")
+    return devices[index]
+
+
+def current_device() -> int:
+    return _current_device
+
+
+def set_device(device: Any) -> None:
+    global _current_device
+    index = device_index(device)
+    if index < 0:
+        return
+    device_facts(index)
+    _current_device = index
+
+
+def exchange_device(device: int) -> int:
+    global _current_device
+    previous = _current_device
+    if device >= 0:
+        _current_device = device
+    return previous
 
 
 def _close() -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from . import backend
+from . import backend, runtime
 
 #: Host storages made by saving remote tensors -> the CUDA location to record for them.
 _saved_locations: dict[int, str] = {}
@@ -121,10 +121,8 @@ _active = False
 def _deserialize(storage: Any, location: str) -> Any:
     if not _active or not location.startswith("cuda"):
         return None
-    from . import cuda_api
-
     index = torch.device(location).index
-    _remember(_loaded_for_device, storage, cuda_api.current_device() if index is None else index)
+    _remember(_loaded_for_device, storage, runtime.current_device() if index is None else index)
     return storage
 
 
