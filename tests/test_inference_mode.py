@@ -269,7 +269,7 @@ def test_bert_forward_under_inference_mode(remote):
 def test_data_assignment_between_inference_and_normal_tensors(remote):
     """``p.data = q`` across inference-ness: torch keeps ``p``'s version counter (so whether an
     in-place update of ``p`` raises stays as it was) and copies ``q``'s keys; a PrivateUse1 tensor
-    keeps its own keys (see ``dispatch.rebind``), so only ``p.is_inference()`` is not compared."""
+    keeps its own keys (see ``tensor.rebind``), so only ``p.is_inference()`` is not compared."""
 
     def scenario(device: str) -> dict[str, Any]:
         normal = torch.zeros(4, device=device)

@@ -13,11 +13,11 @@ def activate() -> None:
     global active
     if active:
         return
-    from . import (amp, attention, backend, cuda_api, device_map, generators, optim, parameter_identity,
+    from . import (amp, attention, cuda_api, device_map, generators, optim, parameter_identity, registration,
                    serialization, warning_location)
     from . import compile as graph_compile
 
-    backend.register()
+    registration.register()
     warning_location.install()
     amp.enabled = True
     cuda_api.install()

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
-from . import backend, generators
+from . import attention, backend, ctc_loss, generators, legacy_types
 from .runtime import current_device as _current_index
 from .tensor import RemoteTensor
 
@@ -126,8 +126,6 @@ def _record_stream(tensor: torch.Tensor, stream: Any) -> None:
 
 def _tensor_type(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``host_tensor.type(torch.cuda.FloatTensor)``: moved to the remote device (legacy_types)."""
-    from . import legacy_types
-
     dtype = args[1] if len(args) > 1 else kwargs.get("dtype")
     if dtype is not None:
         non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
@@ -137,21 +135,15 @@ def _tensor_type(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[s
     return func(*args, **kwargs)
 
 
-def _special_functions() -> dict[Any, Callable[..., Any]]:
-    from . import attention, ctc_loss
-
-    return {
-        _Tensor.to: _tensor_to,
-        _Tensor.cuda: _tensor_cuda,
-        _Tensor.pin_memory: _pin_memory,
-        _Tensor.is_pinned: _is_pinned,
-        _Tensor.type: _tensor_type,
-        **attention.HOOKS,
-        **ctc_loss.HOOKS,
-    }
-
-
-_SPECIAL: dict[Any, Callable[..., Any]] = {}
+_SPECIAL: dict[Any, Callable[..., Any]] = {
+    _Tensor.to: _tensor_to,
+    _Tensor.cuda: _tensor_cuda,
+    _Tensor.pin_memory: _pin_memory,
+    _Tensor.is_pinned: _is_pinned,
+    _Tensor.type: _tensor_type,
+    **attention.HOOKS,
+    **ctc_loss.HOOKS,
+}
 
 
 class CudaIsRemote(TorchFunctionMode):
@@ -216,7 +208,6 @@ def install() -> None:
     if _installed:
         return
     _installed = True
-    _SPECIAL.update(_special_functions())
     _mode.__enter__()
     threading.Thread._bootstrap_inner = _bootstrap_inner_with_mode  # type: ignore[attr-defined]
     _patch_default_device()

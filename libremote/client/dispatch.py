@@ -18,9 +18,9 @@ from typing import Any, Callable
 import torch
 
 from libremote_wire.messages import Cmd
-from . import backend, meta, runtime, sparse, sync
+from . import backend, meta, runtime, sparse
 from .ops import OpInfo, Return, WireEncoder, op_info
-from .tensor import RemoteStorage, RemoteTensor, fit_storage, make, share_storage, storage_of
+from .tensor import RemoteStorage, RemoteTensor, _HandleRef, fit_storage, make, share_storage, storage_of
 
 aten = torch.ops.aten
 
@@ -283,8 +283,6 @@ def _adopt(tensor_meta: list[Any], handle: int, session: Any, index: int, view_o
            keeps_inference: bool = True) -> RemoteTensor:
     """A result of a synchronous op, whose handle was allocated before the call; ``view_of`` and
     ``keeps_inference`` as for :func:`.tensor.make`."""
-    from .tensor import _HandleRef
-
     if len(tensor_meta) != 4:
         return sparse.adopt(sparse.spec_from_wire(tensor_meta), handle, session, index)
     if not isinstance(view_of, RemoteTensor):
@@ -306,30 +304,6 @@ def _set_spec(tensor: RemoteTensor, spec: tuple[Any, ...]) -> None:
     torch._C.TensorBase.data.__set__(tensor, template)
     tensor._spec = spec
     fit_storage(tensor)
-
-
-def rebind(target: RemoteTensor, new: torch.Tensor) -> None:
-    """``target.data = new``: target becomes an alias of ``new`` (metadata and daemon handle)."""
-    if not isinstance(new, RemoteTensor):
-        raise RuntimeError(
-            f"data set to a tensor on {new.device} for a tensor on {target.device}: move it first "
-            "(.data = t.to(param.device))"
-        )
-    with torch.no_grad():
-        alias = aten.alias.default(new)
-    if alias.is_inference() != target.is_inference():
-        # torch lets ``.data =`` copy an inference tensor's dispatch keys into a normal tensor
-        # (or the reverse) only between dense CPU/CUDA tensors (``_has_compatible_shallow_copy_type``);
-        # it keeps the target's version counter, which decides whether in-place updates raise.
-        # A PrivateUse1 tensor only takes identical keys: the target keeps its own inference-ness.
-        template = RemoteTensor(alias._spec, alias._ref, alias._device_index, target)
-        template._storage = storage_of(alias)
-        alias = template
-    torch._C.TensorBase.data.__set__(target, alias)
-    target._ref = alias._ref
-    target._spec = alias._spec
-    target._storage = storage_of(alias)
-    target._device_index = alias._device_index
 
 
 def set_storage(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -355,8 +329,12 @@ def set_storage(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict
 
 
 _SPECIAL: dict[torch._ops.OpOverload, Callable[..., Any]] = {
-    aten._to_copy.default: sync.to_copy,
-    aten.copy_.default: sync.copy_,
     aten.is_pinned.default: lambda func, args, kwargs: False,
     **{getattr(aten.set_, overload): set_storage for overload in aten.set_.overloads()},
 }
+
+
+def handle_specially(handlers: dict[torch._ops.OpOverload, Callable[..., Any]]) -> None:
+    """Ops that a layer above runs itself, calling :func:`run` for their device side: the copies
+    between the host and the daemon (:data:`.sync.SPECIAL_OPS`, given by :func:`.registration.register`)."""
+    _SPECIAL.update(handlers)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from libremote_wire import codec, messages, torch_codec
-from . import backend
+from . import backend, generators
 from .tensor import RemoteTensor
 
 
@@ -172,7 +172,7 @@ def op_info(func: torch._ops.OpOverload) -> OpInfo:
             or torch.Tag.dynamic_output_shape in tags
             or torch.Tag.data_dependent_output in tags
         ),
-        # Unless the remote device has a kernel of its own (backend._OPS_FUSED_ON_CUDA): those
+        # Unless the remote device has a kernel of its own (registration._OPS_FUSED_ON_CUDA): those
         # travel as one op, as CUDA runs them.
         composite=(torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd")
                    and not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "PrivateUse1")),
@@ -265,8 +265,6 @@ class WireEncoder:
         if hasattr(value, "dtype") and hasattr(value, "item"):  # numpy scalars
             return self.value(value.item())
         if isinstance(value, torch._C.Generator):  # torch.Generator("cuda"): see generators.py
-            from . import generators
-
             return generators.wire(value, self.session)
         raise TypeError(f"libremote: cannot send a {kind.__name__} argument of {self.op_name} to the daemon")
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from . import backend, runtime
+from .tensor import fetch, storage_of
 
 #: Host storages made by saving remote tensors -> the CUDA location to record for them.
 _saved_locations: dict[int, str] = {}
@@ -71,9 +72,6 @@ def _saving(save_function: Any) -> Any:
 def _host_storage(tensor: Any) -> torch.UntypedStorage | None:
     """The host copy of ``tensor``'s whole daemon storage, fetched once per save scope; None
     outside a save, or when the storage is not a whole number of ``tensor``'s elements."""
-    from .sync import fetch
-    from .tensor import storage_of
-
     storages = getattr(_save_scope, "storages", None)
     identity = storage_of(tensor)
     if storages is None or identity.nbytes % tensor.element_size():
@@ -91,8 +89,6 @@ def _host_storage(tensor: Any) -> torch.UntypedStorage | None:
 def _host_copy(tensor: Any) -> torch.Tensor:
     """``tensor``'s data on the host: a view of its whole storage's host copy inside a save
     (same offset, shape and strides as on the device), else a copy of the tensor alone."""
-    from .sync import fetch
-
     storage = _host_storage(tensor)
     if storage is None:
         host = fetch(tensor.detach())

@@ -1,49 +1,29 @@
 """Sync points that move data between the host and the daemon.
 
 ``.cpu()`` / ``.to("cpu")`` arrive as ``aten._to_copy(device=cpu)``, ``cpu_t.copy_(remote)`` and
-``remote.copy_(cpu_t)`` as ``aten.copy_``; printing fetches the data once and lets torch's own
-formatter lay it out. Downloads arrive as one ZeroMQ frame that the result tensor views without a
-copy. Large uploads travel in pieces, one message each, so that the daemon's copy of one piece
-(into device memory, on a GPU) overlaps the transfer of the next.
+``remote.copy_(cpu_t)`` as ``aten.copy_``. Downloads (:func:`.tensor.fetch`, which printing uses
+too) arrive as one ZeroMQ frame that the result tensor views without a copy. Large uploads travel
+in pieces, one message each, so that the daemon's copy of one piece (into device memory, on a GPU)
+overlaps the transfer of the next.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 
 from libremote_wire import torch_codec
 from libremote_wire.messages import Cmd
-from . import backend
-from .tensor import RemoteTensor
+from . import backend, runtime
+from .dispatch import run
+from .meta import spec_of
+from .tensor import RemoteTensor, fetch, make
 
 aten = torch.ops.aten
 
 
-def fetch(tensor: RemoteTensor) -> torch.Tensor:
-    """The tensor's data as a new CPU tensor with the same shape (and, when dense, strides)."""
-    session = tensor._ref.session
-    if session.closed:
-        raise RuntimeError("libremote: this tensor belongs to a closed session; its data is gone")
-    result, frames = session.request([Cmd.FETCH, tensor._ref.id])
-    dtype, shape, stride, frame_index = result
-    numel = 1
-    for size in shape:
-        numel *= size
-    if numel == 0:
-        return torch.empty_strided(shape, stride, dtype=dtype)
-    with warnings.catch_warnings():
-        # The frame is read-only to Python but ours alone: the tensor may write to it.
-        warnings.simplefilter("ignore", UserWarning)
-        flat = torch_codec.tensor_from_bytes(frames[frame_index - 1].buffer, dtype, [numel])
-    return flat.as_strided(shape, stride)
-
-
 def to_copy(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    from .dispatch import run
-
     device = kwargs.get("device")
     source = args[0]
     if not isinstance(source, RemoteTensor):
@@ -69,10 +49,6 @@ def to_copy(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
 def _upload_new(source: torch.Tensor, kwargs: dict[str, Any]) -> RemoteTensor:
     """``host_tensor.to(remote)``: a new remote tensor holding the host tensor's data."""
-    from . import runtime
-    from .meta import spec_of
-    from .tensor import make
-
     device = kwargs["device"]
     dtype = kwargs.get("dtype") or source.dtype
     host = source if dtype == source.dtype else source.to(dtype)
@@ -104,8 +80,6 @@ def _upload_in_pieces(host: torch.Tensor, spec: tuple[Any, ...], session: Any, d
     """A new remote tensor (contiguous ``spec``) filled from ``host`` piece by piece: allocated
     on the daemon by an ``empty_strided`` op, then filled by :func:`_send_in_pieces`. Only
     existing commands: any daemon understands it."""
-    from .dispatch import run
-
     dtype, shape, stride, _ = spec
     target = run(aten.empty_strided.default, (list(shape), list(stride)),
                  {"dtype": dtype, "device": backend.device(device_index)})
@@ -116,16 +90,12 @@ def _upload_in_pieces(host: torch.Tensor, spec: tuple[Any, ...], session: Any, d
 def _staged(host: torch.Tensor, session: Any, device_index: int) -> RemoteTensor:
     """``host`` (large, any layout) as a new contiguous remote tensor, sent in pieces: the
     source of a remote copy into a destination that pieces cannot be written to directly."""
-    from .meta import spec_of
-
     contiguous = host.detach().contiguous()
     return _upload_in_pieces(contiguous, spec_of(contiguous), session, device_index)
 
 
 def _laid_out(source: RemoteTensor, spec: tuple[Any, ...]) -> RemoteTensor:
     """A new remote tensor with ``spec``'s shape and strides holding ``source``'s values."""
-    from .dispatch import run
-
     dtype, shape, stride, _ = spec
     target = run(aten.empty_strided.default, (list(shape), list(stride)),
                  {"dtype": dtype, "device": backend.device(source._device_index)})
@@ -135,8 +105,6 @@ def _laid_out(source: RemoteTensor, spec: tuple[Any, ...]) -> RemoteTensor:
 def _send_in_pieces(host: torch.Tensor, destination: RemoteTensor, session: Any) -> None:
     """Copy ``host`` into the contiguous, same-shaped ``destination``: one UPLOAD per piece into
     a flat window of it (dtype conversion, if any, happens on the daemon, piece by piece)."""
-    from .dispatch import run
-
     flat_host = host.detach().contiguous().view(-1)
     dtype_ext = torch_codec.dtype_ext(flat_host.dtype)
     per_piece = max(1, UPLOAD_PIECE_BYTES // flat_host.element_size())
@@ -149,8 +117,6 @@ def _send_in_pieces(host: torch.Tensor, destination: RemoteTensor, session: Any)
 
 
 def copy_(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    from .dispatch import run
-
     destination, source = args[0], args[1]
     remote_destination = isinstance(destination, RemoteTensor)
     remote_source = isinstance(source, RemoteTensor)
@@ -174,14 +140,9 @@ def copy_(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return destination
 
 
-def tensor_repr(tensor: RemoteTensor) -> str:
-    host = fetch(tensor)
-    contents = torch._tensor_str._tensor_str(host, indent=len("tensor("))
-    text = torch._tensor_str._str(tensor, tensor_contents=contents)
-    # torch prefixes a subclass's repr with its class name, and wraps a subclass parameter's in
-    # "Parameter(...)"; a CUDA tensor prints as "tensor(", a CUDA parameter as Parameter's repr.
-    prefix = type(tensor).__name__ + "("
-    parameter_prefix = "Parameter(" + prefix
-    if text.startswith(parameter_prefix):
-        return "Parameter containing:\ntensor(" + text[len(parameter_prefix):-1]
-    return "tensor(" + text[len(prefix):] if text.startswith(prefix) else text
+#: The ops this module runs for the op path: :func:`.registration.register` hands them to
+#: :mod:`.dispatch`, which runs every other op and which they call back for the device's side.
+SPECIAL_OPS = {
+    aten._to_copy.default: to_copy,
+    aten.copy_.default: copy_,
+}

@@ -35,15 +35,20 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 import weakref
 from typing import Any
 
 import torch
 
+from libremote_wire import torch_codec
 from libremote_wire.codec import handle_ext
-from . import backend
+from libremote_wire.messages import Cmd
+from . import backend, legacy_types
 
 Spec = tuple  # (dtype, shape tuple, stride tuple, storage offset)
+
+aten = torch.ops.aten
 
 _CUDA_DEVICES: dict[int, torch.device] = {}
 
@@ -213,7 +218,7 @@ class RemoteTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
-        return (_dispatch or _load_dispatch())(func, args, kwargs or {})
+        return _dispatch(func, args, kwargs or {})
 
     # ------------------------------------------------------------------------------------------
     # What the program sees: a cuda tensor
@@ -236,13 +241,9 @@ class RemoteTensor(torch.Tensor):
 
     @data.setter
     def data(self, new: torch.Tensor) -> None:
-        from .dispatch import rebind
-
         rebind(self, new)
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
-        from .sync import tensor_repr
-
         return tensor_repr(self)
 
     def data_ptr(self) -> int:  # type: ignore[override]
@@ -268,8 +269,6 @@ class RemoteTensor(torch.Tensor):
     def type(self, dtype: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:  # type: ignore[override]
         """``t.type()`` names CUDA's legacy type (``torch.cuda.FloatTensor``); with a legacy
         type or its name, the tensor cast and moved as torch does (see :mod:`.legacy_types`)."""
-        from . import legacy_types
-
         if dtype is None:
             return legacy_types.type_name(self)
         cast = legacy_types.cast(self, dtype, non_blocking or kwargs.get("async", False))
@@ -308,22 +307,22 @@ class RemoteTensor(torch.Tensor):
         return self
 
     def __reduce_ex__(self, protocol: int) -> Any:
-        from .serialization import reduce_remote_tensor
-
-        return reduce_remote_tensor(self)
+        return _reduce(self)
 
 
-#: :func:`.dispatch.dispatch`, bound on first use (that module imports this one). Not imported
-#: inside ``__torch_dispatch__``: an import statement there costs ~1 us on every op.
+#: What a remote tensor takes from the layers above this one, which import it (so it cannot
+#: import them): the op path (:func:`.dispatch.dispatch`), to which ``__torch_dispatch__`` hands
+#: every op, and how it pickles (:func:`.serialization.reduce_remote_tensor`: as a CUDA tensor, in
+#: torch.save's format). :func:`.registration.register` binds both, once, before any remote
+#: tensor exists.
 _dispatch: Any = None
+_reduce: Any = None
 
 
-def _load_dispatch() -> Any:
-    global _dispatch
-    from .dispatch import dispatch
-
-    _dispatch = dispatch
-    return dispatch
+def bind(dispatch: Any, reduce: Any) -> None:
+    """Give remote tensors their op path and their pickling (see :data:`_dispatch`)."""
+    global _dispatch, _reduce
+    _dispatch, _reduce = dispatch, reduce
 
 
 def make(spec: Spec, session: Any, device_index: int = 0, view_of: Any = None,
@@ -341,3 +340,59 @@ def make(spec: Spec, session: Any, device_index: int = 0, view_of: Any = None,
     if session.made_while_recording is not None:  # torch.cuda.graph: see ClientSession.start_recording
         session.made_while_recording.append(weakref.ref(tensor))
     return tensor
+
+
+def rebind(target: RemoteTensor, new: torch.Tensor) -> None:
+    """``target.data = new``: target becomes an alias of ``new`` (metadata and daemon handle)."""
+    if not isinstance(new, RemoteTensor):
+        raise RuntimeError(
+            f"data set to a tensor on {new.device} for a tensor on {target.device}: move it first "
+            "(.data = t.to(param.device))"
+        )
+    with torch.no_grad():
+        alias = aten.alias.default(new)
+    if alias.is_inference() != target.is_inference():
+        # torch lets ``.data =`` copy an inference tensor's dispatch keys into a normal tensor
+        # (or the reverse) only between dense CPU/CUDA tensors (``_has_compatible_shallow_copy_type``);
+        # it keeps the target's version counter, which decides whether in-place updates raise.
+        # A PrivateUse1 tensor only takes identical keys: the target keeps its own inference-ness.
+        template = RemoteTensor(alias._spec, alias._ref, alias._device_index, target)
+        template._storage = storage_of(alias)
+        alias = template
+    torch._C.TensorBase.data.__set__(target, alias)
+    target._ref = alias._ref
+    target._spec = alias._spec
+    target._storage = storage_of(alias)
+    target._device_index = alias._device_index
+
+
+def fetch(tensor: RemoteTensor) -> torch.Tensor:
+    """The tensor's data as a new CPU tensor with the same shape (and, when dense, strides)."""
+    session = tensor._ref.session
+    if session.closed:
+        raise RuntimeError("libremote: this tensor belongs to a closed session; its data is gone")
+    result, frames = session.request([Cmd.FETCH, tensor._ref.id])
+    dtype, shape, stride, frame_index = result
+    numel = 1
+    for size in shape:
+        numel *= size
+    if numel == 0:
+        return torch.empty_strided(shape, stride, dtype=dtype)
+    with warnings.catch_warnings():
+        # The frame is read-only to Python but ours alone: the tensor may write to it.
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch_codec.tensor_from_bytes(frames[frame_index - 1].buffer, dtype, [numel])
+    return flat.as_strided(shape, stride)
+
+
+def tensor_repr(tensor: RemoteTensor) -> str:
+    host = fetch(tensor)
+    contents = torch._tensor_str._tensor_str(host, indent=len("tensor("))
+    text = torch._tensor_str._str(tensor, tensor_contents=contents)
+    # torch prefixes a subclass's repr with its class name, and wraps a subclass parameter's in
+    # "Parameter(...)"; a CUDA tensor prints as "tensor(", a CUDA parameter as Parameter's repr.
+    prefix = type(tensor).__name__ + "("
+    parameter_prefix = "Parameter(" + prefix
+    if text.startswith(parameter_prefix):
+        return "Parameter containing:\ntensor(" + text[len(parameter_prefix):-1]
+    return "tensor(" + text[len(prefix):] if text.startswith(prefix) else text
