@@ -5,7 +5,7 @@ tensors carry): with autocast enabled for it, every op would fail; with it off, 
 would be silently ignored. So:
 
 * entering ``autocast("cuda")`` also enables autocast for the ``remote`` device with the same
-  dtype (patched ``__enter__``/``__exit__``), and
+  dtype (``autocast.__enter__``/``__exit__`` replaced, see :mod:`.patches`), and
 * kernels on the ``AutocastPrivateUse1`` key apply CUDA's cast policy (the op lists of torch's
   ``aten/src/ATen/autocast_mode.cpp``): lower-precision ops cast floating inputs to the autocast
   dtype, fp32 ops to float32, promote ops to the widest input type; then the op runs below
@@ -90,35 +90,28 @@ def _autocast_kernel(op: torch._ops.OpOverload, policy: Callable[..., Any]) -> C
     return kernel
 
 
-#: Whether ``autocast("cuda")`` also drives the remote device (off in the daemon's process).
-enabled = True
+_original_enter = torch.amp.autocast_mode.autocast.__enter__
+_original_exit = torch.amp.autocast_mode.autocast.__exit__
 
 
-def _patch_autocast_context() -> None:
-    autocast = torch.amp.autocast_mode.autocast
-    if getattr(autocast, "_libremote_patched", False):
-        return
-    original_enter, original_exit = autocast.__enter__, autocast.__exit__
+def _autocast_enter(self: Any) -> Any:
+    """``autocast.__enter__``: for ``cuda``, also autocast on the remote device, alike."""
+    result = _original_enter(self)
+    if self.device == "cuda" and not torch._jit_internal.is_scripting():
+        name = backend.BACKEND_NAME
+        self._libremote_saved = (torch.is_autocast_enabled(name), torch.get_autocast_dtype(name))
+        torch.set_autocast_enabled(name, self._enabled)
+        torch.set_autocast_dtype(name, self.fast_dtype)
+    return result
 
-    def __enter__(self: Any) -> Any:
-        result = original_enter(self)
-        if enabled and self.device == "cuda" and not torch._jit_internal.is_scripting():
-            name = backend.BACKEND_NAME
-            self._libremote_saved = (torch.is_autocast_enabled(name), torch.get_autocast_dtype(name))
-            torch.set_autocast_enabled(name, self._enabled)
-            torch.set_autocast_dtype(name, self.fast_dtype)
-        return result
 
-    def __exit__(self: Any, *exc_info: Any) -> Any:
-        saved = self.__dict__.pop("_libremote_saved", None)
-        if saved is not None:
-            torch.set_autocast_enabled(backend.BACKEND_NAME, saved[0])
-            torch.set_autocast_dtype(backend.BACKEND_NAME, saved[1])
-        return original_exit(self, *exc_info)
-
-    autocast.__enter__ = __enter__
-    autocast.__exit__ = __exit__
-    autocast._libremote_patched = True
+def _autocast_exit(self: Any, exc_type: Any, exc_val: Any, exc_tb: Any) -> Any:
+    """``autocast.__exit__``: the remote device's autocast state back as it was."""
+    saved = self.__dict__.pop("_libremote_saved", None)
+    if saved is not None:
+        torch.set_autocast_enabled(backend.BACKEND_NAME, saved[0])
+        torch.set_autocast_dtype(backend.BACKEND_NAME, saved[1])
+    return _original_exit(self, exc_type, exc_val, exc_tb)
 
 
 def register() -> list[torch.library.Library]:
@@ -139,5 +132,4 @@ def register() -> list[torch.library.Library]:
                 overload = getattr(packet, overload_name)
                 qualified = name if overload_name == "default" else f"{name}.{overload_name}"
                 kernels.impl(qualified, _autocast_kernel(overload, policy), "AutocastPrivateUse1")
-    _patch_autocast_context()
     return [fallthrough, kernels]

@@ -65,15 +65,7 @@ _original = torch.nn.functional.scaled_dot_product_attention
 
 
 def _patched(*args: Any, **kwargs: Any) -> Any:
-    return scaled_dot_product_attention(_original, args, kwargs)
-
-
-def install() -> None:
-    """Also route ``torch.nn.functional``'s own global: ``multi_head_attention_forward`` (every
-    ``nn.MultiheadAttention``/``nn.Transformer*``) calls it from inside its own
+    """``torch.nn.functional``'s own global (see :mod:`.patches`): ``multi_head_attention_forward``
+    (every ``nn.MultiheadAttention``/``nn.Transformer*``) calls it from inside its own
     ``__torch_function__`` handling, where the torch-function mode is switched off."""
-    torch.nn.functional.scaled_dot_product_attention = _patched
-
-
-def uninstall() -> None:
-    torch.nn.functional.scaled_dot_product_attention = _original
+    return scaled_dot_product_attention(_original, args, kwargs)

@@ -180,11 +180,3 @@ def compile(model: Any = None, *args: Any, disable: bool = False, **kwargs: Any)
     if model is None:  # @torch.compile(...) with arguments
         return compile_for_remote
     return compile_for_remote(model)
-
-
-def install() -> None:
-    torch.compile = compile
-
-
-def uninstall() -> None:
-    torch.compile = _original_compile

@@ -1,6 +1,6 @@
 """``torch.cuda`` and ``torch.accelerator`` answered by the daemon.
 
-On a CPU build of torch these functions say there is no GPU (or raise). After ``install()`` they
+On a CPU build of torch these functions say there is no GPU (or raise). In their place they
 describe the daemon's device: properties and memory figures are the daemon's real ones, seeding
 seeds the session's generator on the daemon, and ``synchronize`` waits for the daemon's device.
 Streams and events are minimal but real: a session has one stream on the daemon, so ordering
@@ -19,9 +19,9 @@ import torch
 
 from ..errors import ConnectionFailed, NotConfiguredError
 from libremote_wire.messages import Cmd
-from . import capture, cuda_graph, legacy_types, parallel, runtime, warning_location
-from .runtime import current_device, set_device
-from .runtime import device_facts as _facts, device_index as _index, exchange_device as _exchange_device
+from . import capture, runtime, warning_location
+from .runtime import current_device
+from .runtime import device_facts as _facts, device_index as _index
 
 _warned: set[str] = set()
 
@@ -353,15 +353,14 @@ def stream(stream: Stream | None = None) -> Iterator[Stream | None]:
 
 
 # ------------------------------------------------------------------------------------------------
-_CUDA_FUNCTIONS = {
-    name: globals()[name]
-    for name in """is_available device_count current_device set_device synchronize is_initialized
-    init get_device_properties get_device_name get_device_capability is_bf16_supported manual_seed
-    manual_seed_all seed seed_all initial_seed get_rng_state set_rng_state get_rng_state_all
-    set_rng_state_all memory_allocated max_memory_allocated memory_reserved max_memory_reserved
-    reset_peak_memory_stats reset_max_memory_allocated empty_cache mem_get_info memory_stats
-    set_per_process_memory_fraction Stream Event current_stream default_stream set_stream stream _exchange_device""".split()
-}
+# What else torch.cuda holds for a GPU that the client does not have
+# ------------------------------------------------------------------------------------------------
+def _lazy_init() -> None:
+    """``torch.cuda._lazy_init``: nothing to initialise here; the session opens on first use."""
+
+
+def ipc_collect() -> None:
+    """``torch.cuda.ipc_collect``: no memory is shared between processes through CUDA IPC here."""
 
 
 class _NoNVTX:
@@ -412,66 +411,3 @@ def _cudnn_is_acceptable(tensor: torch.Tensor) -> bool:
 
 def _current_accelerator(check_available: bool = False) -> torch.device | None:
     return torch.device("cuda") if not check_available or is_available() else None
-
-
-_MEMORY_FUNCTIONS = ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved",
-                     "reset_peak_memory_stats", "empty_cache", "mem_get_info", "memory_stats",
-                     "set_per_process_memory_fraction")
-
-
-def _replacements() -> list[tuple[Any, str, Any]]:
-    """(module, attribute, replacement) for everything ``install`` patches."""
-    cuda, accelerator = torch.cuda, torch.accelerator
-    patches: list[tuple[Any, str, Any]] = [(cuda, name, fn) for name, fn in _CUDA_FUNCTIONS.items()]
-    patches += [
-        (cuda, "_maybe_exchange_device", _exchange_device),
-        (cuda, "_lazy_init", lambda: None),
-        (cuda, "is_current_stream_capturing", capture.is_capturing),
-        (cuda, "CUDAGraph", cuda_graph.CUDAGraph),
-        (cuda, "graph", cuda_graph.graph),
-        (cuda, "graph_pool_handle", cuda_graph.graph_pool_handle),
-        (cuda.graphs, "CUDAGraph", cuda_graph.CUDAGraph),
-        (cuda.graphs, "graph", cuda_graph.graph),
-        (cuda.graphs, "graph_pool_handle", cuda_graph.graph_pool_handle),
-        (cuda, "ipc_collect", lambda: None),
-        (cuda.random, "manual_seed", manual_seed),
-        (cuda.random, "manual_seed_all", manual_seed_all),
-        (accelerator, "is_available", is_available),
-        (accelerator, "device_count", device_count),
-        (accelerator, "current_accelerator", _current_accelerator),
-        (accelerator, "current_device_index", current_device),
-        (accelerator, "current_device_idx", current_device),
-        (accelerator, "set_device_index", set_device),
-        (accelerator, "set_device_idx", set_device),
-        (accelerator, "synchronize", synchronize),
-        (accelerator, "current_stream", current_stream),
-        (torch.backends.cudnn, "is_acceptable", _cudnn_is_acceptable),
-    ]
-    patches += [(cuda.memory, name, globals()[name]) for name in _MEMORY_FUNCTIONS if hasattr(cuda.memory, name)]
-    patches += [(cuda, name, legacy) for name, legacy in legacy_types.CUDA_TYPES.items()]  # torch.cuda.FloatTensor
-    comm = torch.nn.parallel.comm
-    patches += [(comm, name, fn) for name, fn in parallel.COMM_FUNCTIONS.items()]  # nn.DataParallel
-    if not hasattr(torch._C, "_nvtx"):  # a CPU build: its NVTX stub raises
-        patches.append((cuda.nvtx, "_nvtx", _NoNVTX()))
-    memory = getattr(accelerator, "memory", None)
-    if memory is not None:
-        patches += [(memory, name, globals()[name]) for name in _MEMORY_FUNCTIONS if hasattr(memory, name)]
-    return patches
-
-
-_saved: list[tuple[Any, str, Any]] = []
-
-
-def install() -> None:
-    """Point ``torch.cuda`` and ``torch.accelerator`` at the daemon."""
-    if _saved:
-        return
-    for module, name, replacement in _replacements():
-        _saved.append((module, name, getattr(module, name, None)))
-        setattr(module, name, replacement)
-
-
-def uninstall() -> None:
-    while _saved:
-        module, name, original = _saved.pop()
-        setattr(module, name, original)

@@ -170,7 +170,6 @@ class CudaIsRemote(TorchFunctionMode):
 
 
 _mode = CudaIsRemote()
-_installed = False
 _original_bootstrap_inner = threading.Thread._bootstrap_inner  # type: ignore[attr-defined]
 
 
@@ -183,45 +182,28 @@ _original_set_default_device = torch.set_default_device
 _original_get_default_device = torch.get_default_device
 
 
-def _patch_default_device() -> None:
-    original_set = _original_set_default_device
-    original_get = _original_get_default_device
-
-    def set_default_device(device: Any) -> None:
-        original_set(_map_ordinal(device) if device is not None else None)
-
-    def get_default_device() -> torch.device:
-        device = original_get()
-        if device.type == backend.BACKEND_NAME:
-            return torch.device("cuda", device.index or 0)
-        return device
-
-    set_default_device.__doc__ = original_set.__doc__
-    get_default_device.__doc__ = original_get.__doc__
-    torch.set_default_device = set_default_device
-    torch.get_default_device = get_default_device
+def set_default_device(device: Any) -> None:
+    _original_set_default_device(_map_ordinal(device) if device is not None else None)
 
 
-def install() -> None:
-    """Enter the mode in this thread and every thread started from now on (idempotent)."""
-    global _installed
-    if _installed:
+def get_default_device() -> torch.device:
+    device = _original_get_default_device()
+    if device.type == backend.BACKEND_NAME:
+        return torch.device("cuda", device.index or 0)
+    return device
+
+
+set_default_device.__doc__ = _original_set_default_device.__doc__
+get_default_device.__doc__ = _original_get_default_device.__doc__
+
+_entered = False
+
+
+def enter_mode() -> None:
+    """Enter the mode in this thread (idempotent); threads started later enter it themselves
+    (``threading.Thread._bootstrap_inner``, replaced in :mod:`.patches`)."""
+    global _entered
+    if _entered:
         return
-    _installed = True
+    _entered = True
     _mode.__enter__()
-    threading.Thread._bootstrap_inner = _bootstrap_inner_with_mode  # type: ignore[attr-defined]
-    _patch_default_device()
-    _Tensor.record_stream = _record_stream  # type: ignore[method-assign]
-
-
-def uninstall() -> None:
-    global _installed
-    if not _installed:
-        return
-    _installed = False
-    _mode.__exit__(None, None, None)
-    threading.Thread._bootstrap_inner = _original_bootstrap_inner  # type: ignore[attr-defined]
-    torch.set_default_device = _original_set_default_device
-    torch.get_default_device = _original_get_default_device
-    if "record_stream" in vars(_Tensor):
-        del _Tensor.record_stream  # back to TensorBase's

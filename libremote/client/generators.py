@@ -246,11 +246,3 @@ def check_host_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if isinstance(value, (list, tuple)) and any(isinstance(item, RemoteTensor) for item in value):
             return
     raise RuntimeError(HOST_OP_MESSAGE)
-
-
-def install() -> None:
-    torch.Generator = Generator  # type: ignore[misc]
-
-
-def uninstall() -> None:
-    torch.Generator = _original  # type: ignore[misc]

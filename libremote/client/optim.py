@@ -17,13 +17,7 @@ _LISTS = (importlib.import_module("torch.optim.optimizer")._foreach_supported_ty
           importlib.import_module("torch.utils._foreach_utils")._foreach_supported_types)
 
 
-def install() -> None:
+def register() -> None:
     for supported in _LISTS:
         if RemoteTensor not in supported:
             supported.append(RemoteTensor)
-
-
-def uninstall() -> None:
-    for supported in _LISTS:
-        while RemoteTensor in supported:
-            supported.remove(RemoteTensor)

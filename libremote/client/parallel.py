@@ -95,7 +95,3 @@ def gather(tensors: Sequence[torch.Tensor], dim: int = 0, destination: Any = Non
     target = _target(destination)
     return torch.cat([_on(tensor, target) for tensor in tensors], dim)
 
-
-#: What ``cuda_api.install`` puts in ``torch.nn.parallel.comm``.
-COMM_FUNCTIONS = {function.__name__: function for function in
-                  (broadcast, broadcast_coalesced, reduce_add, reduce_add_coalesced, scatter, gather)}

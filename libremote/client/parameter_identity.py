@@ -130,11 +130,3 @@ def _moved_before_backward(grad_outputs: Any) -> None:
         "libremote: backward through a graph recorded before its parameters moved (model.cuda() or "
         ".cpu() between forward and backward); move the model before the forward pass"
     )
-
-
-def install() -> None:
-    torch.nn.Module._apply = _apply  # type: ignore[method-assign]
-
-
-def uninstall() -> None:
-    torch.nn.Module._apply = _original_apply  # type: ignore[method-assign]

@@ -108,14 +108,11 @@ def reduce_remote_tensor(tensor: Any) -> Any:
 
 
 def _tag(storage: Any) -> str | None:
-    return _saved_locations.get(getattr(storage, "_cdata", None)) if _active else None
-
-
-_active = False
+    return _saved_locations.get(getattr(storage, "_cdata", None))
 
 
 def _deserialize(storage: Any, location: str) -> Any:
-    if not _active or not location.startswith("cuda"):
+    if not location.startswith("cuda"):
         return None
     index = torch.device(location).index
     _remember(_loaded_for_device, storage, runtime.current_device() if index is None else index)
@@ -154,32 +151,18 @@ _rebuild_tensor_v2.__qualname__ = _original_rebuild_tensor_v2.__qualname__
 _rebuild_tensor_v2.__name__ = _original_rebuild_tensor_v2.__name__
 
 
-_registered = False
+#: What replaces torch.serialization's ``_save`` and ``_legacy_save`` (see :mod:`.patches`).
+_save = _saving(_original_save)
+_legacy_save = _saving(_original_legacy_save)
 
 
-def install() -> None:
-    global _active, _registered
-    _active = True
-    if not _registered:
-        # Priority 5: ahead of the CPU tagger (10), which would call our host copies "cpu", and
-        # of CUDA's deserializer (20), which cannot run on a CPU build.
-        torch.serialization.register_package(5, _tag, _deserialize)
-        _registered = True
-    torch._utils._rebuild_tensor_v2 = _rebuild_tensor_v2
-    torch.serialization._save = _saving(_original_save)
-    torch.serialization._legacy_save = _saving(_original_legacy_save)
+def register() -> None:
+    """Register the location tagger and loader for ``cuda`` storages with torch.serialization,
+    once the names in :mod:`.patches` are in place. (torch cannot unregister a package.)"""
+    # Priority 5: ahead of the CPU tagger (10), which would call our host copies "cpu", and
+    # of CUDA's deserializer (20), which cannot run on a CPU build.
+    torch.serialization.register_package(5, _tag, _deserialize)
     from torch import _weights_only_unpickler
 
-    _weights_only_unpickler._get_allowed_globals.cache_clear()
-
-
-def uninstall() -> None:
-    # torch cannot unregister a package; the tagger and deserializer stay but do nothing.
-    global _active
-    _active = False
-    torch._utils._rebuild_tensor_v2 = _original_rebuild_tensor_v2
-    torch.serialization._save = _original_save
-    torch.serialization._legacy_save = _original_legacy_save
-    from torch import _weights_only_unpickler
-
+    # The weights-only unpickler's allowed globals may have been read before _rebuild_tensor_v2 was ours.
     _weights_only_unpickler._get_allowed_globals.cache_clear()

@@ -19,10 +19,10 @@ libremote supports 3.11, so:
 
 * :func:`warn` (libremote's own warnings) computes the ``stacklevel`` of the first frame outside
   libremote and torch;
-* :func:`install` wraps ``warnings._showwarnmsg`` (the hook ``warnings`` documents as "replace if
-  you like", called for every warning that passed the filters): a warning attributed to a libremote
-  frame, or to torch code that libremote called, is warned again at the first frame outside
-  libremote, so filters, ``__warningregistry__`` (once per location) and
+* :func:`_showwarnmsg` replaces ``warnings._showwarnmsg`` (:mod:`.patches`; the hook ``warnings``
+  documents as "replace if you like", called for every warning that passed the filters): a warning
+  attributed to a libremote frame, or to torch code that libremote called, is warned again at the
+  first frame outside libremote, so filters, ``__warningregistry__`` (once per location) and
   ``catch_warnings(record=True)`` all see the program's line. It costs nothing per op: it runs
   only when a warning is shown. (Torch frames between the program and libremote stay as on CUDA:
   a warning for ``F.linear`` called by ``nn.Linear.forward`` points at ``linear.py``.)
@@ -34,7 +34,6 @@ import os
 import sys
 import warnings
 from types import FrameType
-from typing import Any
 
 import torch
 
@@ -115,38 +114,25 @@ def _forget(message: warnings.WarningMessage, frame: FrameType | None) -> None:
         registry.pop((text, message.category, 0), None)
 
 
-_original_showwarnmsg: Any = None
+_original_showwarnmsg = warnings._showwarnmsg  # type: ignore[attr-defined]
 #: How many warnings were moved to the program's line so far. :func:`.meta.infer` compares it
 #: before and after a meta kernel runs: a call that warned is not cached, so that it warns again
 #: each time, as the op does on CUDA.
 moved = 0
 
 
-def _showwarnmsg(message: warnings.WarningMessage) -> None:
+def _showwarnmsg(msg: warnings.WarningMessage) -> None:
     global moved
-    target = _program_frame(message)
+    target = _program_frame(msg)
     if target is None:
-        _original_showwarnmsg(message)
+        _original_showwarnmsg(msg)
         return
     moved += 1
-    _forget(message, sys._getframe(1))
+    _forget(msg, sys._getframe(1))
     module_globals = target.f_globals
     registry = module_globals.setdefault("__warningregistry__", {})
     warnings.warn_explicit(
-        message.message, message.category, target.f_code.co_filename, target.f_lineno,
-        module=module_globals.get("__name__", "<string>"), registry=registry, source=message.source,
+        msg.message, msg.category, target.f_code.co_filename, target.f_lineno,
+        module=module_globals.get("__name__", "<string>"), registry=registry, source=msg.source,
     )
 
-
-def install() -> None:
-    global _original_showwarnmsg
-    if _original_showwarnmsg is None:
-        _original_showwarnmsg = warnings._showwarnmsg  # type: ignore[attr-defined]
-        warnings._showwarnmsg = _showwarnmsg  # type: ignore[attr-defined]
-
-
-def uninstall() -> None:
-    global _original_showwarnmsg
-    if _original_showwarnmsg is not None:
-        warnings._showwarnmsg = _original_showwarnmsg  # type: ignore[attr-defined]
-        _original_showwarnmsg = None
