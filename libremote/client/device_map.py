@@ -27,6 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import attention, backend, ctc_loss, generators, legacy_types
 from .runtime import current_device as _current_index
+from .sparse import moved_to_device
 from .tensor import RemoteTensor
 
 _Tensor = torch.Tensor
@@ -57,8 +58,6 @@ def _tensor_to(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str
     if "device" in kwargs:
         kwargs["device"] = _map_ordinal(kwargs["device"])
     if args[0].layout is not torch.strided:  # a sparse tensor: see sparse.moved_to_device
-        from .sparse import moved_to_device
-
         moved = moved_to_device(args[0], args[1:], kwargs)
         if moved is not None:
             return moved

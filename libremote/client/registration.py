@@ -12,8 +12,8 @@ module that the autograd engine and factory functions expect from a C++ backend.
 
 Registration happens once per process and cannot be undone (torch allows one PrivateUse1 name).
 It also connects the layers below to each other where the lower one cannot import the upper:
-remote tensors get their op path and their pickling (:func:`.tensor.bind`), and the op path the
-copies between host and daemon (:func:`.dispatch.handle_specially`).
+remote tensors get their op path and their pickling (:func:`.tensor.bind`, :func:`.sparse.bind`),
+and the op path the copies between host and daemon (:func:`.dispatch.handle_specially`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..config import Settings
-from . import amp, cuda_api, device_guard, meta, serialization, sync, tensor
+from . import amp, cuda_api, device_guard, meta, serialization, sparse, sparse_dispatch, sync, tensor
 from .backend import BACKEND_NAME
 from .dispatch import dispatch, handle_specially
 
@@ -108,6 +108,7 @@ def register() -> None:
         from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 
         tensor.bind(dispatch, serialization.reduce_remote_tensor)
+        sparse.bind(sparse_dispatch.dispatch, serialization.reduce_sparse)
         handle_specially(sync.SPECIAL_OPS)
         if current == "privateuseone":
             # Several remote devices need a guard that reports them all (see device_guard.py);

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from . import backend, runtime
+from . import backend, runtime, sparse
 from .tensor import fetch, storage_of
 
 #: Host storages made by saving remote tensors -> the CUDA location to record for them.
@@ -102,6 +102,18 @@ def reduce_remote_tensor(tensor: Any) -> Any:
     host = _host_copy(tensor)
     if getattr(tensor, "_is_param", False):
         return (torch._utils._rebuild_parameter, (host, tensor.requires_grad, collections.OrderedDict()))
+    if tensor.requires_grad:
+        host.requires_grad_(True)
+    return host.__reduce_ex__(2)
+
+
+def reduce_sparse(tensor: Any) -> Any:
+    """Pickle as torch pickles a CUDA sparse tensor: torch's own sparse reduction of a host copy
+    whose parts' storages are recorded at ``cuda:N``, as :func:`reduce_remote_tensor` records a
+    dense one's (``sparse.RemoteSparseTensor.__reduce_ex__``)."""
+    host = sparse.to_host(tensor)
+    for part in sparse._parts(host):
+        _remember(_saved_locations, part.untyped_storage(), f"cuda:{tensor._device_index}")
     if tensor.requires_grad:
         host.requires_grad_(True)
     return host.__reduce_ex__(2)

@@ -1,5 +1,9 @@
 """Sparse remote tensors: COO, CSR, CSC, BSR and BSC tensors that live on the daemon.
 
+Layer 2, remote tensors: the tensor, its metadata, its parts' way between host and daemon, its
+repr. Its op path is :mod:`.sparse_dispatch` and its pickling :func:`.serialization.reduce_sparse`
+(given to it by :mod:`.registration`).
+
 Representation. A sparse remote tensor is a :class:`RemoteSparseTensor`, a subclass of the
 wrapper :class:`~.tensor.RemoteTensor` made with ``_make_wrapper_subclass(..., layout=...)``: one
 handle on the daemon names the whole sparse tensor (there a real ``torch.sparse_coo`` or
@@ -11,7 +15,7 @@ autograd's sparse paths (``mm``'s backward takes ``mat1.t()`` of a sparse ``mat1
 ``validate_outputs`` compares layouts) behave as for a CUDA sparse tensor, and every aten op on it
 still reaches ``__torch_dispatch__``. Compressed layouts have no layout of their own in the key
 set (``layout_impl`` is virtual there, and a wrapper's is unimplemented), so they are made with
-``dispatch_layout=True`` and ``prim.layout`` is answered here. A composed Python object would
+``dispatch_layout=True`` and ``prim.layout`` is answered by :mod:`.sparse_dispatch`. A composed Python object would
 not be a ``torch.Tensor`` to autograd, ``torch.sparse.mm`` or ``nn.Module``: every op would need
 a ``__torch_function__`` override of its own.
 
@@ -23,7 +27,7 @@ nnz (``clone``, ``t``: nnz 0; torch/_subclasses/meta_utils.py builds meta sparse
 nnz 0 on purpose, and FakeTensor never caches a sparse output, fake_tensor.py
 ``_BypassDispatchCache("sparse output")``). So an op with a sparse result runs synchronously and
 takes the daemon's answer; ``_nnz``, ``sparse_dim``, ``dense_dim``, ``is_coalesced`` and the
-layout are answered here from the spec. Ops on sparse arguments with dense results (``mm``,
+layout are answered from the spec (:mod:`.sparse_dispatch`). Ops on sparse arguments with dense results (``mm``,
 ``addmm``, ``to_dense``) wait for the daemon the first time per argument signature (which
 includes nnz) and stream afterwards with the metadata it gave: a GCN step streams its
 sparse-dense products; only ``adj.t()`` in backward waits.
@@ -41,9 +45,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import backend, meta, runtime
-from .ops import Return, op_info
-from .tensor import RemoteTensor, _HandleRef, _StorageIdentity
+from . import backend
+from .tensor import RemoteTensor, _HandleRef, _StorageIdentity, fetch
 
 aten = torch.ops.aten
 
@@ -104,7 +107,7 @@ class RemoteSparseTensor(RemoteTensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
-        return dispatch(func, args, kwargs or {})
+        return _dispatch(func, args, kwargs or {})
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
         return sparse_repr(self)
@@ -116,7 +119,20 @@ class RemoteSparseTensor(RemoteTensor):
         raise RuntimeError(f"Cannot access storage of {'SparseTensorImpl' if self.is_sparse else 'SparseCsrTensorImpl'}")
 
     def __reduce_ex__(self, protocol: int) -> Any:
-        return reduce_sparse(self)
+        return _reduce(self)
+
+
+#: What a sparse remote tensor takes from the layers above, as :class:`~.tensor.RemoteTensor`
+#: does (:func:`.tensor.bind`): its op path (:func:`.sparse_dispatch.dispatch`) and its pickling
+#: (:func:`.serialization.reduce_sparse`), bound once by :func:`.registration.register`.
+_dispatch: Any = None
+_reduce: Any = None
+
+
+def bind(dispatch: Any, reduce: Any) -> None:
+    """Give sparse remote tensors their op path and their pickling (see :data:`_dispatch`)."""
+    global _dispatch, _reduce
+    _dispatch, _reduce = dispatch, reduce
 
 
 def adopt(spec: SparseSpec, handle: int, session: Any, index: int) -> RemoteSparseTensor:
@@ -131,111 +147,6 @@ def set_spec(tensor: RemoteSparseTensor, spec: SparseSpec) -> None:
         template = RemoteSparseTensor(spec, tensor._ref, tensor._device_index, tensor)
         torch._C.TensorBase.data.__set__(tensor, template)
     tensor._spec = spec
-
-
-# ----------------------------------------------------------------------------------------------
-# The op path of sparse arguments
-# ----------------------------------------------------------------------------------------------
-def _layout(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    return args[0]._spec.layout
-
-
-#: Ops answered from the spec, without the daemon.
-_LOCAL: dict[Any, Any] = {
-    aten._nnz.default: lambda func, args, kwargs: args[0]._spec.nnz,
-    aten.sparse_dim.default: lambda func, args, kwargs: args[0]._spec.sparse_dim,
-    aten._dimI.default: lambda func, args, kwargs: args[0]._spec.sparse_dim,
-    aten.dense_dim.default: lambda func, args, kwargs: args[0]._spec.dense_dim,
-    aten._dimV.default: lambda func, args, kwargs: args[0]._spec.dense_dim,
-    aten.is_coalesced.default: lambda func, args, kwargs: bool(args[0]._spec.coalesced),
-    aten.is_pinned.default: lambda func, args, kwargs: False,
-    torch.ops.prim.layout.default: _layout,
-}
-
-#: Ops whose sparse result has its argument's metadata: they stream (no answer awaited).
-_SAME_SPEC = frozenset({aten.detach.default, aten.clone.default})
-
-#: Dense result metadata of ops on sparse arguments, from the daemon's first answer: (op,
-#: argument signature) -> specs.
-_dense_results: dict[Any, tuple[Any, ...]] = {}
-_MAX_CACHE = 1 << 12
-
-
-def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """An aten op with a sparse remote argument (``RemoteSparseTensor.__torch_dispatch__``)."""
-    from . import dispatch as dense
-
-    local = _LOCAL.get(func)
-    if local is not None:
-        return local(func, args, kwargs)
-    if func is aten._to_copy.default:
-        return _to_copy(func, args, kwargs)
-    if func is aten.copy_.default:
-        return _copy(func, args, kwargs)
-    info = op_info(func)
-    if info.composite:
-        return dense.run(func, args, kwargs)
-    if func in _SAME_SPEC and not kwargs:
-        return _same_spec(func, info, args)
-    key = None
-    if not info.needs_daemon_answer and all(kind is Return.NEW for kind in info.returns) \
-            and not any(info.view_sources):
-        try:
-            key = (func, meta.signature(args, True), meta.signature(kwargs, True) if kwargs else None)
-            hash(key)
-        except TypeError:
-            key = None
-        specs = _dense_results.get(key) if key is not None else None
-        if specs is not None:
-            return dense._stream(func, info, specs, args, kwargs)
-    result = dense._run_synchronously(func, info, args, kwargs)
-    if key is not None:
-        results = (result,) if len(info.returns) == 1 else tuple(result)
-        if all(type(value) is RemoteTensor for value in results):  # all dense: reusable
-            if len(_dense_results) >= _MAX_CACHE:
-                _dense_results.clear()
-            _dense_results[key] = tuple(value._spec for value in results)
-    return result
-
-
-def _same_spec(func: Any, info: Any, args: tuple[Any, ...]) -> RemoteSparseTensor:
-    from libremote_wire.messages import Cmd
-    from .ops import WireEncoder
-
-    source = args[0]
-    session = runtime.current()
-    wire_args, _ = WireEncoder(session, info.name).arguments(info, args, {})
-    view = info.view_of is not None
-    tensor = RemoteSparseTensor(source._spec, _HandleRef(session.new_handle(), session), source._device_index,
-                                source if view else None)
-    session.submit([Cmd.OP, session.op_ref(info.name), wire_args, {}, [tensor._ref.id]])
-    return tensor
-
-
-def _to_copy(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    from . import dispatch as dense
-
-    device = kwargs.get("device")
-    if device is None or device.type == backend.BACKEND_NAME:
-        return dense._run_synchronously(func, op_info(func), args, kwargs)
-    if device.type != "cpu":
-        raise RuntimeError(f"libremote: cannot copy a remote tensor to {device}")
-    host = to_host(args[0])
-    rest = {key: value for key, value in kwargs.items() if key not in ("device", "non_blocking", "pin_memory")}
-    if rest.get("dtype") not in (None, host.dtype) or rest.get("layout") not in (None, host.layout):
-        host = aten._to_copy.default(host, **rest)
-    return host
-
-
-def _copy(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    from . import dispatch as dense
-
-    destination, source = args[0], args[1]
-    if not isinstance(destination, RemoteTensor):  # host.copy_(remote sparse)
-        return destination.copy_(to_host(source))
-    if not isinstance(source, RemoteTensor):  # remote.copy_(host): upload first
-        source = upload(source, destination._device_index)
-    return dense._run_synchronously(func, op_info(func), (destination, source, *args[2:]), kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,8 +174,6 @@ def _build(layout: torch.layout, parts: list[torch.Tensor], shape: Any, dtype: t
 
 def to_host(tensor: RemoteSparseTensor) -> torch.Tensor:
     """The sparse tensor's data as a new host sparse tensor (its parts fetched)."""
-    from .sync import fetch
-
     with torch.no_grad():
         parts = [fetch(part) for part in _parts(tensor)]
     spec = tensor._spec
@@ -299,7 +208,7 @@ def upload(source: torch.Tensor, device_index: int, dtype: torch.dtype | None = 
 
 
 # ----------------------------------------------------------------------------------------------
-# Printing and pickling
+# Printing
 # ----------------------------------------------------------------------------------------------
 def sparse_repr(tensor: RemoteSparseTensor) -> str:
     """torch's repr of a CUDA sparse tensor: the contents laid out from a host copy, the
@@ -330,17 +239,3 @@ def sparse_repr(tensor: RemoteSparseTensor) -> str:
     if not head.startswith(prefix):
         return text
     return "tensor(" + head[len(prefix):] + contents + tail.replace("\n" + " " * len(prefix), "\n" + " " * indent)
-
-
-def reduce_sparse(tensor: RemoteSparseTensor) -> Any:
-    """Pickle as torch pickles a CUDA sparse tensor: torch's own sparse reduction of a host copy
-    whose parts' storages are recorded at ``cuda:N`` (see serialization.py)."""
-    from . import serialization
-
-    host = to_host(tensor)
-    for part in _parts(host):
-        serialization._remember(serialization._saved_locations, part.untyped_storage(),
-                                f"cuda:{tensor._device_index}")
-    if tensor.requires_grad:
-        host.requires_grad_(True)
-    return host.__reduce_ex__(2)

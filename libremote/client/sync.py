@@ -18,6 +18,7 @@ from libremote_wire.messages import Cmd
 from . import backend, runtime
 from .dispatch import run
 from .meta import spec_of
+from .sparse import upload
 from .tensor import RemoteTensor, fetch, make
 
 aten = torch.ops.aten
@@ -28,8 +29,6 @@ def to_copy(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     source = args[0]
     if not isinstance(source, RemoteTensor):
         if source.layout is not torch.strided:  # a host sparse tensor
-            from .sparse import upload
-
             return upload(source, kwargs["device"].index or 0, kwargs.get("dtype"))
         return _upload_new(source, kwargs)
     if device is None or device.type == backend.BACKEND_NAME:
