@@ -1,9 +1,11 @@
 """The layering issue 23 asks for, held by tests: the wire and the daemon's front import neither
-torch nor the client, the workers import no client code, and docs/PROTOCOL.md is the wire's
-declarations as they are now."""
+torch nor the client, the workers import no client code, the client's modules import downward
+only, and docs/PROTOCOL.md is the wire's declarations as they are now."""
 
 from __future__ import annotations
 
+import ast
+import re
 import subprocess
 import sys
 import textwrap
@@ -63,3 +65,46 @@ def test_the_protocol_reference_is_generated_from_the_declarations():
     written = (REPO / "docs" / "PROTOCOL.md").read_text()
     assert written == messages.markdown(), (
         "docs/PROTOCOL.md is stale: run `python -m libremote_wire.messages > docs/PROTOCOL.md`")
+
+
+CLIENT = REPO / "libremote" / "client"
+
+
+def _client_layer(path) -> int:
+    match = re.search(r"^Layer (\d)\b", ast.get_docstring(ast.parse(path.read_text())) or "", re.MULTILINE)
+    assert match, f"{path.name}: its docstring says no 'Layer N' (see libremote/client/__init__.py)"
+    return int(match.group(1))
+
+
+def _client_imports(path) -> set[str]:
+    """The client modules ``path`` imports, at module level or inside functions."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            names.update([node.module.split(".")[0]] if node.module else [alias.name for alias in node.names])
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("libremote.client"):
+            names.update([node.module.split(".")[2]] if node.module.count(".") >= 2 else
+                         [alias.name for alias in node.names])
+        elif isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[2] for alias in node.names
+                         if alias.name.startswith("libremote.client."))
+    return names
+
+
+def test_the_client_imports_from_its_own_layer_and_below_only():
+    """libremote/client/ in four layers (its __init__.py): the session; remote tensors and their
+    metadata; the op path; the torch-facing facade. An import from a higher layer would make a
+    circle possible again, however lazily it is made."""
+    modules = {path.stem: path for path in CLIENT.glob("*.py") if path.stem != "__init__"}
+    layers = {name: _client_layer(path) for name, path in modules.items()}
+    imports = {name: sorted(other for other in _client_imports(path) if other in modules)
+               for name, path in modules.items()}
+    upward = [f"{name} (layer {layers[name]}) imports {other} (layer {layers[other]})"
+              for name in sorted(modules) for other in imports[name] if layers[other] > layers[name]]
+    assert not upward, "\n".join(upward)
+    # Nor a circle within a layer: the modules in an order where each imports only earlier ones.
+    placed: list[str] = []
+    while len(placed) < len(modules):
+        ready = [name for name in sorted(modules) if name not in placed and set(imports[name]) <= set(placed)]
+        assert ready, f"import circle among {sorted(set(modules) - set(placed))}"
+        placed += ready

@@ -1,5 +1,7 @@
 """``torch.autocast("cuda")`` for remote tensors.
 
+Layer 4, the torch-facing facade.
+
 torch ships autocast kernels for CUDA, CPU, XPU, MPS, ... but none for PrivateUse1 (the key our
 tensors carry): with autocast enabled for it, every op would fail; with it off, ``autocast("cuda")``
 would be silently ignored. So:

@@ -1,5 +1,7 @@
 """Fused attention as one remote op.
 
+Layer 4, the torch-facing facade: a case of the device mode (:mod:`.device_map`).
+
 ``F.scaled_dot_product_attention`` picks its kernel through a C++ dispatch stub that a Python
 backend cannot register for, so on the ``remote`` device it would decompose into ~17 ops (and as
 many again in backward). Instead, the torch-function mode routes the call here, and we call

@@ -1,5 +1,8 @@
 """Whole-step capture: a training step recorded once, replayed by the daemon with one command.
 
+Layer 3, the op path: the session records what the op path sends; :mod:`.cuda_graph` and
+``torch.cuda.is_current_stream_capturing`` build on it.
+
 ``step = libremote.capture_step(train_step, x, y)`` runs ``train_step`` eagerly (warm-up: the
 optimizer creates its state), then once more while the session *records* every command it sends.
 The daemon stores that recording as a program. ``step(x, y)`` afterwards copies the new inputs into

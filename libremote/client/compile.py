@@ -1,5 +1,7 @@
 """``torch.compile`` under libremote: graph mode.
 
+Layer 4, the torch-facing facade, over graph mode's op path (:mod:`.graphs`).
+
 ``torch.compile(model)`` (any backend, or ``backend="libremote"``) returns a wrapper that, per
 distinct input signature, traces the model with AOT autograd into a forward and a backward aten
 graph and ships each to the daemon once (:mod:`.graphs`). A call then sends one command for the

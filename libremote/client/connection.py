@@ -1,5 +1,7 @@
 """The client's end of the wire: a ZeroMQ DEALER to the daemon's front, then one to its worker.
 
+Layer 1, the session: the lowest layer of the client, which imports nothing else of it.
+
 The client says HELLO to the daemon's front (the address the user gave); the front admits it
 (WELCOME, after waiting in line if the pool is full) and names the worker process that runs the
 session, one per tenant. From then on every BATCH, PING and BYE goes straight to that worker, from

@@ -1,5 +1,7 @@
 """``ctc_loss`` with length tensors, as CUDA runs it.
 
+Layer 4, the torch-facing facade: a case of the device mode (:mod:`.device_map`).
+
 ATen's ``ctc_loss.Tensor`` (LossCTC.cpp) has two paths. For plain tensors it copies
 ``input_lengths`` and ``target_lengths`` to the host as integer lists and takes the ``IntList``
 overload, which builds its own device tensor of the lengths for the ``mean`` reduction; so on a

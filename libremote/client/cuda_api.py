@@ -1,5 +1,8 @@
 """``torch.cuda`` and ``torch.accelerator`` answered by the daemon.
 
+Layer 4, the torch-facing facade: :mod:`.patches` puts these in ``torch.cuda`` and
+``torch.accelerator``.
+
 On a CPU build of torch these functions say there is no GPU (or raise). In their place they
 describe the daemon's device: properties and memory figures are the daemon's real ones, seeding
 seeds the session's generator on the daemon, and ``synchronize`` waits for the daemon's device.

@@ -1,5 +1,7 @@
 """``torch.cuda.CUDAGraph``, ``torch.cuda.graph`` and ``graph_pool_handle`` for remote devices.
 
+Layer 4, the torch-facing facade, over :mod:`.capture`.
+
 A captured region is recorded without running into a daemon-side program, the same kind that
 :func:`libremote.capture_step` makes (server/programs.py), and ``replay()`` sends one REPLAY. The
 daemon allocates the region's results that the client still holds when the capture ends, as a

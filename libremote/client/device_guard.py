@@ -1,5 +1,8 @@
 """A C++ device guard for the ``remote`` backend, for clients that use several remote devices.
 
+Layer 1, the session: :mod:`.registration` installs it, :mod:`.runtime` reads how many devices
+it reports.
+
 torch's pure-Python PrivateUse1 backend registers a device guard whose ``deviceCount()`` is fixed
 at 1 (``PythonDeviceGuard`` in torch/csrc/acc/Module.cpp, torch 2.13). The autograd engine sizes
 its per-device queues from it, so backward through a tensor on ``remote:1`` trips an internal

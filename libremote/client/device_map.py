@@ -1,5 +1,7 @@
 """Makes ``cuda`` mean the remote device, wherever a program names a device.
 
+Layer 4, the torch-facing facade.
+
 (The same torch-function mode also routes ``scaled_dot_product_attention`` to the fused remote
 op, see :mod:`.attention`, and gives ``ctc_loss`` CUDA's handling of length tensors, see
 :mod:`.ctc_loss`: it is the one place that sees torch API calls before dispatch.)

@@ -1,5 +1,8 @@
 """The op path: every aten op on a RemoteTensor (or a factory call on the remote device).
 
+Layer 3, the op path: over the remote tensors and their metadata; :mod:`.registration` gives it
+to torch (the PrivateUse1 fallback) and to ``RemoteTensor.__torch_dispatch__``.
+
 ``dispatch`` is called from ``RemoteTensor.__torch_dispatch__`` and from the PrivateUse1 fallback.
 Autograd, autocast and composite ops have already run above it, on the client: the daemon only
 ever sees aten ops.

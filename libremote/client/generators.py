@@ -1,5 +1,8 @@
 """``torch.Generator("cuda")``: explicit random generators that live on the daemon.
 
+Layer 2, remote tensors and what else lives on the daemon: :mod:`.ops` sends a generator argument
+through :func:`wire`, and :mod:`.patches` makes :class:`Generator` ``torch.Generator``.
+
 On a CPU build of torch, ``torch.Generator(device="cuda")`` raises ("Cannot get CUDA generator
 without ATen_cuda library"), and torch's Python device backends cannot supply a generator of their
 own (a PrivateUse1 generator needs ``PrivateUse1HooksInterface::getNewGenerator``, C++ only). Yet

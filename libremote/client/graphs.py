@@ -1,5 +1,7 @@
 """Graph mode on the client: aten graphs shipped to the daemon once, then run by handle.
 
+Layer 3, the op path: a graph's ops go as one command.
+
 :mod:`.compile` traces a model with AOT autograd into a forward and a backward aten graph (on
 ``meta`` stand-ins, so tracing sends nothing). Each graph becomes a :class:`RemoteGraph`: its nodes
 are encoded once (op names, constants, references to earlier values) and sent as a GRAPH command

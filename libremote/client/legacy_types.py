@@ -1,5 +1,8 @@
 """The legacy tensor-type API for the remote device: ``torch.cuda.FloatTensor`` and friends.
 
+Layer 2, remote tensors: ``RemoteTensor.type`` names and casts through it; :mod:`.patches` puts
+its classes in ``torch.cuda``.
+
 Older programs (and libraries written for them) still build tensors with
 ``torch.cuda.FloatTensor(3)`` or ``torch.cuda.LongTensor([1, 2])``, test
 ``isinstance(t, torch.cuda.FloatTensor)``, compare ``t.type() == "torch.cuda.FloatTensor"`` and

@@ -1,5 +1,7 @@
 """Local shape inference: what an op will produce, worked out without asking the daemon.
 
+Layer 2, remote tensors and their metadata: the op path asks it before it sends.
+
 The op runs on ``meta`` tensors (shape, stride, dtype, no data), which also raises torch's own
 errors for bad shapes and dtypes on the user's line. Results are cached by the op and the
 *signature* of its arguments (tensor metadata, and scalar values where they can matter), because

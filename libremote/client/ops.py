@@ -1,5 +1,7 @@
 """What the client learns once from each op's schema, and how arguments go on the wire.
 
+Layer 2, remote tensors and their metadata: the op path reads an op's facts here.
+
 An :class:`OpInfo` is computed the first time an op is dispatched and cached on the op: its wire
 name, its defaults (arguments equal to a default are dropped so older daemons still understand
 the call), and what each return is: a new tensor, a list of new tensors, one of the inputs

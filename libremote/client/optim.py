@@ -1,5 +1,7 @@
 """Optimizers take their multi-tensor (``foreach``) path on remote parameters.
 
+Layer 4, the torch-facing facade.
+
 ``torch.optim`` chooses ``foreach`` only when ``type(p)`` is exactly ``torch.Tensor`` or
 ``Parameter`` (``torch/optim/optimizer.py: _default_to_fused_or_foreach``), and a remote
 parameter's type is :class:`RemoteTensor`. Without this, every ``optimizer.step()`` runs the

@@ -1,5 +1,7 @@
 """``torch.nn.parallel.comm`` for remote devices: what ``nn.DataParallel`` moves between GPUs.
 
+Layer 4, the torch-facing facade: :mod:`.patches` puts these in ``torch.nn.parallel.comm``.
+
 DataParallel scatters its inputs over the devices, replicates the module (a coalesced broadcast
 of parameters and buffers), and gathers the outputs; backward reduces the replicas' gradients.
 torch does each of those in C++ for CUDA tensors (``torch._C._scatter`` and friends, absent from

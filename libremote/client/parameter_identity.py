@@ -1,5 +1,7 @@
 """``model.cuda()``, ``model.to("cuda")``, ``model.cpu()`` keep the model's Parameter objects.
 
+Layer 4, the torch-facing facade.
+
 On CUDA, ``Module._apply`` (behind ``to``/``cuda``/``cpu``/``half``/``to_empty``...) converts each
 parameter and then, because a CPU and a CUDA tensor have "compatible shallow-copy types"
 (``torch._has_compatible_shallow_copy_type``: both dense), rebinds it in place with

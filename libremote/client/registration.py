@@ -1,5 +1,7 @@
 """Registers the ``remote`` device with torch: PrivateUse1, renamed, driven from Python.
 
+Layer 4, the torch-facing facade: the layers below, given to torch.
+
 ``torch.utils.backend_registration._setup_privateuseone_for_python_backend`` (torch >= 2.6; see
 torch's test/test_privateuseone_python_backend.py) installs the hooks, device guard and backend
 module that the autograd engine and factory functions expect from a C++ backend. Two more pieces:

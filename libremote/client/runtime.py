@@ -1,5 +1,9 @@
 """Process-wide client state: which daemon, the session with it (opened on first use), and which
-of its devices is current."""
+of its devices is current.
+
+Layer 1, the session: the layers above find the session here (:func:`current`), and
+``torch.cuda.current_device``/``set_device`` are this module's (through :mod:`.patches`).
+"""
 
 from __future__ import annotations
 

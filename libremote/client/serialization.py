@@ -1,5 +1,7 @@
 """``torch.save`` / ``torch.load`` for remote tensors, in CUDA's own file format.
 
+Layer 4, the torch-facing facade.
+
 Saving fetches each remote storage's data and pickles its tensors exactly as torch pickles CUDA
 tensors: the storage is recorded with location ``cuda:N``. A checkpoint written through libremote
 therefore loads with plain torch on a real GPU machine, and real CUDA checkpoints load here.

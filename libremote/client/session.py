@@ -1,5 +1,7 @@
 """The client's side of a daemon session: handles, the command stream, and sync points.
 
+Layer 1, the session: over :mod:`.connection`; every layer above sends through it.
+
 Ops stream: each becomes a command appended to the pending batch, and the batch goes out when it
 fills or when the program needs something back (a *sync point*: ``.item()``, ``.cpu()``,
 ``print``, ``torch.cuda.synchronize()``, a dynamic-shape op). Only sync points wait. Handles are

@@ -1,5 +1,9 @@
 """Sync points that move data between the host and the daemon.
 
+Layer 3, the op path, over :mod:`.dispatch`: it runs ``_to_copy`` and ``copy_`` for it
+(:data:`SPECIAL_OPS`, handed over by :mod:`.registration`) and calls :func:`.dispatch.run` for the
+device's side.
+
 ``.cpu()`` / ``.to("cpu")`` arrive as ``aten._to_copy(device=cpu)``, ``cpu_t.copy_(remote)`` and
 ``remote.copy_(cpu_t)`` as ``aten.copy_``. Downloads (:func:`.tensor.fetch`, which printing uses
 too) arrive as one ZeroMQ frame that the result tensor views without a copy. Large uploads travel

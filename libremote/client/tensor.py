@@ -1,5 +1,8 @@
 """RemoteTensor: the client's stand-in for a tensor that lives on the daemon.
 
+Layer 2, remote tensors: the object every layer above makes and reads (and reads the bytes of:
+:func:`fetch`). Its op path and its pickling come from above (:func:`bind`).
+
 A wrapper subclass (``_make_wrapper_subclass``): it has shape, strides and dtype but no data; its
 ``__torch_dispatch__`` forwards every aten op to the daemon (see :mod:`.dispatch`). Its C++ device
 is the renamed PrivateUse1 backend (``remote:N``) because a CPU build of torch cannot host a

@@ -1,5 +1,8 @@
 """Warnings point at the program's line, not at libremote's frames.
 
+Layer 1 (it imports nothing of the client): every layer warns through :func:`warn`, and
+:mod:`.patches` puts :func:`_showwarnmsg` in ``warnings``.
+
 Python attributes a warning to a frame: ``warnings.warn(..., stacklevel=n)`` to the n-th frame up
 from the call, and a C++ ``TORCH_WARN`` to the innermost Python frame running when it fires. With
 libremote in between, that frame is often libremote's:
