@@ -58,7 +58,7 @@ def test_the_readmes_curve_keys_tenants_status_and_admin_commands_work_as_writte
 
     sharing = _commands(_block_after("## Sharing a daemon"))
     daemon_line = next(line for line in sharing if line.startswith("libremote-server"))
-    daemon = subprocess.Popen(_shell_line(daemon_line, port, env), shell=True, cwd=tmp_path, env=env,
+    daemon = subprocess.Popen("exec " + _shell_line(daemon_line, port, env), shell=True, cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_listening(port)
