@@ -9,20 +9,29 @@ share when the weight or priority does (os_limits.py).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from libremote_wire.messages import Ctl
 
 from . import os_limits, policy
+from .admission import FrontSession
 from .policy import PolicyError
+from .workers import WorkerPool
 
-if TYPE_CHECKING:
-    from .front import Front, FrontSession
+
+
+class Pool(Protocol):
+    """What a live change reaches: the policy, the session registry and the workers (front.py's
+    ``Front`` is one)."""
+
+    pool: policy.PoolConfig
+    sessions: dict[bytes, FrontSession]
+    workers: WorkerPool
 
 log = logging.getLogger("libremote.server")
 
 
-def apply(front: Front, request: dict[str, Any]) -> dict[str, Any]:
+def apply(front: Pool, request: dict[str, Any]) -> dict[str, Any]:
     """Carry out an ADMIN request (from an admin: auth.py decided); its answer."""
     changes = {key: request[key] for key in ("memory_quota", "weight", "priority") if request.get(key) is not None}
     if not changes:
@@ -75,7 +84,7 @@ def apply(front: Front, request: dict[str, Any]) -> dict[str, Any]:
     return {"ok": True, "message": f"updated {len(targets)} session(s)", "sessions": [s.id for s in targets]}
 
 
-def worker_memory_follows(front: Front, session: FrontSession) -> bool:
+def worker_memory_follows(front: Pool, session: FrontSession) -> bool:
     """Whether a quota change moves the OS cap of the session's worker (CPU backend: device
     memory is host memory there; the cap is the tenant's quota plus a margin)."""
     return front.workers.device_type == "cpu" and front.workers.memory_margin > 0 and session.worker.pid is not None

@@ -15,6 +15,7 @@ from typing import Any
 
 from . import policy
 from .policy import PolicyError, PoolConfig, Tenant
+from .workers import WorkerProcess
 
 
 @dataclass
@@ -50,6 +51,25 @@ class Waiting:
     authenticated: bool = False  # whether the tenant is known for sure (a key or a token)
     since: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class FrontSession:
+    """A session as the front knows it: who, where, and the figures its worker last reported."""
+
+    id: str
+    identity: bytes  # the client's routing id
+    owner: str | None
+    tenant: Tenant
+    priority: str
+    weight: float
+    memory_quota: int
+    devices: list[FrontDevice]
+    worker: WorkerProcess
+    info: dict[str, Any]
+    created: float = field(default_factory=time.time)
+    opened: bool = False  # the worker said OPENED (and the client got WELCOME)
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 def admitted_priority(pool: PoolConfig, tenant: Tenant, requested: Any) -> str:

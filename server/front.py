@@ -21,7 +21,6 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from libremote_wire.codec import ProtocolError
 from libremote_wire.messages import CONTROL, Ctl, ErrorKind, Msg
 
 from . import admin, admission, auth, limits, outbox, peers, policy, status
-from .admission import FrontDevice, Waiting
+from .admission import FrontDevice, FrontSession, Waiting
 from .broker import DeviceBroker, default_budget
 from .policy import PolicyError, PoolConfig, Tenant
 from .workers import WorkerPool, WorkerProcess
@@ -44,25 +43,6 @@ _HOUSEKEEPING_S = 0.25
 _FRONT_MESSAGES = frozenset({Msg.HELLO, Msg.PING, Msg.BYE, Msg.STATUS, Msg.ADMIN})
 #: What this daemon understands beyond its protocol's first release (clients check).
 FEATURES = ["settings", "memory_fraction", "program_options", "generators", "workers"]
-
-
-@dataclass
-class FrontSession:
-    """A session as the front knows it: who, where, and the figures its worker last reported."""
-
-    id: str
-    identity: bytes  # the client's routing id
-    owner: str | None
-    tenant: Tenant
-    priority: str
-    weight: float
-    memory_quota: int
-    devices: list[FrontDevice]
-    worker: WorkerProcess
-    info: dict[str, Any]
-    created: float = field(default_factory=time.time)
-    opened: bool = False  # the worker said OPENED (and the client got WELCOME)
-    stats: dict[str, Any] = field(default_factory=dict)
 
 
 class Front:
@@ -83,7 +63,7 @@ class Front:
         self.waiting: list[Waiting] = []
         self._status_requests: dict[int, status.StatusRequest] = {}
         #: Per device, the totals of workers that have stopped (device time, spill traffic).
-        self._retired: dict[int, dict[str, Any]] = {}
+        self.retired: dict[int, dict[str, Any]] = {}
         self._next_request = 1
         self._next_housekeeping = 0.0
         self._stop = threading.Event()
@@ -525,7 +505,7 @@ class Front:
 
     def _on_report(self, worker: WorkerProcess, request_id: int, report: dict[str, Any]) -> None:
         if request_id == 0:  # a stopping worker's last word: its totals go on counting in status
-            status.retire(self._retired, report)
+            status.retire(self.retired, report)
             return
         request = self._status_requests.get(request_id)
         if request is None or worker.id not in request.awaiting:

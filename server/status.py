@@ -13,16 +13,30 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from libremote_wire import __version__
 
 from . import admission, auth
+from .admission import FrontDevice, FrontSession, Waiting
+from .policy import PoolConfig
+from .workers import WorkerPool
 
-if TYPE_CHECKING:
-    from .front import Front
 
 STATUS_TIMEOUT_S = 2.0
+
+
+class PoolState(Protocol):
+    """What the report is made of: the front's registry (front.py's ``Front`` is one)."""
+
+    address: str
+    torch_version: str
+    pool: PoolConfig
+    devices: list[FrontDevice]
+    sessions: dict[bytes, FrontSession]
+    waiting: list[Waiting]
+    workers: WorkerPool
+    retired: dict[int, dict[str, Any]]
 
 
 @dataclass
@@ -45,7 +59,7 @@ def retire(retired: dict[int, dict[str, Any]], report: dict[str, Any]) -> None:
                          **{key: value for key, value in (row.get("residency") or {}).items() if key in _CUMULATIVE}})
 
 
-def report(front: Front, reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def report(front: PoolState, reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The report for ``libremote status`` (all of it; auth.visible_status trims it per viewer)."""
     now = time.monotonic()
     per_device: dict[int, list[dict[str, Any]]] = {}
@@ -61,7 +75,7 @@ def report(front: Front, reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
             device.total_memory)
         if device.broker is not None:
             total = min(total, device.broker.budget)  # what the pool may keep resident
-        retired = front._retired.get(device.index, {})
+        retired = front.retired.get(device.index, {})
         row: dict[str, Any] = {
             "index": device.index, "device": device.spec, "name": device.name,
             "memory_used": sum(s.stats.get("memory_allocated", 0) for s in device.sessions if s.devices[0] is device),

@@ -17,7 +17,7 @@ from libremote_wire.codec import GeneratorRef
 from libremote_wire.messages import ErrorKind
 
 from .. import limits
-from . import devices, numerics, op_policy, values
+from . import devices, layouts, numerics, op_policy, values
 from .errors import CommandError
 from .memory import PoolStats
 from .residency import SpillExhausted
@@ -55,7 +55,7 @@ class CommandsMixin:
         codec.check(isinstance(dtype, torch.dtype) and isinstance(shape, list) and isinstance(stride, list),
                        "PUT needs a dtype, a shape and strides")
         codec.check(isinstance(index, int) and 1 <= index < len(frames) + 1, "PUT names a missing frame")
-        codec.check(values.is_dense_layout(shape, stride), lambda: f"PUT strides {stride} do not lay out {shape} densely")
+        codec.check(layouts.is_dense_layout(shape, stride), lambda: f"PUT strides {stride} do not lay out {shape} densely")
         source = torch_codec.tensor_from_bytes(frames[index - 1], dtype, shape)
         if self._over_quota(source.nbytes):
             raise CommandError(ErrorKind.OOM, "upload", self._quota_message(self.memory.allocated, source.nbytes))
@@ -85,7 +85,7 @@ class CommandsMixin:
         if self.memory.managed:
             self._make_resident("FETCH", [tensor])
         if (self.device.type == "cpu" and self._last_in_batch and not self.memory.managed
-                and not tensor.is_conj() and not tensor.is_neg() and values.is_dense(tensor, any_offset=True)):
+                and not tensor.is_conj() and not tensor.is_neg() and layouts.is_dense(tensor, any_offset=True)):
             # ZeroMQ sends the bytes after this returns. Nothing of this session runs before its
             # client has the whole reply (FETCH ends the batch, and the client sends nothing
             # while it waits), and no other session can name this tensor: no copy needed. (Not
@@ -94,7 +94,7 @@ class CommandsMixin:
         else:
             # A fresh host copy (preserve_format keeps the strides of dense tensors).
             host = tensor.to("cpu", copy=True)
-            if not values.is_dense(host):
+            if not layouts.is_dense(host):
                 host = host.contiguous()
         numel = host.numel()
         flat = host.as_strided((numel,), (1,), host.storage_offset()) if numel else host.reshape(-1)

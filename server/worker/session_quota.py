@@ -10,7 +10,7 @@ check for ops whose output size depends on their data.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
@@ -19,11 +19,16 @@ from libremote_wire.messages import ErrorKind
 
 from . import op_policy, preflight, values
 from .errors import CommandError, QuotaRefusal
+from .memory import MemoryAccount
 
-if TYPE_CHECKING:
-    from .session import Session
 
 log = logging.getLogger("libremote.server")
+
+
+class HoldsMemory(Protocol):
+    """A session, as its tenant's account sees it."""
+
+    memory: MemoryAccount
 
 
 class TenantAccount:
@@ -32,7 +37,7 @@ class TenantAccount:
 
     def __init__(self, quota: int) -> None:
         self.quota = quota
-        self.sessions: list[Session] = []
+        self.sessions: list[HoldsMemory] = []
 
     def allocated(self) -> int:
         return sum(session.memory.allocated for session in self.sessions)

@@ -112,29 +112,6 @@ def flatten_handles(outs: Any, depth: int = 0) -> Iterator[Any]:
         yield outs
 
 
-def is_dense(tensor: torch.Tensor, *, any_offset: bool = False) -> bool:
-    """Non-overlapping and dense (from offset 0 unless ``any_offset``): its elements fill one
-    contiguous span of its storage."""
-    return (any_offset or tensor.storage_offset() == 0) and is_dense_layout(list(tensor.shape), list(tensor.stride()))
-
-
-def is_dense_layout(shape: list[Any], stride: list[Any]) -> bool:
-    """Whether ``stride`` lays ``shape`` out without gaps or overlaps (some permutation of
-    contiguous): the storage then holds exactly numel elements."""
-    if len(shape) != len(stride) or not all(isinstance(v, int) and v >= 0 for v in [*shape, *stride]):
-        return False
-    expected = 1
-    for size, step in sorted(zip(shape, stride), key=lambda pair: pair[1]):
-        if size == 1:
-            continue
-        if size == 0:
-            return True
-        if step != expected:
-            return False
-        expected *= size
-    return True
-
-
 def wire_value(value: Any) -> Any:
     """A non-tensor op result as msgpack can carry it (tensors travel as handles instead)."""
     if isinstance(value, torch.Tensor) or value is None:

@@ -39,6 +39,7 @@ from typing import Any, Iterator
 import torch
 
 from . import residency, sparse
+from .layouts import is_dense
 
 aten = torch.ops.aten
 
@@ -145,7 +146,6 @@ def _zero_range_except(storage: torch.UntypedStorage, start: int, stop: int, wri
     if not written:
         flat[start:stop].zero_()
         return
-    from .values import is_dense  # (here: values imports op_policy, which imports this module)
 
     if len(written) == 1 and is_dense(written[0], any_offset=True):
         tensor = written[0]
