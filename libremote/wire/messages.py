@@ -275,6 +275,8 @@ ADMIN_REQUEST = Record("admin request", "A live change of quotas, weights or pri
     Field("memory_quota", (int, str), "bytes, or a size such as 16GiB", 64, optional=True),
     Field("weight", (int, float, str), "share of device time", 64, optional=True),
     Field("priority", str, "high, normal or low", 16, optional=True),
+    Field("drain", bool, "true: the daemon takes no new sessions (its sessions go on; readiness turns false); "
+          "false: it takes them again", optional=True),
 ))
 
 MESSAGES: dict[Msg, Message] = {m.kind: m for m in (  # type: ignore[misc]

@@ -133,6 +133,18 @@ def describe(device: torch.device) -> DeviceFacts:
     )
 
 
+def hardware_id(device: torch.device) -> dict[str, Any]:
+    """What finds the device in NVML whatever CUDA_VISIBLE_DEVICES says (the front's health
+    sampler, server/telemetry/health.py): its UUID. Not part of the facts clients see."""
+    if device.type != "cuda":
+        return {}
+    try:
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+    except (AttributeError, RuntimeError):
+        return {}
+    return {"uuid": uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"}
+
+
 def synchronize(device: torch.device) -> None:
     if device.type != "cpu":
         torch.accelerator.synchronize(device)

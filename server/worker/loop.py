@@ -332,6 +332,8 @@ class Worker:
             row: dict[str, Any] = {"index": slot.index, "busy_s": slot.busy_s, "utilization": slot.utilization}
             if slot.device.type != "cpu" and slot.sessions:
                 row["memory_free"], row["memory_total"] = devices.memory_info(slot.device)
+            if slot.device.type == "cuda" and slot.sessions:
+                row["memory_reserved"] = torch.cuda.memory_reserved(slot.device)
             if slot.memory is not None:
                 row["residency"] = slot.memory.stats(wait=False)
             device_rows.append(row)
