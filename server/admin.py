@@ -86,6 +86,8 @@ def drain(front: Front, on: bool) -> dict[str, Any]:
     running go on, and readiness (``/readyz``) turns false, so a load balancer or Kubernetes
     sends new clients elsewhere (docs/DEPLOYMENT.md)."""
     front.draining = "an operator asked (libremote admin --drain)" if on else None
+    if front.telemetry is not None:
+        front.telemetry.ready_state = front.telemetry.readiness()  # (/readyz says it at once)
     log.warning("admin: the daemon is %s", "draining: no new sessions" if on else "taking new sessions again",
                 extra={"event": "drain", "draining": on, "sessions": len(front.sessions)})
     state = "draining: it takes no new sessions" if on else "taking new sessions"

@@ -32,7 +32,7 @@ class MetricSpec:
     labels: tuple[str, ...]
     help: str
     #: Where it appears: "daemon" (always), "device", "tenant", "session" (while one lives),
-    #: "residency" (with --host-spill), "gpu" (NVML), "host".
+    #: "residency" (with --host-spill), "gpu" (NVML), "host", "thermal" (hosts with thermal zones).
     scope: str
 
 
@@ -134,7 +134,7 @@ METRICS: tuple[MetricSpec, ...] = (
     _m("libremote_host_cpu_utilization_ratio", "gauge", "", "the host's CPU utilization between the last two health samples, 0..1", "host"),
     _m("libremote_host_memory_available_bytes", "gauge", "", "the host's available memory (MemAvailable)", "host"),
     _m("libremote_host_memory_total_bytes", "gauge", "", "the host's memory", "host"),
-    _m("libremote_host_temperature_celsius", "gauge", "", "the hottest of the host's thermal zones (absent where the host has none)", "host"),
+    _m("libremote_host_temperature_celsius", "gauge", "", "the hottest of the host's thermal zones", "thermal"),
     _m("libremote_health_sample_timestamp_seconds", "gauge", "source", "when devices and host were last sampled (source nvml or host)", "host"),
 )
 BY_NAME = {spec.name: spec for spec in METRICS}
@@ -345,7 +345,7 @@ def markdown() -> str:
     """docs/METRICS.md's table of every metric."""
     scopes = {"daemon": "always", "device": "per device", "residency": "per device, with --host-spill",
               "tenant": "per tenant", "session": "per open session", "gpu": "per GPU, where NVML is",
-              "host": "always (a figure the host lacks is absent)"}
+              "host": "always (a figure the host lacks is absent)", "thermal": "where the host has thermal zones"}
     lines = ["| name | type | labels | present | meaning |", "|---|---|---|---|---|"]
     for spec in METRICS:
         labels = ", ".join(f"`{label}`" for label in spec.labels) or "-"
