@@ -111,8 +111,8 @@ class HealthSampler:
         self.sample()  # (the first snapshot before the daemon says it listens)
         if self.interval_s > 0:
             self._spawn(self._run, "libremote-health")
-            if self._handles:
-                self._spawn(self._watch_xids, "libremote-xid")
+        if self._handles:
+            self._spawn(self._watch_xids, "libremote-xid")
 
     def stop(self) -> None:
         self._stop.set()
