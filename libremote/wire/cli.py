@@ -242,12 +242,15 @@ def format_pool(reports: list[dict[str, Any]]) -> str:
 
 def watch(addresses: list[str], interval_s: float, timeout_s: float, count: int | None = None) -> int:
     """Redraw the status every ``interval_s`` until interrupted (``count``: that many times)."""
+    live_class: Any = None  # (without rich: clear the screen and print)
     try:
         from rich.console import Console
         from rich.live import Live
         from rich.text import Text
+
+        live_class = Live
     except ImportError:
-        Live = None  # noqa: N806 (plain text: clear the screen and print)
+        pass
     shown = 0
 
     def frame() -> str:
@@ -255,8 +258,8 @@ def watch(addresses: list[str], interval_s: float, timeout_s: float, count: int 
         return f"{format_pool(pool_status(addresses, timeout_s))}\n\n{stamp}, every {interval_s:g} s (Ctrl-C to stop)"
 
     try:
-        if Live is not None and sys.stdout.isatty():
-            with Live(Text(frame()), console=Console(), auto_refresh=False, screen=True) as live:
+        if live_class is not None and sys.stdout.isatty():
+            with live_class(Text(frame()), console=Console(), auto_refresh=False, screen=True) as live:
                 while count is None or shown < count:
                     live.update(Text(frame()), refresh=True)
                     shown += 1

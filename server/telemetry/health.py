@@ -213,13 +213,20 @@ class HealthSampler:
         read("power_limit_w", lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0)
         read("sm_clock_hz", lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM) * 1e6)
         read("memory_clock_hz", lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_MEM) * 1e6)
-        utilization: list[Any] = []
-        read("utilization", lambda: utilization.append(nvml.nvmlDeviceGetUtilizationRates(handle))
-             or utilization[0].gpu / 100.0)
-        read("memory_utilization", lambda: utilization[0].memory / 100.0)
-        memory: list[Any] = []
-        read("memory_used_bytes", lambda: memory.append(nvml.nvmlDeviceGetMemoryInfo(handle)) or int(memory[0].used))
-        read("memory_total_bytes", lambda: int(memory[0].total))
+        rates: dict[str, Any] = {}
+
+        def utilization() -> float:
+            rates["utilization"] = nvml.nvmlDeviceGetUtilizationRates(handle)
+            return float(rates["utilization"].gpu) / 100.0
+
+        def memory_used() -> int:
+            rates["memory"] = nvml.nvmlDeviceGetMemoryInfo(handle)
+            return int(rates["memory"].used)
+
+        read("utilization", utilization)
+        read("memory_utilization", lambda: float(rates["utilization"].memory) / 100.0)
+        read("memory_used_bytes", memory_used)
+        read("memory_total_bytes", lambda: int(rates["memory"].total))
         read("ecc_corrected", lambda: int(nvml.nvmlDeviceGetTotalEccErrors(
             handle, nvml.NVML_MEMORY_ERROR_TYPE_CORRECTED, nvml.NVML_VOLATILE_ECC)))
         read("ecc_uncorrected", lambda: int(nvml.nvmlDeviceGetTotalEccErrors(

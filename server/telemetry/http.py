@@ -75,9 +75,9 @@ class MetricsServer:
         server_class = _V6Server if ":" in host else ThreadingHTTPServer
         self.server = server_class((host, port), _handler(self))
         self.server.daemon_threads = True
-        bound = self.server.server_address
-        shown = f"[{bound[0]}]" if ":" in str(bound[0]) else bound[0]
-        self.url = f"http://{shown}:{bound[1]}"
+        bound_host, bound_port = str(self.server.server_address[0]), int(self.server.server_address[1])
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        self.url = f"http://{shown}:{bound_port}"
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.5},
                                         name="libremote-metrics", daemon=True)
 
