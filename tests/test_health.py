@@ -177,7 +177,8 @@ def test_an_unhealthy_device_takes_no_new_sessions_and_says_why(tmp_path):
         holder = spawn_holder(server.address, tmp_path, "a", LIBREMOTE_TENANT="research")
         session = wait_holding(holder, tmp_path, "a")
         inject.write_text(json.dumps({"0": {"xid": [79], "temperature_c": 97}}))
-        samples = server.wait_metric(lambda s: value(s, "libremote_device_healthy", device="0") == 0, "unhealthy")
+        samples = server.wait_metric(lambda s: value(s, "libremote_device_healthy", device="0") == 0
+                                     and value(s, "libremote_ready") == 0, "unhealthy")  # (the loop applies it)
         assert value(samples, "libremote_device_unhealthy", device="0", reason="xid") == 1
         assert value(samples, "libremote_device_unhealthy", device="0", reason="temperature") == 1
         assert value(samples, "libremote_device_unhealthy", device="0", reason="ecc") == 0

@@ -178,6 +178,7 @@ class Telemetry:
     def start(self) -> None:
         self.health.start()
         self.apply_health()
+        self.ready_state = self.readiness()
         if self.config.listen:
             try:
                 from .http import MetricsServer

@@ -385,10 +385,13 @@ def host_figures(sampler: HealthSampler | None = None) -> dict[str, Any]:
         with open("/proc/stat") as stat:
             parts = [int(value) for value in stat.readline().split()[1:]]
         idle, total = parts[3] + (parts[4] if len(parts) > 4 else 0), sum(parts[:8])
+        previous = sampler._cpu_times if sampler is not None else None
+        if previous is None or total <= previous[1]:
+            previous = (0, 0)  # (the first sample: since boot)
+        if total > previous[1]:
+            busy = 1.0 - (idle - previous[0]) / (total - previous[1])
+            figures["cpu_utilization"] = min(1.0, max(0.0, busy))
         if sampler is not None:
-            if sampler._cpu_times is not None and total > sampler._cpu_times[1]:
-                busy = 1.0 - (idle - sampler._cpu_times[0]) / (total - sampler._cpu_times[1])
-                figures["cpu_utilization"] = min(1.0, max(0.0, busy))
             sampler._cpu_times = (idle, total)
     except (OSError, ValueError, IndexError):
         pass

@@ -131,7 +131,7 @@ METRICS: tuple[MetricSpec, ...] = (
     # The host
     _m("libremote_host_load1", "gauge", "", "the host's 1-minute load average", "host"),
     _m("libremote_host_cpus", "gauge", "", "the host's logical CPUs", "host"),
-    _m("libremote_host_cpu_utilization_ratio", "gauge", "", "the host's CPU utilization between the last two health samples, 0..1", "host"),
+    _m("libremote_host_cpu_utilization_ratio", "gauge", "", "the host's CPU utilization between the last two health samples (since boot at the first), 0..1", "host"),
     _m("libremote_host_memory_available_bytes", "gauge", "", "the host's available memory (MemAvailable)", "host"),
     _m("libremote_host_memory_total_bytes", "gauge", "", "the host's memory", "host"),
     _m("libremote_host_temperature_celsius", "gauge", "", "the hottest of the host's thermal zones", "thermal"),
