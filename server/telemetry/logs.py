@@ -4,8 +4,8 @@ Every line has ``time`` (UTC, ISO 8601), ``level``, ``logger``, ``pid``, ``proce
 worker) and ``message``; lines about something carry its context as fields of their own, as the
 code passed it (``extra=``): ``event`` (what happened: ``admission``, ``queued``, ``refusal``,
 ``session_end``, ``eviction``, ``spill_storm``, ``quota_change``, ``drain``,
-``security_rejection``, ``device_unhealthy``, ...), ``session``, ``tenant``, ``request`` (the id
-the front gave the HELLO, STATUS or ADMIN it answers), ``worker``, ``device``, ``reason``. An
+``security_rejection``, ``device_unhealthy``, ...), ``session``, ``tenant``, ``request`` (the id the front gave
+the client's HELLO, carried by its session's lines), ``worker``, ``device``, ``reason``. An
 exception's traceback goes in ``exception``. The front and its workers (which inherit the format
 through ``LIBREMOTE_LOG_FORMAT``) write to the same stream.
 """
