@@ -45,15 +45,20 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["libremote", "libremote.client", "libremote_wire", "libremote_server", "libremote_server.worker",
-              "libremote.shims"],
+              "libremote_server.telemetry", "libremote.shims"],
     package_dir={"libremote_wire": "libremote/wire", "libremote_server": "server",
-                 "libremote_server.worker": "server/worker", "libremote.shims": "shims"},
+                 "libremote_server.worker": "server/worker", "libremote_server.telemetry": "server/telemetry",
+                 "libremote.shims": "shims"},
+    package_data={"libremote_server.telemetry": ["dashboard.html"]},
     # The torch releases CI tests (requirements-dev.txt pins 2.13.0): the client patches torch's
     # names and relies on its PrivateUse1 hooks, so an untested release is not promised. (Daemons
     # have also run from a checkout on the GPU images' torch 2.11; the wire carries ops by schema
     # name, so client and daemon may differ: tests/test_version_skew.py.)
     install_requires=["torch>=2.13,<2.14", "pyzmq>=25", "msgpack>=1.0", "numpy", "cffi>=1.15"],
-    extras_require={"test": ["pytest>=7"], "multidevice": ["ninja"]},
+    # metrics: the daemon's Prometheus endpoint and dashboard (--metrics-listen) and GPU health
+    # through NVML; watch: `libremote status --watch` drawn with rich (plain text without it).
+    extras_require={"test": ["pytest>=7"], "multidevice": ["ninja"],
+                    "metrics": ["prometheus-client>=0.20", "nvidia-ml-py>=12"], "watch": ["rich>=12"]},
     entry_points={
         "console_scripts": [
             "libremote-server = libremote_server.cli:main",

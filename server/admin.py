@@ -16,8 +16,8 @@ from libremote_wire.messages import Ctl
 from . import os_limits, policy
 from .admission import FrontSession
 from .policy import PolicyError
+from .telemetry.collect import Telemetry
 from .workers import WorkerPool
-
 
 
 class Pool(Protocol):
@@ -27,6 +27,8 @@ class Pool(Protocol):
     pool: policy.PoolConfig
     sessions: dict[bytes, FrontSession]
     workers: WorkerPool
+    draining: str | None
+    telemetry: Telemetry | None
 
 log = logging.getLogger("libremote.server")
 
@@ -34,8 +36,10 @@ log = logging.getLogger("libremote.server")
 def apply(front: Pool, request: dict[str, Any]) -> dict[str, Any]:
     """Carry out an ADMIN request (from an admin: auth.py decided); its answer."""
     changes = {key: request[key] for key in ("memory_quota", "weight", "priority") if request.get(key) is not None}
+    if request.get("drain") is not None and not changes and not request.get("session") and not request.get("tenant"):
+        return drain(front, bool(request["drain"]))
     if not changes:
-        raise PolicyError("nothing to change: give memory_quota, weight and/or priority")
+        raise PolicyError("nothing to change: give memory_quota, weight and/or priority (or drain)")
     quota = policy.parse_size(changes["memory_quota"]) if "memory_quota" in changes else None
     weight = policy.parse_weight(changes["weight"]) if "weight" in changes else None
     priority = policy.parse_priority(changes["priority"]) if "priority" in changes else None
@@ -80,8 +84,25 @@ def apply(front: Pool, request: dict[str, Any]) -> dict[str, Any]:
             # within its tenant is its worker's scheduler's business: the UPDATE above.)
             reniced.add(worker.id)
             os_limits.renice(worker.pid, os_limits.nice_for(priority or session.priority, weight or session.weight))
-    log.info("admin: %s %s -> %s", "tenant" if tenant_name else "session", tenant_name or session_id, changes)
+    if front.telemetry is not None:
+        front.telemetry.counters.quota_changes += 1
+    log.info("admin: %s %s -> %s", "tenant" if tenant_name else "session", tenant_name or session_id, changes,
+             extra={"event": "quota_change", "tenant": tenant_name or (targets[0].tenant.name if targets else None),
+                    "session": session_id or None, "changes": changes, "sessions": [s.id for s in targets]})
     return {"ok": True, "message": f"updated {len(targets)} session(s)", "sessions": [s.id for s in targets]}
+
+
+def drain(front: Pool, on: bool) -> dict[str, Any]:
+    """Stop (or resume) taking new sessions: clients are refused with the reason, the sessions
+    running go on, and readiness (``/readyz``) turns false, so a load balancer or Kubernetes
+    sends new clients elsewhere (docs/DEPLOYMENT.md)."""
+    front.draining = "an operator asked (libremote admin --drain)" if on else None
+    if front.telemetry is not None:
+        front.telemetry.ready_state = front.telemetry.readiness()  # (/readyz says it at once)
+    log.warning("admin: the daemon is %s", "draining: no new sessions" if on else "taking new sessions again",
+                extra={"event": "drain", "draining": on, "sessions": len(front.sessions)})
+    state = "draining: it takes no new sessions" if on else "taking new sessions"
+    return {"ok": True, "message": f"the daemon is {state} ({len(front.sessions)} session(s) open)", "sessions": []}
 
 
 def worker_memory_follows(front: Pool, session: FrontSession) -> bool:

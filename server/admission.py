@@ -28,6 +28,8 @@ class FrontDevice:
     facts: dict[str, Any]
     sessions: list[Any] = field(default_factory=list)  # FrontSessions
     broker: Any = None
+    #: Why the device is unhealthy (server/telemetry/health.py), or None: no new session is placed on it.
+    unhealthy: str | None = None
 
     @property
     def name(self) -> str:
@@ -51,6 +53,7 @@ class Waiting:
     authenticated: bool = False  # whether the tenant is known for sure (a key or a token)
     since: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
+    request: str = ""  # the id the front's log gives its HELLO
 
 
 @dataclass
@@ -70,6 +73,7 @@ class FrontSession:
     created: float = field(default_factory=time.time)
     opened: bool = False  # the worker said OPENED (and the client got WELCOME)
     stats: dict[str, Any] = field(default_factory=dict)
+    request: str = ""  # the id the front's log gave its HELLO
 
 
 def admitted_priority(pool: PoolConfig, tenant: Tenant, requested: Any) -> str:
@@ -104,7 +108,8 @@ def place(pool: PoolConfig, devices: list[FrontDevice], tenant: Tenant, count: i
     """``count`` distinct devices for a new session, by the placement policy, or None."""
     limit = pool.max_sessions_per_device
     candidates = [device for device in devices
-                  if tenant.allows_device(device.name) and (limit is None or len(device.sessions) < limit)
+                  if tenant.allows_device(device.name) and not device.unhealthy
+                  and (limit is None or len(device.sessions) < limit)
                   and quota_fits(pool, device, tenant.memory_quota)]
     if len(candidates) < count:
         return None
@@ -115,6 +120,16 @@ def place(pool: PoolConfig, devices: list[FrontDevice], tenant: Tenant, count: i
     else:  # binpack: the fullest device that still has room first
         ordered = sorted(candidates, key=lambda device: (-len(device.sessions), device.index))
     return ordered[:count]
+
+
+def unhealthy_reason(devices: list[FrontDevice], tenant: Tenant, count: int) -> str | None:
+    """Why a session of ``tenant`` cannot be placed because of device health (fewer than
+    ``count`` of its allowed devices are healthy), or None."""
+    allowed = [device for device in devices if tenant.allows_device(device.name)]
+    if sum(1 for device in allowed if not device.unhealthy) >= count:
+        return None
+    return "; ".join(f"device {device.index} ({device.spec}) is unhealthy: {device.unhealthy}"
+                     for device in allowed if device.unhealthy)
 
 
 def devices_full(pool: PoolConfig, devices: list[FrontDevice], tenant: Tenant) -> bool:

@@ -48,7 +48,7 @@ from zmq.utils import z85
 
 from libremote_wire import curve_keys
 
-from .policy import PoolConfig, PolicyError, same_secret
+from .policy import PolicyError, PoolConfig, same_secret
 
 log = logging.getLogger("libremote.server.auth")
 
@@ -140,11 +140,14 @@ class _KnownKeys:
 
     def __init__(self, keyring: KeyRing) -> None:
         self.keyring = keyring
+        self.refused = 0  # (for the metrics; only the ZAP thread writes it)
 
     def callback(self, domain: str, key: bytes) -> bool:
         known = key in self.keyring.identities
         if not known:
-            log.warning("refused a connection with an unknown CURVE key %s", key.decode("ascii", "replace"))
+            self.refused += 1
+            log.warning("refused a connection with an unknown CURVE key %s", key.decode("ascii", "replace"),
+                        extra={"event": "security_rejection", "reason": "unknown_key"})
         return known
 
 
@@ -153,7 +156,8 @@ def secure(socket: zmq.Socket[Any], keyring: KeyRing) -> ThreadAuthenticator:
     the running ZAP handler (stop it when the socket is closed)."""
     authenticator = _KeyRingAuthenticator(socket.context, keyring)
     authenticator.start()
-    authenticator.configure_curve_callback("*", _KnownKeys(keyring))
+    authenticator.known_keys = _KnownKeys(keyring)  # type: ignore[attr-defined]
+    authenticator.configure_curve_callback("*", authenticator.known_keys)  # type: ignore[attr-defined]
     socket.curve_server = True
     socket.curve_publickey = keyring.server_public
     socket.curve_secretkey = keyring.server_secret

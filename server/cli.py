@@ -10,6 +10,9 @@ from typing import Sequence
 
 from . import auth, limits, policy
 from .front import Front
+from .telemetry import http as telemetry_http
+from .telemetry import logs
+from .telemetry.collect import TelemetryConfig
 
 DEFAULT_LISTEN = "tcp://127.0.0.1:7777"
 
@@ -182,18 +185,75 @@ def build_parser() -> argparse.ArgumentParser:
         "of a core kept busy (yielding) for that long after each message",
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-format", default="text", choices=["text", "json"],
+        help="json: one JSON object per line, with event, session, tenant and request ids (docs/DEPLOYMENT.md)",
+    )
+    observe = parser.add_argument_group("metrics, dashboard and health (docs/METRICS.md, docs/DEPLOYMENT.md)")
+    observe.add_argument(
+        "--metrics-listen", metavar="HOST:PORT", default=None,
+        help="serve Prometheus metrics (/metrics), the live dashboard (/) and probes (/healthz, /readyz) over "
+        "HTTP here (default: off; PORT alone means 127.0.0.1:PORT). Off loopback it needs a token "
+        "(--metrics-token-file, else the tenants file's admin token) or --metrics-insecure",
+    )
+    observe.add_argument(
+        "--metrics-token-file", metavar="FILE", default=None,
+        help="a file holding the token the metrics endpoint and dashboard want (Authorization: Bearer TOKEN, "
+        "or HTTP Basic with it as password)",
+    )
+    observe.add_argument(
+        "--metrics-insecure", action="store_true",
+        help="serve metrics and dashboard off loopback without a token (a management network you trust)",
+    )
+    observe.add_argument(
+        "--metrics-interval", type=float, default=2.0, metavar="SECONDS",
+        help="how often the front gathers its workers' figures for the metrics and dashboard (default 2)",
+    )
+    observe.add_argument(
+        "--health-interval", type=float, default=5.0, metavar="SECONDS",
+        help="how often devices (NVML) and the host are sampled (default 5; 0: once at start)",
+    )
+    observe.add_argument(
+        "--health-max-temperature", type=float, default=None, metavar="CELSIUS",
+        help="a device this hot takes no new sessions until 5 degrees cooler (default: NVML's slowdown "
+        "threshold less 5, else 90)",
+    )
+    observe.add_argument("--health-inject", default=None, help=argparse.SUPPRESS)  # tests only: fake figures
     return parser
+
+
+def telemetry_config(args: argparse.Namespace, pool_config: policy.PoolConfig) -> TelemetryConfig:
+    """The metrics endpoint's settings; refuses an endpoint off loopback without a token unless
+    --metrics-insecure."""
+    token = None
+    if args.metrics_token_file:
+        try:
+            token = open(args.metrics_token_file).read().strip()
+        except OSError as exc:
+            raise policy.PolicyError(f"--metrics-token-file: {exc}") from None
+        if not token:
+            raise policy.PolicyError(f"--metrics-token-file {args.metrics_token_file} is empty")
+    elif args.metrics_listen:
+        token = pool_config.admin_token
+    if args.metrics_listen:
+        host, _ = telemetry_http.parse_listen(args.metrics_listen)
+        if not telemetry_http.is_loopback_host(host) and not token and not args.metrics_insecure:
+            raise policy.PolicyError(
+                f"refusing to serve metrics and the dashboard on {args.metrics_listen} to anyone: give "
+                "--metrics-token-file FILE (or a tenants file with an admin token), bind it to loopback, or "
+                "--metrics-insecure on a management network you trust")
+    if args.metrics_interval <= 0:
+        raise policy.PolicyError("--metrics-interval must be above 0")
+    return TelemetryConfig(listen=args.metrics_listen, token=token, insecure=args.metrics_insecure,
+                           interval_s=args.metrics_interval, health_interval_s=max(0.0, args.health_interval),
+                           max_temperature_c=args.health_max_temperature, health_inject=args.health_inject)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line and serve until SIGINT/SIGTERM; then the process exits (this
     returns only for a command line or address it refuses, with 2)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level),
-        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(args.log_level, args.log_format, "front")
     try:
         pool_config = policy.PoolConfig(
             default_memory_quota=args.memory_quota,
@@ -212,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pool_config.tenants, pool_config.admin_token = policy.load_tenants(
                 args.tenants, tokens_required=not args.auth_keys)
         keyring = _transport(args, pool_config)
+        telemetry = telemetry_config(args, pool_config)
     except (ValueError, policy.PolicyError) as exc:
         print(f"libremote-server: {exc}", file=sys.stderr)
         return 2
@@ -221,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             heartbeat_s=args.heartbeat, heartbeat_timeout_s=args.heartbeat_timeout, spin_us=args.spin_us,
             keyring=keyring, auth_keys=args.auth_keys, server_key=args.server_key, loopback_admin=args.loopback_admin,
             op_time_limit_s=args.op_time_limit, worker_memory_margin=args.worker_memory_margin,
-            worker_ports=args.worker_ports, op_rules=args.op_rules, log_level=args.log_level,
+            worker_ports=args.worker_ports, op_rules=args.op_rules, log_level=args.log_level, telemetry=telemetry,
         )
     except ValueError as exc:  # --device names what this machine does not have
         print(f"libremote-server: {exc}", file=sys.stderr)

@@ -34,6 +34,7 @@ from . import admin, admission, auth, limits, outbox, peers, policy, status
 from .admission import FrontDevice, FrontSession, Waiting
 from .broker import DeviceBroker, default_budget
 from .policy import PolicyError, PoolConfig, Tenant
+from .telemetry.collect import Telemetry, TelemetryConfig
 from .workers import WorkerPool, WorkerProcess
 
 log = logging.getLogger("libremote.server")
@@ -53,7 +54,8 @@ class Front:
                  heartbeat_timeout_s: float = 10.0, spin_us: int = 300, keyring: auth.KeyRing | None = None,
                  auth_keys: str | None = None, server_key: str | None = None, loopback_admin: bool = False,
                  op_time_limit_s: float | None = None, worker_memory_margin: int = limits.WORKER_MEMORY_MARGIN,
-                 worker_ports: tuple[int, int] | None = None, op_rules: bool = True, log_level: str = "INFO") -> None:
+                 worker_ports: tuple[int, int] | None = None, op_rules: bool = True, log_level: str = "INFO",
+                 telemetry: TelemetryConfig | None = None) -> None:
         self.pool = pool_config or PoolConfig()
         self.heartbeat_s = heartbeat_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -66,6 +68,9 @@ class Front:
         self.retired: dict[int, dict[str, Any]] = {}
         self._next_request = 1
         self._next_housekeeping = 0.0
+        #: Why the daemon takes no new sessions (``libremote admin --drain``), or None.
+        self.draining: str | None = None
+        self.telemetry: Telemetry | None = None
         self._stop = threading.Event()
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="libremote-"))  # 0700: this user's only
         self._context = zmq.Context()
@@ -107,10 +112,13 @@ class Front:
                 address = f"{address.rsplit(':', 1)[0]}:{port}"
             else:
                 self._socket.bind(address)
+            self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT) or address
+            # Health sampling, the counters, and (--metrics-listen) the HTTP endpoint: telemetry/.
+            self.telemetry = Telemetry(self, telemetry or TelemetryConfig(), self.workers.hardware)
+            self.telemetry.start()
         except BaseException:
             self._close()
             raise
-        self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT) or address
 
     # ------------------------------------------------------------------------------------------
     # The loop
@@ -157,6 +165,8 @@ class Front:
             log.info("libremote-server stopped")
 
     def _close(self) -> None:
+        if self.telemetry is not None:
+            self.telemetry.stop()
         for session in list(self.sessions.values()):
             self._tell(session.identity, "the daemon is stopping")
         if getattr(self, "workers", None) is not None:
@@ -182,10 +192,13 @@ class Front:
             codec.check(len(frames) == 2, "the front takes single-frame messages (tensor data goes to workers)")
             header = codec.unpackb(frames[1].buffer, max_bytes=messages.MAX_FRONT_MESSAGE_BYTES)
             if type(header) is list and header and header[0] == Msg.BATCH:
+                self._counters.message("batch")
                 self._batch_to_front(identity, messages.MESSAGES[Msg.BATCH].parse(header))
                 return
             kind, fields = messages.parse(header, messages.MESSAGES, accepted=_FRONT_MESSAGES, at="the daemon's front")
+            self._counters.message(kind.name.lower())
             if user_id is not None and kind in (Msg.HELLO, Msg.PING, Msg.BYE) and self._held_by_another(identity, user_id):
+                self._counters.reject("other_owner")
                 self._refuse(identity, "this connection's routing id belongs to a session opened with another key; "
                                        "use a fresh random routing id (the libremote client does)")
             elif kind == Msg.HELLO:
@@ -216,10 +229,14 @@ class Front:
                     answer = {"ok": False, "message": str(exc)}
                 self._send(identity, [Msg.ADMIN, answer])
         except ProtocolError as exc:
-            log.warning("malformed message from peer %s: %s", identity.hex()[:12], exc)
+            self._counters.reject("malformed")
+            log.warning("malformed message from peer %s: %s", identity.hex()[:12], exc,
+                        extra={"event": "security_rejection", "reason": "malformed"})
             self._send(identity, [Msg.REPLY, messages.batch_seq(header), [], [ErrorKind.PROTOCOL.value, "", str(exc)]])
         except Exception as exc:  # a bug met by this input: its sender pays, nobody else
-            log.error("peer %s: the front failed on its message", identity.hex()[:12], exc_info=exc)
+            self._counters.reject("failure")
+            log.error("peer %s: the front failed on its message", identity.hex()[:12], exc_info=exc,
+                      extra={"event": "security_rejection", "reason": "failure"})
             self._send(identity, [Msg.REPLY, None, [], [ErrorKind.PROTOCOL.value, "",
                                                          f"the daemon failed on this message ({type(exc).__name__})"]])
 
@@ -256,9 +273,18 @@ class Front:
     def _send(self, identity: bytes, header: list[Any]) -> None:
         self._outbox.send(identity, [codec.packb(header)])
 
-    def _refuse(self, identity: bytes, reason: str) -> None:
-        log.warning("refused %s: %s", identity.hex()[:12], reason)
+    def _refuse(self, identity: bytes, reason: str, *, tenant: str | None = None, why: str = "other",
+                request: str = "") -> None:
+        """Refuse a client (REFUSED says why); ``why`` is the reason's kind for the metrics
+        (telemetry/collect.py REFUSAL_REASONS)."""
+        self._counters.refused(tenant, why)
+        log.warning("refused %s: %s", identity.hex()[:12], reason,
+                    extra={"event": "refusal", "reason": why, "tenant": tenant, "request": request or None})
         self._send(identity, [Msg.REFUSED, reason])
+
+    @property
+    def _counters(self) -> Any:
+        return self.telemetry.counters  # type: ignore[union-attr]
 
     def _tell(self, identity: bytes, why: str) -> None:
         """Tell an admitted client its session ended (it raises this at its next wait)."""
@@ -278,11 +304,14 @@ class Front:
     # Admission: HELLO, the queue, placement, the worker
     # ------------------------------------------------------------------------------------------
     def _on_hello(self, identity: bytes, info: dict[str, Any], user_id: str | None) -> None:
+        request = uuid.uuid4().hex[:12]
+        self._counters.hello(info)
         if info.get("protocol") != messages.PROTOCOL_VERSION:
             self._refuse(identity, (
                 f"protocol mismatch: the client speaks libremote protocol {info.get('protocol')} "
                 f"(libremote {info.get('libremote')}), this daemon speaks {messages.PROTOCOL_VERSION} "
-                f"(libremote {__version__}); install the same libremote release on both sides"))
+                f"(libremote {__version__}); install the same libremote release on both sides"),
+                why="protocol", request=request)
             return
         try:
             tenant = (self.pool.tenant_of_key(auth.Identity.from_user_id(user_id)) if user_id is not None
@@ -293,7 +322,16 @@ class Front:
             priority = admission.admitted_priority(self.pool, tenant, info.get("priority"))
             device_count = admission.requested_devices(info, tenant, self.devices)
         except PolicyError as exc:
-            self._refuse(identity, str(exc))
+            self._refuse(identity, str(exc), why="policy", request=request)
+            return
+        if self.draining:
+            self._refuse(identity, f"this daemon is draining ({self.draining}) and takes no new sessions; use another "
+                                   "daemon of the pool, or try later", tenant=tenant.name, why="draining", request=request)
+            return
+        unhealthy = admission.unhealthy_reason(self.devices, tenant, device_count)
+        if unhealthy:
+            self._refuse(identity, f"no healthy device can take this session: {unhealthy}; use another daemon of the "
+                                   "pool, or ask its operator", tenant=tenant.name, why="unhealthy", request=request)
             return
         if identity in self.sessions:
             self._forget_client(identity, "client said hello again")
@@ -302,18 +340,23 @@ class Front:
                 tenant.allows_device(device.name) and admission.quota_fits(self.pool, device, tenant.memory_quota, alone=True)
                 for device in self.devices):
             self._refuse(identity, f"tenant {tenant.name!r}'s memory quota ({tenant.memory_quota} bytes) is more "
-                                   f"than --oversubscribe {self.pool.oversubscribe:g} lets any device admit")
+                                   f"than --oversubscribe {self.pool.oversubscribe:g} lets any device admit",
+                         tenant=tenant.name, why="quota", request=request)
             return
         authenticated = user_id is not None or self.pool.has_tenants
-        waiter = Waiting(identity, info, tenant, priority, device_count, owner=user_id, authenticated=authenticated)
+        waiter = Waiting(identity, info, tenant, priority, device_count, owner=user_id, authenticated=authenticated,
+                         request=request)
         if not self._admit(waiter):
             if len(self.waiting) >= limits.MAX_WAITING:
-                self._refuse(identity, f"the admission queue is full ({limits.MAX_WAITING} clients wait); try later")
+                self._refuse(identity, f"the admission queue is full ({limits.MAX_WAITING} clients wait); try later",
+                             tenant=tenant.name, why="queue_full", request=request)
                 return
             self.waiting.append(waiter)
+            self._counters.admission(tenant.name, "queued")
             position = self._queue_position(waiter)
             reason = self._why_waiting(waiter)
-            log.info("client pid %s (tenant %s) queued at position %d: %s", info.get("pid"), tenant.name, position, reason)
+            log.info("client pid %s (tenant %s) queued at position %d: %s", info.get("pid"), tenant.name, position, reason,
+                     extra={"event": "queued", "tenant": tenant.name, "request": request, "position": position})
             self._send(identity, [Msg.QUEUED, {"position": position, "heartbeat_s": self.heartbeat_s, "reason": reason}])
 
     def _why_waiting(self, waiter: Waiting) -> str:
@@ -343,7 +386,9 @@ class Front:
         key = waiter.tenant.name if waiter.authenticated else f"session:{session_id}"
         worker = self.workers.worker_for(key, waiter.tenant, waiter.priority)
         session = FrontSession(session_id, waiter.identity, waiter.owner, waiter.tenant, waiter.priority,
-                               waiter.tenant.weight, waiter.tenant.memory_quota, placed, worker, waiter.info)
+                               waiter.tenant.weight, waiter.tenant.memory_quota, placed, worker, waiter.info,
+                               request=waiter.request)
+        self._counters.admission(waiter.tenant.name, "admitted", waited_s=time.monotonic() - waiter.since)
         for device in placed:
             device.sessions.append(session)
         worker.sessions.add(session.id)
@@ -362,14 +407,17 @@ class Front:
         if session is None or session.worker is not worker:
             return
         if error:
-            self._refuse(session.identity, error)
+            self._refuse(session.identity, error, tenant=session.tenant.name, request=session.request)
             self._remove_session(session, error)
             return
         session.opened = True
         info = session.info
         log.info("session %s opened on %s in worker %s (pid %s): tenant %s, priority %s, pid %s on %s, torch %s",
                  session.id, ", ".join(f"{d.index}:{d.spec}" for d in session.devices), worker.id, worker.pid,
-                 session.tenant.name, session.priority, info.get("pid"), info.get("host"), info.get("torch"))
+                 session.tenant.name, session.priority, info.get("pid"), info.get("host"), info.get("torch"),
+                 extra={"event": "admission", "session": session.id, "tenant": session.tenant.name,
+                        "request": session.request, "worker": worker.id, "devices": [d.index for d in session.devices],
+                        "priority": session.priority, "client_pid": info.get("pid"), "client_host": info.get("host")})
         port = worker.endpoint.rsplit(":", 1)[1] if worker.endpoint and worker.endpoint.startswith("tcp://") else None
         self._send(session.identity, [Msg.WELCOME, {
             "session": session.id,
@@ -399,7 +447,10 @@ class Front:
             if session in device.sessions:
                 device.sessions.remove(session)
         session.worker.sessions.discard(session.id)
-        log.info("session %s ended: %s", session.id, why)
+        self._counters.session_ended(session)
+        log.info("session %s ended: %s", session.id, why,
+                 extra={"event": "session_end", "session": session.id, "tenant": session.tenant.name, "why": why,
+                        "request": session.request})
 
     def _worker_exited(self, worker: WorkerProcess, why: str) -> None:
         """A worker died (crash, killed): its sessions end; the clients are told why; the next
@@ -410,7 +461,10 @@ class Front:
             if session.opened:
                 self._tell(session.identity, message)
             else:
-                self._refuse(session.identity, message)
+                self._refuse(session.identity, message, tenant=session.tenant.name, request=session.request)
+            log.warning("session %s (tenant %s) lost with its worker %s: %s", session.id, session.tenant.name, worker.id,
+                        why, extra={"event": "eviction", "session": session.id, "tenant": session.tenant.name,
+                                    "worker": worker.id, "reason": "worker_exited"})
             self._remove_session(session, why)
         for device in self.devices:
             if device.broker is not None:
@@ -438,6 +492,8 @@ class Front:
                 if session is not None and session.worker is worker:
                     if fields[3]:
                         self._tell(session.identity, fields[3])
+                    if fields[4]:  # (its final counters: the tenant's totals keep them)
+                        session.stats = {**session.stats, **fields[4]}
                     self._remove_session(session, fields[1])
             elif kind == Ctl.REPORT:
                 self._on_report(worker, fields[0], fields[1] or {})
@@ -479,6 +535,8 @@ class Front:
             if self._admit(waiter):
                 self.waiting.remove(waiter)
         self.workers.housekeeping(now)
+        if self.telemetry is not None and self.telemetry.housekeeping(now):
+            self._ask_reports(None, auth.Requester(is_admin=True))
         for device in self.devices:
             if device.broker is not None:
                 self._send_control(device.broker.tick(now))
@@ -494,10 +552,15 @@ class Front:
         if viewer.refusal:
             self._send(identity, [Msg.REFUSED, viewer.refusal])
             return
+        self._ask_reports(identity, viewer)
+
+    def _ask_reports(self, identity: bytes | None, viewer: auth.Requester) -> None:
+        """Ask every worker for its figures; once all answered, the report goes to ``identity``
+        (STATUS), or with None, to the telemetry's snapshot (metrics, dashboard)."""
         request_id = self._next_request
         self._next_request += 1
         ready = {worker.id for worker in self.workers.workers.values() if worker.ready}
-        self._status_requests[request_id] = status.StatusRequest(identity, viewer, set(ready))
+        self._status_requests[request_id] = status.StatusRequest(identity or b"", viewer, set(ready))
         for worker_id in ready:
             self.workers.send(self.workers.workers[worker_id], [Ctl.REPORT, request_id])
         if not ready:
@@ -521,7 +584,12 @@ class Front:
 
     def _finish_status(self, request_id: int) -> None:
         request = self._status_requests.pop(request_id)
-        self._send(request.identity, [Msg.STATUS, auth.visible_status(self.status(request.reports), request.viewer)])
+        report = self.status(request.reports)
+        if not request.identity:
+            if self.telemetry is not None:
+                self.telemetry.publish(report, request.reports)
+            return
+        self._send(request.identity, [Msg.STATUS, auth.visible_status(report, request.viewer)])
 
     def status(self, reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """The report ``libremote status`` shows (status.py)."""

@@ -10,7 +10,6 @@ change are command-line options whose defaults are these figures (server/cli.py,
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import Any
 
 import zmq

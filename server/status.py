@@ -20,8 +20,8 @@ from libremote_wire import __version__
 from . import admission, auth
 from .admission import FrontDevice, FrontSession, Waiting
 from .policy import PoolConfig
+from .telemetry.collect import Telemetry
 from .workers import WorkerPool
-
 
 STATUS_TIMEOUT_S = 2.0
 
@@ -37,6 +37,8 @@ class PoolState(Protocol):
     waiting: list[Waiting]
     workers: WorkerPool
     retired: dict[int, dict[str, Any]]
+    draining: str | None
+    telemetry: Telemetry | None
 
 
 @dataclass
@@ -62,6 +64,7 @@ def retire(retired: dict[int, dict[str, Any]], report: dict[str, Any]) -> None:
 def report(front: PoolState, reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The report for ``libremote status`` (all of it; auth.visible_status trims it per viewer)."""
     now = time.monotonic()
+    health = front.telemetry.health.latest if front.telemetry is not None else {"devices": {}, "host": {}}
     per_device: dict[int, list[dict[str, Any]]] = {}
     for worker_report in reports.values():
         for entry in worker_report.get("devices", ()):
@@ -76,13 +79,17 @@ def report(front: PoolState, reports: dict[str, dict[str, Any]]) -> dict[str, An
         if device.broker is not None:
             total = min(total, device.broker.budget)  # what the pool may keep resident
         retired = front.retired.get(device.index, {})
+        used = sum(s.stats.get("memory_allocated", 0) for s in device.sessions if s.devices[0] is device)
         row: dict[str, Any] = {
             "index": device.index, "device": device.spec, "name": device.name,
-            "memory_used": sum(s.stats.get("memory_allocated", 0) for s in device.sessions if s.devices[0] is device),
-            "memory_total": total, "memory_free": free,
+            "memory_used": used, "memory_total": total, "memory_free": free,
+            # (a GPU's caching allocators hold more than the tensors; under oversubscription, what is resident)
+            "memory_reserved": max(used, sum(r.get("memory_reserved", 0) for r in rows),
+                                   sum((r.get("residency") or {}).get("resident_bytes", 0) for r in rows)),
             "utilization": min(1.0, sum(r.get("utilization", 0.0) for r in rows)),
             "sessions": len(device.sessions),
             "busy_s": sum(r.get("busy_s", 0.0) for r in rows) + retired.get("busy_s", 0.0),
+            "health": health_row(health["devices"].get(device.index), device.unhealthy),
         }
         if device.broker is not None:
             residency: dict[str, Any] = dict.fromkeys(_RESIDENCY_KEYS, 0)
@@ -107,8 +114,19 @@ def report(front: PoolState, reports: dict[str, dict[str, Any]]) -> dict[str, An
                    for w in front.workers.workers.values()]
     return {"daemon": {"address": front.address, "libremote": __version__, "torch": front.torch_version,
                        "pid": os.getpid(), "host": socket.gethostname(), "graph_compiler": front.pool.graph_compiler,
-                       "worker_crashes": front.workers.crashes},
-            "devices": device_rows, "sessions": session_rows, "waiting": waiting_rows, "workers": worker_rows}
+                       "worker_crashes": front.workers.crashes, "draining": front.draining,
+                       "metrics": front.telemetry.endpoint if front.telemetry is not None else None},
+            "devices": device_rows, "sessions": session_rows, "waiting": waiting_rows, "workers": worker_rows,
+            "host": dict(health.get("host") or {})}
+
+
+def health_row(sample: dict[str, Any] | None, unhealthy: str | None) -> dict[str, Any]:
+    """A device's health as status shows it: healthy or not and why, and its figures (None: not
+    available, ``unavailable_because`` says why)."""
+    row = dict(sample or {"source": "none", "reasons": [], "unavailable": [], "unavailable_because": "not sampled yet"})
+    row.pop("index", None)
+    row["healthy"] = not unhealthy and not row.get("reasons")
+    return row
 
 
 

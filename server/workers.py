@@ -24,8 +24,8 @@ import collections
 import logging
 import mmap
 import os
-import select
 import secrets
+import select
 import signal
 import struct
 import subprocess
@@ -109,6 +109,7 @@ class WorkerPool:
         self._zygote: subprocess.Popen[bytes] | None = None
         self._zygote_out = -1
         self.crashes = 0
+        self.hardware: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------------------------------
     # The zygote
@@ -129,6 +130,7 @@ class WorkerPool:
             raise ValueError(answer["error"])
         self.base_config["device_specs"] = answer["devices"]
         self.device_type = "cpu" if all(spec == "cpu" for spec in answer["devices"]) else "accelerator"
+        self.hardware = answer.get("hardware") or [{} for _ in answer["devices"]]  # (GPU UUIDs, for NVML)
         return answer["devices"], answer["facts"], answer["torch"]
 
     @property

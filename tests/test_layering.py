@@ -17,7 +17,9 @@ FRONT_MODULES = ["libremote_wire", "libremote_wire.codec", "libremote_wire.messa
                  "libremote_server.admission", "libremote_server.workers", "libremote_server.broker",
                  "libremote_server.auth", "libremote_server.policy", "libremote_server.limits",
                  "libremote_server.peers", "libremote_server.os_limits", "libremote_server.outbox",
-                 "libremote_server.worker.zygote"]
+                 "libremote_server.worker.zygote", "libremote_server.telemetry.collect",
+                 "libremote_server.telemetry.health", "libremote_server.telemetry.metrics",
+                 "libremote_server.telemetry.http", "libremote_server.telemetry.logs"]
 
 
 def _loaded_after(imports: list[str], *, block_torch: bool = False) -> set[str]:

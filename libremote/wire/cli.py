@@ -1,13 +1,17 @@
 """``libremote``: look at and steer a running daemon.
 
-    libremote status --server tcp://gpu01:7777 [--json]
+    libremote status --server tcp://gpu01:7777 [--json] [--watch [SECONDS]]
+    libremote status --server tcp://gpu01:7777,tcp://gpu02:7777      # several daemons: the pool
+    libremote admin --server tcp://gpu01:7777 --drain                # no new sessions (--undrain)
     libremote admin --server tcp://gpu01:7777 --session ab12cd34ef56 --memory-quota 16GiB
     libremote admin --server tcp://gpu01:7777 --tenant research --weight 2 --priority high
     libremote keygen daemon --dir keys/      # the daemon's key pair: keys/server.key(_secret)
     libremote keygen client research         # a client's: ./research.key(_secret)
 
-``status`` prints the pool like ``nvidia-smi``: devices (model, memory used/total, utilization)
-and sessions (tenant, priority, weight, memory, ops, device time). ``admin`` changes a session's
+``status`` prints the pool like ``nvidia-smi``: devices (model, memory used/total, utilization,
+health: temperature, power, clocks, ECC and XID errors where NVML is, what the host tells
+elsewhere) and sessions (tenant, priority, weight, memory, ops, device time); ``--watch`` redraws
+it every few seconds (with ``rich`` if installed, plain text otherwise). ``admin`` changes a session's
 or a tenant's quota, weight or priority on the live daemon, effective at once. Both need an admin
 identity: an admin key on a daemon with ``--auth-keys`` (``LIBREMOTE_CLIENT_KEY``,
 ``LIBREMOTE_SERVER_KEY``), else the daemon's admin token (``--token`` or ``LIBREMOTE_ADMIN_TOKEN``)
@@ -132,22 +136,59 @@ def _residency_line(index: int, r: dict[str, Any]) -> str:
             f"{_size(r.get('bytes_discarded', 0))} freed data dropped without a copy")
 
 
+def _figure(value: Any, unit: str, scale: float = 1.0, digits: int = 0) -> str:
+    return "n/a" if value is None else f"{value * scale:.{digits}f}{unit}"
+
+
+def _health_line(device: dict[str, Any]) -> str:
+    """One device's health: healthy or why not, and its figures ("n/a": not available here)."""
+    health = device.get("health") or {}
+    state = "healthy" if health.get("healthy", True) else "UNHEALTHY: " + "; ".join(
+        reason.get("message", "") for reason in health.get("reasons") or ())
+    if health.get("source") == "nvml":
+        throttled = [reason for reason in health.get("throttle_reasons") or () if reason != "gpu_idle"]
+        xids = ", ".join(f"{xid} ({count}x)" for xid, count in (health.get("xid_events") or {}).items()) or "none"
+        figures = (f"{_figure(health.get('temperature_c'), ' C')} (limit {_figure(health.get('temperature_limit_c'), ' C')}), "
+                   f"power {_figure(health.get('power_w'), '')}/{_figure(health.get('power_limit_w'), ' W')}, "
+                   f"fan {_figure(health.get('fan_ratio'), '%', 100)}, SM {_figure(health.get('sm_clock_hz'), ' MHz', 1e-6)}, "
+                   f"mem {_figure(health.get('memory_clock_hz'), ' MHz', 1e-6)}, util {_figure(health.get('utilization'), '%', 100)}, "
+                   f"ECC {health.get('ecc_corrected', 'n/a')} corrected / {health.get('ecc_uncorrected', 'n/a')} uncorrected, "
+                   f"XID {xids}, throttled: {', '.join(throttled) or 'no'}")
+    else:
+        figures = (f"temperature {_figure(health.get('temperature_c'), ' C')}; GPU figures not available"
+                   f" ({health.get('unavailable_because') or 'no NVML'})")
+    return f"dev {device['index']}: {state}; {figures}"
+
+
 def format_status(report: dict[str, Any]) -> str:
     daemon = report["daemon"]
     lines = [f"libremote daemon {daemon['address']} (libremote {daemon['libremote']}, torch {daemon['torch']}, "
              f"pid {daemon['pid']} on {daemon['host']})"]
+    if daemon.get("draining"):
+        lines.append(f"DRAINING: {daemon['draining']} (no new sessions; libremote admin --undrain)")
+    host = report.get("host") or {}
+    if host:
+        memory = (f"{_size(host['memory_available_bytes'])} of {_size(host['memory_total_bytes'])} memory available"
+                  if host.get("memory_available_bytes") is not None and host.get("memory_total_bytes") else "memory n/a")
+        lines.append(f"host: load {_figure(host.get('load1'), '', digits=2)} on {host.get('cpus', '?')} CPUs, "
+                     f"CPU {_figure(host.get('cpu_utilization'), '%', 100)}, {memory}, "
+                     f"temperature {_figure(host.get('temperature_c'), ' C')}")
     if daemon.get("graph_compiler", "none") != "none":
         compiled = sum(s.get("graphs_compiled", 0) for s in report["sessions"])
         pending = sum(s.get("graph_compiles_pending", 0) for s in report["sessions"])
         lines.append(f"graph compiler {daemon['graph_compiler']}: {compiled} graphs compiled, {pending} compiling")
     lines.append("")
-    lines.append(f"{'DEV':<4}{'NAME':<44}{'MEMORY USED / TOTAL':>24}{'UTIL':>7}{'SESSIONS':>10}{'SPILLED':>12}")
+    lines.append(f"{'DEV':<4}{'NAME':<44}{'MEMORY USED / TOTAL':>24}{'UTIL':>7}{'SESSIONS':>10}{'SPILLED':>12}"
+                 f"  HEALTH")
     for device in report["devices"]:
         memory = f"{_size(device['memory_used'])} / {_size(device['memory_total'])}"
         residency = device.get("residency")
         spilled = _size(residency["spilled_bytes"]) if residency else "-"
+        healthy = (device.get("health") or {}).get("healthy", True)
         lines.append(f"{device['index']:<4}{device['name'][:43]:<44}{memory:>24}{device['utilization']:>7.0%}"
-                     f"{device['sessions']:>10}{spilled:>12}")
+                     f"{device['sessions']:>10}{spilled:>12}  {'ok' if healthy else 'UNHEALTHY'}")
+    for device in report["devices"]:
+        lines.append(_health_line(device))
     for device in report["devices"]:
         if device.get("residency"):
             lines.append(_residency_line(device["index"], device["residency"]))
@@ -170,6 +211,72 @@ def format_status(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def pool_status(addresses: list[str], timeout_s: float) -> list[dict[str, Any]]:
+    """The status of each daemon of a pool (a daemon that does not answer: a report saying so)."""
+    reports = []
+    for address in addresses:
+        try:
+            reports.append(query_status(address, timeout_s))
+        except SystemExit as exc:
+            if len(addresses) == 1:
+                raise
+            reports.append({"daemon": {"address": address, "error": str(exc)}, "devices": [], "sessions": [],
+                            "waiting": [], "workers": []})
+    return reports
+
+
+def format_pool(reports: list[dict[str, Any]]) -> str:
+    if len(reports) == 1:
+        return format_status(reports[0])
+    devices = sum(len(r["devices"]) for r in reports)
+    sessions = sum(len(r["sessions"]) for r in reports)
+    unhealthy = sum(1 for r in reports for d in r["devices"] if not (d.get("health") or {}).get("healthy", True))
+    lines = [f"pool of {len(reports)} daemons: {devices} devices ({unhealthy} unhealthy), {sessions} sessions, "
+             f"{sum(len(r['waiting']) for r in reports)} waiting", ""]
+    for report in reports:
+        error = report["daemon"].get("error")
+        lines.append(f"== {report['daemon']['address']}: {error}" if error else format_status(report))
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def watch(addresses: list[str], interval_s: float, timeout_s: float, count: int | None = None) -> int:
+    """Redraw the status every ``interval_s`` until interrupted (``count``: that many times)."""
+    live_class: Any = None  # (without rich: clear the screen and print)
+    try:
+        from rich.console import Console
+        from rich.live import Live
+        from rich.text import Text
+
+        live_class = Live
+    except ImportError:
+        pass
+    shown = 0
+
+    def frame() -> str:
+        stamp = time.strftime("%H:%M:%S")
+        return f"{format_pool(pool_status(addresses, timeout_s))}\n\n{stamp}, every {interval_s:g} s (Ctrl-C to stop)"
+
+    try:
+        if live_class is not None and sys.stdout.isatty():
+            with live_class(Text(frame()), console=Console(), auto_refresh=False, screen=True) as live:
+                while count is None or shown < count:
+                    live.update(Text(frame()), refresh=True)
+                    shown += 1
+                    time.sleep(interval_s)
+        else:
+            while count is None or shown < count:
+                text = frame()
+                sys.stdout.write(("\x1b[H\x1b[2J" if sys.stdout.isatty() else "") + text + "\n")
+                sys.stdout.flush()
+                shown += 1
+                if count is None or shown < count:
+                    time.sleep(interval_s)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="libremote", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -184,11 +291,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                          help="daemon address (default: LIBREMOTE_SERVER)")
         sub.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon")
         if name == "status":
-            sub.add_argument("--json", action="store_true", help="print the report as JSON")
+            sub.add_argument("--json", action="store_true", help="print the report as JSON (several daemons: a list)")
+            sub.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
+                             help="redraw every SECONDS (default 2) until Ctrl-C")
+            sub.add_argument("--count", type=int, default=None, help=argparse.SUPPRESS)  # (tests: redraws, then exit)
         else:
             target = sub.add_mutually_exclusive_group(required=True)
             target.add_argument("--session", help="a session id (see libremote status)")
             target.add_argument("--tenant", help="a tenant: its live sessions and its future ones")
+            target.add_argument("--drain", dest="drain", action="store_const", const=True,
+                                help="take no new sessions (those open go on; readiness turns false)")
+            target.add_argument("--undrain", dest="drain", action="store_const", const=False,
+                                help="take new sessions again")
             sub.add_argument("--memory-quota", help="new quota per session, e.g. 16GiB")
             sub.add_argument("--weight", type=float, help="new share weight")
             sub.add_argument("--priority", choices=["high", "normal", "low"])
@@ -203,11 +317,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.server:
         parser.error("no daemon address: give --server tcp://host:port or set LIBREMOTE_SERVER")
     if args.command == "status":
-        report = query_status(args.server, args.timeout)
-        print(json.dumps(report, indent=2) if args.json else format_status(report))
+        addresses = [address.strip() for address in args.server.split(",") if address.strip()]
+        if args.watch is not None:
+            return watch(addresses, max(0.2, args.watch), args.timeout, args.count)
+        reports = pool_status(addresses, args.timeout)
+        if args.json:
+            print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+        else:
+            print(format_pool(reports))
         return 0
     request = {"token": args.token or None, "session": args.session, "tenant": args.tenant,
-               "memory_quota": args.memory_quota, "weight": args.weight, "priority": args.priority}
+               "memory_quota": args.memory_quota, "weight": args.weight, "priority": args.priority,
+               "drain": args.drain}
     reply = _ask(args.server, [Msg.ADMIN, request], args.timeout)
     result = reply[1] if reply[0] == Msg.ADMIN else {"ok": False, "message": f"unexpected answer {reply!r:.200}"}
     print(result.get("message", ""))

@@ -275,6 +275,8 @@ ADMIN_REQUEST = Record("admin request", "A live change of quotas, weights or pri
     Field("memory_quota", (int, str), "bytes, or a size such as 16GiB", 64, optional=True),
     Field("weight", (int, float, str), "share of device time", 64, optional=True),
     Field("priority", str, "high, normal or low", 16, optional=True),
+    Field("drain", bool, "true: the daemon takes no new sessions (its sessions go on; readiness turns false); "
+          "false: it takes them again", optional=True),
 ))
 
 MESSAGES: dict[Msg, Message] = {m.kind: m for m in (  # type: ignore[misc]
@@ -338,6 +340,8 @@ CONTROL: dict[Ctl, Message] = {m.kind: m for m in (  # type: ignore[misc]
         Field("released", int, "bytes it held"),
         Field("notice", str, "what the front tells the client (its worker may be gone before the client reads "
               "anything from it), or nil when the client ended the session itself", 1024, optional=True),
+        Field("figures", dict, "the session's final counters (ops, device_time_s, bytes_in, bytes_out, errors by "
+              "kind, graph calls): its tenant's totals in the metrics keep them", 16, optional=True),
     )),
     Message(Ctl.UPDATE, "front", "New quota, weight or priority for a session of the worker.", (
         Field("session", str, "its id", 64),
@@ -345,7 +349,8 @@ CONTROL: dict[Ctl, Message] = {m.kind: m for m in (  # type: ignore[misc]
     )),
     Message(Ctl.REPORT, "front, worker", "Ask for / answer with the worker's sessions and devices.", (
         Field("request", int, "echoed"),
-        Field("report", dict, "sessions and devices (the answer only)", 8, optional=True),
+        Field("report", dict, "sessions (each with its counters), devices, and the messages the worker refused "
+              "by reason (the answer only)", 8, optional=True),
     )),
     Message(Ctl.WANT, "worker", "The worker needs more resident device memory than its lease.", (
         Field("device", int, "the daemon's device index"),

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-
 #: The accelerator kinds ``--device auto`` looks for, in order (each a ``torch.<kind>`` module).
 _AUTO_KINDS = ("cuda", "xpu", "mps")
 
@@ -131,6 +130,18 @@ def describe(device: torch.device) -> DeviceFacts:
         name=str(device), type=device.type, total_memory=0, major=0, minor=0,
         multi_processor_count=0, bf16_supported=True,
     )
+
+
+def hardware_id(device: torch.device) -> dict[str, Any]:
+    """What finds the device in NVML whatever CUDA_VISIBLE_DEVICES says (the front's health
+    sampler, server/telemetry/health.py): its UUID. Not part of the facts clients see."""
+    if device.type != "cuda":
+        return {}
+    try:
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+    except (AttributeError, RuntimeError):
+        return {}
+    return {"uuid": uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"}
 
 
 def synchronize(device: torch.device) -> None:

@@ -104,6 +104,9 @@ class Worker:
         self._last_batch = time.monotonic()
         self._host_memory_trimmed = True
         self._stopping = False
+        #: Messages refused by the worker (malformed, over a bound, another key's session), for
+        #: the daemon's metrics; counted where they are refused, never per op.
+        self.rejected: dict[str, int] = {}
         self.watchdog = Watchdog(config.watchdog)
         self._context = zmq.Context()
         self._control = self._context.socket(zmq.DEALER)
@@ -320,8 +323,7 @@ class Worker:
             "session": s.id, "priority": s.priority, "weight": s.weight,
             "memory_allocated": s.memory.allocated, "memory_peak": s.memory.peak,
             "memory_quota": s.memory_quota, "memory_spilled": s.memory.spilled,
-            "ops": s.ops_executed, "device_time_s": s.busy_s, "queued_batches": len(s.queue),
-            **s.compile_counts(),
+            "queued_batches": len(s.queue), **s.figures(), **s.compile_counts(),
         } for s in self.sessions.values()]
         device_rows = []
         for slot in self.slots:
@@ -330,10 +332,12 @@ class Worker:
             row: dict[str, Any] = {"index": slot.index, "busy_s": slot.busy_s, "utilization": slot.utilization}
             if slot.device.type != "cpu" and slot.sessions:
                 row["memory_free"], row["memory_total"] = devices.memory_info(slot.device)
+            if slot.device.type == "cuda" and slot.sessions:
+                row["memory_reserved"] = torch.cuda.memory_reserved(slot.device)
             if slot.memory is not None:
-                row["residency"] = slot.memory.stats()
+                row["residency"] = slot.memory.stats(wait=False)
             device_rows.append(row)
-        return {"pid": os.getpid(), "sessions": sessions, "devices": device_rows}
+        return {"pid": os.getpid(), "sessions": sessions, "devices": device_rows, "rejected": dict(self.rejected)}
 
     # ------------------------------------------------------------------------------------------
     # Messages from clients
@@ -366,9 +370,12 @@ class Worker:
             elif kind == Msg.BYE:
                 self._end_session(identity, "client said goodbye")
         except limits.LimitExceeded as exc:
+            self._count_rejected("limit")
             self._drop_offender(identity, str(exc))
         except ProtocolError as exc:
-            log.warning("malformed message from %s: %s", self._peer_name(identity), exc)
+            self._count_rejected("malformed")
+            log.warning("malformed message from %s: %s", self._peer_name(identity), exc,
+                        extra=self._log_context(identity, "security_rejection"))
             self._send(identity, [Msg.REPLY, messages.batch_seq(header), [], [ErrorKind.PROTOCOL.value, "", str(exc)]])
         except Exception as exc:  # a bug met by this input: its sender pays, nobody else
             self._drop_offender(identity, _failure(exc), error=exc)
@@ -382,6 +389,7 @@ class Worker:
                 self._send(identity, [Msg.REPLY, seq, [], error])
             return
         nbytes = sum(frame.nbytes for frame in frames)
+        session.bytes_in += nbytes
         session.inflow.admit(nbytes, want_reply, len(session.queue), session.queued_bytes)
         session.last_seen = session.last_active = self._last_batch = time.monotonic()
         self._host_memory_trimmed = False
@@ -391,9 +399,13 @@ class Worker:
 
     def _send_reply(self, identity: bytes, reply: Reply) -> None:
         if reply.malformed:
-            log.warning("%s sent a malformed batch: %s", self._peer_name(identity), reply.error[2])
+            self._count_rejected("malformed")
+            log.warning("%s sent a malformed batch: %s", self._peer_name(identity), reply.error[2],
+                        extra=self._log_context(identity, "security_rejection"))
         session = self.sessions.get(identity)
         nbytes = sum(memoryview(frame).nbytes for frame in reply.frames) if reply.frames else 0
+        if session is not None:
+            session.bytes_out += nbytes
         tracker = self._send(identity, [Msg.REPLY, reply.seq, reply.results, reply.error], reply.frames,
                              track=session is not None and nbytes >= _TRACKED_REPLY_BYTES)
         if session is not None and isinstance(tracker, zmq.MessageTracker):
@@ -425,26 +437,40 @@ class Worker:
     def _drop_offender(self, identity: bytes, why: str, *, error: BaseException | None = None) -> None:
         """End the session of a peer whose input broke a bound or met a bug: tell it why, log it
         (with the traceback, for a bug), and serve the tenant's other sessions as before."""
+        context = self._log_context(identity, "eviction")
         if error is not None:
-            log.error("%s: %s", self._peer_name(identity), why, exc_info=error)
+            self._count_rejected("failure")
+            log.error("%s: %s", self._peer_name(identity), why, exc_info=error, extra=context)
         else:
-            log.warning("%s: %s", self._peer_name(identity), why)
+            log.warning("%s: %s", self._peer_name(identity), why, extra=context)
         self._send(identity, [Msg.REPLY, None, [], [ErrorKind.PROTOCOL.value, "",
                                                      f"{why}. The daemon closed this client's session."]])
         self._end_session(identity, why, notice=f"{why}. The daemon closed this client's session.")
+
+    def _count_rejected(self, why: str) -> None:
+        self.rejected[why] = self.rejected.get(why, 0) + 1
+
+    def _log_context(self, identity: bytes, event: str) -> dict[str, Any]:
+        """The fields a structured log line (``--log-format json``) carries about a session."""
+        session = self.sessions.get(identity)
+        context: dict[str, Any] = {"event": event, "tenant": self.config.tenant, "worker": self.config.worker_id}
+        if session is not None:
+            context["session"] = session.id
+        return context
 
     def _on_outbox_full(self, identity: bytes) -> None:
         """A peer does not take its messages (it sends and never reads): its session ends."""
         if identity in self.sessions:
             why = (f"its client did not read its replies ({limits.OUTBOX_MESSAGES} messages were waiting for it); "
                    "the daemon never waits for one client")
-            log.warning("%s: %s", self._peer_name(identity), why)
+            log.warning("%s: %s", self._peer_name(identity), why, extra=self._log_context(identity, "eviction"))
             self._end_session(identity, why, notice=f"the daemon closed this session: {why}")
 
     def _refuse_other_owner(self, identity: bytes, header: Any) -> None:
         """Answer a message for another identity's session without touching the session."""
+        self._count_rejected("other_owner")
         log.warning("refused a message from %s: its routing id belongs to another identity's session",
-                    identity.hex()[:12])
+                    identity.hex()[:12], extra=self._log_context(identity, "security_rejection"))
         reason = ("this connection's routing id belongs to a session opened with another key; "
                   "use a fresh random routing id (the libremote client does)")
         if type(header) is list and len(header) == 4 and header[0] == Msg.BATCH and header[3] is True:
@@ -490,16 +516,19 @@ class Worker:
         self._peers.forget(identity)
         for slot in session.slots:
             slot.sessions.remove(session)
+        figures = session.figures()
         released = session.close()
         self._gone[identity] = f"session {session.id} was closed: {why}"
         while len(self._gone) > 4096:
             self._gone.popitem(last=False)
-        log.info("session %s closed (%s), released %d bytes", session.id, why, released)
+        log.info("session %s closed (%s), released %d bytes", session.id, why, released,
+                 extra={"event": "session_end", "session": session.id, "tenant": self.config.tenant,
+                        "worker": self.config.worker_id, "released_bytes": released, "why": why})
         if self.leases is not None:
             for slot in session.slots:
                 if not slot.sessions:
                     self.leases.release_all(slot.index)
-        self._send_control([Ctl.ENDED, session.id, why[:1000], released, notice[:1000] if notice else None])
+        self._send_control([Ctl.ENDED, session.id, why[:1000], released, notice[:1000] if notice else None, figures])
 
 
 def _failure(exc: BaseException) -> str:

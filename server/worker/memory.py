@@ -23,7 +23,6 @@ import torch
 from . import sparse
 from .residency import DeviceMemory, StorageRecord
 
-
 #: CUDA's caching allocator serves blocks up to 1 MiB from its small pool, larger ones from its
 #: large pool; ``torch.cuda.memory_stats`` reports the two apart, and so does a session here.
 SMALL_POOL_MAX_BYTES = 1 << 20

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from libremote_wire import codec, messages
+
 from . import values
 
 #: Bounds on what one client may define: commands per program and programs per session.

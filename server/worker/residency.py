@@ -38,7 +38,6 @@ import torch
 
 from ..policy import PRIORITIES
 
-
 #: How many queued commands per session eviction looks ahead at.
 LOOKAHEAD_COMMANDS = 64
 
@@ -480,8 +479,10 @@ class DeviceMemory:
                 self.restore_seconds += seconds
         self._untimed = pending
 
-    def stats(self) -> dict[str, Any]:
-        self._collect_copy_times(wait=True)
+    def stats(self, *, wait: bool = True) -> dict[str, Any]:
+        """The figures; ``wait=False`` (the front's periodic REPORTs) counts the seconds of copies
+        that have finished and never waits for the device."""
+        self._collect_copy_times(wait=wait)
         return {
             "resident_bytes": self.resident_bytes, "spilled_bytes": self.spilled_bytes,
             "device_budget": self.budget, "host_spill_limit": self.host_limit,

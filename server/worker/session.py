@@ -34,17 +34,17 @@ from libremote_wire.codec import DeviceRef, GeneratorRef, HandleRef, ProtocolErr
 from libremote_wire.messages import Cmd, ErrorKind
 
 from .. import limits
+from ..policy import ANONYMOUS, Tenant
 from . import graphs, numerics, op_policy, programs, sparse, values, zeroing
 from .compiled_graphs import GraphCompiler
 from .cuda_graphs import GraphCapture
-from .memory import MemoryAccount
 from .errors import CommandError, QuotaRefusal
+from .memory import MemoryAccount
 from .residency import DeviceMemory, Lookahead, StorageRecord
 from .session_commands import CommandsMixin
 from .session_graphs import GraphsMixin
 from .session_quota import QuotaMixin, TenantAccount
 from .session_residency import ResidencyMixin
-from ..policy import ANONYMOUS, Tenant
 
 log = logging.getLogger("libremote.server")
 
@@ -157,6 +157,14 @@ class Session(QuotaMixin, GraphsMixin, ResidencyMixin, CommandsMixin):
         self._program_at: tuple[programs.Program, int] | None = None  # in a replay: (step, position)
         self.ops_executed = 0
         self.batches = 0
+        # Figures for the daemon's metrics (server/telemetry/): counted per batch, reply, failure
+        # or graph call, never per op.
+        self.bytes_in = 0  # tensor bytes the client sent (BATCH frames)
+        self.bytes_out = 0  # tensor bytes sent back (REPLY frames)
+        self.errors: dict[str, int] = {}  # failed commands, by ErrorKind value
+        self.graphs_defined = 0  # GRAPH definitions (graph-cache misses)
+        self.graph_runs = 0  # RUN_GRAPH calls of graphs defined earlier (graph-cache hits)
+        self.step_replays = 0  # REPLAYs of captured steps
         self.busy_s = 0.0  # time charged for this session's commands: host time, and device time beyond it
         self.host_s = 0.0  # host time the daemon spent executing this session's commands
         self.created = time.time()
@@ -363,6 +371,8 @@ class Session(QuotaMixin, GraphsMixin, ResidencyMixin, CommandsMixin):
         return None if error is None else error.to_wire()
 
     def _fail(self, error: CommandError, command: list[Any]) -> None:
+        kind = error.kind.value
+        self.errors[kind] = self.errors.get(kind, 0) + 1
         if self.pending_error is None:
             self.pending_error = error
         if command[0] in (Cmd.OP, Cmd.OP_SYNC) and len(command) >= 5:

@@ -242,6 +242,16 @@ class CommandsMixin:
             return None
         raise CommandError(ErrorKind.OP, f"QUERY {codec.brief(what)}", f"unknown query {codec.brief(what)}")
 
+    def figures(self) -> dict[str, Any]:
+        """The session's cumulative counters, for the daemon's metrics (REPORT while it runs, ENDED
+        when it ends): plain fields the session keeps anyway, read here, not per op."""
+        cuda_graphs = self._cuda_graphs
+        return {"ops": self.ops_executed, "batches": self.batches, "device_time_s": self.busy_s,
+                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "errors": dict(self.errors),
+                "graphs_defined": self.graphs_defined, "graph_runs": self.graph_runs,
+                "step_replays": self.step_replays,
+                "cuda_graph_replays": cuda_graphs.replays if cuda_graphs else 0}
+
     def compile_counts(self) -> dict[str, int]:
         """Graphs compiled for this session (``--graph-compiler``), compiles still running, and
         the seconds the finished ones took."""

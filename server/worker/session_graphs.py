@@ -32,6 +32,7 @@ class GraphsMixin:
         codec.check(len(command) == 5, "GRAPH takes [GRAPH, id, input count, nodes, outputs]")
         _, graph_id, input_count, nodes, outputs = command
         codec.check(isinstance(graph_id, int) and not isinstance(graph_id, bool), "graph id must be an integer")
+        self.graphs_defined += 1
         if graph_id not in self._graphs and len(self._graphs) >= graphs.MAX_GRAPHS_PER_SESSION:
             raise CommandError(ErrorKind.OP, "graph", f"a session may define at most {graphs.MAX_GRAPHS_PER_SESSION} "
                                "graphs; recompiling on every new input shape? mark dynamic shapes or pad inputs")
@@ -45,6 +46,7 @@ class GraphsMixin:
         _, graph_id, wire_inputs, outs = command
         graph = self._graphs.get(graph_id) if isinstance(graph_id, int) else None
         codec.check(graph is not None, lambda: f"graph {codec.brief(graph_id)} was never defined in this session")
+        self.graph_runs += 1
         codec.check(isinstance(wire_inputs, list) and len(wire_inputs) == graph.input_count,
                        lambda: f"the graph takes {graph.input_count} inputs")
         codec.check(isinstance(outs, list) and len(outs) == len(graph.outputs), "RUN_GRAPH outs do not match the graph")
@@ -168,6 +170,7 @@ class GraphsMixin:
         codec.check(len(command) == 2, "REPLAY takes [REPLAY, id]")
         program = self._programs.get(command[1]) if isinstance(command[1], int) else None
         codec.check(program is not None, lambda: f"captured step {codec.brief(command[1])} was never defined in this session")
+        self.step_replays += 1
         # A step is captured once the session's compiles are done, so that the capture records
         # the compiled code, not the interpreter's, for the rest of its life.
         compiling = self._compiler is not None and self._compiler.pending > 0

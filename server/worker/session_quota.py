@@ -21,7 +21,6 @@ from . import op_policy, preflight, values
 from .errors import CommandError, QuotaRefusal
 from .memory import MemoryAccount
 
-
 log = logging.getLogger("libremote.server")
 
 

@@ -125,7 +125,8 @@ class Zygote:
                 import torch
 
                 answer = {"op": "probed", "devices": [str(d) for d in found],
-                          "facts": [devices.describe(d).to_wire() for d in found], "torch": torch.__version__}
+                          "facts": [devices.describe(d).to_wire() for d in found], "torch": torch.__version__,
+                          "hardware": [devices.hardware_id(d) for d in found]}
             except Exception as exc:  # ValueError: a --device the machine does not have
                 answer = {"op": "probed", "error": str(exc)}
             with os.fdopen(write_end, "wb") as stream:
@@ -172,9 +173,11 @@ def _become_worker(request: dict[str, Any]) -> None:
 def main() -> None:
     _die_with_parent(signal.SIGTERM)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    level = os.environ.get("LIBREMOTE_LOG_LEVEL", "INFO")
-    logging.basicConfig(level=getattr(logging, level, logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+    from ..telemetry import logs
+
+    # (--log-level and --log-format reach the zygote, and so every worker, from the front.)
+    logs.configure(os.environ.get("LIBREMOTE_LOG_LEVEL", "INFO"), os.environ.get("LIBREMOTE_LOG_FORMAT", "text"),
+                   "worker")
     # Import what every worker needs before forking, so a child starts with it loaded.
     import torch  # noqa: F401
 
