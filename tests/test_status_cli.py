@@ -32,7 +32,7 @@ def test_a_spill_storm_is_logged_once_with_the_sessions_that_spill_most(caplog):
     session = types.SimpleNamespace(id="abc123", tenant=types.SimpleNamespace(name="research"),
                                     stats={"memory_spilled": 300 << 20}, devices=[types.SimpleNamespace(index=0)])
     telemetry = Telemetry.__new__(Telemetry)
-    telemetry.front = types.SimpleNamespace(_by_id={"abc123": session})
+    telemetry.front = types.SimpleNamespace(sessions={b"client-identity": session})
     from libremote_server.telemetry.collect import FrontCounters
 
     telemetry.counters, telemetry._spill_marks, telemetry._storming = FrontCounters(), {}, set()
