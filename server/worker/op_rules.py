@@ -60,6 +60,12 @@ Allowed:
                     index with the forward's ``offset2bag``, ``bag_size``, ``maximum_indices`` and
                     ``offsets`` unchecked; allowed with a per-call check of each one's dtype,
                     shape and value range against ``weight``, ``grad`` and ``num_weights``.
+``call_checked``    kernels that trust their arguments' shapes, dtypes, layouts or values, found by
+                    probing and by fuzzing allowed ops with hostile tensors (``_cdist_backward``,
+                    the fused optimizers, ``segment_reduce``, weight norm, ``repeat_interleave``,
+                    ``_ctc_loss_backward``...: :data:`call_checks.CHECKS`): allowed with that op's
+                    per-call check (server/worker/call_checks.py), which also runs when another
+                    rule allowed the op first.
 ``geometry_checked``  explicit ``size`` and ``stride`` over an input's storage (``as_strided*``,
                     ``_reshape_alias*``, ``set_.source_Tensor_storage_offset``): allowed with a
                     per-call check that the view lies inside that storage
@@ -100,6 +106,8 @@ Per-call checks, decided here once per overload (an op that has none pays nothin
   (``bags_checked``: :func:`embedding_bag_forward_mismatch`, :func:`embedding_bag_backward_mismatch`).
 * batch norm's per-channel tensors (``channel_checked``) must hold one element per channel, and
   the saved tensors of ``shape_checked`` backward kernels must fit the gradient.
+* the arguments of the ops in :data:`call_checks.CHECKS` must fit each other as that op's kernel
+  assumes (``call_checked``; run whatever rule allowed the op).
 
 Results are checked once more when the daemon stores them (``values.unstorable``): a tensor that
 is neither strided nor a valid sparse tensor, has no storage or lies on a device not the
@@ -117,6 +125,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from . import call_checks
 from .sparse import SPARSE_LAYOUTS
 
 #: Argument types (``Argument.real_type``) a kernel may take from a client: tensors, plain values
@@ -209,7 +218,9 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 #: ``targets``, embedding backward's ``indices``): op name -> (index argument, the tensor it
 #: indexes, how many trailing dims of that tensor the index runs over; or an integer argument
 #: that counts what it indexes, with 0). Checked per call: 0 <= index < that many elements. (On a
-#: GPU this reads the index's min and max back: one sync per call of these few ops.)
+#: GPU this reads the index's min and max back: one sync per call of these few ops.) A composite
+#: op (CompositeImplicitAutograd) runs its inner kernels inside its own call, never through the
+#: daemon's checks: a composite wrapper of one of these kernels is listed here too.
 INDEX_BOUNDS: dict[str, tuple[str, str, int]] = {
     "max_pool2d_with_indices_backward": ("indices", "self", 2),
     "max_pool3d_with_indices_backward": ("indices", "self", 3),
@@ -220,6 +231,13 @@ INDEX_BOUNDS: dict[str, tuple[str, str, int]] = {
     "_ctc_loss": ("targets", "log_probs", 1),
     "_ctc_loss_backward": ("targets", "log_probs", 1),
     "embedding_dense_backward": ("indices", "num_weights", 0),
+    # Composite wrappers of the kernels above: they call the inner kernel directly, past the
+    # daemon, so its check must be theirs too (issue 19: embedding_backward with indices
+    # [2**40, -2**40] and scale_grad_by_freq, ctc_loss with a target of 2**40, crashed the daemon).
+    "embedding_backward": ("indices", "num_weights", 0),
+    "ctc_loss": ("targets", "log_probs", 1),
+    "_cudnn_ctc_loss": ("targets", "log_probs", 1),
+    "miopen_ctc_loss": ("targets", "log_probs", 1),
 }
 
 #: Batch norm kernels read (and in training write) their per-channel tensors at every channel of
@@ -367,6 +385,9 @@ RULES: tuple[Rule, ...] = (
          "the gradient before the kernel runs", lambda f: f.op in EMBEDDING_BAG_BACKWARD | EMBEDDING_BAG_FORWARD),
     Rule("shape_checked", True, "a backward kernel that trusts its saved tensors' shapes: checked to agree "
          "with the gradient's before the kernel runs", lambda f: f.op in SAME_SHAPE),
+    Rule("call_checked", True, "a kernel that trusts its arguments' shapes, dtypes, layouts or values (found "
+         "by probing and fuzzing): checked to fit each other before the kernel runs",
+         lambda f: f.op in call_checks.CHECKS),
     Rule("channel_checked", True, "batch norm: its per-channel tensors are checked to hold one element "
          "per channel of the input before the kernel runs", lambda f: bool(CHANNEL_CHECKED_OPS.search(f.op))),
     Rule("geometry_checked", True, "explicit sizes and strides over an input's storage: checked to lie "
@@ -823,6 +844,13 @@ def _embedding_bag_check(schema: Any, read: dict[str, Reader]) -> TensorCheck:
         sparse=value("sparse", args, kwargs, False))
 
 
+def _call_check(schema: Any, read: dict[str, Reader]) -> TensorCheck:
+    """The op's check from :data:`call_checks.CHECKS`, given its arguments by name."""
+    check = call_checks.CHECKS[schema.name[6:]]
+    names = [a.name for a in schema.arguments]
+    return lambda args, kwargs: call_checks.run_check(check, {n: read[n](args, kwargs) for n in names})
+
+
 #: The checking rules' per-call checks, built once per overload.
 _TENSOR_CHECKS: dict[str, Callable[[Any, dict[str, Reader]], TensorCheck]] = {
     "geometry_checked": _geometry_check,
@@ -830,6 +858,7 @@ _TENSOR_CHECKS: dict[str, Callable[[Any, dict[str, Reader]], TensorCheck]] = {
     "channel_checked": _channel_check,
     "shape_checked": _shape_check,
     "bags_checked": _embedding_bag_check,
+    "call_checked": _call_check,
 }
 
 
@@ -837,14 +866,17 @@ def argument_checker(overload: torch._ops.OpOverload, rule: Rule) -> Callable[[l
     """The per-call check of an allowed overload's arguments (raising :class:`ArgumentRefused`),
     or None when its arguments need none: each enum, device and varlen-offset argument's value,
     then the check of the rule that allowed it (geometry, index ranges, channels, shapes,
-    embedding bags)."""
+    embedding bags), then the op's own from :data:`call_checks.CHECKS` whichever rule allowed it
+    (``_ctc_loss_backward`` is ``index_checked`` for its targets and ``call_checked`` for the rest)."""
     schema = overload._schema
     read = _readers(schema)
     value_checks = [(read[a.name], a.name, check) for a in schema.arguments
                     if (check := _value_check(a.name, str(a.real_type))) is not None]
     build = _TENSOR_CHECKS.get(rule.name)
-    tensor_check = build(schema, read) if build is not None else None
-    if not value_checks and tensor_check is None:
+    tensor_checks = [build(schema, read)] if build is not None else []
+    if schema.name[6:] in call_checks.CHECKS and rule.name != "call_checked":
+        tensor_checks.append(_call_check(schema, read))
+    if not value_checks and not tensor_checks:
         return None
     name = f"{schema.name}.{schema.overload_name}" if schema.overload_name else schema.name
 
@@ -855,7 +887,7 @@ def argument_checker(overload: torch._ops.OpOverload, rule: Rule) -> Callable[[l
                 reason = check(candidate, devices)
                 if reason is not None:
                     raise ArgumentRefused(f"{name}: argument {argument!r} {reason}")
-        if tensor_check is not None:
+        for tensor_check in tensor_checks:
             reason = tensor_check(args, kwargs)
             if reason is not None:
                 raise ArgumentRefused(f"{name}: {reason}")
