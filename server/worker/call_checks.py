@@ -6,8 +6,8 @@ reaches inside its tenant's own worker (SECURITY.md); these checks stop the kern
 at all, so that a hostile tenant gets an error instead of its worker's heap. They were found by
 raw clients against the daemon (issue 19) and by ``scripts/fuzz_ops.py``, which pairs every
 allowed overload with hostile tensors (tests/hostile_ops.py); "Crashes it finds also become op
-rules", and these are they. ``op_rules`` allows each op named in :data:`CHECKS` by its
-``call_checked`` rule and runs its check before every call (``op_rules.argument_checker``).
+rules", and these are they. ``op_rules.argument_checker`` adds an op's check here
+(:func:`check_for`) to whatever rule allowed the op, and runs it before every call.
 
 A check takes the call's arguments by schema name (None where the client left one out: its
 default) and returns why the call is refused, or None. Checks read only shapes, dtypes, strides
@@ -20,6 +20,7 @@ The tests are tests/test_findings.py (each finding, with its repro from a hostil
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Mapping
 
 import torch
@@ -191,6 +192,8 @@ def _weight_norm_rows(v: torch.Tensor, dim: Any) -> int | str:
     first or the last dim), or why ``dim`` is not one the fused kernels take."""
     if type(dim) is not int or v.dim() == 0 or dim not in (0, v.dim() - 1):
         return f"dim {dim!r:.20} must be 0 or the last dim of {list(v.shape)} (the fused kernels take no other)"
+    if v.shape[dim] == 0:  # (the kernels divide the element count by it: SIGFPE, found by fuzzing)
+        return f"v {list(v.shape)} has no elements along dim {dim}"
     return v.shape[dim]
 
 
@@ -337,6 +340,65 @@ def ctc_loss_backward(a: Mapping[str, Any]) -> str | None:
     return None
 
 
+# ------------------------------------------------------------------------------------------------
+# Lists a kernel indexes without checking their length
+# ------------------------------------------------------------------------------------------------
+def non_empty_tensors(a: Mapping[str, Any]) -> str | None:
+    """``_stack(tensors, dim)`` (TensorShape.cpp) reads ``tensors[0]`` for the result's shape
+    and dtype before any check: an empty list crashed the worker (SIGSEGV; found by
+    scripts/fuzz_ops.py; the public ``stack`` checks first)."""
+    tensors = a["tensors"]
+    if isinstance(tensors, (list, tuple)) and not tensors:
+        return "argument 'tensors' must hold at least one tensor"
+    return None
+
+
+def foreach_lists(a: Mapping[str, Any]) -> str | None:
+    """``_foreach_*`` ops walk their tensor lists (and scalar lists) in step, by the length of the
+    first; ``_foreach_copy`` with an empty ``self`` and four ``src`` tensors crashed the worker
+    (SIGSEGV; found by scripts/fuzz_ops.py; most foreach kernels check the lengths, the generated
+    functional and ``out`` forms do not). Every list argument holds one entry per tensor of the
+    first."""
+    lists = [(name, value) for name, value in a.items() if isinstance(value, (list, tuple))]
+    if not lists:
+        return None
+    first, count = lists[0][0], len(lists[0][1])
+    for name, value in lists[1:]:
+        if len(value) != count:
+            return f"argument {name!r} holds {len(value)} entries; {first!r} holds {count}: one each"
+    return None
+
+
+def exact_lengths(lengths: Mapping[str, int]) -> CallCheck:
+    """The check that each fixed-size list argument (schema ``int[N]``, ``SymInt[N]``: name ->
+    N) holds exactly N entries."""
+    def check(a: Mapping[str, Any]) -> str | None:
+        for name, length in lengths.items():
+            value = a.get(name)
+            if isinstance(value, (list, tuple)) and len(value) != length:
+                return f"argument {name!r} holds {len(value)} entries; it must hold {length}"
+        return None
+
+    return check
+
+
+#: Ops whose kernels index a fixed-size list argument (``SymInt[4] padding``, ``int[2]
+#: kernel_size``) up to the size its schema declares, without checking the list's length:
+#: ``reflection_pad1d_backward`` and ``reflection_pad2d_backward`` with ``padding=[]``,
+#: ``replication_pad2d_backward.grad_input`` with ``[1, 0]``, ``fractional_max_pool2d_backward``
+#: with ``output_size=[]``, ``_slow_conv2d_backward`` with ``padding=[]`` crashed the worker, and
+#: ``slow_conv3d_forward`` with a short ``stride`` corrupted its heap, and
+#: ``_nnpack_spatial_convolution`` with one-entry lists crashed (found by scripts/fuzz_ops.py).
+#: Their lists must hold exactly that many entries (what every caller in torch passes). Pooling
+#: and convolution entry points (``max_pool2d``, ``convolution``) take one entry for all dims,
+#: or none for a default, and check: they are not listed.
+EXACT_LENGTH_OPS = re.compile(r"^(reflection|replication)_pad[123]d|^_slow_conv2d|^slow_conv|^thnn_conv"
+                              r"|^_conv_depthwise2d$|^conv_depthwise3d$|^fractional_max_pool[23]d"
+                              r"|^_nnpack_spatial_convolution$")
+#: Ops checked by pattern: every ``_foreach_*`` op.
+PATTERN_CHECKS: tuple[tuple[re.Pattern[str], CallCheck], ...] = ((re.compile(r"^_foreach_"), foreach_lists),)
+
+
 #: op name (no overload) -> its check. Overloads share their argument names.
 CHECKS: dict[str, CallCheck] = {
     "_cdist_backward": cdist_backward,
@@ -348,7 +410,24 @@ CHECKS: dict[str, CallCheck] = {
     "repeat_interleave": repeat_interleave,
     "_logcumsumexp": out_like_self,
     "_ctc_loss_backward": ctc_loss_backward,
+    "_stack": non_empty_tensors,
 }
+
+
+def check_for(schema: torch.FunctionSchema) -> CallCheck | None:
+    """The check of one overload: its op's, by name or pattern, and the exact lengths of its
+    fixed-size lists where :data:`EXACT_LENGTH_OPS` says so; None when it has none."""
+    op = schema.name.removeprefix("aten::")
+    checks = [check for pattern, check in PATTERN_CHECKS if pattern.search(op)]
+    if op in CHECKS:
+        checks.append(CHECKS[op])
+    if EXACT_LENGTH_OPS.search(op):
+        lengths = {a.name: a.N for a in schema.arguments if a.N is not None and "List" in str(a.real_type)}
+        if lengths:
+            checks.append(exact_lengths(lengths))
+    if len(checks) <= 1:
+        return checks[0] if checks else None
+    return lambda a: next((reason for check in checks if (reason := check(a)) is not None), None)
 
 
 def run_check(check: CallCheck, arguments: Mapping[str, Any]) -> str | None:

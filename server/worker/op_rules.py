@@ -60,12 +60,6 @@ Allowed:
                     index with the forward's ``offset2bag``, ``bag_size``, ``maximum_indices`` and
                     ``offsets`` unchecked; allowed with a per-call check of each one's dtype,
                     shape and value range against ``weight``, ``grad`` and ``num_weights``.
-``call_checked``    kernels that trust their arguments' shapes, dtypes, layouts or values, found by
-                    probing and by fuzzing allowed ops with hostile tensors (``_cdist_backward``,
-                    the fused optimizers, ``segment_reduce``, weight norm, ``repeat_interleave``,
-                    ``_ctc_loss_backward``...: :data:`call_checks.CHECKS`): allowed with that op's
-                    per-call check (server/worker/call_checks.py), which also runs when another
-                    rule allowed the op first.
 ``geometry_checked``  explicit ``size`` and ``stride`` over an input's storage (``as_strided*``,
                     ``_reshape_alias*``, ``set_.source_Tensor_storage_offset``): allowed with a
                     per-call check that the view lies inside that storage
@@ -100,14 +94,20 @@ Per-call checks, decided here once per overload (an op that has none pays nothin
 * varlen attention offsets (:data:`UNCHECKED_OFFSET_ARGUMENTS`) must be None: the device kernels
   read them without bounds checks; dense attention passes none.
 * explicit geometry (``geometry_checked``) must lie inside its storage.
+* ``out=`` tensors must not overlap themselves (:func:`out_outside_storage`): kernels that are no
+  TensorIterator write ``numel`` consecutive elements there.
 * trusted index tensors (``index_checked``) must lie inside the tensor they index.
 * embedding bag's indices and offsets must lie inside the weight and the indices, and its
   backward's bookkeeping must be what a forward could have made for this gradient
   (``bags_checked``: :func:`embedding_bag_forward_mismatch`, :func:`embedding_bag_backward_mismatch`).
 * batch norm's per-channel tensors (``channel_checked``) must hold one element per channel, and
   the saved tensors of ``shape_checked`` backward kernels must fit the gradient.
-* the arguments of the ops in :data:`call_checks.CHECKS` must fit each other as that op's kernel
-  assumes (``call_checked``; run whatever rule allowed the op).
+* kernels found to trust their arguments' shapes, dtypes, layouts or values, by probing and by
+  fuzzing allowed ops with hostile tensors (``_cdist_backward``, the fused optimizers,
+  ``segment_reduce``, weight norm, ``repeat_interleave``, ``_ctc_loss_backward``, the foreach
+  ops' list lengths, fixed-size lists of padding and slow-convolution kernels...), are checked by
+  server/worker/call_checks.py: their arguments must fit each other as the kernel assumes. That
+  check is added to whichever rule allowed the op (:func:`call_checks.check_for`).
 
 Results are checked once more when the daemon stores them (``values.unstorable``): a tensor that
 is neither strided nor a valid sparse tensor, has no storage or lies on a device not the
@@ -385,9 +385,6 @@ RULES: tuple[Rule, ...] = (
          "the gradient before the kernel runs", lambda f: f.op in EMBEDDING_BAG_BACKWARD | EMBEDDING_BAG_FORWARD),
     Rule("shape_checked", True, "a backward kernel that trusts its saved tensors' shapes: checked to agree "
          "with the gradient's before the kernel runs", lambda f: f.op in SAME_SHAPE),
-    Rule("call_checked", True, "a kernel that trusts its arguments' shapes, dtypes, layouts or values (found "
-         "by probing and fuzzing): checked to fit each other before the kernel runs",
-         lambda f: f.op in call_checks.CHECKS),
     Rule("channel_checked", True, "batch norm: its per-channel tensors are checked to hold one element "
          "per channel of the input before the kernel runs", lambda f: bool(CHANNEL_CHECKED_OPS.search(f.op))),
     Rule("geometry_checked", True, "explicit sizes and strides over an input's storage: checked to lie "
@@ -463,6 +460,23 @@ def _device_check(value: Any, devices: Sequence[torch.device]) -> str | None:
 
 def _must_be_none(value: Any, devices: Sequence[torch.device]) -> str | None:
     return None if value is None else "varlen attention offsets are not supported (dense attention passes none)"
+
+
+def out_outside_storage(value: Any, devices: Sequence[torch.device]) -> str | None:
+    """Why an ``out=`` tensor (or one of a list) is refused: its storage does not hold its
+    ``numel`` elements from its data pointer, which only a view that overlaps itself (an
+    expanded one) can fail (a view's elements sit at distinct offsets from its own). Kernels that
+    are no TensorIterator write their outputs as ``numel`` consecutive elements:
+    ``replication_pad2d_backward.grad_input`` into an expanded ``grad_input`` corrupted the heap
+    (found by scripts/fuzz_ops.py)."""
+    for tensor in value if isinstance(value, (list, tuple)) else (value,):
+        if isinstance(tensor, torch.Tensor) and tensor.layout is torch.strided and tensor.numel() > 1:
+            needed = (tensor.storage_offset() + tensor.numel()) * tensor.element_size()
+            if needed > tensor.untyped_storage().nbytes():
+                return (f"overlaps itself (sizes {list(tensor.shape)}, strides {list(tensor.stride())}): an out= "
+                        f"tensor must not, its {tensor.numel()} elements need {needed} bytes of storage from its "
+                        f"offset, it has {tensor.untyped_storage().nbytes()}")
+    return None
 
 
 def _value_check(name: str, type_name: str) -> ValueCheck | None:
@@ -845,8 +859,9 @@ def _embedding_bag_check(schema: Any, read: dict[str, Reader]) -> TensorCheck:
 
 
 def _call_check(schema: Any, read: dict[str, Reader]) -> TensorCheck:
-    """The op's check from :data:`call_checks.CHECKS`, given its arguments by name."""
-    check = call_checks.CHECKS[schema.name[6:]]
+    """The overload's check from call_checks (:func:`call_checks.check_for`), given its
+    arguments by name."""
+    check = call_checks.check_for(schema)
     names = [a.name for a in schema.arguments]
     return lambda args, kwargs: call_checks.run_check(check, {n: read[n](args, kwargs) for n in names})
 
@@ -858,7 +873,6 @@ _TENSOR_CHECKS: dict[str, Callable[[Any, dict[str, Reader]], TensorCheck]] = {
     "channel_checked": _channel_check,
     "shape_checked": _shape_check,
     "bags_checked": _embedding_bag_check,
-    "call_checked": _call_check,
 }
 
 
@@ -866,15 +880,18 @@ def argument_checker(overload: torch._ops.OpOverload, rule: Rule) -> Callable[[l
     """The per-call check of an allowed overload's arguments (raising :class:`ArgumentRefused`),
     or None when its arguments need none: each enum, device and varlen-offset argument's value,
     then the check of the rule that allowed it (geometry, index ranges, channels, shapes,
-    embedding bags), then the op's own from :data:`call_checks.CHECKS` whichever rule allowed it
-    (``_ctc_loss_backward`` is ``index_checked`` for its targets and ``call_checked`` for the rest)."""
+    embedding bags), then the op's own from call_checks (:func:`call_checks.check_for`) whichever
+    rule allowed it (``_ctc_loss_backward``'s targets are ``index_checked``, the rest of its
+    arguments call-checked)."""
     schema = overload._schema
     read = _readers(schema)
     value_checks = [(read[a.name], a.name, check) for a in schema.arguments
                     if (check := _value_check(a.name, str(a.real_type))) is not None]
+    value_checks += [(read[a.name], a.name, out_outside_storage) for a in schema.arguments
+                     if a.kwarg_only and a.alias_info is not None and a.alias_info.is_write]
     build = _TENSOR_CHECKS.get(rule.name)
     tensor_checks = [build(schema, read)] if build is not None else []
-    if schema.name[6:] in call_checks.CHECKS and rule.name != "call_checked":
+    if call_checks.check_for(schema) is not None:
         tensor_checks.append(_call_check(schema, read))
     if not value_checks and not tensor_checks:
         return None
