@@ -104,8 +104,9 @@ class TensorSpec:
     dtype: torch.dtype
     shape: tuple[int, ...]
     #: "ramp" (values spread over [-2, 2]), "small" (0, 1, 2: valid indices of small tensors),
-    #: "hostile" (:data:`HOSTILE_INDEX_VALUES` among small ones), "ones", "zeros".
-    values: str = "ramp"
+    #: "hostile" (:data:`HOSTILE_INDEX_VALUES` among small ones), "ones", "zeros"; or the values
+    #: themselves (a tuple, for the calls of :data:`KNOWN_CRASHES`).
+    values: str | tuple[float, ...] = "ramp"
     view: str = ""
     seed: int = 0
 
@@ -127,7 +128,9 @@ class TensorSpec:
         shape = self.base_shape()
         numel = math.prod(shape)
         rng = random.Random(self.seed)
-        if self.values == "ramp":
+        if isinstance(self.values, tuple):
+            values = torch.tensor(self.values, dtype=torch.float64)
+        elif self.values == "ramp":
             values = torch.linspace(-2.0, 2.0, numel, dtype=torch.float64) if numel else torch.zeros(0, dtype=torch.float64)
         elif self.values in ("small", "hostile"):
             pool = (0, 1, 2) if self.values == "small" else (0, 1, 2) + HOSTILE_INDEX_VALUES
@@ -154,7 +157,7 @@ def _build(spec: TensorSpec, handle: int, views_from: int, commands: list[Any], 
     ``views_from`` + handle when it is a view). Returns the handle the argument names."""
     shape = spec.base_shape()
     base_handle = handle + views_from if spec.view and spec.shape else handle
-    if math.prod(shape) <= PUT_LIMIT or spec.values not in ("ones", "zeros", "ramp"):
+    if math.prod(shape) <= PUT_LIMIT or spec.values not in ("ones", "zeros", "ramp"):  # (tuples are small)
         tensor = spec.base().contiguous() if math.prod(shape) <= PUT_LIMIT else \
             torch.zeros(shape, dtype=spec.dtype)
         frames.append(bytes(torch_codec.tensor_bytes(tensor)))
@@ -242,6 +245,28 @@ class Call:
             return repr(value)
         parts = [text(value) for value in self.args] + [f"{key}={text(value)}" for key, value in self.kwargs.items()]
         return f"{self.name}({', '.join(parts)})"
+
+
+def _t(*shape: int, values: str | tuple[float, ...] = "ramp", dtype: torch.dtype = torch.float32) -> TensorSpec:
+    return TensorSpec(dtype, shape, values)
+
+
+_SGD = dict(weight_decay=0.0, momentum=0.9, lr=0.1, dampening=0.0, nesterov=False, maximize=False, is_first_step=False)
+#: Calls that crashed (or hung) a worker before their op rules (tests/test_findings.py has each
+#: with its story): with the rules on each is refused; with them off each ends its own worker.
+KNOWN_CRASHES = [
+    Call("aten::_fused_adagrad_", [[_t(1 << 16, values="ones")], [_t(1 << 16, values="ones")], [_t(1, values="ones")],
+                                   [_t(values="zeros")]],
+         dict(lr=0.1, lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False)),
+    Call("aten::embedding_backward", [_t(2, 3), _t(2, values=(2**40, -(2**40)), dtype=torch.int64), 4, -1, True, False], {}),
+    Call("aten::ctc_loss.IntList", [_t(5, 1, 4), _t(1, 1, values=(2**40,), dtype=torch.int64), [5], [1]], {}),
+    Call("aten::segment_reduce", [_t(4, values="ones"), "sum"], {"offsets": _t(2, values=(0, 2**30), dtype=torch.int64)}),
+    Call("aten::repeat_interleave.self_Tensor", [_t(2), _t(2, values=(-5, 10), dtype=torch.int64), 0], {"output_size": 5}),
+    Call("aten::_stack", [[], 0], {}),
+    Call("aten::_foreach_copy", [[_t(2)], [_t(2), _t(2), _t(2), _t(2)]], {}),
+    Call("aten::reflection_pad1d_backward", [_t(2, 3, 4), _t(2, 3, 4), []], {}),
+    Call("aten::_weight_norm_interface", [_t(0), _t(2, 2, 2, 2, 2)], {}),
+]
 
 
 #: Strings by argument name (the generic pool for others).
@@ -450,8 +475,12 @@ class OpFuzzer:
     """A raw client of one tenant that runs :class:`Call` objects in its worker, one per round
     trip, and opens a new session (in the fresh worker the front starts) when its worker dies."""
 
-    def __init__(self, address: str, tenant: str, token: str, *, answer_wait_s: float = 30.0) -> None:
+    def __init__(self, address: str, tenant: str, token: str, *, answer_wait_s: float = 30.0,
+                 warm_up: bool = True) -> None:
+        """``warm_up``: run :data:`WARM_UP` in each fresh worker first (needed under an
+        --op-time-limit shorter than a few seconds)."""
         self.address, self.tenant, self.token = address, tenant, token
+        self.warm_up = warm_up
         #: How long to wait for an answer: longer than the daemon's --op-time-limit.
         self.answer_wait_s = answer_wait_s
         self.client: RawClient | None = None
@@ -467,9 +496,10 @@ class OpFuzzer:
         self.sessions += 1
         if header[1]["pid"] not in self.worker_pids:  # a fresh worker: warm it up first
             self.worker_pids.append(header[1]["pid"])
-            for call in WARM_UP:
+            for call in WARM_UP if self.warm_up else ():
                 commands, frames, _ = call.batch(TARGET_OP_ID)
-                self.client.call(commands, frames)
+                how, answer, _ = await_reply(self.client, self.client.batch(commands, frames), self.answer_wait_s)
+                assert how == "reply", f"a fresh worker did not survive its warm-up (--op-time-limit too short?): {answer}"
 
     def close(self) -> None:
         if self.client is not None:
