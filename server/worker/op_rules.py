@@ -94,12 +94,20 @@ Per-call checks, decided here once per overload (an op that has none pays nothin
 * varlen attention offsets (:data:`UNCHECKED_OFFSET_ARGUMENTS`) must be None: the device kernels
   read them without bounds checks; dense attention passes none.
 * explicit geometry (``geometry_checked``) must lie inside its storage.
+* ``out=`` tensors must not overlap themselves (:func:`out_outside_storage`): kernels that are no
+  TensorIterator write ``numel`` consecutive elements there.
 * trusted index tensors (``index_checked``) must lie inside the tensor they index.
 * embedding bag's indices and offsets must lie inside the weight and the indices, and its
   backward's bookkeeping must be what a forward could have made for this gradient
   (``bags_checked``: :func:`embedding_bag_forward_mismatch`, :func:`embedding_bag_backward_mismatch`).
 * batch norm's per-channel tensors (``channel_checked``) must hold one element per channel, and
   the saved tensors of ``shape_checked`` backward kernels must fit the gradient.
+* kernels found to trust their arguments' shapes, dtypes, layouts or values, by probing and by
+  fuzzing allowed ops with hostile tensors (``_cdist_backward``, the fused optimizers,
+  ``segment_reduce``, weight norm, ``repeat_interleave``, ``_ctc_loss_backward``, the foreach
+  ops' list lengths, fixed-size lists of padding and slow-convolution kernels...), are checked by
+  server/worker/call_checks.py: their arguments must fit each other as the kernel assumes. That
+  check is added to whichever rule allowed the op (:func:`call_checks.check_for`).
 
 Results are checked once more when the daemon stores them (``values.unstorable``): a tensor that
 is neither strided nor a valid sparse tensor, has no storage or lies on a device not the
@@ -117,6 +125,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from . import call_checks
 from .sparse import SPARSE_LAYOUTS
 
 #: Argument types (``Argument.real_type``) a kernel may take from a client: tensors, plain values
@@ -209,7 +218,9 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 #: ``targets``, embedding backward's ``indices``): op name -> (index argument, the tensor it
 #: indexes, how many trailing dims of that tensor the index runs over; or an integer argument
 #: that counts what it indexes, with 0). Checked per call: 0 <= index < that many elements. (On a
-#: GPU this reads the index's min and max back: one sync per call of these few ops.)
+#: GPU this reads the index's min and max back: one sync per call of these few ops.) A composite
+#: op (CompositeImplicitAutograd) runs its inner kernels inside its own call, never through the
+#: daemon's checks: a composite wrapper of one of these kernels is listed here too.
 INDEX_BOUNDS: dict[str, tuple[str, str, int]] = {
     "max_pool2d_with_indices_backward": ("indices", "self", 2),
     "max_pool3d_with_indices_backward": ("indices", "self", 3),
@@ -220,6 +231,13 @@ INDEX_BOUNDS: dict[str, tuple[str, str, int]] = {
     "_ctc_loss": ("targets", "log_probs", 1),
     "_ctc_loss_backward": ("targets", "log_probs", 1),
     "embedding_dense_backward": ("indices", "num_weights", 0),
+    # Composite wrappers of the kernels above: they call the inner kernel directly, past the
+    # daemon, so its check must be theirs too (issue 19: embedding_backward with indices
+    # [2**40, -2**40] and scale_grad_by_freq, ctc_loss with a target of 2**40, crashed the daemon).
+    "embedding_backward": ("indices", "num_weights", 0),
+    "ctc_loss": ("targets", "log_probs", 1),
+    "_cudnn_ctc_loss": ("targets", "log_probs", 1),
+    "miopen_ctc_loss": ("targets", "log_probs", 1),
 }
 
 #: Batch norm kernels read (and in training write) their per-channel tensors at every channel of
@@ -442,6 +460,23 @@ def _device_check(value: Any, devices: Sequence[torch.device]) -> str | None:
 
 def _must_be_none(value: Any, devices: Sequence[torch.device]) -> str | None:
     return None if value is None else "varlen attention offsets are not supported (dense attention passes none)"
+
+
+def out_outside_storage(value: Any, devices: Sequence[torch.device]) -> str | None:
+    """Why an ``out=`` tensor (or one of a list) is refused: its storage does not hold its
+    ``numel`` elements from its data pointer, which only a view that overlaps itself (an
+    expanded one) can fail (a view's elements sit at distinct offsets from its own). Kernels that
+    are no TensorIterator write their outputs as ``numel`` consecutive elements:
+    ``replication_pad2d_backward.grad_input`` into an expanded ``grad_input`` corrupted the heap
+    (found by scripts/fuzz_ops.py)."""
+    for tensor in value if isinstance(value, (list, tuple)) else (value,):
+        if isinstance(tensor, torch.Tensor) and tensor.layout is torch.strided and tensor.numel() > 1:
+            needed = (tensor.storage_offset() + tensor.numel()) * tensor.element_size()
+            if needed > tensor.untyped_storage().nbytes():
+                return (f"overlaps itself (sizes {list(tensor.shape)}, strides {list(tensor.stride())}): an out= "
+                        f"tensor must not, its {tensor.numel()} elements need {needed} bytes of storage from its "
+                        f"offset, it has {tensor.untyped_storage().nbytes()}")
+    return None
 
 
 def _value_check(name: str, type_name: str) -> ValueCheck | None:
@@ -823,6 +858,14 @@ def _embedding_bag_check(schema: Any, read: dict[str, Reader]) -> TensorCheck:
         sparse=value("sparse", args, kwargs, False))
 
 
+def _call_check(schema: Any, read: dict[str, Reader]) -> TensorCheck:
+    """The overload's check from call_checks (:func:`call_checks.check_for`), given its
+    arguments by name."""
+    check = call_checks.check_for(schema)
+    names = [a.name for a in schema.arguments]
+    return lambda args, kwargs: call_checks.run_check(check, {n: read[n](args, kwargs) for n in names})
+
+
 #: The checking rules' per-call checks, built once per overload.
 _TENSOR_CHECKS: dict[str, Callable[[Any, dict[str, Reader]], TensorCheck]] = {
     "geometry_checked": _geometry_check,
@@ -837,14 +880,20 @@ def argument_checker(overload: torch._ops.OpOverload, rule: Rule) -> Callable[[l
     """The per-call check of an allowed overload's arguments (raising :class:`ArgumentRefused`),
     or None when its arguments need none: each enum, device and varlen-offset argument's value,
     then the check of the rule that allowed it (geometry, index ranges, channels, shapes,
-    embedding bags)."""
+    embedding bags), then the op's own from call_checks (:func:`call_checks.check_for`) whichever
+    rule allowed it (``_ctc_loss_backward``'s targets are ``index_checked``, the rest of its
+    arguments call-checked)."""
     schema = overload._schema
     read = _readers(schema)
     value_checks = [(read[a.name], a.name, check) for a in schema.arguments
                     if (check := _value_check(a.name, str(a.real_type))) is not None]
+    value_checks += [(read[a.name], a.name, out_outside_storage) for a in schema.arguments
+                     if a.kwarg_only and a.alias_info is not None and a.alias_info.is_write]
     build = _TENSOR_CHECKS.get(rule.name)
-    tensor_check = build(schema, read) if build is not None else None
-    if not value_checks and tensor_check is None:
+    tensor_checks = [build(schema, read)] if build is not None else []
+    if call_checks.check_for(schema) is not None:
+        tensor_checks.append(_call_check(schema, read))
+    if not value_checks and not tensor_checks:
         return None
     name = f"{schema.name}.{schema.overload_name}" if schema.overload_name else schema.name
 
@@ -855,7 +904,7 @@ def argument_checker(overload: torch._ops.OpOverload, rule: Rule) -> Callable[[l
                 reason = check(candidate, devices)
                 if reason is not None:
                     raise ArgumentRefused(f"{name}: argument {argument!r} {reason}")
-        if tensor_check is not None:
+        for tensor_check in tensor_checks:
             reason = tensor_check(args, kwargs)
             if reason is not None:
                 raise ArgumentRefused(f"{name}: {reason}")

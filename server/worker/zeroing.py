@@ -26,6 +26,12 @@ schema, not from a hand list of overloads:
   returns one element on a 256 KiB storage. The bytes of each fresh result storage that no result
   shows are zeroed.
 
+* **Results a kernel writes in part**: ``_ctc_loss`` returns its ``log_alpha`` from ``empty``
+  and the CPU kernel writes, per batch item, only the time steps below its input length and the
+  target positions up to twice its target length (the CUDA kernel writes -inf everywhere else):
+  127,559 copies of a freed 2 MiB pattern came back in one (issue 19). Translated
+  (:func:`ctc_loss`): the rest is set to -inf, as on CUDA.
+
 Placeholders of a step recorded without running (``Session._allocate_placeholders``) are
 allocated zeroed. Spilled storages need nothing: a restore copies the whole storage back from a
 host buffer of its exact size, and a storage whose bytes were discarded comes back zeroed
@@ -200,7 +206,30 @@ def resize_output(self: torch.Tensor, size: list[int], device: Any, *, out: torc
     return _into(grow(result, lambda: aten._resize_output_(result, size, device)), out)
 
 
+# ------------------------------------------------------------------------------------------------
+# Results a kernel writes in part
+# ------------------------------------------------------------------------------------------------
+def ctc_loss(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: Any, target_lengths: Any,
+             blank: int = 0, zero_infinity: bool = False, **out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_ctc_loss`` (every overload: lengths as lists or tensors, ``out0``/``out1``), then the
+    parts of ``log_alpha`` the CPU kernel leaves as ``empty`` gave them set to -inf, as the CUDA
+    kernel sets them: for batch item ``b``, every time step ``t >= max(1, input_lengths[b])`` and,
+    below it, every target position ``s > 2 * target_lengths[b]``. (Row 0 the kernel fills
+    itself.) The backward reads none of them."""
+    loss, log_alpha = aten._ctc_loss(log_probs, targets, input_lengths, target_lengths, blank, zero_infinity, **out)
+    if log_alpha.device.type == "cpu" and log_alpha.dim() == 3 and log_alpha.numel():
+        batch, steps, positions = log_alpha.shape
+        inputs = torch.as_tensor(input_lengths, dtype=torch.int64).reshape(batch, 1, 1)
+        targets_ = torch.as_tensor(target_lengths, dtype=torch.int64).reshape(batch, 1, 1)
+        t = torch.arange(steps).reshape(1, steps, 1)
+        s = torch.arange(positions).reshape(1, 1, positions)
+        written = (t == 0) | ((t < inputs) & (s <= 2 * targets_))
+        log_alpha.masked_fill_(~written, -torch.inf)
+    return loss, log_alpha
+
+
 TRANSLATIONS = {
+    "aten::_ctc_loss": ctc_loss,
     "aten::resize": resize,
     "aten::resize_as": resize_as,
     "aten::_resize_output": resize_output,
