@@ -10,7 +10,6 @@ timeouts there are generous upper bounds that prove "no hang", not performance c
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
 import signal
@@ -18,7 +17,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -28,92 +26,9 @@ import torch
 from libremote_wire import codec, messages, torch_codec
 from libremote_wire.messages import Cmd, Msg
 
-from conftest import REPO, Daemon, free_port, subprocess_env
+from conftest import REPO, Daemon, client_connected_to, free_port, subprocess_env
+from helpers import finish, last_json, run_python, spawn_client, wait_for_file, wait_for_log
 from raw_client import RawClient
-
-
-# ------------------------------------------------------------------------------------------------
-# Helpers
-# ------------------------------------------------------------------------------------------------
-def run_python(code: str, *, timeout: float, **env: str) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh interpreter with libremote from this checkout."""
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env=subprocess_env(**env),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def last_json(output: str) -> dict[str, Any]:
-    lines = [line for line in output.splitlines() if line.startswith("{")]
-    assert lines, f"no JSON result in output:\n{output}"
-    return json.loads(lines[-1])
-
-
-def wait_for_file(path: Path, process: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if process.poll() is not None:
-            out, err = process.communicate()
-            raise AssertionError(f"client exited early ({process.returncode}):\n{out}\n{err}")
-        if time.monotonic() > deadline:
-            process.kill()
-            out, err = process.communicate()
-            raise AssertionError(f"client did not get ready within {timeout} s:\n{out}\n{err}")
-        time.sleep(0.05)
-
-
-def wait_for_log(server: Daemon, text: str, timeout: float = 30.0) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        log = server.log()
-        if text in log:
-            return log
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{text!r} not in the daemon log within {timeout} s:\n{log}")
-        time.sleep(0.05)
-
-
-def spawn_client(code: str, address: str, **env: str) -> subprocess.Popen:
-    """A library client in its own interpreter, opted in through LIBREMOTE_SERVER."""
-    return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env=subprocess_env(LIBREMOTE_SERVER=address, **env),
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-
-
-def finish(client: subprocess.Popen, what_went_wrong: str, timeout: float = 60.0) -> tuple[str, str]:
-    """The client's output; if it does not end in time, kill it and fail with its output."""
-    try:
-        return client.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        client.kill()
-        out, err = client.communicate()
-        raise AssertionError(f"{what_went_wrong}:\n{out}\n{err}") from None
-
-
-@pytest.fixture
-def raw(daemon: Daemon):
-    """A raw client that has said HELLO to the shared daemon."""
-    with RawClient(daemon.address) as client:
-        header = client.hello()
-        assert header[0] == Msg.WELCOME, header
-        yield client
-
-
-@pytest.fixture
-def own_daemon():
-    """A daemon for this test alone (for tests that kill it, signal it or read its log)."""
-    server = Daemon()
-    yield server
-    if server.process.poll() is None:
-        server.process.kill()
-        server.process.wait()
-    server.stop()
 
 
 def _float_bytes(*values: float) -> bytes:
@@ -1078,8 +993,6 @@ def test_the_daemon_gives_host_memory_back_when_idle(own_daemon):
 def test_daemon_serves_syncs_whether_it_spins_or_sleeps_between_messages(spin_us):
     """--spin-us: the loop polls without sleeping for a while after each message. Messages that
     arrive inside that window and after it (the sleep below) are both served, in order."""
-    from conftest import client_connected_to
-
     server = Daemon("--spin-us", spin_us)
     try:
         with client_connected_to(server.address):

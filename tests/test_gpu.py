@@ -6,7 +6,6 @@ libremote facade), so CUDA availability is probed in a fresh interpreter.
 
 from __future__ import annotations
 
-import functools
 import subprocess
 import sys
 
@@ -14,20 +13,12 @@ import pytest
 import torch
 
 from conftest import Daemon, client_connected_to, subprocess_env
-
-
-@functools.cache  # one probe (a fresh interpreter importing torch: seconds) per test run
-def _cuda_on_this_machine() -> bool:
-    probe = subprocess.run(
-        [sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
-        capture_output=True, text=True, env=subprocess_env(), timeout=120,
-    )
-    return probe.stdout.strip() == "True"
+from helpers import cuda_on_this_machine
 
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not _cuda_on_this_machine(), reason="needs a CUDA device for the daemon"),
+    pytest.mark.skipif(not cuda_on_this_machine(), reason="needs a CUDA device for the daemon"),
 ]
 
 

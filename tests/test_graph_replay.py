@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from conftest import Daemon, subprocess_env
+from helpers import cuda_on_this_machine
 from libremote_wire import codec
 from libremote_wire.messages import Cmd
 from raw_client import RawClient
-from test_gpu import _cuda_on_this_machine
 
 WARMUP_RUNS = 2  # server/cuda_graphs.py: interpreted runs before a capture
 BIG = 300_000  # floats: 1.2 MB, above the size of outputs cloned after every replay
@@ -241,7 +241,7 @@ def test_compiled_training_replayed_matches_interpreted_bit_for_bit(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _cuda_on_this_machine(), reason="needs a CUDA device for the daemon")
+@pytest.mark.skipif(not cuda_on_this_machine(), reason="needs a CUDA device for the daemon")
 def test_compiled_training_replayed_as_cuda_graphs_matches_interpreted(tmp_path):
     _compare_training(tmp_path, "cuda", "", "--no-cuda-graphs", tolerance=1e-5)
 
@@ -339,7 +339,7 @@ def test_captured_step_outputs_update_in_place_and_a_replaced_tensor_is_an_error
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _cuda_on_this_machine(), reason="needs a CUDA device for the daemon")
+@pytest.mark.skipif(not cuda_on_this_machine(), reason="needs a CUDA device for the daemon")
 def test_captured_step_launched_as_one_cuda_graph_matches_interpreted(tmp_path):
     replayed, replayed_state = _train(tmp_path, "cuda", client=CAPTURED_STEP_CLIENT)
     interpreted, interpreted_state = _train(tmp_path, "cuda", "--no-cuda-graphs", client=CAPTURED_STEP_CLIENT)

@@ -18,7 +18,7 @@ import pytest
 
 from helpers import (
     CLIENT_TIMEOUT_S,
-    HOLDING_CLIENT as HOLDING_CLIENT_SRC,
+    HOLDING_CLIENT,
     REPO,
     cli,
     free_port,
@@ -874,7 +874,7 @@ def test_admin_from_loopback_without_a_token_needs_the_daemons_opt_in(tmp_path):
         refused = cli("admin", "--server", server.address, *change)
         assert refused.returncode == 1 and "--loopback-admin" in refused.stdout, refused.stdout + refused.stderr
     with pool_daemon("--loopback-admin") as server:
-        holder = spawn_client(HOLDING_CLIENT_SRC, server.address, NAME="h", DIR=str(tmp_path), LIBREMOTE_TENANT="team")
+        holder = spawn_client(HOLDING_CLIENT, server.address, NAME="h", DIR=str(tmp_path), LIBREMOTE_TENANT="team")
         try:
             wait_for_file(tmp_path / "h.in", holder, timeout=CLIENT_TIMEOUT_S)
             local_peer = cli("admin", "--server", server.address, *change)
