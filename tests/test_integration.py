@@ -243,16 +243,7 @@ def test_saved_file_is_a_standard_cuda_checkpoint(remote, tmp_path):
     with zipfile.ZipFile(state_path) as archive:
         pickle_name = next(name for name in archive.namelist() if name.endswith("data.pkl"))
         assert b"cuda:0" in archive.read(pickle_name)
-    code = (
-        "import json, sys, torch\n"
-        "assert 'libremote' not in sys.modules\n"
-        f"t = torch.load({str(tensor_path)!r}, map_location='cpu')\n"
-        f"s = torch.load({str(state_path)!r}, map_location='cpu')\n"
-        "assert 'libremote' not in sys.modules\n"
-        "print(json.dumps({'type': type(t).__name__, 'device': str(t.device), 'tensor': t.tolist(),\n"
-        "    'state': {k: [str(v.dtype), v.tolist()] for k, v in s.items()}}))\n"
-    )
-    result = run_python(code, timeout=300)
+    result = run_python("load_a_checkpoint_with_plain_torch.py", str(tensor_path), str(state_path), timeout=300)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["type"] == "Tensor"
@@ -899,13 +890,6 @@ def test_startup_hook_does_not_import_torch_eagerly(daemon):
 
 
 def test_env_var_activates_on_import_torch(daemon):
-    code = (
-        "import sys, torch\n"
-        "print('libremote' in sys.modules)\n"
-        "print(torch.cuda.is_available(), torch.cuda.device_count())\n"
-        "x = torch.arange(4.0, device='cuda')\n"
-        "print(x.device, (x * 2).sum().item())\n"
-    )
-    result = run_python(code, timeout=300, LIBREMOTE_SERVER=daemon.address)
+    result = run_python("use_cuda_after_import_torch.py", timeout=300, LIBREMOTE_SERVER=daemon.address)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["True", "True 1", "cuda:0 12.0"]

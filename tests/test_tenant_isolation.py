@@ -148,58 +148,13 @@ def test_the_front_imports_neither_torch_nor_the_client():
 # ------------------------------------------------------------------------------------------------
 # 2. A crash is the offender's alone
 # ------------------------------------------------------------------------------------------------
-#: A client that trains a small model step after step, comparing every loss with local torch,
-#: until DIR/stop exists; it announces itself with DIR/NAME.in (holding its worker's pid).
-TRAINING_CLIENT = """
-    import json, os, time, torch, libremote
-    from pathlib import Path
-    folder = Path(os.environ["DIR"]); name = os.environ["NAME"]
-    torch.manual_seed(0)
-    local = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
-    remote = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
-    remote.load_state_dict(local.state_dict()); remote.cuda()
-    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (local, remote)]
-    steps, exact = 0, True
-    while True:
-        x, y = torch.randn(8, 16), torch.randn(8, 1)
-        losses = []
-        for model, opt, (xx, yy) in ((local, opts[0], (x, y)), (remote, opts[1], (x.cuda(), y.cuda()))):
-            loss = torch.nn.functional.mse_loss(model(xx), yy)
-            opt.zero_grad(); loss.backward(); opt.step()
-            losses.append(loss.item())
-        exact = exact and losses[0] == losses[1]
-        steps += 1
-        if steps == 3:
-            (folder / (name + ".in")).write_text(str(libremote.server_info()["pid"]))
-        if (folder / "stop").exists() and steps > 3:
-            break
-    print(json.dumps({"steps": steps, "exact": exact}), flush=True)
-"""
-
-#: A client that holds a tensor, waits for DIR/go, and reports what its next use raises.
-HOLDING_CLIENT = """
-    import json, os, time, torch, libremote
-    from pathlib import Path
-    folder = Path(os.environ["DIR"]); name = os.environ["NAME"]
-    x = torch.arange(4.0, device="cuda")
-    assert x.sum().item() == 6.0
-    (folder / (name + ".in")).write_text(str(libremote.server_info()["pid"]))
-    while not (folder / "go").exists():
-        time.sleep(0.05)
-    try:
-        print(json.dumps({"sum": (x * 2).sum().item()}), flush=True)
-    except Exception as exc:
-        print(json.dumps({"error": type(exc).__name__, "message": str(exc)}), flush=True)
-"""
-
-
 def test_a_crashed_worker_ends_only_its_tenants_sessions(tenants_file, tmp_path):
     server = _tenant_daemon(tenants_file)
     clients = []
     try:
-        alice = spawn_client(TRAINING_CLIENT, server.address, DIR=str(tmp_path), NAME="alice",
+        alice = spawn_client("train_until_stopped.py", server.address, DIR=str(tmp_path), NAME="alice",
                              LIBREMOTE_TENANT="alice", LIBREMOTE_TOKEN="alice-secret")
-        bob = spawn_client(HOLDING_CLIENT, server.address, DIR=str(tmp_path), NAME="bob",
+        bob = spawn_client("hold_a_tensor_until_go.py", server.address, DIR=str(tmp_path), NAME="bob",
                            LIBREMOTE_TENANT="bob", LIBREMOTE_TOKEN="bob-secret")
         clients = [alice, bob]
         wait_for_file(tmp_path / "alice.in", alice, timeout=CLIENT_TIMEOUT_S)
@@ -436,25 +391,6 @@ def test_half_open_connections_cannot_exhaust_the_front(tenants_file):
 # ------------------------------------------------------------------------------------------------
 # 6. Time: weighted shares between tenants; a long op stalls nobody else; a runaway one is ended
 # ------------------------------------------------------------------------------------------------
-#: A client that multiplies 768x768 matrices on the daemon for SECONDS once DIR/go exists and
-#: prints how many it finished (device-bound: the client's own cost per product is tiny).
-BUSY_CLIENT = """
-    import json, os, time, torch, libremote
-    from pathlib import Path
-    folder, name, seconds = Path(os.environ["DIR"]), os.environ["NAME"], float(os.environ["SECONDS"])
-    a = torch.randn(768, 768, device="cuda")
-    a.sum().item()
-    (folder / (name + ".in")).touch()
-    while not (folder / "go").exists():
-        time.sleep(0.01)
-    done, deadline = 0, time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        (a @ a).sum().item()
-        done += 1
-    print(json.dumps({"done": done}), flush=True)
-"""
-
-
 def test_tenants_share_the_cpu_backend_by_their_weights(tenants_file, tmp_path):
     """Issue 23: weights measured as device-time shares between real clients. On the CPU backend
     the device is the CPU, and each tenant's worker runs at the nice its weight gives it
@@ -464,8 +400,8 @@ def test_tenants_share_the_cpu_backend_by_their_weights(tenants_file, tmp_path):
     clients = []
     try:
         for name in ("heavy", "light"):
-            clients.append(spawn_client(BUSY_CLIENT, server.address, DIR=str(tmp_path), NAME=name, SECONDS="6",
-                                        LIBREMOTE_TENANT=name, LIBREMOTE_TOKEN=f"{name}-secret"))
+            clients.append(spawn_client("multiply_matrices_for_seconds.py", server.address, DIR=str(tmp_path), NAME=name,
+                                        SECONDS="6", LIBREMOTE_TENANT=name, LIBREMOTE_TOKEN=f"{name}-secret"))
         for name, client in zip(("heavy", "light"), clients):
             wait_for_file(tmp_path / f"{name}.in", client, timeout=CLIENT_TIMEOUT_S)
         (tmp_path / "go").touch()
