@@ -26,6 +26,9 @@ REPO = Path(__file__).resolve().parent.parent
 # with two workers instead of 14 s in one process. Waiting passively changes no result.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# tests/programs/ holds the client programs the tests run in their own interpreters, not tests.
+collect_ignore = ["programs"]
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -112,6 +115,29 @@ def remote(daemon: Daemon):
     libremote.connect(daemon.address)
     yield libremote
     libremote.disconnect()
+
+
+@pytest.fixture
+def raw(daemon: Daemon):
+    """A raw client (tests/raw_client.py) that has said HELLO to the shared daemon."""
+    from libremote_wire.messages import Msg
+    from raw_client import RawClient
+
+    with RawClient(daemon.address) as client:
+        header = client.hello()
+        assert header[0] == Msg.WELCOME, header
+        yield client
+
+
+@pytest.fixture
+def own_daemon():
+    """A daemon for this test alone (for tests that kill it, signal it or read its log)."""
+    server = Daemon()
+    yield server
+    if server.process.poll() is None:
+        server.process.kill()
+        server.process.wait()
+    server.stop()
 
 
 @contextlib.contextmanager

@@ -1,25 +1,121 @@
-"""Shared helpers for pool tests: daemons with pool flags, client subprocesses, the libremote CLI.
+"""Helpers shared by the test files: client programs in their own interpreters, daemons with
+extra flags, the ``libremote`` CLI and the pool's status report.
 
-The client-process helpers (``spawn_client``, ``finish``, ``wait_for_file``, ``wait_for_log``,
-``run_python``, ``last_json``) are the ones from ``test_faults``; this module adds the ``libremote``
-CLI (``status``/``admin``) and a daemon context manager that always cleans up.
+Client programs live in ``tests/programs/`` (one file each, its docstring says what it does and
+which environment variables it reads); :func:`run_python` and :func:`spawn_client` run one by its
+file name (``run_python("quota_client.py", ...)``), or a line or two of code given inline. The
+daemon fixtures (``daemon``, ``remote``, ``raw``, ``own_daemon``) are in ``conftest.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from conftest import REPO, Daemon, free_port, subprocess_env  # noqa: F401  (re-exported)
-from test_faults import finish, last_json, run_python, spawn_client, wait_for_file, wait_for_log  # noqa: F401
+
+#: The client programs the tests run (``tests/programs/NAME.py``).
+PROGRAMS = Path(__file__).resolve().parent / "programs"
 
 #: Generous upper bound for a client subprocess to finish ("it did not hang", not a speed check).
 CLIENT_TIMEOUT_S = 120.0
+
+
+def program(name: str) -> str:
+    """The path of the client program ``tests/programs/NAME`` (``name`` ends in ``.py``)."""
+    path = PROGRAMS / name
+    if not path.is_file():
+        raise FileNotFoundError(f"no client program {name!r} in {PROGRAMS}")
+    return str(path)
+
+
+def _python_command(code: str, args: tuple[str, ...]) -> list[str]:
+    """``python PROGRAM ARGS`` for a program's file name, ``python -c CODE ARGS`` for inline code."""
+    if code.endswith(".py") and "\n" not in code and " " not in code:
+        return [sys.executable, program(code), *args]
+    return [sys.executable, "-c", textwrap.dedent(code), *args]
+
+
+def run_python(code: str, *args: str, timeout: float, **env: str) -> subprocess.CompletedProcess:
+    """Run a client program (a file name in ``tests/programs/``, or inline code) in a fresh
+    interpreter with libremote from this checkout; ``args`` are its command-line arguments and
+    ``env`` its extra environment variables."""
+    return subprocess.run(
+        _python_command(code, args),
+        env=subprocess_env(**env),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def last_json(output: str) -> dict[str, Any]:
+    lines = [line for line in output.splitlines() if line.startswith("{")]
+    assert lines, f"no JSON result in output:\n{output}"
+    return json.loads(lines[-1])
+
+
+def wait_for_file(path: Path, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            out, err = process.communicate()
+            raise AssertionError(f"client exited early ({process.returncode}):\n{out}\n{err}")
+        if time.monotonic() > deadline:
+            process.kill()
+            out, err = process.communicate()
+            raise AssertionError(f"client did not get ready within {timeout} s:\n{out}\n{err}")
+        time.sleep(0.05)
+
+
+def wait_for_log(server: Daemon, text: str, timeout: float = 30.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        log = server.log()
+        if text in log:
+            return log
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not in the daemon log within {timeout} s:\n{log}")
+        time.sleep(0.05)
+
+
+def spawn_client(code: str, address: str, *args: str, **env: str) -> subprocess.Popen:
+    """A library client (a program's file name, or inline code) in its own interpreter, opted in
+    through LIBREMOTE_SERVER; ``args`` are its command-line arguments."""
+    return subprocess.Popen(
+        _python_command(code, args),
+        env=subprocess_env(LIBREMOTE_SERVER=address, **env),
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def finish(client: subprocess.Popen, what_went_wrong: str, timeout: float = 60.0) -> tuple[str, str]:
+    """The client's output; if it does not end in time, kill it and fail with its output."""
+    try:
+        return client.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        client.kill()
+        out, err = client.communicate()
+        raise AssertionError(f"{what_went_wrong}:\n{out}\n{err}") from None
+
+
+@functools.cache  # one probe (a fresh interpreter importing torch: seconds) per test run
+def cuda_on_this_machine() -> bool:
+    """Whether this machine has a CUDA device (asked of plain torch in a fresh interpreter: this
+    process's own torch.cuda is libremote's facade)."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+        capture_output=True, text=True, env=subprocess_env(), timeout=120,
+    )
+    return probe.stdout.strip() == "True"
 
 
 @contextlib.contextmanager
@@ -84,29 +180,11 @@ def kill_all(clients: list[subprocess.Popen]) -> None:
             client.communicate()
 
 
-#: A client that connects (possibly after waiting in the admission queue), announces itself with
-#: ``DIR/NAME.in`` (holding its session id), holds a tensor until ``DIR/NAME.go`` exists, checks
-#: the tensor, prints a JSON report and exits (saying goodbye). Environment: NAME, DIR.
-HOLDING_CLIENT = """
-    import json, os, time, torch, libremote
-    from pathlib import Path
-    name, folder = os.environ["NAME"], Path(os.environ["DIR"])
-    try:
-        x = torch.full((1024,), 2.0, device="cuda")
-        assert x.sum().item() == 2048.0
-    except libremote.ConnectionFailed as exc:
-        print(json.dumps({"name": name, "admitted": False, "message": str(exc)}), flush=True)
-        raise SystemExit(0)
-    info = libremote.server_info()
-    (folder / (name + ".tmp")).write_text(info["session"])
-    os.replace(folder / (name + ".tmp"), folder / (name + ".in"))
-    while not (folder / (name + ".go")).exists():
-        time.sleep(0.05)
-    total = (x * 3).sum().item()
-    print(json.dumps({"name": name, "admitted": True, "session": info["session"], "total": total,
-                      "priority": info.get("priority"), "tenant": info.get("tenant")}), flush=True)
-"""
+#: Connects (possibly after waiting in the admission queue), announces itself with
+#: ``DIR/NAME.in``, holds a tensor until ``DIR/NAME.go`` exists, prints a JSON report and exits.
+HOLDING_CLIENT = "holding_client.py"
 
 
 def spawn_holder(address: str, folder: Path, name: str, **env: str) -> subprocess.Popen:
+    """:data:`HOLDING_CLIENT` as client ``name``, its files in ``folder``."""
     return spawn_client(HOLDING_CLIENT, address, NAME=name, DIR=str(folder), **env)

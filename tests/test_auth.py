@@ -113,18 +113,9 @@ def test_keygen_writes_a_key_pair_whose_secret_only_its_owner_can_read(tmp_path)
 # ------------------------------------------------------------------------------------------------
 # Clients with and without the right keys
 # ------------------------------------------------------------------------------------------------
-COMPUTE_CLIENT = """
-    import json, torch, libremote
-    g = torch.Generator().manual_seed(7)
-    a, b = torch.randn(16, 32, generator=g), torch.randn(32, 8, generator=g)
-    out = torch.relu(a.cuda() @ b.cuda()).sum(dim=0)
-    print(json.dumps({"out": out.cpu().tolist(), "tenant": libremote.server_info()["tenant"]}))
-"""
-
-
 def test_a_client_with_its_tenant_key_computes_like_local_torch(curve_daemon, keys):
     # The tenant name in HELLO (LIBREMOTE_TENANT) is the client's word; the key is the proof.
-    result = run_python(COMPUTE_CLIENT, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=curve_daemon.address,
+    result = run_python("compute_with_a_key.py", timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=curve_daemon.address,
                         LIBREMOTE_TENANT="bob", **keys.env("alice"))
     assert result.returncode == 0, result.stderr
     report = last_json(result.stdout)
@@ -134,28 +125,12 @@ def test_a_client_with_its_tenant_key_computes_like_local_torch(curve_daemon, ke
     assert report["tenant"] == "alice"
 
 
-REFUSED_CLIENT = """
-    import json, os, libremote
-    messages = {}
-    for case, variables in json.loads(os.environ["CASES"]).items():
-        for name in ("LIBREMOTE_CLIENT_KEY", "LIBREMOTE_SERVER_KEY"):
-            os.environ.pop(name, None)
-        os.environ.update(variables)
-        try:
-            libremote.connect(os.environ["ADDRESS"])
-            messages[case] = "connected"
-        except libremote.ConnectionFailed as exc:
-            messages[case] = str(exc)
-    print(json.dumps(messages))
-"""
-
-
 def test_unknown_or_missing_keys_get_a_clear_error_not_a_wait(curve_daemon, keys):
     # LIBREMOTE_TIMEOUT is long: a client that did not notice the refusal would wait it out and
     # then say only that no daemon answered, which is not what is asserted.
     cases = {"unknown key": keys.env("mallory"), "no key": {},
              "wrong daemon key": {**keys.env("alice"), "LIBREMOTE_SERVER_KEY": str(keys.clients_dir / "bob.key")}}
-    result = run_python(REFUSED_CLIENT, timeout=CLIENT_TIMEOUT_S, ADDRESS=curve_daemon.address,
+    result = run_python("connect_with_each_key_setting.py", timeout=CLIENT_TIMEOUT_S, ADDRESS=curve_daemon.address,
                         CASES=json.dumps(cases), LIBREMOTE_TIMEOUT="100")
     assert result.returncode == 0, result.stderr
     messages = last_json(result.stdout)
@@ -231,13 +206,6 @@ class RecordingProxy:
 
 
 MARKER = b"LIBREMOTE-CLEARTEXT-MARKER-0123456789"
-MARKER_CLIENT = """
-    import json, os, torch, libremote
-    marker = os.environ["MARKER"].encode()
-    x = torch.frombuffer(bytearray(marker * 64), dtype=torch.uint8)
-    back = (x.cuda() + 0).cpu()
-    print(json.dumps({"equal": torch.equal(back, x)}))
-"""
 
 
 @pytest.mark.parametrize("transport", ["curve", "plain"])
@@ -249,7 +217,7 @@ def test_tensor_bytes_on_the_wire_are_encrypted_with_curve_only(transport, keys)
     proxy = RecordingProxy([int(target.address.rsplit(":", 1)[1]), *worker_ports])
     try:
         env = keys.env("alice") if transport == "curve" else {}
-        result = run_python(MARKER_CLIENT, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=proxy.address,
+        result = run_python("send_a_marker_tensor.py", timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=proxy.address,
                             MARKER=MARKER.decode(), **env)
         assert result.returncode == 0, result.stderr
         assert last_json(result.stdout)["equal"]

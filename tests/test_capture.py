@@ -14,7 +14,6 @@ import libremote
 from libremote_wire.messages import Cmd
 from conftest import client_connected_to
 from helpers import pool_daemon
-from test_faults import raw  # noqa: F401  (fixture)
 
 F = nn.functional
 

@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 from conftest import Daemon, client_connected_to
-from helpers import session_of, status
+from helpers import cuda_on_this_machine, session_of, status
 from libremote_wire import codec, torch_codec
 from libremote_wire.cli import format_status
 from libremote_wire.messages import Cmd
 from raw_client import RawClient
-from test_graph_mode import _train, _workload
+from workloads import train_steps, workload
 
 #: Upper bound for the daemon's compiles to finish on a slow 2-core CI machine.
 COMPILE_TIMEOUT_S = 300.0
@@ -58,11 +58,11 @@ def test_compiled_training_matches_local_eager(compiling_daemon, compiling, kind
     the compiled code; attention (tagged random for its dropout, compiled at ``dropout_p=0``)
     kept as the device's fused kernel. Losses, parameters and buffers as local eager torch has
     them."""
-    model, data, target, loss_fn = _workload(kind)
+    model, data, target, loss_fn = workload(kind)
     local = copy.deepcopy(model)
     # SGD, not Adam: the bias of a Linear before a BatchNorm has an exactly-zero true gradient,
     # whose rounding noise (fused kernels round differently) Adam would scale up to +-lr a step.
-    local_losses, _ = _train(local, data, target, loss_fn, 6, adam=False)
+    local_losses, _ = train_steps(local, data, target, loss_fn, 6, adam=False)
 
     compiled = torch.compile(model.cuda())
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
@@ -228,9 +228,9 @@ def _captured_training(*daemon_args: str, device: str = "cpu") -> tuple[dict, li
     server = Daemon("--graph-compiler", "inductor", *daemon_args, device=device)
     try:
         with client_connected_to(server.address) as libremote:
-            model, data, target, loss_fn = _workload("mlp_batchnorm")
+            model, data, target, loss_fn = workload("mlp_batchnorm")
             local = copy.deepcopy(model)
-            local_losses, _ = _train(local, data, target, loss_fn, 8, adam=False)
+            local_losses, _ = train_steps(local, data, target, loss_fn, 8, adam=False)
 
             compiled = torch.compile(model.cuda())
             optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
@@ -285,9 +285,7 @@ def test_a_captured_step_records_the_compiled_code():
 def test_on_a_gpu_the_captured_step_launches_the_compiled_kernels():
     """Triton kernels from inductor, recorded in the step's CUDA graph once the compiles are done:
     the same training as local eager torch on the CPU, to float rounding."""
-    from test_gpu import _cuda_on_this_machine
-
-    if not _cuda_on_this_machine():
+    if not cuda_on_this_machine():
         pytest.skip("needs a CUDA device for the daemon")
     stats, losses, local_losses, model, local = _captured_training(device="cuda")
     assert stats["graphs_compiled"] >= 2, _summary(stats)

@@ -10,15 +10,12 @@ timeouts there are generous upper bounds that prove "no hang", not performance c
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
 import signal
 import subprocess
 import sys
-import textwrap
 import time
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -28,92 +25,9 @@ import torch
 from libremote_wire import codec, messages, torch_codec
 from libremote_wire.messages import Cmd, Msg
 
-from conftest import REPO, Daemon, free_port, subprocess_env
+from conftest import REPO, Daemon, client_connected_to, free_port, subprocess_env
+from helpers import finish, last_json, run_python, spawn_client, wait_for_file, wait_for_log
 from raw_client import RawClient
-
-
-# ------------------------------------------------------------------------------------------------
-# Helpers
-# ------------------------------------------------------------------------------------------------
-def run_python(code: str, *, timeout: float, **env: str) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh interpreter with libremote from this checkout."""
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env=subprocess_env(**env),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def last_json(output: str) -> dict[str, Any]:
-    lines = [line for line in output.splitlines() if line.startswith("{")]
-    assert lines, f"no JSON result in output:\n{output}"
-    return json.loads(lines[-1])
-
-
-def wait_for_file(path: Path, process: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if process.poll() is not None:
-            out, err = process.communicate()
-            raise AssertionError(f"client exited early ({process.returncode}):\n{out}\n{err}")
-        if time.monotonic() > deadline:
-            process.kill()
-            out, err = process.communicate()
-            raise AssertionError(f"client did not get ready within {timeout} s:\n{out}\n{err}")
-        time.sleep(0.05)
-
-
-def wait_for_log(server: Daemon, text: str, timeout: float = 30.0) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        log = server.log()
-        if text in log:
-            return log
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{text!r} not in the daemon log within {timeout} s:\n{log}")
-        time.sleep(0.05)
-
-
-def spawn_client(code: str, address: str, **env: str) -> subprocess.Popen:
-    """A library client in its own interpreter, opted in through LIBREMOTE_SERVER."""
-    return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env=subprocess_env(LIBREMOTE_SERVER=address, **env),
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-
-
-def finish(client: subprocess.Popen, what_went_wrong: str, timeout: float = 60.0) -> tuple[str, str]:
-    """The client's output; if it does not end in time, kill it and fail with its output."""
-    try:
-        return client.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        client.kill()
-        out, err = client.communicate()
-        raise AssertionError(f"{what_went_wrong}:\n{out}\n{err}") from None
-
-
-@pytest.fixture
-def raw(daemon: Daemon):
-    """A raw client that has said HELLO to the shared daemon."""
-    with RawClient(daemon.address) as client:
-        header = client.hello()
-        assert header[0] == Msg.WELCOME, header
-        yield client
-
-
-@pytest.fixture
-def own_daemon():
-    """A daemon for this test alone (for tests that kill it, signal it or read its log)."""
-    server = Daemon()
-    yield server
-    if server.process.poll() is None:
-        server.process.kill()
-        server.process.wait()
-    server.stop()
 
 
 def _float_bytes(*values: float) -> bytes:
@@ -129,25 +43,7 @@ F32 = torch_codec.dtype_ext(torch.float32)
 def test_unreachable_daemon_raises_connection_failed_quickly():
     port = free_port()  # nobody listens here
     address = f"tcp://127.0.0.1:{port}"
-    code = """
-        import json, time, torch, libremote
-        start = time.monotonic()
-        try:
-            torch.ones(1).cuda()
-        except libremote.ConnectionFailed as exc:
-            first = {"type": type(exc).__name__, "message": str(exc), "s": time.monotonic() - start}
-        else:
-            first = {"type": None}
-        # The failure is remembered: a second use raises again (and does not wait again).
-        try:
-            torch.ones(1, device="cuda")
-        except libremote.ConnectionFailed as exc:
-            second = {"type": type(exc).__name__, "message": str(exc)}
-        else:
-            second = {"type": None}
-        print(json.dumps({"first": first, "second": second}))
-    """
-    result = run_python(code, timeout=30, LIBREMOTE_SERVER=address, LIBREMOTE_TIMEOUT="2")
+    result = run_python("use_an_unreachable_daemon.py", timeout=30, LIBREMOTE_SERVER=address, LIBREMOTE_TIMEOUT="2")
     assert result.returncode == 0, result.stderr
     report = last_json(result.stdout)
     first = report["first"]
@@ -161,16 +57,7 @@ def test_unreachable_daemon_raises_connection_failed_quickly():
 
 def test_unreachable_daemon_is_available_false_with_warning():
     address = f"tcp://127.0.0.1:{free_port()}"
-    code = """
-        import json, warnings, torch, libremote
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            available = torch.cuda.is_available()
-            count = torch.cuda.device_count()
-        print(json.dumps({"available": available, "count": count,
-                          "warnings": [str(w.message) for w in caught]}))
-    """
-    result = run_python(code, timeout=30, LIBREMOTE_SERVER=address, LIBREMOTE_TIMEOUT="2")
+    result = run_python("is_available_without_a_daemon.py", timeout=30, LIBREMOTE_SERVER=address, LIBREMOTE_TIMEOUT="2")
     assert result.returncode == 0, result.stderr
     report = last_json(result.stdout)
     assert report["available"] is False
@@ -179,21 +66,7 @@ def test_unreachable_daemon_is_available_false_with_warning():
 
 
 def test_no_address_configured_gives_clear_error():
-    code = """
-        import json, warnings, torch, libremote
-        out = {}
-        try:
-            torch.ones(1).cuda()
-        except libremote.LibremoteError as exc:
-            out["type"] = type(exc).__name__
-            out["message"] = str(exc)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            out["available"] = torch.cuda.is_available()
-        out["warnings"] = [str(w.message) for w in caught]
-        print(json.dumps(out))
-    """
-    result = run_python(code, timeout=30)  # subprocess_env() removes LIBREMOTE_SERVER
+    result = run_python("use_cuda_without_an_address.py", timeout=30)  # subprocess_env() removes LIBREMOTE_SERVER
     assert result.returncode == 0, result.stderr
     report = last_json(result.stdout)
     assert report.get("type") == "NotConfiguredError", report
@@ -261,24 +134,7 @@ def test_remote_op_failure_at_synchronize(remote):
 # 3. LIBREMOTE_SYNC=1: the failing op raises on its own line
 # ------------------------------------------------------------------------------------------------
 def test_sync_mode_raises_on_the_failing_line(daemon):
-    code = """
-        import json, torch, libremote
-        x = torch.arange(6.0).cuda()
-        idx = torch.tensor([0, 10]).cuda()
-        stage = "op"
-        out = {}
-        try:
-            y = torch.index_select(x, 0, idx)
-            stage = "after op"
-            y.sum().item()
-            stage = "after sync"
-        except libremote.RemoteOpError as exc:
-            out = {"type": type(exc).__name__, "message": str(exc)}
-        out["stage"] = stage
-        out["after"] = (x + 1).sum().item()
-        print(json.dumps(out))
-    """
-    result = run_python(code, timeout=60, LIBREMOTE_SERVER=daemon.address, LIBREMOTE_SYNC="1")
+    result = run_python("failing_op_in_sync_mode.py", timeout=60, LIBREMOTE_SERVER=daemon.address, LIBREMOTE_SYNC="1")
     assert result.returncode == 0, result.stderr
     report = last_json(result.stdout)
     assert report.get("type") == "RemoteOpError", report
@@ -315,17 +171,7 @@ def test_from_file_never_opens_the_file_on_the_daemon(own_daemon, tmp_path):
     """A FIFO: opening it for reading would block (and register a reader, which we can detect)."""
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    code = f"""
-        import json, torch, libremote
-        out = {{}}
-        try:
-            torch.from_file({str(fifo)!r}, size=4, device="cuda").cpu()
-        except libremote.RemoteOpError as exc:
-            out = {{"kind": exc.kind, "message": str(exc)}}
-        out["after"] = torch.ones(2, device="cuda").sum().item()
-        print(json.dumps(out))
-    """
-    result = run_python(code, timeout=60, LIBREMOTE_SERVER=own_daemon.address)
+    result = run_python("from_file_on_cuda.py", timeout=60, LIBREMOTE_SERVER=own_daemon.address, FILE=str(fifo))
     assert result.returncode == 0, result.stderr
     report = last_json(result.stdout)
     assert report.get("kind") == "refused", report
@@ -606,16 +452,7 @@ def test_hello_with_wrong_protocol_version_is_refused(daemon):
 
 def test_library_client_reports_refusal(daemon):
     """The libremote client turns REFUSED into ConnectionFailed naming both versions."""
-    code = """
-        import json, libremote
-        from libremote_wire import codec, messages, torch_codec
-        messages.PROTOCOL_VERSION = 77
-        try:
-            libremote.connect(%r)
-        except libremote.ConnectionFailed as exc:
-            print(json.dumps({"message": str(exc)}))
-    """ % daemon.address
-    result = run_python(code, timeout=60)
+    result = run_python("connect_with_another_protocol_version.py", timeout=60, ADDRESS=daemon.address)
     assert result.returncode == 0, result.stderr
     message = last_json(result.stdout)["message"]
     assert "refused" in message
@@ -669,31 +506,8 @@ def test_oversized_header_is_refused():
 # ------------------------------------------------------------------------------------------------
 def test_daemon_killed_mid_run_client_gets_connection_failed(own_daemon, tmp_path):
     ready, go = tmp_path / "ready", tmp_path / "go"
-    code = f"""
-        import json, os, time, torch, libremote
-        x = torch.arange(10.0).cuda()
-        y = x * 2
-        assert y.sum().item() == 90.0
-        open({str(ready)!r}, "w").close()
-        while not os.path.exists({str(go)!r}):
-            time.sleep(0.05)
-        out = {{}}
-        start = time.monotonic()
-        try:
-            (y + 1).sum().item()
-        except libremote.ConnectionFailed as exc:
-            out = {{"type": type(exc).__name__, "message": str(exc)}}
-        except Exception as exc:
-            out = {{"type": type(exc).__name__, "message": str(exc)}}
-        out["seconds"] = time.monotonic() - start
-        # Once broken, it stays broken with the same clear error.
-        try:
-            x.cpu()
-        except libremote.ConnectionFailed as exc:
-            out["second"] = str(exc)
-        print(json.dumps(out), flush=True)
-    """
-    client = spawn_client(code, own_daemon.address, LIBREMOTE_HEARTBEAT="1")
+    client = spawn_client("compute_after_the_daemon_died.py", own_daemon.address, LIBREMOTE_HEARTBEAT="1",
+                          READY=str(ready), GO=str(go))
     wait_for_file(ready, client)
     own_daemon.process.kill()
     own_daemon.process.wait(timeout=30)
@@ -711,23 +525,7 @@ def test_daemon_killed_while_client_waits_for_reply(tmp_path):
     """The daemon dies while the client is blocked in a sync point."""
     server = Daemon()
     ready = tmp_path / "ready"
-    code = f"""
-        import json, time, torch, libremote
-        x = torch.randn(256, 256).cuda()
-        assert x.sum().item() == x.sum().item()
-        open({str(ready)!r}, "w").close()
-        out = {{}}
-        try:
-            for _ in range(100000):
-                x = (x @ x).tanh()
-                x.sum().item()
-        except libremote.ConnectionFailed as exc:
-            out = {{"type": type(exc).__name__, "message": str(exc)}}
-        except Exception as exc:
-            out = {{"type": type(exc).__name__, "message": str(exc)}}
-        print(json.dumps(out), flush=True)
-    """
-    client = spawn_client(code, server.address, LIBREMOTE_HEARTBEAT="1")
+    client = spawn_client("sync_until_the_daemon_dies.py", server.address, LIBREMOTE_HEARTBEAT="1", READY=str(ready))
     try:
         wait_for_file(ready, client)
         time.sleep(0.5)
@@ -745,16 +543,8 @@ def test_daemon_killed_while_client_waits_for_reply(tmp_path):
 def test_client_exits_after_its_daemon_died(own_daemon, tmp_path):
     """A program whose daemon died must still exit (the atexit disconnect must not hang)."""
     ready, go = tmp_path / "ready", tmp_path / "go"
-    code = f"""
-        import os, time, torch, libremote
-        x = torch.ones(3).cuda()
-        assert x.sum().item() == 3.0
-        open({str(ready)!r}, "w").close()
-        while not os.path.exists({str(go)!r}):
-            time.sleep(0.05)
-        print("exiting", flush=True)
-    """
-    client = spawn_client(code, own_daemon.address, LIBREMOTE_HEARTBEAT="1")
+    client = spawn_client("exit_after_the_daemon_died.py", own_daemon.address, LIBREMOTE_HEARTBEAT="1",
+                          READY=str(ready), GO=str(go))
     wait_for_file(ready, client)
     own_daemon.process.kill()
     own_daemon.process.wait(timeout=30)
@@ -769,19 +559,7 @@ def test_client_exits_after_its_daemon_died(own_daemon, tmp_path):
 # ------------------------------------------------------------------------------------------------
 def test_killed_client_does_not_disturb_others(own_daemon, tmp_path):
     ready = tmp_path / "ready"
-    code = f"""
-        import torch, libremote
-        x = torch.randn(256, 256).cuda()
-        assert x.sum().item() == x.sum().item()
-        open({str(ready)!r}, "w").close()
-        while True:  # stream ops without waiting for the daemon: killed mid-stream
-            x = (x @ x).tanh()
-    """
-    victim = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env=subprocess_env(LIBREMOTE_SERVER=own_daemon.address),
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    victim = spawn_client("stream_ops_until_killed.py", own_daemon.address, READY=str(ready))
     with RawClient(own_daemon.address) as survivor:
         assert survivor.hello()[0] == Msg.WELCOME
         survivor.put(1, torch.tensor([1.0, 2.0, 3.0]))
@@ -820,18 +598,7 @@ def test_killed_client_session_and_memory_are_reclaimed(tmp_path):
     server = Daemon("--heartbeat", "0.5", "--heartbeat-timeout", "2")
     try:
         ready = tmp_path / "ready"
-        code = f"""
-            import torch, libremote
-            x = torch.empty(4 << 20, dtype=torch.uint8, device="cuda")
-            torch.cuda.synchronize()
-            open({str(ready)!r}, "w").close()
-            import time; time.sleep(600)
-        """
-        victim = subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(code)],
-            env=subprocess_env(LIBREMOTE_SERVER=server.address), cwd=REPO,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+        victim = spawn_client("hold_4_mib_until_killed.py", server.address, READY=str(ready))
         try:
             wait_for_file(ready, victim)
             # Idle but alive: its heartbeats keep the session (well past the 2 s timeout).
@@ -855,18 +622,7 @@ def test_frozen_client_is_reclaimed_after_the_heartbeat_timeout(tmp_path):
     server = Daemon("--heartbeat", "0.5", "--heartbeat-timeout", "2")
     try:
         ready = tmp_path / "ready"
-        code = f"""
-            import torch, libremote
-            x = torch.empty(4 << 20, dtype=torch.uint8, device="cuda")
-            torch.cuda.synchronize()
-            open({str(ready)!r}, "w").close()
-            import time; time.sleep(600)
-        """
-        victim = subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(code)],
-            env=subprocess_env(LIBREMOTE_SERVER=server.address), cwd=REPO,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+        victim = spawn_client("hold_4_mib_until_killed.py", server.address, READY=str(ready))
         try:
             wait_for_file(ready, victim)
             victim.send_signal(signal.SIGSTOP)
@@ -929,21 +685,8 @@ def test_sigterm_stops_the_daemon_cleanly(own_daemon):
 def test_sigterm_with_a_library_client_connected(own_daemon, tmp_path):
     """A connected libremote client then sees a clear ConnectionFailed, not a hang."""
     ready, go = tmp_path / "ready", tmp_path / "go"
-    code = f"""
-        import json, os, time, torch, libremote
-        x = torch.ones(3).cuda()
-        assert x.sum().item() == 3.0
-        open({str(ready)!r}, "w").close()
-        while not os.path.exists({str(go)!r}):
-            time.sleep(0.05)
-        try:
-            x.sum().item()
-            out = {{"type": None}}
-        except Exception as exc:
-            out = {{"type": type(exc).__name__, "message": str(exc)}}
-        print(json.dumps(out), flush=True)
-    """
-    client = spawn_client(code, own_daemon.address, LIBREMOTE_HEARTBEAT="1")
+    client = spawn_client("compute_after_sigterm.py", own_daemon.address, LIBREMOTE_HEARTBEAT="1",
+                          READY=str(ready), GO=str(go))
     wait_for_file(ready, client)
     own_daemon.process.send_signal(signal.SIGTERM)
     assert own_daemon.process.wait(timeout=30) == 0, own_daemon.log()
@@ -987,15 +730,7 @@ def test_default_device_auto_serves_this_machines_device():
     server = Daemon(device="auto")
     try:
         assert f"executing on {expected}" in server.log(), server.log()
-        result = run_python(
-            f"""
-            import json, torch, libremote
-            libremote.connect({server.address!r})
-            x = torch.arange(6.0).reshape(2, 3)
-            print(json.dumps({{"sum": (x.cuda() * 2).sum().item()}}))
-            """,
-            timeout=120,
-        )
+        result = run_python("connect_and_compute.py", timeout=120, ADDRESS=server.address)
         assert result.returncode == 0, result.stderr
         assert last_json(result.stdout)["sum"] == 30.0
     finally:
@@ -1006,21 +741,7 @@ def test_default_device_auto_serves_this_machines_device():
 def test_waiting_for_answers_with_or_without_spinning_is_exact(daemon, spin):
     """LIBREMOTE_SPIN_US only changes how a thread waits for the daemon's answer (polling
     before it blocks), never what it gets: short and long waits both return the right values."""
-    result = run_python(
-        f"""
-        import json, torch, libremote
-        libremote.connect({daemon.address!r})
-        x = torch.arange(1024.0, device="cuda")
-        quick = [(x + i).sum().item() for i in range(50)]               # answers within the spin
-        local = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
-        remote = local.cuda()
-        for _ in range(20):                                             # a longer wait
-            local, remote = torch.tanh(local @ local.T / 16), torch.tanh(remote @ remote.T / 16)
-        print(json.dumps({{"quick": quick, "slow": torch.allclose(remote.cpu(), local, atol=1e-4),
-                          "varied": local.std().item() > 0.1}}))
-        """,
-        timeout=120, LIBREMOTE_SPIN_US=spin,
-    )
+    result = run_python("wait_for_short_and_long_answers.py", timeout=120, ADDRESS=daemon.address, LIBREMOTE_SPIN_US=spin)
     assert result.returncode == 0, result.stderr
     out = last_json(result.stdout)
     assert out["quick"] == [float(sum(range(1024)) + 1024 * i) for i in range(50)]
@@ -1028,13 +749,8 @@ def test_waiting_for_answers_with_or_without_spinning_is_exact(daemon, spin):
 
 
 def test_a_malformed_spin_setting_is_a_clear_error(daemon):
-    result = run_python(
-        f"""
-        import torch, libremote
-        libremote.connect({daemon.address!r})
-        """,
-        timeout=120, LIBREMOTE_SPIN_US="fast",
-    )
+    result = run_python("import sys, torch, libremote; libremote.connect(sys.argv[1])", daemon.address,
+                        timeout=120, LIBREMOTE_SPIN_US="fast")
     assert result.returncode != 0
     assert "LIBREMOTE_SPIN_US='fast' must be a whole number" in result.stderr, result.stderr
 
@@ -1052,20 +768,7 @@ def test_the_daemon_gives_host_memory_back_when_idle(own_daemon):
     """Freed host buffers are kept for reuse while clients work (server/host_memory.py), and
     returned to the operating system once no batch has arrived for a while."""
     baseline = _rss_bytes(own_daemon.process.pid)
-    result = run_python(
-        f"""
-        import json, torch, libremote
-        libremote.connect({own_daemon.address!r})
-        host = torch.ones(64 << 20)                        # 256 MiB, uploaded and freed three times
-        for _ in range(3):
-            x = host.cuda()
-            torch.cuda.synchronize()
-            del x
-        torch.cuda.synchronize()
-        print(json.dumps({{"sum": torch.ones(4, device="cuda").sum().item()}}))
-        """,
-        timeout=120,
-    )
+    result = run_python("upload_and_free_256_mib.py", timeout=120, ADDRESS=own_daemon.address)
     assert result.returncode == 0, result.stderr
     assert last_json(result.stdout)["sum"] == 4.0
     deadline = time.monotonic() + 30
@@ -1078,8 +781,6 @@ def test_the_daemon_gives_host_memory_back_when_idle(own_daemon):
 def test_daemon_serves_syncs_whether_it_spins_or_sleeps_between_messages(spin_us):
     """--spin-us: the loop polls without sleeping for a while after each message. Messages that
     arrive inside that window and after it (the sleep below) are both served, in order."""
-    from conftest import client_connected_to
-
     server = Daemon("--spin-us", spin_us)
     try:
         with client_connected_to(server.address):

@@ -6,7 +6,6 @@ libremote facade), so CUDA availability is probed in a fresh interpreter.
 
 from __future__ import annotations
 
-import functools
 import subprocess
 import sys
 
@@ -14,20 +13,12 @@ import pytest
 import torch
 
 from conftest import Daemon, client_connected_to, subprocess_env
-
-
-@functools.cache  # one probe (a fresh interpreter importing torch: seconds) per test run
-def _cuda_on_this_machine() -> bool:
-    probe = subprocess.run(
-        [sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
-        capture_output=True, text=True, env=subprocess_env(), timeout=120,
-    )
-    return probe.stdout.strip() == "True"
+from helpers import cuda_on_this_machine, program
 
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not _cuda_on_this_machine(), reason="needs a CUDA device for the daemon"),
+    pytest.mark.skipif(not cuda_on_this_machine(), reason="needs a CUDA device for the daemon"),
 ]
 
 
@@ -118,18 +109,6 @@ def test_memory_figures_track_allocations(gpu_remote):
     assert torch.cuda.memory_allocated() - before < 64 << 20
 
 
-OVER_CAPACITY_CLIENT = r"""
-import json, os, torch, libremote
-libremote.connect(os.environ["TEST_SERVER"])
-total = torch.cuda.get_device_properties(0).total_memory
-block = 2 << 30
-count = total // block + 4  # 8 GiB more than the card holds
-held = [torch.full((block // 4,), float(i), device="cuda") for i in range(count)]
-intact = [bool((t == i).all().item()) for i, t in enumerate(held)]
-print(json.dumps({"count": count, "intact": intact, "device": libremote.memory_stats()["device"]}))
-"""
-
-
 def test_real_out_of_memory_spills_and_retries(tmp_path):
     """A device budget far above the card: only the GPU allocator's own out-of-memory error can
     trigger spilling, and the daemon must spill and retry rather than fail the op."""
@@ -137,7 +116,7 @@ def test_real_out_of_memory_spills_and_retries(tmp_path):
 
     server = Daemon("--device-memory", "1TiB", "--host-spill", "32GiB", "--memory-quota", "1TiB", device="cuda")
     try:
-        out = subprocess.run([sys.executable, "-c", OVER_CAPACITY_CLIENT], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, program("gpu_hold_more_than_the_card.py")], capture_output=True, text=True,
                              env=subprocess_env() | {"TEST_SERVER": server.address}, timeout=600)
         assert out.returncode == 0, out.stderr + server.log()
         report = json.loads(out.stdout.strip().splitlines()[-1])
@@ -145,33 +124,6 @@ def test_real_out_of_memory_spills_and_retries(tmp_path):
         server.stop()
     assert all(report["intact"]), report["intact"]
     assert report["device"]["evictions"] > 0 and report["device"]["bytes_evicted"] >= 8 << 30
-
-
-PREFETCH_CLIENT = r"""
-import json, os, torch, libremote
-from torch import nn
-libremote.connect(os.environ["TEST_SERVER"])
-MiB = 1 << 20
-# 1. A spilled tensor that queued ops will read is prefetched on the side stream while the
-#    kernels before it run; the op that reads it must see its bytes, not the block's old ones.
-a = torch.full((16 * MiB,), 5.0, device="cuda")              # 64 MiB each; the budget holds three
-spare = [torch.zeros(16 * MiB, device="cuda") for _ in range(3)]
-del spare
-s = torch.zeros(4, device="cuda")
-for _ in range(200):
-    s = s + 1
-total = (a.sum() + s.sum()).item()
-# 2. Training through spills and prefetches (about 2x the budget): parameters after Adam steps.
-torch.manual_seed(0)
-model = nn.Sequential(*[nn.Sequential(nn.Linear(2048, 2048), nn.ReLU()) for _ in range(6)], nn.Linear(2048, 1)).cuda()
-opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-x, y = torch.randn(256, 2048, device="cuda"), torch.randn(256, 1, device="cuda")
-for _ in range(4):
-    loss = nn.functional.mse_loss(model(x), y); opt.zero_grad(); loss.backward(); opt.step()
-params = [p.detach().cpu() for p in model.parameters()]
-torch.save(params, os.environ["PARAMS_OUT"])
-print(json.dumps({"total": total, "device": libremote.memory_stats().get("device", {})}))
-"""
 
 
 def test_prefetch_on_the_side_stream_is_exact(tmp_path):
@@ -183,7 +135,8 @@ def test_prefetch_on_the_side_stream_is_exact(tmp_path):
     for name, flags in (("budget", ("--device-memory", "200MiB", "--host-spill", "16GiB")), ("free", ())):
         server = Daemon(*flags, device="cuda")
         try:
-            out = subprocess.run([sys.executable, "-c", PREFETCH_CLIENT], capture_output=True, text=True, timeout=600,
+            out = subprocess.run([sys.executable, program("gpu_prefetch_and_train_through_spills.py")], capture_output=True,
+                                 text=True, timeout=600,
                                  env=subprocess_env() | {"TEST_SERVER": server.address, "LIBREMOTE_BATCH": "1024",
                                                          "PARAMS_OUT": str(tmp_path / f"{name}.pt")})
             assert out.returncode == 0, out.stderr + server.log()

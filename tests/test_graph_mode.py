@@ -13,72 +13,21 @@ from torch import nn
 
 from libremote_wire import codec
 from libremote_wire.messages import Cmd
-from test_faults import raw  # noqa: F401  (fixture)
+
+from workloads import train_steps, workload
 
 F = nn.functional
 
 
-class _Residual(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
-                                  nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x + self.body(x))
-
-
-def _workload(kind: str):
-    torch.manual_seed(0)
-    if kind == "mlp_batchnorm":
-        model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
-        data, target = torch.randn(8, 16), torch.randint(0, 4, (8,))
-        return model, data, target, F.cross_entropy
-    if kind == "cnn":
-        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), _Residual(8), nn.AdaptiveAvgPool2d(1),
-                              nn.Flatten(), nn.Linear(8, 10))
-        data, target = torch.randn(4, 3, 12, 12), torch.randint(0, 10, (4,))
-        return model, data, target, F.cross_entropy
-    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=True)
-    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(32, 5))
-    data, target = torch.randn(2, 16, 32), torch.randint(0, 5, (2, 16))
-    return model, data, target, lambda out, t: F.cross_entropy(out.flatten(0, 1), t.flatten())
-
-
-def _train(model, data, target, loss_fn, steps: int, trace=None, adam: bool = True):
-    # The transformer trains with SGD: attention's key bias has an exactly-zero true gradient, so
-    # its computed gradient is rounding noise, which Adam would scale up to +-lr per step.
-    optimizer = (torch.optim.AdamW(model.parameters(), lr=1e-2) if adam
-                 else torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9))
-    losses, traces = [], []
-    for _ in range(steps):
-        with trace() if trace else _nothing() as ops:
-            loss = loss_fn(model(data), target)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        losses.append(loss.item())
-        traces.append(list(ops) if ops is not None else None)
-    return losses, traces
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 @pytest.mark.parametrize("kind,tolerance", [("mlp_batchnorm", 1e-5), ("cnn", 1e-5), ("transformer", 2e-4)])
 def test_compiled_training_matches_local_eager(remote, kind, tolerance):
-    model, data, target, loss_fn = _workload(kind)
+    model, data, target, loss_fn = workload(kind)
     local = copy.deepcopy(model)
     adam = kind != "transformer"
-    local_losses, _ = _train(local, data, target, loss_fn, 4, adam=adam)
+    local_losses, _ = train_steps(local, data, target, loss_fn, 4, adam=adam)
 
     compiled = torch.compile(model.cuda())
-    remote_losses, traces = _train(compiled, data.cuda(), target.cuda(), loss_fn, 4, trace=remote.op_trace, adam=adam)
+    remote_losses, traces = train_steps(compiled, data.cuda(), target.cuda(), loss_fn, 4, trace=remote.op_trace, adam=adam)
 
     torch.testing.assert_close(torch.tensor(remote_losses), torch.tensor(local_losses), rtol=tolerance, atol=tolerance)
     for remote_param, local_param in zip(model.parameters(), local.parameters()):

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from conftest import Daemon, subprocess_env
+from helpers import cuda_on_this_machine, program
 from libremote_wire import codec
 from libremote_wire.messages import Cmd
 from raw_client import RawClient
-from test_gpu import _cuda_on_this_machine
 
 WARMUP_RUNS = 2  # server/cuda_graphs.py: interpreted runs before a capture
 BIG = 300_000  # floats: 1.2 MB, above the size of outputs cloned after every replay
@@ -177,42 +177,12 @@ def test_random_ops_draw_the_same_numbers_as_interpreted(emulating, daemon):
     assert not torch.equal(replayed[-1], replayed[-2])  # the stream moves on between calls
 
 
-TRAINING_CLIENT = r"""
-import json, os, sys, torch, libremote
-from torch import nn
-libremote.connect(os.environ["TEST_SERVER"])
-torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(64, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Dropout(0.1), nn.Linear(256, 10)).cuda()
-layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.1, batch_first=True).cuda()
-compiled_model, compiled_layer = torch.compile(model), torch.compile(layer)
-optimizer = torch.optim.AdamW([*model.parameters(), *layer.parameters()], lr=1e-3)
-torch.cuda.manual_seed(1234)
-losses, kept = [], []
-for step in range(8):
-    x = torch.randn(32, 64, device="cuda")  # a new batch every step: copied into the captured input
-    tokens = torch.randn(32, 256, 64, device="cuda")  # a 2 MiB output: handed out of the pool, not cloned
-    y = torch.randint(0, 10, (32,), device="cuda")
-    out = compiled_layer(tokens)
-    kept.append(out)  # kept past the next call: a replay must not overwrite it
-    loss = nn.functional.cross_entropy(compiled_model(x), y) + out.square().mean()
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    losses.append(loss.item())
-state = {k: v.cpu() for k, v in [*model.state_dict().items(), *(("layer." + k, v) for k, v in layer.state_dict().items())]}
-state["kept"] = torch.stack([k.detach().cpu() for k in kept])
-torch.save(state, sys.argv[1])
-stats = libremote.session_stats()
-print(json.dumps({"losses": losses, "replays": stats["cuda_graph_replays"], "captures": stats["cuda_graph_captures"],
-                  "interpreted": stats["cuda_graph_interpreted"]}))
-"""
-
-
-def _train(tmp_path, device: str, *daemon_args: str, client: str = TRAINING_CLIENT) -> tuple[dict, dict]:
+def _train(tmp_path, device: str, *daemon_args: str,
+           client: str = "compiled_training_with_kept_outputs.py") -> tuple[dict, dict]:
     server = Daemon(*daemon_args, device=device)
     path = tmp_path / f"state{'-'.join(daemon_args) or '-default'}.pt"
     try:
-        out = subprocess.run([sys.executable, "-c", client, str(path)], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, program(client), str(path)], capture_output=True, text=True,
                              env=subprocess_env() | {"TEST_SERVER": server.address}, timeout=600)
         assert out.returncode == 0, out.stderr + server.log()
     finally:
@@ -241,41 +211,14 @@ def test_compiled_training_replayed_matches_interpreted_bit_for_bit(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _cuda_on_this_machine(), reason="needs a CUDA device for the daemon")
+@pytest.mark.skipif(not cuda_on_this_machine(), reason="needs a CUDA device for the daemon")
 def test_compiled_training_replayed_as_cuda_graphs_matches_interpreted(tmp_path):
     _compare_training(tmp_path, "cuda", "", "--no-cuda-graphs", tolerance=1e-5)
 
 
-CAPTURED_STEP_CLIENT = r"""
-import json, os, sys, torch, libremote
-from torch import nn
-libremote.connect(os.environ["TEST_SERVER"])
-torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(64, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Dropout(0.1), nn.Linear(256, 10)).cuda()
-compiled = torch.compile(model)
-optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=True)
-torch.cuda.manual_seed(1234)
-
-def train_step(x, y):
-    loss = nn.functional.cross_entropy(compiled(x), y)
-    optimizer.zero_grad(set_to_none=False)
-    loss.backward()
-    optimizer.step()
-    return loss
-
-step = libremote.capture_step(train_step, torch.randn(32, 64, device="cuda"), torch.randint(0, 10, (32,), device="cuda"))
-losses = [step(torch.randn(32, 64, device="cuda"), torch.randint(0, 10, (32,), device="cuda")).item() for _ in range(8)]
-state = {k: v.cpu() for k, v in model.state_dict().items()}
-torch.save(state, sys.argv[1])
-stats = libremote.session_stats()
-print(json.dumps({"losses": losses, "replays": stats["cuda_graph_replays"], "captures": stats["cuda_graph_captures"],
-                  "interpreted": stats["cuda_graph_interpreted"]}))
-"""
-
-
 def test_captured_step_replayed_in_place_matches_interpreted_bit_for_bit(tmp_path):
-    replayed, replayed_state = _train(tmp_path, "cpu", "--emulate-cuda-graphs", client=CAPTURED_STEP_CLIENT)
-    interpreted, interpreted_state = _train(tmp_path, "cpu", "--no-cuda-graphs", client=CAPTURED_STEP_CLIENT)
+    replayed, replayed_state = _train(tmp_path, "cpu", "--emulate-cuda-graphs", client="capture_step_training.py")
+    interpreted, interpreted_state = _train(tmp_path, "cpu", "--no-cuda-graphs", client="capture_step_training.py")
     summary = {key: replayed[key] for key in ("captures", "replays", "interpreted")}
     assert replayed["replays"] >= 6 and interpreted["replays"] == 0, summary
     assert replayed["losses"] == interpreted["losses"]
@@ -283,47 +226,11 @@ def test_captured_step_replayed_in_place_matches_interpreted_bit_for_bit(tmp_pat
         assert torch.equal(replayed_state[name], interpreted_state[name]), name
 
 
-STATIC_OUTPUTS_CLIENT = r"""
-import json, os, torch, libremote
-from torch import nn
-libremote.connect(os.environ["TEST_SERVER"])
-torch.manual_seed(0)
-model = nn.Linear(8, 1).cuda()
-optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-
-def train_step(x, y):
-    loss = nn.functional.mse_loss(model(x), y)
-    optimizer.zero_grad(set_to_none=False)
-    loss.backward()
-    optimizer.step()
-    return loss
-
-step = libremote.capture_step(train_step, torch.randn(4, 8, device="cuda"), torch.randn(4, 1, device="cuda"))
-first = step(torch.randn(4, 8, device="cuda"), torch.randn(4, 1, device="cuda"))
-view = first.reshape(1)  # made after the capture, on the step's output
-same, seen = [], []
-for _ in range(6):
-    out = step(torch.randn(4, 8, device="cuda"), torch.randn(4, 1, device="cuda"))
-    same.append(out is first)
-    seen.append([out.item(), view.item()])
-model.weight.data = torch.zeros(1, 8, device="cuda")  # the step reads the old weight's handle
-try:
-    step(torch.randn(4, 8, device="cuda"), torch.randn(4, 1, device="cuda"))
-    torch.cuda.synchronize()
-    error = None
-except Exception as exc:
-    error = str(exc)
-stats = libremote.session_stats()
-print(json.dumps({"same": same, "seen": seen, "error": error, "replays": stats["cuda_graph_replays"],
-                  "interpreted": stats["cuda_graph_interpreted"]}))
-"""
-
-
 @pytest.mark.parametrize("mode", ["--emulate-cuda-graphs", "--no-cuda-graphs"])
 def test_captured_step_outputs_update_in_place_and_a_replaced_tensor_is_an_error(emulating, mode):
     server = Daemon(mode)
     try:
-        out = subprocess.run([sys.executable, "-c", STATIC_OUTPUTS_CLIENT], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, program("capture_step_static_outputs.py")], capture_output=True, text=True,
                              env=subprocess_env() | {"TEST_SERVER": server.address}, timeout=300)
         assert out.returncode == 0, out.stderr + server.log()
     finally:
@@ -339,10 +246,10 @@ def test_captured_step_outputs_update_in_place_and_a_replaced_tensor_is_an_error
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _cuda_on_this_machine(), reason="needs a CUDA device for the daemon")
+@pytest.mark.skipif(not cuda_on_this_machine(), reason="needs a CUDA device for the daemon")
 def test_captured_step_launched_as_one_cuda_graph_matches_interpreted(tmp_path):
-    replayed, replayed_state = _train(tmp_path, "cuda", client=CAPTURED_STEP_CLIENT)
-    interpreted, interpreted_state = _train(tmp_path, "cuda", "--no-cuda-graphs", client=CAPTURED_STEP_CLIENT)
+    replayed, replayed_state = _train(tmp_path, "cuda", client="capture_step_training.py")
+    interpreted, interpreted_state = _train(tmp_path, "cuda", "--no-cuda-graphs", client="capture_step_training.py")
     summary = {key: replayed[key] for key in ("captures", "replays", "interpreted")}
     assert replayed["replays"] >= 6 and interpreted["replays"] == 0, summary
     torch.testing.assert_close(torch.tensor(replayed["losses"]), torch.tensor(interpreted["losses"]), rtol=1e-5, atol=1e-6)

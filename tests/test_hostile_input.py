@@ -21,9 +21,8 @@ from libremote_wire import codec, messages, torch_codec
 from libremote_wire.messages import Cmd, Msg
 
 from conftest import REPO, Daemon, client_connected_to
-from helpers import pool_daemon
+from helpers import pool_daemon, run_python, wait_for_log
 from raw_client import REPLY_WAIT_S, RawClient
-from test_faults import run_python, wait_for_log
 
 HANDLE = codec.handle_ext(1)
 TENSOR = torch_codec.inline_tensor_ext(torch.ones(2))
@@ -401,16 +400,8 @@ def test_a_real_client_streaming_far_past_the_window_waits_and_computes_exactly(
     from libremote_server import limits
 
     steps = 3 * limits.MAX_UNACKNOWLEDGED_BATCHES
-    result = run_python(f"""
-        import torch, libremote
-        x = torch.zeros(4, device="cuda")
-        for _ in range({steps}):
-            x.add_(1)           # one batch per op (LIBREMOTE_BATCH=1), none asks for a reply
-        big = torch.arange(40 << 20, dtype=torch.uint8).to("cuda")  # 40 MiB in 8 MiB pieces, 4 times
-        for _ in range(4):
-            big = big.to("cpu").to("cuda")
-        print(x.tolist(), int(big[-1].item()), int(big.sum().item()) == int(torch.arange(40 << 20, dtype=torch.uint8).sum()))
-    """, timeout=120, LIBREMOTE_SERVER=server.address, LIBREMOTE_BATCH="1")
+    result = run_python("stream_past_the_window.py", timeout=120, LIBREMOTE_SERVER=server.address, LIBREMOTE_BATCH="1",
+                        STEPS=str(steps))
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [f"[{steps}.0,", f"{steps}.0,", f"{steps}.0,", f"{steps}.0]", "255", "True"], result.stdout
 

@@ -25,7 +25,7 @@ from libremote.client.tensor import RemoteTensor
 from libremote_wire.messages import Cmd
 
 from conftest import REPO, subprocess_env
-from test_faults import raw  # noqa: F401  (fixture)
+from helpers import run_python
 
 RTOL = 1e-4
 ATOL = 1e-5
@@ -46,12 +46,6 @@ def assert_host(tensor: torch.Tensor) -> None:
 def small_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.BatchNorm1d(16), nn.Linear(16, 3))
-
-
-def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", code], env=subprocess_env(**env), cwd=REPO, capture_output=True, text=True, timeout=300
-    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,16 +243,7 @@ def test_saved_file_is_a_standard_cuda_checkpoint(remote, tmp_path):
     with zipfile.ZipFile(state_path) as archive:
         pickle_name = next(name for name in archive.namelist() if name.endswith("data.pkl"))
         assert b"cuda:0" in archive.read(pickle_name)
-    code = (
-        "import json, sys, torch\n"
-        "assert 'libremote' not in sys.modules\n"
-        f"t = torch.load({str(tensor_path)!r}, map_location='cpu')\n"
-        f"s = torch.load({str(state_path)!r}, map_location='cpu')\n"
-        "assert 'libremote' not in sys.modules\n"
-        "print(json.dumps({'type': type(t).__name__, 'device': str(t.device), 'tensor': t.tolist(),\n"
-        "    'state': {k: [str(v.dtype), v.tolist()] for k, v in s.items()}}))\n"
-    )
-    result = run_python(code)
+    result = run_python("load_a_checkpoint_with_plain_torch.py", str(tensor_path), str(state_path), timeout=300)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["type"] == "Tensor"
@@ -893,25 +878,18 @@ def test_unmodified_script_uses_remote_gpu(daemon):
 
 
 def test_without_env_var_libremote_is_not_imported():
-    result = run_python("import sys, torch; print('libremote' in sys.modules)")
+    result = run_python("import sys, torch; print('libremote' in sys.modules)", timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
 
 
 def test_startup_hook_does_not_import_torch_eagerly(daemon):
-    result = run_python("import sys; print('torch' in sys.modules)", LIBREMOTE_SERVER=daemon.address)
+    result = run_python("import sys; print('torch' in sys.modules)", timeout=300, LIBREMOTE_SERVER=daemon.address)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
 
 
 def test_env_var_activates_on_import_torch(daemon):
-    code = (
-        "import sys, torch\n"
-        "print('libremote' in sys.modules)\n"
-        "print(torch.cuda.is_available(), torch.cuda.device_count())\n"
-        "x = torch.arange(4.0, device='cuda')\n"
-        "print(x.device, (x * 2).sum().item())\n"
-    )
-    result = run_python(code, LIBREMOTE_SERVER=daemon.address)
+    result = run_python("use_cuda_after_import_torch.py", timeout=300, LIBREMOTE_SERVER=daemon.address)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["True", "True 1", "cuda:0 12.0"]

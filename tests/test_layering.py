@@ -8,9 +8,9 @@ import ast
 import re
 import subprocess
 import sys
-import textwrap
 
 from conftest import REPO, subprocess_env
+from helpers import program
 
 FRONT_MODULES = ["libremote_wire", "libremote_wire.codec", "libremote_wire.messages", "libremote_wire.curve_keys",
                  "libremote_wire.zmq_events", "libremote_wire.cli", "libremote_server.cli", "libremote_server.front",
@@ -24,15 +24,9 @@ FRONT_MODULES = ["libremote_wire", "libremote_wire.codec", "libremote_wire.messa
 
 def _loaded_after(imports: list[str], *, block_torch: bool = False) -> set[str]:
     """The modules a fresh interpreter has loaded after importing ``imports``."""
-    code = f"""
-        import sys
-        {"sys.modules['torch'] = None  # any import of torch fails" if block_torch else ""}
-        for name in {imports!r}:
-            __import__(name)
-        print("\\n".join(sys.modules))
-    """
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=subprocess_env(), cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    flags = ["--block-torch"] if block_torch else []
+    result = subprocess.run([sys.executable, program("list_loaded_modules.py"), *flags, *imports], env=subprocess_env(),
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return set(result.stdout.split())
 
@@ -49,14 +43,8 @@ def test_the_workers_import_torch_but_no_client_code():
 
 
 def test_the_libremote_command_runs_without_torch(tmp_path):
-    code = f"""
-        import sys
-        sys.modules["torch"] = None
-        from libremote_wire.cli import main
-        assert main(["keygen", "client", "research", "--dir", {str(tmp_path)!r}]) == 0
-    """
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=subprocess_env(), cwd=REPO,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, program("keygen_without_torch.py"), str(tmp_path)], env=subprocess_env(),
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "research.key").exists() and (tmp_path / "research.key_secret").exists()
 

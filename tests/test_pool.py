@@ -18,7 +18,7 @@ import pytest
 
 from helpers import (
     CLIENT_TIMEOUT_S,
-    HOLDING_CLIENT as HOLDING_CLIENT_SRC,
+    HOLDING_CLIENT,
     REPO,
     cli,
     free_port,
@@ -43,45 +43,11 @@ MiB = 1 << 20
 # ------------------------------------------------------------------------------------------------
 # 1. Concurrency: several clients at once get exactly their own results
 # ------------------------------------------------------------------------------------------------
-MLP_CLIENT = """
-    import json, os, time, torch, libremote
-    import torch.nn.functional as F
-    from pathlib import Path
-    from torch import nn
-    seed, name, folder = int(os.environ["SEED"]), os.environ["NAME"], Path(os.environ["DIR"])
-
-    def train(device):
-        torch.manual_seed(seed)
-        model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
-        model = model.to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        data = torch.Generator().manual_seed(seed + 1)
-        inputs = torch.randn(128, 16, generator=data).to(device)
-        targets = torch.randn(128, 1, generator=data).to(device)
-        losses = []
-        for _ in range(10):
-            optimizer.zero_grad()
-            loss = F.mse_loss(model(inputs), targets)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        return losses, [p.detach().cpu().sum().item() for p in model.parameters()]
-
-    local_losses, local_params = train("cpu")
-    assert torch.zeros(1, device="cuda").sum().item() == 0.0  # opens the session
-    (folder / (name + ".in")).write_text(libremote.server_info()["session"])
-    while not (folder / "go").exists():  # everyone starts together
-        time.sleep(0.02)
-    remote_losses, remote_params = train("cuda")
-    print(json.dumps({"name": name, "local": local_losses, "remote": remote_losses,
-                      "local_params": local_params, "remote_params": remote_params}), flush=True)
-"""
-
-
 def test_concurrent_clients_train_correctly(tmp_path):
     with pool_daemon() as server:
         seeds = {"a": 1, "b": 2, "c": 3}
-        clients = {name: spawn_client(MLP_CLIENT, server.address, SEED=str(seed), NAME=name, DIR=str(tmp_path))
+        clients = {name: spawn_client("train_mlp_locally_and_remotely.py", server.address, SEED=str(seed), NAME=name,
+                                      DIR=str(tmp_path))
                    for name, seed in seeds.items()}
         try:
             for name, client in clients.items():
@@ -106,41 +72,11 @@ def test_concurrent_clients_train_correctly(tmp_path):
         assert "Traceback" not in server.log()
 
 
-RNG_CLIENT = """
-    import json, os, time, torch, libremote
-    import torch.nn.functional as F
-    from pathlib import Path
-    seed, name, folder = int(os.environ["SEED"]), os.environ["NAME"], Path(os.environ["DIR"])
-    reseed = os.environ.get("RESEED") == "1"
-
-    def draws(device, seed_fn):
-        seed_fn(seed)
-        out = []
-        for i in range(40):
-            if reseed and i % 3 == 0:
-                seed_fn(seed + 1000 + i)  # this client keeps re-seeding its own stream
-            a = torch.randn(64, device=device)
-            b = torch.rand(32, device=device)
-            c = torch.randint(0, 1000, (16,), device=device)
-            d = F.dropout(torch.ones(64, device=device), 0.5)
-            out.append([a.tolist(), b.tolist(), c.tolist(), d.tolist()])  # a sync point per round
-            if i == 0 and device != "cpu":
-                (folder / (name + ".in")).write_text("1")
-                while not (folder / "go").exists():  # the others draw (and seed) meanwhile
-                    time.sleep(0.02)
-        return out
-
-    local = draws("cpu", torch.manual_seed)
-    remote = draws("cuda", torch.cuda.manual_seed)
-    print(json.dumps({"name": name, "equal": local == remote, "remote": remote,
-                      "first_local": local[0][0][:4], "first_remote": remote[0][0][:4]}), flush=True)
-"""
-
-
 def test_concurrent_clients_have_isolated_random_streams(tmp_path):
     with pool_daemon() as server:
         plan = {"a": ("7", "0"), "b": ("7", "0"), "disturber": ("99", "1")}
-        clients = {name: spawn_client(RNG_CLIENT, server.address, SEED=seed, RESEED=reseed, NAME=name, DIR=str(tmp_path))
+        clients = {name: spawn_client("draw_random_streams.py", server.address, SEED=seed, RESEED=reseed, NAME=name,
+                                      DIR=str(tmp_path))
                    for name, (seed, reseed) in plan.items()}
         try:
             for name, client in clients.items():
@@ -163,50 +99,9 @@ def test_concurrent_clients_have_isolated_random_streams(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # 2. Memory quota
 # ------------------------------------------------------------------------------------------------
-QUOTA_CLIENT = """
-    import json, torch, libremote
-    out = {}
-    a = torch.empty(48 << 20, dtype=torch.uint8, device="cuda")
-    torch.cuda.synchronize()
-    out["after_a"] = torch.cuda.memory_allocated()
-
-    try:
-        b = torch.empty(32 << 20, dtype=torch.uint8, device="cuda")
-        out["alloc_line_raised"] = False
-    except Exception as exc:
-        out["alloc_line_raised"] = type(exc).__name__
-    try:
-        torch.cuda.synchronize()
-        out["sync_raised"] = None
-    except torch.cuda.OutOfMemoryError as exc:
-        out["sync_raised"] = type(exc).__name__
-        out["is_remote_oom"] = isinstance(exc, libremote.RemoteOutOfMemoryError)
-        out["is_torch_oom"] = isinstance(exc, torch.OutOfMemoryError)
-        out["message"] = str(exc)
-    out["after_failure"] = torch.cuda.memory_allocated()
-
-    del a
-    c = torch.empty(32 << 20, dtype=torch.uint8, device="cuda")
-    c.fill_(1)
-    out["c_sum"] = c.sum().item()
-    out["after_c"] = torch.cuda.memory_allocated()
-
-    host = torch.empty(80 << 20, dtype=torch.uint8)
-    try:
-        d = host.cuda()
-        torch.cuda.synchronize()
-        out["upload"] = None
-    except torch.cuda.OutOfMemoryError as exc:
-        out["upload"] = str(exc)
-    out["after_upload"] = torch.cuda.memory_allocated()
-    out["c_sum_again"] = c.sum().item()
-    print(json.dumps(out), flush=True)
-"""
-
-
 def test_memory_quota_raises_oom_at_next_sync_and_session_stays_usable():
     with pool_daemon("--memory-quota", "64MiB") as server:
-        result = run_python(QUOTA_CLIENT, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=server.address)
+        result = run_python("exceed_the_quota_and_recover.py", timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=server.address)
         assert result.returncode == 0, result.stderr
         out = last_json(result.stdout)
     assert out["after_a"] == 48 * MiB, out
@@ -231,24 +126,8 @@ def test_an_output_sized_by_its_data_is_checked_against_the_quota_after_it_runs(
     """Issue 23: the check after an op is the only quota for ops whose output size depends on
     their data (no bound before them can tell): a 40 MiB boolean selection beside 50 MiB held,
     under a 64 MiB quota, is refused once it ran, and the session goes on."""
-    code = """
-        import json, torch, libremote
-        x = torch.ones(10 << 20, device="cuda")          # 40 MiB
-        mask = x > 0                                      # 10 MiB
-        out = {}
-        try:
-            selected = x[mask]                            # 40 MiB more: its size comes from the data
-            torch.cuda.synchronize()
-            out["raised"] = None
-        except torch.cuda.OutOfMemoryError as exc:
-            out["raised"] = str(exc)
-        out["allocated"] = torch.cuda.memory_allocated()
-        del mask
-        out["small"] = x[:4][x[:4] > 0].sum().item()     # the session goes on
-        print(json.dumps(out))
-    """
     with pool_daemon("--memory-quota", "64MiB") as server:
-        result = run_python(code, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=server.address)
+        result = run_python("select_past_the_quota.py", timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=server.address)
         assert result.returncode == 0, result.stderr
         out = last_json(result.stdout)
     assert out["raised"] and "quota" in out["raised"] and "64.00 MiB" in out["raised"], out
@@ -257,20 +136,9 @@ def test_an_output_sized_by_its_data_is_checked_against_the_quota_after_it_runs(
 
 
 def test_memory_quota_with_sync_mode_raises_on_the_line():
-    code = """
-        import json, torch, libremote
-        out = {}
-        a = torch.empty(48 << 20, dtype=torch.uint8, device="cuda")
-        try:
-            b = torch.empty(32 << 20, dtype=torch.uint8, device="cuda")
-            out["raised"] = None
-        except torch.cuda.OutOfMemoryError as exc:
-            out["raised"] = str(exc)
-        out["allocated"] = torch.cuda.memory_allocated()
-        print(json.dumps(out), flush=True)
-    """
     with pool_daemon("--memory-quota", "64MiB") as server:
-        result = run_python(code, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=server.address, LIBREMOTE_SYNC="1")
+        result = run_python("allocate_past_the_quota.py", timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=server.address,
+                            LIBREMOTE_SYNC="1")
     assert result.returncode == 0, result.stderr
     out = last_json(result.stdout)
     assert out["raised"] and "quota" in out["raised"] and "64.00 MiB" in out["raised"], out
@@ -279,21 +147,9 @@ def test_memory_quota_with_sync_mode_raises_on_the_line():
 
 def test_quota_is_per_session(tmp_path):
     """Two sessions may each hold most of their own quota at once."""
-    code = """
-        import json, os, time, torch, libremote
-        from pathlib import Path
-        folder, name = Path(os.environ["DIR"]), os.environ["NAME"]
-        a = torch.ones(48 << 20, dtype=torch.uint8, device="cuda")
-        torch.cuda.synchronize()
-        (folder / (name + ".in")).write_text("1")
-        while not (folder / "go").exists():
-            time.sleep(0.02)
-        allocated = torch.cuda.memory_allocated()
-        print(json.dumps({"sum": a.sum().item(), "allocated": allocated}), flush=True)
-    """
     folder = str(tmp_path)
     with pool_daemon("--memory-quota", "64MiB") as server:
-        clients = [spawn_client(code, server.address, DIR=folder, NAME=name) for name in ("a", "b")]
+        clients = [spawn_client("hold_48_mib.py", server.address, DIR=folder, NAME=name) for name in ("a", "b")]
         try:
             for name, client in zip(("a", "b"), clients):
                 wait_for_file(Path(folder) / f"{name}.in", client, timeout=CLIENT_TIMEOUT_S)
@@ -311,20 +167,8 @@ def test_quota_is_per_session(tmp_path):
 
 def test_deleted_tensor_frees_quota_for_the_next_allocation():
     """``del`` then allocate, with no sync point between: the freed bytes must count first."""
-    code = """
-        import json, torch, libremote
-        a = torch.empty(48 << 20, dtype=torch.uint8, device="cuda")
-        torch.cuda.synchronize()
-        del a
-        c = torch.empty(32 << 20, dtype=torch.uint8, device="cuda")
-        try:
-            torch.cuda.synchronize()
-            print(json.dumps({"raised": None, "allocated": torch.cuda.memory_allocated()}))
-        except torch.cuda.OutOfMemoryError as exc:
-            print(json.dumps({"raised": str(exc)}))
-    """
     with pool_daemon("--memory-quota", "64MiB") as server:
-        result = run_python(code, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=server.address)
+        result = run_python("allocate_after_del.py", timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=server.address)
     assert result.returncode == 0, result.stderr
     out = last_json(result.stdout)
     assert out["raised"] is None, out
@@ -332,43 +176,21 @@ def test_deleted_tensor_frees_quota_for_the_next_allocation():
 
 
 def test_memory_allocated_does_not_count_dropped_temporaries():
-    code = """
-        import json, torch, libremote
-        x = torch.ones(1 << 20, device="cuda")  # 4 MiB
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        total = x.sum().item()  # the 4-byte result is a temporary, dropped on this line
-        after = torch.cuda.memory_allocated()
-        print(json.dumps({"before": before, "after": after, "total": total}))
-    """
     with pool_daemon() as server:
-        result = run_python(code, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=server.address)
+        result = run_python("memory_allocated_after_a_temporary.py", timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=server.address)
     assert result.returncode == 0, result.stderr
     out = last_json(result.stdout)
     assert out["before"] == 4 * MiB and out["total"] == float(1 << 20), out
     assert out["after"] == out["before"], out
 
 
-@pytest.mark.parametrize("growth", [
-    "x = torch.empty(0, device='cuda'); torch.ones(20 << 20, out=x)",  # 80 MiB written into a 0-byte out=
-    "x = torch.empty(0, device='cuda'); x.resize_(20 << 20)",  # 80 MiB: resized past the 64 MiB quota
-], ids=["out_argument", "resize"])
+@pytest.mark.parametrize("growth", ["out_argument", "resize"])
 def test_growing_a_tensor_in_place_cannot_bypass_the_quota(growth):
     """A tensor an op grows in place (``out=``, ``resize_``) is charged like a new allocation, and
     the refused request leaves the session holding nothing more."""
-    code = f"""
-        import json, torch, libremote
-        {growth}
-        try:
-            torch.cuda.synchronize()
-            out = {{"raised": None}}
-        except torch.cuda.OutOfMemoryError as exc:
-            out = {{"raised": str(exc)}}
-        out["allocated"] = torch.cuda.memory_allocated()
-        print(json.dumps(out))
-    """
     with pool_daemon("--memory-quota", "64MiB") as server:
-        result = run_python(code, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=server.address)
+        result = run_python("grow_a_tensor_in_place.py", timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=server.address,
+                            GROWTH=growth)
     assert result.returncode == 0, result.stderr
     out = last_json(result.stdout)
     assert out["raised"] is not None and "quota" in out["raised"], out
@@ -415,19 +237,11 @@ def test_admission_queue_admits_the_waiting_client_when_a_slot_frees(tmp_path):
 
 
 def test_admission_queue_timeout_raises_connection_failed(tmp_path):
-    code = """
-        import json, torch, libremote
-        try:
-            torch.ones(1).cuda()
-            print(json.dumps({"admitted": True}))
-        except libremote.ConnectionFailed as exc:
-            print(json.dumps({"admitted": False, "type": type(exc).__name__, "message": str(exc)}))
-    """
     with pool_daemon("--max-sessions", "1") as server:
         a = spawn_holder(server.address, tmp_path, "A")
         try:
             wait_for_file(tmp_path / "A.in", a, timeout=CLIENT_TIMEOUT_S)
-            result = run_python(code, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=server.address,
+            result = run_python("connect_or_report_refusal.py", timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=server.address,
                                 LIBREMOTE_QUEUE_TIMEOUT="2")
             assert result.returncode == 0, result.stderr
             out = last_json(result.stdout)
@@ -486,20 +300,10 @@ def test_admission_queue_admits_high_priority_first(tmp_path):
 def test_idle_reclaim_frees_the_slot_for_a_queued_client(tmp_path):
     # B starts first and waits, torch imported, so that it asks for the slot the moment A holds it:
     # on a slow machine, starting an interpreter can take longer than A's idle timeout.
-    code = """
-        import json, os, time, torch, libremote
-        from pathlib import Path
-        folder = Path(os.environ["DIR"])
-        (folder / "B.ready").touch()
-        while not (folder / "B.go").exists():
-            time.sleep(0.02)
-        x = torch.full((1024,), 2.0, device="cuda")
-        print(json.dumps({"total": (x * 3).sum().item(), "session": libremote.server_info()["session"]}), flush=True)
-    """
     # 4 s: B's first batch pays one-time costs (first dispatch of each op) that under a loaded
     # 2-core CI machine have exceeded 2 s, and B must not be reclaimed before it sends anything.
     with pool_daemon("--max-sessions", "1", "--idle-timeout", "4") as server:
-        b = spawn_client(code, server.address, DIR=str(tmp_path))
+        b = spawn_client("wait_then_compute.py", server.address, DIR=str(tmp_path))
         clients = [b]
         try:
             wait_for_file(tmp_path / "B.ready", b, timeout=CLIENT_TIMEOUT_S)
@@ -543,17 +347,6 @@ token = "gpuonly-secret"
 devices = ["H100"]
 """
 
-CONNECT_CLIENT = """
-    import json, torch, libremote
-    try:
-        torch.ones(1).cuda()
-        info = libremote.server_info()
-        print(json.dumps({"admitted": True, "tenant": info.get("tenant"), "priority": info.get("priority"),
-                          "memory_quota": info.get("memory_quota")}))
-    except libremote.ConnectionFailed as exc:
-        print(json.dumps({"admitted": False, "message": str(exc)}))
-"""
-
 
 ADMIN_TOKEN = "operator-secret"  # TENANTS_TOML's: the whole pool's status needs it
 
@@ -566,7 +359,7 @@ def tenants_file(tmp_path) -> Path:
 
 
 def connect_as(address: str, **env: str) -> dict:
-    result = run_python(CONNECT_CLIENT, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=address, **env)
+    result = run_python("connect_and_report_tenant.py", timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=address, **env)
     assert result.returncode == 0, result.stderr
     return last_json(result.stdout)
 
@@ -634,18 +427,8 @@ def test_tenant_session_shows_tenant_quota_weight_and_priority_ceiling(tenants_f
 
 
 def test_tenant_quota_is_enforced(tenants_file):
-    code = """
-        import json, torch, libremote
-        a = torch.empty(24 << 20, dtype=torch.uint8, device="cuda")
-        try:
-            b = torch.empty(16 << 20, dtype=torch.uint8, device="cuda")
-            torch.cuda.synchronize()
-            print(json.dumps({"raised": None}))
-        except torch.cuda.OutOfMemoryError as exc:
-            print(json.dumps({"raised": str(exc)}))
-    """
     with pool_daemon("--tenants", str(tenants_file), "--memory-quota", "1GiB") as server:
-        result = run_python(code, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=server.address,
+        result = run_python("allocate_past_the_tenant_quota.py", timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=server.address,
                             LIBREMOTE_TENANT="interns", LIBREMOTE_TOKEN="interns-secret")
     assert result.returncode == 0, result.stderr
     raised = last_json(result.stdout)["raised"]
@@ -698,33 +481,9 @@ def test_missing_tenants_file_stops_the_daemon(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # 5. Live changes with `libremote admin`
 # ------------------------------------------------------------------------------------------------
-RESIZE_CLIENT = """
-    import json, os, time, torch, libremote
-    from pathlib import Path
-    folder = Path(os.environ["DIR"])
-    out = {"session_before": libremote.connect()["session"]}
-    a = torch.empty(32 << 20, dtype=torch.uint8, device="cuda")
-    try:
-        torch.cuda.synchronize()
-        out["first"] = None
-    except torch.cuda.OutOfMemoryError as exc:
-        out["first"] = str(exc)
-    del a
-    (folder / "resize.in").write_text(out["session_before"])
-    while not (folder / "resize.go").exists():
-        time.sleep(0.02)
-    b = torch.empty(32 << 20, dtype=torch.uint8, device="cuda")
-    b.fill_(1)
-    out["allocated"] = torch.cuda.memory_allocated()
-    out["second_sum"] = b.sum().item()
-    out["session_after"] = libremote.server_info()["session"]
-    print(json.dumps(out), flush=True)
-"""
-
-
 def test_admin_raises_a_live_session_quota(tmp_path):
     with pool_daemon("--memory-quota", "16MiB", "--loopback-admin") as server:
-        client = spawn_client(RESIZE_CLIENT, server.address, DIR=str(tmp_path))
+        client = spawn_client("allocate_before_and_after_a_quota_change.py", server.address, DIR=str(tmp_path))
         try:
             wait_for_file(tmp_path / "resize.in", client, timeout=CLIENT_TIMEOUT_S)
             row = session_of(status(server.address), client.pid)
@@ -781,26 +540,6 @@ def test_admin_changes_weight_and_priority_of_a_tenants_live_sessions(tmp_path):
             kill_all(clients)
 
 
-STREAMING_CLIENT = """
-    import json, os, time, torch, libremote
-    from pathlib import Path
-    folder, name = Path(os.environ["DIR"]), os.environ["NAME"]
-    a = torch.randn(384, 384, device="cuda")
-    a.sum().item()
-    (folder / (name + ".tmp")).write_text(libremote.server_info()["session"])
-    os.replace(folder / (name + ".tmp"), folder / (name + ".in"))
-    while not (folder / "go").exists():
-        time.sleep(0.01)
-    done, deadline = 0, time.monotonic() + float(os.environ["SECONDS"])
-    while time.monotonic() < deadline:
-        for _ in range(16):          # a backlog of queued ops: the worker's scheduler chooses
-            c = a @ a
-        c.sum().item()
-        done += 16
-    print(json.dumps({"done": done}), flush=True)
-"""
-
-
 def test_sessions_of_a_tenant_share_its_worker_by_their_weights(tmp_path):
     """Issue 23: a daemon that ignored fair-share weights passed every test. Two sessions of one
     tenant (one worker process) with weights 3 and 1, both with work queued: the worker's
@@ -809,7 +548,7 @@ def test_sessions_of_a_tenant_share_its_worker_by_their_weights(tmp_path):
     tenants = tmp_path / "tenants.toml"
     tenants.write_text('[tenants.team]\ntoken = "team-secret"\n')
     with pool_daemon("--tenants", str(tenants), "--loopback-admin") as server:
-        clients = [spawn_client(STREAMING_CLIENT, server.address, DIR=str(tmp_path), NAME=name, SECONDS="6",
+        clients = [spawn_client("stream_matmuls.py", server.address, DIR=str(tmp_path), NAME=name, SECONDS="6",
                                 LIBREMOTE_TENANT="team", LIBREMOTE_TOKEN="team-secret") for name in ("heavy", "light")]
         try:
             sessions = {}
@@ -874,7 +613,7 @@ def test_admin_from_loopback_without_a_token_needs_the_daemons_opt_in(tmp_path):
         refused = cli("admin", "--server", server.address, *change)
         assert refused.returncode == 1 and "--loopback-admin" in refused.stdout, refused.stdout + refused.stderr
     with pool_daemon("--loopback-admin") as server:
-        holder = spawn_client(HOLDING_CLIENT_SRC, server.address, NAME="h", DIR=str(tmp_path), LIBREMOTE_TENANT="team")
+        holder = spawn_client(HOLDING_CLIENT, server.address, NAME="h", DIR=str(tmp_path), LIBREMOTE_TENANT="team")
         try:
             wait_for_file(tmp_path / "h.in", holder, timeout=CLIENT_TIMEOUT_S)
             local_peer = cli("admin", "--server", server.address, *change)
@@ -891,23 +630,8 @@ def test_admin_from_loopback_without_a_token_needs_the_daemons_opt_in(tmp_path):
 # 6. Idle timeout
 # ------------------------------------------------------------------------------------------------
 def test_idle_session_is_reclaimed_with_a_clear_error(tmp_path):
-    code = f"""
-        import json, os, time, torch, libremote
-        x = torch.arange(10.0).cuda()
-        assert x.sum().item() == 45.0
-        open({str(tmp_path / "idle.in")!r}, "w").close()
-        while not os.path.exists({str(tmp_path / "idle.go")!r}):  # alive (heartbeats) but idle
-            time.sleep(0.05)
-        try:
-            (x + 1).sum().item()
-            out = {{"type": None}}
-        except Exception as exc:
-            out = {{"type": type(exc).__name__, "is_libremote": isinstance(exc, libremote.LibremoteError),
-                   "message": str(exc)}}
-        print(json.dumps(out), flush=True)
-    """
     with pool_daemon("--idle-timeout", "4") as server:  # (4 s: see the idle test above)
-        client = spawn_client(code, server.address)
+        client = spawn_client("idle_then_compute.py", server.address, DIR=str(tmp_path))
         try:
             wait_for_file(tmp_path / "idle.in", client, timeout=CLIENT_TIMEOUT_S)
             log = wait_for_log(server, "(--idle-timeout)", timeout=60)
@@ -927,21 +651,10 @@ def test_idle_session_is_reclaimed_with_a_clear_error(tmp_path):
 
 
 def test_busy_session_is_not_reclaimed_by_idle_timeout():
-    code = """
-        import json, time, torch, libremote
-        x = torch.ones(100, device="cuda")
-        torch.cuda.synchronize()  # the session's first BATCH, as soon as it opens
-        rounds, start = 0, time.monotonic()
-        while time.monotonic() - start < 8.0:  # keeps sending work for longer than the idle timeout
-            x = (x * 1.0001).contiguous()
-            x.sum().item()
-            rounds += 1
-        print(json.dumps({"rounds": rounds, "value": x[0].item()}), flush=True)
-    """
     # 4 s: a client's first ops pay one-time costs (first dispatch of each op) that on a loaded
     # 2-core machine have exceeded 2 s between two batches; that is not what this test is about.
     with pool_daemon("--idle-timeout", "4") as server:
-        result = run_python(code, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=server.address)
+        result = run_python("busy_for_eight_seconds.py", timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=server.address)
         log = server.log()
     assert result.returncode == 0, result.stderr
     assert last_json(result.stdout)["rounds"] > 0
@@ -951,28 +664,9 @@ def test_busy_session_is_not_reclaimed_by_idle_timeout():
 # ------------------------------------------------------------------------------------------------
 # 7. Status
 # ------------------------------------------------------------------------------------------------
-STATUS_CLIENT = """
-    import json, os, time, torch, libremote
-    from pathlib import Path
-    folder = Path(os.environ["DIR"])
-    def step(name):
-        torch.cuda.synchronize()
-        (folder / (name + ".tmp")).write_text(json.dumps({"allocated": torch.cuda.memory_allocated(),
-                                                          "session": libremote.server_info()["session"]}))
-        os.replace(folder / (name + ".tmp"), folder / (name + ".in"))
-        while not (folder / (name + ".go")).exists():
-            time.sleep(0.02)
-    x = torch.ones(2 << 20, device="cuda")  # 8 MiB of float32
-    step("one")
-    y = torch.ones(1 << 20, device="cuda")  # 4 MiB more
-    step("two")
-    print(json.dumps({"sum": (x.sum() + y.sum()).item()}), flush=True)
-"""
-
-
 def test_status_reports_devices_sessions_and_memory(tmp_path):
     with pool_daemon() as server:
-        client = spawn_client(STATUS_CLIENT, server.address, DIR=str(tmp_path), LIBREMOTE_TENANT="alice")
+        client = spawn_client("allocate_in_two_steps.py", server.address, DIR=str(tmp_path), LIBREMOTE_TENANT="alice")
         try:
             wait_for_file(tmp_path / "one.in", client, timeout=CLIENT_TIMEOUT_S)
             seen = json.loads((tmp_path / "one.in").read_text())

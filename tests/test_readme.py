@@ -65,12 +65,7 @@ def test_the_readmes_curve_keys_tenants_status_and_admin_commands_work_as_writte
         admin_env = dict(env, LIBREMOTE_CLIENT_KEY=str(tmp_path / "admin-keys" / "alice.key_secret"),
                          LIBREMOTE_SERVER_KEY=str(tmp_path / "keys" / "server.key"))
         exported = dict(item.split("=", 1) for item in export_line.split()[1:])
-        client = spawn_client("""
-            import os, time, torch, libremote
-            print((torch.arange(4.0, device="cuda") * 2).sum().item(), flush=True)
-            while not os.path.exists(os.environ["DONE"]):   # (holds its session for the status below)
-                time.sleep(0.05)
-        """, f"tcp://127.0.0.1:{port}", DONE=str(tmp_path / "done"),
+        client = spawn_client("compute_then_hold_until_done.py", f"tcp://127.0.0.1:{port}", DONE=str(tmp_path / "done"),
                               **{name: str(tmp_path / value) for name, value in exported.items()})
         assert client.stdout is not None and client.stdout.readline().strip() == "12.0", client.communicate()
         for command in sharing:

@@ -18,7 +18,6 @@ import socket
 import struct
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -28,35 +27,8 @@ from libremote_wire.messages import Cmd, Msg
 
 from conftest import Daemon
 from helpers import CLIENT_TIMEOUT_S, finish, kill_all, last_json, spawn_client, status, wait_for_file, wait_for_log
+from isolation_helpers import TENANTS, hello_as, holds_secret, put_secret
 from raw_client import RawClient
-
-TENANTS = """
-[admin]
-token = "admin-secret"
-
-[tenants.alice]
-token = "alice-secret"
-memory_quota = "256MiB"
-
-[tenants.bob]
-token = "bob-secret"
-memory_quota = "64MiB"
-
-[tenants.carol]
-token = "carol-secret"
-memory_quota = "1GiB"
-
-[tenants.heavy]
-token = "heavy-secret"
-weight = 3
-
-[tenants.light]
-token = "light-secret"
-weight = 1
-"""
-
-#: Alice's secret: an int64 value no computation of bob's produces by chance.
-SECRET = 0x5EC2E7_A11CE_5EC2
 
 
 @pytest.fixture
@@ -68,21 +40,6 @@ def tenants_file(tmp_path: Path) -> Path:
 
 def _tenant_daemon(tenants_file: Path, *args: str) -> Daemon:
     return Daemon("--tenants", str(tenants_file), *args)
-
-
-def _hello(client: RawClient, tenant: str) -> dict[str, Any]:
-    header = client.hello(tenant=tenant, token=f"{tenant}-secret")
-    assert header[0] == Msg.WELCOME, header
-    return header[1]
-
-
-def _put_secret(alice: RawClient, handle: int = 1, count: int = 8192) -> None:
-    alice.put(handle, torch.full((count,), SECRET, dtype=torch.int64))
-
-
-def _holds_secret(data: bytes) -> int:
-    """How many copies of alice's secret ``data`` holds (at any 8-byte alignment)."""
-    return data.count(struct.pack("<q", SECRET))
 
 
 def _rss(pid: int, field: str = "VmRSS") -> int:
@@ -102,7 +59,7 @@ def test_each_tenant_runs_in_its_own_worker_process(tenants_file):
     try:
         with RawClient(server.address) as alice, RawClient(server.address) as alice_too, \
                 RawClient(server.address) as bob:
-            workers = {name: _hello(client, name.split("_")[0])["pid"]
+            workers = {name: hello_as(client, name.split("_")[0])["pid"]
                        for name, client in (("alice", alice), ("alice_too", alice_too), ("bob", bob))}
             assert workers["alice"] == workers["alice_too"], workers  # a tenant's sessions share its worker
             assert workers["alice"] != workers["bob"], workers
@@ -148,58 +105,13 @@ def test_the_front_imports_neither_torch_nor_the_client():
 # ------------------------------------------------------------------------------------------------
 # 2. A crash is the offender's alone
 # ------------------------------------------------------------------------------------------------
-#: A client that trains a small model step after step, comparing every loss with local torch,
-#: until DIR/stop exists; it announces itself with DIR/NAME.in (holding its worker's pid).
-TRAINING_CLIENT = """
-    import json, os, time, torch, libremote
-    from pathlib import Path
-    folder = Path(os.environ["DIR"]); name = os.environ["NAME"]
-    torch.manual_seed(0)
-    local = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
-    remote = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
-    remote.load_state_dict(local.state_dict()); remote.cuda()
-    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (local, remote)]
-    steps, exact = 0, True
-    while True:
-        x, y = torch.randn(8, 16), torch.randn(8, 1)
-        losses = []
-        for model, opt, (xx, yy) in ((local, opts[0], (x, y)), (remote, opts[1], (x.cuda(), y.cuda()))):
-            loss = torch.nn.functional.mse_loss(model(xx), yy)
-            opt.zero_grad(); loss.backward(); opt.step()
-            losses.append(loss.item())
-        exact = exact and losses[0] == losses[1]
-        steps += 1
-        if steps == 3:
-            (folder / (name + ".in")).write_text(str(libremote.server_info()["pid"]))
-        if (folder / "stop").exists() and steps > 3:
-            break
-    print(json.dumps({"steps": steps, "exact": exact}), flush=True)
-"""
-
-#: A client that holds a tensor, waits for DIR/go, and reports what its next use raises.
-HOLDING_CLIENT = """
-    import json, os, time, torch, libremote
-    from pathlib import Path
-    folder = Path(os.environ["DIR"]); name = os.environ["NAME"]
-    x = torch.arange(4.0, device="cuda")
-    assert x.sum().item() == 6.0
-    (folder / (name + ".in")).write_text(str(libremote.server_info()["pid"]))
-    while not (folder / "go").exists():
-        time.sleep(0.05)
-    try:
-        print(json.dumps({"sum": (x * 2).sum().item()}), flush=True)
-    except Exception as exc:
-        print(json.dumps({"error": type(exc).__name__, "message": str(exc)}), flush=True)
-"""
-
-
 def test_a_crashed_worker_ends_only_its_tenants_sessions(tenants_file, tmp_path):
     server = _tenant_daemon(tenants_file)
     clients = []
     try:
-        alice = spawn_client(TRAINING_CLIENT, server.address, DIR=str(tmp_path), NAME="alice",
+        alice = spawn_client("train_until_stopped.py", server.address, DIR=str(tmp_path), NAME="alice",
                              LIBREMOTE_TENANT="alice", LIBREMOTE_TOKEN="alice-secret")
-        bob = spawn_client(HOLDING_CLIENT, server.address, DIR=str(tmp_path), NAME="bob",
+        bob = spawn_client("hold_a_tensor_until_go.py", server.address, DIR=str(tmp_path), NAME="bob",
                            LIBREMOTE_TENANT="bob", LIBREMOTE_TOKEN="bob-secret")
         clients = [alice, bob]
         wait_for_file(tmp_path / "alice.in", alice, timeout=CLIENT_TIMEOUT_S)
@@ -221,7 +133,7 @@ def test_a_crashed_worker_ends_only_its_tenants_sessions(tenants_file, tmp_path)
         assert result["exact"] and result["steps"] > 3, result
         # Bob's next session gets a fresh worker.
         with RawClient(server.address) as again:
-            assert _hello(again, "bob")["pid"] != bob_worker
+            assert hello_as(again, "bob")["pid"] != bob_worker
             again.put(1, torch.ones(2))
             assert again.fetch(1).tolist() == [1.0, 1.0]
         assert "Traceback" not in server.log()
@@ -245,7 +157,7 @@ def _reads_past_its_storage(bob: RawClient, *, meanwhile: RawClient | None = Non
     bob.put(1, torch.zeros(1, dtype=torch.int64))
     if meanwhile is not None:
         for _ in range(8):
-            _put_secret(meanwhile, next(_fresh_handles))
+            put_secret(meanwhile, next(_fresh_handles))
     results, error, _ = bob.call([[Cmd.OP, [1, "aten::_reshape_alias"], [codec.handle_ext(1), [1 << 19], [1]], {}, [2]]])
     if error is not None:
         return str(error)
@@ -263,23 +175,23 @@ def test_without_op_rules_an_unchecked_view_reads_nothing_of_another_tenant(tena
     try:
         assert "--unsafe-no-op-rules" in server.log()
         with RawClient(server.address) as alice, RawClient(server.address) as bob:
-            _hello(alice, "alice")
-            _put_secret(alice)
-            _hello(bob, "bob")
+            hello_as(alice, "alice")
+            put_secret(alice)
+            hello_as(bob, "bob")
             try:
                 seen = _reads_past_its_storage(bob, meanwhile=alice)
             except AssertionError:  # (bob's worker died: the boundary held)
                 seen = "no answer"
             if isinstance(seen, bytes):
-                assert _holds_secret(seen) == 0
-            assert _holds_secret(bytes(alice.fetch(1).numpy().tobytes())) == 8192  # alice's own, intact
+                assert holds_secret(seen) == 0
+            assert holds_secret(bytes(alice.fetch(1).numpy().tobytes())) == 8192  # alice's own, intact
             # The control: the same read, the same way, from a session that shares alice's
             # process (her own second session) finds her first session's secret. Only the process
             # boundary kept it from bob.
             with RawClient(server.address) as alice_too:
-                _hello(alice_too, "alice")
+                hello_as(alice_too, "alice")
                 own = _reads_past_its_storage(alice_too, meanwhile=alice)
-                assert isinstance(own, bytes) and _holds_secret(own) > 0, own if isinstance(own, str) else len(own)
+                assert isinstance(own, bytes) and holds_secret(own) > 0, own if isinstance(own, str) else len(own)
     finally:
         server.stop()
 
@@ -291,9 +203,9 @@ def test_cdist_backward_reads_only_its_own_worker(tenants_file):
         server = _tenant_daemon(tenants_file, *rules)
         try:
             with RawClient(server.address) as alice, RawClient(server.address) as bob:
-                _hello(alice, "alice")
-                _put_secret(alice)
-                _hello(bob, "bob")
+                hello_as(alice, "alice")
+                put_secret(alice)
+                hello_as(bob, "bob")
                 bob.put(1, torch.ones(1))
                 bob.put(2, torch.ones(1 << 20, 1))
                 bob.put(3, torch.zeros(1, 1))
@@ -305,10 +217,10 @@ def test_cdist_backward_reads_only_its_own_worker(tenants_file):
                     if error is None:
                         _, error, frames = bob.call([[Cmd.FETCH, 5]])
                         if error is None:
-                            assert _holds_secret(bytes(frames[0])) == 0
+                            assert holds_secret(bytes(frames[0])) == 0
                 except AssertionError as exc:
                     assert "sent nothing" in str(exc)  # bob's worker died: its own loss
-                assert _holds_secret(bytes(alice.fetch(1).numpy().tobytes())) == 8192
+                assert holds_secret(bytes(alice.fetch(1).numpy().tobytes())) == 8192
         finally:
             server.stop()
 
@@ -322,8 +234,8 @@ def test_a_tenants_quota_is_shared_by_its_sessions(tenants_file):
     server = _tenant_daemon(tenants_file)
     try:
         with RawClient(server.address) as first, RawClient(server.address) as second:
-            _hello(first, "bob")
-            _hello(second, "bob")
+            hello_as(first, "bob")
+            hello_as(second, "bob")
             megabytes_40 = [Cmd.OP, [1, "aten::zeros"], [[10 << 20]], {}, [7]]
             _, error, _ = first.call([megabytes_40])
             assert error is None, error
@@ -342,11 +254,11 @@ def test_one_tenant_cannot_take_every_session(tenants_file, tmp_path):
     try:
         with RawClient(server.address) as one, RawClient(server.address) as two, \
                 RawClient(server.address) as three, RawClient(server.address) as alice:
-            _hello(one, "bob")
-            _hello(two, "bob")
+            hello_as(one, "bob")
+            hello_as(two, "bob")
             header = three.hello(tenant="bob", token="bob-secret")
             assert header[0] == Msg.QUEUED and "--max-sessions-per-tenant" in header[1]["reason"], header
-            _hello(alice, "alice")  # another tenant is admitted at once
+            hello_as(alice, "alice")  # another tenant is admitted at once
             one.close()  # a place of bob's frees: his waiting client gets it
             header, _ = three.receive(timeout_s=30)
             assert header[0] == Msg.WELCOME, header
@@ -362,9 +274,9 @@ def test_an_output_sized_by_its_data_past_the_quota_fails_in_its_own_worker(tena
     server = _tenant_daemon(tenants_file, "--worker-memory-margin", "256MiB")
     try:
         with RawClient(server.address) as alice, RawClient(server.address) as bob:
-            _hello(alice, "alice")
-            _put_secret(alice)
-            worker = _hello(bob, "bob")["pid"]
+            hello_as(alice, "alice")
+            put_secret(alice)
+            worker = hello_as(bob, "bob")["pid"]
             front_before = _rss(server.process.pid)
             bob.put(1, torch.ones(1, 1024))
             bob.put(2, torch.tensor([1]))
@@ -377,7 +289,7 @@ def test_an_output_sized_by_its_data_past_the_quota_fails_in_its_own_worker(tena
             assert _rss(worker, "VmHWM") < _rss(worker) + (64 << 20) + (256 << 20), _rss(worker, "VmHWM")
             bob.put(5, torch.arange(3.0))  # the session goes on
             assert bob.fetch(5).tolist() == [0.0, 1.0, 2.0]
-            assert _holds_secret(bytes(alice.fetch(1).numpy().tobytes())) == 8192
+            assert holds_secret(bytes(alice.fetch(1).numpy().tobytes())) == 8192
             assert _rss(server.process.pid) - front_before < 16 << 20
     finally:
         server.stop()
@@ -399,7 +311,7 @@ def test_a_huge_header_before_hello_costs_the_front_nothing(tenants_file):
                 attacker.send_raw(b"\xdd" + struct.pack(">I", count) + b"\x90" * count)
                 time.sleep(0.5)
         with RawClient(server.address) as client:  # still serving
-            _hello(client, "alice")
+            hello_as(client, "alice")
             client.put(1, torch.ones(2))
         assert _rss(server.process.pid) - before < 32 << 20
     finally:
@@ -422,7 +334,7 @@ def test_half_open_connections_cannot_exhaust_the_front(tenants_file):
             sockets.append(sock)
         time.sleep(1.0)
         with RawClient(server.address) as client:
-            _hello(client, "alice")
+            hello_as(client, "alice")
             client.put(1, torch.ones(2))
             assert client.fetch(1).tolist() == [1.0, 1.0]
         descriptors = len(os.listdir(f"/proc/{server.process.pid}/fd"))
@@ -436,25 +348,6 @@ def test_half_open_connections_cannot_exhaust_the_front(tenants_file):
 # ------------------------------------------------------------------------------------------------
 # 6. Time: weighted shares between tenants; a long op stalls nobody else; a runaway one is ended
 # ------------------------------------------------------------------------------------------------
-#: A client that multiplies 768x768 matrices on the daemon for SECONDS once DIR/go exists and
-#: prints how many it finished (device-bound: the client's own cost per product is tiny).
-BUSY_CLIENT = """
-    import json, os, time, torch, libremote
-    from pathlib import Path
-    folder, name, seconds = Path(os.environ["DIR"]), os.environ["NAME"], float(os.environ["SECONDS"])
-    a = torch.randn(768, 768, device="cuda")
-    a.sum().item()
-    (folder / (name + ".in")).touch()
-    while not (folder / "go").exists():
-        time.sleep(0.01)
-    done, deadline = 0, time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        (a @ a).sum().item()
-        done += 1
-    print(json.dumps({"done": done}), flush=True)
-"""
-
-
 def test_tenants_share_the_cpu_backend_by_their_weights(tenants_file, tmp_path):
     """Issue 23: weights measured as device-time shares between real clients. On the CPU backend
     the device is the CPU, and each tenant's worker runs at the nice its weight gives it
@@ -464,8 +357,8 @@ def test_tenants_share_the_cpu_backend_by_their_weights(tenants_file, tmp_path):
     clients = []
     try:
         for name in ("heavy", "light"):
-            clients.append(spawn_client(BUSY_CLIENT, server.address, DIR=str(tmp_path), NAME=name, SECONDS="6",
-                                        LIBREMOTE_TENANT=name, LIBREMOTE_TOKEN=f"{name}-secret"))
+            clients.append(spawn_client("multiply_matrices_for_seconds.py", server.address, DIR=str(tmp_path), NAME=name,
+                                        SECONDS="6", LIBREMOTE_TENANT=name, LIBREMOTE_TOKEN=f"{name}-secret"))
         for name, client in zip(("heavy", "light"), clients):
             wait_for_file(tmp_path / f"{name}.in", client, timeout=CLIENT_TIMEOUT_S)
         (tmp_path / "go").touch()
@@ -491,8 +384,8 @@ def test_a_long_op_of_one_tenant_does_not_stall_another(tenants_file):
     server = _tenant_daemon(tenants_file)
     try:
         with RawClient(server.address) as alice, RawClient(server.address) as carol:
-            _hello(alice, "alice")
-            _hello(carol, "carol")
+            hello_as(alice, "alice")
+            hello_as(carol, "carol")
             _long_op(carol)
             alice.put(1, torch.ones(4))
             for _ in range(20):  # answered while carol's op runs: they are different processes
@@ -510,17 +403,17 @@ def test_an_op_past_the_time_limit_ends_its_worker_only(tenants_file):
     server = _tenant_daemon(tenants_file, "--op-time-limit", "1")
     try:
         with RawClient(server.address) as alice, RawClient(server.address) as carol:
-            _hello(alice, "alice")
-            _put_secret(alice)
-            _hello(carol, "carol")
+            hello_as(alice, "alice")
+            put_secret(alice)
+            hello_as(carol, "carol")
             _long_op(carol)
             wait_for_log(server, "(--op-time-limit)", timeout=60)
             assert carol.front.poll(30_000), "the front did not tell carol why her session ended"
             notice = codec.unpackb(carol.front.recv())  # (the worker is gone: the front says why)
             assert notice[0] == Msg.REPLY and notice[3][0] == "session" and "--op-time-limit" in notice[3][2], notice
-            assert _holds_secret(bytes(alice.fetch(1).numpy().tobytes())) == 8192
+            assert holds_secret(bytes(alice.fetch(1).numpy().tobytes())) == 8192
             with RawClient(server.address) as again:  # carol's next session works, in a new worker
-                _hello(again, "carol")
+                hello_as(again, "carol")
                 again.put(1, torch.ones(2))
                 assert again.fetch(1).tolist() == [1.0, 1.0]
     finally:
