@@ -120,8 +120,9 @@ def remote(daemon: Daemon):
 @pytest.fixture
 def raw(daemon: Daemon):
     """A raw client (tests/raw_client.py) that has said HELLO to the shared daemon."""
-    from libremote_wire.messages import Msg
     from raw_client import RawClient
+
+    from libremote_wire.messages import Msg
 
     with RawClient(daemon.address) as client:
         header = client.hello()

@@ -158,7 +158,9 @@ class FuzzingClient:
     message that ended the session (BYE, HELLO, a broken bound) is followed by a new session."""
 
     def __init__(self, address: str) -> None:
-        from raw_client import RawClient  # (tests/ is on the path of both users of this module)
+        from raw_client import (
+            RawClient,  # (tests/ is on the path of both users of this module)
+        )
 
         self.raw = RawClient(address)
         self.markers = itertools.count(10**12)

@@ -34,11 +34,10 @@ from typing import Any, Callable, Iterator
 import msgpack
 import torch
 import zmq
+from raw_client import RawClient
 
 from libremote_wire import codec, torch_codec
 from libremote_wire.messages import Cmd, Msg
-
-from raw_client import RawClient
 
 # ------------------------------------------------------------------------------------------------
 # The overloads to call

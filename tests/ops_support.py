@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-
 from conftest import REPO, Daemon, free_port, subprocess_env
 
 #: Where tests keep what a person may want to look at afterwards (the dashboard's screenshot).
@@ -157,3 +157,16 @@ def cli(*args: str, timeout: float = 60.0, **env: str) -> subprocess.CompletedPr
     """The ``libremote`` command in a fresh interpreter."""
     return subprocess.run([sys.executable, "-m", "libremote_wire.cli", *args], env=subprocess_env(**env), cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
+
+
+METRICS_DOC = REPO / "docs" / "METRICS.md"
+
+
+def documented_names() -> dict[str, str]:
+    """name -> its "present" cell, from docs/METRICS.md's table."""
+    names = {}
+    for line in METRICS_DOC.read_text().splitlines():
+        match = re.match(r"\| `(libremote_\w+)` \| (\w+) \| [^|]* \| ([^|]+) \|", line)
+        if match:
+            names[match.group(1)] = match.group(3).strip()
+    return names

@@ -24,13 +24,20 @@ from typing import Iterator
 import pytest
 import torch
 import zmq
+from conftest import REPO, Daemon, free_port, subprocess_env
+from helpers import (
+    CLIENT_TIMEOUT_S,
+    cli,
+    last_json,
+    pool_daemon,
+    run_python,
+    wait_for_log,
+)
+from raw_client import REPLY_WAIT_S, RawClient
 from zmq.utils.monitor import recv_monitor_message
 
-from conftest import REPO, Daemon, free_port, subprocess_env
-from helpers import CLIENT_TIMEOUT_S, cli, last_json, pool_daemon, run_python, wait_for_log
 from libremote_wire import curve_keys, messages
 from libremote_wire.messages import Cmd, Msg
-from raw_client import REPLY_WAIT_S, RawClient
 
 TENANTS = ("alice", "bob")
 

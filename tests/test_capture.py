@@ -8,12 +8,12 @@ import copy
 
 import pytest
 import torch
+from conftest import client_connected_to
+from helpers import pool_daemon
 from torch import nn
 
 import libremote
 from libremote_wire.messages import Cmd
-from conftest import client_connected_to
-from helpers import pool_daemon
 
 F = nn.functional
 

@@ -9,10 +9,15 @@ from __future__ import annotations
 import time
 
 import pytest
-
-from ops_support import ARTIFACTS, MetricsDaemon, release, require_tool, spawn_holder, wait_holding
-
-webdriver = pytest.importorskip("selenium.webdriver")
+from ops_support import (
+    ARTIFACTS,
+    MetricsDaemon,
+    release,
+    require_tool,
+    spawn_holder,
+    wait_holding,
+)
+from selenium import webdriver
 
 
 @pytest.fixture

@@ -13,12 +13,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 DEPLOY = REPO / "deploy"
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
-yaml = pytest.importorskip("yaml")
+import kubernetes_validate
+import yaml
+
 KUBERNETES_VERSION = "1.30"
 
 

@@ -21,13 +21,19 @@ from typing import Any
 import msgpack
 import pytest
 import torch
+from conftest import REPO, Daemon, client_connected_to, free_port, subprocess_env
+from helpers import (
+    finish,
+    last_json,
+    run_python,
+    spawn_client,
+    wait_for_file,
+    wait_for_log,
+)
+from raw_client import RawClient
 
 from libremote_wire import codec, messages, torch_codec
 from libremote_wire.messages import Cmd, Msg
-
-from conftest import REPO, Daemon, client_connected_to, free_port, subprocess_env
-from helpers import finish, last_json, run_python, spawn_client, wait_for_file, wait_for_log
-from raw_client import RawClient
 
 
 def _float_bytes(*values: float) -> bytes:

@@ -28,15 +28,14 @@ from typing import Any, Iterator
 
 import pytest
 import torch
-
-from libremote_wire import codec, torch_codec
-from libremote_wire.messages import Cmd, Msg
-
 from conftest import Daemon
 from helpers import wait_for_log
 from hostile_ops import await_reply
+from isolation_helpers import TENANTS, hello_as, holds_secret, put_secret
 from raw_client import RawClient
-from test_tenant_isolation import SECRET, TENANTS, _hello, _holds_secret, _put_secret
+
+from libremote_wire import codec
+from libremote_wire.messages import Cmd, Msg
 
 #: The daemons' --op-time-limit: heap corruption often ends in a kernel waiting forever on
 #: malloc's lock; the limit ends that worker (bob's) instead.
@@ -119,10 +118,10 @@ class Tenants:
             bob_computes(self.bob)  # his session goes on
         else:
             for frame in attempt.frames:
-                assert _holds_secret(bytes(frame)) == 0, "bob read alice's secret"
+                assert holds_secret(bytes(frame)) == 0, "bob read alice's secret"
             if attempt.kind == "lost":  # his loss alone: his next session runs in a fresh worker
                 with RawClient(self.server.address) as again:
-                    assert _hello(again, "bob")["pid"] != self.bob_worker
+                    assert hello_as(again, "bob")["pid"] != self.bob_worker
                     bob_computes(again)
         alice_unaffected(self)
 
@@ -139,7 +138,7 @@ def alice_unaffected(tenants: Tenants) -> None:
     computes exactly what local torch computes."""
     server, alice = tenants.server, tenants.alice
     assert server.process.poll() is None, f"the front died:\n{server.log()[-3000:]}"
-    assert _holds_secret(bytes(alice.fetch(1).numpy().tobytes())) == 8192
+    assert holds_secret(bytes(alice.fetch(1).numpy().tobytes())) == 8192
     a = torch.arange(-12.0, 12.0).reshape(4, 6)
     alice.put(2, a)
     _, error, _ = alice.call([[Cmd.OP_SYNC, [801, "aten::t"], [h(2)], {}, [4]],
@@ -148,15 +147,15 @@ def alice_unaffected(tenants: Tenants) -> None:
     assert alice.fetch(5).equal(a @ a.t())
     alice.call([[Cmd.FREE, [2, 4, 5]]])
     with RawClient(server.address) as again:  # her worker is the one she started in
-        assert _hello(again, "alice")["pid"] == tenants.alice_worker
+        assert hello_as(again, "alice")["pid"] == tenants.alice_worker
 
 
 @pytest.fixture
 def tenants(server: Daemon, rules: str) -> Iterator[Tenants]:
     with RawClient(server.address) as alice, RawClient(server.address) as bob:
-        alice_worker = _hello(alice, "alice")["pid"]
-        _put_secret(alice)
-        bob_worker = _hello(bob, "bob")["pid"]
+        alice_worker = hello_as(alice, "alice")["pid"]
+        put_secret(alice)
+        bob_worker = hello_as(bob, "bob")["pid"]
         assert alice_worker != bob_worker
         yield Tenants(server, rules, alice, bob, alice_worker, bob_worker)
     if rules == "off":
@@ -348,7 +347,7 @@ def test_ctc_loss_log_alpha_holds_no_stale_memory(tenants):
     bob.call([[Cmd.FREE, list(range(10, 14))]])
     bob.send([Msg.BYE])
     with RawClient(tenants.server.address) as again:
-        assert _hello(again, "bob")["pid"] == tenants.bob_worker  # his second session: the same worker
+        assert hello_as(again, "bob")["pid"] == tenants.bob_worker  # his second session: the same worker
         again.put(1, _log_probs(steps=1024))
         again.put(2, torch.ones(1, 256, dtype=torch.int64))
         _, error, frames = again.call([op(1, "aten::_ctc_loss", [h(1), h(2), [1], [256]], outs=[3, 4]), [Cmd.FETCH, 4]])
@@ -356,7 +355,7 @@ def test_ctc_loss_log_alpha_holds_no_stale_memory(tenants):
         fetched = bytes(frames[0])
         assert len(fetched) == 1024 * 513 * 4
         assert fetched.count(struct.pack("<i", PATTERN)) == 0, "bob read his previous session's freed memory"
-        assert _holds_secret(fetched) == 0
+        assert holds_secret(fetched) == 0
         log_alpha = torch.frombuffer(bytearray(fetched), dtype=torch.float32).reshape(1, 1024, 513)
         expected = torch.ops.aten._ctc_loss(_log_probs(steps=1024), torch.ones(1, 256, dtype=torch.int64), [1], [256])[1]
         assert torch.equal(log_alpha[:, 0], expected[:, 0])  # the row the kernel writes

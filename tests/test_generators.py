@@ -19,11 +19,10 @@ from typing import Any, Callable
 
 import pytest
 import torch
+from raw_client import RawClient
 
 from libremote_wire import codec
 from libremote_wire.messages import Cmd, Msg
-
-from raw_client import RawClient
 
 #: Whether the daemon computes on the CPU, where its random numbers equal local CPU torch's.
 CPU_DAEMON = os.environ.get("LIBREMOTE_TEST_DEVICE", "cpu") == "cpu"

@@ -15,11 +15,10 @@ from __future__ import annotations
 import random
 import time
 
+import hostile_ops
 import pytest
 import torch
-
 from conftest import Daemon
-import hostile_ops
 
 TENANTS = """
 [tenants.alice]

@@ -19,13 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, subprocess_env
+from helpers import run_python
 from torch import nn
 
 from libremote.client.tensor import RemoteTensor
 from libremote_wire.messages import Cmd
-
-from conftest import REPO, subprocess_env
-from helpers import run_python
 
 RTOL = 1e-4
 ATOL = 1e-5

@@ -14,9 +14,9 @@ from typing import Any, Iterator
 
 import pytest
 import torch
-
 from conftest import Daemon, client_connected_to
 from raw_client import RawClient
+
 from libremote_wire import codec, torch_codec
 from libremote_wire.messages import Cmd, Msg
 

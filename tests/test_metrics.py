@@ -18,25 +18,20 @@ import subprocess
 import sys
 import time
 
-import pytest
+import prometheus_client  # noqa: F401  (requirements-dev.txt: the endpoint needs it)
 import zmq
-
 from conftest import REPO, free_port, subprocess_env
-from ops_support import MetricsDaemon, cli, release, spawn_holder, value, wait_holding
-
-pytest.importorskip("prometheus_client")
+from ops_support import (
+    MetricsDaemon,
+    cli,
+    documented_names,
+    release,
+    spawn_holder,
+    value,
+    wait_holding,
+)
 
 METRICS_DOC = REPO / "docs" / "METRICS.md"
-
-
-def documented_names() -> dict[str, str]:
-    """name -> its "present" cell, from docs/METRICS.md's table."""
-    names = {}
-    for line in METRICS_DOC.read_text().splitlines():
-        match = re.match(r"\| `(libremote_\w+)` \| (\w+) \| [^|]* \| ([^|]+) \|", line)
-        if match:
-            names[match.group(1)] = match.group(3).strip()
-    return names
 
 
 def exposed_names(samples: dict) -> set[str]:
@@ -132,7 +127,11 @@ def test_refusals_malformed_messages_reconnects_and_drain_are_counted(tmp_path):
 
 
 def test_tenant_labels_stay_bounded():
-    from libremote_server.telemetry.collect import MAX_TENANTS, OTHER_TENANTS, FrontCounters
+    from libremote_server.telemetry.collect import (
+        MAX_TENANTS,
+        OTHER_TENANTS,
+        FrontCounters,
+    )
 
     counters = FrontCounters()
     for index in range(MAX_TENANTS + 50):

@@ -18,12 +18,11 @@ from typing import Any, Iterator
 
 import pytest
 import torch
+from conftest import Daemon
+from raw_client import RawClient
 
 from libremote_wire import codec, torch_codec
 from libremote_wire.messages import Cmd, Msg
-
-from conftest import Daemon
-from raw_client import RawClient
 
 F32 = torch_codec.dtype_ext(torch.float32)
 F64 = torch_codec.dtype_ext(torch.float64)

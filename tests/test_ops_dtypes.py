@@ -15,9 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from op_checks import check, compare, randint, randn
-
 
 # ==============================================================================================
 # 8. dtype and device conversions

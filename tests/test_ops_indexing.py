@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from op_checks import check, compare, randint, randn
-
 
 # ==============================================================================================
 # 5. Indexing

@@ -11,9 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from op_checks import compare, randn
-
 
 # ==============================================================================================
 # 7. In-place ops and out=

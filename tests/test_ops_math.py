@@ -11,9 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from op_checks import TOL, check, compare, randint, randn
-
 
 # ==============================================================================================
 # 1. Elementwise ops

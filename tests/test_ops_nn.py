@@ -12,9 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from op_checks import TOL, check, compare, gen, randint, randn, to_host
-
 
 # ==============================================================================================
 # 4. nn functional layers

@@ -14,7 +14,6 @@ import json
 import re
 
 import pytest
-
 from helpers import (
     cli,
     finish,

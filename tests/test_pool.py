@@ -15,14 +15,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import (
     CLIENT_TIMEOUT_S,
     HOLDING_CLIENT,
     REPO,
     cli,
-    free_port,
     finish,
+    free_port,
     kill_all,
     last_json,
     pool_daemon,

@@ -16,10 +16,15 @@ import urllib.parse
 import urllib.request
 
 import pytest
-
 from conftest import REPO, free_port
-from ops_support import MetricsDaemon, release, require_tool, spawn_holder, wait_holding
-from test_metrics import documented_names
+from ops_support import (
+    MetricsDaemon,
+    documented_names,
+    release,
+    require_tool,
+    spawn_holder,
+    wait_holding,
+)
 
 RULES = REPO / "deploy" / "prometheus" / "libremote-rules.yml"
 RULE_TESTS = REPO / "deploy" / "prometheus" / "libremote-rules.test.yml"

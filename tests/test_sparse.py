@@ -18,13 +18,12 @@ from typing import Any, Iterator
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import Daemon
+from raw_client import RawClient
 from torch import nn
 
 from libremote_wire import codec, torch_codec
 from libremote_wire.messages import Cmd, Msg
-
-from conftest import Daemon
-from raw_client import RawClient
 
 aten = torch.ops.aten
 

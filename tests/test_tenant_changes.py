@@ -9,9 +9,10 @@ import shutil
 
 from conftest import Daemon
 from helpers import cli
+from raw_client import RawClient
+
 from libremote_wire import curve_keys
 from libremote_wire.messages import Msg
-from raw_client import RawClient
 
 
 def test_a_tenants_new_weight_and_quota_reach_its_next_session_without_a_tenants_file(tmp_path):

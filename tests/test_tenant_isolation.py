@@ -21,14 +21,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import Daemon
+from helpers import (
+    CLIENT_TIMEOUT_S,
+    finish,
+    kill_all,
+    last_json,
+    spawn_client,
+    status,
+    wait_for_file,
+    wait_for_log,
+)
+from isolation_helpers import TENANTS, hello_as, holds_secret, put_secret
+from raw_client import RawClient
 
 from libremote_wire import codec
 from libremote_wire.messages import Cmd, Msg
-
-from conftest import Daemon
-from helpers import CLIENT_TIMEOUT_S, finish, kill_all, last_json, spawn_client, status, wait_for_file, wait_for_log
-from isolation_helpers import TENANTS, hello_as, holds_secret, put_secret
-from raw_client import RawClient
 
 
 @pytest.fixture

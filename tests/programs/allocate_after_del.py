@@ -5,7 +5,10 @@ Prints {"raised": None, "allocated": ...}, or {"raised": message} when the alloc
 Environment: LIBREMOTE_SERVER (the daemon).
 """
 
-import json, torch, libremote
+import json
+
+import torch
+
 a = torch.empty(48 << 20, dtype=torch.uint8, device="cuda")
 torch.cuda.synchronize()
 del a

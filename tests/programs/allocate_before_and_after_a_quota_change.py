@@ -7,8 +7,15 @@ session id), waits for DIR/resize.go, allocates 32 MiB again, and prints a JSON 
 Environment: LIBREMOTE_SERVER (the daemon), DIR.
 """
 
-import json, os, time, torch, libremote
+import json
+import os
+import time
 from pathlib import Path
+
+import torch
+
+import libremote
+
 folder = Path(os.environ["DIR"])
 out = {"session_before": libremote.connect()["session"]}
 a = torch.empty(32 << 20, dtype=torch.uint8, device="cuda")

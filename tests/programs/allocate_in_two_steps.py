@@ -7,8 +7,15 @@ torch.cuda.memory_allocated() and its session id) and waits for DIR/STEP.go; the
 Environment: LIBREMOTE_SERVER (the daemon), DIR.
 """
 
-import json, os, time, torch, libremote
+import json
+import os
+import time
 from pathlib import Path
+
+import torch
+
+import libremote
+
 folder = Path(os.environ["DIR"])
 def step(name):
     torch.cuda.synchronize()

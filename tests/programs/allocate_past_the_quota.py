@@ -6,7 +6,10 @@ is raised on the allocation's own line.
 Environment: LIBREMOTE_SERVER (the daemon), LIBREMOTE_SYNC.
 """
 
-import json, torch, libremote
+import json
+
+import torch
+
 out = {}
 a = torch.empty(48 << 20, dtype=torch.uint8, device="cuda")
 try:

@@ -3,7 +3,10 @@
 Environment: LIBREMOTE_SERVER (the daemon), LIBREMOTE_TENANT and LIBREMOTE_TOKEN.
 """
 
-import json, torch, libremote
+import json
+
+import torch
+
 a = torch.empty(24 << 20, dtype=torch.uint8, device="cuda")
 try:
     b = torch.empty(16 << 20, dtype=torch.uint8, device="cuda")

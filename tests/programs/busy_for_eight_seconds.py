@@ -5,7 +5,11 @@ Prints {"rounds": ..., "value": ...}.
 Environment: LIBREMOTE_SERVER (the daemon).
 """
 
-import json, time, torch, libremote
+import json
+import time
+
+import torch
+
 x = torch.ones(100, device="cuda")
 torch.cuda.synchronize()  # the session's first BATCH, as soon as it opens
 rounds, start = 0, time.monotonic()

@@ -9,8 +9,14 @@ loss and the view's value, "error": what replaying after the replacement raised,
 Environment: TEST_SERVER (the daemon, for libremote.connect).
 """
 
-import json, os, torch, libremote
+import json
+import os
+
+import torch
 from torch import nn
+
+import libremote
+
 libremote.connect(os.environ["TEST_SERVER"])
 torch.manual_seed(0)
 model = nn.Linear(8, 1).cuda()

@@ -8,8 +8,15 @@ libremote.session_stats()).
 Environment: TEST_SERVER (the daemon, for libremote.connect). Argument: the state file.
 """
 
-import json, os, sys, torch, libremote
+import json
+import os
+import sys
+
+import torch
 from torch import nn
+
+import libremote
+
 libremote.connect(os.environ["TEST_SERVER"])
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(64, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Dropout(0.1), nn.Linear(256, 10)).cuda()

@@ -6,7 +6,12 @@ Prints {"type": None} if it worked, else the exception's type and message.
 Environment: LIBREMOTE_SERVER (the daemon), LIBREMOTE_HEARTBEAT, READY, GO.
 """
 
-import json, os, time, torch, libremote
+import json
+import os
+import time
+
+import torch
+
 x = torch.ones(3).cuda()
 assert x.sum().item() == 3.0
 open(os.environ["READY"], "w").close()

@@ -7,7 +7,14 @@ Prints the first exception's type and message, the seconds it took, and the seco
 Environment: LIBREMOTE_SERVER (the daemon), LIBREMOTE_HEARTBEAT, READY, GO.
 """
 
-import json, os, time, torch, libremote
+import json
+import os
+import time
+
+import torch
+
+import libremote
+
 x = torch.arange(10.0).cuda()
 y = x * 2
 assert y.sum().item() == 90.0

@@ -4,7 +4,11 @@ Environment: LIBREMOTE_SERVER (the daemon), DONE, and the README's LIBREMOTE_CLI
 LIBREMOTE_SERVER_KEY.
 """
 
-import os, time, torch, libremote
+import os
+import time
+
+import torch
+
 print((torch.arange(4.0, device="cuda") * 2).sum().item(), flush=True)
 while not os.path.exists(os.environ["DONE"]):   # (holds its session for the status below)
     time.sleep(0.05)

@@ -6,7 +6,12 @@ Environment: LIBREMOTE_SERVER (the daemon), LIBREMOTE_CLIENT_KEY, LIBREMOTE_SERV
 LIBREMOTE_TENANT (a claim the key overrides).
 """
 
-import json, torch, libremote
+import json
+
+import torch
+
+import libremote
+
 g = torch.Generator().manual_seed(7)
 a, b = torch.randn(16, 32, generator=g), torch.randn(32, 8, generator=g)
 out = torch.relu(a.cuda() @ b.cuda()).sum(dim=0)

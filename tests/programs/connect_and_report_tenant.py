@@ -7,7 +7,12 @@ Environment: LIBREMOTE_SERVER (the daemon); LIBREMOTE_TENANT, LIBREMOTE_TOKEN an
 LIBREMOTE_PRIORITY as the test chooses.
 """
 
-import json, torch, libremote
+import json
+
+import torch
+
+import libremote
+
 try:
     torch.ones(1).cuda()
     info = libremote.server_info()

@@ -3,7 +3,12 @@
 Environment: LIBREMOTE_SERVER (the daemon), LIBREMOTE_DEVICES.
 """
 
-import json, torch, libremote
+import json
+
+import torch
+
+import libremote
+
 try:
     torch.ones(1).cuda()
     print(json.dumps({"error": None}))

@@ -4,8 +4,12 @@ ConnectionFailed's message}.
 Environment: ADDRESS (the daemon, for libremote.connect).
 """
 
-import json, os, libremote
-from libremote_wire import codec, messages, torch_codec
+import json
+import os
+
+import libremote
+from libremote_wire import messages
+
 messages.PROTOCOL_VERSION = 77
 try:
     libremote.connect(os.environ["ADDRESS"])

@@ -7,7 +7,11 @@ the ConnectionFailed's message}.
 Environment: ADDRESS (the daemon, for libremote.connect), CASES, LIBREMOTE_TIMEOUT.
 """
 
-import json, os, libremote
+import json
+import os
+
+import libremote
+
 messages = {}
 for case, variables in json.loads(os.environ["CASES"]).items():
     for name in ("LIBREMOTE_CLIENT_KEY", "LIBREMOTE_SERVER_KEY"):

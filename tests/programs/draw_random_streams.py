@@ -7,9 +7,14 @@ clients draw (and seed) meanwhile. With RESEED=1 it keeps re-seeding its own str
 Environment: LIBREMOTE_SERVER (the daemon), SEED, RESEED, NAME, DIR.
 """
 
-import json, os, time, torch, libremote
-import torch.nn.functional as F
+import json
+import os
+import time
 from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
 seed, name, folder = int(os.environ["SEED"]), os.environ["NAME"], Path(os.environ["DIR"])
 reseed = os.environ.get("RESEED") == "1"
 

@@ -7,7 +7,12 @@ of torch.cuda.memory_allocated() after each step.
 Environment: LIBREMOTE_SERVER (the daemon).
 """
 
-import json, torch, libremote
+import json
+
+import torch
+
+import libremote
+
 out = {}
 a = torch.empty(48 << 20, dtype=torch.uint8, device="cuda")
 torch.cuda.synchronize()

@@ -4,7 +4,11 @@ prints "exiting" and exits: the exit must not hang on the dead daemon.
 Environment: LIBREMOTE_SERVER (the daemon), LIBREMOTE_HEARTBEAT, READY, GO.
 """
 
-import os, time, torch, libremote
+import os
+import time
+
+import torch
+
 x = torch.ones(3).cuda()
 assert x.sum().item() == 3.0
 open(os.environ["READY"], "w").close()

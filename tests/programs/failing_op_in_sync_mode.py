@@ -7,7 +7,12 @@ afterwards}. Run with LIBREMOTE_SYNC=1, every op waits for the daemon.
 Environment: LIBREMOTE_SERVER (the daemon), LIBREMOTE_SYNC.
 """
 
-import json, torch, libremote
+import json
+
+import torch
+
+import libremote
+
 x = torch.arange(6.0).cuda()
 idx = torch.tensor([0, 10]).cuda()
 stage = "op"

@@ -5,7 +5,13 @@ Prints {"kind": the refusal's kind, "message", "after": a sum computed afterward
 Environment: LIBREMOTE_SERVER (the daemon), FILE.
 """
 
-import json, os, torch, libremote
+import json
+import os
+
+import torch
+
+import libremote
+
 out = {}
 try:
     torch.from_file(os.environ["FILE"], size=4, device="cuda").cpu()

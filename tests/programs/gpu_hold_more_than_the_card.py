@@ -7,7 +7,13 @@ libremote.memory_stats()["device"]}.
 Environment: TEST_SERVER (the daemon, for libremote.connect).
 """
 
-import json, os, torch, libremote
+import json
+import os
+
+import torch
+
+import libremote
+
 libremote.connect(os.environ["TEST_SERVER"])
 total = torch.cuda.get_device_properties(0).total_memory
 block = 2 << 30

@@ -7,8 +7,14 @@ tensor's sum plus the small ops', "device": libremote.memory_stats()["device"]}.
 Environment: TEST_SERVER (the daemon, for libremote.connect), PARAMS_OUT, LIBREMOTE_BATCH.
 """
 
-import json, os, torch, libremote
+import json
+import os
+
+import torch
 from torch import nn
+
+import libremote
+
 libremote.connect(os.environ["TEST_SERVER"])
 MiB = 1 << 20
 # 1. A spilled tensor that queued ops will read is prefetched on the side stream while the

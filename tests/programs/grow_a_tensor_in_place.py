@@ -7,7 +7,11 @@ resizes it to 80 MiB with ``resize_``. Prints {"raised": the out-of-memory messa
 Environment: LIBREMOTE_SERVER (the daemon), GROWTH.
 """
 
-import json, os, torch, libremote
+import json
+import os
+
+import torch
+
 growth = os.environ["GROWTH"]
 if growth == "out_argument":
     x = torch.empty(0, device='cuda'); torch.ones(20 << 20, out=x)  # 80 MiB written into a 0-byte out=

@@ -4,8 +4,13 @@ torch.cuda.memory_allocated().
 Environment: LIBREMOTE_SERVER (the daemon), DIR, NAME.
 """
 
-import json, os, time, torch, libremote
+import json
+import os
+import time
 from pathlib import Path
+
+import torch
+
 folder, name = Path(os.environ["DIR"]), os.environ["NAME"]
 a = torch.ones(48 << 20, dtype=torch.uint8, device="cuda")
 torch.cuda.synchronize()

@@ -4,7 +4,10 @@ kills or stops it.
 Environment: LIBREMOTE_SERVER (the daemon), READY.
 """
 
-import os, torch, libremote
+import os
+
+import torch
+
 x = torch.empty(4 << 20, dtype=torch.uint8, device="cuda")
 torch.cuda.synchronize()
 open(os.environ["READY"], "w").close()

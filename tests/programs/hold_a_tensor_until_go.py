@@ -6,8 +6,15 @@ Announces itself with DIR/NAME.in (holding its worker's pid, which the test may 
 Environment: LIBREMOTE_SERVER (the daemon), DIR, NAME, LIBREMOTE_TENANT, LIBREMOTE_TOKEN.
 """
 
-import json, os, time, torch, libremote
+import json
+import os
+import time
 from pathlib import Path
+
+import torch
+
+import libremote
+
 folder = Path(os.environ["DIR"]); name = os.environ["NAME"]
 x = torch.arange(4.0, device="cuda")
 assert x.sum().item() == 6.0

@@ -8,8 +8,15 @@ daemon refuses prints {"admitted": false, "message": ...} and exits 0.
 Environment: LIBREMOTE_SERVER (the daemon), NAME, DIR.
 """
 
-import json, os, time, torch, libremote
+import json
+import os
+import time
 from pathlib import Path
+
+import torch
+
+import libremote
+
 name, folder = os.environ["NAME"], Path(os.environ["DIR"])
 try:
     x = torch.full((1024,), 2.0, device="cuda")

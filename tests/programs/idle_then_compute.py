@@ -7,8 +7,15 @@ type, whether it is a libremote error, and its message.
 Environment: LIBREMOTE_SERVER (the daemon), DIR.
 """
 
-import json, os, time, torch, libremote
+import json
+import os
+import time
 from pathlib import Path
+
+import torch
+
+import libremote
+
 folder = Path(os.environ["DIR"])
 x = torch.arange(10.0).cuda()
 assert x.sum().item() == 45.0

@@ -5,7 +5,11 @@ Prints {"available", "count", "warnings"}.
 Environment: LIBREMOTE_SERVER (an address nobody listens on), LIBREMOTE_TIMEOUT.
 """
 
-import json, warnings, torch, libremote
+import json
+import warnings
+
+import torch
+
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     available = torch.cuda.is_available()

@@ -5,6 +5,8 @@ Arguments: DIR.
 """
 
 import sys
+
 sys.modules["torch"] = None
 from libremote_wire.cli import main
+
 assert main(["keygen", "client", "research", "--dir", sys.argv[1]]) == 0

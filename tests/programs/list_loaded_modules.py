@@ -5,6 +5,7 @@ Arguments: [--block-torch] MODULE...
 """
 
 import sys
+
 names = sys.argv[1:]
 if names[:1] == ["--block-torch"]:
     sys.modules['torch'] = None  # any import of torch fails

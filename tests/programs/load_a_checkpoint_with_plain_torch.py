@@ -6,7 +6,11 @@ Prints {"type", "device", "tensor": the tensor's values, "state": {key: [dtype, 
 Arguments: TENSOR_FILE STATE_FILE.
 """
 
-import json, sys, torch
+import json
+import sys
+
+import torch
+
 assert 'libremote' not in sys.modules
 t = torch.load(sys.argv[1], map_location='cpu')
 s = torch.load(sys.argv[2], map_location='cpu')

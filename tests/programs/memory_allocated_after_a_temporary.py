@@ -5,7 +5,10 @@ Prints {"before", "after", "total"}.
 Environment: LIBREMOTE_SERVER (the daemon).
 """
 
-import json, torch, libremote
+import json
+
+import torch
+
 x = torch.ones(1 << 20, device="cuda")  # 4 MiB
 torch.cuda.synchronize()
 before = torch.cuda.memory_allocated()

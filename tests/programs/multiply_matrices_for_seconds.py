@@ -9,8 +9,13 @@ Environment: LIBREMOTE_SERVER (the daemon), DIR, NAME, SECONDS, LIBREMOTE_TENANT
 LIBREMOTE_TOKEN.
 """
 
-import json, os, time, torch, libremote
+import json
+import os
+import time
 from pathlib import Path
+
+import torch
+
 folder, name, seconds = Path(os.environ["DIR"]), os.environ["NAME"], float(os.environ["SECONDS"])
 a = torch.randn(768, 768, device="cuda")
 a.sum().item()

@@ -6,7 +6,10 @@ selection afterwards, to show the session goes on).
 Environment: LIBREMOTE_SERVER (the daemon).
 """
 
-import json, torch, libremote
+import json
+
+import torch
+
 x = torch.ones(10 << 20, device="cuda")          # 40 MiB
 mask = x > 0                                      # 10 MiB
 out = {}

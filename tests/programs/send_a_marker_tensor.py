@@ -6,7 +6,11 @@ Environment: LIBREMOTE_SERVER (the daemon, or a recording proxy in front of it),
 LIBREMOTE_CLIENT_KEY/LIBREMOTE_SERVER_KEY for a CURVE daemon.
 """
 
-import json, os, torch, libremote
+import json
+import os
+
+import torch
+
 marker = os.environ["MARKER"].encode()
 x = torch.frombuffer(bytearray(marker * 64), dtype=torch.uint8)
 back = (x.cuda() + 0).cpu()

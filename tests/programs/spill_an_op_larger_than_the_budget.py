@@ -5,7 +5,12 @@ Prints {"exact", "sum_close", "spilled"}.
 Environment: LIBREMOTE_SERVER (the daemon).
 """
 
-import json, torch, libremote
+import json
+
+import torch
+
+import libremote
+
 a_h, b_h = torch.randn(1024, 1024), torch.randn(1024, 1024)   # 4 MiB each, budget 8 MiB
 a, b = a_h.cuda(), b_h.cuda()
 c = a + b                                                     # 12 MiB at once

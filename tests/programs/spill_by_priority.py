@@ -9,8 +9,15 @@ Environment: LIBREMOTE_SERVER (the daemon), NAME, DIR, COUNT, FIRST, ELEMENTS,
 LIBREMOTE_TENANT, LIBREMOTE_TOKEN, LIBREMOTE_PRIORITY.
 """
 
-import json, os, time, torch, libremote
+import json
+import os
+import time
 from pathlib import Path
+
+import torch
+
+import libremote
+
 name, folder, count = os.environ["NAME"], Path(os.environ["DIR"]), int(os.environ["COUNT"])
 elements = int(os.environ["ELEMENTS"])
 g = torch.Generator().manual_seed(len(name))

@@ -7,7 +7,12 @@ after each, "restores"}.
 Environment: LIBREMOTE_SERVER (the daemon).
 """
 
-import json, torch, libremote
+import json
+
+import torch
+
+import libremote
+
 torch.manual_seed(0)
 w = torch.randint(-8, 9, (1024, 1024)).float()                     # 4 MiB, budget 8 MiB
 xs = [torch.randint(-8, 9, (1024, 1024)).float() for _ in range(5)]

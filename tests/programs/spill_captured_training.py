@@ -6,8 +6,15 @@ SET_TO_NONE ("True" or "False") is passed to ``zero_grad(set_to_none=...)``. Pri
 Environment: LIBREMOTE_SERVER (the daemon), SET_TO_NONE.
 """
 
-import hashlib, json, os, torch, libremote
+import hashlib
+import json
+import os
+
+import torch
 from torch import nn
+
+import libremote
+
 SET_TO_NONE = {"True": True, "False": False}[os.environ["SET_TO_NONE"]]
 torch.manual_seed(0)
 width = 768

@@ -8,7 +8,12 @@ Values stay small integers, so every result is exact whatever the summation orde
 Environment: LIBREMOTE_SERVER (the daemon).
 """
 
-import json, torch, libremote
+import json
+
+import torch
+
+import libremote
+
 MiB = 1 << 20
 BUDGET = 16 * MiB
 N = 16                                   # 16 tensors of 4 MiB: 64 MiB, 4x the budget

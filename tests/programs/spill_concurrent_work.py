@@ -8,8 +8,15 @@ together); after its work writes DIR/NAME.done and holds its data until DIR/exit
 Environment: LIBREMOTE_SERVER (the daemon), NAME, DIR, SEED.
 """
 
-import json, os, time, torch, libremote
+import json
+import os
+import time
 from pathlib import Path
+
+import torch
+
+import libremote
+
 name, folder, seed = os.environ["NAME"], Path(os.environ["DIR"]), int(os.environ["SEED"])
 MiB = 1 << 20
 

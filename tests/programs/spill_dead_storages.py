@@ -10,7 +10,12 @@ Environment: LIBREMOTE_SERVER (the daemon), LIBREMOTE_BATCH (large, so that the 
 message with the ops).
 """
 
-import json, torch, libremote
+import json
+
+import torch
+
+import libremote
+
 MiB = 1 << 20
 stats = lambda: libremote.memory_stats()["device"]
 # 1. Dead: `a` is freed right after the op that needs its room.

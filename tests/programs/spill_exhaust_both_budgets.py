@@ -8,8 +8,15 @@ and its message, the figures after the failure and after freeing, and the values
 Environment: LIBREMOTE_SERVER (the daemon), DIR.
 """
 
-import json, os, time, torch, libremote
+import json
+import os
+import time
 from pathlib import Path
+
+import torch
+
+import libremote
+
 folder = Path(os.environ["DIR"])
 MiB = 1 << 20
 out = {}

@@ -8,7 +8,12 @@ and allocated bytes before it, "final": libremote.memory_stats()}.
 Environment: LIBREMOTE_SERVER (the daemon).
 """
 
-import json, torch, libremote
+import json
+
+import torch
+
+import libremote
+
 MiB = 1 << 20
 out = {"problems": [], "spilled": {}}
 g = torch.Generator().manual_seed(3)

@@ -6,8 +6,13 @@ returned other bytes}.
 Environment: LIBREMOTE_SERVER (the daemon), DIR.
 """
 
-import json, os, time, torch, libremote
+import json
+import os
+import time
 from pathlib import Path
+
+import torch
+
 folder = Path(os.environ["DIR"])
 g = torch.Generator().manual_seed(0)
 x_h = torch.randn(1536 * 1024, generator=g)          # 6 MiB

@@ -7,7 +7,12 @@ resident bytes, "budget", "evictions"}.
 Environment: LIBREMOTE_SERVER (the daemon).
 """
 
-import json, torch, libremote
+import json
+
+import torch
+
+import libremote
+
 torch.manual_seed(0)
 params = [torch.randn(1024, 1024) for _ in range(4)]        # 4 MiB each
 grads = [torch.randn(1024, 1024) for _ in range(4)]

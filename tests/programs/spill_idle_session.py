@@ -4,8 +4,12 @@ DIR/B.exit exists; then checks them (a failed check exits non-zero).
 Environment: LIBREMOTE_SERVER (the daemon), DIR.
 """
 
-import os, time, torch, libremote
+import os
+import time
 from pathlib import Path
+
+import torch
+
 folder, MiB = Path(os.environ["DIR"]), 1 << 20
 held = [torch.full((MiB,), 9.0, device="cuda") for _ in range(3)]   # fills the budget
 torch.cuda.synchronize()

@@ -7,8 +7,13 @@ For each phase (before, during, after) it waits for DIR/B.go.PHASE and writes DI
 Environment: LIBREMOTE_SERVER (the daemon), DIR, LIBREMOTE_PRIORITY.
 """
 
-import json, os, time, torch, libremote
+import json
+import os
+import time
 from pathlib import Path
+
+import torch
+
 folder = Path(os.environ["DIR"])
 g = torch.Generator().manual_seed(5)
 x_h = torch.randint(-8, 9, (512, 512), generator=g).float()    # 1 MiB

@@ -6,7 +6,12 @@ counted over the queued ops and the read).
 Environment: LIBREMOTE_SERVER (the daemon), LIBREMOTE_BATCH (large: one message).
 """
 
-import json, torch, libremote
+import json
+
+import torch
+
+import libremote
+
 MiB = 1 << 20
 a = torch.full((MiB,), 5.0, device="cuda")   # 4 MiB each; the budget holds three
 b = torch.full((MiB,), 6.0, device="cuda")

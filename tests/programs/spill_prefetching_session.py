@@ -7,8 +7,15 @@ Writes DIR/A.in once the tensor is spilled and waits for DIR/A.go. Prints {"tota
 Environment: LIBREMOTE_SERVER (the daemon), DIR, LIBREMOTE_BATCH (large: one message).
 """
 
-import json, os, time, torch, libremote
+import json
+import os
+import time
 from pathlib import Path
+
+import torch
+
+import libremote
+
 folder, MiB = Path(os.environ["DIR"]), 1 << 20
 a = torch.full((MiB,), 5.0, device="cuda")            # 4 MiB each; the budget holds three
 spare = [torch.zeros(MiB, device="cuda") for _ in range(3)]   # the third spills a

@@ -6,8 +6,13 @@ Writes DIR/pressure.in when ready and starts at DIR/go. Prints {"bad": wrong sum
 Environment: LIBREMOTE_SERVER (the daemon), DIR.
 """
 
-import json, os, time, torch, libremote
+import json
+import os
+import time
 from pathlib import Path
+
+import torch
+
 folder = Path(os.environ["DIR"])
 a = torch.ones(1024 * 1024, device="cuda")           # 4 MiB
 torch.cuda.synchronize()

@@ -7,8 +7,11 @@ run) and checks its results; prints nothing.
 Environment: LIBREMOTE_SERVER (the daemon), DIR, LIBREMOTE_BATCH.
 """
 
-import os, time, torch, libremote
+import os
 from pathlib import Path
+
+import torch
+
 folder, MiB = Path(os.environ["DIR"]), 1 << 20
 held = [torch.full((MiB,), 9.0, device="cuda") for _ in range(3)]   # spills the other's a
 torch.cuda.synchronize()

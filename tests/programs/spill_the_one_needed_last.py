@@ -5,7 +5,12 @@ Prints {"sums", "restores"} (restores: during that batch).
 Environment: LIBREMOTE_SERVER (the daemon).
 """
 
-import json, torch, libremote
+import json
+
+import torch
+
+import libremote
+
 MiB = 1 << 20
 c = torch.full((MiB,), 2.0, device="cuda")   # 4 MiB each; the budget holds three
 d = torch.full((MiB,), 3.0, device="cuda")

@@ -8,9 +8,14 @@ each step}.
 Environment: LIBREMOTE_SERVER (the daemon).
 """
 
-import json, torch, libremote
+import json
+
+import torch
 import torch.nn.functional as F
 from torch import nn
+
+import libremote
+
 MiB = 1 << 20
 
 def train(device):

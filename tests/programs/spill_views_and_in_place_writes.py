@@ -8,7 +8,12 @@ spilled storage and computes from views; every result is compared with local tor
 Environment: LIBREMOTE_SERVER (the daemon).
 """
 
-import json, torch, libremote
+import json
+
+import torch
+
+import libremote
+
 MiB = 1 << 20
 out = {"problems": [], "spilled_before": {}}
 

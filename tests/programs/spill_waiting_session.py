@@ -7,8 +7,15 @@ Writes DIR/W.in when its tensor is made and waits for DIR/W.go. Prints {"total",
 Environment: LIBREMOTE_SERVER (the daemon), DIR.
 """
 
-import json, os, time, torch, libremote
+import json
+import os
+import time
 from pathlib import Path
+
+import torch
+
+import libremote
+
 folder, MiB = Path(os.environ["DIR"]), 1 << 20
 a = torch.full((MiB,), 5.0, device="cuda")            # 4 MiB; the budget holds three such
 torch.cuda.synchronize()

@@ -6,7 +6,12 @@ Prints {"value", "restores", "evictions"} (the last two: during that batch).
 Environment: LIBREMOTE_SERVER (the daemon).
 """
 
-import json, torch, libremote
+import json
+
+import torch
+
+import libremote
+
 MiB = 1 << 20
 a = torch.ones(MiB, device="cuda")          # 4 MiB each; budget 12 MiB holds three
 c = torch.full((MiB,), 2.0, device="cuda")

@@ -6,8 +6,15 @@ starts together, then prints {"done": N}.
 Environment: LIBREMOTE_SERVER (the daemon), DIR, NAME, SECONDS.
 """
 
-import json, os, time, torch, libremote
+import json
+import os
+import time
 from pathlib import Path
+
+import torch
+
+import libremote
+
 folder, name = Path(os.environ["DIR"]), os.environ["NAME"]
 a = torch.randn(384, 384, device="cuda")
 a.sum().item()

@@ -4,7 +4,10 @@ until the test kills it mid-stream.
 Environment: LIBREMOTE_SERVER (the daemon), READY.
 """
 
-import os, torch, libremote
+import os
+
+import torch
+
 x = torch.randn(256, 256).cuda()
 assert x.sum().item() == x.sum().item()
 open(os.environ["READY"], "w").close()

@@ -6,7 +6,10 @@ Prints the counter's values, the big tensor's last byte, and whether its sum is 
 Environment: LIBREMOTE_SERVER (the daemon), LIBREMOTE_BATCH, STEPS.
 """
 
-import os, torch, libremote
+import os
+
+import torch
+
 x = torch.zeros(4, device="cuda")
 for _ in range(int(os.environ["STEPS"])):
     x.add_(1)           # one batch per op (LIBREMOTE_BATCH=1), none asks for a reply

@@ -6,7 +6,13 @@ Prints the exception's type and message.
 Environment: LIBREMOTE_SERVER (the daemon), LIBREMOTE_HEARTBEAT, READY.
 """
 
-import json, os, time, torch, libremote
+import json
+import os
+
+import torch
+
+import libremote
+
 x = torch.randn(256, 256).cuda()
 assert x.sum().item() == x.sum().item()
 open(os.environ["READY"], "w").close()

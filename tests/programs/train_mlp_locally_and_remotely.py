@@ -7,10 +7,17 @@ client trains at once; prints {"name", "local", "remote", "local_params", "remot
 Environment: LIBREMOTE_SERVER (the daemon), SEED, NAME, DIR.
 """
 
-import json, os, time, torch, libremote
-import torch.nn.functional as F
+import json
+import os
+import time
 from pathlib import Path
+
+import torch
+import torch.nn.functional as F
 from torch import nn
+
+import libremote
+
 seed, name, folder = int(os.environ["SEED"]), os.environ["NAME"], Path(os.environ["DIR"])
 
 def train(device):

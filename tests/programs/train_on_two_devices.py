@@ -8,7 +8,13 @@ devices, and the device a bare "cuda" means after set_device(1).
 Environment: LIBREMOTE_SERVER (the daemon), LIBREMOTE_DEVICES=2.
 """
 
-import copy, json, torch, libremote
+import copy
+import json
+
+import torch
+
+import libremote
+
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
 x, y = torch.randn(32, 8), torch.randn(32, 1)

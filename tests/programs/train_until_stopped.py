@@ -7,8 +7,14 @@ After three steps it announces itself with DIR/NAME.in (holding its worker's pid
 Environment: LIBREMOTE_SERVER (the daemon), DIR, NAME, LIBREMOTE_TENANT, LIBREMOTE_TOKEN.
 """
 
-import json, os, time, torch, libremote
+import json
+import os
 from pathlib import Path
+
+import torch
+
+import libremote
+
 folder = Path(os.environ["DIR"]); name = os.environ["NAME"]
 torch.manual_seed(0)
 local = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))

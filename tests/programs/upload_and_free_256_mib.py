@@ -6,7 +6,13 @@ Prints {"sum": ...}.
 Environment: ADDRESS (the daemon, for libremote.connect).
 """
 
-import json, os, torch, libremote
+import json
+import os
+
+import torch
+
+import libremote
+
 libremote.connect(os.environ["ADDRESS"])
 host = torch.ones(64 << 20)                        # 256 MiB, uploaded and freed three times
 for _ in range(3):

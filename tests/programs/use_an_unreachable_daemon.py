@@ -6,7 +6,13 @@ the second}.
 Environment: LIBREMOTE_SERVER (an address nobody listens on), LIBREMOTE_TIMEOUT.
 """
 
-import json, time, torch, libremote
+import json
+import time
+
+import torch
+
+import libremote
+
 start = time.monotonic()
 try:
     torch.ones(1).cuda()

@@ -7,7 +7,10 @@ tensor's device and a sum computed on it, one line each.
 Environment: LIBREMOTE_SERVER (the daemon).
 """
 
-import sys, torch
+import sys
+
+import torch
+
 print('libremote' in sys.modules)
 print(torch.cuda.is_available(), torch.cuda.device_count())
 x = torch.arange(4.0, device='cuda')

@@ -5,7 +5,13 @@ Prints {"type", "message", "available": torch.cuda.is_available(), "warnings"}.
 Environment: none (LIBREMOTE_SERVER unset).
 """
 
-import json, warnings, torch, libremote
+import json
+import warnings
+
+import torch
+
+import libremote
+
 out = {}
 try:
     torch.ones(1).cuda()

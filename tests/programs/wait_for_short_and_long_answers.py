@@ -7,7 +7,13 @@ degenerate}.
 Environment: ADDRESS (the daemon, for libremote.connect), LIBREMOTE_SPIN_US.
 """
 
-import json, os, torch, libremote
+import json
+import os
+
+import torch
+
+import libremote
+
 libremote.connect(os.environ["ADDRESS"])
 x = torch.arange(1024.0, device="cuda")
 quick = [(x + i).sum().item() for i in range(50)]               # answers within the spin

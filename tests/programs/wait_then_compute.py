@@ -6,8 +6,15 @@ queue) and prints {"total": ..., "session": ...}.
 Environment: LIBREMOTE_SERVER (the daemon), DIR.
 """
 
-import json, os, time, torch, libremote
+import json
+import os
+import time
 from pathlib import Path
+
+import torch
+
+import libremote
+
 folder = Path(os.environ["DIR"])
 (folder / "B.ready").touch()
 while not (folder / "B.go").exists():
