@@ -25,8 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.raw_zmq import RawPeer  # noqa: E402
 from benchmarks.measure import transfer_gbps  # noqa: E402
+from benchmarks.raw_zmq import RawPeer  # noqa: E402
 from benchmarks.run import _env, _free_address, _start_daemon  # noqa: E402
 
 TRANSFER_BYTES = 64 << 20

@@ -75,7 +75,7 @@ class _BareWrapper(torch.Tensor):
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     @staticmethod
-    def __new__(cls, like: torch.Tensor) -> "_BareWrapper":
+    def __new__(cls, like: torch.Tensor) -> _BareWrapper:
         return torch.Tensor._make_wrapper_subclass(cls, like.shape, dtype=like.dtype, device="meta")
 
     @classmethod

@@ -145,7 +145,7 @@ def main() -> None:
             alone_report, _ = _run_clients(address, [high], args.seconds)
             busy_report, _ = _run_clients(address, [high] + [low] * 4, args.seconds)
             for name, q in (("p50", 0.5), ("p99", 0.99)):
-                def pick(latencies: list[float]) -> float:
+                def pick(latencies: list[float], q: float = q) -> float:
                     ordered = sorted(latencies)
                     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3
                 rows.append((f"high-priority step latency {name} (ms)", pick(busy_report[0]["latencies"]),

@@ -16,7 +16,7 @@ import zmq
 from .timing import best_block_us
 
 
-def _echo_peer(address: str, ready: "multiprocessing.synchronize.Event",
+def _echo_peer(address: str, ready: multiprocessing.synchronize.Event,
                server_keys: tuple[bytes, bytes] | None = None) -> None:
     context = zmq.Context()
     router = context.socket(zmq.ROUTER)

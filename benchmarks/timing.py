@@ -9,7 +9,7 @@ the same way, so the ratio compares like with like.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 def best_block_us(call: Callable[[], object], per_block: int = 400, blocks: int = 5, warmup: int = 100) -> float:

@@ -12,10 +12,12 @@ Public API: :func:`connect`, :func:`disconnect`, :func:`is_connected`, :func:`sy
 from __future__ import annotations
 
 import contextlib as _contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from libremote_wire import __version__  # (one version for the client, the wire and the daemon)
 
+from .client import activation as _activation
 from .errors import (
     CaptureError,
     ConnectionFailed,
@@ -24,8 +26,6 @@ from .errors import (
     RemoteOpError,
     RemoteOutOfMemoryError,
 )
-
-from .client import activation as _activation
 
 _activation.activate()
 

@@ -86,7 +86,7 @@ class Settings:
     server_key: str | None = None
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls) -> Settings:
         return cls(
             server=os.environ.get("LIBREMOTE_SERVER", "").strip() or None,
             timeout_s=_float("LIBREMOTE_TIMEOUT", 10.0),

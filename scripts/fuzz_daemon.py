@@ -24,7 +24,6 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import torch  # noqa: E402
 
-
 import fuzz_messages  # noqa: E402
 from conftest import Daemon, client_connected_to  # noqa: E402
 

@@ -69,7 +69,7 @@ class Identity:
         return f"{self.kind}:{self.name}"
 
     @classmethod
-    def from_user_id(cls, user_id: str | None) -> "Identity | None":
+    def from_user_id(cls, user_id: str | None) -> Identity | None:
         if not user_id or ":" not in user_id:
             return None
         kind, name = user_id.split(":", 1)
@@ -114,7 +114,7 @@ class KeyRing:
     def tenants(self) -> set[str]:
         return {identity.name for identity in self.identities.values() if identity.kind == TENANT}
 
-    def only_tenant(self, name: str) -> "KeyRing":
+    def only_tenant(self, name: str) -> KeyRing:
         """The key ring a tenant's worker uses: the same key pair, and that tenant's keys only.
         (A worker's socket then completes no handshake with anyone else: another tenant's
         client, an admin, a scanner.)"""

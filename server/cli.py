@@ -6,7 +6,7 @@ import argparse
 import logging
 import signal
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from . import auth, limits, policy
 from .front import Front

@@ -119,7 +119,7 @@ class Cgroups:
         self.parent = parent
 
     @classmethod
-    def detect(cls) -> "Cgroups | None":
+    def detect(cls) -> Cgroups | None:
         try:
             if not (_CGROUP_ROOT / "cgroup.controllers").is_file():
                 return None  # cgroup v1 or hybrid: no unified memory controller to delegate

@@ -11,7 +11,8 @@ its session; nobody else notices.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 

@@ -25,9 +25,10 @@ quotas, weights, priorities and devices (see ``server/auth.py``).
 from __future__ import annotations
 
 import hmac
-import tomllib
 from dataclasses import dataclass, field
 from typing import Any
+
+import tomllib
 
 from . import limits
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 class _ActivateAfterTorch(importlib.abc.MetaPathFinder):

@@ -12,8 +12,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -120,9 +121,9 @@ def remote(daemon: Daemon):
 @pytest.fixture
 def raw(daemon: Daemon):
     """A raw client (tests/raw_client.py) that has said HELLO to the shared daemon."""
-    from raw_client import RawClient
-
     from libremote_wire.messages import Msg
+
+    from raw_client import RawClient
 
     with RawClient(daemon.address) as client:
         header = client.hello()

@@ -16,8 +16,9 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from conftest import REPO, Daemon, free_port, subprocess_env  # noqa: F401  (re-exported)
 

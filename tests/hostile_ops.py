@@ -28,16 +28,18 @@ import math
 import random
 import re
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import msgpack
 import torch
 import zmq
-from raw_client import RawClient
 
 from libremote_wire import codec, torch_codec
 from libremote_wire.messages import Cmd, Msg
+
+from raw_client import RawClient
 
 # ------------------------------------------------------------------------------------------------
 # The overloads to call

@@ -9,9 +9,10 @@ import struct
 from typing import Any
 
 import torch
-from raw_client import RawClient
 
 from libremote_wire.messages import Msg
+
+from raw_client import RawClient
 
 #: A tenants file: alice, bob and carol with quotas, heavy and light with weights, an admin token.
 TENANTS = """

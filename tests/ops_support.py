@@ -19,10 +19,12 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
+
 from conftest import REPO, Daemon, free_port, subprocess_env
 
 #: Where tests keep what a person may want to look at afterwards (the dashboard's screenshot).
@@ -52,7 +54,7 @@ class MetricsDaemon(Daemon):
         super().__init__("--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--metrics-interval", str(interval),
                          *args, **kwargs)
 
-    def __enter__(self) -> "MetricsDaemon":
+    def __enter__(self) -> MetricsDaemon:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -73,7 +73,7 @@ class RawClient:
         self.front.close(linger_ms)
         self.context.term()
 
-    def __enter__(self) -> "RawClient":
+    def __enter__(self) -> RawClient:
         return self
 
     def __exit__(self, *exc: Any) -> None:

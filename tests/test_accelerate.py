@@ -19,8 +19,9 @@ from typing import Any
 import accelerate  # noqa: F401  (required by requirements-dev.txt: a missing one fails here, not skips)
 import pytest
 import torch
-from conftest import REPO, subprocess_env
 from safetensors.torch import load_file
+
+from conftest import REPO, subprocess_env
 
 PROGRAM = REPO / "examples" / "accelerate_train_checkpoint.py"
 RTOL, ATOL = 1e-4, 1e-5

@@ -17,13 +17,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from libremote_wire import curve_keys, messages
+from libremote_wire.messages import Cmd, Msg
+
 from conftest import REPO, Daemon, free_port, subprocess_env
 from helpers import (
     CLIENT_TIMEOUT_S,
@@ -34,10 +39,6 @@ from helpers import (
     wait_for_log,
 )
 from raw_client import REPLY_WAIT_S, RawClient
-from zmq.utils.monitor import recv_monitor_message
-
-from libremote_wire import curve_keys, messages
-from libremote_wire.messages import Cmd, Msg
 
 TENANTS = ("alice", "bob")
 

@@ -8,12 +8,13 @@ import copy
 
 import pytest
 import torch
-from conftest import client_connected_to
-from helpers import pool_daemon
 from torch import nn
 
 import libremote
 from libremote_wire.messages import Cmd
+
+from conftest import client_connected_to
+from helpers import pool_daemon
 
 F = nn.functional
 
@@ -267,7 +268,7 @@ def test_a_cuda_graph_region_that_raises_records_nothing_and_refuses_sync_points
     with pytest.raises(ZeroDivisionError):
         with torch.cuda.graph(graph):
             y = x * 2
-            1 / 0
+            raise ZeroDivisionError("an error inside the capture")
     assert not torch.cuda.is_current_stream_capturing()
     with pytest.raises(libremote.CaptureError, match="replay"):
         graph.replay()  # never captured

@@ -13,19 +13,20 @@ import copy
 import os
 import re
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import Daemon, client_connected_to
-from helpers import cuda_on_this_machine, session_of, status
-from raw_client import RawClient
 from torch import nn
-from workloads import train_steps, workload
 
 from libremote_wire import codec, torch_codec
 from libremote_wire.cli import format_status
 from libremote_wire.messages import Cmd
+
+from conftest import Daemon, client_connected_to
+from helpers import cuda_on_this_machine, session_of, status
+from raw_client import RawClient
+from workloads import train_steps, workload
 
 #: Upper bound for the daemon's compiles to finish on a slow 2-core CI machine.
 COMPILE_TIMEOUT_S = 300.0

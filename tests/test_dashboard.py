@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 
 import pytest
+from selenium import webdriver
+
 from ops_support import (
     ARTIFACTS,
     MetricsDaemon,
@@ -17,7 +19,6 @@ from ops_support import (
     spawn_holder,
     wait_holding,
 )
-from selenium import webdriver
 
 
 @pytest.fixture

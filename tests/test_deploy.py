@@ -12,12 +12,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
+import yaml
+
 from conftest import REPO
 
 DEPLOY = REPO / "deploy"
-import kubernetes_validate
-import yaml
 
 KUBERNETES_VERSION = "1.30"
 
@@ -41,7 +42,7 @@ def _daemon_args(args: list[str]) -> None:
 def test_the_kubernetes_manifests_validate_strictly():
     documents = _documents()
     assert {document["kind"] for _, document in documents} >= {"DaemonSet", "Service", "Secret", "ConfigMap"}
-    for path, document in documents:
+    for _path, document in documents:
         kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
     broken = yaml.safe_load((DEPLOY / "kubernetes" / "daemonset.yaml").read_text())
     broken["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGett"] = {"path": "/healthz"}

@@ -21,6 +21,10 @@ from typing import Any
 import msgpack
 import pytest
 import torch
+
+from libremote_wire import codec, messages, torch_codec
+from libremote_wire.messages import Cmd, Msg
+
 from conftest import REPO, Daemon, client_connected_to, free_port, subprocess_env
 from helpers import (
     finish,
@@ -31,9 +35,6 @@ from helpers import (
     wait_for_log,
 )
 from raw_client import RawClient
-
-from libremote_wire import codec, messages, torch_codec
-from libremote_wire.messages import Cmd, Msg
 
 
 def _float_bytes(*values: float) -> bytes:
@@ -679,7 +680,7 @@ def test_sigterm_stops_the_daemon_cleanly(own_daemon):
         try:
             code = own_daemon.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"the daemon did not stop on SIGTERM:\n{own_daemon.log()}")
+            raise AssertionError(f"the daemon did not stop on SIGTERM:\n{own_daemon.log()}") from None
     assert code == 0, own_daemon.log()
     log = own_daemon.log()
     assert "received SIGTERM" in log

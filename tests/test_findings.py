@@ -23,19 +23,21 @@ from __future__ import annotations
 import os
 import signal
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
+
+from libremote_wire import codec
+from libremote_wire.messages import Cmd, Msg
+
 from conftest import Daemon
 from helpers import wait_for_log
 from hostile_ops import await_reply
 from isolation_helpers import TENANTS, hello_as, holds_secret, put_secret
 from raw_client import RawClient
-
-from libremote_wire import codec
-from libremote_wire.messages import Cmd, Msg
 
 #: The daemons' --op-time-limit: heap corruption often ends in a kernel waiting forever on
 #: malloc's lock; the limit ends that worker (bob's) instead.

@@ -8,13 +8,14 @@ of its own (a traceback: the catch-all met a bug), and afterwards a real client 
 
 from __future__ import annotations
 
-import fuzz_messages
 import torch
-from conftest import Daemon, client_connected_to
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from libremote_wire import codec, torch_codec
+
+import fuzz_messages
+from conftest import Daemon, client_connected_to
 
 CI_SETTINGS = settings(max_examples=300, deadline=None, database=None,
                        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

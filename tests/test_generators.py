@@ -15,14 +15,16 @@ import copy
 import gc
 import io
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
-from raw_client import RawClient
 
 from libremote_wire import codec
 from libremote_wire.messages import Cmd, Msg
+
+from raw_client import RawClient
 
 #: Whether the daemon computes on the CPU, where its random numbers equal local CPU torch's.
 CPU_DAEMON = os.environ.get("LIBREMOTE_TEST_DEVICE", "cpu") == "cpu"

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+
 from conftest import Daemon, client_connected_to, subprocess_env
 from helpers import cuda_on_this_machine, program
 

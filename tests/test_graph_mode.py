@@ -10,10 +10,11 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from workloads import train_steps, workload
 
 from libremote_wire import codec
 from libremote_wire.messages import Cmd
+
+from workloads import train_steps, workload
 
 F = nn.functional
 

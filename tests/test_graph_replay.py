@@ -16,12 +16,13 @@ import sys
 
 import pytest
 import torch
-from conftest import Daemon, subprocess_env
-from helpers import cuda_on_this_machine, program
-from raw_client import RawClient
 
 from libremote_wire import codec
 from libremote_wire.messages import Cmd
+
+from conftest import Daemon, subprocess_env
+from helpers import cuda_on_this_machine, program
+from raw_client import RawClient
 
 WARMUP_RUNS = 2  # server/cuda_graphs.py: interpreted runs before a capture
 BIG = 300_000  # floats: 1.2 MB, above the size of outputs cloned after every replay

@@ -17,6 +17,7 @@ import time
 import types
 
 import pytest
+
 from conftest import REPO, subprocess_env
 from ops_support import MetricsDaemon, cli, release, spawn_holder, value, wait_holding
 

@@ -16,12 +16,13 @@ from typing import Any
 import pytest
 import torch
 import zmq
-from conftest import REPO, Daemon, client_connected_to
-from helpers import pool_daemon, run_python, wait_for_log
-from raw_client import REPLY_WAIT_S, RawClient
 
 from libremote_wire import codec, messages, torch_codec
 from libremote_wire.messages import Cmd, Msg
+
+from conftest import REPO, Daemon, client_connected_to
+from helpers import pool_daemon, run_python, wait_for_log
+from raw_client import REPLY_WAIT_S, RawClient
 
 HANDLE = codec.handle_ext(1)
 TENSOR = torch_codec.inline_tensor_ext(torch.ones(2))

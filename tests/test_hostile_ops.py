@@ -15,9 +15,10 @@ from __future__ import annotations
 import random
 import time
 
-import hostile_ops
 import pytest
 import torch
+
+import hostile_ops
 from conftest import Daemon
 
 TENANTS = """

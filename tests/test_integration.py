@@ -19,12 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, subprocess_env
-from helpers import run_python
 from torch import nn
 
 from libremote.client.tensor import RemoteTensor
 from libremote_wire.messages import Cmd
+
+from conftest import REPO, subprocess_env
+from helpers import run_python
 
 RTOL = 1e-4
 ATOL = 1e-5
@@ -661,7 +662,7 @@ def test_legacy_tensor_types_name_build_and_cast_cuda_tensors(remote):
 def test_a_scalar_tensor_takes_a_number_format(remote):
     loss = torch.tensor(0.123456, device="cuda")
     assert f"{loss:.3f}" == "0.123"  # logging lines: f"loss {loss:.4f}"
-    assert "{:>8.2f}".format(loss * 10) == "    1.23"
+    assert f"{loss * 10:>8.2f}" == "    1.23"
     with pytest.raises(TypeError):
         f"{torch.ones(2, device='cuda'):.2f}"  # as torch: only a 0-dim tensor formats as a number
 

@@ -14,7 +14,8 @@ unlike CUDA's; there the program is owed CUDA's layout, which the daemon emulate
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch

@@ -10,15 +10,17 @@ through each path that returns memory an op does not fully write, reads every by
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
-from conftest import Daemon, client_connected_to
-from raw_client import RawClient
 
 from libremote_wire import codec, torch_codec
 from libremote_wire.messages import Cmd, Msg
+
+from conftest import Daemon, client_connected_to
+from raw_client import RawClient
 
 SECRET = 0xA5
 #: Each secret tensor; B's allocations below are about this size, so they reuse A's blocks.

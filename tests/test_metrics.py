@@ -20,6 +20,7 @@ import time
 
 import prometheus_client  # noqa: F401  (requirements-dev.txt: the endpoint needs it)
 import zmq
+
 from conftest import REPO, free_port, subprocess_env
 from ops_support import (
     MetricsDaemon,
@@ -119,7 +120,8 @@ def test_refusals_malformed_messages_reconnects_and_drain_are_counted(tmp_path):
         assert cli("admin", "--server", server.address, "--undrain").returncode == 0
         assert server.get("/readyz") == (200, "ready\n")
         # The same client process twice: the second HELLO is a reconnect.
-        code = "import torch, libremote\nfor _ in range(2):\n    libremote.connect(); torch.ones(1, device='cuda').sum().item(); libremote.disconnect()\n"
+        code = ("import torch, libremote\nfor _ in range(2):\n"
+                "    libremote.connect(); torch.ones(1, device='cuda').sum().item(); libremote.disconnect()\n")
         done = subprocess.run([sys.executable, "-c", code], env=subprocess_env(LIBREMOTE_SERVER=server.address),
                               cwd=REPO, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]

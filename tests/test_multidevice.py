@@ -7,6 +7,7 @@ libremote is imported, from LIBREMOTE_DEVICES (see libremote/client/device_guard
 from __future__ import annotations
 
 import pytest
+
 from helpers import last_json, pool_daemon, run_python
 
 

@@ -14,15 +14,17 @@ crash the daemon, and a crash must fail these tests, not the rest of the suite.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
-from conftest import Daemon
-from raw_client import RawClient
 
 from libremote_wire import codec, torch_codec
 from libremote_wire.messages import Cmd, Msg
+
+from conftest import Daemon
+from raw_client import RawClient
 
 F32 = torch_codec.dtype_ext(torch.float32)
 F64 = torch_codec.dtype_ext(torch.float64)

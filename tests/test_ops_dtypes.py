@@ -61,7 +61,8 @@ def test_fetched_tensor_is_aligned(remote, dtype):
                 assert offset == 0, f"{numel} x {dtype}: data_ptr % {back.element_size()} == {offset}"
 
 
-@pytest.mark.parametrize("dst", [torch.float16, torch.float32, torch.float64, torch.int64, torch.bool, torch.bfloat16, torch.uint8], ids=str)
+@pytest.mark.parametrize("dst", [torch.float16, torch.float32, torch.float64, torch.int64, torch.bool, torch.bfloat16, torch.uint8],
+                         ids=str)
 @pytest.mark.parametrize("src", ALL_DTYPES, ids=str)  # ids read src-dst
 def test_dtype_conversion_on_device(remote, src, dst):
     host = sample(src)

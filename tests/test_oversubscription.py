@@ -14,6 +14,7 @@ import json
 import re
 
 import pytest
+
 from helpers import (
     cli,
     finish,

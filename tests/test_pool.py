@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from helpers import (
     CLIENT_TIMEOUT_S,
     HOLDING_CLIENT,

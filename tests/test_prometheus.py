@@ -16,6 +16,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
+
 from conftest import REPO, free_port
 from ops_support import (
     MetricsDaemon,
@@ -86,7 +87,7 @@ class Prometheus:
              f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-lifecycle"],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=tmp_path)
 
-    def __enter__(self) -> "Prometheus":
+    def __enter__(self) -> Prometheus:
         self.wait(lambda: self.api("status/buildinfo")["status"] == "success", "Prometheus to start")
         return self
 

@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import io
 import itertools
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Daemon
-from raw_client import RawClient
 from torch import nn
 
 from libremote_wire import codec, torch_codec
 from libremote_wire.messages import Cmd, Msg
+
+from conftest import Daemon
+from raw_client import RawClient
 
 aten = torch.ops.aten
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import shutil
 
+from libremote_wire import curve_keys
+from libremote_wire.messages import Msg
+
 from conftest import Daemon
 from helpers import cli
 from raw_client import RawClient
-
-from libremote_wire import curve_keys
-from libremote_wire.messages import Msg
 
 
 def test_a_tenants_new_weight_and_quota_reach_its_next_session_without_a_tenants_file(tmp_path):

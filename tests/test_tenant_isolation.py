@@ -21,6 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from libremote_wire import codec
+from libremote_wire.messages import Cmd, Msg
+
 from conftest import Daemon
 from helpers import (
     CLIENT_TIMEOUT_S,
@@ -34,9 +38,6 @@ from helpers import (
 )
 from isolation_helpers import TENANTS, hello_as, holds_secret, put_secret
 from raw_client import RawClient
-
-from libremote_wire import codec
-from libremote_wire.messages import Cmd, Msg
 
 
 @pytest.fixture

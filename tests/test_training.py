@@ -8,7 +8,7 @@ gradients and the final parameters must agree within float tolerance.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import pytest
 import torch
@@ -101,7 +101,8 @@ def compare_training(
     return remote_model, local_model
 
 
-def classification_batches(steps: int, batch: int, input_shape: tuple[int, ...], classes: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def classification_batches(steps: int, batch: int, input_shape: tuple[int, ...], classes: int,
+                           seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     return [
         (torch.randn(batch, *input_shape, generator=generator), torch.randint(0, classes, (batch,), generator=generator))
@@ -307,7 +308,7 @@ def test_embedding_bag_trains_like_local_torch(remote, mode, weighted, include_l
     runs = [(local, local_weights, "cpu"), (remote_bag, remote_weights, "cuda")]
     optimizers = [torch.optim.SGD([*model.parameters(), weights], lr=0.5) for model, weights, _ in runs]
     offsets = torch.tensor([0, 3, 3, 7] + ([9] if include_last_offset else []))  # bag 1 is empty
-    for step in range(3):
+    for _step in range(3):
         indices = torch.randint(0, 20, (9,), generator=generator)
         target = torch.randn(4, 5, generator=generator)
         for (model, weights, device), optimizer in zip(runs, optimizers):

@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 import transformers  # noqa: F401  (required by requirements-dev.txt: a missing one fails here, not skips)
+
 from conftest import REPO, subprocess_env
 
 PROGRAM = REPO / "examples" / "hf_gpt2_train_generate.py"

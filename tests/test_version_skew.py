@@ -13,6 +13,7 @@ import subprocess
 
 import pytest
 import torch
+
 from conftest import Daemon
 
 OTHER_PYTHON = os.environ.get("LIBREMOTE_TEST_DAEMON_PYTHON")

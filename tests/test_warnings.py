@@ -10,7 +10,8 @@ from __future__ import annotations
 import inspect
 import warnings
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch

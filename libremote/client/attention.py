@@ -14,7 +14,8 @@ Dropout inside attention and grouped-query attention keep torch's own (decompose
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -23,13 +23,15 @@ It is CUDA graphs' contract, and fails the same way when broken (with an error, 
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
-from ..errors import CaptureError
 from libremote_wire.messages import Cmd
+
+from ..errors import CaptureError
 from . import runtime
 from .tensor import RemoteTensor
 

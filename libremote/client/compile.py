@@ -23,7 +23,8 @@ graph cannot hold make the trace fail: that signature then runs eagerly, with a 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree

@@ -22,7 +22,8 @@ import secrets
 import socket
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import zmq

@@ -14,7 +14,8 @@ remote length tensor is fetched, the sync CUDA's path makes too) before torch se
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

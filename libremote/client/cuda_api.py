@@ -16,15 +16,18 @@ import contextlib
 import itertools
 import random
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
-from ..errors import ConnectionFailed, NotConfiguredError
 from libremote_wire.messages import Cmd
+
+from ..errors import ConnectionFailed, NotConfiguredError
 from . import capture, runtime, warning_location
 from .runtime import current_device
-from .runtime import device_facts as _facts, device_index as _index
+from .runtime import device_facts as _facts
+from .runtime import device_index as _index
 
 _warned: set[str] = set()
 
@@ -278,17 +281,17 @@ class Stream:
         synchronize()
         return True
 
-    def wait_stream(self, stream: "Stream") -> None:
+    def wait_stream(self, stream: Stream) -> None:
         pass
 
     def is_capturing(self) -> bool:
         """True while ``libremote.capture_step`` records (optimizers check this, see capture.py)."""
         return capture.is_capturing()
 
-    def wait_event(self, event: "Event") -> None:
+    def wait_event(self, event: Event) -> None:
         pass
 
-    def record_event(self, event: "Event | None" = None) -> "Event":
+    def record_event(self, event: Event | None = None) -> Event:
         event = event or Event()
         event.record(self)
         return event
@@ -299,7 +302,7 @@ class Stream:
     def __hash__(self) -> int:
         return hash(("libremote.Stream", self.device))
 
-    def __enter__(self) -> "Stream":
+    def __enter__(self) -> Stream:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -332,7 +335,7 @@ class Event:
     def synchronize(self) -> None:
         synchronize()
 
-    def elapsed_time(self, end_event: "Event") -> float:
+    def elapsed_time(self, end_event: Event) -> float:
         if not (self._recorded and end_event._recorded):
             raise RuntimeError("Both events must be recorded before calculating elapsed time.")
         value, _ = _session().request([Cmd.ELAPSED, self._id, end_event._id])

@@ -14,8 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 from libremote_wire import torch_codec
-from ..errors import CaptureError
 from libremote_wire.messages import Cmd
+
+from ..errors import CaptureError
 from . import capture, runtime
 
 

@@ -22,7 +22,8 @@ mode above ours; the device it injects is rewritten by ours underneath.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode

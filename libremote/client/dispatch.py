@@ -16,11 +16,13 @@ devices) is handled by :mod:`.sync`.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from libremote_wire.messages import Cmd
+
 from . import backend, meta, runtime, sparse
 from .ops import OpInfo, Return, WireEncoder, op_info
 from .tensor import RemoteStorage, RemoteTensor, _HandleRef, fit_storage, make, share_storage, storage_of

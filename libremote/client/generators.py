@@ -57,7 +57,7 @@ _ids = itertools.count(1)
 #: ``torch._C.Generator`` object on the way back to Python (``THPGenerator_Wrap``: a generator made
 #: by ``torch.Generator(...)`` has no Python object attached, torch/csrc/Generator.cpp), so the
 #: op path finds the program's object again by its C++ generator.
-_by_impl: weakref.WeakValueDictionary[int, "RemoteGenerator"] = weakref.WeakValueDictionary()
+_by_impl: weakref.WeakValueDictionary[int, RemoteGenerator] = weakref.WeakValueDictionary()
 
 #: CUDA's own messages (``check_generator``, aten/src/ATen/core/DistributionsHelper.h and
 #: ATen/Utils.h): a kernel was given a generator of another device type.
@@ -73,7 +73,7 @@ class RemoteGenerator(_TorchGenerator):
     _session: Any
     _wire: Any
 
-    def __new__(cls, index: int | None = None) -> "RemoteGenerator":
+    def __new__(cls, index: int | None = None) -> RemoteGenerator:
         return _TorchGenerator.__new__(cls, "cpu")  # the backing generator: see the module docstring
 
     def __init__(self, index: int | None = None) -> None:
@@ -119,7 +119,7 @@ class RemoteGenerator(_TorchGenerator):
         return self._wire
 
     # -- seeding: torch's own argument handling, on the backing generator, then the daemon's ----------
-    def manual_seed(self, seed: Any) -> "RemoteGenerator":  # type: ignore[override]
+    def manual_seed(self, seed: Any) -> RemoteGenerator:  # type: ignore[override]
         _TorchGenerator.manual_seed(self, seed)
         self._session.submit([Cmd.SEED, _TorchGenerator.initial_seed(self), self._wire])
         return self
@@ -140,7 +140,7 @@ class RemoteGenerator(_TorchGenerator):
         state, _ = self._session.request([Cmd.RNG_STATE, self._wire])
         return torch.frombuffer(bytearray(state), dtype=torch.uint8)
 
-    def set_state(self, new_state: Any) -> "RemoteGenerator":  # type: ignore[override]
+    def set_state(self, new_state: Any) -> RemoteGenerator:  # type: ignore[override]
         """Restore a state from :meth:`get_state`; torch's checks and errors (the daemon's torch
         checks the state's size, and the error lands here)."""
         if not isinstance(new_state, torch.Tensor):
@@ -152,7 +152,7 @@ class RemoteGenerator(_TorchGenerator):
         _TorchGenerator.manual_seed(self, seed)  # the state carries its seed: initial_seed() follows
         return self
 
-    def clone_state(self) -> "RemoteGenerator":  # type: ignore[override]
+    def clone_state(self) -> RemoteGenerator:  # type: ignore[override]
         """A new generator on the same device with a copy of this one's state."""
         clone = RemoteGenerator(self._index)
         return clone.set_state(self.get_state())

@@ -21,6 +21,7 @@ import torch.fx
 
 from libremote_wire import codec, messages, torch_codec
 from libremote_wire.messages import Cmd
+
 from . import runtime
 from .ops import op_info
 from .tensor import RemoteTensor, make

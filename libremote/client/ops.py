@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from libremote_wire import codec, messages, torch_codec
+
 from . import backend, generators
 from .tensor import RemoteTensor
 

@@ -13,7 +13,8 @@ Copies between two devices of one daemon stay on the daemon.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -33,7 +33,8 @@ new objects too. Buffers are replaced by their converted tensors, as torch does 
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

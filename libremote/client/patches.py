@@ -29,13 +29,27 @@ thread (:func:`.device_map.enter_mode`).
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from . import (amp, attention, capture, cuda_api, cuda_graph, device_map, generators, legacy_types, parallel,
-               parameter_identity, runtime, serialization, warning_location)
+from . import (
+    amp,
+    attention,
+    capture,
+    cuda_api,
+    cuda_graph,
+    device_map,
+    generators,
+    legacy_types,
+    parallel,
+    parameter_identity,
+    runtime,
+    serialization,
+    warning_location,
+)
 from . import compile as graph_compile
 
 #: The torch versions the table was checked against: each original read, and its replacement

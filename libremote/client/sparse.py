@@ -86,7 +86,7 @@ class RemoteSparseTensor(RemoteTensor):
 
     @staticmethod
     def __new__(cls, spec: SparseSpec, ref: _HandleRef, device_index: int = 0,
-                base: torch.Tensor | None = None) -> "RemoteSparseTensor":
+                base: torch.Tensor | None = None) -> RemoteSparseTensor:
         def make() -> Any:
             return torch.Tensor._make_wrapper_subclass(
                 cls, spec.shape, dtype=spec.dtype, layout=spec.layout, device=backend.device(device_index),

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from libremote_wire.messages import Cmd
+
 from . import backend, meta, runtime
 from . import dispatch as dense
 from .ops import Return, WireEncoder, op_info

@@ -19,6 +19,7 @@ import torch
 
 from libremote_wire import torch_codec
 from libremote_wire.messages import Cmd
+
 from . import backend, runtime
 from .dispatch import run
 from .meta import spec_of

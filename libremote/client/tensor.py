@@ -47,6 +47,7 @@ import torch
 from libremote_wire import torch_codec
 from libremote_wire.codec import handle_ext
 from libremote_wire.messages import Cmd
+
 from . import backend, legacy_types
 
 Spec = tuple  # (dtype, shape tuple, stride tuple, storage offset)
@@ -109,7 +110,7 @@ class _StorageIdentity:
             self._address = (next(_storage_numbers) % _ADDRESSES + 1) * _ADDRESS_SPACING
         return self._address
 
-    def storage(self) -> "RemoteStorage":
+    def storage(self) -> RemoteStorage:
         if self._storage is None:
             self._storage = RemoteStorage(self.nbytes, device="meta")
             self._storage._identity = self
@@ -161,7 +162,7 @@ def _storage_bytes(spec: Spec) -> int:
     return span * dtype.itemsize
 
 
-def storage_of(tensor: "RemoteTensor") -> _StorageIdentity:
+def storage_of(tensor: RemoteTensor) -> _StorageIdentity:
     """``tensor``'s storage identity (a fresh one for a tensor that is no view)."""
     identity = tensor.__dict__.get("_storage")
     if identity is None:
@@ -169,14 +170,14 @@ def storage_of(tensor: "RemoteTensor") -> _StorageIdentity:
     return identity
 
 
-def share_storage(view: "RemoteTensor", base: Any) -> None:
+def share_storage(view: RemoteTensor, base: Any) -> None:
     """``view`` is a view of ``base`` (on the daemon it shares base's storage): so here too."""
     if isinstance(base, RemoteTensor):
         view._storage = storage_of(base)
         fit_storage(view)
 
 
-def fit_storage(tensor: "RemoteTensor") -> None:
+def fit_storage(tensor: RemoteTensor) -> None:
     """After ``tensor``'s metadata changed (``resize_``, ``as_strided`` of a view): its storage
     is at least as large as the new metadata needs, as the daemon's has become."""
     storage_of(tensor).grow(_storage_bytes(tensor._spec))
@@ -194,7 +195,7 @@ class RemoteTensor(torch.Tensor):
 
     @staticmethod
     def __new__(cls, spec: Spec, ref: _HandleRef, device_index: int = 0,
-                base: torch.Tensor | None = None) -> "RemoteTensor":
+                base: torch.Tensor | None = None) -> RemoteTensor:
         """``base``: the tensor this one is a view of (or whose metadata it replaces, for
         :func:`.dispatch._set_spec`), whose inference-ness it takes; see the module docstring."""
         dtype, shape, stride, offset = spec
@@ -238,7 +239,7 @@ class RemoteTensor(torch.Tensor):
         return self._device_index
 
     @property
-    def data(self) -> "RemoteTensor":  # type: ignore[override]
+    def data(self) -> RemoteTensor:  # type: ignore[override]
         with torch.no_grad():
             return self.detach()
 
@@ -291,7 +292,7 @@ class RemoteTensor(torch.Tensor):
     def __array__(self, dtype: Any = None, copy: Any = None) -> Any:
         return self.numpy()
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> "RemoteTensor":
+    def __deepcopy__(self, memo: dict[int, Any]) -> RemoteTensor:
         if id(self) in memo:
             return memo[id(self)]
         with torch.no_grad():
@@ -303,7 +304,7 @@ class RemoteTensor(torch.Tensor):
         memo[id(self)] = new
         return new
 
-    def __coerce_same_metadata_as_tangent__(self, expected_meta: Any, expected_type: Any = None) -> "RemoteTensor":
+    def __coerce_same_metadata_as_tangent__(self, expected_meta: Any, expected_type: Any = None) -> RemoteTensor:
         """Graph mode (:mod:`.compile`) traces on plain meta tensors; at run time AOT autograd
         checks that each incoming gradient has the traced type and asks a subclass to coerce.
         A RemoteTensor already is what the shipped graph takes."""

@@ -28,8 +28,9 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message

@@ -16,7 +16,8 @@ from __future__ import annotations
 import enum
 import reprlib
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgpack
 

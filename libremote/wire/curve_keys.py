@@ -96,7 +96,7 @@ class ClientKeys:
     server_public: bytes
 
     @classmethod
-    def from_files(cls, client_secret_file: str | None, server_public_file: str | None) -> "ClientKeys | None":
+    def from_files(cls, client_secret_file: str | None, server_public_file: str | None) -> ClientKeys | None:
         """Keys from the two files (``LIBREMOTE_CLIENT_KEY``, ``LIBREMOTE_SERVER_KEY``), None when
         neither is given; one without the other is a configuration error, not plain TCP."""
         if not client_secret_file and not server_public_file:

@@ -12,8 +12,9 @@ Three kinds of peer speak it (docs/ARCHITECTURE.md):
 The declarations below (:data:`MESSAGES`, :data:`CONTROL`, :data:`COMMANDS` and the records
 inside them) are what the peers decode with: :meth:`Message.parse` refuses a header whose fields
 have the wrong type or break a bound, and :meth:`Record.parse` (which the receiver calls on a
-map-typed field, deciding what a bad one means) keeps only the declared keys of a map, checked. ``python -m libremote_wire.messages`` prints them as docs/PROTOCOL.md (a test
-fails when that file is stale).
+map-typed field, deciding what a bad one means) keeps only the declared keys of a map, checked.
+``python -m libremote_wire.messages`` prints them as docs/PROTOCOL.md (a test fails when that
+file is stale).
 
 Commands inside a BATCH run once per op, so the worker does not parse them through
 :meth:`Message.parse` (that would cost more than the op's own bookkeeping); their declarations
@@ -190,7 +191,7 @@ class Record:
         for spec in self.fields:
             item = value.get(spec.name)
             if item is None:
-                check(spec.optional, lambda: f"{where} needs {spec.name}")
+                check(spec.optional, lambda spec=spec: f"{where} needs {spec.name}")
                 continue
             kept[spec.name] = spec.check(item, where)
         return kept

@@ -10,7 +10,8 @@ import importlib.abc
 import importlib.machinery
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def _set(module: Any, path: str, value: Any) -> None:

@@ -186,7 +186,7 @@ class Telemetry:
 
                 self.http = MetricsServer(self, self.config)
             except ImportError as exc:
-                raise ValueError(f"--metrics-listen needs prometheus-client ({exc}): pip install 'libremote[metrics]'")
+                raise ValueError(f"--metrics-listen needs prometheus-client ({exc}): pip install 'libremote[metrics]'") from exc
             except OSError as exc:
                 raise ValueError(f"--metrics-listen {self.config.listen}: {exc}") from None
             self.http.start()

@@ -16,8 +16,9 @@ whole by the front's loop) when scraped, so a scrape costs the loop nothing.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from libremote_wire import __version__
 from libremote_wire.messages import PROTOCOL_VERSION, ErrorKind

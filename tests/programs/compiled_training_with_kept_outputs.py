@@ -25,7 +25,7 @@ compiled_model, compiled_layer = torch.compile(model), torch.compile(layer)
 optimizer = torch.optim.AdamW([*model.parameters(), *layer.parameters()], lr=1e-3)
 torch.cuda.manual_seed(1234)
 losses, kept = [], []
-for step in range(8):
+for _step in range(8):
     x = torch.randn(32, 64, device="cuda")  # a new batch every step: copied into the captured input
     tokens = torch.randn(32, 256, 64, device="cuda")  # a 2 MiB output: handed out of the pool, not cloned
     y = torch.randint(0, 10, (32,), device="cuda")

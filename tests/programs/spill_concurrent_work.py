@@ -44,12 +44,12 @@ torch.cuda.synchronize()
 while not (folder / "go").exists():          # everyone starts together
     time.sleep(0.02)
 remote_ts, remote_results = work(dev, "cuda")
-problems = [f"result {i}" for i, (l, r) in enumerate(zip(local_results, remote_results)) if not torch.equal(l, r)]
+problems = [f"result {i}" for i, (loc, rem) in enumerate(zip(local_results, remote_results)) if not torch.equal(loc, rem)]
 for kind, pairs in (("tensor", zip(local_ts, remote_ts)), ("upload", zip(host, dev))):
-    for i, (l, r) in enumerate(pairs):
-        if not torch.equal(l, r.cpu()):
+    for i, (loc, rem) in enumerate(pairs):
+        if not torch.equal(loc, rem.cpu()):
             # Diagnosis only: a second fetch tells a corrupted reply from corrupted data.
-            again = "right" if torch.equal(l, r.cpu()) else "wrong"
+            again = "right" if torch.equal(loc, rem.cpu()) else "wrong"
             problems.append(f"{kind} {i} (fetched again: {again})")
 stats = libremote.memory_stats()
 (folder / (name + ".done")).write_text("1")

@@ -17,7 +17,9 @@ import torch
 import libremote
 
 MiB = 1 << 20
-stats = lambda: libremote.memory_stats()["device"]
+def stats():
+    return libremote.memory_stats()["device"]
+
 # 1. Dead: `a` is freed right after the op that needs its room.
 a = torch.full((MiB,), 1.0, device="cuda")   # 4 MiB each; the budget holds three
 b = torch.full((MiB,), 2.0, device="cuda")

@@ -26,6 +26,6 @@ for tensors in (remote, local):
     for _ in range(3):
         optimizer.step()
 stats = libremote.memory_stats()["device"]
-print(json.dumps({"equal": [torch.equal(r.detach().cpu(), l.detach()) for r, l in zip(remote, local)],
+print(json.dumps({"equal": [torch.equal(rem.detach().cpu(), loc.detach()) for rem, loc in zip(remote, local)],
                   "peak": stats["peak_resident_bytes"], "budget": stats["device_budget"],
                   "evictions": stats["evictions"]}))

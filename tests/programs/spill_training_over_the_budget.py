@@ -48,6 +48,6 @@ torch.testing.assert_close(torch.tensor(remote_losses), torch.tensor(local_losse
 # (the daemon's matmul may split its reduction across threads differently from this process)
 # moves a weight by ~lr * 1e-3. Spilling bugs show as wrong values, far beyond this tolerance.
 for name, remote, local in (("param", remote_params, local_params), ("state", remote_state, local_state)):
-    for i, (r, l) in enumerate(zip(remote, local)):
-        torch.testing.assert_close(r, l, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name} {i}: {m}")
+    for i, (rem, loc) in enumerate(zip(remote, local)):
+        torch.testing.assert_close(rem, loc, rtol=1e-4, atol=2e-5, msg=lambda m, name=name, i=i: f"{name} {i}: {m}")
 print(json.dumps({"local": local_losses, "remote": remote_losses, "stats": stats}), flush=True)
