@@ -461,3 +461,59 @@ def test_a_crash_the_fuzzer_found_is_refused(tenants, name, args, kwargs, words,
 def _overload(name: str) -> Any:
     op_name, _, overload = name.removeprefix("aten::").partition(".")
     return getattr(getattr(torch.ops.aten, op_name), overload or "default")
+
+
+# ------------------------------------------------------------------------------------------------
+# Over the whole registry (no daemon)
+# ------------------------------------------------------------------------------------------------
+def test_every_allowed_overload_of_a_checked_op_runs_its_check():
+    """A call check (server/worker/call_checks.py) is added to whichever rule allowed the op, for
+    every overload (``.out``, ``.grad_input``, functional and in-place forms alike), and every
+    ``out=`` tensor is checked not to overlap itself."""
+    from libremote_server.worker import call_checks, op_policy
+
+    checked, outs = set(), 0
+    for name in sorted(torch._C._dispatch_get_all_op_names()):
+        if not name.startswith("aten::"):
+            continue
+        try:
+            entry = op_policy.resolve(name)
+        except op_policy.OpRefused:
+            continue
+        schema = entry.overload._schema
+        if call_checks.check_for(schema) is not None:
+            assert entry.check_arguments is not None, name
+            checked.add(schema.name)
+        if any(a.kwarg_only and a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
+            assert entry.check_arguments is not None, name
+            outs += 1
+    assert {f"aten::{op}" for op in call_checks.CHECKS} <= checked
+    assert "aten::_foreach_copy" in checked and "aten::reflection_pad2d_backward" in checked
+    assert outs > 500
+
+
+@pytest.mark.parametrize("name, args, kwargs", [
+    ("aten::_cdist_backward", [torch.ones(1), torch.ones(5, 2), torch.ones(3, 2), 1.0, torch.ones(1)], {}),
+    ("aten::segment_reduce", [torch.ones(2, 4), "sum"], {"offsets": torch.tensor([0, 4]), "axis": 1}),  # a row short
+    ("aten::segment_reduce", [torch.ones(4), "sum"], {"offsets": torch.tensor([0, 3, 2])}),  # decreasing
+    ("aten::segment_reduce", [torch.ones(4), "sum"], {"lengths": torch.tensor([1, 5])}),
+    ("aten::repeat_interleave.Tensor", [torch.tensor([2, 3])], {"output_size": 4}),
+    ("aten::repeat_interleave.self_int", [torch.ones(2, 3), 2, 1], {"output_size": 5}),
+    ("aten::_fused_adam_", [[torch.ones(4)], [torch.ones(4)], [torch.ones(4)], [torch.ones(4)], [], [torch.ones(2)]],
+     dict(lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)),
+    ("aten::_fused_sgd_", [[torch.ones(4, 2)], [torch.ones(2, 4).t()], []],
+     dict(weight_decay=0.0, momentum=0.0, lr=0.1, dampening=0.0, nesterov=False, maximize=False, is_first_step=False)),
+    ("aten::_weight_norm_interface", [torch.ones(4, 3).t(), torch.ones(3)], {"dim": 0}),
+    ("aten::_ctc_loss_backward", [torch.ones(1), _log_probs(), torch.tensor([[1, 2]]), [5], [2], torch.ones(1),
+                                  torch.ones(1, 5, 3), 0], {}),  # log_alpha too narrow for 2 targets
+    ("aten::_ctc_loss_backward", [torch.ones(1), _log_probs(), torch.tensor([[1, 2]]), [9], [2], torch.ones(1),
+                                  torch.ones(1, 5, 5), 0], {}),  # an input longer than log_probs
+    ("aten::_foreach_add.List", [[torch.ones(2)], [torch.ones(2), torch.ones(2)]], {}),
+    ("aten::add.out", [torch.ones(3), torch.ones(3)], {"out": torch.ones(1).expand(3)}),
+])
+def test_call_checks_refuse_arguments_their_kernels_would_trust(name, args, kwargs):
+    """More of what the checks refuse, beside the findings above (no daemon: the check alone)."""
+    from libremote_server.worker import op_policy
+
+    with pytest.raises(op_policy.ArgumentRefused):
+        op_policy.resolve(name).check_arguments(args, kwargs, [torch.device("cpu")])
