@@ -12,7 +12,7 @@ from . import auth, limits, policy
 from .front import Front
 from .telemetry import http as telemetry_http
 from .telemetry import logs
-from .telemetry.collect import TelemetryConfig
+from .telemetry.config import TelemetryConfig
 
 DEFAULT_LISTEN = "tcp://127.0.0.1:7777"
 

@@ -34,7 +34,8 @@ from . import admin, admission, auth, limits, outbox, peers, policy, status
 from .admission import FrontDevice, FrontSession, Waiting
 from .broker import DeviceBroker, default_budget
 from .policy import PolicyError, PoolConfig, Tenant
-from .telemetry.collect import Telemetry, TelemetryConfig
+from .telemetry.collect import Telemetry
+from .telemetry.config import TelemetryConfig
 from .workers import WorkerPool, WorkerProcess
 
 log = logging.getLogger("libremote.server")
@@ -276,7 +277,7 @@ class Front:
     def _refuse(self, identity: bytes, reason: str, *, tenant: str | None = None, why: str = "other",
                 request: str = "") -> None:
         """Refuse a client (REFUSED says why); ``why`` is the reason's kind for the metrics
-        (telemetry/collect.py REFUSAL_REASONS)."""
+        (telemetry/metrics.py REFUSAL_REASONS)."""
         self._counters.refused(tenant, why)
         log.warning("refused %s: %s", identity.hex()[:12], reason,
                     extra={"event": "refusal", "reason": why, "tenant": tenant, "request": request or None})

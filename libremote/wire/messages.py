@@ -191,7 +191,8 @@ class Record:
         for spec in self.fields:
             item = value.get(spec.name)
             if item is None:
-                check(spec.optional, lambda spec=spec: f"{where} needs {spec.name}")
+                if not spec.optional:
+                    raise ProtocolError(f"{where} needs {spec.name}")
                 continue
             kept[spec.name] = spec.check(item, where)
         return kept

@@ -19,14 +19,16 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from .config import TelemetryConfig
 from .health import DeviceRef, HealthSampler
+from .metrics import REFUSAL_REASONS
 
 if TYPE_CHECKING:
-    from ..admission import FrontSession
-    from ..front import Front
+    from ..admission import FrontDevice, FrontSession
+    from ..policy import PoolConfig
+    from ..workers import WorkerPool
 
 log = logging.getLogger("libremote.server")
 
@@ -34,8 +36,6 @@ MAX_TENANTS = 256
 OTHER_TENANTS = "_other"
 #: Points of the dashboard's history (one per publish: 10 minutes at the default 2 s).
 HISTORY_POINTS = 300
-#: Refusal reasons (the label values of libremote_admissions_total's refusals).
-REFUSAL_REASONS = ("protocol", "policy", "quota", "queue_full", "draining", "unhealthy", "other")
 #: A spill storm: spill and restore traffic of a device, over :data:`STORM_WINDOW_S`, at least
 #: this many times its resident budget (the whole budget moved every 5 s or faster).
 STORM_WINDOW_S = 10.0
@@ -43,19 +43,6 @@ STORM_BUDGET_TURNS = 2.0
 #: The counters a session reports (worker/session.py ``figures``) that a tenant's totals keep.
 _SUMMED = ("ops", "batches", "device_time_s", "bytes_in", "bytes_out", "graphs_defined", "graph_runs",
            "step_replays", "cuda_graph_replays")
-
-
-@dataclass
-class TelemetryConfig:
-    """The daemon's observability flags (server/cli.py)."""
-
-    listen: str | None = None  # --metrics-listen HOST:PORT (None: no HTTP endpoint)
-    token: str | None = None  # bearer token the endpoint wants (--metrics-token-file, else the admin token)
-    insecure: bool = False  # --metrics-insecure: a non-loopback endpoint without a token
-    interval_s: float = 2.0  # --metrics-interval: how often the front asks its workers for figures
-    health_interval_s: float = 5.0  # --health-interval (0: sample once at start)
-    max_temperature_c: float | None = None  # --health-max-temperature
-    health_inject: str | None = None  # tests only: figures to add to each sample
 
 
 class FrontCounters:
@@ -145,6 +132,16 @@ def _add_figures(totals: dict[str, Any], figures: dict[str, Any]) -> None:
         for kind, count in errors.items():
             if isinstance(count, int) and isinstance(kind, str):
                 totals["errors"][kind] = totals["errors"].get(kind, 0) + count
+
+
+class Front(Protocol):
+    """What telemetry reads of the front (front.py's ``Front`` is one)."""
+
+    devices: list[FrontDevice]
+    sessions: dict[bytes, FrontSession]
+    workers: WorkerPool
+    pool: PoolConfig
+    draining: str | None
 
 
 class Telemetry:

@@ -27,10 +27,12 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .metrics import Published
 
 if TYPE_CHECKING:
-    from .collect import Telemetry, TelemetryConfig
+    from .config import TelemetryConfig
 
 log = logging.getLogger("libremote.server")
 
@@ -58,10 +60,16 @@ def is_loopback_host(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+class Served(Published, Protocol):
+    """What the endpoint reads: the published snapshot and when the loop last came round."""
+
+    loop_seen: float
+
+
 class MetricsServer:
     """The HTTP server thread."""
 
-    def __init__(self, telemetry: Telemetry, config: TelemetryConfig) -> None:
+    def __init__(self, telemetry: Served, config: TelemetryConfig) -> None:
         from prometheus_client import CollectorRegistry
 
         from .metrics import SnapshotCollector

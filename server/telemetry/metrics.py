@@ -18,12 +18,32 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from libremote_wire import __version__
 from libremote_wire.messages import PROTOCOL_VERSION, ErrorKind
 
 from .health import REASON_KINDS, THROTTLE_REASONS
+
+#: Refusal reasons (the label values of libremote_refusals_total).
+REFUSAL_REASONS = ("protocol", "policy", "quota", "queue_full", "draining", "unhealthy", "other")
+
+
+class HasLatest(Protocol):
+    @property
+    def latest(self) -> dict[str, Any] | None: ...
+
+
+class Published(Protocol):
+    """What the metrics are read from: the snapshot the front's loop publishes (collect.py's
+    ``Telemetry`` is one), so this module needs nothing of how it is made."""
+
+    latest: dict[str, Any] | None
+
+    @property
+    def health(self) -> HasLatest: ...
+
+    def latest_readiness(self) -> tuple[bool, str]: ...
 
 
 @dataclass(frozen=True)
@@ -198,8 +218,6 @@ def families(snapshot: dict[str, Any] | None, *, health: dict[str, Any] | None =
     for reason in ("malformed", "limit", "other_owner", "failure"):
         add("libremote_rejected_messages_total", ["worker", reason], rejected_workers.get(reason, 0))
     add("libremote_reconnects_total", [], counters["reconnects"])
-    from .collect import REFUSAL_REASONS
-
     for reason in REFUSAL_REASONS:
         add("libremote_refusals_total", [reason], counters["refusals"].get(reason, 0))
     add("libremote_quota_changes_total", [], counters["quota_changes"])
@@ -335,7 +353,7 @@ def _gpu(add: Any, index: str, row: dict[str, Any]) -> None:
 class SnapshotCollector:
     """A prometheus_client collector over the telemetry's latest snapshot."""
 
-    def __init__(self, telemetry: Any) -> None:
+    def __init__(self, telemetry: Published) -> None:
         self.telemetry = telemetry
 
     def collect(self) -> Iterator[Any]:
