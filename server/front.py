@@ -10,6 +10,12 @@ Everything the front accepts is small (:data:`~libremote_wire.messages.MAX_FRONT
 ZeroMQ drops a peer that sends more before a byte is decoded), it is decoded by the declarations
 of libremote_wire.messages, and whatever a peer sends, the front answers it or drops it and keeps
 serving. A client that disconnects is forgotten at once (peers.py).
+
+Why this module is ~600 lines: it is one state machine, the front's loop, with a handler per
+message kind that reads like the protocol (HELLO, STATUS, ADMIN from clients; OPENED, REPORT,
+ENDED from workers). What a handler decides lives elsewhere (admission.py, status.py, admin.py,
+auth.py, policy.py, workers.py); what stays here is the order of events and the registry they
+change, which splitting would scatter across files that all mutate the same state.
 """
 
 from __future__ import annotations

@@ -13,6 +13,10 @@ Each turn of the loop it takes in what has arrived, does its housekeeping (sessi
 went silent, idle or disconnected), and then, per device, runs one slice of work for the session
 the scheduler picks among this tenant's sessions. Ops launch asynchronously on accelerators; the
 loop waits on a device only where a client asked for data back.
+
+Why this module is over 500 lines: it holds one loop and the handlers of the worker's two
+sockets; each handler is short, and what they call lives in session.py (running a batch),
+slots.py (the scheduler's slices) and leases.py (memory the front grants).
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ applies :data:`RULES` in order; the first rule that matches decides. Refusing ru
 (they name the hazards), then the rules that allow (each says what checks the kernel's inputs),
 and an overload no rule allows is refused: nothing runs because nobody thought to list it.
 
+Why this module is ~900 lines: it is a table (the rules in order, each with its reason and the
+families it names) that a reviewer must read top to bottom to know what a tenant may run;
+splitting it would hide the order that decides. The per-call checks live in call_checks.py.
+
 Refused (in order):
 
 ``unexpressible``   an argument or result of a type the wire has no business carrying (Storage,

@@ -26,6 +26,9 @@ Before each slice of a session's work (its first after waiting for its turn or i
 :meth:`DeviceMemory.prefetch` restores what its queued commands will need, ahead of use: on a GPU
 on a side stream, overlapping the kernels already queued (other sessions' and its own). It spills
 only what a restore on demand would spill first anyway, so it never adds traffic.
+
+(A little over 500 lines: eviction order, spill and restore share the records and the budget;
+host_memory.py owns the host buffers and foreach_chunks.py the ops that run in slices.)
 """
 
 from __future__ import annotations
