@@ -342,11 +342,18 @@ def test_embedding_bag_backward_takes_what_its_forward_made_and_refuses_forgerie
 
 
 def test_ops_with_no_checked_argument_pay_nothing_per_call():
+    """A per-call check exists exactly where something needs checking: the rule's own checks,
+    enum, device and offset arguments, a call check of call_checks.py, or an out= tensor (which
+    must not overlap itself)."""
+    from libremote_server.worker import call_checks
+
     for name, facts, rule in ALLOWED:
+        schema = op_policy.resolve(name).overload._schema
         needs = rule.name in ("geometry_checked", "index_checked", "channel_checked", "shape_checked",
                               "bags_checked") or any(
             _base_type(t) in op_rules.ENUM_TYPES or _base_type(t) == "Device" or n in op_rules.UNCHECKED_OFFSET_ARGUMENTS
-            for n, t, _ in facts.arguments)
+            for n, t, _ in facts.arguments) or call_checks.check_for(schema) is not None or any(
+            a.kwarg_only and a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
         assert (op_policy.resolve(name).check_arguments is not None) == needs, name
 
 
