@@ -6,7 +6,7 @@ again with one command: programs.py).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -17,13 +17,59 @@ from . import graphs, op_policy, programs, values, zeroing
 from .errors import CommandError
 
 if TYPE_CHECKING:
-    pass
+    from .compiled_graphs import GraphCompiler
+    from .cuda_graphs import GraphCapture
+    from .memory import MemoryAccount
+    from .residency import StorageRecord
 
 log = logging.getLogger("libremote.server")
 
 
 class GraphsMixin:
-    """The GRAPH, RUN_GRAPH, PROGRAM and REPLAY handlers of :class:`~.session.Session`."""
+    """The GRAPH, RUN_GRAPH, PROGRAM and REPLAY handlers of :class:`~.session.Session`.
+
+    A mixin: state lives on the session. The session's state and the methods of the session and
+    its other mixins that these handlers use are declared below for the type checker only
+    (``if TYPE_CHECKING``): they name what this mixin relies on, and mypy checks that Session
+    defines each with the same type, while at run time the class body holds none of them, so
+    nothing here shadows the real ones through the MRO.
+    """
+
+    if TYPE_CHECKING:
+        # Session state (session.py).
+        memory: MemoryAccount
+        tensors: dict[int, torch.Tensor]
+        _storage_keys: dict[int, Any]
+        _failed: dict[int, str]
+        _graphs: dict[int, graphs.Graph]
+        _programs: dict[int, programs.Program]
+        _graph_pool: dict[int, int]
+        _freed_in_graph_pool: set[int]
+        _program_at: tuple[programs.Program, int] | None
+        _handlers: dict[int, Callable[[list[Any], list[Any]], Any]]
+        _cuda_graphs: GraphCapture | None
+        _compiler: GraphCompiler | None
+        graphs_defined: int
+        graph_runs: int
+        step_replays: int
+
+        # Session's methods (session.py).
+        def _store(self, handle: Any, tensor: Any) -> None: ...
+        def _drop(self, handle: int) -> None: ...
+        def _device(self, index: Any) -> torch.device: ...
+        def _resolve(self, value: Any, depth: int = 0) -> Any: ...
+        def _describe(self, command: list[Any]) -> str: ...
+        def _op_entry(self, ref: Any) -> op_policy.OpEntry: ...
+        def _invoke(self, entry: op_policy.OpEntry, args: list[Any], kwargs: dict[str, Any]) -> tuple[Any, Any]: ...
+
+        # QuotaMixin's (session_quota.py).
+        def _over_quota(self, extra: int = 0) -> bool: ...
+        def _quota_message(self, in_use: int, needed: int) -> str: ...
+        def _refuse_over_quota(self, what: str, allocated_before: int, outs: Any, grown: Any = ()) -> None: ...
+
+        # ResidencyMixin's (session_residency.py).
+        def _make_resident(self, what: str, tensors: list[torch.Tensor]) -> list[StorageRecord]: ...
+        def _fit_on_device(self, what: str, inputs: list[StorageRecord], outs: Any) -> None: ...
 
     # ------------------------------------------------------------------------------------------
     # Graph mode: graphs defined once, run on handles (see server/graphs.py)
