@@ -252,8 +252,9 @@ class CommandsMixin:
 
     def _event(self, command: list[Any], frames: list[Any]) -> None:
         codec.check(len(command) == 2 and isinstance(command[1], int), "EVENT takes [EVENT, id]")
+        event: torch.cuda.Event | float
         if self.stream is not None:
-            event = torch.cuda.Event(enable_timing=True)
+            event = devices.timing_event()
             event.record(self.stream)
         else:
             event = time.perf_counter()
@@ -268,7 +269,8 @@ class CommandsMixin:
         except (KeyError, TypeError):
             raise CommandError(ErrorKind.OP, "Event.elapsed_time", "both events must be recorded first") from None
         if isinstance(start, float):
-            return (end - start) * 1000.0
+            elapsed: float = (end - start) * 1000.0  # (both perf_counter() readings: see _event)
+            return elapsed
         end.synchronize()
         return float(start.elapsed_time(end))
 
@@ -312,14 +314,14 @@ class CommandsMixin:
                 "step_replays": self.step_replays,
                 "cuda_graph_replays": cuda_graphs.replays if cuda_graphs else 0}
 
-    def compile_counts(self) -> dict[str, int]:
+    def compile_counts(self) -> dict[str, float]:
         """Graphs compiled for this session (``--graph-compiler``), compiles still running, and
         the seconds the finished ones took."""
         return {"graphs_compiled": self._compiler.compiles if self._compiler else 0,
                 "graph_compiles_pending": self._compiler.pending if self._compiler else 0,
                 "graph_compile_s": self._compiler.compile_s if self._compiler else 0.0}
 
-    def memory_stats(self) -> dict[str, int]:
+    def memory_stats(self) -> dict[str, Any]:
         reserved = self.memory.allocated
         if self.device.type == "cuda":
             reserved = max(reserved, torch.cuda.memory_reserved(self.device))

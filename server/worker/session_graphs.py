@@ -6,11 +6,13 @@ again with one command: programs.py).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from libremote_wire import codec
+from libremote_wire.codec import ProtocolError
 from libremote_wire.messages import Cmd, ErrorKind
 
 from . import graphs, op_policy, programs, values, zeroing
@@ -91,7 +93,8 @@ class GraphsMixin:
         codec.check(len(command) == 4, "RUN_GRAPH takes [RUN_GRAPH, id, inputs, outs]")
         _, graph_id, wire_inputs, outs = command
         graph = self._graphs.get(graph_id) if isinstance(graph_id, int) else None
-        codec.check(graph is not None, lambda: f"graph {codec.brief(graph_id)} was never defined in this session")
+        if graph is None:  # (codec.check's ProtocolError, written out: the type checker narrows it)
+            raise ProtocolError(f"graph {codec.brief(graph_id)} was never defined in this session")
         self.graph_runs += 1
         codec.check(isinstance(wire_inputs, list) and len(wire_inputs) == graph.input_count,
                        lambda: f"the graph takes {graph.input_count} inputs")
@@ -114,7 +117,8 @@ class GraphsMixin:
         def interpret(inputs: list[Any]) -> list[Any]:
             return graphs.run(graph, inputs, call, self._resolve)
 
-        execute, settled = interpret, True
+        execute: Callable[[list[Any]], list[Any]] = interpret
+        settled = True
         if self._compiler is not None:
             execute, settled = self._compiler.executor(graph_id, graph, inputs, interpret)
             if execute is not interpret:
@@ -190,7 +194,7 @@ class GraphsMixin:
         codec.check(isinstance(placeholders, list) and len(placeholders) <= len(program.created),
                        "PROGRAM placeholders must be a list of the step's results")
         allocated_before = self.memory.allocated
-        handles = []
+        handles: list[int] = []
         for entry in placeholders:
             codec.check(isinstance(entry, list) and len(entry) == 6 and isinstance(entry[1], torch.dtype),
                            "a placeholder is [handle made by the step, dtype, shape, stride, offset, device]")
@@ -215,7 +219,8 @@ class GraphsMixin:
     def _replay(self, command: list[Any], frames: list[Any]) -> None:
         codec.check(len(command) == 2, "REPLAY takes [REPLAY, id]")
         program = self._programs.get(command[1]) if isinstance(command[1], int) else None
-        codec.check(program is not None, lambda: f"captured step {codec.brief(command[1])} was never defined in this session")
+        if program is None:  # (codec.check's ProtocolError, written out: the type checker narrows it)
+            raise ProtocolError(f"captured step {codec.brief(command[1])} was never defined in this session")
         self.step_replays += 1
         # A step is captured once the session's compiles are done, so that the capture records
         # the compiled code, not the interpreter's, for the rest of its life.
