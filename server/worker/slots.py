@@ -103,7 +103,7 @@ class SliceTimer:
 
     def device_extra_s(self) -> float | None:
         """Device time beyond the host time already charged, or None while still running."""
-        # Only finished timers of a GPU slice are queued (WorkerLoop._run_slices): both events exist.
+        # Only finished timers of a GPU slice are queued (Worker._run_slices): both events exist.
         assert self.start is not None and self.end is not None
         if not devices.event_done(self.end):
             return None
