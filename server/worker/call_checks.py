@@ -266,7 +266,7 @@ def repeat_interleave(a: Mapping[str, Any]) -> str | None:
         return f"argument 'repeats' holds {smallest}; repeats must not be negative"
     if output_size is None:
         return None
-    if each is not None:  # (exactly when total is None) one repeat for every element along dim, or of the input
+    if each is not None:  # (exactly when total is None) one repeat per element along dim, or of the flattened input
         if not _is_tensor(self):
             return None
         dim = a.get("dim")
