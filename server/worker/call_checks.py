@@ -21,7 +21,7 @@ The tests are tests/test_findings.py (each finding, with its repro from a hostil
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, TypeGuard
 
 import torch
 
@@ -31,8 +31,12 @@ CallCheck = Callable[[Mapping[str, Any]], "str | None"]
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def _is_tensor(value: Any) -> bool:
+def _is_tensor(value: Any) -> TypeGuard[torch.Tensor]:
     return isinstance(value, torch.Tensor)
+
+
+#: ``torch.broadcast_shapes``, seen with its types (torch leaves the function unannotated).
+_broadcast_shapes: Callable[..., torch.Size] = torch.broadcast_shapes
 
 
 def _dense(tensor: torch.Tensor) -> bool:
@@ -82,7 +86,7 @@ def cdist_backward(a: Mapping[str, Any]) -> str | None:
     if x1.dim() < 2 or x2.dim() < 2:
         return f"x1 and x2 must have at least 2 dims, not {list(x1.shape)} and {list(x2.shape)}"
     try:
-        batch = list(torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2]))
+        batch = list(_broadcast_shapes(x1.shape[:-2], x2.shape[:-2]))
     except RuntimeError:
         return f"the batch dims of x1 {list(x1.shape)} and x2 {list(x2.shape)} do not broadcast"
     expected = [*batch, x1.shape[-2], x2.shape[-2]]
@@ -262,7 +266,7 @@ def repeat_interleave(a: Mapping[str, Any]) -> str | None:
         return f"argument 'repeats' holds {smallest}; repeats must not be negative"
     if output_size is None:
         return None
-    if total is None:  # one repeat for every element along dim (or of the flattened input)
+    if each is not None:  # (exactly when total is None) one repeat per element along dim, or of the flattened input
         if not _is_tensor(self):
             return None
         dim = a.get("dim")
@@ -422,7 +426,9 @@ def check_for(schema: torch.FunctionSchema) -> CallCheck | None:
     if op in CHECKS:
         checks.append(CHECKS[op])
     if EXACT_LENGTH_OPS.search(op):
-        lengths = {a.name: a.N for a in schema.arguments if a.N is not None and "List" in str(a.real_type)}
+        # (Argument.N, the length of a fixed-size list argument, is missing from torch's stubs.)
+        lengths = {a.name: a.N for a in schema.arguments if a.N is not None  # type: ignore[attr-defined]
+                   and "List" in str(a.real_type)}
         if lengths:
             checks.append(exact_lengths(lengths))
     if len(checks) <= 1:

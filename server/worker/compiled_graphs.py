@@ -55,7 +55,7 @@ import operator
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import torch
 import torch.fx as fx
@@ -63,6 +63,9 @@ import torch.fx as fx
 from libremote_wire.codec import DeviceRef, ValueRef
 
 from . import graphs
+
+if TYPE_CHECKING:
+    from .op_policy import OpEntry
 
 log = logging.getLogger("libremote.server")
 
@@ -85,7 +88,7 @@ def refusal(graph: graphs.Graph) -> str | None:
         entry = node.entry
         if entry is None:
             continue
-        if (entry.takes_generator or entry.seeded_without_generator) and _draws_random_numbers(node):
+        if (entry.takes_generator or entry.seeded_without_generator) and _draws_random_numbers(entry, node):
             return f"random op {entry.name} (compiled code would not draw from the session's generator)"
         if entry.zero_fill_result:
             return f"{entry.name} returns uninitialised memory"
@@ -117,11 +120,11 @@ def argument_refusal(graph: graphs.Graph, device: torch.device, device_of: Calla
     return None
 
 
-def _draws_random_numbers(node: graphs.Node) -> bool:
-    """Whether a seeded op draws random numbers as called here. Attention ops are tagged seeded
-    for their dropout; with ``dropout_p=0`` (evaluation, or a model trained without dropout) they
-    draw nothing, and so does a dropout with ``p=0`` or ``train=False``."""
-    for position, argument in enumerate(node.entry.overload._schema.arguments):
+def _draws_random_numbers(entry: OpEntry, node: graphs.Node) -> bool:
+    """Whether a seeded op (``entry``, ``node``'s) draws random numbers as called here. Attention
+    ops are tagged seeded for their dropout; with ``dropout_p=0`` (evaluation, or a model trained
+    without dropout) they draw nothing, and so does a dropout with ``p=0`` or ``train=False``."""
+    for position, argument in enumerate(entry.overload._schema.arguments):
         if argument.name not in ("dropout_p", "p", "train"):
             continue
         if position < len(node.args):
@@ -172,7 +175,7 @@ def to_fx(graph: graphs.Graph, device_of: Callable[[DeviceRef], Any]) -> fx.Grap
     return fx.GraphModule(root, fx_graph)
 
 
-def _target(entry: Any) -> Callable[..., Any]:
+def _target(entry: OpEntry) -> Callable[..., Any]:
     """What an fx node calls for ``entry``: its translation if it has one, else the overload
     (``entry.call`` is then the overload's bare C++ callable, which fx cannot name)."""
     return entry.overload if entry.call is entry.overload._op else entry.call
@@ -312,7 +315,9 @@ def _compile(work: _Compile, module: fx.GraphModule, fakes: list[torch.Tensor], 
         start = time.perf_counter()
         try:
             with torch.no_grad():
-                work.compiled = compile_fx(module, fakes)
+                # On a GraphModule, without AOT or cpp_wrapper options, compile_fx returns the
+                # compiled callable; the other members of its declared union are those modes'.
+                work.compiled = cast(Callable[..., Any], compile_fx(module, fakes))
         except Exception as exc:
             first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
             work.failed = f"compile failed: {type(exc).__name__}: {first_line}"

@@ -84,7 +84,8 @@ HOST_SYNCING_OVERLOADS = frozenset({"aten::where", "aten::where.default"})
 
 
 def _key(tensor: torch.Tensor) -> int:
-    return tensor.untyped_storage()._cdata
+    key: int = tensor.untyped_storage()._cdata  # (the storage's address: torch leaves _cdata untyped)
+    return key
 
 
 def _use_count(key: int) -> int:
@@ -115,7 +116,8 @@ def _clone_outputs(outputs: list[Any]) -> list[Any]:
         storage = output.untyped_storage()
         copy = copies.get(storage._cdata)
         if copy is None:
-            copy = copies[storage._cdata] = storage.clone()
+            clone: Callable[[], torch.UntypedStorage] = storage.clone  # (unannotated in torch)
+            copy = copies[storage._cdata] = clone()
         cloned.append(torch.empty(0, dtype=output.dtype, device=output.device).set_(
             copy, output.storage_offset(), output.shape, output.stride()))
     return cloned
@@ -328,14 +330,14 @@ class GraphCapture:
                 state.disabled = reason
                 return self._interpret(graph_id, reason, interpret, inputs)
             try:
-                ran = self._capture(state, inputs, interpret)
+                captured, ran = self._capture(state, inputs, interpret)
             except Exception as exc:  # the graph stays interpreted; the call itself must not fail
                 if not self.emulated:
                     self._after_failed_capture()
                 state.disabled = f"capture failed: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
                 log.warning("graph %d stays interpreted: %s", graph_id, state.disabled)
                 return self._interpret(graph_id, state.disabled, interpret, inputs)
-            return self._replay(state, state.captured, inputs, [], ran=ran)
+            return self._replay(state, captured, inputs, [], ran=ran)
         plan = self._plan(state, state.captured, inputs)
         if isinstance(plan, str):
             state.fallbacks += 1
@@ -379,10 +381,10 @@ class GraphCapture:
                     self._release(state)
                     state.runs = 0  # if it is called again, it warms up and is captured anew
                     break
-        for state in self._programs.values():
-            if state.captured is not None and _program_reads_changed(state.captured, tensors):
-                state.captured = None
-                state.disabled = "a tensor the step reads was freed or replaced since it was captured"
+        for program_state in self._programs.values():
+            if program_state.captured is not None and _program_reads_changed(program_state.captured, tensors):
+                program_state.captured = None
+                program_state.disabled = "a tensor the step reads was freed or replaced since it was captured"
 
     # ------------------------------------------------------------------------------------------
     # Captured steps (PROGRAM/REPLAY)
@@ -482,9 +484,10 @@ class GraphCapture:
             log.error("could not reset generators after a failed CUDA graph capture: %s", exc)
 
     def _capture(self, state: _GraphState, inputs: list[torch.Tensor],
-                 interpret: Callable[[list[Any]], list[Any]]) -> bool:
-        """Capture ``state.graph`` on ``inputs``; return whether the capture already ran it
-        (the emulation does; a CUDA graph only records, and must be replayed)."""
+                 interpret: Callable[[list[Any]], list[Any]]) -> tuple[_Captured, bool]:
+        """Capture ``state.graph`` on ``inputs`` (into ``state.captured``); return the capture and
+        whether it already ran the graph (the emulation does; a CUDA graph only records, and must be
+        replayed)."""
         # Tensors of our own on the callers' storages: a client's handle to one stays a reference
         # of its own, which is how ``_plan`` sees that it is still held.
         inputs = [tensor.detach() for tensor in inputs]
@@ -523,14 +526,14 @@ class GraphCapture:
             aliased = input_keys.get(_key(output))
             output_input.append(aliased)
             cloned.append(aliased is None and output.untyped_storage().nbytes() <= CLONED_OUTPUT_BYTES)
-        state.captured = _Captured(replayable, list(inputs), [_layout(t) for t in inputs], _storage_groups(inputs),
-                                   outputs, output_input, cloned)
-        for tensor in _distinct_tensors(state.captured):
+        captured = state.captured = _Captured(replayable, list(inputs), [_layout(t) for t in inputs],
+                                              _storage_groups(inputs), outputs, output_input, cloned)
+        for tensor in _distinct_tensors(captured):
             self.held[_key(tensor)] += 1
-        for key in _pool_keys(state.captured):
+        for key in _pool_keys(captured):
             self.pool_keys[key] += 1
         self.captures += 1
-        return self.emulated
+        return captured, self.emulated
 
     def _plan(self, state: _GraphState, captured: _Captured, inputs: list[Any]) -> list[int] | str:
         """The inputs to copy in before replaying, or why this call must be interpreted."""
@@ -590,10 +593,9 @@ class GraphCapture:
             elif captured.cloned[position] or (state.clone_all and captured.output_input[position] is None):
                 results.append(None)
                 to_clone.append(position)
-            elif captured.output_input[position] in copies:
+            elif (aliased := captured.output_input[position]) is not None and aliased in copies:
                 # The same view of the caller's input as the capture's output is of the captured one.
-                index = captured.output_input[position]
-                source, target = inputs[index], captured.inputs[index]
+                source, target = inputs[aliased], captured.inputs[aliased]
                 results.append(source.as_strided(output.shape, output.stride(), source.storage_offset()
                                                  + output.storage_offset() - target.storage_offset()))
             else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,14 +150,38 @@ def synchronize(device: torch.device) -> None:
         torch.accelerator.synchronize(device)
 
 
+# torch.cuda.Event and torch.cuda.Stream, seen through typed constructors: torch leaves the
+# ``__new__`` of each unannotated, and strict mypy refuses to call an unannotated function from
+# typed code (no-untyped-call). These are the classes themselves, called the same way.
+_new_event: Callable[..., torch.cuda.Event] = torch.cuda.Event
+_new_stream: Callable[..., torch.cuda.Stream] = torch.cuda.Stream
+
+
+def timing_event() -> torch.cuda.Event:
+    """``torch.cuda.Event(enable_timing=True)``."""
+    return _new_event(enable_timing=True)
+
+
+def cuda_stream(device: torch.device) -> torch.cuda.Stream:
+    """``torch.cuda.Stream(device)``: a new stream on ``device``."""
+    return _new_stream(device)
+
+
+def event_done(event: torch.cuda.Event) -> bool:
+    """``event.query()`` (unannotated in torch too): whether the work it follows has completed."""
+    query: Callable[[], bool] = event.query
+    return query()
+
+
 def default_generator(device: torch.device) -> torch.Generator:
     """The generator that ops without a ``generator`` argument (native_dropout) draw from."""
     if device.type == "cpu":
         return torch.default_generator
     if device.type == "cuda":
         return torch.cuda.default_generators[device.index or 0]
-    module = getattr(torch, device.type)
-    return module.default_generators[device.index or 0]
+    module = getattr(torch, device.type)  # torch.xpu, torch.mps, ...
+    generator: torch.Generator = module.default_generators[device.index or 0]
+    return generator
 
 
 def memory_info(device: torch.device) -> tuple[int, int]:

@@ -43,7 +43,7 @@ def keep_freed_memory() -> bool:
     Returns whether this took effect."""
     if _libc is None:
         return False
-    ok = _libc.mallopt(_M_MMAP_MAX, 0) == 1 and _libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1
+    ok: bool = _libc.mallopt(_M_MMAP_MAX, 0) == 1 and _libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1
     if not ok:
         log.warning("could not tune malloc (mallopt failed): large host buffers stay unpooled")
     return ok

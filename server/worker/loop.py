@@ -25,6 +25,7 @@ import collections
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -403,6 +404,7 @@ class Worker:
 
     def _send_reply(self, identity: bytes, reply: Reply) -> None:
         if reply.malformed:
+            assert reply.error is not None  # (a malformed batch is answered with its protocol error)
             self._count_rejected("malformed")
             log.warning("%s sent a malformed batch: %s", self._peer_name(identity), reply.error[2],
                         extra=self._log_context(identity, "security_rejection"))
@@ -415,7 +417,7 @@ class Worker:
         if session is not None and isinstance(tracker, zmq.MessageTracker):
             session.replies_unsent(tracker, nbytes)
 
-    def _send(self, identity: bytes, header: list[Any], frames: list[Any] = (), *, track: bool = False) -> Any:
+    def _send(self, identity: bytes, header: list[Any], frames: Sequence[Any] = (), *, track: bool = False) -> Any:
         """Send without waiting (outbox.py). A reply that cannot be encoded (an op result msgpack
         cannot carry) goes as an error instead."""
         try:

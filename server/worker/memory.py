@@ -83,7 +83,7 @@ class MemoryAccount:
         self._held: dict[int, list[int]] = {}
         #: id of a weakref to each held tensor -> (the weakref, its storage's key). (By id: a
         #: weakref compares equal by its live referents, and tensors compare elementwise.)
-        self._holders: dict[int, tuple[weakref.ref, int]] = {}
+        self._holders: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
 
     @property
     def managed(self) -> bool:
@@ -144,11 +144,11 @@ class MemoryAccount:
         holder = weakref.ref(tensor, self._let_go)
         self._holders[id(holder)] = (holder, key)
 
-    def _let_go(self, holder: weakref.ref) -> None:
+    def _let_go(self, holder: weakref.ref[torch.Tensor]) -> None:
         """A held tensor died (weakref callback)."""
         key = self._holders.pop(id(holder), (None, None))[1]
         held = self._held.get(key) if key is not None else None
-        if held is None:
+        if key is None or held is None:
             return  # a handle took the charge over (add)
         held[0] -= 1
         if held[0] == 0:

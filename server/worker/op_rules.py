@@ -782,7 +782,9 @@ def _readers(schema: Any) -> dict[str, Reader]:
 
 
 def _geometry_check(schema: Any, read: dict[str, Reader]) -> TensorCheck:
-    tensor, size, stride, offset = (None if n is None else read[n] for n in GEOMETRY_ARGUMENTS[schema.name[6:]])
+    tensor_name, size_name, stride_name, offset_name = GEOMETRY_ARGUMENTS[schema.name[6:]]
+    tensor, size, stride = read[tensor_name], read[size_name], read[stride_name]
+    offset = None if offset_name is None else read[offset_name]
     # set_'s ``stride=[]`` means contiguous (and the client drops arguments equal to defaults).
     stride_may_default = [a for a in schema.arguments if a.name == "stride"][0].has_default_value()
 
@@ -851,21 +853,20 @@ def _embedding_bag_check(schema: Any, read: dict[str, Reader]) -> TensorCheck:
 
     if schema.name[6:] in EMBEDDING_BAG_FORWARD:
         return lambda args, kwargs: embedding_bag_forward_mismatch(
-            *(value(n, args, kwargs) for n in ("weight", "indices", "offsets")),
-            value("mode", args, kwargs, EMBEDDING_BAG_SUM), value("per_sample_weights", args, kwargs))
+            **{n: value(n, args, kwargs) for n in ("weight", "indices", "offsets")},
+            mode=value("mode", args, kwargs, EMBEDDING_BAG_SUM), per_sample_weights=value("per_sample_weights", args, kwargs))
     if schema.name == "aten::_embedding_bag_per_sample_weights_backward":
         return lambda args, kwargs: per_sample_weights_backward_mismatch(
             *(value(n, args, kwargs) for n in ("grad", "weight", "indices", "offsets", "offset2bag", "mode")))
     return lambda args, kwargs: embedding_bag_backward_mismatch(
-        *(value(n, args, kwargs) for n in ("grad", "indices", "offsets", "offset2bag", "bag_size", "maximum_indices",
-                                           "num_weights", "mode", "per_sample_weights")),
+        **{n: value(n, args, kwargs) for n in ("grad", "indices", "offsets", "offset2bag", "bag_size", "maximum_indices",
+                                               "num_weights", "mode", "per_sample_weights")},
         sparse=value("sparse", args, kwargs, False))
 
 
-def _call_check(schema: Any, read: dict[str, Reader]) -> TensorCheck:
-    """The overload's check from call_checks (:func:`call_checks.check_for`), given its
-    arguments by name."""
-    check = call_checks.check_for(schema)
+def _call_check(check: call_checks.CallCheck, schema: Any, read: dict[str, Reader]) -> TensorCheck:
+    """The overload's check from call_checks (``check``, :func:`call_checks.check_for`'s), given
+    its arguments by name."""
     names = [a.name for a in schema.arguments]
     return lambda args, kwargs: call_checks.run_check(check, {n: read[n](args, kwargs) for n in names})
 
@@ -895,8 +896,9 @@ def argument_checker(overload: torch._ops.OpOverload, rule: Rule) -> Callable[[l
                      if a.kwarg_only and a.alias_info is not None and a.alias_info.is_write]
     build = _TENSOR_CHECKS.get(rule.name)
     tensor_checks = [build(schema, read)] if build is not None else []
-    if call_checks.check_for(schema) is not None:
-        tensor_checks.append(_call_check(schema, read))
+    call_check = call_checks.check_for(schema)
+    if call_check is not None:
+        tensor_checks.append(_call_check(call_check, schema, read))
     if not value_checks and not tensor_checks:
         return None
     name = f"{schema.name}.{schema.overload_name}" if schema.overload_name else schema.name

@@ -47,7 +47,7 @@ def define(wire_commands: Any) -> Program:
     named: set[int] = set()
     commands: list[list[Any]] = []
     for position, command in enumerate(wire_commands):
-        codec.check(isinstance(command, list) and command and isinstance(command[0], int),
+        codec.check(isinstance(command, list) and bool(command) and isinstance(command[0], int),
                        lambda: f"captured command {position} is malformed")
         kind = command[0]
         if kind == messages.Cmd.FREE:

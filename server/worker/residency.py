@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ..policy import PRIORITIES
+from . import devices
 
 #: How many queued commands per session eviction looks ahead at.
 LOOKAHEAD_COMMANDS = 64
@@ -371,7 +372,7 @@ class DeviceMemory:
             # the host does not wait. The freed device block is marked as used by that stream, so
             # the allocator hands it out again only after the copy; a restore waits for ``spilled``.
             host = torch.empty(record.nbytes, dtype=torch.uint8, pin_memory=True)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start, end = devices.timing_event(), devices.timing_event()
             with torch.cuda.stream(owner.stream):
                 start.record()
                 host.copy_(source, non_blocking=True)
@@ -433,7 +434,7 @@ class DeviceMemory:
                 stream.wait_stream(consumer)
             if record.spilled is not None:  # the spill copy (on the owner's stream) must be complete
                 stream.wait_event(record.spilled)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start, end = devices.timing_event(), devices.timing_event()
             with torch.cuda.stream(stream):
                 start.record(stream)
                 target.copy_(host, non_blocking=True)
@@ -458,7 +459,7 @@ class DeviceMemory:
 
     def _side_stream(self) -> Any:
         if self._prefetch_stream is None:
-            self._prefetch_stream = torch.cuda.Stream(self.device)
+            self._prefetch_stream = devices.cuda_stream(self.device)
         return self._prefetch_stream
 
     def _time_copy(self, kind: str, start: Any, end: Any) -> None:

@@ -15,7 +15,7 @@ device took beyond it, measured with CUDA events once the slice's kernels have r
 
 from __future__ import annotations
 
-from typing import Iterable, Protocol
+from typing import Iterable, Protocol, TypeVar
 
 from ..policy import PRIORITIES
 
@@ -26,6 +26,10 @@ class Schedulable(Protocol):
     virtual_time: float
 
     def has_work(self) -> bool: ...
+
+
+#: What :meth:`Scheduler.pick` chooses among, and hands back as itself (the worker's Session).
+S = TypeVar("S", bound=Schedulable)
 
 
 class Scheduler:
@@ -39,7 +43,7 @@ class Scheduler:
         if session.virtual_time < self._virtual_now:
             session.virtual_time = self._virtual_now
 
-    def pick(self, sessions: Iterable[Schedulable]) -> Schedulable | None:
+    def pick(self, sessions: Iterable[S]) -> S | None:
         best = None
         best_key = None
         for session in sessions:

@@ -35,7 +35,7 @@ from libremote_wire.messages import Cmd, ErrorKind
 
 from .. import limits
 from ..policy import ANONYMOUS, Tenant
-from . import graphs, numerics, op_policy, programs, sparse, values, zeroing
+from . import devices, graphs, numerics, op_policy, programs, sparse, values, zeroing
 from .compiled_graphs import GraphCompiler
 from .cuda_graphs import GraphCapture
 from .errors import CommandError, QuotaRefusal
@@ -134,7 +134,7 @@ class Session(QuotaMixin, GraphsMixin, ResidencyMixin, CommandsMixin):
         self.memory = MemoryAccount(self, self._device_memory_of if managed else None)
         # Each session launches on its own CUDA stream, so different sessions' kernels overlap
         # on the device and one session's sync waits for its own work only.
-        self.stream = torch.cuda.Stream(self.devices[0]) if self.devices[0].type == "cuda" else None
+        self.stream = devices.cuda_stream(self.devices[0]) if self.devices[0].type == "cuda" else None
         self.generators = [torch.Generator(device=device) for device in self.devices]
         for generator in self.generators:
             generator.manual_seed(secrets.randbits(63))
@@ -527,9 +527,9 @@ class Session(QuotaMixin, GraphsMixin, ResidencyMixin, CommandsMixin):
                 raise refusal from None
             self._ops[op_id] = entry
             return entry
-        refusal = self._refused_ops.get(ref) if isinstance(ref, int) else None
-        if refusal is not None:
-            raise CommandError(refusal.kind, refusal.op, refusal.message)
+        refused = self._refused_ops.get(ref) if isinstance(ref, int) else None
+        if refused is not None:
+            raise CommandError(refused.kind, refused.op, refused.message)
         raise ProtocolError(f"op id {codec.brief(ref)} was never defined in this session")
 
     def _run_op(self, command: list[Any]) -> tuple[op_policy.OpEntry, Any]:

@@ -23,7 +23,13 @@ from .memory import PoolStats
 from .residency import SpillExhausted
 
 if TYPE_CHECKING:
-    pass
+    import collections
+
+    from . import programs
+    from .compiled_graphs import GraphCompiler
+    from .cuda_graphs import GraphCapture
+    from .memory import MemoryAccount
+    from .residency import DeviceMemory, StorageRecord
 
 log = logging.getLogger("libremote.server")
 
@@ -32,7 +38,61 @@ MAX_EVENTS = 4096
 
 
 class CommandsMixin:
-    """Host data, generators, events and queries for :class:`~.session.Session`."""
+    """Host data, generators, events and queries for :class:`~.session.Session`.
+
+    A mixin: state lives on the session. The session's state and the methods of the session and
+    its other mixins that these handlers use are declared below for the type checker only
+    (``if TYPE_CHECKING``): they name what this mixin relies on, and mypy checks that Session
+    defines each with the same type, while at run time the class body holds none of them, so
+    nothing here shadows the real ones through the MRO.
+    """
+
+    if TYPE_CHECKING:
+        # Session state (session.py).
+        devices: list[torch.device]
+        device_memories: list[DeviceMemory | None]
+        memory: MemoryAccount
+        stream: torch.cuda.Stream | None
+        generators: list[torch.Generator]
+        explicit_generators: dict[int, torch.Generator]
+        numerics: dict[str, Any]
+        tensors: dict[int, torch.Tensor]
+        _events: collections.OrderedDict[int, Any]
+        _graph_pool: dict[int, int]
+        _freed_in_graph_pool: set[int]
+        _program_at: tuple[programs.Program, int] | None
+        _last_in_batch: bool
+        _cuda_graphs: GraphCapture | None
+        _compiler: GraphCompiler | None
+        ops_executed: int
+        batches: int
+        busy_s: float
+        host_s: float
+        bytes_in: int
+        bytes_out: int
+        errors: dict[str, int]
+        graphs_defined: int
+        graph_runs: int
+        step_replays: int
+
+        @property
+        def device(self) -> torch.device: ...
+
+        # Session's methods (session.py).
+        def tensor(self, handle: int) -> torch.Tensor: ...
+        def _store(self, handle: Any, tensor: Any) -> None: ...
+        def _drop(self, handle: int) -> None: ...
+        def _device(self, index: Any) -> torch.device: ...
+        def _index_of(self, device: torch.device | None) -> int: ...
+        def set_memory_fraction(self, fraction: Any) -> None: ...
+
+        # QuotaMixin's (session_quota.py).
+        def _over_quota(self, extra: int = 0) -> bool: ...
+        def _quota_message(self, in_use: int, needed: int) -> str: ...
+
+        # ResidencyMixin's (session_residency.py).
+        def _make_resident(self, what: str, tensors: list[torch.Tensor]) -> list[StorageRecord]: ...
+        def _fit_on_device(self, what: str, inputs: list[StorageRecord], outs: Any) -> None: ...
 
     # ------------------------------------------------------------------------------------------
     # Command handlers: host data, frees, RNG, events and queries
@@ -192,8 +252,9 @@ class CommandsMixin:
 
     def _event(self, command: list[Any], frames: list[Any]) -> None:
         codec.check(len(command) == 2 and isinstance(command[1], int), "EVENT takes [EVENT, id]")
+        event: torch.cuda.Event | float
         if self.stream is not None:
-            event = torch.cuda.Event(enable_timing=True)
+            event = devices.timing_event()
             event.record(self.stream)
         else:
             event = time.perf_counter()
@@ -208,7 +269,8 @@ class CommandsMixin:
         except (KeyError, TypeError):
             raise CommandError(ErrorKind.OP, "Event.elapsed_time", "both events must be recorded first") from None
         if isinstance(start, float):
-            return (end - start) * 1000.0
+            elapsed: float = (end - start) * 1000.0  # (both perf_counter() readings: see _event)
+            return elapsed
         end.synchronize()
         return float(start.elapsed_time(end))
 
@@ -252,14 +314,14 @@ class CommandsMixin:
                 "step_replays": self.step_replays,
                 "cuda_graph_replays": cuda_graphs.replays if cuda_graphs else 0}
 
-    def compile_counts(self) -> dict[str, int]:
+    def compile_counts(self) -> dict[str, float]:
         """Graphs compiled for this session (``--graph-compiler``), compiles still running, and
         the seconds the finished ones took."""
         return {"graphs_compiled": self._compiler.compiles if self._compiler else 0,
                 "graph_compiles_pending": self._compiler.pending if self._compiler else 0,
                 "graph_compile_s": self._compiler.compile_s if self._compiler else 0.0}
 
-    def memory_stats(self) -> dict[str, int]:
+    def memory_stats(self) -> dict[str, Any]:
         reserved = self.memory.allocated
         if self.device.type == "cuda":
             reserved = max(reserved, torch.cuda.memory_reserved(self.device))

@@ -6,24 +6,72 @@ again with one command: programs.py).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from libremote_wire import codec
+from libremote_wire.codec import ProtocolError
 from libremote_wire.messages import Cmd, ErrorKind
 
 from . import graphs, op_policy, programs, values, zeroing
 from .errors import CommandError
 
 if TYPE_CHECKING:
-    pass
+    from .compiled_graphs import GraphCompiler
+    from .cuda_graphs import GraphCapture
+    from .memory import MemoryAccount
+    from .residency import StorageRecord
 
 log = logging.getLogger("libremote.server")
 
 
 class GraphsMixin:
-    """The GRAPH, RUN_GRAPH, PROGRAM and REPLAY handlers of :class:`~.session.Session`."""
+    """The GRAPH, RUN_GRAPH, PROGRAM and REPLAY handlers of :class:`~.session.Session`.
+
+    A mixin: state lives on the session. The session's state and the methods of the session and
+    its other mixins that these handlers use are declared below for the type checker only
+    (``if TYPE_CHECKING``): they name what this mixin relies on, and mypy checks that Session
+    defines each with the same type, while at run time the class body holds none of them, so
+    nothing here shadows the real ones through the MRO.
+    """
+
+    if TYPE_CHECKING:
+        # Session state (session.py).
+        memory: MemoryAccount
+        tensors: dict[int, torch.Tensor]
+        _storage_keys: dict[int, Any]
+        _failed: dict[int, str]
+        _graphs: dict[int, graphs.Graph]
+        _programs: dict[int, programs.Program]
+        _graph_pool: dict[int, int]
+        _freed_in_graph_pool: set[int]
+        _program_at: tuple[programs.Program, int] | None
+        _handlers: dict[int, Callable[[list[Any], list[Any]], Any]]
+        _cuda_graphs: GraphCapture | None
+        _compiler: GraphCompiler | None
+        graphs_defined: int
+        graph_runs: int
+        step_replays: int
+
+        # Session's methods (session.py).
+        def _store(self, handle: Any, tensor: Any) -> None: ...
+        def _drop(self, handle: int) -> None: ...
+        def _device(self, index: Any) -> torch.device: ...
+        def _resolve(self, value: Any, depth: int = 0) -> Any: ...
+        def _describe(self, command: list[Any]) -> str: ...
+        def _op_entry(self, ref: Any) -> op_policy.OpEntry: ...
+        def _invoke(self, entry: op_policy.OpEntry, args: list[Any], kwargs: dict[str, Any]) -> tuple[Any, Any]: ...
+
+        # QuotaMixin's (session_quota.py).
+        def _over_quota(self, extra: int = 0) -> bool: ...
+        def _quota_message(self, in_use: int, needed: int) -> str: ...
+        def _refuse_over_quota(self, what: str, allocated_before: int, outs: Any, grown: Any = ()) -> None: ...
+
+        # ResidencyMixin's (session_residency.py).
+        def _make_resident(self, what: str, tensors: list[torch.Tensor]) -> list[StorageRecord]: ...
+        def _fit_on_device(self, what: str, inputs: list[StorageRecord], outs: Any) -> None: ...
 
     # ------------------------------------------------------------------------------------------
     # Graph mode: graphs defined once, run on handles (see server/graphs.py)
@@ -45,7 +93,8 @@ class GraphsMixin:
         codec.check(len(command) == 4, "RUN_GRAPH takes [RUN_GRAPH, id, inputs, outs]")
         _, graph_id, wire_inputs, outs = command
         graph = self._graphs.get(graph_id) if isinstance(graph_id, int) else None
-        codec.check(graph is not None, lambda: f"graph {codec.brief(graph_id)} was never defined in this session")
+        if graph is None:  # (codec.check's ProtocolError, written out: the type checker narrows it)
+            raise ProtocolError(f"graph {codec.brief(graph_id)} was never defined in this session")
         self.graph_runs += 1
         codec.check(isinstance(wire_inputs, list) and len(wire_inputs) == graph.input_count,
                        lambda: f"the graph takes {graph.input_count} inputs")
@@ -68,7 +117,8 @@ class GraphsMixin:
         def interpret(inputs: list[Any]) -> list[Any]:
             return graphs.run(graph, inputs, call, self._resolve)
 
-        execute, settled = interpret, True
+        execute: Callable[[list[Any]], list[Any]] = interpret
+        settled = True
         if self._compiler is not None:
             execute, settled = self._compiler.executor(graph_id, graph, inputs, interpret)
             if execute is not interpret:
@@ -144,7 +194,7 @@ class GraphsMixin:
         codec.check(isinstance(placeholders, list) and len(placeholders) <= len(program.created),
                        "PROGRAM placeholders must be a list of the step's results")
         allocated_before = self.memory.allocated
-        handles = []
+        handles: list[int] = []
         for entry in placeholders:
             codec.check(isinstance(entry, list) and len(entry) == 6 and isinstance(entry[1], torch.dtype),
                            "a placeholder is [handle made by the step, dtype, shape, stride, offset, device]")
@@ -169,7 +219,8 @@ class GraphsMixin:
     def _replay(self, command: list[Any], frames: list[Any]) -> None:
         codec.check(len(command) == 2, "REPLAY takes [REPLAY, id]")
         program = self._programs.get(command[1]) if isinstance(command[1], int) else None
-        codec.check(program is not None, lambda: f"captured step {codec.brief(command[1])} was never defined in this session")
+        if program is None:  # (codec.check's ProtocolError, written out: the type checker narrows it)
+            raise ProtocolError(f"captured step {codec.brief(command[1])} was never defined in this session")
         self.step_replays += 1
         # A step is captured once the session's compiles are done, so that the capture records
         # the compiled code, not the interpreter's, for the rest of its life.

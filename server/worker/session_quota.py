@@ -10,7 +10,7 @@ check for ops whose output size depends on their data.
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -20,6 +20,9 @@ from libremote_wire.messages import ErrorKind
 from . import op_policy, preflight, values
 from .errors import CommandError, QuotaRefusal
 from .memory import MemoryAccount
+
+if TYPE_CHECKING:
+    from ..policy import Tenant
 
 log = logging.getLogger("libremote.server")
 
@@ -43,7 +46,29 @@ class TenantAccount:
 
 
 class QuotaMixin:
-    """The quota checks of :class:`~.session.Session` (a mixin: state lives on the session)."""
+    """The quota checks of :class:`~.session.Session` (a mixin: state lives on the session).
+
+    The session's state and methods these checks use are declared below for the type checker
+    only (``if TYPE_CHECKING``): they name what this mixin relies on, and mypy checks that
+    Session defines each with the same type, while at run time the class body holds none of
+    them, so nothing here shadows the session's own through the MRO.
+    """
+
+    if TYPE_CHECKING:
+        # Session state (session.py).
+        tenant: Tenant
+        account: TenantAccount | None
+        memory: MemoryAccount
+        memory_limit: int
+        _memory_quota: int
+        _storage_keys: dict[int, Any]
+        _failed: dict[int, str]
+
+        @property
+        def memory_quota(self) -> int: ...
+
+        # Session's methods (session.py).
+        def _drop(self, handle: int) -> None: ...
 
     # ------------------------------------------------------------------------------------------
     # Quota: a session never holds more than its tenant's memory quota

@@ -17,13 +17,32 @@ from .errors import CommandError
 from .residency import DeviceMemory, SpillExhausted, StorageRecord
 
 if TYPE_CHECKING:
-    pass
+    from .memory import MemoryAccount
 
 log = logging.getLogger("libremote.server")
 
 
 class ResidencyMixin:
-    """Residency for :class:`~.session.Session`'s commands (a mixin: state lives on the session)."""
+    """Residency for :class:`~.session.Session`'s commands (a mixin: state lives on the session).
+
+    The session's state and methods this mixin uses are declared below for the type checker
+    only (``if TYPE_CHECKING``): they name what it relies on, and mypy checks that Session
+    defines each with the same type, while at run time the class body holds none of them, so
+    nothing here shadows the session's own through the MRO.
+    """
+
+    if TYPE_CHECKING:
+        # Session state (session.py).
+        device_memories: list[DeviceMemory | None]
+        memory: MemoryAccount
+        tensors: dict[int, torch.Tensor]
+        _failed: dict[int, str]
+        ops_executed: int
+
+        # Session's methods (session.py).
+        def _index_of(self, device: torch.device | None) -> int: ...
+        def _store(self, handle: Any, tensor: Any) -> None: ...
+        def _drop(self, handle: int) -> None: ...
 
     # ------------------------------------------------------------------------------------------
     # Oversubscription: keep what an op touches resident, and the device within its budget
@@ -40,7 +59,9 @@ class ResidencyMixin:
         """Restore the storages these tensors use (spilled ones come back first)."""
         records = list({id(r): r for t in tensors for r in self.memory.records_of(t)}.values())
         try:
-            for device_memory in {id(r.device_memory): r.device_memory for r in records}.values():
+            # (Every record the account holds is tracked, so its device_memory is set: track().)
+            managers = {id(r.device_memory): r.device_memory for r in records if r.device_memory is not None}
+            for device_memory in managers.values():
                 device_memory.ensure_resident([r for r in records if r.device_memory is device_memory])
         except SpillExhausted as exc:
             raise CommandError(ErrorKind.OOM, what, str(exc)) from None

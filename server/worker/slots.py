@@ -39,7 +39,7 @@ class DeviceSlot:
     memory: DeviceMemory | None = None  # residency manager, when oversubscription is on
     busy_s: float = 0.0
     utilization: float = 0.0
-    timers: collections.deque = field(default_factory=collections.deque)  # SliceTimers in flight
+    timers: collections.deque[SliceTimer] = field(default_factory=collections.deque)  # in flight
     _facts: devices.DeviceFacts | None = None
     _window_start: float = field(default_factory=time.monotonic)
     _window_busy: float = 0.0
@@ -57,9 +57,11 @@ class DeviceSlot:
             if extra is None:
                 return
             timer = self.timers.popleft()
-            if extra and timer.session.slots:
-                self.scheduler.charge(timer.session, extra)
-                timer.session.busy_s += extra
+            session = timer.session
+            assert session is not None  # (a queued timer is finished: SliceTimer.finish)
+            if extra and session.slots:
+                self.scheduler.charge(session, extra)
+                session.busy_s += extra
                 self.record_busy(extra)
 
     def record_busy(self, seconds: float) -> None:
@@ -86,22 +88,26 @@ class SliceTimer:
     __slots__ = ("start", "end", "session", "host_s")
 
     def __init__(self, stream: Any) -> None:
-        self.start = self.end = self.session = None
+        self.start: torch.cuda.Event | None = None  # None on the CPU backend: nothing to time
+        self.end: torch.cuda.Event | None = None
+        self.session: Session | None = None
         self.host_s = 0.0
         if stream is not None:
-            self.start = torch.cuda.Event(enable_timing=True)
+            self.start = devices.timing_event()
             self.start.record(stream)
 
     def finish(self, session: Session, host_s: float) -> None:
-        self.end = torch.cuda.Event(enable_timing=True)
+        self.end = devices.timing_event()
         self.end.record(session.stream)
         self.session, self.host_s = session, host_s
 
     def device_extra_s(self) -> float | None:
         """Device time beyond the host time already charged, or None while still running."""
-        if not self.end.query():
+        # Only finished timers of a GPU slice are queued (Worker._run_slices): both events exist.
+        assert self.start is not None and self.end is not None
+        if not devices.event_done(self.end):
             return None
-        return max(0.0, self.start.elapsed_time(self.end) / 1000.0 - self.host_s)
+        return max(0.0, float(self.start.elapsed_time(self.end)) / 1000.0 - self.host_s)
 
 
 class Watchdog:

@@ -31,7 +31,7 @@ and the device budget see indices and values alike.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -102,19 +102,23 @@ def unstorable(tensor: torch.Tensor, devices: Sequence[torch.device]) -> str | N
 def with_private_indices(tensor: torch.Tensor) -> torch.Tensor:
     """The same sparse tensor over copies of its indices (its values shared)."""
     with torch.no_grad():
+        copy: torch.Tensor  # (torch.ops' overloads are untyped)
         if tensor.layout is torch.sparse_coo:
-            return torch.ops.aten._sparse_coo_tensor_with_dims_and_tensors(
+            copy = torch.ops.aten._sparse_coo_tensor_with_dims_and_tensors(
                 tensor.sparse_dim(), tensor.dense_dim(), list(tensor.shape), tensor._indices().clone(),
                 tensor._values(), dtype=tensor.dtype, layout=tensor.layout, device=tensor.device,
                 is_coalesced=tensor.is_coalesced())
+            return copy
         compressed, plain = index_parts(tensor)
-        return torch.ops.aten.sparse_compressed_tensor.comp_plain_value_size(
+        copy = torch.ops.aten.sparse_compressed_tensor.comp_plain_value_size(
             compressed.clone(), plain.clone(), tensor.values(), list(tensor.shape), dtype=tensor.dtype,
             layout=tensor.layout, device=tensor.device)
+        return copy
 
 
 def storage_key(tensor: torch.Tensor) -> int:
-    return tensor.untyped_storage()._cdata
+    key: int = tensor.untyped_storage()._cdata  # (the storage's address: torch leaves _cdata untyped)
+    return key
 
 
 class IndexStorages:
@@ -163,8 +167,14 @@ class IndexStorages:
                 del self.counts[key]
 
 
-def written_sparse(written: Sequence[tuple[str, Any]], args: list[Any], kwargs: dict[str, Any],
-                   wire_args: list[Any], wire_kwargs: dict[str, Any], handle_type: type) -> list[tuple[int, torch.Tensor]]:
+class _Handle(Protocol):
+    """A decoded handle (the wire's ``HandleRef``, which this module does not import)."""
+
+    handle: int
+
+
+def written_sparse(written: Sequence[tuple[str, Any]], args: list[Any], kwargs: dict[str, Any], wire_args: list[Any],
+                   wire_kwargs: dict[str, Any], handle_type: type[_Handle]) -> list[tuple[int, torch.Tensor]]:
     """(handle, tensor) of each sparse tensor among the arguments an op wrote (``written``: as
     ``OpEntry.written_arguments``)."""
     found = []

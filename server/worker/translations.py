@@ -20,7 +20,7 @@ the daemon tensor's.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 
@@ -29,9 +29,10 @@ aten = torch.ops.aten
 
 def _math_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_bias: Any,
                     dropout_p: float, is_causal: bool, scale: Any) -> torch.Tensor:
-    return aten._scaled_dot_product_attention_math(
+    out: torch.Tensor = aten._scaled_dot_product_attention_math(  # (torch.ops' overloads are untyped)
         query, key, value, attn_bias, dropout_p, is_causal, None, scale=scale
     )[0]
+    return out
 
 
 def _like(result: Any, reference: torch.Tensor) -> Any:
@@ -41,7 +42,10 @@ def _like(result: Any, reference: torch.Tensor) -> Any:
     the strength of them, so what the daemon stores must match."""
     if not isinstance(result, torch.Tensor) or result.stride() == reference.stride() or result.dim() != reference.dim():
         return result
-    order = sorted(range(reference.dim()), key=lambda d: (-reference.stride(d), d))
+    def outermost_first(d: int) -> tuple[int, int]:
+        return -reference.stride(d), d
+
+    order = sorted(range(reference.dim()), key=outermost_first)
     target = torch.empty([result.shape[d] for d in order], dtype=result.dtype, device=result.device)
     target = target.permute([order.index(d) for d in range(reference.dim())])
     return target.copy_(result) if target.stride() != result.stride() else result
@@ -108,7 +112,9 @@ def attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.T
     inputs = [t.detach().requires_grad_(need) if t is not None else None
               for t, need in zip((query, key, value, attn_bias), grad_input_mask)]
     with torch.enable_grad():
-        result = _math_attention(inputs[0], inputs[1], inputs[2], inputs[3], dropout_p, is_causal, scale)
+        # (inputs[0:3] are tensors, as query, key and value are; only the bias may be None.)
+        result = _math_attention(cast(torch.Tensor, inputs[0]), cast(torch.Tensor, inputs[1]),
+                                 cast(torch.Tensor, inputs[2]), inputs[3], dropout_p, is_causal, scale)
         wanted = [t for t, need in zip(inputs, grad_input_mask) if need and t is not None]
         grads = iter(torch.autograd.grad(result, wanted, grad_out))
     return tuple(_like(next(grads), t) if need and t is not None else None for t, need in zip(inputs, grad_input_mask))
@@ -118,7 +124,8 @@ def lstm_cell(input_gates: torch.Tensor, hidden_gates: torch.Tensor, cx: torch.T
               input_bias: Any = None, hidden_bias: Any = None) -> tuple[torch.Tensor, ...]:
     """``aten::_thnn_fused_lstm_cell``: (hy, cy, workspace = activated gates i|f|g|o)."""
     if input_gates.device.type == "cuda":
-        return aten._thnn_fused_lstm_cell(input_gates, hidden_gates, cx, input_bias, hidden_bias)
+        fused: tuple[torch.Tensor, ...] = aten._thnn_fused_lstm_cell(input_gates, hidden_gates, cx, input_bias, hidden_bias)
+        return fused
     gates = input_gates + hidden_gates
     if input_bias is not None:
         gates = gates + input_bias + hidden_bias
@@ -133,7 +140,8 @@ def lstm_cell_backward(grad_hy: Any, grad_cy: Any, cx: torch.Tensor, cy: torch.T
                        workspace: torch.Tensor, has_bias: bool) -> tuple[Any, ...]:
     """``aten::_thnn_fused_lstm_cell_backward_impl``: (grad_gates, grad_cx, grad_bias)."""
     if workspace.device.type == "cuda":
-        return aten._thnn_fused_lstm_cell_backward_impl(grad_hy, grad_cy, cx, cy, workspace, has_bias)
+        grads: tuple[Any, ...] = aten._thnn_fused_lstm_cell_backward_impl(grad_hy, grad_cy, cx, cy, workspace, has_bias)
+        return grads
     i, f, g, o = workspace.chunk(4, 1)
     tanh_cy = cy.tanh()
     grad_c = torch.zeros_like(cy) if grad_cy is None else grad_cy.clone()
@@ -151,7 +159,9 @@ def gru_cell(input_gates: torch.Tensor, hidden_gates: torch.Tensor, hx: torch.Te
              input_bias: Any = None, hidden_bias: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``aten::_thnn_fused_gru_cell``: (hy, workspace = r|z|n|hx|hidden new-gate)."""
     if input_gates.device.type == "cuda":
-        return aten._thnn_fused_gru_cell(input_gates, hidden_gates, hx, input_bias, hidden_bias)
+        fused: tuple[torch.Tensor, torch.Tensor] = aten._thnn_fused_gru_cell(input_gates, hidden_gates, hx, input_bias,
+                                                                            hidden_bias)
+        return fused
     if input_bias is not None:
         input_gates = input_gates + input_bias
         hidden_gates = hidden_gates + hidden_bias
@@ -167,7 +177,8 @@ def gru_cell(input_gates: torch.Tensor, hidden_gates: torch.Tensor, hx: torch.Te
 def gru_cell_backward(grad_hy: torch.Tensor, workspace: torch.Tensor, has_bias: bool) -> tuple[Any, ...]:
     """``aten::_thnn_fused_gru_cell_backward``: grads of input gates, hidden gates, hx, biases."""
     if workspace.device.type == "cuda":
-        return aten._thnn_fused_gru_cell_backward(grad_hy, workspace, has_bias)
+        grads: tuple[Any, ...] = aten._thnn_fused_gru_cell_backward(grad_hy, workspace, has_bias)
+        return grads
     r, z, n, hx, hn = workspace.chunk(5, 1)
     grad_n = grad_hy * (1 - z) * (1 - n * n)
     grad_z = grad_hy * (hx - n) * z * (1 - z)

@@ -40,7 +40,7 @@ host buffer of its exact size, and a storage whose bytes were discarded comes ba
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -139,7 +139,7 @@ def op_name_of(name: str) -> str:
 
 def written_arguments(entry: Any, args: list[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
     """The tensors at the op's ``resized_arguments`` (the arguments it writes and may resize)."""
-    written = []
+    written: list[torch.Tensor] = []
     for where, key in entry.resized_arguments:
         value = (args[key] if key < len(args) else None) if where == "arg" else kwargs.get(key)
         written.extend(tensors_of(value))
@@ -228,7 +228,7 @@ def ctc_loss(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: Any,
     return loss, log_alpha
 
 
-TRANSLATIONS = {
+TRANSLATIONS: dict[str, Callable[..., Any]] = {
     "aten::_ctc_loss": ctc_loss,
     "aten::resize": resize,
     "aten::resize_as": resize_as,
