@@ -21,7 +21,8 @@ The tests are tests/test_findings.py (each finding, with its repro from a hostil
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping, TypeGuard
+from collections.abc import Callable, Mapping
+from typing import Any, TypeGuard
 
 import torch
 

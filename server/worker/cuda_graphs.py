@@ -53,8 +53,10 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager
+from typing import Any
 
 import torch
 
@@ -287,7 +289,7 @@ class GraphCapture:
     and :meth:`replay_program` for a captured step."""
 
     def __init__(self, device: torch.device, generator: torch.Generator | None,
-                 session_rng: Callable[[], ContextManager[None]]) -> None:
+                 session_rng: Callable[[], AbstractContextManager[None]]) -> None:
         self.device = device
         #: On the CPU backend: replay by the same rules, with :class:`_EmulatedGraph` standing in.
         self.emulated = device.type != "cuda"

@@ -11,8 +11,9 @@ the graph needs at once, not the sum of its intermediates.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 
@@ -39,7 +40,7 @@ _WANT_TIMEOUT_S = 5.0
 class DeviceLease:
     """The lease of one device, as its DeviceMemory uses it."""
 
-    def __init__(self, client: "LeaseClient", index: int, memory: Any) -> None:
+    def __init__(self, client: LeaseClient, index: int, memory: Any) -> None:
         self.client = client
         self.index = index
         self.memory = memory

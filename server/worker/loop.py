@@ -85,7 +85,7 @@ class WorkerConfig:
     port_range: tuple[int, int] | None = None  # --worker-ports
 
     @classmethod
-    def from_wire(cls, fields: dict[str, Any]) -> "WorkerConfig":
+    def from_wire(cls, fields: dict[str, Any]) -> WorkerConfig:
         known = {name: value for name, value in fields.items() if name in cls.__dataclass_fields__}
         if known.get("port_range") is not None:
             known["port_range"] = tuple(known["port_range"])

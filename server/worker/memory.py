@@ -16,7 +16,8 @@ its device's memory manager, and ``spilled`` says how much of it lives in host R
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -19,8 +19,9 @@ even be expressed on the wire (no storages, streams, generators, files or Python
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -80,7 +81,7 @@ class OpEntry:
 def _unsafe_flag_forced_off(schema: torch.FunctionSchema) -> Callable[[list[Any], dict[str, Any]], None] | None:
     """A sanitizer for ops with a ``bool unsafe`` argument (``_index_put_impl_``,
     ``segment_reduce``): it turns their bounds checks off, so the daemon always passes False."""
-    for position, argument in enumerate(schema.arguments):
+    for position, argument in enumerate(schema.arguments):  # noqa: B007 (force_safe uses it after the loop)
         if argument.name == "unsafe" and str(argument.real_type) == "bool":
             break
     else:

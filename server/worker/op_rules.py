@@ -124,8 +124,9 @@ sits beside it; split, the order that decides (refusing rules first) would be sp
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -298,7 +299,7 @@ class Facts:
     explicit_geometry: bool  # takes both ``size`` and ``stride`` (a memory layout)
 
     @classmethod
-    def of(cls, overload: torch._ops.OpOverload) -> "Facts":
+    def of(cls, overload: torch._ops.OpOverload) -> Facts:
         schema = overload._schema
         namespace, _, rest = schema.name.partition("::")
         name = f"{schema.name}.{schema.overload_name}" if schema.overload_name else schema.name
@@ -881,7 +882,8 @@ _TENSOR_CHECKS: dict[str, Callable[[Any, dict[str, Reader]], TensorCheck]] = {
 }
 
 
-def argument_checker(overload: torch._ops.OpOverload, rule: Rule) -> Callable[[list[Any], dict[str, Any], Sequence[torch.device]], None] | None:
+def argument_checker(overload: torch._ops.OpOverload,
+                     rule: Rule) -> Callable[[list[Any], dict[str, Any], Sequence[torch.device]], None] | None:
     """The per-call check of an allowed overload's arguments (raising :class:`ArgumentRefused`),
     or None when its arguments need none: each enum, device and varlen-offset argument's value,
     then the check of the rule that allowed it (geometry, index ranges, channels, shapes,

@@ -34,8 +34,9 @@ host_memory.py owns the host buffers and foreach_chunks.py the ops that run in s
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 

@@ -15,7 +15,8 @@ device took beyond it, measured with CUDA events once the slice's kernels have r
 
 from __future__ import annotations
 
-from typing import Iterable, Protocol, TypeVar
+from collections.abc import Iterable
+from typing import Protocol, TypeVar
 
 from ..policy import PRIORITIES
 

@@ -24,8 +24,9 @@ import itertools
 import logging
 import secrets
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -335,7 +336,7 @@ class Session(QuotaMixin, GraphsMixin, ResidencyMixin, CommandsMixin):
                 start = running_position
             yield from batch.commands[start:]
 
-    def _run_command(self, batch: "PendingBatch", position: int) -> None:
+    def _run_command(self, batch: PendingBatch, position: int) -> None:
         self._running = (batch, position)
         command = batch.commands[position]
         self._last_in_batch = position == len(batch.commands) - 1

@@ -3,7 +3,8 @@ resolved arguments, op results as the wire carries them, and tensor layouts."""
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 

@@ -40,7 +40,8 @@ host buffer of its exact size, and a storage whose bytes were discarded comes ba
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
