@@ -57,10 +57,13 @@ def is_connected() -> bool:
 
 
 def synchronize() -> None:
-    """Wait until the daemon has run every op sent so far (raises a pending remote error)."""
+    """Wait until the daemon (every daemon of the program) has run every op sent so far (raises a
+    pending remote error)."""
     from .client import runtime
 
-    runtime.current().synchronize()
+    runtime.current()
+    for session in runtime.sessions():
+        session.synchronize()
 
 
 def server_info() -> dict[str, Any]:

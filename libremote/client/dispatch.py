@@ -49,18 +49,21 @@ _one_tensor_ops: dict[torch._ops.OpOverload, OpInfo] = {}
 
 
 def _stream_one_tensor(func: torch._ops.OpOverload, info: OpInfo, args: tuple[Any, ...]) -> RemoteTensor | None:
-    """The common case in one function: positional arguments only, tensors of the current
-    session on one device, and output metadata already in the cache. Does what :func:`run`
-    would (same cache key, same wire command) without its layers; ``None`` sends the call
-    down the general path, which also fills the cache."""
-    session = runtime.current_if_open()
+    """The common case in one function: positional arguments only, tensors of one open session
+    on one device, and output metadata already in the cache. Does what :func:`run` would (same
+    cache key, same wire command) without its layers; ``None`` sends the call down the general
+    path, which also fills the cache. (The session is the tensors' own: with several daemons,
+    see :mod:`.servers`, each op goes to the daemon of its device.)"""
+    session = None
     values_matter = not info.pointwise
     key: list[Any] = []
     index = -1
     for arg in args:
         if type(arg) is RemoteTensor:
             if arg._ref.session is not session:
-                return None
+                if session is not None:
+                    return None
+                session = arg._ref.session
             if index != arg._device_index:
                 if index >= 0:
                     return None
@@ -72,7 +75,7 @@ def _stream_one_tensor(func: torch._ops.OpOverload, info: OpInfo, args: tuple[An
             return None  # tensor lists (cat, index): the general path checks their devices
         else:
             key.append(meta.signature(arg, values_matter))
-    if index < 0:
+    if index < 0 or session.closed:
         return None
     specs = meta.cached(func, tuple(key))
     if specs is None or specs[0] is None:
@@ -166,10 +169,10 @@ def _view_base(view_source: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) 
 
 def _stream(func: torch._ops.OpOverload, info: OpInfo, specs: tuple[Any, ...], args: tuple[Any, ...],
             kwargs: dict[str, Any], device_index: int | None = None) -> Any:
-    session = runtime.current()
+    index = _device_index(args, kwargs) if device_index is None else device_index
+    session = runtime.session_for(index)
     encoder = WireEncoder(session, info.name)
     wire_args, wire_kwargs = encoder.arguments(info, args, kwargs)
-    index = _device_index(args, kwargs) if device_index is None else device_index
     if info.returns_one_new_tensor and type(specs[0]) is tuple:  # (not None, not a HostResult)
         tensor = make(specs[0], session, index, _view_base(info.view_sources[0], args, kwargs),
                       info.view_keeps_inference)
@@ -218,10 +221,10 @@ def _pack_results(info: OpInfo, results: list[Any]) -> Any:
 def _run_synchronously(func: torch._ops.OpOverload, info: OpInfo, args: tuple[Any, ...], kwargs: dict[str, Any],
                        device_index: int | None = None) -> Any:
     """Run on the daemon and wait: the results' metadata (or values) come from its answer."""
-    session = runtime.current()
+    index = _device_index(args, kwargs) if device_index is None else device_index
+    session = runtime.session_for(index)
     encoder = WireEncoder(session, info.name)
     wire_args, wire_kwargs = encoder.arguments(info, args, kwargs)
-    index = _device_index(args, kwargs) if device_index is None else device_index
     outs: list[Any] = []
     for kind in info.returns:
         if kind is Return.NEW:
