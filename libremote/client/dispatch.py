@@ -132,7 +132,7 @@ def _device_index(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     if isinstance(device, torch.device) and device.index is not None:
         return device.index
     found = None
-    for value in args:
+    for value in (*args, *kwargs.values()) if kwargs else args:  # (kwargs: out= tensors)
         if type(value) is RemoteTensor or isinstance(value, RemoteTensor):
             index = value._device_index
         elif isinstance(value, (list, tuple)):

@@ -30,6 +30,8 @@ import torch
 
 from libremote_wire import torch_codec
 from libremote_wire.messages import Cmd
+
+from .. import errors
 from . import backend, runtime
 from .dispatch import run
 from .meta import spec_of
@@ -55,6 +57,9 @@ def pulled(source: RemoteTensor, device_index: int) -> RemoteTensor:
                            "indices and values (strided tensors), or go through the host (.cpu())")
     origin = source._ref.session
     target_session = runtime.session_for(device_index)
+    for session in (origin, target_session):
+        if session.connection.broken:  # (before exporting anything: say which daemon is gone)
+            raise errors.ConnectionFailed(session.connection.broken)
     (token, nbytes), _ = origin.request([Cmd.EXPORT, source._ref.id])
     shape = list(source.shape)
     stride = list(torch.empty(shape, device="meta").stride()) if shape else []

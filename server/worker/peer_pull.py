@@ -62,7 +62,8 @@ def pull(context: zmq.Context, address: str, token: bytes, nbytes: int, into: me
                 raise PullFailed(f"the worker at {address} answered with another piece or size than asked "
                                  f"(offset {got_offset}, total {total}, {0 if piece is None else len(piece)} bytes; "
                                  f"asked offset {offset}, {length} bytes of {nbytes})")
-            into[offset:offset + length] = piece
+            if length:
+                into[offset:offset + length] = piece
             offset += length
             if nbytes == 0:
                 break
