@@ -27,6 +27,8 @@ from libremote_wire.messages import Msg
 #: How long one piece may take to arrive before the copy fails (a dead or unreachable peer).
 PIECE_TIMEOUT_S = 30.0
 _POLL_MS = 20
+#: Pieces asked for ahead of the one being received (answers come in order on one connection).
+PULL_WINDOW = 2
 _TCP_ADDRESS = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):\d{1,5}$")
 
 
@@ -49,10 +51,14 @@ def pull(context: zmq.Context, address: str, token: bytes, nbytes: int, into: me
     socket.setsockopt(zmq.MAXMSGSIZE, messages.PULL_CHUNK_BYTES + (64 << 10))
     try:
         socket.connect(address)
-        offset = 0
-        while offset < nbytes or offset == 0:
-            length = min(messages.PULL_CHUNK_BYTES, nbytes - offset)
-            socket.send(codec.packb([Msg.PULL, token, offset, length]))
+        pieces = [(offset, min(messages.PULL_CHUNK_BYTES, nbytes - offset))
+                  for offset in range(0, nbytes, messages.PULL_CHUNK_BYTES)] or [(0, 0)]
+        asked = 0
+        for position, (offset, length) in enumerate(pieces):
+            # Keep PULL_WINDOW pieces asked for: the peer sends the next while this one is copied.
+            while asked < len(pieces) and asked - position < PULL_WINDOW:
+                socket.send(codec.packb([Msg.PULL, token, *pieces[asked]]))
+                asked += 1
             header, piece = _answer(socket, address, serve_own)
             got_offset, total, error = messages.parse(header, messages.MESSAGES, accepted=frozenset({Msg.PULLED}),
                                                       at="a pulling worker")[1]
@@ -64,10 +70,7 @@ def pull(context: zmq.Context, address: str, token: bytes, nbytes: int, into: me
                                  f"asked offset {offset}, {length} bytes of {nbytes})")
             if length:
                 into[offset:offset + length] = piece
-            offset += length
-            if nbytes == 0:
-                break
-        return offset
+        return nbytes
     except ProtocolError as exc:
         raise PullFailed(f"the worker at {address} answered a PULL with a malformed message: {exc}") from None
     finally:
