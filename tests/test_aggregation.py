@@ -189,11 +189,24 @@ MIXED = """
         except Exception as exc:
             errors[name] = [type(exc).__name__, str(exc)]
     errors["a_still_works"] = (a * 2).sum().item() == 6.0
+    # closing closes every daemon's session; connecting again opens both
+    from libremote.client import runtime
+    opened = runtime.sessions()
+    libremote.disconnect()
+    errors["all_closed"] = len(opened) == 2 and all(session.closed for session in opened) and runtime.sessions() == []
+    libremote.connect()
+    errors["reopened"] = [len(runtime.sessions()), torch.cuda.device_count(),
+                          (torch.ones(2, device="cuda:1").to("cuda:0") * 2).sum().item()]
+    try:
+        b + 1
+        errors["old_tensor"] = None
+    except RuntimeError as exc:
+        errors["old_tensor"] = str(exc)
     print(json.dumps(errors))
 """
 
 
-def test_an_op_mixing_devices_of_two_daemons_raises_cudas_error(two_daemons):
+def test_an_op_mixing_devices_of_two_daemons_raises_cudas_error_and_closing_closes_all(two_daemons):
     out = _run(MIXED, *two_daemons)
     for name in ("add", "matmul", "cat", "add_", "where"):
         assert out[name] is not None, (name, out)
@@ -203,6 +216,8 @@ def test_an_op_mixing_devices_of_two_daemons_raises_cudas_error(two_daemons):
         assert message.startswith("Expected all tensors to be on the same device, but found at least two devices"), (name, message)
         assert "cuda:0" in message and "cuda:1" in message, (name, message)
     assert out["a_still_works"], out
+    assert out["all_closed"] and out["reopened"] == [2, 2, 4.0], out
+    assert out["old_tensor"] and "earlier session" in out["old_tensor"], out
 
 
 PULLS = """
