@@ -132,7 +132,25 @@ DATA_PARALLEL = """
         weights = [[p.detach().cpu().tolist() for p in replica.parameters()] for replica in replicas]
         return {"losses": losses, "weights": weights}
 
-    print(json.dumps({"remote": run(["cuda:0", "cuda:1"]), "local": run(["cpu", "cpu"])}))
+    def data_parallel(device_ids):
+        # nn.DataParallel: scatter, replicate, parallel apply, gather, grads reduced onto the first
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        x, y = torch.randn(32, 8), torch.randn(32, 1)
+        first = "cpu" if device_ids is None else "cuda:0"
+        net = model.to(first) if device_ids is None else torch.nn.DataParallel(model.to(first), device_ids=device_ids)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+        losses = []
+        for _ in range(3):
+            loss = torch.nn.functional.mse_loss(net(x.to(first)), y.to(first))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return losses
+
+    print(json.dumps({"remote": run(["cuda:0", "cuda:1"]), "local": run(["cpu", "cpu"]),
+                      "dp_remote": data_parallel([0, 1]), "dp_local": data_parallel(None)}))
 """
 
 
@@ -141,6 +159,8 @@ def test_a_data_parallel_step_across_two_daemons_equals_local_cpu(two_daemons):
     assert out["remote"]["losses"] == out["local"]["losses"], out
     assert out["remote"]["weights"] == out["local"]["weights"], "weights differ from local CPU torch"
     assert out["remote"]["weights"][0] == out["remote"]["weights"][1], "the replicas drifted apart"
+    # (torch's DataParallel sums the replicas' gradients in another order than one device would)
+    assert out["dp_remote"] == pytest.approx(out["dp_local"], rel=1e-5), out
 
 
 PIPELINE = """
