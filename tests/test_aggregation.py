@@ -197,6 +197,40 @@ def test_a_pipeline_split_across_two_daemons_equals_local_cpu(two_daemons):
     assert out["remote"]["weights"] == out["local"]["weights"], "weights differ from local CPU torch"
 
 
+COMPILED = """
+    import copy, json, torch, libremote
+    from libremote.client import runtime
+    from libremote_wire.messages import Cmd
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    x, y = torch.randn(4, 8), torch.randn(4, 1)
+
+    def train(net, device):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+        losses = []
+        for _ in range(3):
+            loss = torch.nn.functional.mse_loss(net(x.to(device)), y.to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return losses
+
+    out = {"local": train(copy.deepcopy(model), "cpu")}
+    compiled = torch.compile(copy.deepcopy(model).to("cuda:1"))  # the current device stays cuda:0
+    out["remote"] = train(compiled, "cuda:1")
+    out["compiles"] = compiled.compiles
+    out["graph_runs"] = [runtime.session_for(i).request([Cmd.QUERY, "stats"])[0]["graph_runs"] for i in range(2)]
+    print(json.dumps(out))
+"""
+
+
+def test_graph_mode_runs_on_the_daemon_of_its_inputs(two_daemons):
+    out = _run(COMPILED, *two_daemons)
+    assert out["remote"] == out["local"] and out["compiles"] == 1, out
+    assert out["graph_runs"][0] == 0 and out["graph_runs"][1] >= 6, out  # forward and backward, 3 steps
+
+
 MIXED = """
     import json, torch, libremote
     a, b = torch.ones(3, device="cuda:0"), torch.ones(3, device="cuda:1")

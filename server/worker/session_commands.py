@@ -227,6 +227,7 @@ class CommandsMixin:
             return {"ops": self.ops_executed, "batches": self.batches, "busy_s": self.busy_s, "host_s": self.host_s,
                     "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
                     "bytes_exported": self.bytes_exported, "bytes_pulled": self.bytes_pulled,
+                    "graph_runs": self.graph_runs, "graphs_defined": self.graphs_defined,
                     "handles": len(self.tensors), "generators": len(self.explicit_generators),
                     "cuda_graph_captures": self._cuda_graphs.captures if self._cuda_graphs else 0,
                     "cuda_graph_replays": self._cuda_graphs.replays if self._cuda_graphs else 0,
