@@ -76,6 +76,10 @@ COPIES = """
     checks["copy_broadcast"] = torch.equal(broadcast.cpu(), torch.arange(4.0).expand(3, 4))
     checks["empty"] = torch.empty(0, 3, device="cuda:0").to("cuda:1").shape == (0, 3)
     checks["scalar"] = torch.tensor(2.5, device="cuda:0").to("cuda:1").item() == 2.5
+    # an explicit generator lives on its device's daemon
+    draws = [torch.randn(5, device=f"cuda:{i}", generator=torch.Generator(f"cuda:{i}").manual_seed(3)).cpu()
+             for i in range(2)]
+    checks["generators"] = torch.equal(draws[0], draws[1])
     out["checks"] = checks
     # the current device chooses the daemon of a bare "cuda" and of torch.cuda's answers
     torch.cuda.set_device(1)
