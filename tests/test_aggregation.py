@@ -80,6 +80,16 @@ COPIES = """
     draws = [torch.randn(5, device=f"cuda:{i}", generator=torch.Generator(f"cuda:{i}").manual_seed(3)).cpu()
              for i in range(2)]
     checks["generators"] = torch.equal(draws[0], draws[1])
+    # sparse tensors work on the second daemon's device, and say clearly that they do not move
+    host_sparse = torch.sparse_coo_tensor(torch.tensor([[0, 1, 2], [2, 0, 1]]), torch.tensor([1., 2., 3.]), (3, 3))
+    dense = torch.randn(3, 2)
+    on_second = host_sparse.to("cuda:1")
+    checks["sparse_mm"] = torch.equal(torch.sparse.mm(on_second, dense.to("cuda:1")).cpu(), torch.sparse.mm(host_sparse, dense))
+    try:
+        on_second.to("cuda:0")
+        out["sparse_move"] = None
+    except RuntimeError as exc:
+        out["sparse_move"] = str(exc)
     out["checks"] = checks
     # the current device chooses the daemon of a bare "cuda" and of torch.cuda's answers
     torch.cuda.set_device(1)
@@ -103,6 +113,7 @@ def test_a_cross_server_copy_is_exact_and_goes_daemon_to_daemon(two_daemons):
     # ...and the client sent and received only commands, tokens and acknowledgements.
     assert out["client_bytes_during_copies"] < 16 << 10, out
     assert all(out["checks"].values()), out["checks"]
+    assert out["sparse_move"] and "cannot move between daemons" in out["sparse_move"], out
     assert out["memory_allocated"][0] >= nbytes and out["memory_allocated"][1] >= nbytes, out
     assert out["bare_cuda"] == "cuda:1" and out["in_device_0"] == "cuda:0", out
 
