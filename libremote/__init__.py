@@ -33,9 +33,14 @@ _activation.activate()
 def connect(address: str | None = None) -> dict[str, Any]:
     """Open a session with the daemon at ``address`` (default: ``LIBREMOTE_SERVER``).
 
-    Closes the current session first (its tensors become unusable). Returns what the daemon said
-    about itself: versions, session id, devices. Raises :class:`ConnectionFailed` within
-    ``LIBREMOTE_TIMEOUT`` seconds if no daemon answers.
+    Several comma-separated addresses (``"tcp://h1:5555,tcp://h2:5556"``) open one session per
+    daemon, one device per entry: cuda:0 on the first, and so on (README, "One program on several
+    servers"; set ``LIBREMOTE_DEVICES`` to their number before the program starts).
+
+    Closes the current session(s) first (their tensors become unusable). Returns what the daemon
+    said about itself (with several: the current device's daemon): versions, session id, devices.
+    Raises :class:`ConnectionFailed` within ``LIBREMOTE_TIMEOUT`` seconds if a daemon does not
+    answer, naming it.
     """
     from .client import runtime
 

@@ -57,6 +57,9 @@ COPIES = """
     out["devices"] = [str(b.device), str(c.device)]
     out["exact"] = torch.equal(b.cpu(), host) and torch.equal(c.cpu(), host * 2)
     out["memory_allocated"] = [torch.cuda.memory_allocated(i) for i in range(2)]
+    out["facts"] = [[torch.cuda.get_device_properties(i).total_memory > 0, torch.cuda.mem_get_info(i)[1] > 0,
+                     torch.cuda.memory_stats(i)["allocated_bytes.all.current"] == out["memory_allocated"][i]]
+                    for i in range(2)]
     # dtypes, layouts and copy_ across daemons, against local torch
     checks = {}
     for dtype in (torch.float64, torch.bfloat16, torch.int64, torch.bool, torch.complex64):
@@ -115,6 +118,7 @@ def test_a_cross_server_copy_is_exact_and_goes_daemon_to_daemon(two_daemons):
     assert all(out["checks"].values()), out["checks"]
     assert out["sparse_move"] and "cannot move between daemons" in out["sparse_move"], out
     assert out["memory_allocated"][0] >= nbytes and out["memory_allocated"][1] >= nbytes, out
+    assert out["facts"] == [[True, True, True], [True, True, True]], out
     assert out["bare_cuda"] == "cuda:1" and out["in_device_0"] == "cuda:0", out
 
 
