@@ -80,8 +80,9 @@ def server_entries(address: str | None) -> list[str]:
     as they always were. Several, comma-separated: **one device per entry**, cuda:i on the i-th
     entry's daemon; an address named twice gives that daemon's session two devices (in the order
     of the entries), so ``tcp://h1:5555,tcp://h1:5555,tcp://h2:5556`` is cuda:0 and cuda:1 on h1
-    and cuda:2 on h2. This is the shape a pool's placement produces (one address per device
-    asked for), so a resolver can hand its result over as this list.
+    and cuda:2 on h2. An entry may pin a device of its daemon, ``tcp://h1:5555#1``
+    (libremote/client/servers.py). This is the shape a pool's placement produces (one
+    ``address#device`` per device asked for), so a resolver can hand its result over as this list.
     """
     if not address:
         return []

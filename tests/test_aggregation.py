@@ -431,3 +431,33 @@ def test_addresses_and_devices_must_agree(two_daemons):
     assert result.returncode == 0, result.stderr[-3000:]
     assert last_json(result.stdout) == {"count": 2, "value": [3.0, 3.0]}
 
+
+
+PINNED = """
+    import json, os, torch, libremote
+    from libremote.client import runtime
+    from libremote_wire.cli import query_status
+    x = torch.arange(6.0, device="cuda:0")
+    y = (x.to("cuda:1") + 1).to("cuda:2")
+    out = {"value": y.cpu().tolist(), "count": torch.cuda.device_count(), "sessions": len(runtime.sessions())}
+    for name in ("FIRST", "SECOND"):
+        report = query_status(os.environ[name])
+        out[name] = [row["devices"] for row in report["sessions"] if row.get("pid") == os.getpid()]
+    print(json.dumps(out))
+"""
+
+
+def test_entries_can_pin_a_device_of_their_daemon():
+    with pool_daemon("--loopback-admin", device="cpu,cpu") as first, \
+            pool_daemon("--loopback-admin", device="cpu,cpu") as second:
+        servers = f"{first.address}#1,{second.address}#1,{second.address}#0"
+        result = run_python(PINNED, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=servers,
+                            FIRST=first.address, SECOND=second.address)
+        assert result.returncode == 0, result.stderr[-3000:]
+        out = last_json(result.stdout)
+        assert out["value"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0] and out["count"] == 3 and out["sessions"] == 2, out
+        assert out["FIRST"] == [[1]] and out["SECOND"] == [[1, 0]], out  # the daemons' own numbers, in order
+        refused = run_python("import torch, libremote\ntorch.ones(1, device='cuda:0')", timeout=CLIENT_TIMEOUT_S,
+                             LIBREMOTE_SERVER=f"{first.address}#5,{second.address}#0")
+        assert refused.returncode != 0 and "device_indices [5]" in refused.stderr and first.address in refused.stderr, \
+            refused.stderr[-2000:]

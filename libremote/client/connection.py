@@ -101,7 +101,8 @@ class Connection:
 
     # ------------------------------------------------------------------------------------------
     def handshake(self, libremote_version: str, *, tenant: str | None = None, token: str | None = None,
-                  priority: str | None = None, queue_timeout_s: float = 300.0, devices: int = 1) -> dict[str, Any]:
+                  priority: str | None = None, queue_timeout_s: float = 300.0, devices: int = 1,
+                  device_indices: list[int] | None = None) -> dict[str, Any]:
         """Say HELLO and wait for WELCOME; while queued (QUEUED), wait up to ``queue_timeout_s``."""
         hello = {
             "protocol": messages.PROTOCOL_VERSION,
@@ -116,6 +117,8 @@ class Connection:
             "priority": priority,
             "devices": devices,
         }
+        if device_indices is not None:
+            hello["device_indices"] = device_indices
         deadline = time.monotonic() + self.timeout_s
         try:
             self.send([Msg.HELLO, hello], timeout_s=self.timeout_s)

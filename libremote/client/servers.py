@@ -53,13 +53,29 @@ class Servers:
             session.close()
 
 
+def _pinned(entry: str) -> tuple[str, int | None]:
+    """``tcp://host:port#N`` -> (``tcp://host:port``, N): device N of that daemon."""
+    address, mark, pin = entry.rpartition("#")
+    if not mark:
+        return entry, None
+    if not pin.isdigit() or not address:
+        raise NotConfiguredError(f"libremote: {entry!r} in LIBREMOTE_SERVER: after '#' comes a device index of that "
+                                 "daemon (tcp://host:port#0)")
+    return address, int(pin)
+
+
 def open_servers(settings: Settings, entries: list[str], libremote_version: str) -> Servers:
     """Open one session per distinct address of ``entries`` (see :func:`libremote.config.server_entries`).
 
     With one entry, that daemon gives all ``LIBREMOTE_DEVICES`` devices. With several, each entry
     is one device, and ``LIBREMOTE_DEVICES`` (when set) must count them. If a daemon cannot be
-    reached, the sessions already opened are closed and the error names that daemon."""
-    if len(entries) == 1:
+    reached, the sessions already opened are closed and the error names that daemon.
+
+    An entry may pin a device of its daemon, ``tcp://host:port#N`` (a pool's placement names
+    them so): the session then asks for exactly those devices, in the entries' order, instead of
+    letting the daemon place it. An address is pinned in all its entries or in none."""
+    placements = [_pinned(entry) for entry in entries]
+    if len(entries) == 1 and placements[0][1] is None:
         session = ClientSession(settings, entries[0], libremote_version)
         return Servers([session], [session] * len(session.devices))
     if settings.devices != len(entries):
@@ -69,13 +85,21 @@ def open_servers(settings: Settings, entries: list[str], libremote_version: str)
             "device wanted on it"
         )
     wanted: dict[str, list[int]] = {}
-    for index, address in enumerate(entries):
+    pins: dict[str, list[int | None]] = {}
+    for index, (address, pin) in enumerate(placements):
         wanted.setdefault(address, []).append(index)
+        pins.setdefault(address, []).append(pin)
+    for address, pinned in pins.items():
+        if None in pinned and any(pin is not None for pin in pinned):
+            raise NotConfiguredError(f"libremote: LIBREMOTE_SERVER pins some devices of {address} (#N) and not others; "
+                                     "pin all its entries or none")
     sessions: list[ClientSession] = []
     by_device: list[Any] = [None] * len(entries)
     try:
         for address, indices in wanted.items():
-            session = ClientSession(settings, address, libremote_version, devices=len(indices), global_devices=indices)
+            pinned = pins[address]
+            session = ClientSession(settings, address, libremote_version, devices=len(indices), global_devices=indices,
+                                    device_indices=None if pinned[0] is None else pinned)
             sessions.append(session)
             for index in indices:
                 by_device[index] = session

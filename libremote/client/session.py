@@ -61,7 +61,8 @@ class ClientSession:
     session: :meth:`local_device` translates)."""
 
     def __init__(self, settings: Settings, address: str, libremote_version: str, *,
-                 devices: int | None = None, global_devices: list[int] | None = None) -> None:
+                 devices: int | None = None, global_devices: list[int] | None = None,
+                 device_indices: list[int] | None = None) -> None:
         self.settings = settings
         self.address = address
         self.connection = Connection(address, timeout_s=settings.timeout_s, heartbeat_s=settings.heartbeat_s,
@@ -69,7 +70,13 @@ class ClientSession:
         welcome = self.connection.handshake(
             libremote_version, tenant=settings.tenant, token=settings.token, priority=settings.priority,
             queue_timeout_s=settings.queue_timeout_s, devices=settings.devices if devices is None else devices,
+            device_indices=device_indices,
         )
+        if device_indices is not None and "device_pins" not in welcome.get("features", ()):
+            self.connection.close()
+            raise errors.ConnectionFailed(
+                f"libremote: the daemon at {address} is too old to pin devices (#N in LIBREMOTE_SERVER): it would "
+                "place the session by its own policy; upgrade it, or name the address without #N")
         self.session_id: str = welcome["session"]
         self.devices: list[dict[str, Any]] = welcome["devices"]
         self.daemon_info = welcome

@@ -255,6 +255,10 @@ HELLO_INFO = Record("hello", "Who the client is and what it asks for.", (
     Field("token", str, "plain TCP with a tenants file: the tenant's token", _SECRET, optional=True),
     Field("priority", str, "high, normal or low: at most the tenant's", 16, optional=True),
     Field("devices", int, "how many devices the session wants (LIBREMOTE_DEVICES)", optional=True),
+    Field("device_indices", list, "which of the daemon's devices, by index, in the session's order (entries "
+          "tcp://host:port#N of LIBREMOTE_SERVER, a pool's placement); absent: the daemon places by its policy. "
+          "A daemon whose WELCOME features lack device_pins ignores it, and the client refuses to go on", 64,
+          optional=True),
 ))
 WELCOME_INFO = Record("welcome", "The admitted session and where it runs.", (
     Field("session", str, "the session's id", 64),
