@@ -62,12 +62,6 @@ class TransfersMixin:
                                self._quota_message(self.memory.allocated, nbytes))  # type: ignore[attr-defined]
         if self.peer_pull is None:
             raise CommandError(ErrorKind.OP, "PULL", "this worker does not pull from other daemons")
-        staging = torch.empty(nbytes, dtype=torch.uint8)
-        try:
-            received = self.peer_pull(source, token, nbytes, torch_codec.tensor_bytes(staging))
-        except PullFailed as exc:
-            raise CommandError(ErrorKind.OP, "cross-server copy", str(exc)) from None
-        self.bytes_pulled += received
         stride = _contiguous(shape)
         device_memory = self.device_memories[self._index_of(device)] if self.memory.managed else None  # type: ignore[attr-defined]
         make = lambda: torch.empty_strided(shape, stride, dtype=dtype, device=device)  # noqa: E731
@@ -78,7 +72,15 @@ class TransfersMixin:
                 tensor = device_memory.retrying_oom(make)
             except SpillExhausted as exc:
                 raise CommandError(ErrorKind.OOM, "cross-server copy", str(exc)) from None
-        if nbytes:
+        # On the CPU backend the pieces land in the tensor itself; on a device, in host memory
+        # first (then one copy to the device).
+        staging = tensor if device.type == "cpu" else torch.empty(nbytes, dtype=torch.uint8)
+        try:
+            received = self.peer_pull(source, token, nbytes, torch_codec.tensor_bytes(staging))
+        except PullFailed as exc:
+            raise CommandError(ErrorKind.OP, "cross-server copy", str(exc)) from None
+        self.bytes_pulled += received
+        if nbytes and staging is not tensor:
             tensor.view(-1).copy_(staging.view(dtype))
         self._store(handle, tensor)  # type: ignore[attr-defined]
         if self.memory.managed:  # type: ignore[attr-defined]
