@@ -325,6 +325,18 @@ PULLS = """
         out["ipc"] = None
     except Exception as exc:
         out["ipc"] = str(exc)
+    # a peer that is not there fails the copy at once (not after the 30 s a piece may take)
+    import socket, time
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    started = time.monotonic()
+    target.submit([Cmd.PULL, target.new_handle(), torch_codec.dtype_ext(torch.int32), [10], 0, closed, os.urandom(32), 40])
+    try:
+        target.synchronize()
+        out["gone"] = None
+    except Exception as exc:
+        out["gone"] = [str(exc), time.monotonic() - started]
     print(json.dumps(out, default=str))
 """
 
@@ -338,6 +350,7 @@ def test_exports_are_served_once_and_only_with_their_token(two_daemons):
     assert out["first"][1] == list(range(10)), out
     assert "no such export" in out["again"][3], out
     assert out["ipc"] and "tcp://host:port" in out["ipc"], out
+    assert out["gone"] and "is gone" in out["gone"][0] and out["gone"][1] < 10, out
 
 
 def test_exports_are_bounded_expire_and_end_with_their_session(monkeypatch):

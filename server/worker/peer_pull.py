@@ -19,6 +19,7 @@ import time
 from typing import Callable
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from libremote_wire import codec, messages
 from libremote_wire.codec import ProtocolError
@@ -49,6 +50,8 @@ def pull(context: zmq.Context, address: str, token: bytes, nbytes: int, into: me
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.MAXMSGSIZE, messages.PULL_CHUNK_BYTES + (64 << 10))
+    # A peer that refuses the connection or drops it fails the copy at once, not after the timeout.
+    monitor = socket.get_monitor_socket(zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_DISCONNECTED)
     try:
         socket.connect(address)
         pieces = [(offset, min(messages.PULL_CHUNK_BYTES, nbytes - offset))
@@ -59,7 +62,7 @@ def pull(context: zmq.Context, address: str, token: bytes, nbytes: int, into: me
             while asked < len(pieces) and asked - position < PULL_WINDOW:
                 socket.send(codec.packb([Msg.PULL, token, *pieces[asked]]))
                 asked += 1
-            header, piece = _answer(socket, address, serve_own)
+            header, piece = _answer(socket, monitor, address, serve_own)
             got_offset, total, error = messages.parse(header, messages.MESSAGES, accepted=frozenset({Msg.PULLED}),
                                                       at="a pulling worker")[1]
             if error is not None:
@@ -74,14 +77,22 @@ def pull(context: zmq.Context, address: str, token: bytes, nbytes: int, into: me
     except ProtocolError as exc:
         raise PullFailed(f"the worker at {address} answered a PULL with a malformed message: {exc}") from None
     finally:
+        socket.disable_monitor()
+        monitor.close(0)
         socket.close(0)
 
 
-def _answer(socket: zmq.Socket, address: str, serve_own: Callable[[], None] | None) -> tuple[list, memoryview | None]:
+def _answer(socket: zmq.Socket, monitor: zmq.Socket, address: str,
+            serve_own: Callable[[], None] | None) -> tuple[list, memoryview | None]:
     deadline = time.monotonic() + PIECE_TIMEOUT_S
     while not socket.poll(_POLL_MS, zmq.POLLIN):
         if serve_own is not None:
             serve_own()
+        while monitor.poll(0):
+            event = recv_monitor_message(monitor)["event"]
+            if event in (zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_DISCONNECTED):
+                raise PullFailed(f"the worker at {address} is gone (its daemon stopped or died, or the connection "
+                                 "was refused): the tensor could not be copied from it")
         if time.monotonic() > deadline:
             raise PullFailed(f"the worker at {address} did not answer a PULL within {PIECE_TIMEOUT_S:g} s "
                              "(its daemon stopped, or it is unreachable from this daemon)")
