@@ -240,14 +240,38 @@ COMPILED = """
     out["remote"] = train(compiled, "cuda:1")
     out["compiles"] = compiled.compiles
     out["graph_runs"] = [runtime.session_for(i).request([Cmd.QUERY, "stats"])[0]["graph_runs"] for i in range(2)]
+
+    # a whole step captured on cuda:1 (libremote.capture_step) replays on its daemon
+    local = copy.deepcopy(model)
+    captured = copy.deepcopy(model).to("cuda:1")
+    optimizers = [torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9) for net in (local, captured)]
+
+    def train_step(xb, yb):
+        loss = torch.nn.functional.mse_loss(captured(xb), yb)
+        optimizers[1].zero_grad(set_to_none=False)
+        loss.backward()
+        optimizers[1].step()
+        return loss.detach()
+
+    step = libremote.capture_step(train_step, x.to("cuda:1"), y.to("cuda:1"))  # runs it twice
+    local_losses = []
+    for _ in range(5):
+        loss = torch.nn.functional.mse_loss(local(x), y)
+        optimizers[0].zero_grad()
+        loss.backward()
+        optimizers[0].step()
+        local_losses.append(loss.item())
+    out["captured"] = [step(x.to("cuda:1"), y.to("cuda:1")).item() for _ in range(3)]
+    out["captured_local"] = local_losses[2:]
     print(json.dumps(out))
 """
 
 
-def test_graph_mode_runs_on_the_daemon_of_its_inputs(two_daemons):
+def test_graph_mode_and_captured_steps_run_on_the_daemon_of_their_inputs(two_daemons):
     out = _run(COMPILED, *two_daemons)
     assert out["remote"] == out["local"] and out["compiles"] == 1, out
     assert out["graph_runs"][0] == 0 and out["graph_runs"][1] >= 6, out  # forward and backward, 3 steps
+    assert out["captured"] == pytest.approx(out["captured_local"], rel=1e-6), out
 
 
 MIXED = """
