@@ -263,6 +263,11 @@ COMPILED = """
         local_losses.append(loss.item())
     out["captured"] = [step(x.to("cuda:1"), y.to("cuda:1")).item() for _ in range(3)]
     out["captured_local"] = local_losses[2:]
+    try:
+        libremote.capture_step(lambda v: (v * 2).to("cuda:0"), x.to("cuda:1"))
+        out["capture_across"] = None
+    except libremote.CaptureError as exc:
+        out["capture_across"] = str(exc)
     print(json.dumps(out))
 """
 
@@ -272,6 +277,7 @@ def test_graph_mode_and_captured_steps_run_on_the_daemon_of_their_inputs(two_dae
     assert out["remote"] == out["local"] and out["compiles"] == 1, out
     assert out["graph_runs"][0] == 0 and out["graph_runs"][1] >= 6, out  # forward and backward, 3 steps
     assert out["captured"] == pytest.approx(out["captured_local"], rel=1e-6), out
+    assert out["capture_across"] and "cannot move a tensor between daemons" in out["capture_across"], out
 
 
 MIXED = """

@@ -118,6 +118,11 @@ class ClientSession:
         self.ping_interval_s = float(welcome.get("heartbeat_s", 2.0))
         threading.Thread(target=self._heartbeat, name="libremote-heartbeat", daemon=True).start()
 
+    @property
+    def recording(self) -> bool:
+        """Whether commands are being recorded (``capture_step``, ``torch.cuda.graph``)."""
+        return self._recording is not None
+
     def local_device(self, index: int) -> int:
         """The daemon's number for the program's ``cuda:index`` (an index of another daemon's
         device passes through unchanged, and the daemon refuses it)."""

@@ -60,6 +60,11 @@ def pulled(source: RemoteTensor, device_index: int) -> RemoteTensor:
     for session in (origin, target_session):
         if session.connection.broken:  # (before exporting anything: say which daemon is gone)
             raise errors.ConnectionFailed(session.connection.broken)
+        if session.recording:
+            raise errors.CaptureError(
+                f"libremote: a captured step cannot move a tensor between daemons ({source.device} to "
+                f"cuda:{device_index}): a replay would pull an export that was served already. Capture the "
+                "work of each daemon as its own step and move the tensor between the calls.")
     (token, nbytes), _ = origin.request([Cmd.EXPORT, source._ref.id])
     shape = list(source.shape)
     stride = list(torch.empty(shape, device="meta").stride()) if shape else []
