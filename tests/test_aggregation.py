@@ -504,3 +504,33 @@ def test_entries_can_pin_a_device_of_their_daemon():
                              LIBREMOTE_SERVER=f"{first.address}#5,{second.address}#0")
         assert refused.returncode != 0 and "device_indices [5]" in refused.stderr and first.address in refused.stderr, \
             refused.stderr[-2000:]
+
+
+def test_an_unreachable_daemon_is_named_and_the_others_are_closed():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        nobody = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    code = """
+        import json, os, time, torch, libremote
+        from libremote_wire.cli import query_status
+        try:
+            torch.ones(1, device="cuda:0")
+            error = None
+        except libremote.ConnectionFailed as exc:
+            error = str(exc)
+        for _ in range(50):  # (the first daemon's session, opened before, was closed: BYE)
+            mine = [row for row in query_status(os.environ["FIRST"])["sessions"] if row.get("pid") == os.getpid()]
+            if not mine:
+                break
+            time.sleep(0.1)
+        print(json.dumps({"error": error, "left_open": mine}))
+    """
+    with pool_daemon("--loopback-admin") as first:
+        result = run_python(code, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=f"{first.address},{nobody}",
+                            LIBREMOTE_TIMEOUT="2", FIRST=first.address)
+        assert result.returncode == 0, result.stderr[-3000:]
+        out = last_json(result.stdout)
+        assert out["error"] and nobody in out["error"] and "one of the 2 daemons" in out["error"], out
+        assert out["left_open"] == [], out
