@@ -79,6 +79,11 @@ COPIES = """
     checks["copy_broadcast"] = torch.equal(broadcast.cpu(), torch.arange(4.0).expand(3, 4))
     checks["empty"] = torch.empty(0, 3, device="cuda:0").to("cuda:1").shape == (0, 3)
     checks["scalar"] = torch.tensor(2.5, device="cuda:0").to("cuda:1").item() == 2.5
+    # factories that take another device's tensor for its metadata only
+    on_first = torch.ones(2, 3, device="cuda:0")
+    like = [torch.zeros_like(on_first, device="cuda:1"), torch.full_like(on_first, 2.0, device="cuda:1"),
+            on_first.new_ones(4, device="cuda:1")]
+    checks["like"] = [str(t.device) for t in like] == ["cuda:1"] * 3 and torch.equal(like[1].cpu(), torch.full((2, 3), 2.0))
     # an explicit generator lives on its device's daemon
     draws = [torch.randn(5, device=f"cuda:{i}", generator=torch.Generator(f"cuda:{i}").manual_seed(3)).cpu()
              for i in range(2)]

@@ -115,6 +115,15 @@ def run(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, An
         # zeros_like(remote, device="cpu"), x.new_empty(..., device="cpu"): only the remote
         # tensor's metadata matters, and the result belongs to the host.
         return func(*meta.stand_in(args), **{key: meta.stand_in(value) for key, value in kwargs.items()})
+    if (isinstance(device, torch.device) and device.index is not None and args and type(args[0]) is RemoteTensor
+            and args[0]._ref.session is not runtime.session_for(device.index) and _takes_metadata_only(info)):
+        # zeros_like(x, device="cuda:1"), x.new_ones(2, device="cuda:1") with x on another daemon
+        # (libremote/client/servers.py): x lends only its metadata, so a stand-in with its layout
+        # on the target device takes its place (the daemon zeroes what it allocates).
+        source = args[0]
+        stand_in = run(aten.empty_strided.default, (list(source.shape), list(source.stride())),
+                       {"dtype": source.dtype, "device": device})
+        args = (stand_in, *args[1:])
     if not info.needs_daemon_answer:
         try:
             specs = meta.infer(func, info, args, kwargs)
@@ -123,6 +132,12 @@ def run(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, An
         else:
             return _stream(func, info, specs, args, kwargs, device_index)
     return _run_synchronously(func, info, args, kwargs, device_index)
+
+
+def _takes_metadata_only(info: OpInfo) -> bool:
+    """Ops that read only their first tensor's shape, strides and dtype (``*_like``, ``new_*``)."""
+    name = info.name.split("::", 1)[-1].split(".", 1)[0]
+    return name.endswith("_like") or name.startswith("new_")
 
 
 def _device_index(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
