@@ -30,15 +30,15 @@ class TransfersMixin:
 
     def _export(self, command: list[Any], frames: list[Any]) -> list[Any]:
         codec.check(len(command) == 2, "EXPORT takes [EXPORT, handle]")
-        tensor = self.tensor(command[1])  # type: ignore[attr-defined]
+        tensor = self.tensor(command[1])
         if tensor.layout is not torch.strided:
             raise CommandError(ErrorKind.OP, "EXPORT", "only strided tensors move between daemons")
         if self.exports is None:
             raise CommandError(ErrorKind.OP, "EXPORT", "this worker does not export tensors")
-        if self.memory.managed:  # type: ignore[attr-defined]
-            self._make_resident("EXPORT", [tensor])  # type: ignore[attr-defined]
+        if self.memory.managed:
+            self._make_resident("EXPORT", [tensor])
         try:
-            token, nbytes = self.exports.add(self.id, tensor)  # type: ignore[attr-defined]
+            token, nbytes = self.exports.add(self.id, tensor)
         except ExportRefused as exc:
             raise CommandError(ErrorKind.OP, "EXPORT", str(exc)) from None
         self.bytes_exported += nbytes
@@ -47,7 +47,7 @@ class TransfersMixin:
     def _pull(self, command: list[Any], frames: list[Any]) -> None:
         codec.check(len(command) == 8, "PULL takes [PULL, new, dtype, shape, dev, source, token, nbytes]")
         _, handle, dtype, shape, device_index, source, token, nbytes = command
-        device = self._device(device_index)  # type: ignore[attr-defined]
+        device = self._device(device_index)
         codec.check(isinstance(dtype, torch.dtype) and isinstance(shape, list)
                     and all(type(size) is int and size >= 0 for size in shape), "PULL needs a dtype and a shape")
         codec.check(type(source) is str and len(source) <= messages.MAX_PEER_ADDRESS, "PULL needs a source address")
@@ -57,13 +57,13 @@ class TransfersMixin:
             numel *= size
         codec.check(type(nbytes) is int and nbytes == numel * dtype.itemsize,
                     lambda: f"PULL of {nbytes} bytes cannot fill a {dtype} tensor of shape {shape}")
-        if self._over_quota(nbytes):  # type: ignore[attr-defined]
+        if self._over_quota(nbytes):
             raise CommandError(ErrorKind.OOM, "cross-server copy",
-                               self._quota_message(self.memory.allocated, nbytes))  # type: ignore[attr-defined]
+                               self._quota_message(self.memory.allocated, nbytes))
         if self.peer_pull is None:
             raise CommandError(ErrorKind.OP, "PULL", "this worker does not pull from other daemons")
         stride = _contiguous(shape)
-        device_memory = self.device_memories[self._index_of(device)] if self.memory.managed else None  # type: ignore[attr-defined]
+        device_memory = self.device_memories[self._index_of(device)] if self.memory.managed else None
         make = lambda: torch.empty_strided(shape, stride, dtype=dtype, device=device)  # noqa: E731
         if device_memory is None:
             tensor = make()
@@ -82,9 +82,9 @@ class TransfersMixin:
         self.bytes_pulled += received
         if nbytes and staging is not tensor:
             tensor.view(-1).copy_(staging.view(dtype))
-        self._store(handle, tensor)  # type: ignore[attr-defined]
-        if self.memory.managed:  # type: ignore[attr-defined]
-            self._fit_on_device("cross-server copy", [], [handle])  # type: ignore[attr-defined]
+        self._store(handle, tensor)
+        if self.memory.managed:
+            self._fit_on_device("cross-server copy", [], [handle])
 
 
 def _contiguous(shape: list[int]) -> list[int]:
