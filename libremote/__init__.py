@@ -57,8 +57,8 @@ def disconnect() -> None:
 def is_connected() -> bool:
     from .client import runtime
 
-    session = runtime.current_if_open()
-    return session is not None and not session.closed and not session.connection.broken
+    sessions = runtime.sessions()  # (one per daemon: all of them must be up)
+    return bool(sessions) and all(not session.closed and not session.connection.broken for session in sessions)
 
 
 def synchronize() -> None:

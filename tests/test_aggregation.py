@@ -442,6 +442,7 @@ KILLED = """
     except libremote.ConnectionFailed as exc:
         out["move_error"] = str(exc)
     out["first_still_works"] = (a * 2).sum().item() == a.sum().item() * 2
+    out["is_connected"] = libremote.is_connected()
     print(json.dumps(out))
 """
 
@@ -455,6 +456,7 @@ def test_a_killed_daemon_gives_an_error_naming_it():
     assert second.address in message and first.address not in message, message
     assert out["move_error"] and second.address in out["move_error"], out
     assert out["first_still_works"], out
+    assert out["is_connected"] is False, out  # (one of its daemons is gone)
 
 
 def test_addresses_and_devices_must_agree(two_daemons):
