@@ -84,6 +84,9 @@ COPIES = """
     like = [torch.zeros_like(on_first, device="cuda:1"), torch.full_like(on_first, 2.0, device="cuda:1"),
             on_first.new_ones(4, device="cuda:1")]
     checks["like"] = [str(t.device) for t in like] == ["cuda:1"] * 3 and torch.equal(like[1].cpu(), torch.full((2, 3), 2.0))
+    # a large host index tensor in a device op (uploaded first, to the op's daemon)
+    table, rows = torch.randn(50000, 2), torch.randint(0, 50000, (20000,))
+    checks["host_index"] = torch.equal(table.to("cuda:1")[rows].cpu(), table[rows])
     # an explicit generator lives on its device's daemon
     draws = [torch.randn(5, device=f"cuda:{i}", generator=torch.Generator(f"cuda:{i}").manual_seed(3)).cpu()
              for i in range(2)]

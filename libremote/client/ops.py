@@ -296,6 +296,6 @@ class WireEncoder:
             return torch_codec.inline_tensor_ext(tensor.resolve_conj().resolve_neg())
         # A large host tensor mixed into a device op (CUDA allows this for index tensors):
         # upload it first; it is released after the op in command order.
-        remote = tensor.to(backend.device(0))
+        remote = tensor.to(backend.device(self.session.global_devices[0]))  # (a device of this op's daemon)
         self.keepalive.append(remote)
         return self.tensor(remote)
