@@ -55,9 +55,9 @@ class RemoteGraph:
             return [None if spec is None else _meta(spec) for spec in self.output_specs]
         # The daemon of the inputs' device (with several daemons, libremote/client/servers.py).
         index = next((v._device_index for v in inputs if isinstance(v, RemoteTensor)), None)
+        session = runtime.current() if index is None else runtime.session_for(index)
         if index is None:
-            index = runtime.current_device()
-        session = runtime.session_for(index)
+            index = session.global_devices[0]  # (0 with one daemon)
         if session not in self._defined_in:
             session.submit([Cmd.GRAPH, self.id, self.input_count, self.nodes, self.outputs])
             self._defined_in.add(session)
