@@ -33,9 +33,14 @@ _activation.activate()
 def connect(address: str | None = None) -> dict[str, Any]:
     """Open a session with the daemon at ``address`` (default: ``LIBREMOTE_SERVER``).
 
-    Closes the current session first (its tensors become unusable). Returns what the daemon said
-    about itself: versions, session id, devices. Raises :class:`ConnectionFailed` within
-    ``LIBREMOTE_TIMEOUT`` seconds if no daemon answers.
+    Several comma-separated addresses (``"tcp://h1:5555,tcp://h2:5556"``) open one session per
+    daemon, one device per entry: cuda:0 on the first, and so on (README, "One program on several
+    servers"; set ``LIBREMOTE_DEVICES`` to their number before the program starts).
+
+    Closes the current session(s) first (their tensors become unusable). Returns what the daemon
+    said about itself (with several: the current device's daemon): versions, session id, devices.
+    Raises :class:`ConnectionFailed` within ``LIBREMOTE_TIMEOUT`` seconds if a daemon does not
+    answer, naming it.
     """
     from .client import runtime
 
@@ -52,15 +57,18 @@ def disconnect() -> None:
 def is_connected() -> bool:
     from .client import runtime
 
-    session = runtime.current_if_open()
-    return session is not None and not session.closed and not session.connection.broken
+    sessions = runtime.sessions()  # (one per daemon: all of them must be up)
+    return bool(sessions) and all(not session.closed and not session.connection.broken for session in sessions)
 
 
 def synchronize() -> None:
-    """Wait until the daemon has run every op sent so far (raises a pending remote error)."""
+    """Wait until the daemon (every daemon of the program) has run every op sent so far (raises a
+    pending remote error)."""
     from .client import runtime
 
-    runtime.current().synchronize()
+    runtime.current()
+    for session in runtime.sessions():
+        session.synchronize()
 
 
 def server_info() -> dict[str, Any]:

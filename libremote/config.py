@@ -4,7 +4,9 @@
 variable                   default  meaning
 =========================  =======  ===========================================================
 LIBREMOTE_SERVER           (none)   daemon address, ``tcp://host:port``; also opts unmodified
-                                    programs in (see ``libremote.shims.autostart``)
+                                    programs in (see ``libremote.shims.autostart``). Several,
+                                    comma-separated (``tcp://h1:5555,tcp://h2:5556``): one device
+                                    per entry, cuda:0 on the first (see :func:`server_entries`)
 LIBREMOTE_TIMEOUT          10       seconds to wait for the daemon to answer the handshake
 LIBREMOTE_SYNC             0        1: every op waits for the daemon, so an error is raised on
                                     the line that caused it (like ``CUDA_LAUNCH_BLOCKING``)
@@ -20,7 +22,9 @@ LIBREMOTE_CLIENT_KEY       (none)   this client's CURVE secret key file (``NAME.
 LIBREMOTE_SERVER_KEY       (none)   the daemon's CURVE public key file (``server.key``); set
                                     both or neither (see ``libremote.curve_keys``)
 LIBREMOTE_PRIORITY         normal   high, normal or low (a tenant's priority is the ceiling)
-LIBREMOTE_DEVICES          1        how many of the pool's devices to ask for (cuda:0..N-1)
+LIBREMOTE_DEVICES          1        how many of the pool's devices to ask for (cuda:0..N-1);
+                                    with several addresses, the number of entries (if set, it
+                                    must equal it)
 LIBREMOTE_QUEUE_TIMEOUT    300      seconds to wait in the daemon's admission queue when its
                                     sessions are all taken
 LIBREMOTE_SPIN_US          500      microseconds a thread waiting for the daemon's answer polls
@@ -69,6 +73,25 @@ def _priority() -> str | None:
     return raw or None
 
 
+def server_entries(address: str | None) -> list[str]:
+    """The daemon addresses in ``LIBREMOTE_SERVER`` (or ``libremote.connect``'s argument), in order.
+
+    One address: the program's devices (``LIBREMOTE_DEVICES``, default 1) are all on that daemon,
+    as they always were. Several, comma-separated: **one device per entry**, cuda:i on the i-th
+    entry's daemon; an address named twice gives that daemon's session two devices (in the order
+    of the entries), so ``tcp://h1:5555,tcp://h1:5555,tcp://h2:5556`` is cuda:0 and cuda:1 on h1
+    and cuda:2 on h2. An entry may pin a device of its daemon, ``tcp://h1:5555#1``
+    (libremote/client/servers.py). This is the shape a pool's placement produces (one
+    ``address#device`` per device asked for), so a resolver can hand its result over as this list.
+    """
+    if not address:
+        return []
+    entries = [entry.strip() for entry in address.split(",")]
+    if any(not entry for entry in entries):
+        raise ValueError(f"LIBREMOTE_SERVER={address!r} has an empty entry; separate addresses with single commas")
+    return entries
+
+
 @dataclass(frozen=True)
 class Settings:
     server: str | None
@@ -87,8 +110,10 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
+        server = os.environ.get("LIBREMOTE_SERVER", "").strip() or None
+        entries = server_entries(server)
         return cls(
-            server=os.environ.get("LIBREMOTE_SERVER", "").strip() or None,
+            server=server,
             timeout_s=_float("LIBREMOTE_TIMEOUT", 10.0),
             sync=_flag("LIBREMOTE_SYNC"),
             batch=max(1, int(_float("LIBREMOTE_BATCH", 256))),
@@ -97,7 +122,7 @@ class Settings:
             token=os.environ.get("LIBREMOTE_TOKEN", "").strip() or None,
             priority=_priority(),
             queue_timeout_s=_float("LIBREMOTE_QUEUE_TIMEOUT", 300.0),
-            devices=_whole_number("LIBREMOTE_DEVICES", 1, minimum=1),
+            devices=_whole_number("LIBREMOTE_DEVICES", len(entries) if len(entries) > 1 else 1, minimum=1),
             spin_us=_whole_number("LIBREMOTE_SPIN_US", 500, minimum=0),
             client_key=os.environ.get("LIBREMOTE_CLIENT_KEY", "").strip() or None,
             server_key=os.environ.get("LIBREMOTE_SERVER_KEY", "").strip() or None,

@@ -83,7 +83,26 @@ def admitted_priority(pool: PoolConfig, tenant: Tenant, requested: Any) -> str:
     return priority
 
 
+def pinned_devices(info: dict[str, Any], tenant: Tenant, devices: list[FrontDevice]) -> list[int] | None:
+    """The devices a HELLO pins (``device_indices``: a pool's placement, ``tcp://host:port#N``
+    entries), checked: distinct, existing, allowed for the tenant; None when it pins none."""
+    pinned = info.get("device_indices")
+    if pinned is None:
+        return None
+    if not pinned or len(set(pinned)) != len(pinned) or any(
+            type(index) is not int or not 0 <= index < len(devices) for index in pinned):
+        raise PolicyError(f"device_indices {pinned!r} must name distinct devices of this daemon, 0..{len(devices) - 1}")
+    refused = [index for index in pinned if not tenant.allows_device(devices[index].name)]
+    if refused:
+        raise PolicyError(f"tenant {tenant.name!r} may not use device(s) {refused} of this daemon "
+                          f"(it may use {tenant.device_names})")
+    return list(pinned)
+
+
 def requested_devices(info: dict[str, Any], tenant: Tenant, devices: list[FrontDevice]) -> int:
+    pinned = pinned_devices(info, tenant, devices)
+    if pinned is not None:
+        return len(pinned)
     count = info.get("devices", 1)
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise PolicyError(f"LIBREMOTE_DEVICES must be a positive integer (got {count!r})")
@@ -104,13 +123,19 @@ def quota_fits(pool: PoolConfig, device: FrontDevice, quota: int, *, alone: bool
     return committed + quota <= pool.oversubscribe * capacity
 
 
-def place(pool: PoolConfig, devices: list[FrontDevice], tenant: Tenant, count: int) -> list[FrontDevice] | None:
-    """``count`` distinct devices for a new session, by the placement policy, or None."""
+def place(pool: PoolConfig, devices: list[FrontDevice], tenant: Tenant, count: int,
+          pinned: list[int] | None = None) -> list[FrontDevice] | None:
+    """``count`` distinct devices for a new session, by the placement policy, or None. ``pinned``:
+    exactly these devices, in this order (a placement made elsewhere), or None while one of them
+    cannot take the session."""
     limit = pool.max_sessions_per_device
     candidates = [device for device in devices
                   if tenant.allows_device(device.name) and not device.unhealthy
                   and (limit is None or len(device.sessions) < limit)
                   and quota_fits(pool, device, tenant.memory_quota)]
+    if pinned is not None:
+        by_index = {device.index: device for device in candidates}
+        return [by_index[index] for index in pinned] if all(index in by_index for index in pinned) else None
     if len(candidates) < count:
         return None
     if pool.placement == "spread":
@@ -122,9 +147,14 @@ def place(pool: PoolConfig, devices: list[FrontDevice], tenant: Tenant, count: i
     return ordered[:count]
 
 
-def unhealthy_reason(devices: list[FrontDevice], tenant: Tenant, count: int) -> str | None:
+def unhealthy_reason(devices: list[FrontDevice], tenant: Tenant, count: int,
+                     pinned: list[int] | None = None) -> str | None:
     """Why a session of ``tenant`` cannot be placed because of device health (fewer than
-    ``count`` of its allowed devices are healthy), or None."""
+    ``count`` of its allowed devices are healthy, or a pinned one is not), or None."""
+    if pinned is not None:
+        sick = [devices[index] for index in pinned if devices[index].unhealthy]
+        return "; ".join(f"device {device.index} ({device.spec}) is unhealthy: {device.unhealthy}"
+                         for device in sick) or None
     allowed = [device for device in devices if tenant.allows_device(device.name)]
     if sum(1 for device in allowed if not device.unhealthy) >= count:
         return None

@@ -50,7 +50,7 @@ _HOUSEKEEPING_S = 0.25
 #: What the front takes (BATCH, PING and BYE of a session go to its worker).
 _FRONT_MESSAGES = frozenset({Msg.HELLO, Msg.PING, Msg.BYE, Msg.STATUS, Msg.ADMIN})
 #: What this daemon understands beyond its protocol's first release (clients check).
-FEATURES = ["settings", "memory_fraction", "program_options", "generators", "workers"]
+FEATURES = ["settings", "memory_fraction", "program_options", "generators", "workers", "device_pins", "transfers"]
 
 
 class Front:
@@ -335,7 +335,7 @@ class Front:
             self._refuse(identity, f"this daemon is draining ({self.draining}) and takes no new sessions; use another "
                                    "daemon of the pool, or try later", tenant=tenant.name, why="draining", request=request)
             return
-        unhealthy = admission.unhealthy_reason(self.devices, tenant, device_count)
+        unhealthy = admission.unhealthy_reason(self.devices, tenant, device_count, info.get("device_indices"))
         if unhealthy:
             self._refuse(identity, f"no healthy device can take this session: {unhealthy}; use another daemon of the "
                                    "pool, or ask its operator", tenant=tenant.name, why="unhealthy", request=request)
@@ -386,7 +386,8 @@ class Front:
     def _admit(self, waiter: Waiting) -> bool:
         if self._tenant_full(waiter):
             return False
-        placed = admission.place(self.pool, self.devices, waiter.tenant, waiter.device_count)
+        placed = admission.place(self.pool, self.devices, waiter.tenant, waiter.device_count,
+                                 pinned=waiter.info.get("device_indices"))
         if placed is None:
             return False
         session_id = uuid.uuid4().hex[:12]

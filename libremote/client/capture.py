@@ -62,7 +62,9 @@ class CapturedStep:
     """A recorded step: call it with new inputs (same shapes and dtypes) to replay it."""
 
     def __init__(self, fn: Callable[..., Any], *example_inputs: Any, warmup: int = 1) -> None:
-        self.session = runtime.current()
+        # The daemon of the inputs' device (with several daemons: libremote/client/servers.py).
+        device = next((value._device_index for value in example_inputs if isinstance(value, RemoteTensor)), None)
+        self.session = runtime.current() if device is None else runtime.session_for(device)
         self.fn = fn  # keeps what the step closes over (model, optimizer, data) alive for replays
         self.static_inputs = [_static_copy(value) for value in example_inputs]
         for _ in range(warmup):
@@ -91,7 +93,7 @@ class CapturedStep:
     def __call__(self, *inputs: Any) -> Any:
         if len(inputs) != len(self.static_inputs):
             raise TypeError(f"this captured step takes {len(self.static_inputs)} inputs, got {len(inputs)}")
-        if self.session is not runtime.current():
+        if self.session.closed:
             raise CaptureError("libremote: the session this step was captured in is closed; capture it again")
         for static, new in zip(self.static_inputs, inputs):
             if isinstance(static, torch.Tensor):

@@ -64,6 +64,10 @@ class Connection:
         self._monitor = self._watch(self._front)
         self._connected_once = False
         self.last_send = time.monotonic()
+        #: Bytes of every message received / sent (headers and frames): a cross-server copy is
+        #: shown not to pass through the client by these (tests/test_aggregation.py).
+        self.bytes_received = 0
+        self.bytes_sent = 0
         try:
             self._front.connect(address)
         except zmq.ZMQError as exc:
@@ -98,7 +102,8 @@ class Connection:
 
     # ------------------------------------------------------------------------------------------
     def handshake(self, libremote_version: str, *, tenant: str | None = None, token: str | None = None,
-                  priority: str | None = None, queue_timeout_s: float = 300.0, devices: int = 1) -> dict[str, Any]:
+                  priority: str | None = None, queue_timeout_s: float = 300.0, devices: int = 1,
+                  device_indices: list[int] | None = None) -> dict[str, Any]:
         """Say HELLO and wait for WELCOME; while queued (QUEUED), wait up to ``queue_timeout_s``."""
         hello = {
             "protocol": messages.PROTOCOL_VERSION,
@@ -113,6 +118,8 @@ class Connection:
             "priority": priority,
             "devices": devices,
         }
+        if device_indices is not None:
+            hello["device_indices"] = device_indices
         deadline = time.monotonic() + self.timeout_s
         try:
             self.send([Msg.HELLO, hello], timeout_s=self.timeout_s)
@@ -208,6 +215,7 @@ class Connection:
                 tracker = self._socket.send_multipart(data, flags=zmq.NOBLOCK, copy=not zero_copy,
                                                       track=track and zero_copy)
                 self.last_send = time.monotonic()
+                self.bytes_sent += len(data[0]) + (sum(memoryview(frame).nbytes for frame in frames) if frames else 0)
                 return tracker
             except zmq.Again:
                 pass
@@ -241,6 +249,7 @@ class Connection:
             if readable(self._socket) or self._socket.poll(_POLL_SLICE_MS, zmq.POLLIN):
                 frames = self._socket.recv_multipart(copy=False)
                 self._last_wait_s = time.perf_counter() - started
+                self.bytes_received += sum(len(frame) for frame in frames)
                 return torch_codec.unpackb(frames[0].buffer), frames[1:]
             if self._worker is not None and readable(self._front):
                 # The front says the session ended (its worker died, the op time limit): a REPLY

@@ -58,14 +58,26 @@ def _warn_once(key: str, message: str) -> None:
 
 
 def device_count() -> int:
-    return len(_session().devices) if is_available() else 0
+    """Every device of the program, on all its daemons (libremote/client/servers.py)."""
+    return len(runtime.devices()) if is_available() else 0
 
 
 # (Which device is current, ``current_device``/``set_device``, is process-wide state: runtime.py.)
 
 
 def synchronize(device: Any = None) -> None:
-    _session().synchronize()
+    """Wait for ``device``'s daemon; without one, for every daemon of the program."""
+    if device is not None:
+        runtime.session_for(_index(device)).synchronize()
+        return
+    _session()
+    for session in runtime.sessions():
+        session.synchronize()
+
+
+def _of(device: Any) -> Any:
+    """The session of ``device`` (None: the current one)."""
+    return runtime.session_for(_index(device))
 
 
 def is_initialized() -> bool:
@@ -126,7 +138,13 @@ def _seed(seed: int, device: int | None) -> None:
     _initial_seed = seed
     if runtime.configured_address() is None and runtime.current_if_open() is None:
         return  # torch.manual_seed() calls this too; without a daemon there is nothing to seed
-    _session().submit([Cmd.SEED, seed] if device is None else [Cmd.SEED, seed, device])
+    if device is None:
+        _session()
+        for session in runtime.sessions():
+            session.submit([Cmd.SEED, seed])
+    else:
+        session = _of(device)
+        session.submit([Cmd.SEED, seed, session.local_device(device)])
 
 
 def manual_seed(seed: int) -> None:
@@ -154,13 +172,15 @@ def initial_seed() -> int:
 
 
 def get_rng_state(device: Any = "cuda") -> torch.Tensor:
-    state, _ = _session().request([Cmd.RNG_STATE, _index(device)])
+    session = _of(device)
+    state, _ = session.request([Cmd.RNG_STATE, session.local_device(_index(device))])
     return torch.frombuffer(bytearray(state), dtype=torch.uint8)
 
 
 def set_rng_state(new_state: torch.Tensor, device: Any = "cuda") -> None:
     data = bytes(new_state.detach().cpu().contiguous().view(torch.uint8).numpy())
-    _session().request([Cmd.RNG_STATE, _index(device), data])
+    session = _of(device)
+    session.request([Cmd.RNG_STATE, session.local_device(_index(device)), data])
 
 
 def get_rng_state_all() -> list[torch.Tensor]:
@@ -175,38 +195,39 @@ def set_rng_state_all(new_states: list[torch.Tensor]) -> None:
 # ------------------------------------------------------------------------------------------------
 # Memory: this session's figures on the daemon
 # ------------------------------------------------------------------------------------------------
-def _memory() -> dict[str, int]:
-    result, _ = _session().request([Cmd.QUERY, "memory"])
+def _memory(device: Any = None) -> dict[str, int]:
+    """The figures of ``device``'s session (a session's devices share them: one daemon's account)."""
+    result, _ = _of(device).request([Cmd.QUERY, "memory"])
     return result
 
 
 def memory_allocated(device: Any = None) -> int:
-    return _memory()["allocated"]
+    return _memory(device)["allocated"]
 
 
 def max_memory_allocated(device: Any = None) -> int:
-    return _memory()["peak"]
+    return _memory(device)["peak"]
 
 
 def memory_reserved(device: Any = None) -> int:
-    return _memory()["reserved"]
+    return _memory(device)["reserved"]
 
 
 def max_memory_reserved(device: Any = None) -> int:
-    stats = _memory()
+    stats = _memory(device)
     return max(stats["reserved"], stats["peak"])
 
 
 def reset_peak_memory_stats(device: Any = None) -> None:
-    _session().request([Cmd.QUERY, "reset_peak_memory"])
+    _of(device).request([Cmd.QUERY, "reset_peak_memory"])
 
 
 reset_max_memory_allocated = reset_peak_memory_stats
 
 
 def empty_cache() -> None:
-    if runtime.current_if_open() is not None:
-        _session().request([Cmd.QUERY, "empty_cache"])
+    for session in runtime.sessions():
+        session.request([Cmd.QUERY, "empty_cache"])
 
 
 def set_per_process_memory_fraction(fraction: float, device: Any = None) -> None:
@@ -216,11 +237,11 @@ def set_per_process_memory_fraction(fraction: float, device: Any = None) -> None
         raise TypeError("Invalid type for fraction argument, must be `float`")
     if not 0 <= fraction <= 1:
         raise ValueError(f"Invalid fraction value: {fraction}. Allowed range: 0~1")
-    _session().request([Cmd.QUERY, "memory_fraction", float(fraction)])
+    _of(device).request([Cmd.QUERY, "memory_fraction", float(fraction)])
 
 
 def mem_get_info(device: Any = None) -> tuple[int, int]:
-    stats = _memory()
+    stats = _memory(device)
     return stats["device_free"], stats["device_total"]
 
 
@@ -235,7 +256,7 @@ def memory_stats(device: Any = None) -> dict[str, int]:
     one segment of the pool CUDA would serve it from (small: up to 1 MiB). The daemon does not
     split or cache blocks for a session, so allocated, active, requested and reserved coincide
     but for what the daemon's device allocator holds beyond it (``reserved_bytes.all.current``)."""
-    stats = _memory()
+    stats = _memory(device)
     pools = stats.get("pools") or {}  # (an older daemon sends no pools)
     large, small = pools.get("large", {}), pools.get("small", {})
     every = {field: large.get(field, 0) + small.get(field, 0) for field in _POOL_FIELDS}

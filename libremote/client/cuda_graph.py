@@ -57,7 +57,7 @@ class CUDAGraph:
         # The results still held exist from now on, uninitialised until the first replay (as
         # CUDA's): the daemon allocates them with these layouts.
         placeholders = [[tensor._ref.id, torch_codec.dtype_ext(tensor.dtype), list(tensor.shape), list(tensor.stride()),
-                         tensor.storage_offset(), tensor._device_index]
+                         tensor.storage_offset(), self._session.local_device(tensor._device_index)]
                         for tensor in made if tensor._ref.session is self._session]
         self._session.submit([Cmd.PROGRAM, self.id, recording, {"ran": False, "placeholders": placeholders}])
         self._session.synchronize()  # the daemon checked the recording: errors surface here
@@ -72,7 +72,7 @@ class CUDAGraph:
     def replay(self) -> None:
         if self.id is None:
             raise CaptureError("libremote: replay() of a CUDA graph that was never captured")
-        if self._session is not runtime.current():
+        if self._session.closed:
             raise CaptureError("libremote: the session this graph was captured in is closed; capture it again")
         if self._session.op_log is not None:
             self._session.op_log.append("libremote::replay(cuda graph)")

@@ -51,18 +51,21 @@ _one_tensor_ops: dict[torch._ops.OpOverload, OpInfo] = {}
 
 
 def _stream_one_tensor(func: torch._ops.OpOverload, info: OpInfo, args: tuple[Any, ...]) -> RemoteTensor | None:
-    """The common case in one function: positional arguments only, tensors of the current
-    session on one device, and output metadata already in the cache. Does what :func:`run`
-    would (same cache key, same wire command) without its layers; ``None`` sends the call
-    down the general path, which also fills the cache."""
-    session = runtime.current_if_open()
+    """The common case in one function: positional arguments only, tensors of one open session
+    on one device, and output metadata already in the cache. Does what :func:`run` would (same
+    cache key, same wire command) without its layers; ``None`` sends the call down the general
+    path, which also fills the cache. (The session is the tensors' own: with several daemons,
+    see :mod:`.servers`, each op goes to the daemon of its device.)"""
+    session = None
     values_matter = not info.pointwise
     key: list[Any] = []
     index = -1
     for arg in args:
         if type(arg) is RemoteTensor:
             if arg._ref.session is not session:
-                return None
+                if session is not None:
+                    return None
+                session = arg._ref.session
             if index != arg._device_index:
                 if index >= 0:
                     return None
@@ -74,7 +77,7 @@ def _stream_one_tensor(func: torch._ops.OpOverload, info: OpInfo, args: tuple[An
             return None  # tensor lists (cat, index): the general path checks their devices
         else:
             key.append(meta.signature(arg, values_matter))
-    if index < 0:
+    if index < 0 or session.closed:
         return None
     specs = meta.cached(func, tuple(key))
     if specs is None or specs[0] is None:
@@ -114,6 +117,15 @@ def run(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, An
         # zeros_like(remote, device="cpu"), x.new_empty(..., device="cpu"): only the remote
         # tensor's metadata matters, and the result belongs to the host.
         return func(*meta.stand_in(args), **{key: meta.stand_in(value) for key, value in kwargs.items()})
+    if (isinstance(device, torch.device) and device.index is not None and args and type(args[0]) is RemoteTensor
+            and args[0]._ref.session is not runtime.session_for(device.index) and _takes_metadata_only(info)):
+        # zeros_like(x, device="cuda:1"), x.new_ones(2, device="cuda:1") with x on another daemon
+        # (libremote/client/servers.py): x lends only its metadata, so a stand-in with its layout
+        # on the target device takes its place (the daemon zeroes what it allocates).
+        source = args[0]
+        stand_in = run(aten.empty_strided.default, (list(source.shape), list(source.stride())),
+                       {"dtype": source.dtype, "device": device})
+        args = (stand_in, *args[1:])
     if not info.needs_daemon_answer:
         try:
             specs = meta.infer(func, info, args, kwargs)
@@ -124,6 +136,12 @@ def run(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, An
     return _run_synchronously(func, info, args, kwargs, device_index)
 
 
+def _takes_metadata_only(info: OpInfo) -> bool:
+    """Ops that read only their first tensor's shape, strides and dtype (``*_like``, ``new_*``)."""
+    name = info.name.split("::", 1)[-1].split(".", 1)[0]
+    return name.endswith("_like") or name.startswith("new_")
+
+
 def _device_index(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     """The device the op's results live on: its ``device`` argument, else its tensors' device,
     which must then be one device (as on CUDA)."""
@@ -131,7 +149,7 @@ def _device_index(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     if isinstance(device, torch.device) and device.index is not None:
         return device.index
     found = None
-    for value in args:
+    for value in (*args, *kwargs.values()) if kwargs else args:  # (kwargs: out= tensors)
         if type(value) is RemoteTensor or isinstance(value, RemoteTensor):
             index = value._device_index
         elif isinstance(value, (list, tuple)):
@@ -168,10 +186,10 @@ def _view_base(view_source: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) 
 
 def _stream(func: torch._ops.OpOverload, info: OpInfo, specs: tuple[Any, ...], args: tuple[Any, ...],
             kwargs: dict[str, Any], device_index: int | None = None) -> Any:
-    session = runtime.current()
+    index = _device_index(args, kwargs) if device_index is None else device_index
+    session = runtime.session_for(index)
     encoder = WireEncoder(session, info.name)
     wire_args, wire_kwargs = encoder.arguments(info, args, kwargs)
-    index = _device_index(args, kwargs) if device_index is None else device_index
     if info.returns_one_new_tensor and type(specs[0]) is tuple:  # (not None, not a HostResult)
         tensor = make(specs[0], session, index, _view_base(info.view_sources[0], args, kwargs),
                       info.view_keeps_inference)
@@ -220,10 +238,10 @@ def _pack_results(info: OpInfo, results: list[Any]) -> Any:
 def _run_synchronously(func: torch._ops.OpOverload, info: OpInfo, args: tuple[Any, ...], kwargs: dict[str, Any],
                        device_index: int | None = None) -> Any:
     """Run on the daemon and wait: the results' metadata (or values) come from its answer."""
-    session = runtime.current()
+    index = _device_index(args, kwargs) if device_index is None else device_index
+    session = runtime.session_for(index)
     encoder = WireEncoder(session, info.name)
     wire_args, wire_kwargs = encoder.arguments(info, args, kwargs)
-    index = _device_index(args, kwargs) if device_index is None else device_index
     outs: list[Any] = []
     for kind in info.returns:
         if kind is Return.NEW:

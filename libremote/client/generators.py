@@ -77,19 +77,19 @@ class RemoteGenerator(_TorchGenerator):
         return _TorchGenerator.__new__(cls, "cpu")  # the backing generator: see the module docstring
 
     def __init__(self, index: int | None = None) -> None:
-        session = runtime.current()
+        device = runtime.current_device() if index is None else index
+        runtime.device_facts(device)  # raises for a device the program does not have
+        session = runtime.session_for(device)  # (its daemon's, with several: libremote/client/servers.py)
         if "generators" not in session.daemon_info.get("features", ()):
             raise RuntimeError(
                 f"libremote: the daemon at {session.address} is too old for torch.Generator(device='cuda'); "
                 "upgrade it, or seed the default generator with torch.cuda.manual_seed"
             )
-        device = runtime.current_device() if index is None else index
-        runtime.device_facts(device)  # raises for a device the session does not have
         self._index = index
         self._id = next(_ids)
         self._session = session
         self._wire = codec.generator_ext(self._id)
-        session.submit([Cmd.GENERATOR, self._id, device])
+        session.submit([Cmd.GENERATOR, self._id, session.local_device(device)])
         _by_impl[self._cdata] = self
 
     def __del__(self) -> None:
@@ -112,6 +112,11 @@ class RemoteGenerator(_TorchGenerator):
     def wire(self, session: Any) -> Any:
         """How this generator travels as an op argument of ``session``."""
         if session is not self._session:
+            if not session.closed and not self._session.closed:
+                raise RuntimeError(
+                    f"libremote: this generator is on {self.device}, and the op's device is on another daemon "
+                    f"({session.address}); make the generator on the op's device"
+                )
             raise RuntimeError(
                 "libremote: this generator belongs to an earlier session (the connection was closed or "
                 "re-opened, and the daemon dropped it); create it again"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import weakref
 from typing import Any
 
 import torch
@@ -46,19 +47,22 @@ class RemoteGraph:
         self.id = next(_graph_ids)
         self.input_count, self.nodes, self.outputs, self.output_specs = _encode(gm)
         self.op_count = sum(1 for node in self.nodes if node[0] != "getitem")
-        self._defined_in: Any = None  # the session the daemon knows this graph in
+        self._defined_in: Any = weakref.WeakSet()  # the sessions whose daemons know this graph
 
     def __call__(self, args: list[Any]) -> list[Any]:
         inputs = list(args)
         args.clear()  # boxed convention: the caller's list must not keep inputs alive
         if any(isinstance(value, torch.Tensor) and value.device.type == "meta" for value in inputs):
             return [None if spec is None else _meta(spec) for spec in self.output_specs]
-        session = runtime.current()
-        if self._defined_in is not session:
+        # The daemon of the inputs' device (with several daemons, libremote/client/servers.py).
+        index = next((v._device_index for v in inputs if isinstance(v, RemoteTensor)), None)
+        session = runtime.current() if index is None else runtime.session_for(index)
+        if index is None:
+            index = session.global_devices[0]  # (0 with one daemon)
+        if session not in self._defined_in:
             session.submit([Cmd.GRAPH, self.id, self.input_count, self.nodes, self.outputs])
-            self._defined_in = session
+            self._defined_in.add(session)
         wire_inputs = [_wire_input(value, session) for value in inputs]
-        index = next((v._device_index for v in inputs if isinstance(v, RemoteTensor)), 0)
         results = [None if spec is None else make(spec, session, index) for spec in self.output_specs]
         outs = [None if tensor is None else tensor._ref.id for tensor in results]
         if session.op_log is not None:

@@ -252,7 +252,7 @@ class WireEncoder:
                     f"libremote: {self.op_name} was asked for device {value}; it can create tensors "
                     "on the remote device only (make it on the remote device, then call .cpu())"
                 )
-            return codec.device_ext(value.index or 0)
+            return codec.device_ext(self.session.local_device(value.index or 0))
         if kind is torch.memory_format:
             return torch_codec.memory_format_ext(value)
         if kind is torch.layout:
@@ -274,6 +274,13 @@ class WireEncoder:
     def tensor(self, tensor: RemoteTensor) -> Any:
         ref = tensor._ref
         if ref.session is not self.session:
+            if not ref.session.closed and not self.session.closed:
+                # Both open: devices of two daemons (libremote/client/servers.py), as CUDA says it.
+                raise RuntimeError(
+                    "Expected all tensors to be on the same device, but found at least two devices, "
+                    f"cuda:{tensor._device_index} and cuda:{self.session.global_devices[0]}! (in {self.op_name}; "
+                    "those devices are on different libremote daemons: move one tensor with .to(device))"
+                )
             raise RuntimeError(
                 "libremote: this tensor belongs to an earlier session (the connection was closed "
                 "or re-opened, and the daemon freed its memory); recreate it"
@@ -290,6 +297,6 @@ class WireEncoder:
             return torch_codec.inline_tensor_ext(tensor.resolve_conj().resolve_neg())
         # A large host tensor mixed into a device op (CUDA allows this for index tensors):
         # upload it first; it is released after the op in command order.
-        remote = tensor.to(backend.device(0))
+        remote = tensor.to(backend.device(self.session.global_devices[0]))  # (a device of this op's daemon)
         self.keepalive.append(remote)
         return self.tensor(remote)

@@ -1,13 +1,16 @@
-"""Process-wide client state: which daemon, the session with it (opened on first use), and which
-of its devices is current.
+"""Process-wide client state: which daemons, the sessions with them (opened on first use), and
+which device is current.
 
-Layer 1, the session: the layers above find the session here (:func:`current`), and
-``torch.cuda.current_device``/``set_device`` are this module's (through :mod:`.patches`).
+Layer 1, the session: the layers above find the session here (:func:`current` for the current
+device's, :func:`session_for` for a device's, :func:`sessions` for all), and
+``torch.cuda.current_device``/``set_device`` are this module's (through :mod:`.patches`). With one
+daemon there is one session and all of these return it; with several, see :mod:`.servers`.
 """
 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import threading
 from typing import Any
@@ -16,11 +19,14 @@ import torch
 
 from libremote_wire import __version__
 
-from ..config import Settings
+from ..config import Settings, server_entries
 from ..errors import ConnectionFailed, NotConfiguredError
 from . import device_guard
+from .servers import Servers, open_servers
 from .session import ClientSession
 
+#: The program's sessions, and the current device's session (the one ``current()`` returns at once).
+_servers: Servers | None = None
 _session: ClientSession | None = None
 _address: str | None = None
 #: The last failure to connect: raised again at once instead of waiting out another timeout.
@@ -50,6 +56,30 @@ def current_if_open() -> ClientSession | None:
     return _session
 
 
+def session_for(index: int) -> ClientSession:
+    """The session of the daemon that holds ``cuda:index`` (connecting on first use)."""
+    servers = _servers
+    if servers is None:
+        current()
+        servers = _servers
+        assert servers is not None
+    return servers.session_for(index)
+
+
+def sessions() -> list[ClientSession]:
+    """Every open session (none before the first use; one per daemon)."""
+    servers = _servers
+    return list(servers.sessions) if servers is not None else []
+
+
+def devices() -> list[dict[str, Any]]:
+    """The facts of every device of the program, by ``cuda`` index (connecting on first use)."""
+    current()
+    servers = _servers
+    assert servers is not None
+    return servers.devices
+
+
 def connect(address: str | None = None) -> ClientSession:
     """Open a new session (closing the current one); ``address`` defaults to LIBREMOTE_SERVER."""
     global _address
@@ -68,16 +98,24 @@ def disconnect() -> None:
 
 
 def _open(address: str | None) -> None:
-    global _session, _failure
+    global _servers, _failure
     _failure = None
     try:
-        _session = _new_session(address)
+        _servers = _new_servers(address)
     except ConnectionFailed as exc:
         _failure = exc
         raise
+    _select()
 
 
-def _new_session(address: str | None) -> ClientSession:
+def _select() -> None:
+    """Make ``_session`` the current device's session."""
+    global _session
+    servers = _servers
+    _session = servers.session_for(_current_device) if servers is not None else None
+
+
+def _new_servers(address: str | None) -> Servers:
     if not address:
         raise NotConfiguredError(
             "libremote: no daemon address. Set LIBREMOTE_SERVER=tcp://host:port (for example "
@@ -85,14 +123,18 @@ def _new_session(address: str | None) -> ClientSession:
             "libremote.connect('tcp://host:port') before using the device."
         )
     settings = Settings.from_env()
+    entries = server_entries(address)
+    if len(entries) > 1 and not os.environ.get("LIBREMOTE_DEVICES", "").strip():
+        settings = dataclasses.replace(settings, devices=len(entries))
     if settings.devices > device_guard.device_count:
         # The device guard that tells autograd how many devices exist is chosen at import.
         raise NotConfiguredError(
-            f"libremote: LIBREMOTE_DEVICES={settings.devices} was set after libremote was imported "
-            f"(it registered support for {device_guard.device_count} device(s)); set it in the "
-            "environment before the program starts"
+            f"libremote: this program asks for {settings.devices} devices (LIBREMOTE_DEVICES, or the "
+            "addresses in LIBREMOTE_SERVER) after libremote was imported "
+            f"(it registered support for {device_guard.device_count} device(s)); set LIBREMOTE_DEVICES "
+            "or LIBREMOTE_SERVER in the environment before the program starts"
         )
-    return ClientSession(settings, address, __version__)
+    return open_servers(settings, entries, __version__)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -114,11 +156,12 @@ def device_index(device: Any = None) -> int:
 
 
 def device_facts(device: Any = None) -> dict[str, Any]:
-    devices = current().devices
+    facts = devices()
     index = device_index(device)
-    if not 0 <= index < len(devices):
-        raise RuntimeError(f"libremote: device cuda:{index} does not exist; the daemon gave this session {len(devices)}")
-    return devices[index]
+    if not 0 <= index < len(facts):
+        raise RuntimeError(f"libremote: device cuda:{index} does not exist; this program has {len(facts)} "
+                           "(LIBREMOTE_DEVICES, or the addresses in LIBREMOTE_SERVER)")
+    return facts[index]
 
 
 def current_device() -> int:
@@ -132,6 +175,7 @@ def set_device(device: Any) -> None:
         return
     device_facts(index)
     _current_device = index
+    _select()
 
 
 def exchange_device(device: int) -> int:
@@ -139,20 +183,23 @@ def exchange_device(device: int) -> int:
     previous = _current_device
     if device >= 0:
         _current_device = device
+        if _servers is not None and len(_servers.sessions) > 1:
+            _select()
     return previous
 
 
 def _close() -> None:
-    global _session
-    session, _session = _session, None
-    if session is not None:
-        session.close()
+    global _session, _servers
+    servers, _servers, _session = _servers, None, None
+    if servers is not None:
+        servers.close()
 
 
 def _forget_after_fork() -> None:
     # The child must not use (or close) the parent's ZeroMQ socket; it connects afresh if needed.
-    global _session, _lock, _failure
+    global _session, _servers, _lock, _failure
     _session = None
+    _servers = None
     _failure = None
     _lock = threading.Lock()
 

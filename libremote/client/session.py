@@ -55,18 +55,34 @@ def _client_keys(settings: Settings) -> ClientKeys | None:
 
 
 class ClientSession:
-    def __init__(self, settings: Settings, address: str, libremote_version: str) -> None:
+    """One daemon's session. A program with devices on several daemons holds one per daemon
+    (:mod:`.servers`); ``global_devices`` says which of the program's ``cuda:N`` are this
+    session's devices, in the daemon's order (the daemon numbers them 0, 1, ... within the
+    session: :meth:`local_device` translates)."""
+
+    def __init__(self, settings: Settings, address: str, libremote_version: str, *,
+                 devices: int | None = None, global_devices: list[int] | None = None,
+                 device_indices: list[int] | None = None) -> None:
         self.settings = settings
         self.address = address
         self.connection = Connection(address, timeout_s=settings.timeout_s, heartbeat_s=settings.heartbeat_s,
                                      spin_s=settings.spin_us * 1e-6, curve=_client_keys(settings))
         welcome = self.connection.handshake(
             libremote_version, tenant=settings.tenant, token=settings.token, priority=settings.priority,
-            queue_timeout_s=settings.queue_timeout_s, devices=settings.devices,
+            queue_timeout_s=settings.queue_timeout_s, devices=settings.devices if devices is None else devices,
+            device_indices=device_indices,
         )
+        if device_indices is not None and "device_pins" not in welcome.get("features", ()):
+            self.connection.close()
+            raise errors.ConnectionFailed(
+                f"libremote: the daemon at {address} is too old to pin devices (#N in LIBREMOTE_SERVER): it would "
+                "place the session by its own policy; upgrade it, or name the address without #N")
         self.session_id: str = welcome["session"]
         self.devices: list[dict[str, Any]] = welcome["devices"]
         self.daemon_info = welcome
+        self.global_devices = list(range(len(self.devices))) if global_devices is None else list(global_devices)
+        #: cuda:N -> this daemon's index, where they differ (empty with one daemon: the identity).
+        self._local = {glob: loc for loc, glob in enumerate(self.global_devices) if glob != loc}
         self.pid = os.getpid()
         self._lock = threading.RLock()
         self._next_handle = itertools.count(1).__next__
@@ -101,6 +117,16 @@ class ClientSession:
         self._daemon_takes_settings = "settings" in welcome.get("features", ())
         self.ping_interval_s = float(welcome.get("heartbeat_s", 2.0))
         threading.Thread(target=self._heartbeat, name="libremote-heartbeat", daemon=True).start()
+
+    @property
+    def recording(self) -> bool:
+        """Whether commands are being recorded (``capture_step``, ``torch.cuda.graph``)."""
+        return self._recording is not None
+
+    def local_device(self, index: int) -> int:
+        """The daemon's number for the program's ``cuda:index`` (an index of another daemon's
+        device passes through unchanged, and the daemon refuses it)."""
+        return self._local.get(index, index) if self._local else index
 
     # ------------------------------------------------------------------------------------------
     # Handles

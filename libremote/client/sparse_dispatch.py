@@ -13,7 +13,7 @@ import torch
 
 from libremote_wire.messages import Cmd
 
-from . import backend, meta, runtime
+from . import backend, meta, runtime, transfer
 from . import dispatch as dense
 from .ops import Return, WireEncoder, op_info
 from .sparse import RemoteSparseTensor, to_host, upload
@@ -84,7 +84,7 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
 def _same_spec(func: Any, info: Any, args: tuple[Any, ...]) -> RemoteSparseTensor:
     source = args[0]
-    session = runtime.current()
+    session = runtime.session_for(source._device_index)
     wire_args, _ = WireEncoder(session, info.name).arguments(info, args, {})
     view = info.view_of is not None
     tensor = RemoteSparseTensor(source._spec, _HandleRef(session.new_handle(), session), source._device_index,
@@ -96,6 +96,10 @@ def _same_spec(func: Any, info: Any, args: tuple[Any, ...]) -> RemoteSparseTenso
 def _to_copy(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     device = kwargs.get("device")
     if device is None or device.type == backend.BACKEND_NAME:
+        if device is not None and transfer.crosses_daemons(args[0], device.index or 0):
+            raise RuntimeError(f"libremote: a sparse tensor cannot move between daemons yet ({args[0].device} to "
+                               f"cuda:{device.index or 0}); move it through the host (.cpu()), or move its "
+                               "indices and values")
         return dense._run_synchronously(func, op_info(func), args, kwargs)
     if device.type != "cpu":
         raise RuntimeError(f"libremote: cannot copy a remote tensor to {device}")

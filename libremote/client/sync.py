@@ -20,7 +20,7 @@ import torch
 from libremote_wire import torch_codec
 from libremote_wire.messages import Cmd
 
-from . import backend, runtime
+from . import backend, runtime, transfer
 from .dispatch import run
 from .meta import spec_of
 from .sparse import upload
@@ -37,6 +37,8 @@ def to_copy(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             return upload(source, kwargs["device"].index or 0, kwargs.get("dtype"))
         return _upload_new(source, kwargs)
     if device is None or device.type == backend.BACKEND_NAME:
+        if device is not None and transfer.crosses_daemons(source, device.index or 0):
+            return transfer.moved(source, device.index or 0, kwargs)
         return run(func, args, kwargs)
     if device.type != "cpu":
         raise RuntimeError(f"libremote: cannot copy a remote tensor to {device}")
@@ -59,14 +61,14 @@ def _upload_new(source: torch.Tensor, kwargs: dict[str, Any]) -> RemoteTensor:
     fmt = kwargs.get("memory_format") or torch.preserve_format
     layout_template = torch.empty_like(host, device="meta", memory_format=fmt)
     spec = spec_of(layout_template)
-    session = runtime.current()
+    session = runtime.session_for(device.index or 0)
     if host.nbytes >= PIPELINED_UPLOAD_BYTES:
         if layout_template.is_contiguous():
             return _upload_in_pieces(host, spec, session, device.index or 0)
         return _laid_out(_staged(host, session, device.index or 0), spec)
     target = make(spec, session, device.index or 0)
     dtype_ext = torch_codec.dtype_ext(spec[0])
-    fields = [Cmd.PUT, target._ref.id, dtype_ext, list(spec[1]), list(spec[2]), target._device_index]
+    fields = [Cmd.PUT, target._ref.id, dtype_ext, list(spec[1]), list(spec[2]), session.local_device(target._device_index)]
     session.submit_data(fields, host)
     return target
 
@@ -125,6 +127,8 @@ def copy_(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     remote_destination = isinstance(destination, RemoteTensor)
     remote_source = isinstance(source, RemoteTensor)
     if remote_destination and remote_source:  # also between devices, as CUDA allows
+        if transfer.crosses_daemons(source, destination._device_index):
+            return transfer.copied(destination, source)
         return run(func, args, kwargs, device_index=destination._device_index)
     if remote_destination:
         if source.device.type != "cpu":

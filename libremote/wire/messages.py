@@ -52,6 +52,19 @@ STREAM_WINDOW_BYTES = 64 << 20
 #: much per message, decoded into a bounded number of objects.
 MAX_FRONT_MESSAGE_BYTES = 64 << 10
 
+#: Cross-server copies (EXPORT, PULL; libremote/client/transfer.py). A worker exports a snapshot of
+#: a tensor's bytes under a random token of EXPORT_TOKEN_BYTES that only the exporting session's
+#: client learns; another daemon's worker of the same program pulls it once, in PULL_CHUNK_BYTES
+#: pieces, within EXPORT_TTL_S. A session holds at most MAX_EXPORTS unpulled exports of at most
+#: MAX_EXPORT_BYTES together (host memory of the exporting worker).
+EXPORT_TOKEN_BYTES = 32
+PULL_CHUNK_BYTES = 8 << 20
+EXPORT_TTL_S = 60.0
+MAX_EXPORTS = 16
+MAX_EXPORT_BYTES = 4 << 30
+#: Longest peer worker address a PULL may name (tcp://host:port).
+MAX_PEER_ADDRESS = 256
+
 
 class Msg(enum.IntEnum):
     """Messages between a client (or the ``libremote`` command) and the daemon."""
@@ -66,6 +79,8 @@ class Msg(enum.IntEnum):
     QUEUED = 8
     STATUS = 9
     ADMIN = 10
+    PULL = 11
+    PULLED = 12
 
 
 class Cmd(enum.IntEnum):
@@ -89,6 +104,8 @@ class Cmd(enum.IntEnum):
     REPLAY = 15
     SETTINGS = 16
     GENERATOR = 17
+    EXPORT = 18
+    PULL = 19
 
 
 class Ctl(enum.IntEnum):
@@ -109,7 +126,7 @@ class Ctl(enum.IntEnum):
 
 
 #: Commands whose execution yields an entry in REPLY.results.
-RESULT_COMMANDS = frozenset({Cmd.OP_SYNC, Cmd.FETCH, Cmd.SYNC, Cmd.RNG_STATE, Cmd.ELAPSED, Cmd.QUERY})
+RESULT_COMMANDS = frozenset({Cmd.OP_SYNC, Cmd.FETCH, Cmd.SYNC, Cmd.RNG_STATE, Cmd.ELAPSED, Cmd.QUERY, Cmd.EXPORT})
 
 
 class ErrorKind(str, enum.Enum):
@@ -240,6 +257,10 @@ HELLO_INFO = Record("hello", "Who the client is and what it asks for.", (
     Field("token", str, "plain TCP with a tenants file: the tenant's token", _SECRET, optional=True),
     Field("priority", str, "high, normal or low: at most the tenant's", 16, optional=True),
     Field("devices", int, "how many devices the session wants (LIBREMOTE_DEVICES)", optional=True),
+    Field("device_indices", list, "which of the daemon's devices, by index, in the session's order (entries "
+          "tcp://host:port#N of LIBREMOTE_SERVER, a pool's placement); absent: the daemon places by its policy. "
+          "A daemon whose WELCOME features lack device_pins ignores it, and the client refuses to go on", 64,
+          optional=True),
 ))
 WELCOME_INFO = Record("welcome", "The admitted session and where it runs.", (
     Field("session", str, "the session's id", 64),
@@ -308,6 +329,19 @@ MESSAGES: dict[Msg, Message] = {m.kind: m for m in (  # type: ignore[misc]
             "report, as much of it as the asker may see.", (Field("body", dict, "credentials, or the report", optional=True),)),
     Message(Msg.ADMIN, "admin tool, front", "A live change / its result {ok, message, sessions}.",
             (Field("body", dict, "the request (ADMIN_REQUEST), or the result"),)),
+    Message(Msg.PULL, "worker (of another daemon)", "Ask a worker for a piece of an export (a cross-server copy, "
+            "see the EXPORT and PULL commands). Needs no session: the token is the capability, known only to the "
+            "exporting session's client and the worker it handed it to; an export is served once and expires.", (
+        Field("token", bytes, "the export's token (EXPORT's result)", EXPORT_TOKEN_BYTES),
+        Field("offset", int, "the first byte wanted"),
+        Field("length", int, f"how many bytes, at most PULL_CHUNK_BYTES ({PULL_CHUNK_BYTES >> 20} MiB)"),
+    )),
+    Message(Msg.PULLED, "worker", "The answer to PULL: the piece in one frame, or why not.", (
+        Field("offset", int, "as asked"),
+        Field("total", int, "the export's size in bytes (0 with an error)"),
+        Field("error", str, "why nothing is sent (unknown or expired token, a range outside the export), or nil",
+              1024, optional=True),
+    )),
 )}
 
 #: A session as the front hands it to the worker that will run it.
@@ -452,6 +486,18 @@ COMMANDS: dict[Cmd, Command] = {c.kind: c for c in (
     Command(Cmd.REPLAY, "Run a recorded step again.", (Field("program", int, "its id"),)),
     Command(Cmd.SETTINGS, "torch numerics switches for what follows (libremote_wire/numerics.py).",
             (Field("settings", dict, "name -> value"),)),
+    Command(Cmd.EXPORT, "Snapshot a dense tensor's bytes (in host memory of the worker) for one PULL by another "
+            "daemon's worker; returns [token, nbytes]. Refused under CURVE (a peer worker holds no key the "
+            f"daemon accepts), beyond {MAX_EXPORTS} unpulled exports or {MAX_EXPORT_BYTES >> 30} GiB per session; "
+            f"unpulled exports expire after {EXPORT_TTL_S:g} s.", (_HANDLE,)),
+    Command(Cmd.PULL, "A new tensor on a device, with the bytes of an export on another daemon's worker, pulled "
+            "worker to worker (never through the client) before the next command runs.", (
+        Field("new", int, "its handle"), Field("dtype", ANY, "dtype"), Field("shape", list, "shape (contiguous)"),
+        Field("dev", int, "the device: its index in the session"),
+        Field("source", str, "the exporting worker's address (tcp://host:port only)", MAX_PEER_ADDRESS),
+        Field("token", bytes, "the export's token", EXPORT_TOKEN_BYTES),
+        Field("nbytes", int, "the export's size: dtype and shape must match it"),
+    )),
 )}
 
 

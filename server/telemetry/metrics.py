@@ -69,7 +69,7 @@ METRICS: tuple[MetricSpec, ...] = (
     _m("libremote_draining", "gauge", "", "1 while an operator has the daemon draining (no new sessions)", "daemon"),
     _m("libremote_snapshot_timestamp_seconds", "gauge", "", "when the figures behind this scrape were gathered (Unix time)", "daemon"),
     _m("libremote_front_messages_total", "counter", "kind", "messages the front took, by kind (hello, ping, bye, status, admin, batch)", "daemon"),
-    _m("libremote_rejected_messages_total", "counter", "where reason", "messages refused before or instead of running: malformed (fuzz-style input), over a bound, another key's session, a daemon failure, an unknown CURVE key", "daemon"),
+    _m("libremote_rejected_messages_total", "counter", "where reason", "messages refused before or instead of running: malformed (fuzz-style input), over a bound, another key's session, a daemon failure, an unknown CURVE key, a PULL without a live export (pull)", "daemon"),
     _m("libremote_reconnects_total", "counter", "", "HELLOs from a client process that had a session before", "daemon"),
     _m("libremote_refusals_total", "counter", "reason", "clients refused at admission, by reason (protocol, policy, quota, queue_full, draining, unhealthy, other)", "daemon"),
     _m("libremote_quota_changes_total", "counter", "", "admin changes of quotas, weights or priorities", "daemon"),
@@ -215,7 +215,7 @@ def families(snapshot: dict[str, Any] | None, *, health: dict[str, Any] | None =
     for reason in ("malformed", "unknown_key", "other_owner", "failure"):
         add("libremote_rejected_messages_total", ["front", reason], rejected_front.get(reason, 0))
     rejected_workers = snapshot.get("worker_rejected") or {}
-    for reason in ("malformed", "limit", "other_owner", "failure"):
+    for reason in ("malformed", "limit", "other_owner", "failure", "pull"):
         add("libremote_rejected_messages_total", ["worker", reason], rejected_workers.get(reason, 0))
     add("libremote_reconnects_total", [], counters["reconnects"])
     for reason in REFUSAL_REASONS:

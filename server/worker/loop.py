@@ -38,7 +38,8 @@ from libremote_wire.messages import CONTROL, Ctl, ErrorKind, Msg
 from libremote_wire.zmq_events import readable
 
 from .. import auth, limits, outbox, peers, policy
-from . import devices, host_memory, leases, op_policy
+from . import devices, host_memory, leases, op_policy, peer_pull
+from .exports import Exports
 from .residency import DeviceMemory
 from .session import Reply, Session
 from .session_quota import TenantAccount
@@ -57,7 +58,7 @@ _IDLE_TRIM_S = 2.0  # no batch for this long: the worker gives kept host memory 
 #: session whose client leaves them unread stops running (limits.MAX_UNSENT_REPLY_BYTES).
 _TRACKED_REPLY_BYTES = 1 << 20
 #: What a client sends its worker (HELLO, STATUS and ADMIN go to the front).
-_CLIENT_MESSAGES = frozenset({Msg.BATCH, Msg.PING, Msg.BYE})
+_CLIENT_MESSAGES = frozenset({Msg.BATCH, Msg.PING, Msg.BYE, Msg.PULL})
 
 
 @dataclass
@@ -139,6 +140,13 @@ class Worker:
             keyring = auth.KeyRing(config.auth_keys, config.server_key).only_tenant(config.tenant)
             self._authenticator = auth.secure(self._socket, keyring)
         self.address = self._bind(config)
+        #: Cross-server copies (exports.py): what this worker's sessions offer to peer workers, and
+        #: messages that arrived while a PULL of this worker waited on a peer (taken in next).
+        self.exports = Exports(allowed=config.auth_keys is None, why_not=(
+            "this daemon runs with --auth-keys (CURVE), and a peer daemon's worker holds no key it accepts: "
+            "cross-server copies need daemons on plain TCP for now; move the tensor through the host instead "
+            "(t.cpu().to(device))"))
+        self._stashed: collections.deque[list[zmq.Frame]] = collections.deque()
         torch.set_grad_enabled(False)
 
     def _bind(self, config: WorkerConfig) -> str:
@@ -202,10 +210,41 @@ class Worker:
         while readable(self._control) and taken < limit:
             self._on_control(self._control.recv_multipart(zmq.NOBLOCK))
             taken += 1
+        while self._stashed and taken < limit:
+            self._on_message(self._stashed.popleft())
+            taken += 1
         while readable(self._socket) and taken < limit:
             self._on_message(self._socket.recv_multipart(zmq.NOBLOCK, copy=False))
             taken += 1
         return taken
+
+    # ------------------------------------------------------------------------------------------
+    # Cross-server copies (exports.py, peer_pull.py)
+    # ------------------------------------------------------------------------------------------
+    def _pull_from_peer(self, address: str, token: bytes, nbytes: int, into: memoryview) -> int:
+        """A session's PULL: the bytes of a peer worker's export, while answering PULLs to this
+        worker meanwhile (messages of other kinds wait in ``_stashed``: a session must not change
+        while one of its commands runs)."""
+        return peer_pull.pull(self._context, address, token, nbytes, into, serve_own=self._serve_pulls_only)
+
+    def _serve_pulls_only(self) -> None:
+        while readable(self._socket) and len(self._stashed) < 4096:
+            frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            if len(frames) == 2 and _is_pull(frames[1]):
+                self._on_message(frames)
+            else:
+                self._stashed.append(frames)
+
+    def _on_pull(self, identity: bytes, token: bytes, offset: int, length: int) -> None:
+        """A peer worker asks for a piece of an export: it gets it only with a live token."""
+        total, piece, error = self.exports.serve(token, offset, length)
+        if error is not None:
+            self._count_rejected("pull")
+            log.warning("refused a PULL from %s: %s", identity.hex()[:12], error,
+                        extra={"event": "security_rejection", "tenant": self.config.tenant, "worker": self.config.worker_id})
+            self._send(identity, [Msg.PULLED, offset, 0, error])
+            return
+        self._send(identity, [Msg.PULLED, offset, total], [piece])
 
     def _run_slices(self) -> None:
         for slot in self.slots:
@@ -287,6 +326,8 @@ class Worker:
         if identity in self.sessions:
             self._end_session(identity, "client said hello again")
         session.max_handles = self.config.max_handles
+        session.exports = self.exports
+        session.peer_pull = self._pull_from_peer
         for slot in slots:
             slot.sessions.append(session)
             self._cap_device_memory(slot, account.quota)
@@ -374,6 +415,8 @@ class Worker:
                     session.last_seen = time.monotonic()
             elif kind == Msg.BYE:
                 self._end_session(identity, "client said goodbye")
+            elif kind == Msg.PULL:
+                self._on_pull(identity, fields[0], fields[1], fields[2])
         except limits.LimitExceeded as exc:
             self._count_rejected("limit")
             self._drop_offender(identity, str(exc))
@@ -505,6 +548,7 @@ class Worker:
                     session.reclaim_captures()
                 except Exception as exc:  # (as in a slice: the session's own state; it pays)
                     self._drop_offender(identity, _failure(exc), error=exc)
+        self.exports.expire()
         for slot in self.slots:
             slot.refresh_utilization()
         if (self._host_memory_kept and not self._host_memory_trimmed and now - self._last_batch > _IDLE_TRIM_S
@@ -522,6 +566,7 @@ class Worker:
         self._peers.forget(identity)
         for slot in session.slots:
             slot.sessions.remove(session)
+        self.exports.drop_session(session.id)
         figures = session.figures()
         released = session.close()
         self._gone[identity] = f"session {session.id} was closed: {why}"
@@ -535,6 +580,12 @@ class Worker:
                 if not slot.sessions:
                     self.leases.release_all(slot.index)
         self._send_control([Ctl.ENDED, session.id, why[:1000], released, notice[:1000] if notice else None, figures])
+
+
+def _is_pull(header: zmq.Frame) -> bool:
+    """Whether a header frame is a PULL (a fixarray whose first item is Msg.PULL), without decoding it."""
+    data = header.bytes[:2]
+    return len(data) == 2 and 0x90 <= data[0] <= 0x9f and data[1] == Msg.PULL
 
 
 def _failure(exc: BaseException) -> str:

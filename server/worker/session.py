@@ -46,6 +46,7 @@ from .session_commands import CommandsMixin
 from .session_graphs import GraphsMixin
 from .session_quota import QuotaMixin, TenantAccount
 from .session_residency import ResidencyMixin
+from .session_transfers import TransfersMixin
 
 log = logging.getLogger("libremote.server")
 
@@ -76,7 +77,7 @@ class Reply:
     malformed: bool = False
 
 
-class Session(QuotaMixin, GraphsMixin, ResidencyMixin, CommandsMixin):
+class Session(QuotaMixin, GraphsMixin, ResidencyMixin, CommandsMixin, TransfersMixin):
     """Handles, RNG, events, memory account and scheduling state of one connected client."""
 
     #: Live tensors this session may hold (the daemon sets ``--max-handles``).
@@ -190,6 +191,8 @@ class Session(QuotaMixin, GraphsMixin, ResidencyMixin, CommandsMixin):
             Cmd.ELAPSED: self._elapsed,
             Cmd.QUERY: self._query,
             Cmd.SETTINGS: self._settings,
+            Cmd.EXPORT: self._export,
+            Cmd.PULL: self._pull,
         }
 
     @property
@@ -378,7 +381,7 @@ class Session(QuotaMixin, GraphsMixin, ResidencyMixin, CommandsMixin):
             self.pending_error = error
         if command[0] in (Cmd.OP, Cmd.OP_SYNC) and len(command) >= 5:
             produced: Any = command[4]
-        elif command[0] == Cmd.PUT and len(command) >= 2:
+        elif command[0] in (Cmd.PUT, Cmd.PULL) and len(command) >= 2:
             produced = command[1]
         elif command[0] == Cmd.RUN_GRAPH and len(command) >= 4:
             produced = command[3]

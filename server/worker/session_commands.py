@@ -75,6 +75,8 @@ class CommandsMixin:
         graphs_defined: int
         graph_runs: int
         step_replays: int
+        bytes_exported: int
+        bytes_pulled: int
 
         @property
         def device(self) -> torch.device: ...
@@ -288,6 +290,9 @@ class CommandsMixin:
             return self.memory_stats()
         if what == "stats":
             return {"ops": self.ops_executed, "batches": self.batches, "busy_s": self.busy_s, "host_s": self.host_s,
+                    "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+                    "bytes_exported": self.bytes_exported, "bytes_pulled": self.bytes_pulled,
+                    "graph_runs": self.graph_runs, "graphs_defined": self.graphs_defined,
                     "handles": len(self.tensors), "generators": len(self.explicit_generators),
                     "cuda_graph_captures": self._cuda_graphs.captures if self._cuda_graphs else 0,
                     "cuda_graph_replays": self._cuda_graphs.replays if self._cuda_graphs else 0,
@@ -313,7 +318,8 @@ class CommandsMixin:
                 "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "errors": dict(self.errors),
                 "graphs_defined": self.graphs_defined, "graph_runs": self.graph_runs,
                 "step_replays": self.step_replays,
-                "cuda_graph_replays": cuda_graphs.replays if cuda_graphs else 0}
+                "cuda_graph_replays": cuda_graphs.replays if cuda_graphs else 0,
+                "bytes_exported": self.bytes_exported, "bytes_pulled": self.bytes_pulled}
 
     def compile_counts(self) -> dict[str, float]:
         """Graphs compiled for this session (``--graph-compiler``), compiles still running, and
