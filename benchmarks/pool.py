@@ -71,10 +71,10 @@ def _status(address: str) -> dict:
     return _ask(address, [Msg.STATUS, {"token": ADMIN_TOKEN}], 30)[1]
 
 
-def _run_clients(address: str, specs: list[dict], seconds: float) -> tuple[list[dict], dict]:
+def _run_clients(address: str, specs: list[dict], seconds: float, slack: float = 8.0) -> tuple[list[dict], dict]:
     """Start one client per spec (env overrides, mode), run them together, return their reports
     and each session's device time from the daemon."""
-    start_at = time.time() + 8 + 2 * len(specs)
+    start_at = time.time() + slack + 2 * len(specs)
     stop_at = start_at + seconds
     processes = []
     for spec in specs:
@@ -84,7 +84,8 @@ def _run_clients(address: str, specs: list[dict], seconds: float) -> tuple[list[
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     sessions = [json.loads(p.stdout.readline())["ready"] for p in processes]
     if time.time() > start_at:
-        raise SystemExit("the clients took too long to start; the measured window would be wrong")
+        raise SystemExit("the clients took too long to start; the measured window would be wrong "
+                         "(a loaded machine: raise --start-slack)")
     while time.time() < start_at:
         time.sleep(0.01)
     before = {s["session"]: s["device_time_s"] for s in _status(address)["sessions"]}
@@ -111,6 +112,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--clients", default="1,2,4,8")
+    parser.add_argument("--start-slack", type=float, default=8.0,
+                        help="seconds (plus 2 per client) the clients get to start before the measured window")
     args = parser.parse_args()
     rows = []
 
@@ -126,7 +129,7 @@ def main() -> None:
             light = {"LIBREMOTE_TENANT": "light", "LIBREMOTE_TOKEN": "l"}
             alone = None
             for count in [int(n) for n in args.clients.split(",")]:
-                reports, _ = _run_clients(address, [{"env": light}] * count, args.seconds)
+                reports, _ = _run_clients(address, [{"env": light}] * count, args.seconds, args.start_slack)
                 # Steps over the time until the last one finished (work queued at the end counts).
                 total = sum(r["steps"] for r in reports) / max(r["finished"] for r in reports)
                 alone = alone or total
@@ -135,15 +138,15 @@ def main() -> None:
                 rows.append((f"{count} clients: Jain's fairness (device time)", fairness, 1.0, "perfect"))
 
             reports, _ = _run_clients(address, [{"env": light}, {"env": {"LIBREMOTE_TENANT": "heavy", "LIBREMOTE_TOKEN": "h"}}],
-                                      args.seconds)
+                                      args.seconds, args.start_slack)
             total = sum(r["device_time_s"] for r in reports) or 1.0
             rows.append(("weight 1 tenant: share of device time", reports[0]["device_time_s"] / total, 0.25, "owed"))
             rows.append(("weight 3 tenant: share of device time", reports[1]["device_time_s"] / total, 0.75, "owed"))
 
             high = {"env": light | {"LIBREMOTE_PRIORITY": "high"}, "mode": "latency"}
             low = {"env": {"LIBREMOTE_TENANT": "batch", "LIBREMOTE_TOKEN": "b", "LIBREMOTE_PRIORITY": "low"}}
-            alone_report, _ = _run_clients(address, [high], args.seconds)
-            busy_report, _ = _run_clients(address, [high] + [low] * 4, args.seconds)
+            alone_report, _ = _run_clients(address, [high], args.seconds, args.start_slack)
+            busy_report, _ = _run_clients(address, [high] + [low] * 4, args.seconds, args.start_slack)
             for name, q in (("p50", 0.5), ("p99", 0.99)):
                 def pick(latencies: list[float], q: float = q) -> float:
                     ordered = sorted(latencies)
