@@ -97,7 +97,8 @@ class Connection:
 
     # ------------------------------------------------------------------------------------------
     def handshake(self, libremote_version: str, *, tenant: str | None = None, token: str | None = None,
-                  priority: str | None = None, queue_timeout_s: float = 300.0, devices: int = 1) -> dict[str, Any]:
+                  priority: str | None = None, queue_timeout_s: float = 300.0, devices: int = 1,
+                  reservation: str | None = None) -> dict[str, Any]:
         """Say HELLO and wait for WELCOME; while queued (QUEUED), wait up to ``queue_timeout_s``."""
         hello = {
             "protocol": messages.PROTOCOL_VERSION,
@@ -112,6 +113,8 @@ class Connection:
             "priority": priority,
             "devices": devices,
         }
+        if reservation is not None:  # (placed through a pool: the daemon checks it in etcd)
+            hello["reservation"] = reservation
         deadline = time.monotonic() + self.timeout_s
         try:
             self.send([Msg.HELLO, hello], timeout_s=self.timeout_s)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 import threading
 from typing import Any
 
@@ -92,7 +93,26 @@ def _new_session(address: str | None) -> ClientSession:
             f"(it registered support for {device_guard.device_count} device(s)); set it in the "
             "environment before the program starts"
         )
+    if address.startswith("etcd://"):
+        return _pool_session(settings, address)
     return ClientSession(settings, address, __version__)
+
+
+def _pool_session(settings: Settings, address: str) -> ClientSession:
+    """A session on the daemon the pool at ``address`` (etcd://) places this client on
+    (libremote/pool.py, imported only here: a tcp:// client never loads it)."""
+    from .. import pool
+
+    try:
+        placements = pool.resolve(address, timeout_s=settings.queue_timeout_s)
+    except (pool.PlacementError, ValueError) as exc:
+        message = str(exc) if str(exc).startswith("libremote:") else f"libremote: {exc}"
+        raise ConnectionFailed(message) from None
+    try:
+        return ClientSession(settings, placements[0].address, __version__, reservation=placements[0].reservation)
+    except BaseException:
+        pool.release()
+        raise
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,6 +167,9 @@ def _close() -> None:
     session, _session = _session, None
     if session is not None:
         session.close()
+    pool = sys.modules.get("libremote.pool")
+    if pool is not None:
+        pool.release()  # (the session's pool reservation, once the daemon has seen it end)
 
 
 def _forget_after_fork() -> None:

@@ -55,14 +55,15 @@ def _client_keys(settings: Settings) -> ClientKeys | None:
 
 
 class ClientSession:
-    def __init__(self, settings: Settings, address: str, libremote_version: str) -> None:
+    def __init__(self, settings: Settings, address: str, libremote_version: str, *,
+                 reservation: str | None = None) -> None:
         self.settings = settings
         self.address = address
         self.connection = Connection(address, timeout_s=settings.timeout_s, heartbeat_s=settings.heartbeat_s,
                                      spin_s=settings.spin_us * 1e-6, curve=_client_keys(settings))
         welcome = self.connection.handshake(
             libremote_version, tenant=settings.tenant, token=settings.token, priority=settings.priority,
-            queue_timeout_s=settings.queue_timeout_s, devices=settings.devices,
+            queue_timeout_s=settings.queue_timeout_s, devices=settings.devices, reservation=reservation,
         )
         self.session_id: str = welcome["session"]
         self.devices: list[dict[str, Any]] = welcome["devices"]

@@ -238,6 +238,9 @@ HELLO_INFO = Record("hello", "Who the client is and what it asks for.", (
     Field("token", str, "plain TCP with a tenants file: the tenant's token", _SECRET, optional=True),
     Field("priority", str, "high, normal or low: at most the tenant's", 16, optional=True),
     Field("devices", int, "how many devices the session wants (LIBREMOTE_DEVICES)", optional=True),
+    Field("reservation", str, "placed through a pool (etcd://): RID:SECRET of the reservation the pool's "
+          "transaction wrote for this daemon; a daemon started with --pool admits only clients whose reservation "
+          "it finds and claims in etcd (libremote_wire/pool/reserve.py)", 128, optional=True),
 ))
 WELCOME_INFO = Record("welcome", "The admitted session and where it runs.", (
     Field("session", str, "the session's id", 64),

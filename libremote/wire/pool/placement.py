@@ -1,0 +1,194 @@
+"""Which daemon and devices a request gets: pure functions of the pool's state, no I/O.
+
+binpack fills the fullest device that still fits (then the fullest daemon), keeping whole
+devices and whole servers free for large requests; spread takes the emptiest, balancing load.
+Pins (``LIBREMOTE_MODEL``, ``LIBREMOTE_NODE``) filter before either. Capacity is what the pool's
+reservations have committed (each holds ``memory`` per device), not the daemons' last reported
+free memory: reservations change in the same transaction that checks them, reports lag by seconds.
+
+A request for N devices is placed on one daemon for now (aggregation across servers comes later):
+:func:`explain` says so when no single daemon has N.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from .records import DaemonRecord, DeviceRecord, Quota, Reservation
+
+POLICIES = ("binpack", "spread")
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a client asks the pool for (libremote/config.py's LIBREMOTE_* variables)."""
+
+    devices: int = 1
+    memory: int | None = None  # per device; None: the daemon's --memory-quota
+    model: str | None = None  # a substring of the chip's name, case-insensitive ("H100")
+    node: str | None = None  # a daemon's node name
+    policy: str = "binpack"
+    tenant: str = "anonymous"
+    priority: str = "normal"
+    exclusive: bool = False  # a whole device to itself (only exclusive-mode devices)
+
+    def describe(self) -> str:
+        parts = [f"{self.devices} device{'s' if self.devices != 1 else ''}"]
+        if self.memory is not None:
+            parts.append(f"{_size(self.memory)} each")
+        if self.model:
+            parts.append(f"model {self.model!r}")
+        if self.node:
+            parts.append(f"node {self.node!r}")
+        if self.exclusive:
+            parts.append("exclusive")
+        return ", ".join(parts) + f" for tenant {self.tenant!r} ({self.policy}, priority {self.priority})"
+
+
+@dataclass(frozen=True)
+class Load:
+    """What the pool's reservations hold on one device."""
+
+    memory: int = 0
+    sessions: int = 0
+
+
+@dataclass(frozen=True)
+class Choice:
+    daemon: DaemonRecord
+    devices: tuple[int, ...]
+    memory: int  # per device, as reserved
+
+
+def loads(reservations: Iterable[Reservation]) -> dict[tuple[str, int], Load]:
+    """Per (daemon id, device index): the memory and sessions reservations hold there."""
+    totals: dict[tuple[str, int], Load] = {}
+    for reservation in reservations:
+        for index in reservation.devices:
+            load = totals.get((reservation.daemon, index), Load())
+            totals[(reservation.daemon, index)] = Load(load.memory + reservation.memory, load.sessions + 1)
+    return totals
+
+
+def memory_for(daemon: DaemonRecord, device: DeviceRecord, request: Request) -> int:
+    """The memory a placement of ``request`` reserves on ``device`` (all of it when exclusive)."""
+    if device.sharing == "exclusive":
+        return device.memory_total
+    return request.memory if request.memory is not None else min(daemon.session_memory, device.memory_total)
+
+
+def device_fits(daemon: DaemonRecord, device: DeviceRecord, load: Load, request: Request) -> bool:
+    if device.state != "ready" or not _model_matches(device, request.model):
+        return False
+    if device.sharing == "exclusive":
+        return load.sessions == 0 and (request.memory is None or request.memory <= device.memory_total)
+    if request.exclusive:
+        return False
+    return (load.sessions < daemon.max_sessions
+            and load.memory + memory_for(daemon, device, request) <= device.memory_total)
+
+
+def daemon_allowed(daemon: DaemonRecord, request: Request) -> bool:
+    return daemon.state == "ready" and (request.node is None or daemon.node == request.node)
+
+
+def choose(daemons: Sequence[DaemonRecord], load: Mapping[tuple[str, int], Load], request: Request) -> Choice | None:
+    """The daemon and devices for ``request`` by its policy, or None when none fits now."""
+    best: tuple[tuple[float, ...], Choice] | None = None
+    for daemon in daemons:
+        if not daemon_allowed(daemon, request):
+            continue
+        fitting = [device for device in daemon.devices
+                   if device_fits(daemon, device, load.get((daemon.id, device.index), Load()), request)]
+        if len(fitting) < request.devices:
+            continue
+
+        def room(device: DeviceRecord, daemon_id: str = daemon.id) -> int:
+            return device.memory_total - load.get((daemon_id, device.index), Load()).memory
+
+        if request.policy == "spread":
+            sessions = {device.index: load.get((daemon.id, device.index), Load()).sessions for device in fitting}
+            fitting.sort(key=lambda device: (sessions[device.index], -room(device), device.index))
+        else:
+            fitting.sort(key=lambda device: (room(device), device.index))
+        picked = fitting[:request.devices]
+        daemon_room = sum(room(device) for device in daemon.devices)
+        daemon_total = sum(device.memory_total for device in daemon.devices) or 1
+        if request.policy == "spread":  # the emptiest daemon first
+            score: tuple[float, ...] = (-daemon_room / daemon_total, sum(room(d) for d in picked) * -1.0)
+        else:  # the fullest daemon that fits, then the tightest devices
+            score = (daemon_room / daemon_total, float(sum(room(d) for d in picked)))
+        choice = Choice(daemon, tuple(device.index for device in picked), memory_for(daemon, picked[0], request))
+        if best is None or score < best[0]:
+            best = (score, choice)
+    return best[1] if best is not None else None
+
+
+def quota_refusal(usage: Load, quota: Quota | None, request: Request, memory_each: int) -> str | None:
+    """Why ``request`` would take its tenant over its pool-wide quota (None: it would not).
+    ``usage`` is what the tenant's reservations hold now (memory summed, sessions = devices)."""
+    if quota is None:
+        return None
+    if quota.devices is not None and usage.sessions + request.devices > quota.devices:
+        return (f"tenant {request.tenant!r} holds {usage.sessions} of its {quota.devices} devices across the pool "
+                f"and asks for {request.devices} more")
+    if quota.memory is not None and usage.memory + memory_each * request.devices > quota.memory:
+        return (f"tenant {request.tenant!r} holds {_size(usage.memory)} of its {_size(quota.memory)} pool memory "
+                f"quota and asks for {_size(memory_each * request.devices)} more")
+    return None
+
+
+def quota_ever_allows(quota: Quota | None, request: Request) -> str | None:
+    """Why ``request`` can never fit its tenant's quota, even with nothing else held."""
+    return quota_refusal(Load(), quota, request, request.memory or 0)
+
+
+def explain(daemons: Sequence[DaemonRecord], load: Mapping[tuple[str, int], Load], request: Request) -> str:
+    """What the pool has, for an error saying why ``request`` was not placed."""
+    if not daemons:
+        return "the pool has no daemon registered (none started with --pool, or their leases expired)"
+    lines = []
+    for daemon in sorted(daemons, key=lambda d: d.id):
+        free = []
+        for device in daemon.devices:
+            held = load.get((daemon.id, device.index), Load())
+            free.append(f"{device.index}: {device.model} {device.state}/{device.sharing}, "
+                        f"{_size(device.memory_total - held.memory)} of {_size(device.memory_total)} free, "
+                        f"{held.sessions} placed")
+        lines.append(f"{daemon.id} (node {daemon.node}, {daemon.state}): " + "; ".join(free))
+    most = max((sum(1 for device in daemon.devices
+                    if device_fits(daemon, device, load.get((daemon.id, device.index), Load()), request))
+                for daemon in daemons if daemon_allowed(daemon, request)), default=0)
+    note = ""
+    if request.devices > 1:
+        note = (f" A request for {request.devices} devices is placed on one daemon (spanning servers is not "
+                f"supported yet); the most any daemon can give now is {most}.")
+    return "the pool has: " + " | ".join(lines) + "." + note
+
+
+def _model_matches(device: DeviceRecord, model: str | None) -> bool:
+    return model is None or model.lower() in device.model.lower()
+
+
+def _size(value: int) -> str:
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if value >= 1 << shift:
+            return f"{value / (1 << shift):.4g}{unit}"
+    return f"{value}B"
+
+
+def parse_size(text: str) -> int:
+    """``8GiB``, ``512MiB``, ``1.5GB``, a byte count (the daemon's --memory-quota syntax)."""
+    units = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
+             "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
+    stripped = text.strip().lower()
+    number = stripped.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = stripped[len(number):].strip()
+    try:
+        value = int(float(number) * units[unit])
+    except (KeyError, ValueError):
+        raise ValueError(f"not a size: {text!r} (e.g. 8GiB, 512MiB, 1.5GB)") from None
+    if value <= 0:
+        raise ValueError(f"a size must be positive: {text!r}")
+    return value

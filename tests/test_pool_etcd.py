@@ -1,0 +1,86 @@
+"""A pool of daemons on real etcd (issue 21): registration under leases, placement through
+``etcd://``, and a daemon that admits only clients the pool placed on it."""
+
+from __future__ import annotations
+
+import json
+
+from helpers import CLIENT_TIMEOUT_S, finish, last_json, spawn_client
+from pool_helpers import COMPUTE_CLIENT, EtcdCluster, pool_daemon, pool_view, registered, wait_view
+
+
+def test_daemons_register_their_devices_and_leave_when_stopped(tmp_path):
+    with EtcdCluster(tmp_path) as etcd:
+        address = etcd.address("gpus")
+        first = pool_daemon(address, "n1", device="cpu,cpu")
+        second = pool_daemon(address, "n2")
+        try:
+            view = wait_view(address, registered("n1", "n2"), "both daemons")
+            by_node = {daemon.node: daemon for daemon in view.daemons}
+            assert by_node["n1"].address == first.address and by_node["n2"].address == second.address
+            assert [d.index for d in by_node["n1"].devices] == [0, 1]
+            device = by_node["n2"].devices[0]
+            assert device.spec == "cpu" and device.memory_total > 0 and device.state == "ready"
+            assert device.sharing == "shared" and by_node["n1"].state == "ready" and by_node["n1"].version
+            assert by_node["n1"].id == f"n1:{first.port}"
+        finally:
+            first.stop()
+        wait_view(address, registered("n2"), "n1 gone at once after it stopped (its lease revoked)", timeout=10)
+        second.stop()
+        assert not pool_view(address).daemons
+
+
+def test_a_client_names_the_pool_and_computes_on_a_daemon_of_it(tmp_path):
+    with EtcdCluster(tmp_path) as etcd:
+        address = etcd.address("gpus")
+        daemons = [pool_daemon(address, "n1"), pool_daemon(address, "n2")]
+        try:
+            wait_view(address, registered("n1", "n2"), "both daemons")
+            client = spawn_client(COMPUTE_CLIENT, address)
+            out, err = finish(client, "the pooled client did not finish", CLIENT_TIMEOUT_S)
+            result = last_json(out)
+            assert client.returncode == 0, err
+            assert result["equal"] and result["address"] in {d.address for d in daemons}
+            # Its reservation left with it (the client revoked its lease on the way out).
+            wait_view(address, lambda v: not v.reservations and not v.claims, "the reservation gone", timeout=15)
+        finally:
+            for daemon in daemons:
+                daemon.stop()
+
+
+def test_a_pool_daemon_refuses_clients_the_pool_did_not_place(tmp_path):
+    with EtcdCluster(tmp_path) as etcd:
+        address = etcd.address("gpus")
+        daemon = pool_daemon(address, "n1")
+        try:
+            wait_view(address, registered("n1"), "the daemon")
+            client = spawn_client("""
+                import json, torch, libremote
+                try:
+                    torch.ones(2, device="cuda").sum().item()
+                except libremote.ConnectionFailed as exc:
+                    print(json.dumps({"refused": str(exc)}))
+            """, daemon.address)
+            out, err = finish(client, "the direct client did not finish", CLIENT_TIMEOUT_S)
+            refusal = last_json(out)["refused"]
+            assert "belongs to the pool" in refusal and "etcd://" in refusal, refusal
+            # A forged reservation is refused too: the daemon checks it in etcd.
+            forged = spawn_client("""
+                import json, torch, libremote
+                from libremote.client import session
+                original = session.Connection.handshake
+                def handshake(self, *args, **kwargs):
+                    kwargs["reservation"] = "0123456789abcdef:not-the-secret"
+                    return original(self, *args, **kwargs)
+                session.Connection.handshake = handshake
+                try:
+                    torch.ones(2, device="cuda").sum().item()
+                except libremote.ConnectionFailed as exc:
+                    print(json.dumps({"refused": str(exc)}))
+            """, daemon.address)
+            out, err = finish(forged, "the forging client did not finish", CLIENT_TIMEOUT_S)
+            refusal = last_json(out)["refused"]
+            assert "holds no reservation" in refusal, refusal
+        finally:
+            daemon.stop()
+        print(json.dumps({"log": daemon.log()[-500:]}))
