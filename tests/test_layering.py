@@ -22,7 +22,8 @@ FRONT_MODULES = ["libremote_wire", "libremote_wire.codec", "libremote_wire.messa
                  "libremote_server.telemetry.http", "libremote_server.telemetry.logs",
                  # the pool (issue 21): the daemon's agent and what clients, daemons and the command share
                  "libremote_server.pool_agent", "libremote_wire.pool.placer", "libremote_wire.pool.reserve",
-                 "libremote_wire.pool.queue", "libremote_wire.pool.placement", "libremote_wire.pool.view"]
+                 "libremote_wire.pool.queue", "libremote_wire.pool.placement", "libremote_wire.pool.view",
+                 "libremote_wire.pool.admin", "libremote_wire.pool.status"]
 
 
 def _loaded_after(imports: list[str], *, block_torch: bool = False) -> set[str]:

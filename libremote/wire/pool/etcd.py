@@ -142,7 +142,7 @@ class Etcd:
             answer: dict[str, Any] = client.post(client.get_url(path), json=body)
             return answer
         except etcd_errors.Etcd3Exception as exc:
-            if self.credentials.user and "token" in str(exc).lower():
+            if self.credentials.user and "token" in str(getattr(exc, "detail_text", "") or "").lower():
                 self._authenticate(client)  # (expired or issued by a member that restarted)
                 retried: dict[str, Any] = client.post(client.get_url(path), json=body)
                 return retried
@@ -226,12 +226,18 @@ class Etcd:
 
 
 def _short(exc: BaseException) -> str:
-    text = " ".join(str(part) for part in getattr(exc, "args", ()) if part) or type(exc).__name__
-    return text[:300]
+    """etcd3gw keeps the detail in ``detail_text`` (the response, or requests' error)."""
+    detail = str(getattr(exc, "detail_text", "") or "")
+    if "Connection refused" in detail:
+        detail = "connection refused"
+    elif "timed out" in detail.lower():
+        detail = "timed out"
+    text = detail or " ".join(str(part) for part in getattr(exc, "args", ()) if part)
+    return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
 
 
 def _member_trouble(exc: BaseException) -> bool:
     """Whether an HTTP 500 from a member is that member's trouble (no leader, timeout,
     stopping), which another member may not have, rather than a refused request."""
-    text = str(exc).lower()
+    text = (str(getattr(exc, "detail_text", "") or "") + str(exc)).lower()
     return any(word in text for word in ("leader", "timed out", "timeout", "stopping", "unavailable", "not capable"))
