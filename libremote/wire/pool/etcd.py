@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import base64
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 try:  # (the pool is an extra: pip install 'libremote[pool]'; a daemon without --pool never needs it)
     import etcd3gw  # type: ignore[import-untyped,unused-ignore]
     from etcd3gw import exceptions as etcd_errors  # type: ignore[import-untyped,unused-ignore]
+    from etcd3gw import watch as etcd_watch  # type: ignore[import-untyped,unused-ignore]
 except ImportError:  # pragma: no cover
     etcd3gw = None  # type: ignore[assignment,unused-ignore]
 
@@ -219,6 +220,29 @@ class Etcd:
         except Exception:  # noqa: BLE001  (a member gone mid-watch: re-read through _call)
             self._current = (self._current + 1) % len(self._clients)
             return True
+
+    def watch_prefix(self, prefix: str, start_revision: int,
+                     callback: Callable[[str, KeyValue | None, int], None]) -> Callable[[], None]:
+        """Call ``callback(key, kv or None for a deletion, revision)`` for every change under
+        ``prefix`` from ``start_revision`` on, from etcd3gw's watch thread; returns the cancel."""
+        client = self._clients[self._current]
+
+        def on_event(event: Any) -> None:
+            raw = event["kv"]
+            key = raw["key"].decode() if isinstance(raw["key"], bytes) else str(raw["key"])
+            revision = int(raw.get("mod_revision", 0))
+            if event.get("type") == "DELETE":
+                callback(key, None, revision)
+                return
+            value = raw.get("value", b"")
+            callback(key, KeyValue(key=key, value=value if isinstance(value, bytes) else str(value).encode(),
+                                   create_revision=int(raw.get("create_revision", 0)), mod_revision=revision,
+                                   version=int(raw.get("version", 0)), lease=int(raw.get("lease", 0))), revision)
+
+        watcher = etcd_watch.Watcher(client, prefix, on_event, start_revision=start_revision,
+                                     range_end=prefix_end(prefix))
+        stop: Callable[[], None] = watcher.stop
+        return stop
 
     def close(self) -> None:
         for client in self._clients:

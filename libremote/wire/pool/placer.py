@@ -27,7 +27,7 @@ from .placement import (
     quota_refusal,
 )
 from .records import Waiter
-from .view import PoolView, read
+from .view import DirectReader, PoolCache, PoolView
 
 log = logging.getLogger("libremote.pool")
 
@@ -66,9 +66,11 @@ class Placer:
     """Places requests of one client process in one pool (thread-safe for one place at a time)."""
 
     def __init__(self, etcd: Etcd, *, host: str = "", pid: int = 0, lease_ttl_s: int = CLIENT_LEASE_TTL_S,
-                 keepalive: bool = True) -> None:
+                 keepalive: bool = True, reader: DirectReader | PoolCache | None = None) -> None:
         self.etcd = etcd
         self.prefix = etcd.address.prefix
+        #: Where views come from: etcd each time, or a watch-fed cache (many placements per process).
+        self.reader = reader or DirectReader(etcd, self.prefix)
         self.host, self.pid = host, pid
         self.lease_ttl_s = lease_ttl_s
         self.lease = 0
@@ -123,7 +125,7 @@ class Placer:
         view: PoolView | None = None
         try:
             while True:
-                view = read(self.etcd, self.prefix)
+                view = self.reader.read()
                 refusal = quota_ever_allows(view.quotas.get(request.tenant), request)
                 if refusal:
                     raise PlacementError(f"libremote: the pool refuses {request.describe()}: {refusal}; ask its "
@@ -140,6 +142,7 @@ class Placer:
                         return Placed(choice, rid, secret, time.monotonic() - started, attempts)
                     races += 1
                     if races < MAX_RACES:
+                        self.reader.wait_newer(view.revision, 1.0)
                         continue  # another client took it first: decide again on the new state
                 races = 0
                 if queue_key is None:
@@ -152,7 +155,7 @@ class Placer:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise PlacementError(self._timeout_message(view, request, timeout_s))
-                self.etcd.wait_for_change(self.prefix, view.revision, min(remaining, 2.0))
+                self.reader.wait_for_change(view.revision, min(remaining, 2.0))
         except BaseException:
             if queue_key is not None:
                 try:

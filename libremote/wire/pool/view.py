@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import dataclass, field, replace
 
 from . import records
-from .etcd import Etcd
+from .etcd import Etcd, KeyValue
 from .placement import Load, loads
 from .records import DaemonRecord, Quota, Reservation, Waiter
 
@@ -48,29 +49,58 @@ def read(etcd: Etcd, prefix: str) -> PoolView:
     """Everything under the pool's prefix, at one revision (records that do not parse are
     skipped and logged: a newer daemon may write fields this release does not know)."""
     revision, kvs = etcd.range_prefix(prefix)
+    return _view_of(prefix, revision, kvs)
+
+
+def _parse(kind: str, kv: KeyValue) -> object:
+    if kind == "daemons":
+        return DaemonRecord.loads(kv.value)
+    if kind == "reservations":
+        return Reservation.loads(kv.value)
+    if kind == "queue":
+        return Waiter.loads(kv.value, kv.create_revision)
+    if kind == "quotas":
+        return Quota.loads(kv.value)
+    if kind == "claims":
+        return kv.value.decode()
+    if kind == "sharing":
+        return json.loads(kv.value)
+    return None
+
+
+def _view_of(prefix: str, revision: int, kvs: list[KeyValue],
+             memo: dict[str, tuple[int, object]] | None = None) -> PoolView:
+    """The view of ``kvs``; ``memo`` (key -> (mod_revision, record)) spares re-parsing records
+    that did not change (PoolCache)."""
     view = PoolView(revision)
     sharing: dict[tuple[str, int], str] = {}
     seen_reservations: set[str] = set()
     for kv in kvs:
         kind, _, rest = kv.key[len(prefix):].partition("/")
         try:
-            if kind == "daemons":
-                view.daemons.append(DaemonRecord.loads(kv.value))
-            elif kind == "reservations":
-                reservation = Reservation.loads(kv.value)
-                if reservation.rid not in seen_reservations:  # (one key per device, one record)
-                    seen_reservations.add(reservation.rid)
-                    view.reservations.append(reservation)
-            elif kind == "queue":
-                view.waiters.append(Waiter.loads(kv.value, kv.create_revision))
-            elif kind == "quotas":
-                view.quotas[rest] = Quota.loads(kv.value)
+            known = memo.get(kv.key) if memo is not None else None
+            if known is not None and known[0] == kv.mod_revision:
+                record = known[1]
+            else:
+                record = _parse(kind, kv)
+                if memo is not None:
+                    memo[kv.key] = (kv.mod_revision, record)
+            if isinstance(record, DaemonRecord):
+                view.daemons.append(record)
+            elif isinstance(record, Reservation):
+                if record.rid not in seen_reservations:  # (one key per device, one record)
+                    seen_reservations.add(record.rid)
+                    view.reservations.append(record)
+            elif isinstance(record, Waiter):
+                view.waiters.append(record)
+            elif isinstance(record, Quota):
+                view.quotas[rest] = record
                 view.quota_revisions[rest] = kv.mod_revision
             elif kind == "claims":
-                view.claims[rest] = kv.value.decode()
+                view.claims[rest] = str(record)
             elif kind == "sharing":
                 daemon_id, _, index = rest.rpartition("/")
-                sharing[(daemon_id, int(index))] = json.loads(kv.value)
+                sharing[(daemon_id, int(index))] = str(record)
         except (ValueError, TypeError, KeyError) as exc:
             log.debug("skipping pool record %s: %s", kv.key, exc)
     if sharing:  # the operator's word on a device's sharing mode wins over the daemon's report
@@ -78,3 +108,64 @@ def read(etcd: Etcd, prefix: str) -> PoolView:
             replace(device, sharing=sharing.get((daemon.id, device.index), device.sharing))
             for device in daemon.devices)) for daemon in view.daemons]
     return view
+
+
+class DirectReader:
+    """Reads the pool from etcd each time (a client process places once: one read is its view)."""
+
+    def __init__(self, etcd: Etcd, prefix: str) -> None:
+        self.etcd, self.prefix = etcd, prefix
+
+    def read(self) -> PoolView:
+        return read(self.etcd, self.prefix)
+
+    def wait_newer(self, revision: int, timeout_s: float) -> None:
+        """After a lost transaction: nothing to wait for, the next read is newer."""
+
+    def wait_for_change(self, revision: int, timeout_s: float) -> None:
+        self.etcd.wait_for_change(self.prefix, revision, timeout_s)
+
+
+class PoolCache:
+    """A view kept current by one etcd watch (what Kubernetes calls an informer): for processes
+    that place many times (benchmarks/placement_sim.py), so that each placement decides on
+    memory instead of reading the whole pool. Transactions still compare against etcd, so a
+    view that lags only costs a retry, never a double placement."""
+
+    def __init__(self, etcd: Etcd, prefix: str) -> None:
+        self.etcd, self.prefix = etcd, prefix
+        self._changed = threading.Condition()
+        self._kvs: dict[str, KeyValue] = {}
+        revision, kvs = etcd.range_prefix(prefix)
+        self._kvs = {kv.key: kv for kv in kvs}
+        self.revision = revision
+        self._view: PoolView | None = None
+        self._memo: dict[str, tuple[int, object]] = {}
+        self._watcher = etcd.watch_prefix(prefix, revision + 1, self._on_event)
+
+    def _on_event(self, key: str, kv: KeyValue | None, revision: int) -> None:
+        with self._changed:
+            if kv is None:
+                self._kvs.pop(key, None)
+                self._memo.pop(key, None)
+            else:
+                self._kvs[key] = kv
+            self.revision = max(self.revision, revision)
+            self._view = None
+            self._changed.notify_all()
+
+    def read(self) -> PoolView:
+        with self._changed:
+            if self._view is None:
+                self._view = _view_of(self.prefix, self.revision, list(self._kvs.values()), self._memo)
+            return self._view
+
+    def wait_newer(self, revision: int, timeout_s: float) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self.revision > revision, timeout_s)
+
+    def wait_for_change(self, revision: int, timeout_s: float) -> None:
+        self.wait_newer(revision, timeout_s)
+
+    def close(self) -> None:
+        self._watcher()
