@@ -94,34 +94,41 @@ def daemon_allowed(daemon: DaemonRecord, request: Request) -> bool:
 
 
 def choose(daemons: Sequence[DaemonRecord], load: Mapping[tuple[str, int], Load], request: Request) -> Choice | None:
-    """The daemon and devices for ``request`` by its policy, or None when none fits now."""
-    best: tuple[tuple[float, ...], Choice] | None = None
+    """The daemon and devices for ``request`` by its policy, or None when none fits now.
+
+    binpack: among daemons that can hold the request, the one with the least room left
+    (fraction of its memory), and on it the devices with the least room; spread: the daemon
+    with the most room, and on it the devices with the fewest placements. (One pass over the
+    devices: a pool of 1,000 servers of 8 is 8,000 checks per placement.)"""
+    spread = request.policy == "spread"
+    best: tuple[tuple[float, float], Choice] | None = None
+    empty = Load()
     for daemon in daemons:
-        if not daemon_allowed(daemon, request):
+        if daemon.state != "ready" or (request.node is not None and daemon.node != request.node):
             continue
-        fitting = [device for device in daemon.devices
-                   if device_fits(daemon, device, load.get((daemon.id, device.index), Load()), request)]
+        daemon_id = daemon.id
+        fitting: list[tuple[float, int, int, DeviceRecord]] = []
+        daemon_room = daemon_total = 0
+        for device in daemon.devices:
+            held = load.get((daemon_id, device.index), empty)
+            room = device.memory_total - held.memory
+            daemon_room += room
+            daemon_total += device.memory_total
+            if device_fits(daemon, device, held, request):
+                fitting.append((-room if spread else room, held.sessions, device.index, device))
         if len(fitting) < request.devices:
             continue
-
-        def room(device: DeviceRecord, daemon_id: str = daemon.id) -> int:
-            return device.memory_total - load.get((daemon_id, device.index), Load()).memory
-
-        if request.policy == "spread":
-            sessions = {device.index: load.get((daemon.id, device.index), Load()).sessions for device in fitting}
-            fitting.sort(key=lambda device: (sessions[device.index], -room(device), device.index))
+        if spread:
+            fitting.sort(key=lambda entry: (entry[1], entry[0], entry[2]))
         else:
-            fitting.sort(key=lambda device: (room(device), device.index))
+            fitting.sort()
         picked = fitting[:request.devices]
-        daemon_room = sum(room(device) for device in daemon.devices)
-        daemon_total = sum(device.memory_total for device in daemon.devices) or 1
-        if request.policy == "spread":  # the emptiest daemon first
-            score: tuple[float, ...] = (-daemon_room / daemon_total, sum(room(d) for d in picked) * -1.0)
-        else:  # the fullest daemon that fits, then the tightest devices
-            score = (daemon_room / daemon_total, float(sum(room(d) for d in picked)))
-        choice = Choice(daemon, tuple(device.index for device in picked), memory_for(daemon, picked[0], request))
+        fraction = daemon_room / (daemon_total or 1)
+        picked_room = float(sum(entry[0] for entry in picked))
+        score = (-fraction, picked_room) if spread else (fraction, picked_room)
         if best is None or score < best[0]:
-            best = (score, choice)
+            best = (score, Choice(daemon, tuple(entry[2] for entry in picked),
+                                  memory_for(daemon, picked[0][3], request)))
     return best[1] if best is not None else None
 
 

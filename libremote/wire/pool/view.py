@@ -26,14 +26,22 @@ class PoolView:
     quotas: dict[str, Quota] = field(default_factory=dict)
     quota_revisions: dict[str, int] = field(default_factory=dict)
     claims: dict[str, str] = field(default_factory=dict)  # rid -> daemon id
+    #: Kept by a PoolCache instead of computed from ``reservations`` (which it leaves empty).
+    live_load: dict[tuple[str, int], Load] | None = None
+    live_usage: dict[str, Load] | None = None
 
     def load(self) -> dict[tuple[str, int], Load]:
         """What live reservations hold per device (reservations of vanished daemons do not count)."""
+        if self.live_load is not None:
+            return self.live_load
         alive = {daemon.id for daemon in self.daemons}
-        return loads(r for r in self.reservations if r.daemon in alive)
+        self.live_load = loads(r for r in self.reservations if r.daemon in alive)  # (computed once)
+        return self.live_load
 
     def tenant_usage(self, tenant: str) -> Load:
         """A tenant's reservations across the pool: memory summed over devices, devices counted."""
+        if self.live_usage is not None:
+            return self.live_usage.get(tenant, Load())
         memory = devices = 0
         for reservation in self.reservations:
             if reservation.tenant == tenant:
@@ -128,37 +136,104 @@ class DirectReader:
 
 class PoolCache:
     """A view kept current by one etcd watch (what Kubernetes calls an informer): for processes
-    that place many times (benchmarks/placement_sim.py), so that each placement decides on
-    memory instead of reading the whole pool. Transactions still compare against etcd, so a
-    view that lags only costs a retry, never a double placement."""
+    that place many times (benchmarks/placement_sim.py). Each placement then decides on memory
+    instead of reading the whole pool; the per-device load and the tenants' usage are kept
+    incrementally as reservations come and go. Transactions still compare against etcd, so a
+    view that lags or leads its revision only costs a retry, never a double placement (a view
+    always shows a state at or after the revision it claims: the revision is taken first)."""
 
     def __init__(self, etcd: Etcd, prefix: str) -> None:
         self.etcd, self.prefix = etcd, prefix
         self._changed = threading.Condition()
-        self._kvs: dict[str, KeyValue] = {}
+        self._daemons: dict[str, DaemonRecord] = {}
+        self._daemon_list: list[DaemonRecord] | None = None
+        self._by_key: dict[str, tuple[str, object]] = {}  # key -> (kind, record)
+        self._load: dict[tuple[str, int], Load] = {}
+        self._usage: dict[str, Load] = {}
+        self._waiters: dict[str, Waiter] = {}
+        self._quotas: dict[str, tuple[Quota, int]] = {}
+        self._sharing: dict[tuple[str, int], str] = {}
         revision, kvs = etcd.range_prefix(prefix)
-        self._kvs = {kv.key: kv for kv in kvs}
+        for kv in kvs:
+            self._apply(kv.key, kv)
         self.revision = revision
-        self._view: PoolView | None = None
-        self._memo: dict[str, tuple[int, object]] = {}
         self._watcher = etcd.watch_prefix(prefix, revision + 1, self._on_event)
+
+    def _apply(self, key: str, kv: KeyValue | None) -> None:
+        kind, _, rest = key[len(self.prefix):].partition("/")
+        old = self._by_key.pop(key, None)
+        if old is not None:
+            self._forget(key, rest, *old)
+        if kv is None:
+            return
+        try:
+            record = _parse(kind, kv)
+        except (ValueError, TypeError, KeyError):
+            return
+        self._by_key[key] = (kind, record)
+        if isinstance(record, DaemonRecord):
+            self._daemons[key] = record
+            self._daemon_list = None
+        elif isinstance(record, Reservation):
+            if kind == "reservations":
+                place = (record.daemon, int(rest.split("/")[1]))
+                held = self._load.get(place, Load())
+                self._load[place] = Load(held.memory + record.memory, held.sessions + 1)
+            else:  # tenants/: the quota's side
+                held = self._usage.get(record.tenant, Load())
+                self._usage[record.tenant] = Load(held.memory + record.memory * len(record.devices),
+                                                  held.sessions + len(record.devices))
+        elif isinstance(record, Waiter):
+            self._waiters[key] = record
+        elif isinstance(record, Quota):
+            self._quotas[rest] = (record, kv.mod_revision)
+        elif kind == "sharing":
+            daemon_id, _, index = rest.rpartition("/")
+            self._sharing[(daemon_id, int(index))] = str(record)
+            self._daemon_list = None
+
+    def _forget(self, key: str, rest: str, kind: str, record: object) -> None:
+        if isinstance(record, DaemonRecord):
+            self._daemons.pop(key, None)
+            self._daemon_list = None
+        elif isinstance(record, Reservation):
+            if kind == "reservations":
+                place = (record.daemon, int(rest.split("/")[1]))
+                held = self._load.get(place, Load())
+                self._load[place] = Load(held.memory - record.memory, held.sessions - 1)
+            else:
+                held = self._usage.get(record.tenant, Load())
+                self._usage[record.tenant] = Load(held.memory - record.memory * len(record.devices),
+                                                  held.sessions - len(record.devices))
+        elif isinstance(record, Waiter):
+            self._waiters.pop(key, None)
+        elif isinstance(record, Quota):
+            self._quotas.pop(rest, None)
+        elif kind == "sharing":
+            daemon_id, _, index = rest.rpartition("/")
+            self._sharing.pop((daemon_id, int(index)), None)
+            self._daemon_list = None
 
     def _on_event(self, key: str, kv: KeyValue | None, revision: int) -> None:
         with self._changed:
-            if kv is None:
-                self._kvs.pop(key, None)
-                self._memo.pop(key, None)
-            else:
-                self._kvs[key] = kv
+            self._apply(key, kv)
             self.revision = max(self.revision, revision)
-            self._view = None
             self._changed.notify_all()
 
     def read(self) -> PoolView:
         with self._changed:
-            if self._view is None:
-                self._view = _view_of(self.prefix, self.revision, list(self._kvs.values()), self._memo)
-            return self._view
+            revision = self.revision
+            if self._daemon_list is None:
+                sharing = self._sharing
+                self._daemon_list = [replace(daemon, devices=tuple(
+                    replace(device, sharing=sharing[(daemon.id, device.index)])
+                    if (daemon.id, device.index) in sharing else device for device in daemon.devices))
+                    if sharing else daemon for daemon in self._daemons.values()]
+            view = PoolView(revision, daemons=self._daemon_list, waiters=list(self._waiters.values()),
+                            quotas={name: quota for name, (quota, _) in self._quotas.items()},
+                            quota_revisions={name: rev for name, (_, rev) in self._quotas.items()})
+            view.live_load, view.live_usage = self._load, self._usage
+            return view
 
     def wait_newer(self, revision: int, timeout_s: float) -> None:
         with self._changed:
