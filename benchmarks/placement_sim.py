@@ -35,6 +35,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -48,13 +49,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from libremote_wire.pool import records  # noqa: E402
-from libremote_wire.pool.address import PoolAddress  # noqa: E402
-from libremote_wire.pool.etcd import Etcd  # noqa: E402
-from libremote_wire.pool.placement import Request  # noqa: E402
-from libremote_wire.pool.placer import PlacementError, Placer  # noqa: E402
-from libremote_wire.pool.records import DaemonRecord, DeviceRecord  # noqa: E402
-from libremote_wire.pool.view import PoolCache  # noqa: E402
+from libremote_wire.pool import records
+from libremote_wire.pool.address import PoolAddress
+from libremote_wire.pool.etcd import Etcd
+from libremote_wire.pool.placement import Request
+from libremote_wire.pool.placer import PlacementError, Placer
+from libremote_wire.pool.records import DaemonRecord, DeviceRecord
+from libremote_wire.pool.view import PoolCache
 
 GiB = 1 << 30
 
@@ -230,6 +231,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the rows as JSON too")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # (so that etcd is stopped on the way out)
     folder = Path(tempfile.mkdtemp(prefix="libremote-sim-"))
     process, port = start_etcd(folder)
     rows = []

@@ -366,6 +366,10 @@ class Front:
                                        "clients placed through it: set LIBREMOTE_SERVER to that etcd:// address (or "
                                        "pass it to libremote.connect)", tenant=tenant.name, why="policy", request=request)
                 return
+            if len(self._claims) >= limits.MAX_WAITING:  # (each check is an etcd read: bounded)
+                self._refuse(identity, f"{limits.MAX_WAITING} pool reservations are being checked already; try later",
+                             tenant=tenant.name, why="queue_full", request=request)
+                return
             self._claims.append((self.pool_agent.verify(token, tenant.name), identity, waiter))
             return
         self._admit_or_queue(waiter)

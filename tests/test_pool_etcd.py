@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import json
-
 from helpers import CLIENT_TIMEOUT_S, finish, last_json, spawn_client
 from pool_helpers import COMPUTE_CLIENT, EtcdCluster, pool_daemon, pool_view, registered, wait_view
 
@@ -81,6 +79,25 @@ def test_a_pool_daemon_refuses_clients_the_pool_did_not_place(tmp_path):
             out, err = finish(forged, "the forging client did not finish", CLIENT_TIMEOUT_S)
             refusal = last_json(out)["refused"]
             assert "holds no reservation" in refusal, refusal
+            # A real reservation is good for one session: its second use is refused.
+            twice = spawn_client("""
+                import json, os, libremote
+                from libremote import pool
+                from libremote.client.session import ClientSession
+                from libremote.config import Settings
+                from libremote_wire import __version__
+                placed, = pool.resolve(os.environ["LIBREMOTE_SERVER"])
+                settings = Settings.from_env()
+                first = ClientSession(settings, placed.address, __version__, reservation=placed.reservation)
+                try:
+                    ClientSession(settings, placed.address, __version__, reservation=placed.reservation)
+                except libremote.ConnectionFailed as exc:
+                    print(json.dumps({"refused": str(exc), "first": first.session_id}))
+                first.close()
+                pool.release()
+            """, address)
+            out, err = finish(twice, "the client reusing its reservation did not finish", CLIENT_TIMEOUT_S)
+            result = last_json(out)
+            assert result["first"] and "already used for a session" in result["refused"], result
         finally:
             daemon.stop()
-        print(json.dumps({"log": daemon.log()[-500:]}))

@@ -68,6 +68,30 @@ def test_sessions_per_device_unhealthy_draining_and_exclusive_devices():
     assert choose(exclusive, {}, Request(exclusive=True)).memory == 16 * GiB  # the whole card
     assert choose(exclusive, held(("x", 0, 16)), Request(exclusive=True)) is None  # one session owns it
     assert choose(exclusive[1:], {}, Request(exclusive=True)) is None  # shared devices are not exclusive
+    assert choose(exclusive, {}, Request()).daemon.node == "s"  # nor do exclusive ones take shared requests
+
+
+def test_ranking_daemons_by_their_summary_chooses_as_well_as_a_pass_over_every_device():
+    import random
+
+    from libremote_wire.pool.placement import summarize
+
+    rng = random.Random(0)
+    for trial in range(200):
+        pool = [daemon(f"d{i}", devices=rng.choice([1, 2, 4, 8]), memory=rng.choice([40, 80]) * GiB)
+                for i in range(rng.randint(1, 12))]
+        placed = [(d.node, rng.randrange(len(d.devices)), rng.choice([10, 20, 40])) for d in pool
+                  for _ in range(rng.randint(0, 6))]
+        load = held(*placed)
+        summaries = {d.id: summarize(d, load) for d in pool}
+        for request in (Request(memory=rng.choice([10, 20, 40]) * GiB, devices=rng.choice([1, 2, 4]),
+                                policy=rng.choice(["binpack", "spread"])) for _ in range(5)):
+            full, fast = choose(pool, load, request), choose(pool, load, request, summaries)
+            assert (full is None) == (fast is None), (trial, request)
+            if full is not None:
+                score = {d.id: summaries[d.id].room / summaries[d.id].total for d in pool}
+                assert score[full.daemon.id] == score[fast.daemon.id], (trial, request)
+                assert fast.memory == request.memory and len(set(fast.devices)) == request.devices
 
 
 def test_quotas_cap_memory_and_devices_across_the_pool():

@@ -81,10 +81,9 @@ def memory_for(daemon: DaemonRecord, device: DeviceRecord, request: Request) -> 
 def device_fits(daemon: DaemonRecord, device: DeviceRecord, load: Load, request: Request) -> bool:
     if device.state != "ready" or not _model_matches(device, request.model):
         return False
-    if device.sharing == "exclusive":
-        return load.sessions == 0 and (request.memory is None or request.memory <= device.memory_total)
-    if request.exclusive:
-        return False
+    if device.sharing == "exclusive" or request.exclusive:  # (exclusive devices serve exclusive requests only)
+        return (device.sharing == "exclusive" and request.exclusive and load.sessions == 0
+                and (request.memory is None or request.memory <= device.memory_total))
     return (load.sessions < daemon.max_sessions
             and load.memory + memory_for(daemon, device, request) <= device.memory_total)
 
@@ -93,43 +92,93 @@ def daemon_allowed(daemon: DaemonRecord, request: Request) -> bool:
     return daemon.state == "ready" and (request.node is None or daemon.node == request.node)
 
 
-def choose(daemons: Sequence[DaemonRecord], load: Mapping[tuple[str, int], Load], request: Request) -> Choice | None:
+@dataclass(frozen=True)
+class Summary:
+    """A daemon's room at a glance (kept by PoolCache as reservations come and go): what
+    :func:`choose` ranks daemons by before looking at any of their devices."""
+
+    room: int  # memory not reserved, over all its devices
+    total: int
+    rooms: tuple[int, ...]  # each device's room, largest first
+
+
+def summarize(daemon: DaemonRecord, load: Mapping[tuple[str, int], Load]) -> Summary:
+    empty = Load()
+    rooms = sorted((device.memory_total - load.get((daemon.id, device.index), empty).memory
+                    for device in daemon.devices), reverse=True)
+    return Summary(sum(rooms), sum(device.memory_total for device in daemon.devices), tuple(rooms))
+
+
+def _pick(daemon: DaemonRecord, load: Mapping[tuple[str, int], Load], request: Request
+          ) -> tuple[tuple[float, float], Choice] | None:
+    """The devices ``request`` would get on ``daemon`` and the daemon's score (lower is better), or None."""
+    spread = request.policy == "spread"
+    empty = Load()
+    daemon_id = daemon.id
+    fitting: list[tuple[float, int, int, DeviceRecord]] = []
+    daemon_room = daemon_total = 0
+    for device in daemon.devices:
+        held = load.get((daemon_id, device.index), empty)
+        room = device.memory_total - held.memory
+        daemon_room += room
+        daemon_total += device.memory_total
+        if device_fits(daemon, device, held, request):
+            fitting.append((-room if spread else room, held.sessions, device.index, device))
+    if len(fitting) < request.devices:
+        return None
+    if spread:
+        fitting.sort(key=lambda entry: (entry[1], entry[0], entry[2]))
+    else:
+        fitting.sort()
+    picked = fitting[:request.devices]
+    fraction = daemon_room / (daemon_total or 1)
+    picked_room = float(sum(entry[0] for entry in picked))
+    score = (-fraction, picked_room) if spread else (fraction, picked_room)
+    return score, Choice(daemon, tuple(entry[2] for entry in picked), memory_for(daemon, picked[0][3], request))
+
+
+def choose(daemons: Sequence[DaemonRecord], load: Mapping[tuple[str, int], Load], request: Request,
+           summaries: Mapping[str, Summary] | None = None) -> Choice | None:
     """The daemon and devices for ``request`` by its policy, or None when none fits now.
 
     binpack: among daemons that can hold the request, the one with the least room left
     (fraction of its memory), and on it the devices with the least room; spread: the daemon
-    with the most room, and on it the devices with the fewest placements. (One pass over the
-    devices: a pool of 1,000 servers of 8 is 8,000 checks per placement.)"""
+    with the most room, and on it the devices with the fewest placements.
+
+    Without ``summaries``, one pass over every device (a pool of 1,000 servers of 8 is 8,000
+    checks). With them (PoolCache keeps them), daemons are ranked by their summary and only
+    the best-ranked are looked at device by device, until one fits: the same choice except
+    between daemons of equal room, where the pass would prefer the tighter devices."""
+    if summaries is None:
+        best: tuple[tuple[float, float], Choice] | None = None
+        for daemon in daemons:
+            if daemon.state != "ready" or (request.node is not None and daemon.node != request.node):
+                continue
+            picked = _pick(daemon, load, request)
+            if picked is not None and (best is None or picked[0] < best[0]):
+                best = picked
+        return best[1] if best is not None else None
     spread = request.policy == "spread"
-    best: tuple[tuple[float, float], Choice] | None = None
-    empty = Load()
+    count = request.devices
+    ranked = []
     for daemon in daemons:
         if daemon.state != "ready" or (request.node is not None and daemon.node != request.node):
             continue
-        daemon_id = daemon.id
-        fitting: list[tuple[float, int, int, DeviceRecord]] = []
-        daemon_room = daemon_total = 0
-        for device in daemon.devices:
-            held = load.get((daemon_id, device.index), empty)
-            room = device.memory_total - held.memory
-            daemon_room += room
-            daemon_total += device.memory_total
-            if device_fits(daemon, device, held, request):
-                fitting.append((-room if spread else room, held.sessions, device.index, device))
-        if len(fitting) < request.devices:
+        summary = summaries.get(daemon.id)
+        if summary is None:
+            ranked.append((0.0, daemon))
             continue
-        if spread:
-            fitting.sort(key=lambda entry: (entry[1], entry[0], entry[2]))
-        else:
-            fitting.sort()
-        picked = fitting[:request.devices]
-        fraction = daemon_room / (daemon_total or 1)
-        picked_room = float(sum(entry[0] for entry in picked))
-        score = (-fraction, picked_room) if spread else (fraction, picked_room)
-        if best is None or score < best[0]:
-            best = (score, Choice(daemon, tuple(entry[2] for entry in picked),
-                                  memory_for(daemon, picked[0][3], request)))
-    return best[1] if best is not None else None
+        need = 0 if request.exclusive else (request.memory if request.memory is not None else daemon.session_memory)
+        if len(summary.rooms) < count or summary.rooms[count - 1] < need:
+            continue  # (no count devices with that much room: it cannot fit)
+        fraction = summary.room / (summary.total or 1)
+        ranked.append((-fraction if spread else fraction, daemon))
+    ranked.sort(key=lambda entry: entry[0])
+    for _, daemon in ranked:
+        picked = _pick(daemon, load, request)
+        if picked is not None:
+            return picked[1]
+    return None
 
 
 def quota_refusal(usage: Load, quota: Quota | None, request: Request, memory_each: int) -> str | None:

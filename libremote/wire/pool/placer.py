@@ -166,7 +166,7 @@ class Placer:
 
     @staticmethod
     def fitting(view: PoolView, request: Request) -> Choice | None:
-        choice = choose(view.daemons, view.load(), request)
+        choice = choose(view.daemons, view.load(), request, view.live_summaries)
         if choice is None:
             return None
         if quota_refusal(view.tenant_usage(request.tenant), view.quotas.get(request.tenant), request, choice.memory):

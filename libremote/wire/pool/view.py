@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from . import records
 from .etcd import Etcd, KeyValue
-from .placement import Load, loads
+from .placement import Load, Summary, loads, summarize
 from .records import DaemonRecord, Quota, Reservation, Waiter
 
 log = logging.getLogger("libremote.pool")
@@ -29,6 +29,7 @@ class PoolView:
     #: Kept by a PoolCache instead of computed from ``reservations`` (which it leaves empty).
     live_load: dict[tuple[str, int], Load] | None = None
     live_usage: dict[str, Load] | None = None
+    live_summaries: dict[str, Summary] | None = None
 
     def load(self) -> dict[tuple[str, int], Load]:
         """What live reservations hold per device (reservations of vanished daemons do not count)."""
@@ -153,6 +154,8 @@ class PoolCache:
         self._waiters: dict[str, Waiter] = {}
         self._quotas: dict[str, tuple[Quota, int]] = {}
         self._sharing: dict[tuple[str, int], str] = {}
+        self._summaries: dict[str, Summary] = {}
+        self._dirty: set[str] = set()
         revision, kvs = etcd.range_prefix(prefix)
         for kv in kvs:
             self._apply(kv.key, kv)
@@ -174,11 +177,13 @@ class PoolCache:
         if isinstance(record, DaemonRecord):
             self._daemons[key] = record
             self._daemon_list = None
+            self._dirty.add(record.id)
         elif isinstance(record, Reservation):
             if kind == "reservations":
                 place = (record.daemon, int(rest.split("/")[1]))
                 held = self._load.get(place, Load())
                 self._load[place] = Load(held.memory + record.memory, held.sessions + 1)
+                self._dirty.add(record.daemon)
             else:  # tenants/: the quota's side
                 held = self._usage.get(record.tenant, Load())
                 self._usage[record.tenant] = Load(held.memory + record.memory * len(record.devices),
@@ -196,11 +201,13 @@ class PoolCache:
         if isinstance(record, DaemonRecord):
             self._daemons.pop(key, None)
             self._daemon_list = None
+            self._summaries.pop(record.id, None)
         elif isinstance(record, Reservation):
             if kind == "reservations":
                 place = (record.daemon, int(rest.split("/")[1]))
                 held = self._load.get(place, Load())
                 self._load[place] = Load(held.memory - record.memory, held.sessions - 1)
+                self._dirty.add(record.daemon)
             else:
                 held = self._usage.get(record.tenant, Load())
                 self._usage[record.tenant] = Load(held.memory - record.memory * len(record.devices),
@@ -232,7 +239,13 @@ class PoolCache:
             view = PoolView(revision, daemons=self._daemon_list, waiters=list(self._waiters.values()),
                             quotas={name: quota for name, (quota, _) in self._quotas.items()},
                             quota_revisions={name: rev for name, (_, rev) in self._quotas.items()})
-            view.live_load, view.live_usage = self._load, self._usage
+            if self._dirty:
+                by_id = {daemon.id: daemon for daemon in self._daemon_list}
+                for daemon_id in self._dirty:
+                    if daemon_id in by_id:
+                        self._summaries[daemon_id] = summarize(by_id[daemon_id], self._load)
+                self._dirty.clear()
+            view.live_load, view.live_usage, view.live_summaries = self._load, self._usage, self._summaries
             return view
 
     def wait_newer(self, revision: int, timeout_s: float) -> None:

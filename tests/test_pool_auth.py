@@ -1,0 +1,47 @@
+"""etcd access authenticated (issue 21): with etcd's auth enabled, a daemon given a user and
+password file joins the pool, the ``libremote`` command and clients use LIBREMOTE_ETCD_USER and
+LIBREMOTE_ETCD_PASSWORD_FILE, and without credentials each fails with a message saying so."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from helpers import CLIENT_TIMEOUT_S, cli, finish, last_json, spawn_client
+from pool_helpers import COMPUTE_CLIENT, EtcdCluster, pool_daemon
+
+
+def _etcdctl(cluster: EtcdCluster, *args: str) -> None:
+    etcdctl = str(Path(cluster.binary).with_name("etcdctl"))
+    done = subprocess.run([etcdctl, "--endpoints", cluster.endpoints(), *args], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, (args, done.stdout, done.stderr)
+
+
+def test_pool_members_authenticate_to_etcd_with_a_user_and_password(tmp_path):
+    with EtcdCluster(tmp_path) as etcd:
+        _etcdctl(etcd, "user", "add", "root:rootpw")
+        _etcdctl(etcd, "auth", "enable")
+        password = tmp_path / "etcd-password"
+        password.write_text("rootpw\n")
+        address = etcd.address("secure")
+        daemon = pool_daemon(address, "n1", "--etcd-user", "root", "--etcd-password-file", str(password))
+        try:
+            credentials = {"LIBREMOTE_ETCD_USER": "root", "LIBREMOTE_ETCD_PASSWORD_FILE": str(password)}
+            refused = cli("status", "--pool", address)
+            why = refused.stderr.lower()
+            assert refused.returncode != 0 and ("user name is empty" in why or "permission denied" in why), refused
+            for _ in range(100):
+                shown = cli("status", "--pool", address, **credentials)
+                if "1 daemons" in shown.stdout:
+                    break
+            assert shown.returncode == 0 and "1 daemons, 1 devices" in shown.stdout, shown
+            wrong = tmp_path / "wrong"
+            wrong.write_text("nope")
+            denied = cli("status", "--pool", address, LIBREMOTE_ETCD_USER="root", LIBREMOTE_ETCD_PASSWORD_FILE=str(wrong))
+            assert denied.returncode != 0 and "etcd refused user 'root'" in denied.stderr, denied
+            client = spawn_client(COMPUTE_CLIENT, address, **credentials)
+            out, err = finish(client, "the authenticated client did not finish", CLIENT_TIMEOUT_S)
+            assert client.returncode == 0 and last_json(out)["equal"], err
+        finally:
+            daemon.stop()
