@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from helpers import CLIENT_TIMEOUT_S, finish, last_json, spawn_client
+from helpers import CLIENT_TIMEOUT_S, cli, finish, last_json, spawn_client
 from pool_helpers import COMPUTE_CLIENT, EtcdCluster, pool_daemon, pool_view, registered, wait_view
 
 
@@ -101,3 +101,31 @@ def test_a_pool_daemon_refuses_clients_the_pool_did_not_place(tmp_path):
             assert result["first"] and "already used for a session" in result["refused"], result
         finally:
             daemon.stop()
+
+
+def test_several_devices_come_from_one_daemon_and_a_draining_daemon_takes_no_placements(tmp_path):
+    with EtcdCluster(tmp_path) as etcd:
+        address = etcd.address("multi")
+        n1, n2 = pool_daemon(address, "n1", device="cpu,cpu"), pool_daemon(address, "n2", "--loopback-admin")
+        try:
+            wait_view(address, registered("n1", "n2"), "both daemons")
+            client = spawn_client(COMPUTE_CLIENT, address, LIBREMOTE_DEVICES="2")
+            out, err = finish(client, "the two-device client did not finish", CLIENT_TIMEOUT_S)
+            result = last_json(out)
+            assert client.returncode == 0 and result["equal"], err
+            assert result["address"] == n1.address and result["devices"] == 2
+            client = spawn_client(COMPUTE_CLIENT, address, LIBREMOTE_DEVICES="3", LIBREMOTE_QUEUE_TIMEOUT="1")
+            out, err = finish(client, "the three-device client did not give up", CLIENT_TIMEOUT_S)
+            assert client.returncode != 0
+            assert "placed on one daemon (spanning servers is not supported yet)" in err, err
+            assert "the most any daemon can give now is 2" in err, err
+            # An operator drains n2: the pool shows it and places nobody there.
+            drained = cli("admin", "--server", n2.address, "--drain")
+            assert drained.returncode == 0, drained
+            wait_view(address, lambda v: {d.node: d.state for d in v.daemons}.get("n2") == "draining", "n2 draining")
+            client = spawn_client(COMPUTE_CLIENT, address, LIBREMOTE_NODE="n2", LIBREMOTE_QUEUE_TIMEOUT="1")
+            out, err = finish(client, "the client pinned to a draining daemon did not give up", CLIENT_TIMEOUT_S)
+            assert client.returncode != 0 and "node 'n2'" in err and "n2:" in err and "draining" in err, err
+        finally:
+            n1.stop()
+            n2.stop()
