@@ -68,7 +68,9 @@ def request_from_env() -> Request:
     if priority not in ("high", "normal", "low"):
         raise ValueError(f"LIBREMOTE_PRIORITY={priority!r}: use high, normal or low")
     key = env("LIBREMOTE_CLIENT_KEY")
-    tenant = env("LIBREMOTE_TENANT") or (os.path.basename(key).removesuffix(".key_secret") if key else "anonymous")
+    # With CURVE the daemon takes the tenant from the key (NAME.key_secret, NAME.laptop.key_secret:
+    # NAME); a reservation made under another name is refused by the daemon, not just unused.
+    tenant = env("LIBREMOTE_TENANT") or (os.path.basename(key).partition(".")[0] if key else "anonymous")
     return Request(devices=int(devices_raw), memory=memory, model=env("LIBREMOTE_MODEL"), node=env("LIBREMOTE_NODE"),
                    policy=policy, tenant=tenant, priority=priority,
                    exclusive=(env("LIBREMOTE_EXCLUSIVE") or "").lower() in ("1", "true", "yes", "on"))

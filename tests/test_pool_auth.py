@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from helpers import CLIENT_TIMEOUT_S, cli, finish, last_json, spawn_client
-from pool_helpers import COMPUTE_CLIENT, EtcdCluster, pool_daemon
+from pool_helpers import COMPUTE_CLIENT, EtcdCluster, pool_daemon, registered, wait_view
 
 
 def _etcdctl(cluster: EtcdCluster, *args: str) -> None:
@@ -45,3 +45,30 @@ def test_pool_members_authenticate_to_etcd_with_a_user_and_password(tmp_path):
             assert client.returncode == 0 and last_json(out)["equal"], err
         finally:
             daemon.stop()
+
+
+def test_curve_tenants_are_the_same_pool_wide_and_a_reservation_under_another_tenant_is_refused(tmp_path):
+    keys = tmp_path / "keys"
+    for args in (["keygen", "daemon", "--dir", str(keys)], ["keygen", "client", "research", "--dir", str(tmp_path)]):
+        done = cli(*args)
+        assert done.returncode == 0, done
+    (keys / "research.key").write_text((tmp_path / "research.key").read_text())
+    curve = {"LIBREMOTE_CLIENT_KEY": str(tmp_path / "research.key_secret"),
+             "LIBREMOTE_SERVER_KEY": str(keys / "server.key")}
+    with EtcdCluster(tmp_path) as etcd:
+        address = etcd.address("curve")
+        daemons = [pool_daemon(address, node, "--auth-keys", str(keys)) for node in ("n1", "n2")]
+        try:
+            wait_view(address, registered("n1", "n2"), "both daemons")
+            done = cli("admin", "--pool", address, "--tenant-quota", "research:devices=1")
+            assert done.returncode == 0, done
+            client = spawn_client(COMPUTE_CLIENT, address, **curve)
+            out, err = finish(client, "the CURVE client did not finish", CLIENT_TIMEOUT_S)
+            assert client.returncode == 0 and last_json(out)["equal"], err
+            # Claiming another tenant's name to dodge research's quota: the daemon knows the key.
+            spoof = spawn_client(COMPUTE_CLIENT, address, LIBREMOTE_TENANT="someone-else", **curve)
+            out, err = finish(spoof, "the spoofing client did not finish", CLIENT_TIMEOUT_S)
+            assert spoof.returncode != 0 and "tenant 'research' holds no reservation" in err, err
+        finally:
+            for daemon in daemons:
+                daemon.stop()

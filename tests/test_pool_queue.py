@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
-from helpers import CLIENT_TIMEOUT_S, HOLDING_CLIENT, finish, last_json, spawn_client, wait_for_file
+from helpers import CLIENT_TIMEOUT_S, HOLDING_CLIENT, cli, finish, last_json, spawn_client, wait_for_file
 from pool_helpers import COMPUTE_CLIENT, EtcdCluster, pool_daemon, registered, wait_view
 
 from libremote_wire.pool import address as pool_address
@@ -79,6 +79,10 @@ def test_a_client_waits_for_capacity_or_gets_a_clear_error_after_its_timeout(tmp
             assert "1 placed" in err, err  # (what the pool has: the holder's reservation)
             patient = spawn_client(COMPUTE_CLIENT, address, LIBREMOTE_QUEUE_TIMEOUT="120")
             wait_view(address, lambda v: len(v.waiters) == 1, "the patient client queued")
+            shown = cli("status", "--pool", address)
+            assert shown.returncode == 0 and "queue (in order):" in shown.stdout, shown
+            assert "1. tenant anonymous (normal): 1 x default" in shown.stdout, shown.stdout
+            assert "1 waiting" in shown.stdout.splitlines()[0], shown.stdout
             (tmp_path / "holder.go").touch()
             assert last_json(finish(holder, "the holder did not finish", CLIENT_TIMEOUT_S)[0])["admitted"]
             out, err = finish(patient, "the patient client was never placed", CLIENT_TIMEOUT_S)
