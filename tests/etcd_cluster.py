@@ -11,10 +11,13 @@ Tests that need etcd are skipped with a reason when the binary is not installed.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import ssl
 import subprocess
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +46,42 @@ def require_etcd() -> str:
     return binary
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A test CA and certificates for etcd's client port (:func:`make_tls`)."""
+
+    ca: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+    client_key: str
+
+
+def make_tls(folder: Path) -> TlsFiles:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make test certificates")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=libremote-test-ca")
+    for name, usage in (("server", "serverAuth,clientAuth"), ("client", "clientAuth")):
+        (folder / f"{name}.ext").write_text(f"subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\n")
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+    return TlsFiles(*(str(folder / name) for name in ("ca.pem", "server.pem", "server.key", "client.pem",
+                                                       "client.key")))
+
+
 class EtcdMember:
-    def __init__(self, name: str, client_port: int, peer_port: int, data_dir: Path, log_path: Path) -> None:
+    def __init__(self, name: str, client_port: int, peer_port: int, data_dir: Path, log_path: Path,
+                 tls: TlsFiles | None = None) -> None:
+        self.tls = tls
         self.name, self.client_port, self.peer_port = name, client_port, peer_port
         self.data_dir, self.log_path = data_dir, log_path
         self.process: subprocess.Popen[bytes] | None = None
@@ -55,10 +92,13 @@ class EtcdMember:
 
     def start(self, binary: str, initial_cluster: str, state: str = "new") -> None:
         log = open(self.log_path, "ab")
+        scheme = "https" if self.tls else "http"
+        tls = ["--cert-file", self.tls.server_cert, "--key-file", self.tls.server_key, "--client-cert-auth",
+               "--trusted-ca-file", self.tls.ca] if self.tls else []
         self.process = subprocess.Popen([
-            binary, "--name", self.name, "--data-dir", str(self.data_dir),
-            "--listen-client-urls", f"http://127.0.0.1:{self.client_port}",
-            "--advertise-client-urls", f"http://127.0.0.1:{self.client_port}",
+            binary, "--name", self.name, "--data-dir", str(self.data_dir), *tls,
+            "--listen-client-urls", f"{scheme}://127.0.0.1:{self.client_port}",
+            "--advertise-client-urls", f"{scheme}://127.0.0.1:{self.client_port}",
             "--listen-peer-urls", f"http://127.0.0.1:{self.peer_port}",
             "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_port}",
             "--initial-cluster", initial_cluster, "--initial-cluster-state", state,
@@ -70,8 +110,13 @@ class EtcdMember:
         log.close()
 
     def healthy(self) -> bool:
+        context = None
+        if self.tls:
+            context = ssl.create_default_context(cafile=self.tls.ca)
+            context.load_cert_chain(self.tls.client_cert, self.tls.client_key)
         try:
-            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=1) as answer:
+            with urllib.request.urlopen(f"{'https' if self.tls else 'http'}://{self.endpoint}/health", timeout=1,
+                                        context=context) as answer:
                 return b'"true"' in answer.read()
         except OSError:
             return False
@@ -94,13 +139,14 @@ class EtcdMember:
 class EtcdCluster:
     """``members`` etcd processes forming one cluster on loopback, stopped on the way out."""
 
-    def __init__(self, folder: Path, members: int = 1) -> None:
+    def __init__(self, folder: Path, members: int = 1, tls: TlsFiles | None = None) -> None:
         self.binary = require_etcd()
         self.members = []
         for index in range(members):
             data = folder / f"etcd-{index}"
             data.mkdir(parents=True, exist_ok=True)
-            self.members.append(EtcdMember(f"m{index}", free_port(), free_port(), data, folder / f"etcd-{index}.log"))
+            self.members.append(EtcdMember(f"m{index}", free_port(), free_port(), data, folder / f"etcd-{index}.log",
+                                           tls))
         self.initial = ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in self.members)
 
     def __enter__(self) -> EtcdCluster:

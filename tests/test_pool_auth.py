@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 from helpers import CLIENT_TIMEOUT_S, cli, finish, last_json, spawn_client
+from etcd_cluster import make_tls
 from pool_helpers import COMPUTE_CLIENT, EtcdCluster, pool_daemon, registered, wait_view
 
 
@@ -72,3 +73,26 @@ def test_curve_tenants_are_the_same_pool_wide_and_a_reservation_under_another_te
         finally:
             for daemon in daemons:
                 daemon.stop()
+
+
+def test_pool_members_speak_tls_to_etcd_with_client_certificates(tmp_path):
+    tls = make_tls(tmp_path / "tls")
+    with EtcdCluster(tmp_path, tls=tls) as etcd:
+        address = etcd.address("tls")
+        daemon = pool_daemon(address, "n1", "--etcd-ca", tls.ca, "--etcd-cert", tls.client_cert,
+                             "--etcd-key", tls.client_key)
+        try:
+            files = {"LIBREMOTE_ETCD_CA": tls.ca, "LIBREMOTE_ETCD_CERT": tls.client_cert,
+                     "LIBREMOTE_ETCD_KEY": tls.client_key}
+            for _ in range(100):
+                shown = cli("status", "--pool", address, **files)
+                if "1 daemons" in shown.stdout:
+                    break
+            assert shown.returncode == 0 and "1 daemons, 1 devices" in shown.stdout, shown
+            plain = cli("status", "--pool", address, "--timeout", "3")  # (no TLS: etcd does not answer plain HTTP)
+            assert plain.returncode != 0 and "no etcd member" in plain.stderr, plain
+            client = spawn_client(COMPUTE_CLIENT, address, **files)
+            out, err = finish(client, "the TLS client did not finish", CLIENT_TIMEOUT_S)
+            assert client.returncode == 0 and last_json(out)["equal"], err
+        finally:
+            daemon.stop()

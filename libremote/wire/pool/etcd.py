@@ -23,6 +23,7 @@ from typing import Any
 
 try:  # (the pool is an extra: pip install 'libremote[pool]'; a daemon without --pool never needs it)
     import etcd3gw  # type: ignore[import-untyped,unused-ignore]
+    import requests  # (etcd3gw's own HTTP client)
     from etcd3gw import exceptions as etcd_errors  # type: ignore[import-untyped,unused-ignore]
     from etcd3gw import watch as etcd_watch  # type: ignore[import-untyped,unused-ignore]
 except ImportError:  # pragma: no cover
@@ -113,8 +114,17 @@ class Etcd:
 
     def _client(self, host: str, port: int) -> Any:
         creds = self.credentials
-        return etcd3gw.client(host=host, port=port, protocol="https" if creds.tls else "http", ca_cert=creds.ca,
-                              cert_key=creds.key, cert_cert=creds.cert, timeout=self.timeout_s, api_path="/v3/")
+        # Our own session: requests would let REQUESTS_CA_BUNDLE override the CA given, and
+        # HTTP(S)_PROXY send etcd traffic through a proxy. etcd is reached directly, with the
+        # CA and client certificate the operator named.
+        session = requests.Session()
+        session.trust_env = False
+        if creds.ca:
+            session.verify = creds.ca
+        if creds.cert and creds.key:
+            session.cert = (creds.cert, creds.key)
+        return etcd3gw.client(host=host, port=port, protocol="https" if creds.tls else "http", timeout=self.timeout_s,
+                              api_path="/v3/", session=session)
 
     # ------------------------------------------------------------------------------------------
     def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:

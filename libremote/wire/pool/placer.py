@@ -154,7 +154,7 @@ class Placer:
                     continue
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise PlacementError(self._timeout_message(view, request, timeout_s))
+                    raise PlacementError(self._timeout_message(view, request, timeout_s, rid))
                 self.reader.wait_for_change(view.revision, min(remaining, 2.0))
         except BaseException:
             if queue_key is not None:
@@ -174,12 +174,12 @@ class Placer:
         return choice
 
     @staticmethod
-    def _timeout_message(view: PoolView, request: Request, timeout_s: float) -> str:
+    def _timeout_message(view: PoolView, request: Request, timeout_s: float, rid: str) -> str:
         quota = quota_refusal(view.tenant_usage(request.tenant), view.quotas.get(request.tenant), request,
                               request.memory or 0)
-        waiting = len(view.waiters)
+        others = sum(1 for waiter in view.waiters if waiter.rid != rid)
         return (f"libremote: the pool could not place {request.describe()} within {timeout_s:g} s "
-                f"(LIBREMOTE_QUEUE_TIMEOUT); {waiting} client(s) wait in its queue. "
+                f"(LIBREMOTE_QUEUE_TIMEOUT); {others} other client(s) wait in its queue. "
                 + (f"Its quota: {quota}. " if quota else "")
                 + explain(view.daemons, view.load(), request)
                 + " Ask for less (LIBREMOTE_DEVICES, LIBREMOTE_MEMORY), drop a pin (LIBREMOTE_MODEL, LIBREMOTE_NODE), "
