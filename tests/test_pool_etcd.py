@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from helpers import CLIENT_TIMEOUT_S, cli, finish, last_json, spawn_client
+from helpers import CLIENT_TIMEOUT_S, cli, finish, last_json, run_python, spawn_client
 from pool_helpers import COMPUTE_CLIENT, EtcdCluster, pool_daemon, pool_view, registered, wait_view
 
 
@@ -129,3 +129,32 @@ def test_several_devices_come_from_one_daemon_and_a_draining_daemon_takes_no_pla
         finally:
             n1.stop()
             n2.stop()
+
+
+def test_connect_takes_a_pool_address_and_resolve_gives_one_placement_per_device(tmp_path):
+    with EtcdCluster(tmp_path) as etcd:
+        address = etcd.address("api")
+        daemon = pool_daemon(address, "n1", device="cpu,cpu")
+        try:
+            wait_view(address, registered("n1"), "the daemon")
+            done = run_python("""
+                import json, os, torch, libremote
+                from libremote import pool
+                placements = pool.resolve(os.environ["POOL"], pool.Request(devices=2, memory=1 << 30))
+                rows = [[p.address, p.device, p.node, p.daemon, bool(p.reservation)] for p in placements]
+                pool.release()
+                libremote.connect(os.environ["POOL"])          # (no LIBREMOTE_SERVER in this process)
+                x = torch.arange(6.0).reshape(2, 3)
+                print(json.dumps({"placements": rows, "equal": torch.equal((x.cuda() * 2).cpu(), x * 2),
+                                  "address": libremote.client.runtime.current().address}))
+                libremote.disconnect()
+            """, timeout=CLIENT_TIMEOUT_S, POOL=address)
+            assert done.returncode == 0, done.stderr
+            result = last_json(done.stdout)
+            daemon_id = f"n1:{daemon.port}"
+            assert result["placements"] == [[daemon.address, 0, "n1", daemon_id, True],
+                                            [daemon.address, 1, "n1", daemon_id, True]]
+            assert result["equal"] and result["address"] == daemon.address
+            wait_view(address, lambda v: not v.reservations, "no reservation left after disconnect", timeout=15)
+        finally:
+            daemon.stop()
