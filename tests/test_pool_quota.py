@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 from helpers import CLIENT_TIMEOUT_S, HOLDING_CLIENT, cli, finish, last_json, spawn_client, wait_for_file
 from pool_helpers import COMPUTE_CLIENT, EtcdCluster, pool_daemon, pool_view, registered, wait_view
@@ -120,5 +121,36 @@ def test_a_device_switched_to_exclusive_mode_takes_one_session_and_switches_back
             wait_view(address, lambda v: not v.reservations, "the owner's reservation gone", timeout=15)
             done = cli("admin", "--pool", address, "--shared", device)
             assert done.returncode == 0 and "shared now" in done.stdout, done
+        finally:
+            daemon.stop()
+
+
+def test_real_clients_starting_at_once_take_exactly_the_free_slots_and_the_rest_queue(tmp_path):
+    with EtcdCluster(tmp_path) as etcd:
+        address = etcd.address("crowd")
+        daemon = pool_daemon(address, "n1", "--max-sessions", "2")
+        try:
+            wait_view(address, registered("n1"), "the daemon")
+            clients = [spawn_client(HOLDING_CLIENT, address, NAME=f"c{i}", DIR=str(tmp_path),
+                                    LIBREMOTE_QUEUE_TIMEOUT="120") for i in range(5)]
+            view = wait_view(address, lambda v: len(v.reservations) == 2 and len(v.waiters) == 3,
+                             "2 placed and 3 queued", timeout=CLIENT_TIMEOUT_S)
+            assert view.load()[(view.daemons[0].id, 0)].sessions == 2
+            finished = 0
+            deadline = time.monotonic() + 5 * CLIENT_TIMEOUT_S
+            while finished < 5:
+                assert time.monotonic() < deadline, "the queued clients were not all placed"  # let the admitted ones go, one at a time: each frees a slot for the next
+                admitted = sorted(path.stem for path in tmp_path.glob("c*.in"))
+                released = [name for name in admitted if not (tmp_path / f"{name}.go").exists()]
+                assert len(released) <= 2, admitted
+                if released:
+                    (tmp_path / f"{released[0]}.go").touch()
+                    client = clients[int(released[0][1:])]
+                    out, err = finish(client, f"{released[0]} did not finish", CLIENT_TIMEOUT_S)
+                    assert last_json(out)["admitted"] and last_json(out)["total"] == 6144.0, err
+                    finished += 1
+                else:
+                    time.sleep(0.1)  # (the next queued client is being placed and connecting)
+            wait_view(address, lambda v: not v.reservations and not v.waiters, "an empty pool", timeout=15)
         finally:
             daemon.stop()
