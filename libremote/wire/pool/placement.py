@@ -12,6 +12,7 @@ A request for N devices is placed on one daemon for now (aggregation across serv
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -138,7 +139,7 @@ def _pick(daemon: DaemonRecord, load: Mapping[tuple[str, int], Load], request: R
 
 
 def choose(daemons: Sequence[DaemonRecord], load: Mapping[tuple[str, int], Load], request: Request,
-           summaries: Mapping[str, Summary] | None = None) -> Choice | None:
+           summaries: Mapping[str, Summary] | None = None, ties: random.Random | None = None) -> Choice | None:
     """The daemon and devices for ``request`` by its policy, or None when none fits now.
 
     binpack: among daemons that can hold the request, the one with the least room left
@@ -148,33 +149,38 @@ def choose(daemons: Sequence[DaemonRecord], load: Mapping[tuple[str, int], Load]
     Without ``summaries``, one pass over every device (a pool of 1,000 servers of 8 is 8,000
     checks). With them (PoolCache keeps them), daemons are ranked by their summary and only
     the best-ranked are looked at device by device, until one fits: the same choice except
-    between daemons of equal room, where the pass would prefer the tighter devices."""
+    between daemons of equal room, where the pass would prefer the tighter devices. ``ties``
+    breaks ties between equally ranked daemons at random (clients racing for the same room
+    would otherwise all pick the same daemon and all but one lose their transaction)."""
     if summaries is None:
-        best: tuple[tuple[float, float], Choice] | None = None
+        best: tuple[tuple[float, float, float], Choice] | None = None
         for daemon in daemons:
             if daemon.state != "ready" or (request.node is not None and daemon.node != request.node):
                 continue
             picked = _pick(daemon, load, request)
-            if picked is not None and (best is None or picked[0] < best[0]):
-                best = picked
+            if picked is None:
+                continue
+            score = (*picked[0], ties.random() if ties else 0.0)
+            if best is None or score < best[0]:
+                best = (score, picked[1])
         return best[1] if best is not None else None
     spread = request.policy == "spread"
     count = request.devices
-    ranked = []
+    ranked: list[tuple[float, float, DaemonRecord]] = []
     for daemon in daemons:
         if daemon.state != "ready" or (request.node is not None and daemon.node != request.node):
             continue
         summary = summaries.get(daemon.id)
         if summary is None:
-            ranked.append((0.0, daemon))
+            ranked.append((0.0, ties.random() if ties else 0.0, daemon))
             continue
         need = 0 if request.exclusive else (request.memory if request.memory is not None else daemon.session_memory)
         if len(summary.rooms) < count or summary.rooms[count - 1] < need:
             continue  # (no count devices with that much room: it cannot fit)
         fraction = summary.room / (summary.total or 1)
-        ranked.append((-fraction if spread else fraction, daemon))
-    ranked.sort(key=lambda entry: entry[0])
-    for _, daemon in ranked:
+        ranked.append((-fraction if spread else fraction, ties.random() if ties else 0.0, daemon))
+    ranked.sort(key=lambda entry: entry[:2])
+    for _, _, daemon in ranked:
         picked = _pick(daemon, load, request)
         if picked is not None:
             return picked[1]

@@ -9,6 +9,7 @@ frees them within the TTL, and :meth:`Placer.release` frees them at once.
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 import threading
 import time
@@ -36,6 +37,11 @@ log = logging.getLogger("libremote.pool")
 CLIENT_LEASE_TTL_S = 10
 #: Transactions lost to other clients in a row before the client waits for a change instead.
 MAX_RACES = 50
+
+
+#: Breaks ties between equally ranked daemons (placement.choose), so that racing clients spread
+#: over equal room instead of all losing to the first.
+_TIES = random.Random()
 
 
 class PlacementError(RuntimeError):
@@ -166,7 +172,7 @@ class Placer:
 
     @staticmethod
     def fitting(view: PoolView, request: Request) -> Choice | None:
-        choice = choose(view.daemons, view.load(), request, view.live_summaries)
+        choice = choose(view.daemons, view.load(), request, view.live_summaries, _TIES)
         if choice is None:
             return None
         if quota_refusal(view.tenant_usage(request.tenant), view.quotas.get(request.tenant), request, choice.memory):
