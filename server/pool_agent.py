@@ -5,7 +5,8 @@ arriving clients. Torch-free, like the rest of the front.
 **Lease and figures.** The record (``daemons/NODE:PORT``: address, node, devices with model,
 memory total/free/used, sessions, load, state and sharing mode, version) lives under a lease of
 :data:`LEASE_TTL_S` seconds renewed every :data:`KEEPALIVE_S`; the front hands the agent fresh
-figures every :data:`REFRESH_S`. A daemon that stops revokes the lease (it leaves at once); one
+figures every :data:`REFRESH_S`, written beside the pool's prefix (records.figures_prefix); the
+record itself is rewritten only when what placement reads changes. A daemon that stops revokes the lease (it leaves at once); one
 that dies leaves when the lease expires: within ``LEASE_TTL_S`` plus etcd's expiry check.
 
 **etcd unreachable.** Nothing the daemon's clients do waits on etcd: sessions run between the
@@ -64,6 +65,8 @@ class PoolAgent:
         self._claims_etcd = Etcd(address, credentials)
         self._record: DaemonRecord | None = None
         self._written: str | None = None
+        self._figures: str | None = None
+        self.figures_key = records.figures_prefix(address.pool) + daemon_id
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._changed = threading.Event()
@@ -112,7 +115,7 @@ class PoolAgent:
                 now = time.monotonic()
                 if not self.lease:
                     self.lease = self._etcd.grant(LEASE_TTL_S)
-                    self._written = None
+                    self._written = self._figures = None
                     next_keepalive = now + KEEPALIVE_S
                 elif now >= next_keepalive:
                     next_keepalive = now + KEEPALIVE_S
@@ -145,15 +148,18 @@ class PoolAgent:
             record = self._record
         if record is None:
             return
-        value = records.dumps(record)
-        if value == self._written:
-            return
-        self._etcd.put(self.key, value, self.lease)
-        if not self.registered:
-            log.info("joined pool %s as %s (%s, %d devices; lease %d s)", self.address, self.daemon_id,
-                     record.address, len(record.devices), LEASE_TTL_S)
-        self.registered = True
-        self._written = value
+        placed_by = records.dumps(records.placement_view(record))
+        if placed_by != self._written:  # (what placement reads changed: clients waiting are woken)
+            self._etcd.put(self.key, records.dumps(record), self.lease)
+            if not self.registered:
+                log.info("joined pool %s as %s (%s, %d devices; lease %d s)", self.address, self.daemon_id,
+                         record.address, len(record.devices), LEASE_TTL_S)
+            self.registered = True
+            self._written = placed_by
+        figures = records.dumps(record)
+        if figures != self._figures:
+            self._etcd.put(self.figures_key, figures, self.lease)
+            self._figures = figures
 
 
 class MemberState(Protocol):

@@ -14,7 +14,7 @@ from etcd_cluster import EtcdCluster  # noqa: F401  (re-exported)
 
 from libremote_wire.pool import address as pool_address
 from libremote_wire.pool.etcd import Etcd
-from libremote_wire.pool.view import PoolView, read
+from libremote_wire.pool.view import PoolView, read, with_figures
 
 #: A client that computes on its pooled device, checks the result against local torch, and
 #: prints which daemon it got (JSON). Environment: N (size).
@@ -40,7 +40,7 @@ def pool_view(etcd_address: str) -> PoolView:
     address = pool_address.parse(etcd_address)
     etcd = Etcd(address)
     try:
-        return read(etcd, address.prefix)
+        return with_figures(etcd, address.pool, read(etcd, address.prefix))
     finally:
         etcd.close()
 

@@ -88,6 +88,7 @@ class Placer:
     def _ensure_lease(self) -> int:
         if not self.lease:
             self.lease = self.etcd.grant(self.lease_ttl_s)
+            self._stop = threading.Event()  # (a fresh one: release() ended the last lease's thread)
             if self._keepalive:
                 self._thread = threading.Thread(target=self._keep_alive, name="libremote-pool-lease", daemon=True)
                 self._thread.start()

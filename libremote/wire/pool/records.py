@@ -12,6 +12,12 @@ key (after ``/libremote/pools/NAME/``)  value                         lives as l
 ``sharing/ID/DEVICE``                   ``exclusive`` or ``shared``   until the operator changes it
 =====================================  ============================  ===========================
 
+A daemon's figures (memory free and used, sessions, load) change every few seconds and matter
+to people, not to placement (which counts reservations): the daemon rewrites ``daemons/ID`` only
+when something placement reads changes (state, devices, sharing), and its fresh figures every
+few seconds under ``/libremote/figures/NAME/ID`` (same lease), outside the pool's prefix, so that
+clients waiting in the queue, which watch the prefix, are not woken by them.
+
 A daemon's ID is ``NODE:PORT`` (what ``--node-name`` says and the port it listens on). A
 reservation is written twice in one transaction, under its device (capacity) and under its
 tenant (quota), so that a transaction can compare either range cheaply.
@@ -20,7 +26,7 @@ tenant (quota), so that a transaction can compare either range cheaply.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 #: Queue classes: etcd keys sort as bytes, so high priority's digit comes first.
@@ -63,6 +69,17 @@ def quota_key(prefix: str, tenant: str) -> str:
 
 def sharing_key(prefix: str, daemon_id: str, device: int) -> str:
     return f"{prefix}sharing/{daemon_id}/{device}"
+
+
+def figures_prefix(pool: str) -> str:
+    """Where daemons' fresh figures live (a full :class:`DaemonRecord` each), outside the pool's prefix."""
+    return f"/libremote/figures/{pool}/"
+
+
+def placement_view(record: DaemonRecord) -> DaemonRecord:
+    """``record`` without what only informs people (figures, time): what placement reads."""
+    return replace(record, updated=0.0, devices=tuple(
+        replace(device, memory_free=0, memory_used=0, sessions=0, load=0.0) for device in record.devices))
 
 
 def dumps(record: Any) -> str:

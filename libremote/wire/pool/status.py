@@ -9,13 +9,13 @@ from typing import Any
 
 from .etcd import Etcd
 from .placement import Load
-from .view import read
+from .view import read, with_figures
 
 
 def report(etcd: Etcd) -> dict[str, Any]:
     """The pool as JSON-ready data (what ``--json`` prints)."""
     prefix = etcd.address.prefix
-    view = read(etcd, prefix)
+    view = with_figures(etcd, etcd.address.pool, read(etcd, prefix))
     load = view.load()
     now = time.time()
     daemons = []

@@ -119,6 +119,32 @@ def _view_of(prefix: str, revision: int, kvs: list[KeyValue],
     return view
 
 
+def with_figures(etcd: Etcd, pool: str, view: PoolView) -> PoolView:
+    """``view`` with each daemon's fresh figures (memory free/used, sessions, load), for people:
+    ``libremote status --pool``. Placement never needs them."""
+    _, kvs = etcd.range_prefix(records.figures_prefix(pool))
+    fresh: dict[str, DaemonRecord] = {}
+    for kv in kvs:
+        try:
+            record = DaemonRecord.loads(kv.value)
+        except (ValueError, TypeError, KeyError):
+            continue
+        fresh[record.id] = record
+    merged = []
+    for daemon in view.daemons:
+        figures = fresh.get(daemon.id)
+        if figures is not None and figures.updated >= daemon.updated:
+            by_index = {device.index: device for device in figures.devices}
+            daemon = replace(daemon, updated=figures.updated, devices=tuple(
+                replace(device, memory_free=by_index[device.index].memory_free,
+                        memory_used=by_index[device.index].memory_used, sessions=by_index[device.index].sessions,
+                        load=by_index[device.index].load) if device.index in by_index else device
+                for device in daemon.devices))
+        merged.append(daemon)
+    view.daemons = merged
+    return view
+
+
 class DirectReader:
     """Reads the pool from etcd each time (a client process places once: one read is its view)."""
 
