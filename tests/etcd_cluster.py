@@ -150,14 +150,26 @@ class EtcdCluster:
         self.initial = ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in self.members)
 
     def __enter__(self) -> EtcdCluster:
-        for member in self.members:
-            member.start(self.binary, self.initial)
-        try:
-            self.wait_healthy()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        for attempt in range(3):
+            for member in self.members:
+                member.start(self.binary, self.initial)
+            try:
+                self.wait_healthy()
+                return self
+            except BaseException:
+                self.stop()
+                in_use = any("address already in use" in m.log_path.read_text(errors="replace")
+                             for m in self.members if m.log_path.exists())
+                if not in_use or attempt == 2:
+                    raise
+                # Another pytest worker took a port between free_port() and etcd's bind: new ports.
+                for member in self.members:
+                    member.client_port, member.peer_port = free_port(), free_port()
+                    shutil.rmtree(member.data_dir, ignore_errors=True)
+                    member.data_dir.mkdir(parents=True)
+                    member.log_path.unlink(missing_ok=True)
+                self.initial = ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in self.members)
+        raise AssertionError("unreachable")
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()

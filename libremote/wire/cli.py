@@ -5,6 +5,9 @@
     libremote admin --server tcp://gpu01:7777 --drain                # no new sessions (--undrain)
     libremote admin --server tcp://gpu01:7777 --session ab12cd34ef56 --memory-quota 16GiB
     libremote admin --server tcp://gpu01:7777 --tenant research --weight 2 --priority high
+    libremote status --pool etcd://h1:2379,h2:2379/gpus [--json]     # a pool on etcd (docs/POOL.md)
+    libremote admin --pool etcd://h1:2379/gpus --tenant-quota research:memory=64GiB,devices=8
+    libremote admin --pool etcd://h1:2379/gpus --exclusive gpu01:7777/0    # (--shared) when empty
     libremote keygen daemon --dir keys/      # the daemon's key pair: keys/server.key(_secret)
     libremote keygen client research         # a client's: ./research.key(_secret)
 
