@@ -19,10 +19,9 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Self
 
 import pytest
-
 from conftest import free_port
 
 
@@ -91,7 +90,7 @@ class EtcdMember:
         return f"127.0.0.1:{self.client_port}"
 
     def start(self, binary: str, initial_cluster: str, state: str = "new") -> None:
-        log = open(self.log_path, "ab")
+        log = open(self.log_path, "ab")  # noqa: SIM115  (etcd writes it for its whole life; closed here once started)
         scheme = "https" if self.tls else "http"
         tls = ["--cert-file", self.tls.server_cert, "--key-file", self.tls.server_key, "--client-cert-auth",
                "--trusted-ca-file", self.tls.ca] if self.tls else []
@@ -149,7 +148,7 @@ class EtcdCluster:
                                            tls))
         self.initial = ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in self.members)
 
-    def __enter__(self) -> EtcdCluster:
+    def __enter__(self) -> Self:
         for attempt in range(3):
             for member in self.members:
                 member.start(self.binary, self.initial)
@@ -171,7 +170,7 @@ class EtcdCluster:
                 self.initial = ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in self.members)
         raise AssertionError("unreachable")
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def wait_healthy(self, timeout: float = 30.0) -> None:

@@ -7,13 +7,13 @@ Daemons are tests/conftest.py's :class:`Daemon` with ``--pool``; etcd is tests/e
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from conftest import Daemon
 from etcd_cluster import EtcdCluster  # noqa: F401  (re-exported)
 
 from libremote_wire.pool import address as pool_address
-from libremote_wire.pool.etcd import Etcd
+from libremote_wire.pool.etcd import Etcd, EtcdUnavailable
 from libremote_wire.pool.view import PoolView, read, with_figures
 
 #: A client that computes on its pooled device, checks the result against local torch, and
@@ -52,7 +52,7 @@ def wait_view(etcd_address: str, predicate: Callable[[PoolView], bool], what: st
     while time.monotonic() < deadline:
         try:
             view = pool_view(etcd_address)
-        except Exception:  # (a member being killed: try again)
+        except EtcdUnavailable:  # (a member being killed: try again)
             time.sleep(0.1)
             continue
         if predicate(view):
