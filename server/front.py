@@ -76,7 +76,6 @@ class Front:
         self.pool_agent: pool_agent.PoolAgent | None = None
         self._claims: list[tuple[Any, bytes, Waiting]] = []
         self._pool_member = pool_member
-        self._next_pool_refresh = 0.0
         self._stop = threading.Event()
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="libremote-"))  # 0700: this user's only
         self._context = zmq.Context()
@@ -598,9 +597,8 @@ class Front:
             if self._admit(waiter):
                 self.waiting.remove(waiter)
         self.workers.housekeeping(now)
-        if self.pool_agent is not None and now >= self._next_pool_refresh:
-            self._next_pool_refresh = now + pool_agent.REFRESH_S
-            self.pool_agent.update(self._pool_record())
+        if self.pool_agent is not None:  # (every turn: a drain or an unhealthy device reaches the pool at once;
+            self.pool_agent.update(self._pool_record())  # the agent writes only what changed)
         if self.telemetry is not None and self.telemetry.housekeeping(now):
             self._ask_reports(None, auth.Requester(is_admin=True))
         for device in self.devices:

@@ -48,7 +48,9 @@ log = logging.getLogger("libremote.server.pool")
 LEASE_TTL_S = 5
 #: How often the lease is renewed (a fifth of the TTL: four renewals may fail before it lapses).
 KEEPALIVE_S = 1.0
-#: How often the front publishes fresh figures (memory, sessions, load) into the record.
+#: How often the figures (memory, sessions, load) are fresh: the front gathers them every
+#: --metrics-interval (2 s by default) and hands the agent its record every loop turn (0.25 s);
+#: the agent writes only what changed (a drain or an unhealthy device: at once).
 REFRESH_S = 2.0
 MAX_BACKOFF_S = 10.0
 
@@ -190,7 +192,7 @@ def build_record(front: MemberState, *, daemon_id: str, node: str, advertise: st
     return DaemonRecord(id=daemon_id, address=advertise, node=node, version=__version__, state=state,
                         session_memory=front.pool.default_memory_quota,
                         max_sessions=front.pool.max_sessions_per_device or 1 << 16, devices=tuple(devices),
-                        updated=time.time())
+                        updated=float((latest or {}).get("time", 0.0)))  # (when the figures were gathered)
 
 
 def advertised_address(listen: str, given: str | None) -> str:

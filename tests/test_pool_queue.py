@@ -71,7 +71,7 @@ def test_a_client_waits_for_capacity_or_gets_a_clear_error_after_its_timeout(tmp
             wait_view(address, registered("n1"), "the daemon")
             holder = spawn_client(HOLDING_CLIENT, address, NAME="holder", DIR=str(tmp_path))
             wait_for_file(tmp_path / "holder.in", holder)
-            # The daemon's refreshed figures show the session (every 2 s, pool_agent.REFRESH_S).
+            # The daemon's refreshed figures show the session (gathered every --metrics-interval, 2 s).
             wait_view(address, lambda v: v.daemons[0].devices[0].sessions == 1, "the holder's session", timeout=30)
             impatient = spawn_client(COMPUTE_CLIENT, address, LIBREMOTE_QUEUE_TIMEOUT="2", LIBREMOTE_MEMORY="1GiB")
             out, err = finish(impatient, "the impatient client did not give up", CLIENT_TIMEOUT_S)
