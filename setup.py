@@ -44,7 +44,7 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["libremote", "libremote.client", "libremote_wire", "libremote_server", "libremote_server.worker",
+    packages=["libremote", "libremote.client", "libremote_wire", "libremote_wire.pool", "libremote_server", "libremote_server.worker",
               "libremote_server.telemetry", "libremote.shims"],
     package_dir={"libremote_wire": "libremote/wire", "libremote_server": "server",
                  "libremote_server.worker": "server/worker", "libremote_server.telemetry": "server/telemetry",
@@ -56,8 +56,9 @@ setup(
     # name, so client and daemon may differ: tests/test_version_skew.py.)
     install_requires=["torch>=2.13,<2.14", "pyzmq>=25", "msgpack>=1.0", "numpy", "cffi>=1.15"],
     # metrics: the daemon's Prometheus endpoint and dashboard (--metrics-listen) and GPU health
-    # through NVML; watch: `libremote status --watch` drawn with rich (plain text without it).
-    extras_require={"test": ["pytest>=7"], "multidevice": ["ninja"],
+    # through NVML; watch: `libremote status --watch` drawn with rich (plain text without it);
+    # pool: one pool across many servers on etcd (docs/POOL.md), through etcd's JSON gateway.
+    extras_require={"test": ["pytest>=7"], "multidevice": ["ninja"], "pool": ["etcd3gw>=2.4"],
                     "metrics": ["prometheus-client>=0.20", "nvidia-ml-py>=12"], "watch": ["rich>=12"]},
     entry_points={
         "console_scripts": [

@@ -3,8 +3,10 @@
 =========================  =======  ===========================================================
 variable                   default  meaning
 =========================  =======  ===========================================================
-LIBREMOTE_SERVER           (none)   daemon address, ``tcp://host:port``; also opts unmodified
-                                    programs in (see ``libremote.shims.autostart``). Several,
+LIBREMOTE_SERVER           (none)   daemon address, ``tcp://host:port``, or a pool's,
+                                    ``etcd://h1:2379,h2:2379/NAME`` (``libremote.pool`` places the
+                                    client; docs/POOL.md); also opts unmodified programs in (see
+                                    ``libremote.shims.autostart``). Several daemons,
                                     comma-separated (``tcp://h1:5555,tcp://h2:5556``): one device
                                     per entry, cuda:0 on the first (see :func:`server_entries`)
 LIBREMOTE_TIMEOUT          10       seconds to wait for the daemon to answer the handshake
@@ -26,7 +28,20 @@ LIBREMOTE_DEVICES          1        how many of the pool's devices to ask for (c
                                     with several addresses, the number of entries (if set, it
                                     must equal it)
 LIBREMOTE_QUEUE_TIMEOUT    300      seconds to wait in the daemon's admission queue when its
-                                    sessions are all taken
+                                    sessions are all taken (with a pool: in the pool-wide queue)
+LIBREMOTE_MEMORY           (none)   pool only: device memory to reserve on each device, e.g. 8GiB
+                                    (default: the chosen daemon's --memory-quota); the session's
+                                    quota there
+LIBREMOTE_MODEL            (none)   pool only: place on devices whose model contains this, e.g.
+                                    H100 (case-insensitive)
+LIBREMOTE_NODE             (none)   pool only: place on the daemon of this node (--node-name)
+LIBREMOTE_PLACEMENT        binpack  pool only: binpack (fill a server's devices before the next)
+                                    or spread (the emptiest daemon and device)
+LIBREMOTE_EXCLUSIVE        0        pool only: 1 asks for a device in exclusive mode (the whole
+                                    card for this one session)
+LIBREMOTE_ETCD_USER        (none)   pool only: etcd credentials and TLS files, see
+                                    ``libremote_wire.pool.address`` (also _PASSWORD_FILE, _CA,
+                                    _CERT, _KEY)
 LIBREMOTE_SPIN_US          500      microseconds a thread waiting for the daemon's answer polls
                                     without sleeping before it blocks, when the last answer came
                                     that fast (0: always block at once); see
@@ -86,6 +101,8 @@ def server_entries(address: str | None) -> list[str]:
     """
     if not address:
         return []
+    if address.strip().startswith("etcd://"):
+        return [address.strip()]  # a pool's address is one entry (its members are comma-separated)
     entries = [entry.strip() for entry in address.split(",")]
     if any(not entry for entry in entries):
         raise ValueError(f"LIBREMOTE_SERVER={address!r} has an empty entry; separate addresses with single commas")

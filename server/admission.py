@@ -54,6 +54,10 @@ class Waiting:
     since: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
     request: str = ""  # the id the front's log gives its HELLO
+    #: With --pool: the devices the client's reservation holds here (the pool placed it), and
+    #: the memory it reserved on each (its session's quota, at most its tenant's).
+    pinned: tuple[int, ...] | None = None
+    memory_quota: int | None = None
 
 
 @dataclass
@@ -145,6 +149,14 @@ def place(pool: PoolConfig, devices: list[FrontDevice], tenant: Tenant, count: i
     else:  # binpack: the fullest device that still has room first
         ordered = sorted(candidates, key=lambda device: (-len(device.sessions), device.index))
     return ordered[:count]
+
+
+def reserved_devices(devices: list[FrontDevice], pinned: tuple[int, ...]) -> list[FrontDevice] | None:
+    """The devices a pool reservation names, if they exist and are healthy (else None: the client
+    is refused, its reservation stands for devices this daemon cannot give)."""
+    if any(not 0 <= index < len(devices) or devices[index].unhealthy for index in pinned):
+        return None
+    return [devices[index] for index in pinned]
 
 
 def unhealthy_reason(devices: list[FrontDevice], tenant: Tenant, count: int,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from . import auth, limits, policy
 from .front import Front
@@ -189,6 +191,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-format", default="text", choices=["text", "json"],
         help="json: one JSON object per line, with event, session, tenant and request ids (docs/DEPLOYMENT.md)",
     )
+    pooled = parser.add_argument_group("one pool across many servers (docs/POOL.md)")
+    pooled.add_argument(
+        "--pool", metavar="etcd://HOST:PORT[,HOST:PORT...]/NAME", default=None,
+        help="join the pool NAME kept in this etcd cluster: register this daemon and its devices under a lease "
+        "(it leaves when it stops or dies), and admit only clients the pool placed here (their reservations are "
+        "checked in etcd). Needs pip install 'libremote[pool]' (etcd3gw)",
+    )
+    pooled.add_argument("--node-name", default=None, metavar="NAME",
+                        help="this server's name in the pool (default: the host name); clients pin it with LIBREMOTE_NODE")
+    pooled.add_argument("--pool-advertise", default=None, metavar="tcp://HOST:PORT",
+                        help="the address clients of the pool reach this daemon at (default: --listen, a wildcard "
+                        "host replaced by this host's name)")
+    pooled.add_argument("--etcd-user", default=None, help="etcd user (else LIBREMOTE_ETCD_USER)")
+    pooled.add_argument("--etcd-password-file", default=None, metavar="FILE",
+                        help="a file holding that user's password (else LIBREMOTE_ETCD_PASSWORD_FILE)")
+    pooled.add_argument("--etcd-ca", default=None, metavar="FILE", help="CA of etcd's TLS certificates: speak HTTPS")
+    pooled.add_argument("--etcd-cert", default=None, metavar="FILE", help="client certificate for etcd's TLS")
+    pooled.add_argument("--etcd-key", default=None, metavar="FILE", help="that certificate's private key")
     observe = parser.add_argument_group("metrics, dashboard and health (docs/METRICS.md, docs/DEPLOYMENT.md)")
     observe.add_argument(
         "--metrics-listen", metavar="HOST:PORT", default=None,
@@ -273,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.tenants, tokens_required=not args.auth_keys)
         keyring = _transport(args, pool_config)
         telemetry = telemetry_config(args, pool_config)
+        pool_member = _pool_membership(args)
     except (ValueError, policy.PolicyError) as exc:
         print(f"libremote-server: {exc}", file=sys.stderr)
         return 2
@@ -283,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             keyring=keyring, auth_keys=args.auth_keys, server_key=args.server_key, loopback_admin=args.loopback_admin,
             op_time_limit_s=args.op_time_limit, worker_memory_margin=args.worker_memory_margin,
             worker_ports=args.worker_ports, op_rules=args.op_rules, log_level=args.log_level, telemetry=telemetry,
+            pool_member=pool_member,
         )
     except ValueError as exc:  # --device names what this machine does not have
         print(f"libremote-server: {exc}", file=sys.stderr)
@@ -303,6 +325,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     front.serve_forever()
     logging.shutdown()
     return 0
+
+
+def _pool_membership(args: argparse.Namespace) -> Any:
+    """``--pool`` and its companions, or None. etcd3gw is imported only here, for --pool."""
+    if not args.pool:
+        return None
+    try:
+        from libremote_wire.pool.address import Credentials, parse, read_secret
+
+        from .pool_agent import Membership
+    except ImportError as exc:
+        raise policy.PolicyError(f"--pool needs the etcd client ({exc}): pip install 'libremote[pool]'") from None
+    password = read_secret(args.etcd_password_file, "--etcd-password-file") if args.etcd_password_file else None
+    credentials = Credentials.from_env().overridden(user=args.etcd_user, password=password, ca=args.etcd_ca,
+                                                    cert=args.etcd_cert, key=args.etcd_key)
+    return Membership(parse(args.pool), credentials, args.node_name or socket.gethostname(), args.pool_advertise)
 
 
 def _transport(args: argparse.Namespace, pool_config: policy.PoolConfig) -> auth.KeyRing | None:

@@ -36,7 +36,7 @@ from libremote_wire import __version__, codec, messages
 from libremote_wire.codec import ProtocolError
 from libremote_wire.messages import CONTROL, Ctl, ErrorKind, Msg
 
-from . import admin, admission, auth, limits, outbox, peers, policy, status
+from . import admin, admission, auth, limits, outbox, peers, policy, pool_agent, status
 from .admission import FrontDevice, FrontSession, Waiting
 from .broker import DeviceBroker, default_budget
 from .policy import PolicyError, PoolConfig, Tenant
@@ -62,7 +62,7 @@ class Front:
                  auth_keys: str | None = None, server_key: str | None = None, loopback_admin: bool = False,
                  op_time_limit_s: float | None = None, worker_memory_margin: int = limits.WORKER_MEMORY_MARGIN,
                  worker_ports: tuple[int, int] | None = None, op_rules: bool = True, log_level: str = "INFO",
-                 telemetry: TelemetryConfig | None = None) -> None:
+                 telemetry: TelemetryConfig | None = None, pool_member: pool_agent.Membership | None = None) -> None:
         self.pool = pool_config or PoolConfig()
         self.heartbeat_s = heartbeat_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -78,6 +78,11 @@ class Front:
         #: Why the daemon takes no new sessions (``libremote admin --drain``), or None.
         self.draining: str | None = None
         self.telemetry: Telemetry | None = None
+        #: With --pool: the agent that keeps this daemon registered, and HELLOs whose
+        #: reservations it is checking (future, identity, info, user_id, waiter fields).
+        self.pool_agent: pool_agent.PoolAgent | None = None
+        self._claims: list[tuple[Any, bytes, Waiting]] = []
+        self._pool_member = pool_member
         self._stop = threading.Event()
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="libremote-"))  # 0700: this user's only
         self._context = zmq.Context()
@@ -123,6 +128,9 @@ class Front:
             # Health sampling, the counters, and (--metrics-listen) the HTTP endpoint: telemetry/.
             self.telemetry = Telemetry(self, telemetry or TelemetryConfig(), self.workers.hardware)
             self.telemetry.start()
+            if pool_member is not None:
+                self.pool_agent, self.pool_id, self.pool_advertise = pool_member.agent(self.address)
+                self.pool_agent.start(self._pool_record())
         except BaseException:
             self._close()
             raise
@@ -166,12 +174,16 @@ class Front:
                         poller.unregister(self.workers.zygote_fd)
                 for identity in self._peers.closed():
                     self._front_connection_closed(identity)
+                if self._claims:
+                    self._on_claims()
                 self._housekeeping()
         finally:
             self._close()
             log.info("libremote-server stopped")
 
     def _close(self) -> None:
+        if self.pool_agent is not None:
+            self.pool_agent.stop()  # leave the pool first: no client is placed here from now on
         if self.telemetry is not None:
             self.telemetry.stop()
         for session in list(self.sessions.values()):
@@ -353,6 +365,54 @@ class Front:
         authenticated = user_id is not None or self.pool.has_tenants
         waiter = Waiting(identity, info, tenant, priority, device_count, owner=user_id, authenticated=authenticated,
                          request=request)
+        if self.pool_agent is not None:
+            token = info.get("reservation")
+            if not token:
+                self._refuse(identity, f"this daemon belongs to the pool {self.pool_agent.address} and serves only "
+                                       "clients placed through it: set LIBREMOTE_SERVER to that etcd:// address (or "
+                                       "pass it to libremote.connect)", tenant=tenant.name, why="policy", request=request)
+                return
+            if len(self._claims) >= limits.MAX_WAITING:  # (each check is an etcd read: bounded)
+                self._refuse(identity, f"{limits.MAX_WAITING} pool reservations are being checked already; try later",
+                             tenant=tenant.name, why="queue_full", request=request)
+                return
+            self._claims.append((self.pool_agent.verify(token, tenant.name), identity, waiter))
+            return
+        self._admit_or_queue(waiter)
+
+    def _on_claims(self) -> None:
+        """HELLOs whose pool reservations were checked: admit on the reserved devices, or refuse."""
+        pending = []
+        for future, identity, waiter in self._claims:
+            if not future.done():
+                pending.append((future, identity, waiter))
+                continue
+            try:
+                reservation = future.result()
+            except Exception as exc:  # ClaimRefused, EtcdUnavailable
+                self._refuse(identity, f"the pool's reservation does not hold: {exc}", tenant=waiter.tenant.name,
+                             why="policy", request=waiter.request)
+                continue
+            if waiter.identity in self.sessions:
+                continue
+            waiter.pinned = tuple(reservation.devices)
+            waiter.device_count = len(reservation.devices)
+            waiter.memory_quota = min(waiter.tenant.memory_quota, reservation.memory) if reservation.memory else None
+            if admission.reserved_devices(self.devices, waiter.pinned) is None:
+                self._refuse(identity, f"reservation {reservation.rid} names devices {list(reservation.devices)}, which "
+                                       "this daemon cannot give now (unhealthy or absent); connect through the pool again",
+                             tenant=waiter.tenant.name, why="unhealthy", request=waiter.request)
+                continue
+            self._admit_or_queue(waiter)
+        self._claims = pending
+
+    def _pool_record(self) -> Any:
+        assert self._pool_member is not None
+        return pool_agent.build_record(self, daemon_id=self.pool_id, node=self._pool_member.node,
+                                       advertise=self.pool_advertise)
+
+    def _admit_or_queue(self, waiter: Waiting) -> None:
+        identity, tenant, request, info = waiter.identity, waiter.tenant, waiter.request, waiter.info
         if not self._admit(waiter):
             if len(self.waiting) >= limits.MAX_WAITING:
                 self._refuse(identity, f"the admission queue is full ({limits.MAX_WAITING} clients wait); try later",
@@ -386,15 +446,17 @@ class Front:
     def _admit(self, waiter: Waiting) -> bool:
         if self._tenant_full(waiter):
             return False
-        placed = admission.place(self.pool, self.devices, waiter.tenant, waiter.device_count,
-                                 pinned=waiter.info.get("device_indices"))
+        placed = (admission.reserved_devices(self.devices, waiter.pinned) if waiter.pinned is not None
+                  else admission.place(self.pool, self.devices, waiter.tenant, waiter.device_count,
+                                       pinned=waiter.info.get("device_indices")))
         if placed is None:
             return False
         session_id = uuid.uuid4().hex[:12]
         key = waiter.tenant.name if waiter.authenticated else f"session:{session_id}"
         worker = self.workers.worker_for(key, waiter.tenant, waiter.priority)
         session = FrontSession(session_id, waiter.identity, waiter.owner, waiter.tenant, waiter.priority,
-                               waiter.tenant.weight, waiter.tenant.memory_quota, placed, worker, waiter.info,
+                               waiter.tenant.weight, waiter.memory_quota or waiter.tenant.memory_quota, placed, worker,
+                               waiter.info,
                                request=waiter.request)
         self._counters.admission(waiter.tenant.name, "admitted", waited_s=time.monotonic() - waiter.since)
         for device in placed:
@@ -543,6 +605,8 @@ class Front:
             if self._admit(waiter):
                 self.waiting.remove(waiter)
         self.workers.housekeeping(now)
+        if self.pool_agent is not None:  # (every turn: a drain or an unhealthy device reaches the pool at once;
+            self.pool_agent.update(self._pool_record())  # the agent writes only what changed)
         if self.telemetry is not None and self.telemetry.housekeeping(now):
             self._ask_reports(None, auth.Requester(is_admin=True))
         for device in self.devices:

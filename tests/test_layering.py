@@ -19,7 +19,11 @@ FRONT_MODULES = ["libremote_wire", "libremote_wire.codec", "libremote_wire.messa
                  "libremote_server.peers", "libremote_server.os_limits", "libremote_server.outbox",
                  "libremote_server.worker.zygote", "libremote_server.telemetry.collect",
                  "libremote_server.telemetry.health", "libremote_server.telemetry.metrics",
-                 "libremote_server.telemetry.http", "libremote_server.telemetry.logs"]
+                 "libremote_server.telemetry.http", "libremote_server.telemetry.logs",
+                 # the pool (issue 21): the daemon's agent and what clients, daemons and the command share
+                 "libremote_server.pool_agent", "libremote_wire.pool.placer", "libremote_wire.pool.reserve",
+                 "libremote_wire.pool.queue", "libremote_wire.pool.placement", "libremote_wire.pool.view",
+                 "libremote_wire.pool.admin", "libremote_wire.pool.status"]
 
 
 def _loaded_after(imports: list[str], *, block_torch: bool = False) -> set[str]:
@@ -34,6 +38,15 @@ def _loaded_after(imports: list[str], *, block_torch: bool = False) -> set[str]:
 def test_the_wire_and_the_front_import_neither_torch_nor_the_client():
     loaded = _loaded_after(FRONT_MODULES, block_torch=True)
     assert not {name for name in loaded if name == "libremote" or name.startswith("libremote.")}
+
+
+def test_the_clients_pool_resolver_imports_no_torch_itself():
+    """libremote/pool.py is loaded (lazily) only for etcd:// addresses and must stay torch-free:
+    it imports the shared pool code only (the package's __init__ is what imports torch)."""
+    tree = ast.parse((REPO / "libremote" / "pool.py").read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not {name for name in imported if name.split(".")[0] in ("torch", "libremote") or name.startswith(".")}
 
 
 def test_the_workers_import_torch_but_no_client_code():

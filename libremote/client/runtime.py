@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import os
+import sys
 import threading
 from typing import Any
 
@@ -134,7 +135,28 @@ def _new_servers(address: str | None) -> Servers:
             f"(it registered support for {device_guard.device_count} device(s)); set LIBREMOTE_DEVICES "
             "or LIBREMOTE_SERVER in the environment before the program starts"
         )
+    if address.startswith("etcd://"):
+        return _pool_servers(settings, address)
     return open_servers(settings, entries, __version__)
+
+
+def _pool_servers(settings: Settings, address: str) -> Servers:
+    """A session on the daemon the pool at ``address`` (etcd://) places this client on
+    (libremote/pool.py, imported only here: a tcp:// client never loads it). The pool places all
+    of a program's devices on one daemon today (its reservation covers them)."""
+    from .. import pool
+
+    try:
+        placements = pool.resolve(address, timeout_s=settings.queue_timeout_s)
+    except (pool.PlacementError, ValueError) as exc:
+        message = str(exc) if str(exc).startswith("libremote:") else f"libremote: {exc}"
+        raise ConnectionFailed(message) from None
+    try:
+        session = ClientSession(settings, placements[0].address, __version__, reservation=placements[0].reservation)
+        return Servers([session], [session] * len(session.devices))
+    except BaseException:
+        pool.release()
+        raise
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,6 +215,9 @@ def _close() -> None:
     servers, _servers, _session = _servers, None, None
     if servers is not None:
         servers.close()
+    pool = sys.modules.get("libremote.pool")
+    if pool is not None:
+        pool.release()  # (the session's pool reservation, once the daemon has seen it end)
 
 
 def _forget_after_fork() -> None:

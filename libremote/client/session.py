@@ -62,7 +62,7 @@ class ClientSession:
 
     def __init__(self, settings: Settings, address: str, libremote_version: str, *,
                  devices: int | None = None, global_devices: list[int] | None = None,
-                 device_indices: list[int] | None = None) -> None:
+                 device_indices: list[int] | None = None, reservation: str | None = None) -> None:
         self.settings = settings
         self.address = address
         self.connection = Connection(address, timeout_s=settings.timeout_s, heartbeat_s=settings.heartbeat_s,
@@ -70,7 +70,7 @@ class ClientSession:
         welcome = self.connection.handshake(
             libremote_version, tenant=settings.tenant, token=settings.token, priority=settings.priority,
             queue_timeout_s=settings.queue_timeout_s, devices=settings.devices if devices is None else devices,
-            device_indices=device_indices,
+            device_indices=device_indices, reservation=reservation,
         )
         if device_indices is not None and "device_pins" not in welcome.get("features", ()):
             self.connection.close()

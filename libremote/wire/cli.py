@@ -5,6 +5,9 @@
     libremote admin --server tcp://gpu01:7777 --drain                # no new sessions (--undrain)
     libremote admin --server tcp://gpu01:7777 --session ab12cd34ef56 --memory-quota 16GiB
     libremote admin --server tcp://gpu01:7777 --tenant research --weight 2 --priority high
+    libremote status --pool etcd://h1:2379,h2:2379/gpus [--json]     # a pool on etcd (docs/POOL.md)
+    libremote admin --pool etcd://h1:2379/gpus --tenant-quota research:memory=64GiB,devices=8
+    libremote admin --pool etcd://h1:2379/gpus --exclusive gpu01:7777/0    # (--shared) when empty
     libremote keygen daemon --dir keys/      # the daemon's key pair: keys/server.key(_secret)
     libremote keygen client research         # a client's: ./research.key(_secret)
 
@@ -291,6 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub.add_argument("--server", default=os.environ.get("LIBREMOTE_SERVER"),
                          help="daemon address (default: LIBREMOTE_SERVER)")
         sub.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon")
+        sub.add_argument("--pool", metavar="etcd://HOST:PORT[,...]/NAME", default=None,
+                         help="a pool on etcd instead of one daemon (docs/POOL.md): status shows every daemon and "
+                         "device, the queue and tenants' usage; admin sets pool quotas and sharing modes. etcd "
+                         "credentials: LIBREMOTE_ETCD_USER, LIBREMOTE_ETCD_PASSWORD_FILE, LIBREMOTE_ETCD_CA, ...")
         if name == "status":
             sub.add_argument("--json", action="store_true", help="print the report as JSON (several daemons: a list)")
             sub.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
@@ -304,6 +311,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 help="take no new sessions (those open go on; readiness turns false)")
             target.add_argument("--undrain", dest="drain", action="store_const", const=False,
                                 help="take new sessions again")
+            target.add_argument("--tenant-quota", metavar="NAME:memory=SIZE,devices=N",
+                                help="with --pool: cap a tenant's memory and devices across the whole pool")
+            target.add_argument("--remove-quota", metavar="NAME", help="with --pool: lift a tenant's pool quota")
+            target.add_argument("--exclusive", metavar="DAEMON/INDEX",
+                                help="with --pool: one session owns this device (switch it when it is empty)")
+            target.add_argument("--shared", metavar="DAEMON/INDEX",
+                                help="with --pool: sessions share this device, each within its quota")
             sub.add_argument("--memory-quota", help="new quota per session, e.g. 16GiB")
             sub.add_argument("--weight", type=float, help="new share weight")
             sub.add_argument("--priority", choices=["high", "normal", "low"])
@@ -315,6 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("libremote keygen daemon takes no NAME (its key pair is server.key/.key_secret); use --dir DIR")
         print(keygen(args.role, args.dir, args.name))
         return 0
+    if args.pool or (args.server or "").startswith("etcd://"):
+        return _pool_command(args, parser)
+    if args.command == "admin" and (args.tenant_quota or args.remove_quota or args.exclusive or args.shared):
+        parser.error("--tenant-quota, --remove-quota, --exclusive and --shared act on a pool: add --pool etcd://...")
     if not args.server:
         parser.error("no daemon address: give --server tcp://host:port or set LIBREMOTE_SERVER")
     if args.command == "status":
@@ -334,6 +352,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = reply[1] if reply[0] == Msg.ADMIN else {"ok": False, "message": f"unexpected answer {reply!r:.200}"}
     print(result.get("message", ""))
     return 0 if result.get("ok") else 1
+
+
+def _pool_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """status/admin of a pool on etcd (libremote_wire/pool; etcd3gw is imported only here)."""
+    try:
+        from .pool import address as pool_address
+        from .pool import admin as pool_admin
+        from .pool import status as pool_status_report
+        from .pool.etcd import Etcd, EtcdUnavailable
+    except ImportError as exc:
+        raise SystemExit(f"libremote: --pool needs the etcd client ({exc}): pip install 'libremote[pool]'") from None
+    try:
+        etcd = Etcd(pool_address.parse(args.pool or args.server), pool_address.Credentials.from_env(),
+                    timeout_s=args.timeout)
+    except ValueError as exc:
+        raise SystemExit(f"libremote: {exc}") from None
+    try:
+        if args.command == "status":
+            data = pool_status_report.report(etcd)
+            print(json.dumps(data, indent=2) if args.json else pool_status_report.format_report(data))
+            return 0
+        prefix = etcd.address.prefix
+        if args.tenant_quota:
+            tenant, quota = pool_admin.parse_quota(args.tenant_quota)
+            print(pool_admin.set_quota(etcd, prefix, tenant, quota))
+        elif args.remove_quota:
+            print(pool_admin.remove_quota(etcd, prefix, args.remove_quota))
+        elif args.exclusive or args.shared:
+            print(pool_admin.set_sharing(etcd, prefix, args.exclusive or args.shared,
+                                         "exclusive" if args.exclusive else "shared"))
+        else:
+            parser.error("with --pool, admin takes --tenant-quota, --remove-quota, --exclusive or --shared "
+                         "(--drain and sessions are a daemon's: use --server tcp://...)")
+        return 0
+    except pool_admin.AdminError as exc:
+        print(f"libremote: {exc}")
+        return 1
+    except EtcdUnavailable as exc:
+        raise SystemExit(f"libremote: {exc}") from None
+    finally:
+        etcd.close()
 
 
 if __name__ == "__main__":

@@ -261,6 +261,9 @@ HELLO_INFO = Record("hello", "Who the client is and what it asks for.", (
           "tcp://host:port#N of LIBREMOTE_SERVER, a pool's placement); absent: the daemon places by its policy. "
           "A daemon whose WELCOME features lack device_pins ignores it, and the client refuses to go on", 64,
           optional=True),
+    Field("reservation", str, "placed through a pool (etcd://): RID:SECRET of the reservation the pool's "
+          "transaction wrote for this daemon; a daemon started with --pool admits only clients whose reservation "
+          "it finds and claims in etcd (libremote_wire/pool/reserve.py)", 128, optional=True),
 ))
 WELCOME_INFO = Record("welcome", "The admitted session and where it runs.", (
     Field("session", str, "the session's id", 64),

@@ -1,0 +1,66 @@
+"""Helpers for the pool's tests (issue 21): daemons joined to a pool on real etcd, the pool's
+registry as etcd holds it, and client programs placed through ``etcd://``.
+
+Daemons are tests/conftest.py's :class:`Daemon` with ``--pool``; etcd is tests/etcd_cluster.py's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from etcd_cluster import EtcdCluster  # noqa: F401  (re-exported)
+
+from libremote_wire.pool import address as pool_address
+from libremote_wire.pool.etcd import Etcd, EtcdUnavailable
+from libremote_wire.pool.view import PoolView, read, with_figures
+
+from conftest import Daemon
+
+#: A client that computes on its pooled device, checks the result against local torch, and
+#: prints which daemon it got (JSON). Environment: N (size).
+COMPUTE_CLIENT = """
+    import json, os, torch, libremote
+    n = int(os.environ.get("N", "64"))
+    torch.manual_seed(0)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    remote = (a.cuda() @ b.cuda()).relu().sum(dim=0).cpu()
+    local = (a @ b).relu().sum(dim=0)
+    info = libremote.server_info()
+    print(json.dumps({"equal": bool(torch.equal(remote, local)), "host": info.get("host"),
+                      "session": info["session"], "address": libremote.client.runtime.current().address,
+                      "devices": torch.cuda.device_count()}), flush=True)
+"""
+
+
+def pool_daemon(etcd_address: str, node: str, *args: str, device: str = "cpu") -> Daemon:
+    return Daemon("--pool", etcd_address, "--node-name", node, *args, device=device)
+
+
+def pool_view(etcd_address: str) -> PoolView:
+    address = pool_address.parse(etcd_address)
+    etcd = Etcd(address)
+    try:
+        return with_figures(etcd, address.pool, read(etcd, address.prefix))
+    finally:
+        etcd.close()
+
+
+def wait_view(etcd_address: str, predicate: Callable[[PoolView], bool], what: str, timeout: float = 60.0) -> PoolView:
+    """Poll the pool's registry until ``predicate`` holds (fail after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    view = None
+    while time.monotonic() < deadline:
+        try:
+            view = pool_view(etcd_address)
+        except EtcdUnavailable:  # (a member being killed: try again)
+            time.sleep(0.1)
+            continue
+        if predicate(view):
+            return view
+        time.sleep(0.1)
+    raise AssertionError(f"the pool never showed {what} within {timeout} s; last: {view}")
+
+
+def registered(*nodes: str) -> Callable[[PoolView], bool]:
+    return lambda view: sorted(d.node for d in view.daemons) == sorted(nodes)
