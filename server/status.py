@@ -19,6 +19,7 @@ from libremote_wire import __version__
 
 from . import admission, auth
 from .admission import FrontDevice, FrontSession, Waiting
+from .host import host_memory_info
 from .policy import PoolConfig
 from .telemetry.collect import Telemetry
 from .workers import WorkerPool
@@ -145,21 +146,3 @@ def _accumulate(total: dict[str, Any], part: dict[str, Any]) -> None:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             previous = total.get(key, 0)
             total[key] = max(previous, value) if key.startswith("peak") else previous + value
-
-
-def host_memory_info() -> tuple[int, int]:
-    """(available, total) bytes of this host's memory (the CPU backend's device)."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        total = 0
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, total
-    except OSError:
-        pass
-    return total, total
-
-

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from ..host import host_memory_info, host_memory_total
+
 #: The accelerator kinds ``--device auto`` looks for, in order (each a ``torch.<kind>`` module).
 _AUTO_KINDS = ("cuda", "xpu", "mps")
 
@@ -73,13 +75,6 @@ def resolve_devices(spec: str) -> list[torch.device]:
     return found
 
 
-def _host_memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
 @dataclass(frozen=True)
 class DeviceFacts:
     """What ``torch.cuda.get_device_properties`` shows on the client."""
@@ -121,7 +116,7 @@ def describe(device: torch.device) -> DeviceFacts:
         return DeviceFacts(
             name=f"libremote CPU backend ({cpu}, {os.cpu_count()} cores)",
             type="cpu",
-            total_memory=_host_memory_bytes(),
+            total_memory=host_memory_total(),
             major=0,
             minor=0,
             multi_processor_count=os.cpu_count() or 1,
@@ -189,12 +184,4 @@ def memory_info(device: torch.device) -> tuple[int, int]:
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         return int(free), int(total)
-    total = _host_memory_bytes()
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, total
-    except OSError:
-        pass
-    return total, total
+    return host_memory_info()
