@@ -66,11 +66,12 @@ def _daemon_module(root: Path) -> str:
     return "libremote_server" if (root / "libremote_server").exists() else "libremote.server"
 
 
-def _wait_for(path: str, process: subprocess.Popen, what: str) -> None:
+def _wait_for(path: str, process: subprocess.Popen, what: str, log: Path) -> None:
     deadline = time.monotonic() + 600
     while not os.path.exists(path):
         if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the measured client stopped before {what}")
+            tail = "\n".join([line for line in log.read_text().splitlines() if not line.startswith("==")][-15:])
+            raise SystemExit(f"the measured client stopped before {what}:\n{tail}")
         time.sleep(0.05)
 
 
@@ -80,15 +81,15 @@ def instructions(root: Path, ops: int, workdir: Path) -> int:
     env.pop("LIBREMOTE_SERVER", None)
     address = _free_address()
     daemon = subprocess.Popen([sys.executable, "-m", _daemon_module(root), "--listen", address, "--device", "cpu",
-                               "--log-level", "WARNING"], cwd=root, env=env,
+                               "--log-level", "WARNING", "--heartbeat-timeout", "3600"], cwd=root, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     gate, out = str(workdir / f"gate-{ops}"), workdir / f"callgrind-{ops}.out"
-    script = workdir / "client.py"
+    script, log = workdir / "client.py", workdir / f"client-{ops}.log"
     script.write_text(CLIENT)
     client = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
                                sys.executable, str(script), str(ops), gate],
                               cwd=root, env=dict(env, LIBREMOTE_SERVER=address, LIBREMOTE_TIMEOUT="300"),
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                              stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
     try:
         line = client.stdout.readline() if client.stdout else ""
         if not line.startswith("READY"):
@@ -96,7 +97,7 @@ def instructions(root: Path, ops: int, workdir: Path) -> int:
         pid = line.split()[1]
         subprocess.run(["callgrind_control", "-i", "on", pid], check=True, capture_output=True)
         open(gate + ".go", "w").close()
-        _wait_for(gate + ".done", client, "its chain of ops ended")
+        _wait_for(gate + ".done", client, "its chain of ops ended", log)
         subprocess.run(["callgrind_control", "-i", "off", pid], check=True, capture_output=True)
         open(gate + ".end", "w").close()
         client.wait(timeout=600)
