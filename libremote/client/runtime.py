@@ -166,6 +166,7 @@ def _pool_servers(settings: Settings, address: str) -> Servers:
 
     avoid: set[str] = set()
     refusals: list[str] = []
+    last = ""
     for _ in range(POOL_REPLACEMENTS + 1):
         try:
             placements = pool.resolve(address, timeout_s=settings.queue_timeout_s, avoid=frozenset(avoid))
@@ -184,14 +185,16 @@ def _pool_servers(settings: Settings, address: str) -> Servers:
             if exc.kind != "reservation":
                 avoid.add(daemon)
             refusals.append(f"{daemon} ({exc.address}) refused: {exc.kind}")
+            last = str(exc)
             log.info("libremote: %s; placing again through %s", exc, address)
         except BaseException:
             pool.release()
             raise
     raise ConnectionFailed(
         f"libremote: the pool at {address} placed this program {POOL_REPLACEMENTS + 1} times and each time a daemon "
-        "refused the placement before the session opened: " + "; ".join(refusals) + ". Its daemons may be draining "
-        "or failing faster than the pool shows it: see `libremote status --pool " + address + "`, or ask its operator")
+        "refused the placement before the session opened: " + "; ".join(refusals) + f". The last refusal: {last} -- "
+        "the pool's daemons may be draining or failing faster than the pool shows it (see `libremote status --pool "
+        + address + "`), or the reservations are made for a tenant the daemons do not authenticate this client as")
 
 
 # ------------------------------------------------------------------------------------------------
