@@ -221,7 +221,7 @@ def test_killing_one_of_the_daemons_a_program_spans_gives_an_error_naming_it(tmp
 #: the daemon of cuda:0 (libremote admin --drain), MODE=lapse deletes the reservation from etcd
 #: (every time with LAPSE_ALWAYS=1). Prints what each resolve gave and the result.
 STALE = """
-    import json, os, subprocess, sys, torch, libremote
+    import json, os, subprocess, sys, time, torch, libremote
     from libremote import pool
     from libremote.client import runtime
     from libremote_wire.pool import address as pool_address, records
@@ -247,6 +247,9 @@ STALE = """
     out = {"calls": calls}
     try:
         x = torch.arange(12.0).reshape(3, 4)
+        started = time.monotonic()
+        libremote.client.runtime.current()  # (placement, the refusal, placement again, the session)
+        out["connect_s"] = time.monotonic() - started
         out["equal"] = torch.equal((x.cuda() @ x.T.cuda()).cpu(), x @ x.T)
         out["address"] = runtime.current().address
     except libremote.ConnectionFailed as exc:
@@ -267,6 +270,7 @@ def test_a_daemon_that_turns_a_placement_away_as_stale_gets_the_client_placed_ag
             out = last_json(done.stdout)
             assert done.returncode == 0 and out.get("equal"), (out, done.stderr[-3000:])
             assert len(out["calls"]) == 2 and out["calls"][1]["avoid"] == [], out
+            print(f"lapsed reservation: placed again and connected in {out['connect_s']:.2f} s")
             # Every placement lapses: bounded retries, then an error saying what happened each time.
             done = run_python(STALE, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=address, MODE="lapse", LAPSE_ALWAYS="1")
             out = last_json(done.stdout)
@@ -279,6 +283,8 @@ def test_a_daemon_that_turns_a_placement_away_as_stale_gets_the_client_placed_ag
             first, second = out["calls"]
             assert second["avoid"] == first["daemons"] and second["daemons"] != first["daemons"], out
             assert out["address"] != {f"n1:{n1.port}": n1.address, f"n2:{n2.port}": n2.address}[first["daemons"][0]]
+            print(f"daemon drained before the HELLO: placed again and connected in {out['connect_s']:.2f} s "
+                  "(including the `libremote admin --drain` subprocess)")
             wait_view(address, lambda v: not v.reservations, "no reservation left", timeout=15)
         finally:
             n1.stop()
