@@ -289,3 +289,67 @@ def test_a_daemon_that_turns_a_placement_away_as_stale_gets_the_client_placed_ag
         finally:
             n1.stop()
             n2.stop()
+
+
+#: Uses every device it was given, moving one tensor through all of them (daemon to daemon where
+#: they differ), and says which daemon holds each cuda:N.
+ALL_DEVICES = """
+    import json, torch, libremote
+    from libremote.client import runtime
+    count = torch.cuda.device_count()
+    torch.manual_seed(0)
+    host = torch.randn(32, 32)
+    x, expected = host.to("cuda:0"), host
+    for index in range(count):
+        x = (x.to(f"cuda:{index}") @ x.to(f"cuda:{index}").T).tanh()
+        expected = (expected @ expected.T).tanh()
+    print(json.dumps({"count": count, "equal": torch.equal(x.cpu(), expected),
+                      "addresses": [runtime.session_for(i).address for i in range(count)],
+                      "sessions": len(runtime.sessions())}))
+"""
+
+
+def test_binpack_keeps_three_devices_on_as_few_daemons_as_fit_and_spread_takes_one_per_daemon(tmp_path):
+    with EtcdCluster(tmp_path) as etcd:
+        address = etcd.address("three")
+        n1 = pool_daemon(address, "n1", device="cpu,cpu")
+        n2, n3 = pool_daemon(address, "n2"), pool_daemon(address, "n3")
+        try:
+            wait_view(address, registered("n1", "n2", "n3"), "three daemons")
+            # binpack: n1's two devices (one daemon for as many as it can), then one of the others.
+            done = run_python(ALL_DEVICES, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=address, LIBREMOTE_DEVICES="3")
+            out = last_json(done.stdout)
+            assert done.returncode == 0 and out["equal"] and out["count"] == 3, (out, done.stderr[-3000:])
+            assert out["sessions"] == 2 and out["addresses"][:2] == [n1.address, n1.address], out
+            assert out["addresses"][2] in (n2.address, n3.address), out
+            # binpack with two devices: n1 alone (no cross-server copies).
+            done = run_python(ALL_DEVICES, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=address, LIBREMOTE_DEVICES="2")
+            out = last_json(done.stdout)
+            assert done.returncode == 0 and out["equal"] and out["addresses"] == [n1.address] * 2, out
+            # spread: one device on each daemon.
+            done = run_python(ALL_DEVICES, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=address, LIBREMOTE_DEVICES="3",
+                              LIBREMOTE_PLACEMENT="spread")
+            out = last_json(done.stdout)
+            assert done.returncode == 0 and out["equal"] and out["sessions"] == 3, (out, done.stderr[-3000:])
+            assert sorted(out["addresses"]) == sorted([n1.address, n2.address, n3.address]), out
+            # A HELLO whose pinned devices are not the ones its reservation holds is refused.
+            done = run_python("""
+                import json, os, libremote
+                from libremote import pool
+                from libremote.client.session import ClientSession
+                from libremote.config import Settings
+                placement, = pool.resolve(os.environ["POOL"], pool.Request(node="n1"))
+                try:
+                    ClientSession(Settings.from_env(), placement.address, libremote.__version__, devices=1,
+                                  device_indices=[1 - placement.device], reservation=placement.reservation)
+                    print(json.dumps({"refused": None}))
+                except libremote.ConnectionFailed as exc:
+                    print(json.dumps({"refused": str(exc), "kind": exc.kind}))
+                pool.release()
+            """, timeout=CLIENT_TIMEOUT_S, POOL=address)
+            out = last_json(done.stdout)
+            assert out["refused"] and "asks for devices" in out["refused"] and out["kind"] == "policy", out
+            wait_view(address, lambda v: not v.reservations, "no reservation left", timeout=15)
+        finally:
+            for daemon in (n1, n2, n3):
+                daemon.stop()
