@@ -22,6 +22,18 @@ class ConnectionFailed(LibremoteError):
     """The daemon could not be reached, refused the client, or went away."""
 
 
+class Refused(ConnectionFailed):
+    """A daemon refused the client's HELLO. ``kind`` is the daemon's word for why (REFUSED's
+    ``kind``: ``draining``, ``unhealthy``, ``reservation``, ...; empty from an older daemon), so
+    that the pool's resolver can tell a placement gone stale (place again, elsewhere) from a
+    refusal that placing again cannot cure; ``address`` is the daemon's."""
+
+    def __init__(self, message: str, *, address: str = "", kind: str = "") -> None:
+        super().__init__(message)
+        self.address = address
+        self.kind = kind
+
+
 class CaptureError(LibremoteError):
     """Something in a step given to ``libremote.capture_step`` cannot be replayed by the daemon."""
 

@@ -8,10 +8,11 @@ code (libremote_wire/pool: placement, the reservation transaction, the pool-wide
 returns where to connect; the session then opens over the ordinary ``tcp://`` path, giving the
 daemon the reservation's token in HELLO.
 
-The interface for aggregation across servers: :func:`resolve` returns one :class:`Placement`
-per requested device (its daemon's ``tcp://`` address and the device's index there). For now
-all of them are on one daemon; a request that no single daemon can hold waits, and its error
-says so.
+:func:`resolve` returns one :class:`Placement` per requested device, in the program's ``cuda``
+order: its daemon's ``tcp://`` address, the device's index there, and that daemon's reservation.
+A request no single daemon can hold (or any request of several devices under spread) spans
+daemons, one reservation per daemon written in one transaction; the client then opens one
+session per daemon (libremote/client/servers.py :func:`open_placements`).
 
 The process holds one etcd lease while it lives (its reservations live under it);
 :func:`release` gives them back (libremote.disconnect() calls it).
@@ -76,9 +77,12 @@ def request_from_env() -> Request:
                    exclusive=(env("LIBREMOTE_EXCLUSIVE") or "").lower() in ("1", "true", "yes", "on"))
 
 
-def resolve(address: str, request: Request | None = None, *, timeout_s: float | None = None) -> list[Placement]:
+def resolve(address: str, request: Request | None = None, *, timeout_s: float | None = None,
+            avoid: frozenset[str] = frozenset()) -> list[Placement]:
     """Place ``request`` (default: from the environment) in the pool at ``address``, waiting in
-    the pool-wide queue up to ``timeout_s`` (default LIBREMOTE_QUEUE_TIMEOUT, 300 s). Raises
+    the pool-wide queue up to ``timeout_s`` (default LIBREMOTE_QUEUE_TIMEOUT, 300 s). ``avoid``:
+    daemon ids (``Placement.daemon``) not to place on, because they refused this client's last
+    placement (draining, a device gone unhealthy) before the pool showed it. Raises
     :class:`PlacementError` (what was asked, what the pool has) or ValueError (a bad address
     or variable)."""
     pool = pool_address.parse(address)
@@ -92,14 +96,17 @@ def resolve(address: str, request: Request | None = None, *, timeout_s: float | 
             placer = _placers[str(pool)] = Placer(Etcd(pool, pool_address.Credentials.from_env()),
                                                   host=socket.gethostname(), pid=os.getpid())
     try:
-        placed = placer.place(request, timeout_s)
+        placed = placer.place(request, timeout_s, avoid)
     except EtcdUnavailable as exc:
         raise PlacementError(f"libremote: cannot reach the pool's etcd ({exc}); check LIBREMOTE_SERVER={address} "
                              "and that etcd runs there") from None
-    daemon = placed.choice.daemon
-    models = {device.index: device.model for device in daemon.devices}
-    return [Placement(address=daemon.address, device=index, reservation=placed.token, daemon=daemon.id,
-                      node=daemon.node, model=models.get(index, "")) for index in placed.choice.devices]
+    placements = []
+    for position, index in placed.span.order:
+        daemon = placed.span.choices[position].daemon
+        models = {device.index: device.model for device in daemon.devices}
+        placements.append(Placement(address=daemon.address, device=index, reservation=placed.tokens[position],
+                                    daemon=daemon.id, node=daemon.node, model=models.get(index, "")))
+    return placements
 
 
 def release() -> None:

@@ -293,13 +293,15 @@ class Front:
         self._outbox.send(identity, [codec.packb(header)])
 
     def _refuse(self, identity: bytes, reason: str, *, tenant: str | None = None, why: str = "other",
-                request: str = "") -> None:
+                request: str = "", kind: str | None = None) -> None:
         """Refuse a client (REFUSED says why); ``why`` is the reason's kind for the metrics
-        (telemetry/metrics.py REFUSAL_REASONS)."""
+        (telemetry/metrics.py REFUSAL_REASONS), and REFUSED's ``kind`` unless ``kind`` is finer
+        (``reservation``: a client placed through the pool tells a stale placement, which it
+        places again, from a refusal that placing again cannot cure)."""
         self._counters.refused(tenant, why)
         log.warning("refused %s: %s", identity.hex()[:12], reason,
                     extra={"event": "refusal", "reason": why, "tenant": tenant, "request": request or None})
-        self._send(identity, [Msg.REFUSED, reason])
+        self._send(identity, [Msg.REFUSED, reason, kind or why])
 
     @property
     def _counters(self) -> Any:
@@ -391,9 +393,17 @@ class Front:
                 reservation = future.result()
             except Exception as exc:  # ClaimRefused, EtcdUnavailable
                 self._refuse(identity, f"the pool's reservation does not hold: {exc}", tenant=waiter.tenant.name,
-                             why="policy", request=waiter.request)
+                             why="policy", request=waiter.request, kind="reservation")
                 continue
             if waiter.identity in self.sessions:
+                continue
+            asked = waiter.info.get("device_indices")
+            if asked is not None and list(asked) != list(reservation.devices):
+                # (A client pins the devices its placement named: a mismatch is a client bug or a
+                # token used for other devices; serve only what the pool reserved here.)
+                self._refuse(identity, f"this HELLO asks for devices {list(asked)} but reservation {reservation.rid} "
+                                       f"holds {list(reservation.devices)} here; connect through the pool address again",
+                             tenant=waiter.tenant.name, why="policy", request=waiter.request)
                 continue
             waiter.pinned = tuple(reservation.devices)
             waiter.device_count = len(reservation.devices)

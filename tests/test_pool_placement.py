@@ -7,7 +7,16 @@ from __future__ import annotations
 import pytest
 
 from libremote_wire.pool import queue
-from libremote_wire.pool.placement import Load, Request, choose, explain, loads, parse_size, quota_refusal
+from libremote_wire.pool.placement import (
+    Load,
+    Request,
+    choose,
+    choose_span,
+    explain,
+    loads,
+    parse_size,
+    quota_refusal,
+)
 from libremote_wire.pool.records import DaemonRecord, DeviceRecord, Quota, Reservation, Waiter
 
 GiB = 1 << 30
@@ -49,13 +58,39 @@ def test_pins_by_model_and_node_and_memory_defaults_to_the_daemons_quota():
     assert choose(pool, {}, Request(model="MI300")) is None
 
 
-def test_several_devices_come_from_one_daemon_and_the_error_says_so():
+def test_several_devices_come_from_one_daemon_when_one_can_hold_them_else_from_the_fewest():
     pool = [daemon("a", devices=2), daemon("b", devices=4)]
     assert choose(pool, {}, Request(devices=3, memory=GiB)).daemon.node == "b"
+    span = choose_span(pool, {}, Request(devices=3, memory=GiB))
+    assert [(c.daemon.node, c.devices) for c in span.choices] == [("b", (0, 1, 2))]  # (binpack: one daemon)
     load = held(("b", 0, 16), ("b", 1, 16))
     assert choose(pool, load, Request(devices=3, memory=GiB)) is None
-    why = explain(pool, load, Request(devices=3, memory=GiB))
-    assert "placed on one daemon" in why and "the most any daemon can give now is 2" in why, why
+    # No daemon has 3 now: the fewest daemons, those with the most fitting devices first (a tie
+    # of 2 and 2 here: the fuller daemon first).
+    span = choose_span(pool, load, Request(devices=3, memory=GiB))
+    assert [(c.daemon.node, c.devices) for c in span.choices] == [("b", (2, 3)), ("a", (0,))]
+    assert span.order == ((0, 2), (0, 3), (1, 0)) and span.memory_total == 3 * GiB
+    load = held(("b", 0, 16), ("b", 1, 16), ("b", 2, 16))
+    span = choose_span(pool, load, Request(devices=3, memory=GiB))
+    assert [(c.daemon.node, c.devices) for c in span.choices] == [("a", (0, 1)), ("b", (3,))]
+    assert choose_span(pool, load, Request(devices=4, memory=GiB)) is None
+    why = explain(pool, load, Request(devices=4, memory=GiB))
+    assert "may span daemons; the pool can give 3 now (at most 2 on one daemon)" in why, why
+    # Avoided daemons (they just refused this client) are left out.
+    span = choose_span(pool, {}, Request(devices=2, memory=GiB), avoid=frozenset({"b:1"}))
+    assert [c.daemon.node for c in span.choices] == ["a"]
+
+
+def test_spread_takes_several_devices_one_per_daemon_emptiest_first():
+    pool = [daemon("a", devices=2), daemon("b", devices=2), daemon("c", devices=2)]
+    load = held(("c", 0, 8))
+    span = choose_span(pool, load, Request(devices=4, memory=GiB, policy="spread"))
+    nodes = [span.choices[position].daemon.node for position, _ in span.order]
+    assert sorted(nodes[:3]) == ["a", "b", "c"] and nodes[2] == "c" and nodes[3] != "c", nodes
+    assert sum(len(c.devices) for c in span.choices) == 4 and len(span.choices) == 3
+    # On one daemon, spread keeps its old choice (the least-placed devices).
+    single = choose_span([daemon("a", devices=4)], held(("a", 0, 8)), Request(devices=2, memory=GiB, policy="spread"))
+    assert [(c.daemon.node, c.devices) for c in single.choices] == [("a", (1, 2))]
 
 
 def test_sessions_per_device_unhealthy_draining_and_exclusive_devices():

@@ -33,7 +33,7 @@ from libremote_wire import codec, curve_keys, messages, torch_codec
 from libremote_wire.messages import ErrorKind, Msg
 from libremote_wire.zmq_events import readable
 
-from ..errors import ConnectionFailed
+from ..errors import ConnectionFailed, Refused
 
 _POLL_SLICE_MS = 100
 #: How long a closing connection may take to send what is queued (its BYE) before it goes.
@@ -138,7 +138,8 @@ class Connection:
             header = self._wait_in_queue(header[1], queue_timeout_s)
         if header[0] == Msg.REFUSED:
             self.close()
-            raise ConnectionFailed(f"libremote: the daemon at {self.address} refused this client: {header[1]}")
+            raise Refused(f"libremote: the daemon at {self.address} refused this client: {header[1]}",
+                          address=self.address, kind=str(header[2]) if len(header) > 2 and header[2] else "")
         if header[0] != Msg.WELCOME:
             self.close()
             raise ConnectionFailed(f"libremote: {self.address} answered the handshake with message kind {header[0]}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import logging
 import os
 import sys
 import threading
@@ -21,10 +22,12 @@ import torch
 from libremote_wire import __version__
 
 from ..config import Settings, server_entries
-from ..errors import ConnectionFailed, NotConfiguredError
+from ..errors import ConnectionFailed, NotConfiguredError, Refused
 from . import device_guard
-from .servers import Servers, open_servers
+from .servers import Servers, open_placements, open_servers
 from .session import ClientSession
+
+log = logging.getLogger("libremote")
 
 #: The program's sessions, and the current device's session (the one ``current()`` returns at once).
 _servers: Servers | None = None
@@ -140,23 +143,58 @@ def _new_servers(address: str | None) -> Servers:
     return open_servers(settings, entries, __version__)
 
 
+#: How many times a client placed through the pool is placed again when a daemon turns its
+#: placement away as stale (REFUSED kinds below) before the error reaches the program.
+POOL_REPLACEMENTS = 3
+#: Refusals that placing again can cure: the daemon started draining, or a reserved device went
+#: unhealthy, between the pool's decision and the HELLO (the pool learns within a loop turn of
+#: the daemon's, a client can be quicker); or the reservation no longer holds (its lease lapsed).
+STALE_PLACEMENT = ("draining", "unhealthy", "reservation")
+
+
 def _pool_servers(settings: Settings, address: str) -> Servers:
-    """A session on the daemon the pool at ``address`` (etcd://) places this client on
-    (libremote/pool.py, imported only here: a tcp:// client never loads it). The pool places all
-    of a program's devices on one daemon today (its reservation covers them)."""
+    """Sessions on the daemons the pool at ``address`` (etcd://) places this client on: one per
+    daemon, each with its own reservation (libremote/pool.py, imported only here: a tcp:// client
+    never loads it; :func:`.servers.open_placements`).
+
+    The draining race: the pool decides on what etcd showed a moment ago, so a daemon may refuse
+    the HELLO because it began draining, a reserved device went unhealthy, or the reservation
+    lapsed. Such a refusal is not the program's business: the placement is given back and made
+    again, avoiding the daemons that refused for draining or health, at most
+    :data:`POOL_REPLACEMENTS` times; then the error says each refusal."""
     from .. import pool
 
-    try:
-        placements = pool.resolve(address, timeout_s=settings.queue_timeout_s)
-    except (pool.PlacementError, ValueError) as exc:
-        message = str(exc) if str(exc).startswith("libremote:") else f"libremote: {exc}"
-        raise ConnectionFailed(message) from None
-    try:
-        session = ClientSession(settings, placements[0].address, __version__, reservation=placements[0].reservation)
-        return Servers([session], [session] * len(session.devices))
-    except BaseException:
-        pool.release()
-        raise
+    avoid: set[str] = set()
+    refusals: list[str] = []
+    last = ""
+    for _ in range(POOL_REPLACEMENTS + 1):
+        try:
+            placements = pool.resolve(address, timeout_s=settings.queue_timeout_s, avoid=frozenset(avoid))
+        except (pool.PlacementError, ValueError) as exc:
+            message = str(exc) if str(exc).startswith("libremote:") else f"libremote: {exc}"
+            if refusals:
+                message += " (placed again after: " + "; ".join(refusals) + ")"
+            raise ConnectionFailed(message) from None
+        try:
+            return open_placements(settings, placements, __version__)
+        except Refused as exc:
+            pool.release()  # (every reservation of this placement: the next one is made afresh)
+            if exc.kind not in STALE_PLACEMENT:
+                raise
+            daemon = next((p.daemon for p in placements if p.address == exc.address), exc.address)
+            if exc.kind != "reservation":
+                avoid.add(daemon)
+            refusals.append(f"{daemon} ({exc.address}) refused: {exc.kind}")
+            last = str(exc)
+            log.info("libremote: %s; placing again through %s", exc, address)
+        except BaseException:
+            pool.release()
+            raise
+    raise ConnectionFailed(
+        f"libremote: the pool at {address} placed this program {POOL_REPLACEMENTS + 1} times and each time a daemon "
+        "refused the placement before the session opened: " + "; ".join(refusals) + f". The last refusal: {last} -- "
+        "the pool's daemons may be draining or failing faster than the pool shows it (see `libremote status --pool "
+        + address + "`), or the reservations are made for a tenant the daemons do not authenticate this client as")
 
 
 # ------------------------------------------------------------------------------------------------

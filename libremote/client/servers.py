@@ -25,10 +25,11 @@ What follows from it, as on local CUDA:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from ..config import Settings
-from ..errors import ConnectionFailed, NotConfiguredError
+from ..errors import ConnectionFailed, NotConfiguredError, Refused
 from .session import ClientSession
 
 
@@ -93,19 +94,48 @@ def open_servers(settings: Settings, entries: list[str], libremote_version: str)
         if None in pinned and any(pin is not None for pin in pinned):
             raise NotConfiguredError(f"libremote: LIBREMOTE_SERVER pins some devices of {address} (#N) and not others; "
                                      "pin all its entries or none")
+    return _open_sessions(settings, wanted, pins, {}, libremote_version, "LIBREMOTE_SERVER")
+
+
+def open_placements(settings: Settings, placements: Sequence[Any], libremote_version: str) -> Servers:
+    """One session per daemon of a pool's placements (libremote/pool.py ``resolve``: one per
+    device, in ``cuda`` order), each HELLO giving that daemon's own reservation and pinning
+    exactly the devices it reserves there (the daemon checks both against etcd). A program on
+    one daemon gets one session, as before; spanning daemons, it is :func:`open_servers`' case
+    of pinned entries. A refusal keeps its type and kind (:class:`~..errors.Refused`): the
+    resolver places again when a daemon turned away a placement gone stale."""
+    wanted: dict[str, list[int]] = {}
+    pins: dict[str, list[int | None]] = {}
+    reservations: dict[str, str] = {}
+    for index, placement in enumerate(placements):
+        wanted.setdefault(placement.address, []).append(index)
+        pins.setdefault(placement.address, []).append(placement.device)
+        reservations[placement.address] = placement.reservation
+    return _open_sessions(settings, wanted, pins, reservations, libremote_version, "the pool's placement")
+
+
+def _open_sessions(settings: Settings, wanted: dict[str, list[int]], pins: dict[str, list[int | None]],
+                   reservations: dict[str, str], libremote_version: str, where: str) -> Servers:
     sessions: list[ClientSession] = []
-    by_device: list[Any] = [None] * len(entries)
+    by_device: list[Any] = [None] * sum(len(indices) for indices in wanted.values())
+    address = ""
     try:
         for address, indices in wanted.items():
             pinned = pins[address]
             session = ClientSession(settings, address, libremote_version, devices=len(indices), global_devices=indices,
-                                    device_indices=None if pinned[0] is None else pinned)
+                                    device_indices=None if pinned[0] is None else [int(p or 0) for p in pinned],
+                                    reservation=reservations.get(address))
             sessions.append(session)
             for index in indices:
                 by_device[index] = session
     except ConnectionFailed as exc:
         for session in sessions:
             session.close()
-        raise ConnectionFailed(f"{exc} (opening device(s) of {address}, one of the {len(wanted)} daemons in "
-                               "LIBREMOTE_SERVER; the sessions already opened were closed)") from None
+        if len(wanted) == 1 and where != "LIBREMOTE_SERVER":
+            raise  # (one daemon: its own words say it all)
+        message = (f"{exc} (opening device(s) of {address}, one of the {len(wanted)} daemons in {where}; the "
+                   "sessions already opened were closed)")
+        if isinstance(exc, Refused):
+            raise Refused(message, address=exc.address, kind=exc.kind) from None
+        raise ConnectionFailed(message) from None
     return Servers(sessions, by_device)

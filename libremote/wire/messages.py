@@ -310,7 +310,10 @@ MESSAGES: dict[Msg, Message] = {m.kind: m for m in (  # type: ignore[misc]
     Message(Msg.WELCOME, "front", "The session is open; the client connects to its worker.",
             (Field("info", WELCOME_INFO, "the session"),)),
     Message(Msg.REFUSED, "front, worker", "The daemon will not serve this client, and says why.",
-            (Field("reason", str, "what happened and what to do", 4096),)),
+            (Field("reason", str, "what happened and what to do", 4096),
+             Field("kind", str, "why, as a word a client can act on: draining, unhealthy and reservation (the pool's "
+                   "reservation does not hold here) mean a client placed through the pool may be placed again "
+                   "elsewhere; also protocol, policy, quota, queue_full, other", 32, optional=True))),
     Message(Msg.QUEUED, "front", "The pool is full: HELLO waits in line; WELCOME or REFUSED follows.",
             (Field("info", QUEUED_INFO, "its place"),)),
     Message(Msg.BATCH, "client", "A run of commands for the worker, executed in order.", (

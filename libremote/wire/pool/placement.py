@@ -6,8 +6,11 @@ Pins (``LIBREMOTE_MODEL``, ``LIBREMOTE_NODE``) filter before either. Capacity is
 reservations have committed (each holds ``memory`` per device), not the daemons' last reported
 free memory: reservations change in the same transaction that checks them, reports lag by seconds.
 
-A request for N devices is placed on one daemon for now (aggregation across servers comes later):
-:func:`explain` says so when no single daemon has N.
+A request for N devices (:func:`choose_span`) is placed on one daemon when one can hold all N
+under binpack: a program's devices on one daemon copy between each other inside it, and devices on
+several daemons copy daemon to daemon over the network. When no single daemon can, or under
+spread, the N devices come from several daemons (one reservation per daemon, written in one
+transaction: reserve.py), and the program's ``cuda:0..N-1`` are the devices in placement order.
 """
 
 from __future__ import annotations
@@ -187,17 +190,115 @@ def choose(daemons: Sequence[DaemonRecord], load: Mapping[tuple[str, int], Load]
     return None
 
 
-def quota_refusal(usage: Load, quota: Quota | None, request: Request, memory_each: int) -> str | None:
+@dataclass(frozen=True)
+class Span:
+    """Where a request's devices go: one :class:`Choice` per daemon (each its own reservation)
+    and, per requested device in the program's ``cuda`` order, (which choice, device index)."""
+
+    choices: tuple[Choice, ...]
+    order: tuple[tuple[int, int], ...]
+
+    @property
+    def memory_total(self) -> int:
+        return sum(choice.memory * len(choice.devices) for choice in self.choices)
+
+
+def _ranked_devices(daemon: DaemonRecord, load: Mapping[tuple[str, int], Load], request: Request
+                    ) -> tuple[float, list[DeviceRecord]]:
+    """The devices of ``daemon`` that can take one device of ``request``, best first by its
+    policy (as :func:`_pick` ranks them), and the daemon's room (fraction of its memory free)."""
+    spread = request.policy == "spread"
+    empty = Load()
+    fitting: list[tuple[float, int, int, DeviceRecord]] = []
+    room_sum = total = 0
+    for device in daemon.devices:
+        held = load.get((daemon.id, device.index), empty)
+        room = device.memory_total - held.memory
+        room_sum += room
+        total += device.memory_total
+        if device_fits(daemon, device, held, request):
+            fitting.append((-room if spread else room, held.sessions, device.index, device))
+    fitting.sort(key=(lambda e: (e[1], e[0], e[2])) if spread else (lambda e: e[:3]))
+    return room_sum / (total or 1), [entry[3] for entry in fitting]
+
+
+def choose_span(daemons: Sequence[DaemonRecord], load: Mapping[tuple[str, int], Load], request: Request,
+                summaries: Mapping[str, Summary] | None = None, ties: random.Random | None = None,
+                avoid: frozenset[str] = frozenset()) -> Span | None:
+    """Where ``request``'s devices go, over one daemon or several; None when they do not fit now.
+    ``avoid``: daemon ids not to use (they refused this client's placement a moment ago).
+
+    The rule (docs/POOL.md "Several daemons"):
+
+    - binpack: one daemon when any can hold all N (:func:`choose`, as before: the tightest);
+      otherwise the fewest daemons: those with the most devices that fit first (ties: the fuller
+      daemon), and on each its tightest devices. Fewer daemons mean fewer cross-server copies.
+    - spread (N > 1): the N devices one per daemon, round after round, the emptiest daemon first
+      and on each its least-placed device: load is balanced over servers, not only devices.
+
+    The program's ``cuda:0..N-1`` follow the order chosen (``Span.order``)."""
+    if avoid:
+        daemons = [daemon for daemon in daemons if daemon.id not in avoid]
+    spread = request.policy == "spread"
+    if request.devices == 1 or not spread:
+        single = choose(daemons, load, request, summaries, ties)
+        if single is not None:
+            return Span((single,), tuple((0, index) for index in single.devices))
+        if request.devices == 1:
+            return None
+    ranked: list[tuple[tuple[float, float, float], DaemonRecord, list[DeviceRecord]]] = []
+    for daemon in daemons:
+        if not daemon_allowed(daemon, request):
+            continue
+        fraction, fitting = _ranked_devices(daemon, load, request)
+        if fitting:
+            tie = ties.random() if ties else 0.0
+            ranked.append(((-fraction, 0.0, tie) if spread else (-len(fitting), fraction, tie), daemon, fitting))
+    if sum(len(fitting) for _, _, fitting in ranked) < request.devices:
+        return None
+    ranked.sort(key=lambda entry: entry[0])
+    picks: list[tuple[DaemonRecord, DeviceRecord]] = []
+    if spread:
+        depth = 0
+        while len(picks) < request.devices:
+            for _, daemon, fitting in ranked:
+                if depth < len(fitting) and len(picks) < request.devices:
+                    picks.append((daemon, fitting[depth]))
+            depth += 1
+    else:
+        for _, daemon, fitting in ranked:
+            picks.extend((daemon, device) for device in fitting[:request.devices - len(picks)])
+            if len(picks) == request.devices:
+                break
+    position: dict[str, int] = {}
+    grouped: list[tuple[DaemonRecord, list[DeviceRecord]]] = []
+    order: list[tuple[int, int]] = []
+    for daemon, device in picks:
+        if daemon.id not in position:
+            position[daemon.id] = len(grouped)
+            grouped.append((daemon, []))
+        grouped[position[daemon.id]][1].append(device)
+        order.append((position[daemon.id], device.index))
+    choices = tuple(Choice(daemon, tuple(d.index for d in devices), memory_for(daemon, devices[0], request))
+                    for daemon, devices in grouped)
+    return Span(choices, tuple(order))
+
+
+def quota_refusal(usage: Load, quota: Quota | None, request: Request, memory_each: int,
+                  memory_total: int | None = None) -> str | None:
     """Why ``request`` would take its tenant over its pool-wide quota (None: it would not).
-    ``usage`` is what the tenant's reservations hold now (memory summed, sessions = devices)."""
+    ``usage`` is what the tenant's reservations hold now (memory summed, sessions = devices);
+    ``memory_total``: what the placement reserves over all its devices, where it differs from
+    ``memory_each`` times the devices (devices of several daemons, each reserving its own)."""
     if quota is None:
         return None
     if quota.devices is not None and usage.sessions + request.devices > quota.devices:
         return (f"tenant {request.tenant!r} holds {usage.sessions} of its {quota.devices} devices across the pool "
                 f"and asks for {request.devices} more")
-    if quota.memory is not None and usage.memory + memory_each * request.devices > quota.memory:
+    asked = memory_each * request.devices if memory_total is None else memory_total
+    if quota.memory is not None and usage.memory + asked > quota.memory:
         return (f"tenant {request.tenant!r} holds {_size(usage.memory)} of its {_size(quota.memory)} pool memory "
-                f"quota and asks for {_size(memory_each * request.devices)} more")
+                f"quota and asks for {_size(asked)} more")
     return None
 
 
@@ -224,8 +325,11 @@ def explain(daemons: Sequence[DaemonRecord], load: Mapping[tuple[str, int], Load
                 for daemon in daemons if daemon_allowed(daemon, request)), default=0)
     note = ""
     if request.devices > 1:
-        note = (f" A request for {request.devices} devices is placed on one daemon (spanning servers is not "
-                f"supported yet); the most any daemon can give now is {most}.")
+        total = sum(sum(1 for device in daemon.devices
+                        if device_fits(daemon, device, load.get((daemon.id, device.index), Load()), request))
+                    for daemon in daemons if daemon_allowed(daemon, request))
+        note = (f" A request for {request.devices} devices may span daemons; the pool can give {total} now "
+                f"(at most {most} on one daemon).")
     return "the pool has: " + " | ".join(lines) + "." + note
 
 

@@ -22,7 +22,8 @@ from .etcd import Etcd, EtcdUnavailable
 from .placement import (
     Choice,
     Request,
-    choose,
+    Span,
+    choose_span,
     explain,
     quota_ever_allows,
     quota_refusal,
@@ -50,15 +51,31 @@ class PlacementError(RuntimeError):
 
 @dataclass(frozen=True)
 class Placed:
-    choice: Choice
-    rid: str
-    secret: str
+    """A placement made: one reservation per daemon of ``span`` (``rids``/``secrets`` by choice)."""
+
+    span: Span
+    rids: tuple[str, ...]
+    secrets: tuple[str, ...]
     waited_s: float
     attempts: int
 
     @property
+    def choice(self) -> Choice:
+        """The first daemon's choice (all of them, for a request on one daemon)."""
+        return self.span.choices[0]
+
+    @property
+    def rid(self) -> str:
+        return self.rids[0]
+
+    @property
     def token(self) -> str:
-        return reserve.claim_token(self.rid, self.secret)
+        return self.tokens[0]
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        """What each daemon of ``span.choices`` is given in HELLO (its own reservation)."""
+        return tuple(reserve.claim_token(rid, secret) for rid, secret in zip(self.rids, self.secrets, strict=True))
 
 
 def _fits_in(view: PoolView, policy: str) -> Callable[[Waiter], bool]:
@@ -119,8 +136,9 @@ class Placer:
             self.lease = 0
 
     # ------------------------------------------------------------------------------------------
-    def place(self, request: Request, timeout_s: float) -> Placed:
-        """Reserve devices for ``request``, waiting in the pool-wide queue up to ``timeout_s``."""
+    def place(self, request: Request, timeout_s: float, avoid: frozenset[str] = frozenset()) -> Placed:
+        """Reserve devices for ``request``, waiting in the pool-wide queue up to ``timeout_s``;
+        ``avoid``: daemon ids not to place on (they just refused this client)."""
         started = time.monotonic()
         deadline = started + timeout_s
         rid = uuid.uuid4().hex[:16]
@@ -139,14 +157,18 @@ class Placer:
                                          "operator for a larger quota (libremote admin --pool ... --tenant-quota)")
                 if queue_key is not None and my_revision is None:
                     my_revision = next((w.revision for w in view.waiters if w.rid == rid), None)
-                choice = self.fitting(view, request)
+                span = self.fitting(view, request, avoid)
                 ahead = queue.ahead_of(view.ordered_waiters(), rid, request.priority, my_revision)
-                if choice is not None and queue.may_go(ahead, _fits_in(view, request.policy)):
+                if span is not None and queue.may_go(ahead, _fits_in(view, request.policy)):
                     attempts += 1
-                    if reserve.reserve(self.etcd, self.prefix, view, choice, request, lease=lease, rid=rid,
-                                       secret=secret, host=self.host, pid=self.pid, created=time.time(),
-                                       queue_key=queue_key):
-                        return Placed(choice, rid, secret, time.monotonic() - started, attempts)
+                    # (One reservation per daemon: the first is the queue's rid; the others get
+                    # their own rid and secret, so no daemon can claim another's.)
+                    rids = tuple(rid if k == 0 else f"{rid}-{k}" for k in range(len(span.choices)))
+                    secrets_ = (secret, *(secrets.token_hex(16) for _ in span.choices[1:]))
+                    if reserve.reserve_span(self.etcd, self.prefix, view, span.choices, request, lease=lease,
+                                            rids=rids, secrets=secrets_, host=self.host, pid=self.pid,
+                                            created=time.time(), queue_key=queue_key):
+                        return Placed(span, rids, secrets_, time.monotonic() - started, attempts)
                     races += 1
                     if races < MAX_RACES:
                         self.reader.wait_newer(view.revision, 1.0)
@@ -172,13 +194,14 @@ class Placer:
             raise
 
     @staticmethod
-    def fitting(view: PoolView, request: Request) -> Choice | None:
-        choice = choose(view.daemons, view.load(), request, view.live_summaries, _TIES)
-        if choice is None:
+    def fitting(view: PoolView, request: Request, avoid: frozenset[str] = frozenset()) -> Span | None:
+        span = choose_span(view.daemons, view.load(), request, view.live_summaries, _TIES, avoid)
+        if span is None:
             return None
-        if quota_refusal(view.tenant_usage(request.tenant), view.quotas.get(request.tenant), request, choice.memory):
+        if quota_refusal(view.tenant_usage(request.tenant), view.quotas.get(request.tenant), request,
+                         span.choices[0].memory, span.memory_total):
             return None
-        return choice
+        return span
 
     @staticmethod
     def _timeout_message(view: PoolView, request: Request, timeout_s: float, rid: str) -> str:

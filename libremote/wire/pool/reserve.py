@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Sequence
 
 from . import records
 from .etcd import (
@@ -48,23 +49,36 @@ def reserve(etcd: Etcd, prefix: str, view: PoolView, choice: Choice, request: Re
     """Write the reservation of ``choice`` for ``request`` if the pool has not changed under it
     since ``view`` was read; whether it was written. ``queue_key``: the client's place in the
     queue, deleted in the same transaction."""
-    reservation = Reservation(rid=rid, daemon=choice.daemon.id, devices=choice.devices, memory=choice.memory,
-                              tenant=request.tenant, priority=request.priority,
-                              exclusive=any(d.sharing == "exclusive" for d in choice.daemon.devices
-                                            if d.index in choice.devices),
-                              secret_sha256=secret_hash(secret), host=host, pid=pid, created=created)
-    value = records.dumps(reservation)
-    compare = [compare_present(records.daemon_key(prefix, choice.daemon.id)),
-               compare_mod_below(records.tenant_reservations(prefix, request.tenant), view.revision)]
-    compare += [compare_mod_below(records.device_reservations(prefix, choice.daemon.id, index), view.revision)
-                for index in choice.devices]
-    compare += [compare_mod_below(f"{prefix}sharing/{choice.daemon.id}/", view.revision)]
+    return reserve_span(etcd, prefix, view, [choice], request, lease=lease, rids=[rid], secrets=[secret], host=host,
+                        pid=pid, created=created, queue_key=queue_key)
+
+
+def reserve_span(etcd: Etcd, prefix: str, view: PoolView, choices: Sequence[Choice], request: Request, *,
+                 lease: int, rids: Sequence[str], secrets: Sequence[str], host: str = "", pid: int = 0,
+                 created: float = 0.0, queue_key: str | None = None) -> bool:
+    """Write one reservation per daemon of ``choices`` (a program spanning daemons), all in one
+    transaction or none: each daemon claims only its own (its own rid and secret), and the
+    tenant's quota is checked against all of them at once, as for one reservation. The compares
+    are the union of each choice's, so a change under any chosen device fails the whole."""
+    compare = [compare_mod_below(records.tenant_reservations(prefix, request.tenant), view.revision)]
+    success = []
+    for choice, rid, secret in zip(choices, rids, secrets, strict=True):
+        reservation = Reservation(rid=rid, daemon=choice.daemon.id, devices=choice.devices, memory=choice.memory,
+                                  tenant=request.tenant, priority=request.priority,
+                                  exclusive=any(d.sharing == "exclusive" for d in choice.daemon.devices
+                                                if d.index in choice.devices),
+                                  secret_sha256=secret_hash(secret), host=host, pid=pid, created=created)
+        value = records.dumps(reservation)
+        compare.append(compare_present(records.daemon_key(prefix, choice.daemon.id)))
+        compare += [compare_mod_below(records.device_reservations(prefix, choice.daemon.id, index), view.revision)
+                    for index in choice.devices]
+        compare.append(compare_mod_below(f"{prefix}sharing/{choice.daemon.id}/", view.revision))
+        success += [put_op(records.reservation_key(prefix, choice.daemon.id, index, rid), value, lease)
+                    for index in choice.devices]
+        success.append(put_op(records.tenant_key(prefix, request.tenant, rid), value, lease))
     quota_revision = view.quota_revisions.get(request.tenant)
     compare.append(compare_mod_equal(records.quota_key(prefix, request.tenant), quota_revision) if quota_revision
                    else compare_absent(records.quota_key(prefix, request.tenant)))
-    success = [put_op(records.reservation_key(prefix, choice.daemon.id, index, rid), value, lease)
-               for index in choice.devices]
-    success.append(put_op(records.tenant_key(prefix, request.tenant, rid), value, lease))
     if queue_key:
         success.append(delete_op(queue_key))
     succeeded, _ = etcd.txn(compare, success)
