@@ -107,6 +107,9 @@ class StepTracker:
     def observe(self, command: list[Any]) -> bool:
         """Normalise one command of the step; return False if it diverged from every template
         it was matching (the caller sends what it held back)."""
+        if not self.matching and len(self.keys) >= MAX_TEMPLATE_COMMANDS:
+            self.valid = False  # too long to template: stop looking (a program that never syncs)
+            return True
         kind = command[0]
         plain_at = _TEMPLATED.get(kind)
         if plain_at is None:
@@ -150,8 +153,10 @@ class StepTracker:
                 self.stats.replayed += 1
                 return [Cmd.RUN_STEP, whole[0].id, self.slots, self.holes], None
             self._fallback("the step ended before the repeated one did")
+        if not self.keys:
+            return None, None  # (two sync points in a row: no step between them)
         self.stats.op_by_op += 1
-        if not self.valid or not self.keys or len(self.keys) > MAX_TEMPLATE_COMMANDS:
+        if not self.valid:
             return None, None
         if all(type(key) is tuple and key[0] is _HOLE for key in self.keys):
             return None, None  # nothing to template

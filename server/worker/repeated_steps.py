@@ -27,7 +27,7 @@ from libremote_wire.messages import Cmd
 #: Commands per template, templates per session, and commands one batch may expand to.
 MAX_COMMANDS = 100_000
 MAX_STEPS_PER_SESSION = 64
-MAX_EXPANDED_PER_BATCH = 400_000
+MAX_EXPANDED_PER_BATCH = 200_000
 
 #: The commands a template holds, and where each keeps its plain handles (outs, FREE's list).
 _TEMPLATED = {Cmd.OP: 4, Cmd.RUN_GRAPH: 3, Cmd.FREE: 1}

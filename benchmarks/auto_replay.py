@@ -1,0 +1,100 @@
+"""Repeated steps replayed without the program asking (``LIBREMOTE_AUTO_REPLAY``), beside op by op.
+
+    python benchmarks/auto_replay.py [--device cpu] [--rounds 5] [--steps 20] [--kinds mlp,gpt]
+
+One daemon; one client process alternates, round after round, between a session with the
+feature off (every op streamed) and one with it on (after 3 alike steps each step is one
+RUN_STEP), in alternating order, and times the same unmodified training loop in each: the
+workloads of benchmarks/workloads.py, each step ending in ``loss.item()`` (the sync point that
+splits the stream into steps). Local eager torch on the host (no libremote) runs in the same
+rounds as the reference. Per mode: steps/s (wall), the client's CPU time per step (the whole
+process: dispatch, encoding, the I/O threads), the bytes the client sent per step, and the
+daemon's host time per step (``session_stats()["busy_s"]``). Each figure is the median of its
+rounds; the ratios come from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.run import _env, _free_address  # noqa: E402
+from benchmarks.workloads import make_step  # noqa: E402
+
+
+def _round(kind: str, device: str, mode: str, warmup: int, steps: int) -> dict[str, float]:
+    import libremote
+    from libremote.client import runtime
+
+    if mode == "local":
+        step = make_step(kind, "cpu")
+    else:
+        os.environ["LIBREMOTE_AUTO_REPLAY"] = "3" if mode == "replay" else "0"
+        libremote.connect(os.environ["BENCH_DAEMON"])
+        step = make_step(kind, "cuda")
+    for _ in range(warmup):
+        float(step().item())
+    session = runtime.current() if mode != "local" else None
+    before = libremote.session_stats() if session is not None else {}
+    sent = session.connection.bytes_sent if session is not None else 0
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(steps):
+        float(step().item())
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    result = {"steps_per_s": steps / wall, "client_cpu_ms": 1e3 * cpu / steps}
+    if session is not None:
+        result["bytes_per_step"] = (session.connection.bytes_sent - sent) / steps
+        after = libremote.session_stats()
+        result["daemon_ms"] = 1e3 * (after["host_s"] - before["host_s"]) / steps
+        result["replayed"] = after.get("auto_replay_steps", 0) - before.get("auto_replay_steps", 0)
+        libremote.disconnect()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=6)
+    parser.add_argument("--kinds", default="mlp,gpt")
+    args = parser.parse_args()
+    address = _free_address()
+    daemon = subprocess.Popen([sys.executable, "-m", "libremote_server", "--listen", address, "--device", args.device,
+                               "--log-level", "WARNING"], cwd=REPO, env=_env())
+    time.sleep(1.5)
+    os.environ["BENCH_DAEMON"] = address
+    try:
+        report = {}
+        for kind in args.kinds.split(","):
+            rounds: dict[str, list[dict[str, float]]] = {"op_by_op": [], "replay": [], "local": []}
+            for index in range(args.rounds):
+                order = ["op_by_op", "replay", "local"] if index % 2 == 0 else ["replay", "op_by_op", "local"]
+                for mode in order:
+                    rounds[mode].append(_round(kind, args.device, mode, args.warmup, args.steps))
+            medians = {mode: {key: statistics.median(r[key] for r in results) for key in results[0]}
+                       for mode, results in rounds.items()}
+            medians["ratios"] = {
+                "replay_over_op_by_op": medians["replay"]["steps_per_s"] / medians["op_by_op"]["steps_per_s"],
+                "replay_over_local": medians["replay"]["steps_per_s"] / medians["local"]["steps_per_s"],
+                "op_by_op_over_local": medians["op_by_op"]["steps_per_s"] / medians["local"]["steps_per_s"],
+                "client_cpu_replay_over_op_by_op": medians["replay"]["client_cpu_ms"] / medians["op_by_op"]["client_cpu_ms"],
+            }
+            report[kind] = medians
+            print(json.dumps({kind: medians}), flush=True)
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=15)
+
+
+if __name__ == "__main__":
+    main()
