@@ -273,12 +273,10 @@ def test_off_by_default(remote: Any, monkeypatch: pytest.MonkeyPatch, daemon: Da
 
 def test_a_template_expands_to_the_commands_it_stands_for() -> None:
     """The client's normalisation and the worker's expansion, through the codec: lossless."""
+    from libremote.client.auto_replay import StepTracker
+    from libremote_server.worker import repeated_steps
     from libremote_wire import codec
     from libremote_wire.messages import Cmd
-
-    from libremote.client.auto_replay import StepTracker
-
-    from libremote_server.worker import repeated_steps
 
     def step(base: int, scale: float) -> list[Any]:
         h = codec.handle_ext

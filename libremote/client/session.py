@@ -283,9 +283,7 @@ class ClientSession:
         run, template = self.steps.finish()
         if run is not None:
             self._commands = [run]  # (the frames stay: the inline commands name them)
-            self._observed = 1
-            if self.op_log is not None:
-                self.op_log.append(f"libremote::replayed step ({len(self.steps.keys)} commands)")
+            self._observed = 1  # (op_trace() lists the step's ops as usual: the daemon runs them all)
         if template is not None:
             self._commands.insert(0, template)  # (taken when the batch is queued, before it runs)
             self._observed += 1
