@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -31,16 +32,37 @@ from benchmarks.run import _env, _free_address  # noqa: E402
 from benchmarks.workloads import make_step  # noqa: E402
 
 
+def _small_step(kind: str, device: str) -> Any:
+    """A host-bound step: a 6-layer MLP 64 wide on a batch of 16 (per-op costs dominate)."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(6):
+        layers += [nn.Linear(64, 64), nn.GELU()]
+    model = nn.Sequential(*layers, nn.Linear(64, 10)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    data, target = torch.randn(16, 64).to(device), torch.randint(0, 10, (16,)).to(device)
+
+    def step() -> Any:
+        loss = nn.functional.cross_entropy(model(data), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
 def _round(kind: str, device: str, mode: str, warmup: int, steps: int) -> dict[str, float]:
     import libremote
     from libremote.client import runtime
 
-    if mode == "local":
-        step = make_step(kind, "cpu")
-    else:
+    if mode != "local":
         os.environ["LIBREMOTE_AUTO_REPLAY"] = "3" if mode == "replay" else "0"
         libremote.connect(os.environ["BENCH_DAEMON"])
-        step = make_step(kind, "cuda")
+    step = (_small_step if kind == "small" else make_step)(kind, "cpu" if mode == "local" else "cuda")
     for _ in range(warmup):
         float(step().item())
     session = runtime.current() if mode != "local" else None
@@ -66,7 +88,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=6)
-    parser.add_argument("--kinds", default="mlp,gpt")
+    parser.add_argument("--kinds", default="small,mlp,gpt", help="small (host-bound), and benchmarks/workloads.py's")
     args = parser.parse_args()
     address = _free_address()
     daemon = subprocess.Popen([sys.executable, "-m", "libremote_server", "--listen", address, "--device", args.device,

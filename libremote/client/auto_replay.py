@@ -56,6 +56,7 @@ class _Marker:
 
 
 _SLOT, _DICT, _BOOL, _HOLE = _Marker("slot"), _Marker("dict"), _Marker("bool"), _Marker("hole")
+_NO_KWARGS = (_DICT, ())
 
 
 @dataclass
@@ -87,7 +88,7 @@ class StepTracker:
         self._next_id = 1
         self.keys: list[Any] = []
         self.slots: list[Any] = []
-        self._index: dict[int, int] = {}
+        self._index: dict[Any, int] = {}
         self.holes: list[list[Any]] = []
         self.candidates: list[Template] = []
         self.matching = False
@@ -116,6 +117,16 @@ class StepTracker:
             key: Any = (_HOLE, kind)
             if self.matching:
                 self.holes.append(command)
+        elif kind == Cmd.OP and len(command) == 5:  # (the common case, written out: it runs for every op)
+            slots, index = self.slots, self._index
+            op, kwargs, outs = command[1], command[3], command[4]
+            if type(outs) is list and len(outs) == 1 and type(outs[0]) is int:
+                slot = index.get(outs[0])
+                outs_key: Any = ((_SLOT, slot if slot is not None else _new_slot(outs[0], slots, index)),)
+            else:
+                outs_key = _plain(outs, slots, index)
+            key = (kind, op if type(op) is int else _value(op, slots, index), _sequence(command[2], slots, index),
+                   _value(kwargs, slots, index) if kwargs else _NO_KWARGS, outs_key)
         else:
             slots, index = self.slots, self._index
             key = (kind, *[_plain(command[i], slots, index) if i == plain_at else _value(command[i], slots, index)
@@ -177,18 +188,43 @@ class StepTracker:
         return None, [Cmd.STEP, template.id, [_unkey(key) for key in signature]]
 
 
-def _value(value: Any, slots: list[Any], index: dict[int, int]) -> Any:
+def _new_slot(handle: int, slots: list[Any], index: dict[Any, int]) -> int:
+    """A handle's slot, by its number and by its HANDLE extension value's bytes (how arguments name it)."""
+    slot = index[handle] = index[_U64.pack(handle)] = len(slots)
+    slots.append(handle)
+    return slot
+
+
+def _sequence(values: list[Any], slots: list[Any], index: dict[Any, int]) -> Any:
+    """An op's positional arguments' key (:func:`_value` of a list, the usual cases inline)."""
+    keys: list[Any] = []
+    for value in values:
+        kind = type(value)
+        if kind is _ExtType and value.code == _HANDLE_CODE:
+            slot = index.get(value.data)
+            if slot is None:
+                slot = _new_slot(_U64.unpack(value.data)[0], slots, index)
+            keys.append((_SLOT, slot))
+        elif kind is float:
+            slots.append(value)
+            keys.append((_SLOT, len(slots) - 1))
+        elif kind is int or kind is str or value is None:
+            keys.append(value)
+        else:
+            keys.append(_value(value, slots, index))
+    return tuple(keys)
+
+
+def _value(value: Any, slots: list[Any], index: dict[Any, int]) -> Any:
     """An argument's key: handles and floats become slots (their values appended to ``slots``)."""
     kind = type(value)
     if kind is list:
-        return tuple([_value(item, slots, index) for item in value])
+        return _sequence(value, slots, index)
     if kind is _ExtType:
         if value.code == _HANDLE_CODE:
-            handle = _U64.unpack(value.data)[0]
-            slot = index.get(handle)
+            slot = index.get(value.data)
             if slot is None:
-                slot = index[handle] = len(slots)
-                slots.append(handle)
+                slot = _new_slot(_U64.unpack(value.data)[0], slots, index)
             return (_SLOT, slot)
         return value
     if kind is float:
@@ -201,15 +237,12 @@ def _value(value: Any, slots: list[Any], index: dict[int, int]) -> Any:
     return value
 
 
-def _plain(value: Any, slots: list[Any], index: dict[int, int]) -> Any:
+def _plain(value: Any, slots: list[Any], index: dict[Any, int]) -> Any:
     """Plain handles (an op's outs, FREE's list): every int is a slot."""
     kind = type(value)
     if kind is int:
         slot = index.get(value)
-        if slot is None:
-            slot = index[value] = len(slots)
-            slots.append(value)
-        return (_SLOT, slot)
+        return (_SLOT, slot if slot is not None else _new_slot(value, slots, index))
     if kind is list:
         return tuple([_plain(item, slots, index) for item in value])
     if kind is bool:
