@@ -55,11 +55,26 @@ def _small_step(kind: str, device: str) -> Any:
     return step
 
 
-def _round(kind: str, device: str, mode: str, warmup: int, steps: int) -> dict[str, float]:
-    import libremote
-    from libremote.client import runtime
+def _local_round(kind: str, warmup: int, steps: int) -> dict[str, float]:
+    """Local eager in a process without libremote (as benchmarks/run.py's reference): its
+    torch threads neither share this process nor spin here after it ends."""
+    code = (f"import json, sys; sys.argv = ['x', 'local', {kind!r}, '{warmup}', '{steps}']; "
+            "from benchmarks.auto_replay import main; main()")
+    env = _env()
+    env.pop("BENCH_DAEMON", None)  # (that process measures; it starts nothing)
+    output = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600, check=True)
+    return dict(json.loads(output.stdout.strip().splitlines()[-1]))
 
+
+def _round(kind: str, device: str, mode: str, warmup: int, steps: int) -> dict[str, float]:
+    if mode == "local" and os.environ.get("BENCH_DAEMON"):
+        return _local_round(kind, warmup, steps)
+    libremote: Any = None
     if mode != "local":
+        import libremote
+        from libremote.client import runtime
+
         os.environ["LIBREMOTE_AUTO_REPLAY"] = "3" if mode == "replay" else "0"
         libremote.connect(os.environ["BENCH_DAEMON"])
     step = (_small_step if kind == "small" else make_step)(kind, "cpu" if mode == "local" else "cuda")
@@ -83,6 +98,11 @@ def _round(kind: str, device: str, mode: str, warmup: int, steps: int) -> dict[s
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["local"]:  # (a local round's own process: see _local_round)
+        kind, warmup, steps = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+        os.environ.pop("BENCH_DAEMON", None)
+        print(json.dumps(_round(kind, "cpu", "local", warmup, steps)))
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=5)
