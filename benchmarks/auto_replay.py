@@ -109,7 +109,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=6)
     parser.add_argument("--kinds", default="small,mlp,gpt", help="small (host-bound), and benchmarks/workloads.py's")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch's threads in every process (OMP_NUM_THREADS): 1 on a small shared machine, "
+                             "where a parallel region's barrier waits for a descheduled thread")
     args = parser.parse_args()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # (the daemon's and the local rounds' processes)
+        import torch
+
+        torch.set_num_threads(args.threads)
     address = _free_address()
     daemon = subprocess.Popen([sys.executable, "-m", "libremote_server", "--listen", address, "--device", args.device,
                                "--log-level", "WARNING"], cwd=REPO, env=_env())
