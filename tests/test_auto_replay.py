@@ -328,3 +328,43 @@ def test_a_copy_of_the_same_loop_keeps_replaying(auto_session: Any) -> None:
             model(x).sum().item()
     stats = _stats(auto_session)
     assert stats["auto_replay_templates"] >= 1 and stats["auto_replay_steps"] >= 4, stats
+
+
+def test_an_op_error_in_a_replayed_step_surfaces_as_op_by_op(auto_session: Any, daemon: Daemon,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same step, with an index out of range in its data on step 6: the error comes at the
+    same sync point, with the same message, whether the step was replayed or not."""
+    from libremote.errors import LibremoteError
+
+    def run() -> list[Any]:
+        table = torch.arange(40.0).reshape(10, 4).cuda()
+        outcomes: list[Any] = []
+        for step in range(8):
+            index = torch.tensor([1, 2, 12 if step == 6 else 3]).cuda()
+            try:
+                outcomes.append(table[index].sum().item())
+            except (LibremoteError, RuntimeError, IndexError) as exc:
+                outcomes.append(str(exc).split("\n")[0])
+        return outcomes
+
+    replayed = run()
+    assert isinstance(replayed[6], str) and all(isinstance(value, float) for i, value in enumerate(replayed) if i != 6)
+    assert _stats(auto_session)["auto_replay_steps"] >= 4  # steps 4 to 7: the failing one too
+    monkeypatch.setenv("LIBREMOTE_AUTO_REPLAY", "0")
+    with client_connected_to(daemon.address):
+        assert run() == replayed
+
+
+def test_replayed_steps_through_spills(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon that spills to host memory (``--device-memory``): replayed steps stay exact."""
+    server = Daemon("--device-memory", "64MiB", "--host-spill", "256MiB")
+    try:
+        monkeypatch.setenv("LIBREMOTE_AUTO_REPLAY", "3")
+        with client_connected_to(server.address) as libremote:
+            remote = _train("cuda", MLP, "adamw-foreach", _mlp_batch, _mlp_loss)
+            stats = _stats(libremote)
+        local = _train("cpu", MLP, "adamw-foreach", _mlp_batch, _mlp_loss)
+        _assert_same(remote, local)
+        assert stats["auto_replay_steps"] >= 3, stats
+    finally:
+        server.stop()
