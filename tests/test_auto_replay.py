@@ -319,7 +319,7 @@ def _plain_repr(value: Any) -> Any:
 
 
 def test_a_copy_of_the_same_loop_keeps_replaying(auto_session: Any) -> None:
-    """Two models trained in turn, each step ending at its own ``.item()``: two templates."""
+    """Two models run in turn, each forward ending at its own ``.item()``: both streams replay."""
     torch.manual_seed(0)
     models = [MLP().cuda(), copy.deepcopy(MLP()).cuda()]
     x = torch.randn(16, 12).cuda()
