@@ -98,13 +98,26 @@ def op_trace() -> Iterator[list[str]]:
 
 def session_stats() -> dict[str, Any]:
     """What the daemon did for this session: ops executed, batches, seconds spent executing, and
-    on a GPU how many graph-mode graphs it captured and replayed as CUDA graphs."""
+    on a GPU how many graph-mode graphs it captured and replayed as CUDA graphs. With
+    ``LIBREMOTE_AUTO_REPLAY``, also this client's repeated steps: ``auto_replay_steps`` (sent as
+    one RUN_STEP), ``auto_replay_op_by_op`` (sent command by command), ``auto_replay_templates``,
+    ``auto_replay_fallbacks`` (steps that diverged from a template, or could not be held back),
+    their reasons, and ``auto_replay_last_fallback`` (why the last one did). The stats query is
+    a sync point itself: the step it ends counts too."""
     from libremote_wire.messages import Cmd
 
     from .client import runtime
 
-    result, _ = runtime.current().request([Cmd.QUERY, "stats"])
-    return dict(result)
+    session = runtime.current()
+    result, _ = session.request([Cmd.QUERY, "stats"])
+    stats = dict(result)
+    if session.steps is not None:  # LIBREMOTE_AUTO_REPLAY: what this client sent as repeated steps
+        counts = session.steps.stats
+        stats.update(auto_replay_steps=counts.replayed, auto_replay_op_by_op=counts.op_by_op,
+                     auto_replay_templates=counts.templates, auto_replay_fallbacks=counts.fallbacks,
+                     auto_replay_fallback_reasons=dict(counts.reasons),
+                     auto_replay_last_fallback=counts.last_fallback)
+    return stats
 
 
 def capture_step(fn: Any, *example_inputs: Any, warmup: int = 1) -> Any:

@@ -46,6 +46,11 @@ LIBREMOTE_SPIN_US          500      microseconds a thread waiting for the daemon
                                     without sleeping before it blocks, when the last answer came
                                     that fast (0: always block at once); see
                                     ``libremote.client.connection.Connection.receive``
+LIBREMOTE_AUTO_REPLAY      0        1 (or a number N of 2 or more): a stream of commands
+                                    between two sync points seen 3 (N) times alike is sent
+                                    once as a template, and each later step that matches it
+                                    as one RUN_STEP command; a step that diverges goes op by
+                                    op (see ``libremote.client.auto_replay``). 0: off
 =========================  =======  ===========================================================
 """
 
@@ -78,6 +83,18 @@ def _whole_number(name: str, default: int, minimum: int) -> int:
         return default
     if not raw.isdigit() or int(raw) < minimum:
         raise ValueError(f"{name}={raw!r} must be a whole number, {minimum} or more")
+    return int(raw)
+
+
+def _auto_replay() -> int:
+    """LIBREMOTE_AUTO_REPLAY as the number of alike steps before a template (0: off)."""
+    raw = os.environ.get("LIBREMOTE_AUTO_REPLAY", "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return 0
+    if raw in ("1", "true", "yes", "on"):
+        return 3
+    if not raw.isdigit():
+        raise ValueError(f"LIBREMOTE_AUTO_REPLAY={raw!r}: use 0, 1, or the number of alike steps (2 or more)")
     return int(raw)
 
 
@@ -124,6 +141,7 @@ class Settings:
     spin_us: int
     client_key: str | None = None
     server_key: str | None = None
+    auto_replay: int = 0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -143,4 +161,5 @@ class Settings:
             spin_us=_whole_number("LIBREMOTE_SPIN_US", 500, minimum=0),
             client_key=os.environ.get("LIBREMOTE_CLIENT_KEY", "").strip() or None,
             server_key=os.environ.get("LIBREMOTE_SERVER_KEY", "").strip() or None,
+            auto_replay=_auto_replay(),
         )

@@ -50,7 +50,7 @@ _HOUSEKEEPING_S = 0.25
 #: What the front takes (BATCH, PING and BYE of a session go to its worker).
 _FRONT_MESSAGES = frozenset({Msg.HELLO, Msg.PING, Msg.BYE, Msg.STATUS, Msg.ADMIN})
 #: What this daemon understands beyond its protocol's first release (clients check).
-FEATURES = ["settings", "memory_fraction", "program_options", "generators", "workers", "device_pins", "transfers"]
+FEATURES = ["settings", "memory_fraction", "program_options", "generators", "workers", "device_pins", "transfers", "steps"]
 
 
 class Front:

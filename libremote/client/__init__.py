@@ -6,7 +6,7 @@ one, the upper one hands it a callback when the client is registered (:mod:`.reg
 
 1. The session: the wire connection to the daemon, the session over it, one session per daemon
    when the program's devices are on several, process-wide state (:mod:`.connection`,
-   :mod:`.session`, :mod:`.servers`, :mod:`.runtime`, :mod:`.device_guard`, :mod:`.warning_location`).
+   :mod:`.session`, :mod:`.auto_replay`, :mod:`.servers`, :mod:`.runtime`, :mod:`.device_guard`, :mod:`.warning_location`).
 2. Remote tensors and their metadata (:mod:`.backend`, :mod:`.legacy_types`, :mod:`.tensor`,
    :mod:`.sparse`, :mod:`.generators`, :mod:`.ops`, :mod:`.meta`).
 3. The op path: aten ops, copies, graphs and recordings sent to the daemon (:mod:`.dispatch`,

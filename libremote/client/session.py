@@ -37,6 +37,7 @@ from libremote_wire.messages import Cmd, ErrorKind, Msg
 
 from .. import errors
 from ..config import Settings
+from .auto_replay import StepTracker
 from .connection import Connection
 
 #: Pending upload bytes above which the batch is sent at once.
@@ -116,6 +117,13 @@ class ClientSession:
         self._sent_numerics: tuple[Any, ...] | None = None
         self._daemon_takes_settings = "settings" in welcome.get("features", ())
         self.ping_interval_s = float(welcome.get("heartbeat_s", 2.0))
+        #: Repeated steps sent as one command (LIBREMOTE_AUTO_REPLAY; auto_replay.py), and how
+        #: many of the pending commands it has seen.
+        self.steps: StepTracker | None = None
+        if settings.auto_replay and not settings.sync and "steps" in welcome.get("features", ()):
+            self.steps = StepTracker(settings.auto_replay, self._op_name)
+            self.steps.begin()
+        self._observed = 0
         threading.Thread(target=self._heartbeat, name="libremote-heartbeat", daemon=True).start()
 
     @property
@@ -177,6 +185,8 @@ class ClientSession:
             if self._released:
                 self._queue_frees()
             self._commands.append(command)
+            if self.steps is not None and self._holding_back():
+                return
             if self.settings.sync:
                 self._roundtrip()
             elif len(self._commands) >= self.settings.batch:
@@ -207,6 +217,11 @@ class ClientSession:
             self._frames.append(data)
             self._commands.append([*fields, len(self._frames)])
             self._pending_bytes += contiguous.nbytes
+            if self.steps is not None:
+                if large or self._pending_bytes > _MAX_PENDING_BYTES:
+                    self.steps.stop_matching("a large upload")
+                if self._holding_back():
+                    return
             if self.settings.sync:
                 self._roundtrip()
             elif large:
@@ -226,12 +241,20 @@ class ClientSession:
         with self._lock:
             if self._released or self._released_programs or self._released_generators:  # (before the request: memory figures see them)
                 self._queue_frees()
+            if self.steps is not None:
+                self._end_step()
             self._commands.append(command)
-            results, frames = self._roundtrip()
+            try:
+                results, frames = self._roundtrip()
+            finally:
+                if self.steps is not None:
+                    self.steps.begin()
         return results[-1], frames
 
     def flush(self) -> None:
         with self._lock:
+            if self.steps is not None:
+                self.steps.stop_matching("an explicit flush")
             if self._commands or self._released:
                 self._flush(want_reply=False)
 
@@ -239,6 +262,34 @@ class ClientSession:
         self.request([Cmd.SYNC])
 
     # ------------------------------------------------------------------------------------------
+    # Repeated steps (LIBREMOTE_AUTO_REPLAY; auto_replay.py)
+    # ------------------------------------------------------------------------------------------
+    def _holding_back(self) -> bool:
+        """Show the step tracker the commands queued since it last looked; whether they are
+        held back (they match a repeated step so far) rather than sent as usual."""
+        assert self.steps is not None
+        commands, observe = self._commands, self.steps.observe
+        for position in range(self._observed, len(commands)):
+            observe(commands[position])
+        self._observed = len(commands)
+        return self.steps.matching
+
+    def _end_step(self) -> None:
+        """A sync point: the step's held-back commands become one RUN_STEP if they were a
+        repeated step to its end; a step seen often enough is sent as a template."""
+        assert self.steps is not None
+        self._holding_back()
+        run, template = self.steps.finish()
+        if run is not None:
+            self._commands = [run]  # (the frames stay: the inline commands name them)
+            self._observed = 1  # (op_trace() lists the step's ops as usual: the daemon runs them all)
+        if template is not None:
+            self._commands.insert(0, template)  # (taken when the batch is queued, before it runs)
+            self._observed += 1
+
+    def _op_name(self, op_id: int) -> str:
+        return next((name for name, known in self._op_ids.items() if known == op_id), f"op #{op_id}")
+
     def _queue_frees(self) -> None:
         """Queue a FREE for the handles released so far, in order with the other commands: the
         daemon frees a dropped tensor before the next op runs (quotas see it gone at once)."""
@@ -256,6 +307,9 @@ class ClientSession:
         """From now on, also append every command sent to ``recording`` (pending ones go first).
         With ``run=False`` (``torch.cuda.graph``) the recorded commands are not sent, only
         recorded; graph definitions, and frees of tensors made before the recording, still go."""
+        if self.steps is not None:
+            self.steps.stop_matching("a capture")
+            self.steps.valid = False
         self.flush()
         self._recording = recording
         self._recording_runs = run
@@ -282,6 +336,10 @@ class ClientSession:
 
     def _flush(self, *, want_reply: bool, track: bool = False) -> Any:
         commands = self._commands
+        if self.steps is not None:
+            self._queue_frees()
+            self._holding_back()  # (what goes out is part of the step: seen before it goes)
+            self.steps.stop_matching("a batch had to go out mid-step")  # (what is sent is never replayed)
         if self._daemon_takes_settings:
             seen = numerics.fingerprint()
             if seen != self._sent_numerics:
@@ -294,9 +352,11 @@ class ClientSession:
                 commands = self._outside_recording(commands)
                 if not commands and not want_reply:
                     self._commands = []
+                    self._observed = 0
                     return None
         frames, nbytes = self._frames, self._pending_bytes
         self._commands, self._frames, self._pending_bytes = [], [], 0
+        self._observed = 0
         acknowledged = want_reply or self._window_full(nbytes)
         seq = self._next_seq()
         tracker = self.connection.send([Msg.BATCH, seq, commands, acknowledged], frames, track=track)

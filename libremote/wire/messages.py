@@ -106,6 +106,8 @@ class Cmd(enum.IntEnum):
     GENERATOR = 17
     EXPORT = 18
     PULL = 19
+    STEP = 20
+    RUN_STEP = 21
 
 
 class Ctl(enum.IntEnum):
@@ -490,6 +492,16 @@ COMMANDS: dict[Cmd, Command] = {c.kind: c for c in (
         Field("options", dict, "options", optional=True),
     )),
     Command(Cmd.REPLAY, "Run a recorded step again.", (Field("program", int, "its id"),)),
+    Command(Cmd.STEP, "A repeated step's template (LIBREMOTE_AUTO_REPLAY): OP, RUN_GRAPH and FREE commands whose "
+            "handles and float arguments are slots (VALUE extension values), null where RUN_STEP sends a command "
+            "inline; commands null: drop it. Taken when the batch is queued.", (
+        Field("step", int, "its id"), Field("commands", ANY, "the template, or null"),
+    )),
+    Command(Cmd.RUN_STEP, "Run a step template: queued as the commands it stands for, the slots and the inline "
+            "commands filled in (server/worker/repeated_steps.py).", (
+        Field("step", int, "its id"), Field("slots", list, "this step's handles and floats"),
+        Field("inline", list, "the commands for the template's holes, in order"),
+    )),
     Command(Cmd.SETTINGS, "torch numerics switches for what follows (libremote_wire/numerics.py).",
             (Field("settings", dict, "name -> value"),)),
     Command(Cmd.EXPORT, "Snapshot a dense tensor's bytes (in host memory of the worker) for one PULL by another "

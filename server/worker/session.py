@@ -36,7 +36,7 @@ from libremote_wire.messages import Cmd, ErrorKind
 
 from .. import limits
 from ..policy import ANONYMOUS, Tenant
-from . import devices, graphs, numerics, op_policy, programs, sparse, values, zeroing
+from . import devices, graphs, numerics, op_policy, programs, repeated_steps, sparse, values, zeroing
 from .compiled_graphs import GraphCompiler
 from .cuda_graphs import GraphCapture
 from .errors import CommandError, QuotaRefusal
@@ -123,6 +123,8 @@ class Session(QuotaMixin, GraphsMixin, ResidencyMixin, CommandsMixin, TransfersM
         self._failed: dict[int, str] = {}
         self._graphs: dict[int, graphs.Graph] = {}
         self._programs: dict[int, programs.Program] = {}
+        #: Step templates (repeated_steps.py); None until the client defines one.
+        self._steps: dict[int, repeated_steps.Step] | None = None
         #: Results of steps recorded without running (torch.cuda.graph) -> the step that holds
         #: them, and those of them the client has freed (dropped when the step goes).
         self._graph_pool: dict[int, int] = {}
@@ -193,7 +195,12 @@ class Session(QuotaMixin, GraphsMixin, ResidencyMixin, CommandsMixin, TransfersM
             Cmd.SETTINGS: self._settings,
             Cmd.EXPORT: self._export,
             Cmd.PULL: self._pull,
+            Cmd.RUN_STEP: self._malformed_step,
         }
+
+    def _malformed_step(self, command: list[Any], frames: list[Any]) -> None:
+        """A STEP or RUN_STEP that :func:`repeated_steps.expand_batch` refused, at its turn."""
+        raise ProtocolError(str(command[1]) if len(command) == 2 else "RUN_STEP out of place")
 
     @property
     def memory_quota(self) -> int:
@@ -218,6 +225,12 @@ class Session(QuotaMixin, GraphsMixin, ResidencyMixin, CommandsMixin, TransfersM
     # ------------------------------------------------------------------------------------------
     def enqueue(self, seq: Any, commands: Any, frames: list[Any], want_reply: bool, nbytes: int = 0) -> None:
         codec.check(isinstance(commands, list), "BATCH commands must be a list")
+        if self._steps is not None or any(type(c) is list and c and c[0] == Cmd.STEP for c in commands[:8]):
+            # Repeated steps (repeated_steps.py): queued as the commands they stand for. (A
+            # client's first template comes at the start of a batch, before its sync command.)
+            if self._steps is None:
+                self._steps = {}
+            commands = repeated_steps.expand_batch(self._steps, commands)
         self.queue.append(PendingBatch(seq, commands, frames, want_reply, nbytes))
         self.queued_bytes += nbytes
 
