@@ -107,6 +107,8 @@ class Settings:
     spin_us: int
     client_key: str | None = None
     server_key: str | None = None
+    #: Extra CURVE connections to the worker for large frames (client/stripes.py); 0: none.
+    stripes: int = 0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -126,4 +128,5 @@ class Settings:
             spin_us=_whole_number("LIBREMOTE_SPIN_US", 500, minimum=0),
             client_key=os.environ.get("LIBREMOTE_CLIENT_KEY", "").strip() or None,
             server_key=os.environ.get("LIBREMOTE_SERVER_KEY", "").strip() or None,
+            stripes=min(8, _whole_number("LIBREMOTE_STRIPES", min(4, max(2, os.cpu_count() or 2)), minimum=0)),
         )

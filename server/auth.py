@@ -12,10 +12,11 @@ Two transports (``libremote-server --help``):
                                ``libremote admin`` may change quotas; it opens no sessions
 
   A ZAP handler (pyzmq's ``ThreadAuthenticator``) accepts known keys only and gives each
-  connection a User-Id, ``tenant:NAME`` or ``admin:NAME``, that ZeroMQ attaches to every message
-  it delivers from that connection. The daemon reads the identity from there, per message; a
-  tenant name or token in HELLO is ignored. Several keys may name one tenant (``research.key``,
-  ``research.laptop.key``: everything before the first dot is the tenant).
+  connection a User-Id, ``tenant:NAME#KEY`` or ``admin:NAME#KEY`` (KEY: the connection's public
+  key, z85), that ZeroMQ attaches to every message it delivers from that connection. The daemon
+  reads the identity from there, per message; a tenant name or token in HELLO is ignored. Several
+  keys may name one tenant (``research.key``, ``research.laptop.key``: everything before the
+  first dot is the tenant).
 
 - **Plain TCP** (no ``--auth-keys``): only on loopback, or anywhere with ``--insecure``. Nothing
   is encrypted; tenants (``--tenants``) prove who they are with tokens sent in clear, and the
@@ -24,9 +25,11 @@ Two transports (``libremote-server --help``):
   traffic, which plain TCP does not prevent. (A session secret echoed in every BATCH would add
   nothing: whoever reads the routing id reads the secret beside it. Hence no such field.)
 
-Sessions are bound to the identity that opened them: a message for a session's routing id
-that arrives with another User-Id (a peer that reconnected with a dropped client's routing id)
-is refused and leaves the session alone (:func:`same_owner`).
+Sessions are bound to the key that opened them: a message for a session's routing id that
+arrives with another User-Id (a peer that reconnected with a dropped client's routing id, even
+with another key of the same tenant) is refused and leaves the session alone
+(:func:`same_owner`). The same holds for a session's stripes (server/worker/stripes.py): extra
+connections that carry its large frames are accepted from the session's own key only.
 
 Who sees and changes what (:func:`requester`): an admin identity sees the whole pool and may
 change it; a tenant sees only its own sessions and may change nothing. Loopback peers are
@@ -68,11 +71,16 @@ class Identity:
     def user_id(self) -> str:
         return f"{self.kind}:{self.name}"
 
+    def key_user_id(self, public_key: bytes) -> str:
+        """The User-Id of a connection made with ``public_key`` (z85): the identity and the key,
+        so that a session is bound to one key, not to every key of its tenant."""
+        return f"{self.user_id}#{public_key.decode('ascii')}"
+
     @classmethod
     def from_user_id(cls, user_id: str | None) -> Identity | None:
         if not user_id or ":" not in user_id:
             return None
-        kind, name = user_id.split(":", 1)
+        kind, name = user_id.split("#", 1)[0].split(":", 1)
         return cls(kind, name) if kind in (TENANT, ADMIN) else None
 
 
@@ -132,7 +140,8 @@ class _KeyRingAuthenticator(ThreadAuthenticator):
         self.keyring = keyring
 
     def curve_user_id(self, client_public_key: bytes) -> str:
-        return self.keyring.identities[z85.encode(client_public_key)].user_id
+        public = z85.encode(client_public_key)
+        return self.keyring.identities[public].key_user_id(public)
 
 
 class _KnownKeys:

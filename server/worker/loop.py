@@ -44,6 +44,7 @@ from .residency import DeviceMemory
 from .session import Reply, Session
 from .session_quota import TenantAccount
 from .slots import DeviceSlot, SliceTimer, Watchdog
+from .stripes import StripeTable
 
 log = logging.getLogger("libremote.server.worker")
 
@@ -58,7 +59,10 @@ _IDLE_TRIM_S = 2.0  # no batch for this long: the worker gives kept host memory 
 #: session whose client leaves them unread stops running (limits.MAX_UNSENT_REPLY_BYTES).
 _TRACKED_REPLY_BYTES = 1 << 20
 #: What a client sends its worker (HELLO, STATUS and ADMIN go to the front).
-_CLIENT_MESSAGES = frozenset({Msg.BATCH, Msg.PING, Msg.BYE, Msg.PULL})
+_CLIENT_MESSAGES = frozenset({Msg.BATCH, Msg.PING, Msg.BYE, Msg.PULL, Msg.STRIPE, Msg.CHUNK})
+#: ZeroMQ I/O threads under CURVE: each connection is encrypted by one, so a session's stripes
+#: (stripes.py) move bulk data on as many cores as there are threads (at most this many).
+_CURVE_IO_THREADS = 1 + messages.MAX_STRIPES
 
 
 @dataclass
@@ -114,7 +118,9 @@ class Worker:
         #: the daemon's metrics; counted where they are refused, never per op.
         self.rejected: dict[str, int] = {}
         self.watchdog = Watchdog(config.watchdog)
-        self._context = zmq.Context()
+        io_threads = min(_CURVE_IO_THREADS, os.cpu_count() or 1) if config.auth_keys is not None else 1
+        self._context = zmq.Context(io_threads=max(1, io_threads))
+        self.stripes = StripeTable()
         self._control = self._context.socket(zmq.DEALER)
         self._control.setsockopt(zmq.LINGER, 1000)  # (ENDED messages still go out when stopping)
         self._control.setsockopt(zmq.ROUTING_ID, config.worker_id.encode())
@@ -185,6 +191,7 @@ class Worker:
                         self._take_messages()
                         last_message = time.perf_counter()
                 for identity in self._peers.closed():
+                    self.stripes.forget_stripe(identity)
                     if identity in self.sessions:
                         self._end_session(identity, "its client disconnected (exited, was killed, or closed the connection)")
                 self._housekeeping()
@@ -409,7 +416,12 @@ class Worker:
                 return
             kind, fields = messages.parse(header, messages.MESSAGES, accepted=_CLIENT_MESSAGES, at="a worker")
             if kind == Msg.BATCH:
-                self._on_batch(identity, fields[0], fields[1], fields[2], [f.buffer for f in frames[2:]])
+                buffers = [f.buffer for f in frames[2:]]
+                if fields[3] or self.stripes.waiting(identity):  # (its frames come on the stripes)
+                    self._on_batches(identity, self.stripes.hold(identity, (fields[0], fields[1], fields[2], buffers,
+                                                                            fields[3] or [])))
+                else:
+                    self._on_batch(identity, fields[0], fields[1], fields[2], buffers)
             elif kind == Msg.PING:
                 if session is not None:
                     session.last_seen = time.monotonic()
@@ -417,6 +429,10 @@ class Worker:
                 self._end_session(identity, "client said goodbye")
             elif kind == Msg.PULL:
                 self._on_pull(identity, fields[0], fields[1], fields[2])
+            elif kind == Msg.STRIPE:
+                self._on_stripe(identity, user_id, fields[0])
+            elif kind == Msg.CHUNK:
+                self._on_chunk(identity, user_id, fields, frames)
         except limits.LimitExceeded as exc:
             self._count_rejected("limit")
             self._drop_offender(identity, str(exc))
@@ -427,6 +443,45 @@ class Worker:
             self._send(identity, [Msg.REPLY, messages.batch_seq(header), [], [ErrorKind.PROTOCOL.value, "", str(exc)]])
         except Exception as exc:  # a bug met by this input: its sender pays, nobody else
             self._drop_offender(identity, _failure(exc), error=exc)
+
+    # ------------------------------------------------------------------------------------------
+    # Stripes (stripes.py)
+    # ------------------------------------------------------------------------------------------
+    def _on_stripe(self, identity: bytes, user_id: str | None, session_routing_id: bytes) -> None:
+        """A connection asks to be a stripe of a session: only with the session's own CURVE key."""
+        session = self.sessions.get(session_routing_id)
+        if self._authenticator is None:
+            why: str | None = "stripes are for daemons with --auth-keys (CURVE); plain TCP needs none"
+        elif session is None or user_id is None or not auth.same_owner(session.owner, user_id):
+            why = "no session of this key has that routing id"
+        else:
+            why = self.stripes.attach(identity, session_routing_id)
+        if why is not None:
+            self._count_rejected("stripe")
+            log.warning("refused a stripe from %s: %s", identity.hex()[:12], why,
+                        extra={"event": "security_rejection", "tenant": self.config.tenant, "worker": self.config.worker_id})
+            self._send(identity, [Msg.REFUSED, why])
+            return
+        self._send(identity, [Msg.STRIPE, session_routing_id])
+
+    def _on_chunk(self, identity: bytes, user_id: str | None, fields: list[Any], frames: list[zmq.Frame]) -> None:
+        owner = self.stripes.session_of(identity)
+        session = self.sessions.get(owner) if owner is not None else None
+        if session is None or owner is None or not auth.same_owner(session.owner, user_id):
+            self._count_rejected("stripe")  # (not a stripe, or its session is gone: nothing to feed)
+            return
+        codec.check(len(frames) == 3, lambda: "a CHUNK carries its piece in one frame")
+        try:
+            ready = self.stripes.add_chunk(owner, fields[0], fields[1], fields[2], frames[2].buffer)
+        except ProtocolError as exc:  # (the session's data is broken: it ends, as for a broken bound)
+            self._count_rejected("limit")
+            self._drop_offender(owner, f"broken striped transfer: {exc}")
+            return
+        self._on_batches(owner, ready)
+
+    def _on_batches(self, identity: bytes, batches: list[Any]) -> None:
+        for seq, commands, want_reply, buffers, _ in batches:
+            self._on_batch(identity, seq, commands, want_reply, buffers)
 
     def _on_batch(self, identity: bytes, seq: int, commands: list[Any], want_reply: bool, frames: list[Any]) -> None:
         session = self.sessions.get(identity)
@@ -455,8 +510,13 @@ class Worker:
         nbytes = sum(memoryview(frame).nbytes for frame in reply.frames) if reply.frames else 0
         if session is not None:
             session.bytes_out += nbytes
-        tracker = self._send(identity, [Msg.REPLY, reply.seq, reply.results, reply.error], reply.frames,
-                             track=session is not None and nbytes >= _TRACKED_REPLY_BYTES)
+        track = session is not None and nbytes >= _TRACKED_REPLY_BYTES
+        header, frames, trackers = self.stripes.send_large(
+            identity, [Msg.REPLY, reply.seq, reply.results, reply.error], reply.frames or (),
+            lambda stripe, parts, tracked: self._outbox.send(stripe, parts, copy=False, track=tracked), track=track)
+        tracker = self._send(identity, header, frames, track=track and not trackers)
+        if trackers:
+            tracker = zmq.MessageTracker(*trackers)
         if session is not None and isinstance(tracker, zmq.MessageTracker):
             session.replies_unsent(tracker, nbytes)
 
@@ -564,6 +624,8 @@ class Worker:
         if session is None:
             return
         self._peers.forget(identity)
+        for stripe in self.stripes.forget_session(identity):
+            self._peers.forget(stripe)
         for slot in session.slots:
             slot.sessions.remove(session)
         self.exports.drop_session(session.id)
