@@ -139,20 +139,25 @@ class _KeyRingAuthenticator(ThreadAuthenticator):
         super().__init__(context, log=logging.getLogger("libremote.server.zap"))
         self.keyring = keyring
 
+    export_keys: set[bytes] = set()
+
     def curve_user_id(self, client_public_key: bytes) -> str:
         public = z85.encode(client_public_key)
+        if public not in self.keyring.identities and public in self.export_keys:
+            return EXPORT_USER_PREFIX + public.decode("ascii")
         return self.keyring.identities[public].key_user_id(public)
 
 
 class _KnownKeys:
     """``configure_curve_callback``'s credentials provider: accept the key ring's keys only."""
 
-    def __init__(self, keyring: KeyRing) -> None:
+    def __init__(self, keyring: KeyRing, export_keys: set[bytes]) -> None:
         self.keyring = keyring
+        self.export_keys = export_keys
         self.refused = 0  # (for the metrics; only the ZAP thread writes it)
 
     def callback(self, domain: str, key: bytes) -> bool:
-        known = key in self.keyring.identities
+        known = key in self.keyring.identities or key in self.export_keys
         if not known:
             self.refused += 1
             log.warning("refused a connection with an unknown CURVE key %s", key.decode("ascii", "replace"),
@@ -160,12 +165,14 @@ class _KnownKeys:
         return known
 
 
-def secure(socket: zmq.Socket[Any], keyring: KeyRing) -> ThreadAuthenticator:
+def secure(socket: zmq.Socket[Any], keyring: KeyRing, *, export_keys: set[bytes] | None = None) -> ThreadAuthenticator:
     """Make ``socket`` (before it binds) a CURVE server that accepts the key ring's keys; return
-    the running ZAP handler (stop it when the socket is closed)."""
+    the running ZAP handler (stop it when the socket is closed). ``export_keys``: a worker's live
+    exports' one-time keys (server/worker/exports.py), accepted too, as ``export:KEY`` only."""
     authenticator = _KeyRingAuthenticator(socket.context, keyring)
+    authenticator.export_keys = export_keys if export_keys is not None else set()
     authenticator.start()
-    authenticator.known_keys = _KnownKeys(keyring)  # type: ignore[attr-defined]
+    authenticator.known_keys = _KnownKeys(keyring, authenticator.export_keys)  # type: ignore[attr-defined]
     authenticator.configure_curve_callback("*", authenticator.known_keys)  # type: ignore[attr-defined]
     socket.curve_server = True
     socket.curve_publickey = keyring.server_public
@@ -180,6 +187,17 @@ def user_id_of(frame: zmq.Frame) -> str | None:
     except zmq.ZMQError:
         return None
     return user_id if isinstance(user_id, str) else None
+
+
+#: The User-Id of a connection made with an export's one-time key: it may PULL that export, nothing else.
+EXPORT_USER_PREFIX = "export:"
+
+
+def export_key_of(user_id: str | None) -> bytes | None:
+    """The export key (z85) a connection authenticated with, or None (a tenant's key, plain TCP)."""
+    if user_id is None or not user_id.startswith(EXPORT_USER_PREFIX):
+        return None
+    return user_id[len(EXPORT_USER_PREFIX):].encode("ascii")
 
 
 def same_owner(bound_user_id: str | None, user_id: str | None) -> bool:

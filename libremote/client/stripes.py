@@ -107,7 +107,7 @@ class Stripes:
     def receive(self, striped: list[Any], frames: list[Any], broken: Any) -> list[Any]:
         """The frames of a reply with ``striped`` entries, put together from the stripes.
         ``broken()`` says why to give up (the session's connection was lost), or None."""
-        if type(striped) is not list:
+        if type(striped) is not list or not self.usable():  # (usable: reads the acceptances first)
             raise ConnectionFailed("libremote: the worker sent a malformed striped reply")
         for entry in striped:
             self._assembly.expect(entry[1], entry[2])

@@ -513,8 +513,9 @@ COMMANDS: dict[Cmd, Command] = {c.kind: c for c in (
     Command(Cmd.SETTINGS, "torch numerics switches for what follows (libremote_wire/numerics.py).",
             (Field("settings", dict, "name -> value"),)),
     Command(Cmd.EXPORT, "Snapshot a dense tensor's bytes (in host memory of the worker) for one PULL by another "
-            "daemon's worker; returns [token, nbytes]. Refused under CURVE (a peer worker holds no key the "
-            f"daemon accepts), beyond {MAX_EXPORTS} unpulled exports or {MAX_EXPORT_BYTES >> 30} GiB per session; "
+            "daemon's worker; returns [token, nbytes], and under CURVE [token, nbytes, secret key, server key]: a "
+            "one-time key pair the exporting worker accepts for this export only, and its own server key (z85). "
+            f"Refused beyond {MAX_EXPORTS} unpulled exports or {MAX_EXPORT_BYTES >> 30} GiB per session; "
             f"unpulled exports expire after {EXPORT_TTL_S:g} s.", (_HANDLE,)),
     Command(Cmd.PULL, "A new tensor on a device, with the bytes of an export on another daemon's worker, pulled "
             "worker to worker (never through the client) before the next command runs.", (
@@ -523,6 +524,9 @@ COMMANDS: dict[Cmd, Command] = {c.kind: c for c in (
         Field("source", str, "the exporting worker's address (tcp://host:port only)", MAX_PEER_ADDRESS),
         Field("token", bytes, "the export's token", EXPORT_TOKEN_BYTES),
         Field("nbytes", int, "the export's size: dtype and shape must match it"),
+        Field("secret_key", bytes, "from a CURVE daemon: the export's one-time secret key (EXPORT's result)", 40,
+              optional=True),
+        Field("server_key", bytes, "from a CURVE daemon: the exporting worker's server key", 40, optional=True),
     )),
 )}
 

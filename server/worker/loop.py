@@ -141,17 +141,15 @@ class Worker:
         # A client that goes away (killed, closed) is seen at once: its session is reclaimed
         # without waiting for heartbeats (which still catch a host that vanished).
         self._peers = peers.Peers(self._socket, per_address=limits.CONNECTIONS_PER_ADDRESS)
+        #: Cross-server copies (exports.py): what this worker's sessions offer to peer workers, and
+        #: messages that arrived while a PULL of this worker waited on a peer (taken in next).
+        self.exports = Exports(curve=config.auth_keys is not None)
         self._authenticator = None
         if config.auth_keys is not None:
             keyring = auth.KeyRing(config.auth_keys, config.server_key).only_tenant(config.tenant)
-            self._authenticator = auth.secure(self._socket, keyring)
+            self._authenticator = auth.secure(self._socket, keyring, export_keys=self.exports.keys)
+            self.exports.server_public = keyring.server_public
         self.address = self._bind(config)
-        #: Cross-server copies (exports.py): what this worker's sessions offer to peer workers, and
-        #: messages that arrived while a PULL of this worker waited on a peer (taken in next).
-        self.exports = Exports(allowed=config.auth_keys is None, why_not=(
-            "this daemon runs with --auth-keys (CURVE), and a peer daemon's worker holds no key it accepts: "
-            "cross-server copies need daemons on plain TCP for now; move the tensor through the host instead "
-            "(t.cpu().to(device))"))
         self._stashed: collections.deque[list[zmq.Frame]] = collections.deque()
         torch.set_grad_enabled(False)
 
@@ -228,11 +226,13 @@ class Worker:
     # ------------------------------------------------------------------------------------------
     # Cross-server copies (exports.py, peer_pull.py)
     # ------------------------------------------------------------------------------------------
-    def _pull_from_peer(self, address: str, token: bytes, nbytes: int, into: memoryview) -> int:
+    def _pull_from_peer(self, address: str, token: bytes, nbytes: int, into: memoryview,
+                        curve: tuple[bytes, ...] | None = None) -> int:
         """A session's PULL: the bytes of a peer worker's export, while answering PULLs to this
         worker meanwhile (messages of other kinds wait in ``_stashed``: a session must not change
         while one of its commands runs)."""
-        return peer_pull.pull(self._context, address, token, nbytes, into, serve_own=self._serve_pulls_only)
+        return peer_pull.pull(self._context, address, token, nbytes, into, serve_own=self._serve_pulls_only,
+                              curve=curve)
 
     def _serve_pulls_only(self) -> None:
         while readable(self._socket) and len(self._stashed) < 4096:
@@ -242,9 +242,11 @@ class Worker:
             else:
                 self._stashed.append(frames)
 
-    def _on_pull(self, identity: bytes, token: bytes, offset: int, length: int) -> None:
-        """A peer worker asks for a piece of an export: it gets it only with a live token."""
-        total, piece, error = self.exports.serve(token, offset, length)
+    def _on_pull(self, identity: bytes, token: bytes, offset: int, length: int, user_id: str | None) -> None:
+        """A peer worker asks for a piece of an export: it gets it only with a live token (and,
+        under CURVE, on a connection made with that export's own key)."""
+        key = auth.export_key_of(user_id) if self._authenticator is not None else None
+        total, piece, error = self.exports.serve(token, offset, length, key)
         if error is not None:
             self._count_rejected("pull")
             log.warning("refused a PULL from %s: %s", identity.hex()[:12], error,
@@ -415,6 +417,8 @@ class Worker:
                 self._refuse_other_owner(identity, header)
                 return
             kind, fields = messages.parse(header, messages.MESSAGES, accepted=_CLIENT_MESSAGES, at="a worker")
+            if kind != Msg.PULL and auth.export_key_of(user_id) is not None:
+                raise ProtocolError("a connection made with an export's key may only PULL that export")
             if kind == Msg.BATCH:
                 buffers = [f.buffer for f in frames[2:]]
                 if fields[3] or self.stripes.waiting(identity):  # (its frames come on the stripes)
@@ -428,7 +432,7 @@ class Worker:
             elif kind == Msg.BYE:
                 self._end_session(identity, "client said goodbye")
             elif kind == Msg.PULL:
-                self._on_pull(identity, fields[0], fields[1], fields[2])
+                self._on_pull(identity, fields[0], fields[1], fields[2], user_id)
             elif kind == Msg.STRIPE:
                 self._on_stripe(identity, user_id, fields[0])
             elif kind == Msg.CHUNK:
