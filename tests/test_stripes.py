@@ -113,3 +113,33 @@ def test_a_stripe_from_another_key_is_refused_and_counted(daemon, keys):
 def test_the_wire_declares_stripes():
     assert messages.MESSAGES[Msg.STRIPE].fields[0].name == "session_routing_id"
     assert messages.STRIPE_MIN_BYTES >= messages.STRIPE_CHUNK_BYTES
+
+
+def test_a_striped_frame_is_put_back_whatever_the_order_and_a_peer_is_bounded():
+    """Chunks may come before the message that names their transfer (stripes are separate
+    connections), in any order; a peer cannot make this end hold more than its bound, nor write
+    outside a frame."""
+    from libremote_wire.codec import ProtocolError
+    from libremote_wire.stripes import Assembly, pieces
+
+    data = bytes(range(256)) * 9000 + b"xyz"  # 2.2 MB: five chunks, the last one short
+    parts = list(pieces(data, 2))
+    assert len(parts) == 5 and b"".join(bytes(piece) for _, piece in parts) == data
+    assembly = Assembly(max_bytes=4 << 20)
+    for offset, piece in parts[3:]:  # early, before the announcement
+        assembly.add(9, offset, len(data), piece)
+    assembly.expect(9, len(data))
+    for offset, piece in reversed(parts[:3]):
+        assert not assembly.complete(9)
+        assembly.add(9, offset, len(data), piece)
+    assert assembly.complete(9) and assembly.take(9).buffer == data and assembly.held == 0
+
+    with pytest.raises(ProtocolError, match="over the bound"):
+        for transfer in range(10):  # chunks whose message never comes
+            assembly.add(100 + transfer, 0, 1 << 20, bytes(1 << 20))
+    fresh = Assembly(max_bytes=4 << 20)
+    fresh.expect(1, 100)
+    with pytest.raises(ProtocolError, match="does not fit"):
+        fresh.add(1, 90, 100, bytes(20))
+    with pytest.raises(ProtocolError, match="over the bound"):
+        fresh.expect(2, 8 << 20)

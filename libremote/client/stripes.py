@@ -92,7 +92,7 @@ class Stripes:
                 kept.append(frame)
                 continue
             transfer, nbytes = next(self._transfers), memoryview(frame).nbytes
-            for offset, piece in wire_stripes.pieces(frame):
+            for offset, piece in wire_stripes.pieces(frame, self.count):
                 socket = self.sockets[self._next]
                 self._next = (self._next + 1) % self.count
                 sent = socket.send_multipart([codec.packb([Msg.CHUNK, transfer, offset, nbytes]), piece],

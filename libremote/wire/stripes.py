@@ -29,11 +29,21 @@ def striped(frame: Any) -> bool:
     return memoryview(frame).nbytes >= STRIPE_MIN_BYTES
 
 
-def pieces(frame: Any) -> Iterator[tuple[int, memoryview]]:
-    """``(offset, piece)`` of a frame, STRIPE_CHUNK_BYTES each (zero-copy views)."""
+#: Chunks of one frame per stripe, at most: a frame so large that STRIPE_CHUNK_BYTES pieces would
+#: be more goes in larger pieces. (The daemon queues at most limits.OUTBOX_MESSAGES messages per
+#: peer, and a stripe is a peer: a 1 GiB fetch in 512 KiB pieces over two stripes would be 1,024.)
+MAX_CHUNKS_PER_STRIPE = 256
+
+
+def pieces(frame: Any, stripes: int) -> Iterator[tuple[int, memoryview]]:
+    """``(offset, piece)`` of a frame to spread over ``stripes`` connections (zero-copy views):
+    STRIPE_CHUNK_BYTES each, or larger for a frame that would make more than
+    MAX_CHUNKS_PER_STRIPE of them per stripe."""
     view = memoryview(frame).cast("B")
-    for offset in range(0, view.nbytes, STRIPE_CHUNK_BYTES):
-        yield offset, view[offset:offset + STRIPE_CHUNK_BYTES]
+    most = max(1, stripes) * MAX_CHUNKS_PER_STRIPE
+    size = max(STRIPE_CHUNK_BYTES, -(-view.nbytes // most))
+    for offset in range(0, view.nbytes, size):
+        yield offset, view[offset:offset + size]
 
 
 def check_count(count: int) -> int:

@@ -572,7 +572,9 @@ class Worker:
         return context
 
     def _on_outbox_full(self, identity: bytes) -> None:
-        """A peer does not take its messages (it sends and never reads): its session ends."""
+        """A peer does not take its messages (it sends and never reads): its session ends (a
+        stripe's: the session it belongs to, whose reply can no longer arrive whole)."""
+        identity = self.stripes.session_of(identity) or identity
         if identity in self.sessions:
             why = (f"its client did not read its replies ({limits.OUTBOX_MESSAGES} messages were waiting for it); "
                    "the daemon never waits for one client")

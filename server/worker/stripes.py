@@ -131,7 +131,7 @@ class StripeTable:
                 kept.append(frame)
                 continue
             transfer, nbytes = next(self._transfers), memoryview(frame).nbytes
-            for offset, piece in wire_stripes.pieces(frame):
+            for offset, piece in wire_stripes.pieces(frame, len(entry.identities)):
                 stripe = entry.identities[entry.next_stripe % len(entry.identities)]
                 entry.next_stripe += 1
                 sent = send(stripe, [codec.packb([Msg.CHUNK, transfer, offset, nbytes]), piece], track)
