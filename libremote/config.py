@@ -142,6 +142,8 @@ class Settings:
     client_key: str | None = None
     server_key: str | None = None
     auto_replay: int = 0
+    #: Extra CURVE connections to the worker for large frames (client/stripes.py); 0: none.
+    stripes: int = 0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -162,4 +164,5 @@ class Settings:
             client_key=os.environ.get("LIBREMOTE_CLIENT_KEY", "").strip() or None,
             server_key=os.environ.get("LIBREMOTE_SERVER_KEY", "").strip() or None,
             auto_replay=_auto_replay(),
+            stripes=min(8, _whole_number("LIBREMOTE_STRIPES", min(4, max(2, os.cpu_count() or 2)), minimum=0)),
         )

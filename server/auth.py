@@ -12,10 +12,11 @@ Two transports (``libremote-server --help``):
                                ``libremote admin`` may change quotas; it opens no sessions
 
   A ZAP handler (pyzmq's ``ThreadAuthenticator``) accepts known keys only and gives each
-  connection a User-Id, ``tenant:NAME`` or ``admin:NAME``, that ZeroMQ attaches to every message
-  it delivers from that connection. The daemon reads the identity from there, per message; a
-  tenant name or token in HELLO is ignored. Several keys may name one tenant (``research.key``,
-  ``research.laptop.key``: everything before the first dot is the tenant).
+  connection a User-Id, ``tenant:NAME#KEY`` or ``admin:NAME#KEY`` (KEY: the connection's public
+  key, z85), that ZeroMQ attaches to every message it delivers from that connection. The daemon
+  reads the identity from there, per message; a tenant name or token in HELLO is ignored. Several
+  keys may name one tenant (``research.key``, ``research.laptop.key``: everything before the
+  first dot is the tenant).
 
 - **Plain TCP** (no ``--auth-keys``): only on loopback, or anywhere with ``--insecure``. Nothing
   is encrypted; tenants (``--tenants``) prove who they are with tokens sent in clear, and the
@@ -24,9 +25,11 @@ Two transports (``libremote-server --help``):
   traffic, which plain TCP does not prevent. (A session secret echoed in every BATCH would add
   nothing: whoever reads the routing id reads the secret beside it. Hence no such field.)
 
-Sessions are bound to the identity that opened them: a message for a session's routing id
-that arrives with another User-Id (a peer that reconnected with a dropped client's routing id)
-is refused and leaves the session alone (:func:`same_owner`).
+Sessions are bound to the key that opened them: a message for a session's routing id that
+arrives with another User-Id (a peer that reconnected with a dropped client's routing id, even
+with another key of the same tenant) is refused and leaves the session alone
+(:func:`same_owner`). The same holds for a session's stripes (server/worker/stripes.py): extra
+connections that carry its large frames are accepted from the session's own key only.
 
 Who sees and changes what (:func:`requester`): an admin identity sees the whole pool and may
 change it; a tenant sees only its own sessions and may change nothing. Loopback peers are
@@ -68,11 +71,16 @@ class Identity:
     def user_id(self) -> str:
         return f"{self.kind}:{self.name}"
 
+    def key_user_id(self, public_key: bytes) -> str:
+        """The User-Id of a connection made with ``public_key`` (z85): the identity and the key,
+        so that a session is bound to one key, not to every key of its tenant."""
+        return f"{self.user_id}#{public_key.decode('ascii')}"
+
     @classmethod
     def from_user_id(cls, user_id: str | None) -> Identity | None:
         if not user_id or ":" not in user_id:
             return None
-        kind, name = user_id.split(":", 1)
+        kind, name = user_id.split("#", 1)[0].split(":", 1)
         return cls(kind, name) if kind in (TENANT, ADMIN) else None
 
 
@@ -131,19 +139,25 @@ class _KeyRingAuthenticator(ThreadAuthenticator):
         super().__init__(context, log=logging.getLogger("libremote.server.zap"))
         self.keyring = keyring
 
+    export_keys: set[bytes] = set()
+
     def curve_user_id(self, client_public_key: bytes) -> str:
-        return self.keyring.identities[z85.encode(client_public_key)].user_id
+        public = z85.encode(client_public_key)
+        if public not in self.keyring.identities and public in self.export_keys:
+            return EXPORT_USER_PREFIX + public.decode("ascii")
+        return self.keyring.identities[public].key_user_id(public)
 
 
 class _KnownKeys:
     """``configure_curve_callback``'s credentials provider: accept the key ring's keys only."""
 
-    def __init__(self, keyring: KeyRing) -> None:
+    def __init__(self, keyring: KeyRing, export_keys: set[bytes]) -> None:
         self.keyring = keyring
+        self.export_keys = export_keys
         self.refused = 0  # (for the metrics; only the ZAP thread writes it)
 
     def callback(self, domain: str, key: bytes) -> bool:
-        known = key in self.keyring.identities
+        known = key in self.keyring.identities or key in self.export_keys
         if not known:
             self.refused += 1
             log.warning("refused a connection with an unknown CURVE key %s", key.decode("ascii", "replace"),
@@ -151,12 +165,14 @@ class _KnownKeys:
         return known
 
 
-def secure(socket: zmq.Socket[Any], keyring: KeyRing) -> ThreadAuthenticator:
+def secure(socket: zmq.Socket[Any], keyring: KeyRing, *, export_keys: set[bytes] | None = None) -> ThreadAuthenticator:
     """Make ``socket`` (before it binds) a CURVE server that accepts the key ring's keys; return
-    the running ZAP handler (stop it when the socket is closed)."""
+    the running ZAP handler (stop it when the socket is closed). ``export_keys``: a worker's live
+    exports' one-time keys (server/worker/exports.py), accepted too, as ``export:KEY`` only."""
     authenticator = _KeyRingAuthenticator(socket.context, keyring)
+    authenticator.export_keys = export_keys if export_keys is not None else set()
     authenticator.start()
-    authenticator.known_keys = _KnownKeys(keyring)  # type: ignore[attr-defined]
+    authenticator.known_keys = _KnownKeys(keyring, authenticator.export_keys)  # type: ignore[attr-defined]
     authenticator.configure_curve_callback("*", authenticator.known_keys)  # type: ignore[attr-defined]
     socket.curve_server = True
     socket.curve_publickey = keyring.server_public
@@ -171,6 +187,17 @@ def user_id_of(frame: zmq.Frame) -> str | None:
     except zmq.ZMQError:
         return None
     return user_id if isinstance(user_id, str) else None
+
+
+#: The User-Id of a connection made with an export's one-time key: it may PULL that export, nothing else.
+EXPORT_USER_PREFIX = "export:"
+
+
+def export_key_of(user_id: str | None) -> bytes | None:
+    """The export key (z85) a connection authenticated with, or None (a tenant's key, plain TCP)."""
+    if user_id is None or not user_id.startswith(EXPORT_USER_PREFIX):
+        return None
+    return user_id[len(EXPORT_USER_PREFIX):].encode("ascii")
 
 
 def same_owner(bound_user_id: str | None, user_id: str | None) -> bool:

@@ -502,7 +502,7 @@ class Front:
         self._send(session.identity, [Msg.WELCOME, {
             "session": session.id,
             "protocol": messages.PROTOCOL_VERSION,
-            "features": FEATURES,
+            "features": FEATURES + (["stripes"] if self._authenticator is not None else []),
             "worker": worker.endpoint,
             **({"worker_port": int(port)} if port is not None else {}),
             "libremote": __version__,

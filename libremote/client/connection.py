@@ -6,8 +6,10 @@ The client says HELLO to the daemon's front (the address the user gave); the fro
 (WELCOME, after waiting in line if the pool is full) and names the worker process that runs the
 session, one per tenant. From then on every BATCH, PING and BYE goes straight to that worker, from
 a second socket with the same routing id and keys (the worker knows the client by them), and the
-replies come from there. The front's socket stays open: should the worker die (a crash, the op
-time limit), the front says why there, and the client raises that.
+replies come from there. Under CURVE, large frames go over extra connections to the worker, the
+session's stripes (``stripes.py``): one connection is encrypted at one core's speed. The front's
+socket stays open: should the worker die (a crash, the op time limit), the front says why there,
+and the client raises that.
 
 Not thread-safe on its own: :class:`~libremote.client.session.ClientSession` serialises access.
 A connection that lost its daemon stays broken: messages in flight may have been dropped, so
@@ -30,10 +32,12 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from libremote_wire import codec, curve_keys, messages, torch_codec
+from libremote_wire import stripes as wire_stripes
 from libremote_wire.messages import ErrorKind, Msg
 from libremote_wire.zmq_events import readable
 
 from ..errors import ConnectionFailed, Refused
+from .stripes import Stripes, stripe_count
 
 _POLL_SLICE_MS = 100
 #: How long a closing connection may take to send what is queued (its BYE) before it goes.
@@ -44,7 +48,7 @@ _WHY_WAIT_S = 1.0
 
 class Connection:
     def __init__(self, address: str, *, timeout_s: float, heartbeat_s: float, spin_s: float = 0.0,
-                 curve: curve_keys.ClientKeys | None = None) -> None:
+                 curve: curve_keys.ClientKeys | None = None, stripes: int = 0) -> None:
         self.address = address
         self.timeout_s = timeout_s
         self.spin_s = spin_s
@@ -58,7 +62,11 @@ class Connection:
         self._curve = curve
         self._heartbeat_s = heartbeat_s
         self._routing_id = secrets.token_bytes(16)
-        self._context = zmq.Context()
+        #: Stripes asked for (LIBREMOTE_STRIPES; CURVE only), and once the worker is known, open.
+        self._stripes_wanted = stripes if curve is not None else 0
+        self._stripes: Stripes | None = None
+        # One I/O thread per connection that carries bulk data: each encrypts its own.
+        self._context = zmq.Context(io_threads=1 + self._stripes_wanted)
         self._front = self._socket = self._dealer()
         self._worker: zmq.Socket | None = None
         self._monitor = self._watch(self._front)
@@ -166,6 +174,10 @@ class Connection:
             self.close()
             raise ConnectionFailed(f"libremote: the daemon named a worker at {address!r} that this client cannot "
                                    f"connect to ({exc})") from None
+        count = stripe_count(self._stripes_wanted, welcome)
+        if count and self._curve is not None:
+            self._stripes = Stripes(self._context, address, self._routing_id, count, curve=self._curve,
+                                    heartbeat_s=self._heartbeat_s)
 
     def _wait_in_queue(self, info: dict[str, Any], queue_timeout_s: float) -> list[Any]:
         """The daemon's sessions are all taken: wait for WELCOME (or REFUSED), PINGing."""
@@ -209,6 +221,10 @@ class Connection:
         a missing peer) wait, until the connection is reported lost or ``timeout_s`` passes
         (then :class:`TimeoutError`)."""
         self._check_usable()
+        trackers: list[Any] = []
+        if self._stripes is not None and header[0] == Msg.BATCH and any(wire_stripes.striped(f) for f in frames) \
+                and self._stripes.usable():
+            header, frames, trackers = self._stripes.send(header, list(frames), track=track)
         data = [codec.packb(header), *frames]
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         # Zero-copy only pays for big frames; a header alone goes faster copied.
@@ -217,6 +233,8 @@ class Connection:
             try:
                 tracker = self._socket.send_multipart(data, flags=zmq.NOBLOCK, copy=not zero_copy,
                                                       track=track and zero_copy)
+                if trackers:
+                    tracker = zmq.MessageTracker(*trackers, *([tracker] if tracker is not None else []))
                 self.last_send = time.monotonic()
                 self.bytes_sent += len(data[0]) + (sum(memoryview(frame).nbytes for frame in frames) if frames else 0)
                 return tracker
@@ -253,7 +271,12 @@ class Connection:
                 frames = self._socket.recv_multipart(copy=False)
                 self._last_wait_s = time.perf_counter() - started
                 self.bytes_received += sum(len(frame) for frame in frames)
-                return torch_codec.unpackb(frames[0].buffer), frames[1:]
+                header = torch_codec.unpackb(frames[0].buffer)
+                if self._stripes is not None and type(header) is list and len(header) == 5 and header[0] == Msg.REPLY:
+                    parts = self._stripes.receive(header[4], frames[1:], self._lost)
+                    self.bytes_received += sum(len(part) for part in parts)
+                    return header[:4], parts
+                return header, frames[1:]
             if self._worker is not None and readable(self._front):
                 # The front says the session ended (its worker died, the op time limit): a REPLY
                 # without seq, which the session raises like any other session error.
@@ -263,6 +286,17 @@ class Connection:
                 raise ConnectionFailed(self.broken)
             if while_waiting is not None:
                 while_waiting()
+
+    def striped_bytes(self) -> tuple[int, int, int]:
+        """(stripes open, frame bytes sent over them, received over them)."""
+        if self._stripes is None:
+            return 0, 0, 0
+        return self._stripes.count, self._stripes.bytes_sent, self._stripes.bytes_received
+
+    def _lost(self) -> str | None:
+        """Why the session's connection is gone, or None (asked while a reply's chunks come in)."""
+        self._drain_monitor()
+        return self.broken
 
     def _drain_monitor(self) -> None:
         while self._monitor.poll(0):
@@ -327,6 +361,8 @@ class Connection:
             pass
         self._monitor.close(0)
         self._front.close(0)
+        if self._stripes is not None:
+            self._stripes.close()
         if self._worker is not None:
             self._worker.close(linger_ms)
         self._context.term()

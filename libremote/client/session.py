@@ -67,7 +67,8 @@ class ClientSession:
         self.settings = settings
         self.address = address
         self.connection = Connection(address, timeout_s=settings.timeout_s, heartbeat_s=settings.heartbeat_s,
-                                     spin_s=settings.spin_us * 1e-6, curve=_client_keys(settings))
+                                     spin_s=settings.spin_us * 1e-6, curve=_client_keys(settings),
+                                     stripes=settings.stripes)
         welcome = self.connection.handshake(
             libremote_version, tenant=settings.tenant, token=settings.token, priority=settings.priority,
             queue_timeout_s=settings.queue_timeout_s, devices=settings.devices if devices is None else devices,

@@ -65,13 +65,15 @@ def pulled(source: RemoteTensor, device_index: int) -> RemoteTensor:
                 f"libremote: a captured step cannot move a tensor between daemons ({source.device} to "
                 f"cuda:{device_index}): a replay would pull an export that was served already. Capture the "
                 "work of each daemon as its own step and move the tensor between the calls.")
-    (token, nbytes), _ = origin.request([Cmd.EXPORT, source._ref.id])
+    # (From a CURVE daemon, two more: the export's one-time secret key and its worker's server
+    # key, with which the target's worker connects; server/worker/exports.py.)
+    token, nbytes, *curve = origin.request([Cmd.EXPORT, source._ref.id])[0]
     shape = list(source.shape)
     stride = list(torch.empty(shape, device="meta").stride()) if shape else []
     target = make((source.dtype, tuple(shape), tuple(stride), 0), target_session, device_index)
     target_session.submit([Cmd.PULL, target._ref.id, torch_codec.dtype_ext(source.dtype), shape,
                            target_session.local_device(device_index),
-                           origin.connection.worker_address, token, nbytes])
+                           origin.connection.worker_address, token, nbytes, *curve])
     return target
 
 

@@ -65,6 +65,17 @@ MAX_EXPORT_BYTES = 4 << 30
 #: Longest peer worker address a PULL may name (tcp://host:port).
 MAX_PEER_ADDRESS = 256
 
+#: Striped bulk transfer under CURVE (libremote/client/stripes.py, server/worker/stripes.py). ZeroMQ
+#: encrypts one connection in one I/O thread, so one connection moves CURVE data at one core's
+#: speed. A client of a daemon with the "stripes" feature opens up to MAX_STRIPES more connections
+#: to its worker (STRIPE, same key as the session), and a frame of at least STRIPE_MIN_BYTES in a
+#: BATCH or REPLY travels as CHUNKs of STRIPE_CHUNK_BYTES spread over them; the message itself
+#: goes on the session's connection as before, with an empty frame in its place and a "striped"
+#: entry saying which transfer fills it. Small messages never touch the stripes.
+MAX_STRIPES = 8
+STRIPE_MIN_BYTES = 1 << 20
+STRIPE_CHUNK_BYTES = 512 << 10
+
 
 class Msg(enum.IntEnum):
     """Messages between a client (or the ``libremote`` command) and the daemon."""
@@ -81,6 +92,8 @@ class Msg(enum.IntEnum):
     ADMIN = 10
     PULL = 11
     PULLED = 12
+    STRIPE = 13
+    CHUNK = 14
 
 
 class Cmd(enum.IntEnum):
@@ -322,12 +335,15 @@ MESSAGES: dict[Msg, Message] = {m.kind: m for m in (  # type: ignore[misc]
         Field("seq", int, "the batch's number, echoed in its REPLY"),
         Field("commands", list, "the commands (see Commands)"),
         Field("want_reply", bool, "true at a sync point or for an acknowledgement (backpressure)"),
+        Field("striped", list, "[[frame, transfer, nbytes], ...]: frames (1 is the first after the header) sent "
+              "as CHUNKs on the session's stripes; the frame itself is empty", 1024, optional=True),
     )),
     Message(Msg.REPLY, "worker, front", "The answer to a BATCH that asked for one; with seq nil, an error not "
             "tied to a batch (a malformed message, or the session ended: the error says why).", (
         Field("seq", int, "the BATCH's seq, or nil", optional=True),
         Field("results", list, "one entry per command that yields a result (RESULT_COMMANDS), in order"),
         Field("error", list, "[kind, op, message]: the first failure since the last reply, or nil", 3, optional=True),
+        Field("striped", list, "as in BATCH: frames that come as CHUNKs on the client's stripes", 1024, optional=True),
     )),
     Message(Msg.BYE, "client", "The client leaves; its session and memory are freed at once (to the worker; "
             "to the front while queued)."),
@@ -349,6 +365,16 @@ MESSAGES: dict[Msg, Message] = {m.kind: m for m in (  # type: ignore[misc]
         Field("total", int, "the export's size in bytes (0 with an error)"),
         Field("error", str, "why nothing is sent (unknown or expired token, a range outside the export), or nil",
               1024, optional=True),
+    )),
+    Message(Msg.STRIPE, "client, worker", "On a new connection to the worker, with the same CURVE key as the "
+            "session: make it one of the session's stripes (see MAX_STRIPES). The worker answers STRIPE with "
+            "the same routing id, or REFUSED (no such session, another key's session, too many stripes).", (
+        Field("session_routing_id", bytes, "the routing id of the session's own connection", 256),
+    )),
+    Message(Msg.CHUNK, "client, worker", "A piece of a striped frame, on a stripe; the piece in one frame.", (
+        Field("transfer", int, "the transfer it belongs to (named in a BATCH's or REPLY's striped)"),
+        Field("offset", int, "where the piece goes in the frame"),
+        Field("nbytes", int, "the whole frame's size"),
     )),
 )}
 
@@ -505,8 +531,9 @@ COMMANDS: dict[Cmd, Command] = {c.kind: c for c in (
     Command(Cmd.SETTINGS, "torch numerics switches for what follows (libremote_wire/numerics.py).",
             (Field("settings", dict, "name -> value"),)),
     Command(Cmd.EXPORT, "Snapshot a dense tensor's bytes (in host memory of the worker) for one PULL by another "
-            "daemon's worker; returns [token, nbytes]. Refused under CURVE (a peer worker holds no key the "
-            f"daemon accepts), beyond {MAX_EXPORTS} unpulled exports or {MAX_EXPORT_BYTES >> 30} GiB per session; "
+            "daemon's worker; returns [token, nbytes], and under CURVE [token, nbytes, secret key, server key]: a "
+            "one-time key pair the exporting worker accepts for this export only, and its own server key (z85). "
+            f"Refused beyond {MAX_EXPORTS} unpulled exports or {MAX_EXPORT_BYTES >> 30} GiB per session; "
             f"unpulled exports expire after {EXPORT_TTL_S:g} s.", (_HANDLE,)),
     Command(Cmd.PULL, "A new tensor on a device, with the bytes of an export on another daemon's worker, pulled "
             "worker to worker (never through the client) before the next command runs.", (
@@ -515,6 +542,9 @@ COMMANDS: dict[Cmd, Command] = {c.kind: c for c in (
         Field("source", str, "the exporting worker's address (tcp://host:port only)", MAX_PEER_ADDRESS),
         Field("token", bytes, "the export's token", EXPORT_TOKEN_BYTES),
         Field("nbytes", int, "the export's size: dtype and shape must match it"),
+        Field("secret_key", bytes, "from a CURVE daemon: the export's one-time secret key (EXPORT's result)", 40,
+              optional=True),
+        Field("server_key", bytes, "from a CURVE daemon: the exporting worker's server key", 40, optional=True),
     )),
 )}
 

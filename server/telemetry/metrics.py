@@ -215,7 +215,7 @@ def families(snapshot: dict[str, Any] | None, *, health: dict[str, Any] | None =
     for reason in ("malformed", "unknown_key", "other_owner", "failure"):
         add("libremote_rejected_messages_total", ["front", reason], rejected_front.get(reason, 0))
     rejected_workers = snapshot.get("worker_rejected") or {}
-    for reason in ("malformed", "limit", "other_owner", "failure", "pull"):
+    for reason in ("malformed", "limit", "other_owner", "failure", "pull", "stripe"):
         add("libremote_rejected_messages_total", ["worker", reason], rejected_workers.get(reason, 0))
     add("libremote_reconnects_total", [], counters["reconnects"])
     for reason in REFUSAL_REASONS:

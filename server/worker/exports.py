@@ -18,9 +18,16 @@ PULL needs no session (B's worker has none here), but it gets nothing without a 
 an export is served once (dropped after its last byte went), expires after
 ``messages.EXPORT_TTL_S``, and dies with its session. A session may hold at most
 ``messages.MAX_EXPORTS`` exports of ``messages.MAX_EXPORT_BYTES`` together, so a client cannot
-make the worker hold unbounded host memory this way. Under CURVE only the tenant's own keys may
-connect to a worker, and a peer worker holds none of them: EXPORT is refused there (see
-:meth:`Exports.add`) rather than opening a keyless way in.
+make the worker hold unbounded host memory this way.
+
+Under CURVE a worker lets in only its tenant's keys, and a peer daemon's worker holds none. So
+each export gets its own CURVE key pair, made here: the worker's ZAP handler accepts that public
+key too (as ``export:KEY``, never as a tenant), for as long as the export lives, and a connection
+made with it may only PULL, and only that export. EXPORT's reply hands the key pair's secret and
+this worker's server key to the client over its encrypted session; the client hands them on with
+the token, over its encrypted session with B. B's worker connects with them: the pull is
+encrypted, B knows it talks to A's worker, and A serves nobody without the export's secret key
+and its token (SECURITY.md, "Cross-server copies under CURVE").
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import zmq
 
 from libremote_wire import messages, torch_codec
 
@@ -45,15 +53,19 @@ class Export:
     expires: float
     keep: torch.Tensor = field(repr=False)  # owns the memory ``data`` views
     served: int = 0  # bytes already sent (an export is pulled once, front to back)
+    key: bytes | None = None  # under CURVE: the public key (z85) a pull must connect with
 
 
 class Exports:
     """The worker's live exports, by token."""
 
-    def __init__(self, *, allowed: bool = True, why_not: str = "") -> None:
+    def __init__(self, *, allowed: bool = True, why_not: str = "", curve: bool = False) -> None:
         self._by_token: dict[bytes, Export] = {}
         self._allowed = allowed
         self._why_not = why_not
+        self.curve = curve
+        #: Public keys (z85) of live exports: the ZAP handler's thread reads it (a set: no lock needed).
+        self.keys: set[bytes] = set()
         self.bytes_served = 0
 
     def add(self, session: str, tensor: torch.Tensor) -> tuple[bytes, int]:
@@ -73,13 +85,25 @@ class Exports:
         snapshot = tensor.detach().resolve_conj().resolve_neg().to("cpu", copy=True).contiguous().reshape(-1)
         data = torch_codec.tensor_bytes(snapshot) if nbytes else memoryview(b"")
         token = secrets.token_bytes(messages.EXPORT_TOKEN_BYTES)
-        self._by_token[token] = Export(session, memoryview(data).cast("B"), time.monotonic() + messages.EXPORT_TTL_S,
-                                       snapshot)
+        export = Export(session, memoryview(data).cast("B"), time.monotonic() + messages.EXPORT_TTL_S, snapshot)
+        self._by_token[token] = export
+        if self.curve:
+            export.key, self.secret_of_last = zmq.curve_keypair()
+            self.keys.add(export.key)
         return token, nbytes
 
-    def serve(self, token: bytes, offset: int, length: int) -> tuple[int, memoryview | None, str | None]:
-        """(total, piece, error) for a PULL. The export goes once its last byte was served."""
+    #: The secret key of the export :meth:`add` made last (CURVE), for EXPORT's reply only.
+    secret_of_last: bytes = b""
+    #: This worker's CURVE server key (z85), which a pulling worker must find at the other end.
+    server_public: bytes = b""
+
+    def serve(self, token: bytes, offset: int, length: int,
+              key: bytes | None = None) -> tuple[int, memoryview | None, str | None]:
+        """(total, piece, error) for a PULL, from a connection made with ``key`` (CURVE: the
+        export's own). The export goes once its last byte was served."""
         export = self._find(token)
+        if export is not None and export.key != key:
+            export = None  # (the same answer as a wrong token: nothing about the export is told)
         if export is None:
             return 0, None, "no such export here (a wrong token, or it expired, was pulled already, or its session ended)"
         total = len(export.data)
@@ -90,7 +114,7 @@ class Exports:
         export.served = max(export.served, offset + length)
         self.bytes_served += length
         if export.served >= total:
-            del self._by_token[token]  # (the piece still refers to the snapshot: sent before it goes)
+            self._drop(token)  # (the piece still refers to the snapshot: sent before it goes)
         return total, piece, None
 
     def _find(self, token: bytes) -> Export | None:
@@ -100,18 +124,23 @@ class Exports:
         if export is None:
             return None
         if export.expires < time.monotonic():
-            self._by_token.pop(token, None)
+            self._drop(token)
             return None
         return export
 
     def drop_session(self, session: str) -> None:
         for token in [t for t, export in self._by_token.items() if export.session == session]:
-            del self._by_token[token]
+            self._drop(token)
 
     def expire(self) -> None:
         now = time.monotonic()
         for token in [t for t, export in self._by_token.items() if export.expires < now]:
-            del self._by_token[token]
+            self._drop(token)
+
+    def _drop(self, token: bytes) -> None:
+        export = self._by_token.pop(token, None)
+        if export is not None and export.key is not None:
+            self.keys.discard(export.key)
 
     def held_bytes(self) -> int:
         return sum(len(export.data) for export in self._by_token.values())

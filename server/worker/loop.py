@@ -44,6 +44,7 @@ from .residency import DeviceMemory
 from .session import Reply, Session
 from .session_quota import TenantAccount
 from .slots import DeviceSlot, SliceTimer, Watchdog
+from .stripes import StripeTable
 
 log = logging.getLogger("libremote.server.worker")
 
@@ -58,7 +59,10 @@ _IDLE_TRIM_S = 2.0  # no batch for this long: the worker gives kept host memory 
 #: session whose client leaves them unread stops running (limits.MAX_UNSENT_REPLY_BYTES).
 _TRACKED_REPLY_BYTES = 1 << 20
 #: What a client sends its worker (HELLO, STATUS and ADMIN go to the front).
-_CLIENT_MESSAGES = frozenset({Msg.BATCH, Msg.PING, Msg.BYE, Msg.PULL})
+_CLIENT_MESSAGES = frozenset({Msg.BATCH, Msg.PING, Msg.BYE, Msg.PULL, Msg.STRIPE, Msg.CHUNK})
+#: ZeroMQ I/O threads under CURVE: each connection is encrypted by one, so a session's stripes
+#: (stripes.py) move bulk data on as many cores as there are threads (at most this many).
+_CURVE_IO_THREADS = 1 + messages.MAX_STRIPES
 
 
 @dataclass
@@ -114,7 +118,9 @@ class Worker:
         #: the daemon's metrics; counted where they are refused, never per op.
         self.rejected: dict[str, int] = {}
         self.watchdog = Watchdog(config.watchdog)
-        self._context = zmq.Context()
+        io_threads = min(_CURVE_IO_THREADS, os.cpu_count() or 1) if config.auth_keys is not None else 1
+        self._context = zmq.Context(io_threads=max(1, io_threads))
+        self.stripes = StripeTable()
         self._control = self._context.socket(zmq.DEALER)
         self._control.setsockopt(zmq.LINGER, 1000)  # (ENDED messages still go out when stopping)
         self._control.setsockopt(zmq.ROUTING_ID, config.worker_id.encode())
@@ -135,17 +141,15 @@ class Worker:
         # A client that goes away (killed, closed) is seen at once: its session is reclaimed
         # without waiting for heartbeats (which still catch a host that vanished).
         self._peers = peers.Peers(self._socket, per_address=limits.CONNECTIONS_PER_ADDRESS)
+        #: Cross-server copies (exports.py): what this worker's sessions offer to peer workers, and
+        #: messages that arrived while a PULL of this worker waited on a peer (taken in next).
+        self.exports = Exports(curve=config.auth_keys is not None)
         self._authenticator = None
         if config.auth_keys is not None:
             keyring = auth.KeyRing(config.auth_keys, config.server_key).only_tenant(config.tenant)
-            self._authenticator = auth.secure(self._socket, keyring)
+            self._authenticator = auth.secure(self._socket, keyring, export_keys=self.exports.keys)
+            self.exports.server_public = keyring.server_public
         self.address = self._bind(config)
-        #: Cross-server copies (exports.py): what this worker's sessions offer to peer workers, and
-        #: messages that arrived while a PULL of this worker waited on a peer (taken in next).
-        self.exports = Exports(allowed=config.auth_keys is None, why_not=(
-            "this daemon runs with --auth-keys (CURVE), and a peer daemon's worker holds no key it accepts: "
-            "cross-server copies need daemons on plain TCP for now; move the tensor through the host instead "
-            "(t.cpu().to(device))"))
         self._stashed: collections.deque[list[zmq.Frame]] = collections.deque()
         torch.set_grad_enabled(False)
 
@@ -185,6 +189,7 @@ class Worker:
                         self._take_messages()
                         last_message = time.perf_counter()
                 for identity in self._peers.closed():
+                    self.stripes.forget_stripe(identity)
                     if identity in self.sessions:
                         self._end_session(identity, "its client disconnected (exited, was killed, or closed the connection)")
                 self._housekeeping()
@@ -221,11 +226,13 @@ class Worker:
     # ------------------------------------------------------------------------------------------
     # Cross-server copies (exports.py, peer_pull.py)
     # ------------------------------------------------------------------------------------------
-    def _pull_from_peer(self, address: str, token: bytes, nbytes: int, into: memoryview) -> int:
+    def _pull_from_peer(self, address: str, token: bytes, nbytes: int, into: memoryview,
+                        curve: tuple[bytes, ...] | None = None) -> int:
         """A session's PULL: the bytes of a peer worker's export, while answering PULLs to this
         worker meanwhile (messages of other kinds wait in ``_stashed``: a session must not change
         while one of its commands runs)."""
-        return peer_pull.pull(self._context, address, token, nbytes, into, serve_own=self._serve_pulls_only)
+        return peer_pull.pull(self._context, address, token, nbytes, into, serve_own=self._serve_pulls_only,
+                              curve=curve)
 
     def _serve_pulls_only(self) -> None:
         while readable(self._socket) and len(self._stashed) < 4096:
@@ -235,9 +242,11 @@ class Worker:
             else:
                 self._stashed.append(frames)
 
-    def _on_pull(self, identity: bytes, token: bytes, offset: int, length: int) -> None:
-        """A peer worker asks for a piece of an export: it gets it only with a live token."""
-        total, piece, error = self.exports.serve(token, offset, length)
+    def _on_pull(self, identity: bytes, token: bytes, offset: int, length: int, user_id: str | None) -> None:
+        """A peer worker asks for a piece of an export: it gets it only with a live token (and,
+        under CURVE, on a connection made with that export's own key)."""
+        key = auth.export_key_of(user_id) if self._authenticator is not None else None
+        total, piece, error = self.exports.serve(token, offset, length, key)
         if error is not None:
             self._count_rejected("pull")
             log.warning("refused a PULL from %s: %s", identity.hex()[:12], error,
@@ -408,15 +417,26 @@ class Worker:
                 self._refuse_other_owner(identity, header)
                 return
             kind, fields = messages.parse(header, messages.MESSAGES, accepted=_CLIENT_MESSAGES, at="a worker")
+            if kind != Msg.PULL and auth.export_key_of(user_id) is not None:
+                raise ProtocolError("a connection made with an export's key may only PULL that export")
             if kind == Msg.BATCH:
-                self._on_batch(identity, fields[0], fields[1], fields[2], [f.buffer for f in frames[2:]])
+                buffers = [f.buffer for f in frames[2:]]
+                if fields[3] or self.stripes.waiting(identity):  # (its frames come on the stripes)
+                    self._on_batches(identity, self.stripes.hold(identity, (fields[0], fields[1], fields[2], buffers,
+                                                                            fields[3] or [])))
+                else:
+                    self._on_batch(identity, fields[0], fields[1], fields[2], buffers)
             elif kind == Msg.PING:
                 if session is not None:
                     session.last_seen = time.monotonic()
             elif kind == Msg.BYE:
                 self._end_session(identity, "client said goodbye")
             elif kind == Msg.PULL:
-                self._on_pull(identity, fields[0], fields[1], fields[2])
+                self._on_pull(identity, fields[0], fields[1], fields[2], user_id)
+            elif kind == Msg.STRIPE:
+                self._on_stripe(identity, user_id, fields[0])
+            elif kind == Msg.CHUNK:
+                self._on_chunk(identity, user_id, fields, frames)
         except limits.LimitExceeded as exc:
             self._count_rejected("limit")
             self._drop_offender(identity, str(exc))
@@ -427,6 +447,45 @@ class Worker:
             self._send(identity, [Msg.REPLY, messages.batch_seq(header), [], [ErrorKind.PROTOCOL.value, "", str(exc)]])
         except Exception as exc:  # a bug met by this input: its sender pays, nobody else
             self._drop_offender(identity, _failure(exc), error=exc)
+
+    # ------------------------------------------------------------------------------------------
+    # Stripes (stripes.py)
+    # ------------------------------------------------------------------------------------------
+    def _on_stripe(self, identity: bytes, user_id: str | None, session_routing_id: bytes) -> None:
+        """A connection asks to be a stripe of a session: only with the session's own CURVE key."""
+        session = self.sessions.get(session_routing_id)
+        if self._authenticator is None:
+            why: str | None = "stripes are for daemons with --auth-keys (CURVE); plain TCP needs none"
+        elif session is None or user_id is None or not auth.same_owner(session.owner, user_id):
+            why = "no session of this key has that routing id"
+        else:
+            why = self.stripes.attach(identity, session_routing_id)
+        if why is not None:
+            self._count_rejected("stripe")
+            log.warning("refused a stripe from %s: %s", identity.hex()[:12], why,
+                        extra={"event": "security_rejection", "tenant": self.config.tenant, "worker": self.config.worker_id})
+            self._send(identity, [Msg.REFUSED, why])
+            return
+        self._send(identity, [Msg.STRIPE, session_routing_id])
+
+    def _on_chunk(self, identity: bytes, user_id: str | None, fields: list[Any], frames: list[zmq.Frame]) -> None:
+        owner = self.stripes.session_of(identity)
+        session = self.sessions.get(owner) if owner is not None else None
+        if session is None or owner is None or not auth.same_owner(session.owner, user_id):
+            self._count_rejected("stripe")  # (not a stripe, or its session is gone: nothing to feed)
+            return
+        codec.check(len(frames) == 3, lambda: "a CHUNK carries its piece in one frame")
+        try:
+            ready = self.stripes.add_chunk(owner, fields[0], fields[1], fields[2], frames[2].buffer)
+        except ProtocolError as exc:  # (the session's data is broken: it ends, as for a broken bound)
+            self._count_rejected("limit")
+            self._drop_offender(owner, f"broken striped transfer: {exc}")
+            return
+        self._on_batches(owner, ready)
+
+    def _on_batches(self, identity: bytes, batches: list[Any]) -> None:
+        for seq, commands, want_reply, buffers, _ in batches:
+            self._on_batch(identity, seq, commands, want_reply, buffers)
 
     def _on_batch(self, identity: bytes, seq: int, commands: list[Any], want_reply: bool, frames: list[Any]) -> None:
         session = self.sessions.get(identity)
@@ -455,8 +514,13 @@ class Worker:
         nbytes = sum(memoryview(frame).nbytes for frame in reply.frames) if reply.frames else 0
         if session is not None:
             session.bytes_out += nbytes
-        tracker = self._send(identity, [Msg.REPLY, reply.seq, reply.results, reply.error], reply.frames,
-                             track=session is not None and nbytes >= _TRACKED_REPLY_BYTES)
+        track = session is not None and nbytes >= _TRACKED_REPLY_BYTES
+        header, frames, trackers = self.stripes.send_large(
+            identity, [Msg.REPLY, reply.seq, reply.results, reply.error], reply.frames or (),
+            lambda stripe, parts, tracked: self._outbox.send(stripe, parts, copy=False, track=tracked), track=track)
+        tracker = self._send(identity, header, frames, track=track and not trackers)
+        if trackers:
+            tracker = zmq.MessageTracker(*trackers)
         if session is not None and isinstance(tracker, zmq.MessageTracker):
             session.replies_unsent(tracker, nbytes)
 
@@ -508,7 +572,9 @@ class Worker:
         return context
 
     def _on_outbox_full(self, identity: bytes) -> None:
-        """A peer does not take its messages (it sends and never reads): its session ends."""
+        """A peer does not take its messages (it sends and never reads): its session ends (a
+        stripe's: the session it belongs to, whose reply can no longer arrive whole)."""
+        identity = self.stripes.session_of(identity) or identity
         if identity in self.sessions:
             why = (f"its client did not read its replies ({limits.OUTBOX_MESSAGES} messages were waiting for it); "
                    "the daemon never waits for one client")
@@ -564,6 +630,8 @@ class Worker:
         if session is None:
             return
         self._peers.forget(identity)
+        for stripe in self.stripes.forget_session(identity):
+            self._peers.forget(stripe)
         for slot in session.slots:
             slot.sessions.remove(session)
         self.exports.drop_session(session.id)

@@ -44,15 +44,22 @@ def check_address(address: str) -> None:
 
 
 def pull(context: zmq.Context[Any], address: str, token: bytes, nbytes: int, into: memoryview,
-         serve_own: Callable[[], None] | None = None) -> int:
+         serve_own: Callable[[], None] | None = None, curve: tuple[bytes, ...] | None = None) -> int:
     """Fill ``into`` (``nbytes`` long) with the export ``token`` of the worker at ``address``;
-    return the bytes received."""
+    return the bytes received. ``curve``: (the export's secret key, the exporting worker's
+    server key), z85, when the exporting daemon runs with --auth-keys (exports.py)."""
     check_address(address)
     socket = context.socket(zmq.DEALER)
+    if curve is not None:
+        secret, server_public = curve
+        socket.curve_secretkey = secret
+        socket.curve_publickey = zmq.curve_public(secret)
+        socket.curve_serverkey = server_public
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.MAXMSGSIZE, messages.PULL_CHUNK_BYTES + (64 << 10))
     # A peer that refuses the connection or drops it fails the copy at once, not after the timeout.
-    monitor = socket.get_monitor_socket(zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_DISCONNECTED)
+    monitor = socket.get_monitor_socket(zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_DISCONNECTED
+                                        | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
     try:
         socket.connect(address)
         pieces = [(offset, min(messages.PULL_CHUNK_BYTES, nbytes - offset))
@@ -91,6 +98,9 @@ def _answer(socket: zmq.Socket[Any], monitor: zmq.Socket[Any], address: str,
             serve_own()
         while monitor.poll(0):
             event = recv_monitor_message(monitor)["event"]
+            if event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+                raise PullFailed(f"the worker at {address} refused this pull's CURVE handshake (the export's key "
+                                 "expired or was used, or the daemons disagree on CURVE)")
             if event in (zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_DISCONNECTED):
                 raise PullFailed(f"the worker at {address} is gone (its daemon stopped or died, or the connection "
                                  "was refused): the tensor could not be copied from it")

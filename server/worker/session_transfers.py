@@ -29,7 +29,8 @@ class TransfersMixin:
 
     exports: Exports | None = None
     #: ``(address, token, nbytes, into) -> received``: pulls from a peer worker (Worker._pull_from_peer).
-    peer_pull: Callable[[str, bytes, int, memoryview], int] | None = None
+    #: (source, token, nbytes, into, curve keys or None) -> bytes received
+    peer_pull: Callable[[str, bytes, int, memoryview, tuple[bytes, ...] | None], int] | None = None
     bytes_exported = 0
     bytes_pulled = 0
 
@@ -63,11 +64,17 @@ class TransfersMixin:
         except ExportRefused as exc:
             raise CommandError(ErrorKind.OP, "EXPORT", str(exc)) from None
         self.bytes_exported += nbytes
+        if self.exports.curve:  # (the key pair the pulling worker connects with; see exports.py)
+            return [token, nbytes, self.exports.secret_of_last, self.exports.server_public]
         return [token, nbytes]
 
     def _pull(self, command: list[Any], frames: list[Any]) -> None:
-        codec.check(len(command) == 8, "PULL takes [PULL, new, dtype, shape, dev, source, token, nbytes]")
-        _, handle, dtype, shape, device_index, source, token, nbytes = command
+        codec.check(len(command) in (8, 10), "PULL takes [PULL, new, dtype, shape, dev, source, token, nbytes] "
+                    "and, from a CURVE daemon, [..., export secret key, its server key]")
+        _, handle, dtype, shape, device_index, source, token, nbytes = command[:8]
+        curve = tuple(command[8:]) or None
+        codec.check(curve is None or all(type(key) is bytes and len(key) == 40 for key in curve),
+                    "PULL's keys are z85 CURVE keys (40 bytes)")
         device = self._device(device_index)
         codec.check(isinstance(dtype, torch.dtype) and isinstance(shape, list)
                     and all(type(size) is int and size >= 0 for size in shape), "PULL needs a dtype and a shape")
@@ -100,7 +107,7 @@ class TransfersMixin:
         # first (then one copy to the device).
         staging = tensor if device.type == "cpu" else torch.empty(nbytes, dtype=torch.uint8)
         try:
-            received = self.peer_pull(source, token, nbytes, torch_codec.tensor_bytes(staging))
+            received = self.peer_pull(source, token, nbytes, torch_codec.tensor_bytes(staging), curve)
         except PullFailed as exc:
             raise CommandError(ErrorKind.OP, "cross-server copy", str(exc)) from None
         self.bytes_pulled += received
