@@ -125,8 +125,10 @@ def main() -> None:
         roots[f"{args.against}"] = args.against.resolve()
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, root in roots.items():
-            counts = [instructions(root, ops, Path(tmp)) for ops in (short, long)]
+        for number, (name, root) in enumerate(roots.items()):
+            workdir = Path(tmp) / str(number)  # (gate files of one checkout's runs never meet another's)
+            workdir.mkdir()
+            counts = [instructions(root, ops, workdir) for ops in (short, long)]
             figures[name] = (counts[1] - counts[0]) / (long - short)
             print(f"{name}: {figures[name]:,.0f} instructions per op (client; {short} ops {counts[0]:,}, "
                   f"{long} ops {counts[1]:,})", flush=True)
