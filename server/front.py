@@ -262,7 +262,7 @@ class Front:
     def _batch_to_front(self, identity: bytes, fields: list[Any]) -> None:
         """A BATCH belongs to a session's worker; at the front, the sender has none here (it said
         no HELLO, its session ended, or it predates protocol 2). A batch that asks is told so."""
-        seq, _, want_reply = fields
+        seq, _, want_reply = fields[:3]  # (a striped BATCH has a fourth field)
         if want_reply:
             why = ("this client's session ended: reconnect" if identity in self.sessions else
                    "this daemon has no session for the client (say HELLO first; once welcomed, BATCH goes to the "

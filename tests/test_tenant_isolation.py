@@ -19,6 +19,7 @@ import struct
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -360,9 +361,15 @@ def test_half_open_connections_cannot_exhaust_the_front(tenants_file):
 def test_tenants_share_the_cpu_backend_by_their_weights(tenants_file, tmp_path):
     """Issue 23: weights measured as device-time shares between real clients. On the CPU backend
     the device is the CPU, and each tenant's worker runs at the nice its weight gives it
-    (server/os_limits.py), so the kernel's scheduler shares the cores 3:1 between tenants of
-    weights 3 and 1 that both want them all. (Loose bound: the test machine runs other tests too.)"""
+    (server/os_limits.py), so the kernel's scheduler shares a core 3:1 between tenants of
+    weights 3 and 1 that both want it. The daemon's processes (the front and the zygote, whose
+    affinity the workers inherit) are held to one core, so the two tenants contend for the same
+    one whatever else the machine runs (on two free cores each would get one, and weights, which
+    decide only under contention, would not show). Loose bound: other tests share the machine."""
     server = _tenant_daemon(tenants_file)
+    daemon = psutil.Process(server.process.pid)
+    for process in (daemon, *daemon.children(recursive=True)):
+        process.cpu_affinity([min(daemon.cpu_affinity())])
     clients = []
     try:
         for name in ("heavy", "light"):
