@@ -158,18 +158,3 @@ def client_connected_to(address: str) -> Iterator[Any]:
         libremote.disconnect()
         if previous is not None:
             libremote.connect(previous)
-
-
-#: Test files whose tests take longest (daemons, etcd members, training runs), measured with
-#: ``--durations``. They are handed out first: pytest-xdist gives each worker the next test in
-#: collection order, and with these last (alphabetically many are) one worker ran the final long
-#: tests alone for minutes while the other sat idle.
-SLOW_FIRST = ("test_oversubscription.py", "test_pool_span.py", "test_aggregation.py", "test_pool_failures.py",
-              "test_graph_replay.py", "test_tenant_isolation.py", "test_pool_etcd.py", "test_pool_quota.py",
-              "test_pool_auth.py", "test_pool_queue.py", "test_training.py", "test_transformers.py",
-              "test_stripes.py", "test_curve_transfers.py", "test_auto_replay.py", "test_prometheus.py")
-
-
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {name: position for position, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # (stable: the rest keep their order)
