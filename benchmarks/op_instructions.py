@@ -12,80 +12,32 @@ count for M ops, over N - M, is the client's instructions per op, whatever the f
 The daemon runs natively beside it (a daemon under valgrind is too slow to keep its clients'
 heartbeats). Needs valgrind (Debian's ``valgrind``).
 
-A checkout given with --against runs with its own code (PYTHONPATH and working directory are
-its root), its daemon started as that checkout starts it (``libremote_server``, or
-``libremote.server`` before the daemon had a package of its own).
+A checkout given with --against runs with its own code (see benchmarks/checkouts.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-CLIENT = r"""
-import os, sys, time
-import torch
-import libremote
-
-n, gate = int(sys.argv[1]), sys.argv[2]
-libremote.connect()
-x, a, b = (torch.randn(64, device="cuda") for _ in range(3))
-for _ in range(300):
-    x = x * a + b
-torch.cuda.synchronize()
-print("READY", os.getpid(), flush=True)
-while not os.path.exists(gate + ".go"):
-    time.sleep(0.05)
-for _ in range(n // 2):
-    x = x * a + b
-torch.cuda.synchronize()
-open(gate + ".done", "w").close()
-while not os.path.exists(gate + ".end"):
-    time.sleep(0.05)
-libremote.disconnect()
-"""
-
-
-def _free_address() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
-
-
-def _daemon_module(root: Path) -> str:
-    return "libremote_server" if (root / "libremote_server").exists() else "libremote.server"
-
-
-def _wait_for(path: str, process: subprocess.Popen, what: str, log: Path) -> None:
-    deadline = time.monotonic() + 600
-    while not os.path.exists(path):
-        if process.poll() is not None or time.monotonic() > deadline:
-            tail = "\n".join([line for line in log.read_text().splitlines() if not line.startswith("==")][-15:])
-            raise SystemExit(f"the measured client stopped before {what}:\n{tail}")
-        time.sleep(0.05)
+from benchmarks.checkouts import CHAIN_CLIENT, REPO, checkout_env, free_address, start_daemon, stop, wait_for  # noqa: E402
 
 
 def instructions(root: Path, ops: int, workdir: Path) -> int:
     """Instructions the client at ``root`` spends on a chain of ``ops`` ops (and its sync)."""
-    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
-    env.pop("LIBREMOTE_SERVER", None)
-    address = _free_address()
-    daemon = subprocess.Popen([sys.executable, "-m", _daemon_module(root), "--listen", address, "--device", "cpu",
-                               "--log-level", "WARNING", "--heartbeat-timeout", "3600"], cwd=root, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = checkout_env(root)
+    address = free_address()
+    daemon = start_daemon(root, address)
     gate, out = str(workdir / f"gate-{ops}"), workdir / f"callgrind-{ops}.out"
     script, log = workdir / "client.py", workdir / f"client-{ops}.log"
-    script.write_text(CLIENT)
+    script.write_text(CHAIN_CLIENT)
     client = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
                                sys.executable, str(script), str(ops), gate],
                               cwd=root, env=dict(env, LIBREMOTE_SERVER=address, LIBREMOTE_TIMEOUT="300"),
@@ -97,15 +49,12 @@ def instructions(root: Path, ops: int, workdir: Path) -> int:
         pid = line.split()[1]
         subprocess.run(["callgrind_control", "-i", "on", pid], check=True, capture_output=True)
         open(gate + ".go", "w").close()
-        _wait_for(gate + ".done", client, "its chain of ops ended", log)
+        wait_for(gate + ".done", client, "its chain of ops ended", log)
         subprocess.run(["callgrind_control", "-i", "off", pid], check=True, capture_output=True)
         open(gate + ".end", "w").close()
         client.wait(timeout=600)
     finally:
-        for process in (client, daemon):
-            if process.poll() is None:
-                process.terminate()
-                process.wait(timeout=60)
+        stop(client, daemon)
     match = re.search(r"^totals: (\d+)", out.read_text(), re.M)
     if match is None:
         raise SystemExit(f"callgrind wrote no totals to {out}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import preloaded
 
 from conftest import REPO, Daemon, free_port, subprocess_env  # noqa: F401  (re-exported)
 
@@ -44,18 +47,31 @@ def _python_command(code: str, args: tuple[str, ...]) -> list[str]:
     return [sys.executable, "-c", textwrap.dedent(code), *args]
 
 
-def run_python(code: str, *args: str, timeout: float, **env: str) -> subprocess.CompletedProcess:
-    """Run a client program (a file name in ``tests/programs/``, or inline code) in a fresh
-    interpreter with libremote from this checkout; ``args`` are its command-line arguments and
-    ``env`` its extra environment variables."""
-    return subprocess.run(
-        _python_command(code, args),
-        env=subprocess_env(**env),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def _start_python(command: list[str], env: dict[str, str], fresh: bool) -> subprocess.Popen:
+    """A client process, forked from a preloaded interpreter (tests/preloaded.py) unless
+    ``fresh`` (a program that looks at what is imported), unless ``env`` changes what torch
+    reads while loading, or unless LIBREMOTE_TEST_FRESH_CLIENTS=1 (every client a fresh exec)."""
+    options: dict[str, Any] = {"cwd": REPO, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    base_env = subprocess_env()
+    if fresh or os.environ.get("LIBREMOTE_TEST_FRESH_CLIENTS") == "1" or preloaded.needs_fresh_interpreter(base_env, env):
+        return subprocess.Popen(command, env=env, **options)
+    return preloaded.PreloadedPopen(command, base_env=base_env, env=env, **options)
+
+
+def run_python(code: str, *args: str, timeout: float, fresh: bool = False, **env: str) -> subprocess.CompletedProcess:
+    """Run a client program (a file name in ``tests/programs/``, or inline code) in its own
+    process with libremote from this checkout; ``args`` are its command-line arguments and
+    ``env`` its extra environment variables. ``fresh``: in a newly exec'd interpreter rather than
+    one forked from the preloaded launcher (see :func:`_start_python`)."""
+    command = _python_command(code, args)
+    process = _start_python(command, subprocess_env(**env), fresh)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
 def last_json(output: str) -> dict[str, Any]:
@@ -88,14 +104,17 @@ def wait_for_log(server: Daemon, text: str, timeout: float = 30.0) -> str:
         time.sleep(0.05)
 
 
-def spawn_client(code: str, address: str, *args: str, **env: str) -> subprocess.Popen:
-    """A library client (a program's file name, or inline code) in its own interpreter, opted in
-    through LIBREMOTE_SERVER; ``args`` are its command-line arguments."""
-    return subprocess.Popen(
-        _python_command(code, args),
-        env=subprocess_env(LIBREMOTE_SERVER=address, **env),
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+def start_program(code: str, *args: str, fresh: bool = False, **env: str) -> subprocess.Popen:
+    """A program (a file name in ``tests/programs/``, a path, or inline code) in its own process,
+    its output piped; ``args``, ``env`` and ``fresh`` as for :func:`run_python`."""
+    return _start_python(_python_command(code, args), subprocess_env(**env), fresh)
+
+
+def spawn_client(code: str, address: str, *args: str, fresh: bool = False, **env: str) -> subprocess.Popen:
+    """A library client (a program's file name, or inline code) in its own process, opted in
+    through LIBREMOTE_SERVER; ``args`` are its command-line arguments (``fresh`` as for
+    :func:`run_python`)."""
+    return start_program(code, *args, fresh=fresh, LIBREMOTE_SERVER=address, **env)
 
 
 def finish(client: subprocess.Popen, what_went_wrong: str, timeout: float = 60.0) -> tuple[str, str]:

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from conftest import REPO, Daemon, free_port, subprocess_env
+from helpers import spawn_client
 
 #: Where tests keep what a person may want to look at afterwards (the dashboard's screenshot).
 ARTIFACTS = Path(os.environ.get("LIBREMOTE_TEST_ARTIFACTS", REPO / "build" / "test-artifacts"))
@@ -125,9 +126,7 @@ HOLDER = """
 
 
 def spawn_holder(address: str, folder: Path, name: str, **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOLDER)],
-                            env=subprocess_env(LIBREMOTE_SERVER=address, NAME=name, DIR=str(folder), **env),
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return spawn_client(textwrap.dedent(HOLDER), address, NAME=name, DIR=str(folder), **env)
 
 
 def wait_holding(client: subprocess.Popen, folder: Path, name: str, timeout: float = 120.0) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, subprocess_env
+from conftest import REPO
+from helpers import start_program
 
 PROGRAM = REPO / "examples" / "accelerate_train_checkpoint.py"
 RTOL, ATOL = 1e-4, 1e-5
@@ -29,8 +29,7 @@ RTOL, ATOL = 1e-4, 1e-5
 
 def start(out: Path, **env: str) -> subprocess.Popen:
     out.mkdir()
-    return subprocess.Popen([sys.executable, str(PROGRAM), str(out)], env=subprocess_env(**env), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_program(str(PROGRAM), str(out), **env)
 
 
 def report(process: subprocess.Popen) -> dict[str, Any]:

@@ -550,16 +550,12 @@ def test_an_unreachable_daemon_is_named_and_the_others_are_closed():
 
 def test_an_unmodified_pipeline_script_runs_across_two_daemons(two_daemons):
     """examples/pipeline_two_servers.py has no libremote in it: LIBREMOTE_SERVER opts it in."""
-    import subprocess
-    import sys
-
-    from helpers import REPO, subprocess_env
+    from helpers import REPO, run_python
 
     first, second = two_daemons
-    script = [sys.executable, str(REPO / "examples" / "pipeline_two_servers.py")]
-    remote = subprocess.run(script, env=subprocess_env(LIBREMOTE_SERVER=f"{first.address},{second.address}"),
-                            cwd=REPO, capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S)
-    local = subprocess.run(script, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S)
+    script = str(REPO / "examples" / "pipeline_two_servers.py")
+    remote = run_python(script, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=f"{first.address},{second.address}")
+    local = run_python(script, timeout=CLIENT_TIMEOUT_S)
     assert remote.returncode == 0 and local.returncode == 0, remote.stderr[-3000:] + local.stderr[-3000:]
     assert remote.stdout.startswith("stage 1 on libremote"), remote.stdout
     losses = [line for line in remote.stdout.splitlines() if line.startswith("step")]

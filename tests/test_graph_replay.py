@@ -11,8 +11,6 @@ broken rule shows up here as a wrong result. The last test runs the real thing o
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,8 +18,8 @@ import torch
 from libremote_wire import codec
 from libremote_wire.messages import Cmd
 
-from conftest import Daemon, subprocess_env
-from helpers import cuda_on_this_machine, program
+from conftest import Daemon
+from helpers import cuda_on_this_machine, run_python
 from raw_client import RawClient
 
 WARMUP_RUNS = 2  # server/cuda_graphs.py: interpreted runs before a capture
@@ -183,8 +181,7 @@ def _train(tmp_path, device: str, *daemon_args: str,
     server = Daemon(*daemon_args, device=device)
     path = tmp_path / f"state{'-'.join(daemon_args) or '-default'}.pt"
     try:
-        out = subprocess.run([sys.executable, program(client), str(path)], capture_output=True, text=True,
-                             env=subprocess_env() | {"TEST_SERVER": server.address}, timeout=600)
+        out = run_python(client, str(path), timeout=600, TEST_SERVER=server.address)
         assert out.returncode == 0, out.stderr + server.log()
     finally:
         server.stop()
@@ -231,8 +228,7 @@ def test_captured_step_replayed_in_place_matches_interpreted_bit_for_bit(tmp_pat
 def test_captured_step_outputs_update_in_place_and_a_replaced_tensor_is_an_error(emulating, mode):
     server = Daemon(mode)
     try:
-        out = subprocess.run([sys.executable, program("capture_step_static_outputs.py")], capture_output=True, text=True,
-                             env=subprocess_env() | {"TEST_SERVER": server.address}, timeout=300)
+        out = run_python("capture_step_static_outputs.py", timeout=300, TEST_SERVER=server.address)
         assert out.returncode == 0, out.stderr + server.log()
     finally:
         server.stop()

@@ -10,7 +10,6 @@ GPU machine runs the real one), and a CPU daemon is made unhealthy through ``--h
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import threading
 import time
@@ -18,7 +17,7 @@ import types
 
 import pytest
 
-from conftest import REPO, subprocess_env
+from helpers import run_python
 from ops_support import MetricsDaemon, cli, release, spawn_holder, value, wait_holding
 
 
@@ -189,9 +188,8 @@ def test_an_unhealthy_device_takes_no_new_sessions_and_says_why(tmp_path):
         health = report["devices"][0]["health"]
         assert not health["healthy"] and {r["kind"] for r in health["reasons"]} == {"xid", "temperature"}
         assert "UNHEALTHY" in cli("status", "--server", server.address).stdout
-        refused = subprocess.run([sys.executable, "-c", "import torch, libremote; torch.ones(1, device='cuda')"],
-                                 env=subprocess_env(LIBREMOTE_SERVER=server.address), cwd=REPO, capture_output=True,
-                                 text=True, timeout=120)
+        refused = run_python("import torch, libremote; torch.ones(1, device='cuda')", timeout=120,
+                             LIBREMOTE_SERVER=server.address)
         assert refused.returncode != 0 and "unhealthy" in refused.stderr and "XID 79" in refused.stderr, refused.stderr
         assert release(holder, tmp_path, "a").strip() == session  # (its session went on)
         server.wait_metric(lambda s: value(s, "libremote_refusals_total", reason="unhealthy") == 1, "the refusal")

@@ -878,18 +878,19 @@ def test_unmodified_script_uses_remote_gpu(daemon):
 
 
 def test_without_env_var_libremote_is_not_imported():
-    result = run_python("import sys, torch; print('libremote' in sys.modules)", timeout=300)
+    result = run_python("import sys, torch; print('libremote' in sys.modules)", timeout=300, fresh=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
 
 
 def test_startup_hook_does_not_import_torch_eagerly(daemon):
-    result = run_python("import sys; print('torch' in sys.modules)", timeout=300, LIBREMOTE_SERVER=daemon.address)
+    result = run_python("import sys; print('torch' in sys.modules)", timeout=300, fresh=True,
+                        LIBREMOTE_SERVER=daemon.address)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
 
 
 def test_env_var_activates_on_import_torch(daemon):
-    result = run_python("use_cuda_after_import_torch.py", timeout=300, LIBREMOTE_SERVER=daemon.address)
+    result = run_python("use_cuda_after_import_torch.py", timeout=300, fresh=True, LIBREMOTE_SERVER=daemon.address)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["True", "True 1", "cuda:0 12.0"]

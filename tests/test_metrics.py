@@ -22,6 +22,7 @@ import prometheus_client  # noqa: F401  (requirements-dev.txt: the endpoint need
 import zmq
 
 from conftest import REPO, free_port, subprocess_env
+from helpers import run_python
 from ops_support import (
     MetricsDaemon,
     cli,
@@ -107,9 +108,8 @@ def test_refusals_malformed_messages_reconnects_and_drain_are_counted(tmp_path):
         assert cli("admin", "--server", server.address, "--drain").returncode == 0
         code, body = server.get("/readyz")
         assert code == 503 and "draining" in body
-        refused = subprocess.run([sys.executable, "-c", "import torch, libremote; torch.ones(1, device='cuda')"],
-                                 env=subprocess_env(LIBREMOTE_SERVER=server.address, LIBREMOTE_TENANT="late"),
-                                 cwd=REPO, capture_output=True, text=True, timeout=120)
+        refused = run_python("import torch, libremote; torch.ones(1, device='cuda')", timeout=120,
+                             LIBREMOTE_SERVER=server.address, LIBREMOTE_TENANT="late")
         assert refused.returncode != 0 and "draining" in refused.stderr, refused.stderr[-2000:]
         samples = server.wait_metric(lambda s: value(s, "libremote_refusals_total", reason="draining") == 1,
                                      "the refusal")
@@ -122,8 +122,7 @@ def test_refusals_malformed_messages_reconnects_and_drain_are_counted(tmp_path):
         # The same client process twice: the second HELLO is a reconnect.
         code = ("import torch, libremote\nfor _ in range(2):\n"
                 "    libremote.connect(); torch.ones(1, device='cuda').sum().item(); libremote.disconnect()\n")
-        done = subprocess.run([sys.executable, "-c", code], env=subprocess_env(LIBREMOTE_SERVER=server.address),
-                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        done = run_python(code, timeout=120, LIBREMOTE_SERVER=server.address)
         assert done.returncode == 0, done.stderr[-2000:]
         server.wait_metric(lambda s: value(s, "libremote_reconnects_total") == 1, "a reconnect")
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import transformers  # noqa: F401  (required by requirements-dev.txt: a missing one fails here, not skips)
 
-from conftest import REPO, subprocess_env
+from conftest import REPO
+from helpers import run_python
 
 PROGRAM = REPO / "examples" / "hf_gpt2_train_generate.py"
 
@@ -31,10 +30,7 @@ def load_program():
 
 def test_gpt2_trains_and_generates_as_on_local_torch(daemon, tmp_path):
     saved = tmp_path / "parameters.pt"
-    result = subprocess.run(
-        [sys.executable, str(PROGRAM), str(saved)],
-        env=subprocess_env(LIBREMOTE_SERVER=daemon.address), cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
+    result = run_python(str(PROGRAM), str(saved), timeout=300, LIBREMOTE_SERVER=daemon.address)
     assert result.returncode == 0, result.stderr
     remote = json.loads(result.stdout.strip().splitlines()[-1])
     local, local_parameters = load_program().run("cpu")
