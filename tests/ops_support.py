@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -105,28 +104,10 @@ def value(samples: dict[str, Any], name: str, **labels: str) -> float | None:
     return None
 
 
-#: A client that opens a session, announces it in DIR/NAME.in (its session id), does some work,
-#: holds its tensors until DIR/NAME.go exists, then exits (saying goodbye).
-HOLDER = """
-    import os, time, torch, libremote
-    from pathlib import Path
-    name, folder = os.environ["NAME"], Path(os.environ["DIR"])
-    x = torch.ones(256, 256, device="cuda")
-    for _ in range(20):
-        x = x * 1.0001 + 0.5
-    assert x.sum().item() > 0
-    y = x.cpu()
-    session = libremote.server_info()["session"]
-    (folder / (name + ".tmp")).write_text(session)
-    os.replace(folder / (name + ".tmp"), folder / (name + ".in"))
-    while not (folder / (name + ".go")).exists():
-        time.sleep(0.05)
-    print(session, flush=True)
-"""
-
-
 def spawn_holder(address: str, folder: Path, name: str, **env: str) -> subprocess.Popen:
-    return spawn_client(textwrap.dedent(HOLDER), address, NAME=name, DIR=str(folder), **env)
+    """A client that opens a session, announces it in DIR/NAME.in (its session id), does some work and
+    holds its tensors until :func:`release` (tests/programs/compute_then_hold_a_session_until_go.py)."""
+    return spawn_client("compute_then_hold_a_session_until_go.py", address, NAME=name, DIR=str(folder), **env)
 
 
 def wait_holding(client: subprocess.Popen, folder: Path, name: str, timeout: float = 120.0) -> str:

@@ -17,20 +17,9 @@ from libremote_wire.pool.view import PoolView, read, with_figures
 
 from conftest import Daemon
 
-#: A client that computes on its pooled device, checks the result against local torch, and
-#: prints which daemon it got (JSON). Environment: N (size).
-COMPUTE_CLIENT = """
-    import json, os, torch, libremote
-    n = int(os.environ.get("N", "64"))
-    torch.manual_seed(0)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    remote = (a.cuda() @ b.cuda()).relu().sum(dim=0).cpu()
-    local = (a @ b).relu().sum(dim=0)
-    info = libremote.server_info()
-    print(json.dumps({"equal": bool(torch.equal(remote, local)), "host": info.get("host"),
-                      "session": info["session"], "address": libremote.client.runtime.current().address,
-                      "devices": torch.cuda.device_count()}), flush=True)
-"""
+#: Computes on its pooled device, checks the result against local torch and prints which daemon
+#: it got (JSON).
+COMPUTE_CLIENT = "compute_on_the_pool.py"
 
 
 def pool_daemon(etcd_address: str, node: str, *args: str, device: str = "cpu") -> Daemon:

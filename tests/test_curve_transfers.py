@@ -49,21 +49,10 @@ def alice(keys: Path) -> curve_keys.ClientKeys:
     return found
 
 
-COPIES = """
-import json, torch, libremote
-torch.manual_seed(0)
-host = torch.randn(3 << 20)  # 12 MiB: more than one PULL piece
-a = host.to("cuda:0")
-b = a.to("cuda:1")
-c = (b * 2).to("cuda:0")  # and back
-print(json.dumps({"exact": torch.equal(b.cpu(), host) and torch.equal(c.cpu(), host * 2),
-                  "devices": [str(b.device), str(c.device)]}))
-"""
-
-
 def test_a_cross_server_copy_between_curve_daemons_is_exact(two_curve_daemons, keys):
     first, second = two_curve_daemons
-    result = run_python(COPIES, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=f"{first.address},{second.address}",
+    result = run_python("copy_to_the_second_daemon_and_back.py", timeout=CLIENT_TIMEOUT_S,
+                        LIBREMOTE_SERVER=f"{first.address},{second.address}",
                         LIBREMOTE_CLIENT_KEY=str(keys / "clients" / "alice.key_secret"),
                         LIBREMOTE_SERVER_KEY=str(keys / "daemon" / "server.key"))
     assert result.returncode == 0, result.stderr[-4000:]

@@ -23,39 +23,6 @@ from libremote_wire.pool.placer import Placer
 
 from helpers import CLIENT_TIMEOUT_S, finish, last_json, spawn_client, wait_for_file
 
-#: Trains a small MLP on the pool, pausing between two halves (DIR/half.done, then DIR/go);
-#: the same training runs locally and every loss and the final parameters must be equal.
-TRAINING_CLIENT = """
-    import json, os, time, torch, libremote
-    from pathlib import Path
-    folder = Path(os.environ["DIR"])
-
-    def train(device, pause):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1)).to(device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        data = torch.randn(20, 64, 16)
-        losses = []
-        for step in range(20):
-            if pause and step == 10:
-                (folder / "half.done").write_text(libremote.server_info()["host"])
-                while not (folder / "go").exists():
-                    time.sleep(0.05)
-            x = data[step].to(device)
-            loss = (model(x) - x[:, :1]).pow(2).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        return losses, [p.detach().cpu() for p in model.parameters()]
-
-    remote_losses, remote_params = train("cuda", True)
-    local_losses, local_params = train("cpu", False)
-    print(json.dumps({"losses_equal": remote_losses == local_losses,
-                      "params_equal": all(torch.equal(a, b) for a, b in zip(remote_params, local_params)),
-                      "address": libremote.client.runtime.current().address}), flush=True)
-"""
-
 
 def _leader(cluster: EtcdCluster) -> int:
     """The index of the member that leads the cluster now."""
@@ -80,7 +47,7 @@ def test_training_goes_on_and_placements_succeed_when_the_etcd_leader_and_a_daem
         placers: list[Placer] = []
         try:
             wait_view(address, registered("n1", "n2"), "both daemons")
-            trainer = spawn_client(TRAINING_CLIENT, address, DIR=str(tmp_path), LIBREMOTE_NODE="n2")
+            trainer = spawn_client("train_in_two_halves_on_the_pool.py", address, DIR=str(tmp_path), LIBREMOTE_NODE="n2")
             wait_for_file(tmp_path / "half.done", trainer, timeout=CLIENT_TIMEOUT_S)
 
             # 1. The etcd leader dies: the next placement goes through the surviving members.
@@ -131,7 +98,7 @@ def test_a_daemon_keeps_serving_while_etcd_is_gone_and_registers_again_when_it_r
         daemon = pool_daemon(address, "n1")
         try:
             wait_view(address, registered("n1"), "the daemon")
-            trainer = spawn_client(TRAINING_CLIENT, address, DIR=str(tmp_path))
+            trainer = spawn_client("train_in_two_halves_on_the_pool.py", address, DIR=str(tmp_path))
             wait_for_file(tmp_path / "half.done", trainer, timeout=CLIENT_TIMEOUT_S)
             etcd.stop()  # all of etcd: the session runs between the client and its worker
             time.sleep(LEASE_TTL_S + 1)

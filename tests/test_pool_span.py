@@ -27,45 +27,13 @@ from helpers import CLIENT_TIMEOUT_S, cli, finish, last_json, run_python, spawn_
 
 GiB = 1 << 30
 
-#: A pipeline split over cuda:0 and cuda:1, trained a few steps, then the same on local CPU.
-PIPELINE = """
-    import json, torch, libremote
-    from libremote.client import runtime
-
-    def run(first, second):
-        torch.manual_seed(0)
-        stage1 = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU())
-        stage2 = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
-        stage1.to(first)
-        stage2.to(second)
-        optimizer = torch.optim.SGD([*stage1.parameters(), *stage2.parameters()], lr=0.05, momentum=0.9)
-        x, y = torch.randn(64, 8), torch.randn(64, 1)
-        losses = []
-        for step in range(4):
-            hidden = stage1(x.to(first))
-            prediction = stage2(hidden.to(second))  # forward across daemons; backward comes back
-            loss = torch.nn.functional.mse_loss(prediction, y.to(second))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        return {"losses": losses, "weights": [p.detach().cpu().tolist()
-                                              for p in (*stage1.parameters(), *stage2.parameters())]}
-
-    remote = run("cuda:0", "cuda:1")
-    print(json.dumps({"remote": remote, "local": run("cpu", "cpu"), "count": torch.cuda.device_count(),
-                      "addresses": [runtime.session_for(i).address for i in range(2)],
-                      "sessions": len(runtime.sessions())}))
-"""
-
-
 def test_two_devices_through_the_pool_span_two_one_device_daemons_and_a_pipeline_step_equals_local_cpu(tmp_path):
     with EtcdCluster(tmp_path) as etcd:
         address = etcd.address("span")
         n1, n2 = pool_daemon(address, "n1"), pool_daemon(address, "n2")
         try:
             wait_view(address, registered("n1", "n2"), "both daemons")
-            done = run_python(PIPELINE, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=address, LIBREMOTE_DEVICES="2")
+            done = run_python("pipeline_over_two_devices.py", timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=address, LIBREMOTE_DEVICES="2")
             assert done.returncode == 0, done.stderr[-5000:]
             out = last_json(done.stdout)
             assert out["count"] == 2 and out["sessions"] == 2, out
@@ -76,20 +44,6 @@ def test_two_devices_through_the_pool_span_two_one_device_daemons_and_a_pipeline
         finally:
             n1.stop()
             n2.stop()
-
-
-#: Holds a spanning placement (DIR/NAME.held, the daemons of cuda:0 and cuda:1) until DIR/NAME.go.
-HOLDER = """
-    import json, os, time, torch, libremote
-    from pathlib import Path
-    from libremote.client import runtime
-    folder, name = Path(os.environ["DIR"]), os.environ["NAME"]
-    a = torch.arange(8.0, device="cuda:0")
-    (folder / f"{name}.held").write_text(json.dumps([runtime.session_for(i).address for i in range(2)]))
-    while not (folder / f"{name}.go").exists():
-        time.sleep(0.05)
-    print(json.dumps({"equal": torch.equal((a.to("cuda:1") * 2).cpu(), torch.arange(8.0) * 2)}))
-"""
 
 
 def _race(address: str, requests: list[Request], timeout_s: float) -> tuple[list[tuple[Placer, Request]], list[str]]:
@@ -151,7 +105,7 @@ def test_a_pool_quota_of_two_devices_holds_when_a_spanning_program_and_others_ra
                 wait_view(address, lambda v: not v.reservations, "the race's reservations gone", timeout=15)
             # A real 2-device program spans the two daemons and holds the tenant's quota; another
             # program of the tenant waits and is refused, saying why.
-            holder = spawn_client(HOLDER, address, NAME="h", DIR=str(tmp_path), LIBREMOTE_DEVICES="2",
+            holder = spawn_client("hold_two_devices_until_go.py", address, NAME="h", DIR=str(tmp_path), LIBREMOTE_DEVICES="2",
                                   LIBREMOTE_TENANT="research")
             wait_for_file(tmp_path / "h.held", holder, CLIENT_TIMEOUT_S)
             held = json.loads((tmp_path / "h.held").read_text())
@@ -160,7 +114,7 @@ def test_a_pool_quota_of_two_devices_holds_when_a_spanning_program_and_others_ra
             assert len({r.daemon for r in pool_view(address).reservations}) == 2
             won, lost = _race(address, [Request(tenant="research", memory=GiB) for _ in range(3)], timeout_s=1)
             assert not won and all("holds 2 of its 2 devices" in message for message in lost), lost
-            second = spawn_client(HOLDER, address, NAME="s", DIR=str(tmp_path), LIBREMOTE_TENANT="research",
+            second = spawn_client("hold_two_devices_until_go.py", address, NAME="s", DIR=str(tmp_path), LIBREMOTE_TENANT="research",
                                   LIBREMOTE_DEVICES="1", LIBREMOTE_QUEUE_TIMEOUT="2")
             out, err = finish(second, "the second program did not give up", CLIENT_TIMEOUT_S)
             assert second.returncode != 0 and "holds 2 of its 2 devices across the pool" in err, err[-3000:]
@@ -173,30 +127,6 @@ def test_a_pool_quota_of_two_devices_holds_when_a_spanning_program_and_others_ra
             n2.stop()
 
 
-#: Places itself with 2 devices over the pool, then kills the daemon of cuda:1 (and its worker).
-KILLED = """
-    import json, os, signal, torch, libremote
-    from libremote.client import runtime
-    pids = json.loads(os.environ["PIDS"])
-    out = {}
-    a = torch.randn(4, 4, device="cuda:0")
-    b = a.to("cuda:1")
-    out["before"] = torch.equal((b @ b).cpu(), a.cpu() @ a.cpu())
-    second = runtime.session_for(1)
-    out["second"] = second.address
-    os.kill(pids[second.address], signal.SIGKILL)
-    os.kill(second.daemon_info["pid"], signal.SIGKILL)  # its worker
-    try:
-        for _ in range(3):
-            (b * 2).sum().item()
-        out["error"] = None
-    except libremote.ConnectionFailed as exc:
-        out["error"] = str(exc)
-    out["first_still_works"] = (a * 2).sum().item() == a.sum().item() * 2
-    print(json.dumps(out))
-"""
-
-
 def test_killing_one_of_the_daemons_a_program_spans_gives_an_error_naming_it(tmp_path):
     with EtcdCluster(tmp_path) as etcd:
         address = etcd.address("spankill")
@@ -204,7 +134,7 @@ def test_killing_one_of_the_daemons_a_program_spans_gives_an_error_naming_it(tmp
         try:
             wait_view(address, registered("n1", "n2"), "both daemons")
             pids = {n1.address: n1.process.pid, n2.address: n2.process.pid}
-            done = run_python(KILLED, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=address, LIBREMOTE_DEVICES="2",
+            done = run_python("kill_the_daemon_of_cuda1.py", timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=address, LIBREMOTE_DEVICES="2",
                               PIDS=json.dumps(pids))
             assert done.returncode == 0, done.stderr[-5000:]
             out = last_json(done.stdout)
@@ -217,47 +147,6 @@ def test_killing_one_of_the_daemons_a_program_spans_gives_an_error_naming_it(tmp
             n2.stop()
 
 
-#: Wraps the resolver so that the first placement(s) go stale before the HELLO: MODE=drain drains
-#: the daemon of cuda:0 (libremote admin --drain), MODE=lapse deletes the reservation from etcd
-#: (every time with LAPSE_ALWAYS=1). Prints what each resolve gave and the result.
-STALE = """
-    import json, os, subprocess, sys, time, torch, libremote
-    from libremote import pool
-    from libremote.client import runtime
-    from libremote_wire.pool import address as pool_address, records
-    from libremote_wire.pool.etcd import Etcd
-    real, calls = pool.resolve, []
-
-    def resolve(address, request=None, **kwargs):
-        placements = real(address, request, **kwargs)
-        calls.append({"daemons": [p.daemon for p in placements], "avoid": sorted(kwargs.get("avoid") or ())})
-        if len(calls) == 1 and os.environ["MODE"] == "drain":
-            done = subprocess.run([sys.executable, "-m", "libremote_wire.cli", "admin", "--server",
-                                   placements[0].address, "--drain"], capture_output=True, text=True)
-            assert done.returncode == 0, done.stderr
-        if os.environ["MODE"] == "lapse" and (len(calls) == 1 or os.environ.get("LAPSE_ALWAYS")):
-            parsed = pool_address.parse(address)
-            etcd = Etcd(parsed)
-            rid = placements[0].reservation.partition(":")[0]
-            etcd.delete(records.tenant_key(parsed.prefix, "anonymous", rid))
-            etcd.close()
-        return placements
-
-    pool.resolve = resolve
-    out = {"calls": calls}
-    try:
-        x = torch.arange(12.0).reshape(3, 4)
-        started = time.monotonic()
-        libremote.client.runtime.current()  # (placement, the refusal, placement again, the session)
-        out["connect_s"] = time.monotonic() - started
-        out["equal"] = torch.equal((x.cuda() @ x.T.cuda()).cpu(), x @ x.T)
-        out["address"] = runtime.current().address
-    except libremote.ConnectionFailed as exc:
-        out["error"] = str(exc)
-    print(json.dumps(out))
-"""
-
-
 def test_a_daemon_that_turns_a_placement_away_as_stale_gets_the_client_placed_again(tmp_path):
     with EtcdCluster(tmp_path) as etcd:
         address = etcd.address("stale")
@@ -266,18 +155,19 @@ def test_a_daemon_that_turns_a_placement_away_as_stale_gets_the_client_placed_ag
         try:
             wait_view(address, registered("n1", "n2"), "both daemons")
             # The reservation lapses between the placement and the HELLO: placed again (anywhere).
-            done = run_python(STALE, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=address, MODE="lapse")
+            done = run_python("go_stale_before_the_hello.py", timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=address, MODE="lapse")
             out = last_json(done.stdout)
             assert done.returncode == 0 and out.get("equal"), (out, done.stderr[-3000:])
             assert len(out["calls"]) == 2 and out["calls"][1]["avoid"] == [], out
             print(f"lapsed reservation: placed again and connected in {out['connect_s']:.2f} s")
             # Every placement lapses: bounded retries, then an error saying what happened each time.
-            done = run_python(STALE, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=address, MODE="lapse", LAPSE_ALWAYS="1")
+            done = run_python("go_stale_before_the_hello.py", timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=address, MODE="lapse",
+                              LAPSE_ALWAYS="1")
             out = last_json(done.stdout)
             assert len(out["calls"]) == 4, out
             assert "placed this program 4 times" in out["error"] and out["error"].count("refused: reservation") == 4, out
             # The daemon drains between the placement and the HELLO: placed again on the other one.
-            done = run_python(STALE, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=address, MODE="drain")
+            done = run_python("go_stale_before_the_hello.py", timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=address, MODE="drain")
             out = last_json(done.stdout)
             assert done.returncode == 0 and out.get("equal"), (out, done.stderr[-3000:])
             first, second = out["calls"]
@@ -291,24 +181,6 @@ def test_a_daemon_that_turns_a_placement_away_as_stale_gets_the_client_placed_ag
             n2.stop()
 
 
-#: Uses every device it was given, moving one tensor through all of them (daemon to daemon where
-#: they differ), and says which daemon holds each cuda:N.
-ALL_DEVICES = """
-    import json, torch, libremote
-    from libremote.client import runtime
-    count = torch.cuda.device_count()
-    torch.manual_seed(0)
-    host = torch.randn(32, 32)
-    x, expected = host.to("cuda:0"), host
-    for index in range(count):
-        x = (x.to(f"cuda:{index}") @ x.to(f"cuda:{index}").T).tanh()
-        expected = (expected @ expected.T).tanh()
-    print(json.dumps({"count": count, "equal": torch.equal(x.cpu(), expected),
-                      "addresses": [runtime.session_for(i).address for i in range(count)],
-                      "sessions": len(runtime.sessions())}))
-"""
-
-
 def test_binpack_keeps_three_devices_on_as_few_daemons_as_fit_and_spread_takes_one_per_daemon(tmp_path):
     with EtcdCluster(tmp_path) as etcd:
         address = etcd.address("three")
@@ -317,36 +189,25 @@ def test_binpack_keeps_three_devices_on_as_few_daemons_as_fit_and_spread_takes_o
         try:
             wait_view(address, registered("n1", "n2", "n3"), "three daemons")
             # binpack: n1's two devices (one daemon for as many as it can), then one of the others.
-            done = run_python(ALL_DEVICES, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=address, LIBREMOTE_DEVICES="3")
+            done = run_python("chain_matmuls_through_every_device.py", timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=address,
+                              LIBREMOTE_DEVICES="3")
             out = last_json(done.stdout)
             assert done.returncode == 0 and out["equal"] and out["count"] == 3, (out, done.stderr[-3000:])
             assert out["sessions"] == 2 and out["addresses"][:2] == [n1.address, n1.address], out
             assert out["addresses"][2] in (n2.address, n3.address), out
             # binpack with two devices: n1 alone (no cross-server copies).
-            done = run_python(ALL_DEVICES, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=address, LIBREMOTE_DEVICES="2")
+            done = run_python("chain_matmuls_through_every_device.py", timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=address,
+                              LIBREMOTE_DEVICES="2")
             out = last_json(done.stdout)
             assert done.returncode == 0 and out["equal"] and out["addresses"] == [n1.address] * 2, out
             # spread: one device on each daemon.
-            done = run_python(ALL_DEVICES, timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=address, LIBREMOTE_DEVICES="3",
-                              LIBREMOTE_PLACEMENT="spread")
+            done = run_python("chain_matmuls_through_every_device.py", timeout=CLIENT_TIMEOUT_S, LIBREMOTE_SERVER=address,
+                              LIBREMOTE_DEVICES="3", LIBREMOTE_PLACEMENT="spread")
             out = last_json(done.stdout)
             assert done.returncode == 0 and out["equal"] and out["sessions"] == 3, (out, done.stderr[-3000:])
             assert sorted(out["addresses"]) == sorted([n1.address, n2.address, n3.address]), out
             # A HELLO whose pinned devices are not the ones its reservation holds is refused.
-            done = run_python("""
-                import json, os, libremote
-                from libremote import pool
-                from libremote.client.session import ClientSession
-                from libremote.config import Settings
-                placement, = pool.resolve(os.environ["POOL"], pool.Request(node="n1"))
-                try:
-                    ClientSession(Settings.from_env(), placement.address, libremote.__version__, devices=1,
-                                  device_indices=[1 - placement.device], reservation=placement.reservation)
-                    print(json.dumps({"refused": None}))
-                except libremote.ConnectionFailed as exc:
-                    print(json.dumps({"refused": str(exc), "kind": exc.kind}))
-                pool.release()
-            """, timeout=CLIENT_TIMEOUT_S, POOL=address)
+            done = run_python("hello_with_devices_the_reservation_does_not_hold.py", timeout=CLIENT_TIMEOUT_S, POOL=address)
             out = last_json(done.stdout)
             assert out["refused"] and "asks for devices" in out["refused"] and out["kind"] == "policy", out
             wait_view(address, lambda v: not v.reservations, "no reservation left", timeout=15)
