@@ -61,6 +61,7 @@ class Ext(enum.IntEnum):
 # torch.fx's, where an enum's repr would not parse.)
 _HANDLE, _VALUE, _GENERATOR = int(Ext.HANDLE), int(Ext.VALUE), int(Ext.GENERATOR)
 _U64 = struct.Struct("<Q")
+_from_bytes = int.from_bytes
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _C128 = struct.Struct("<dd")
@@ -174,7 +175,11 @@ def ext_hook_for(decoders: dict[int, Callable[[bytes], Any]], *, opaque: bool = 
     :class:`Opaque` value with ``opaque`` (the front), else a :class:`ProtocolError`, as are
     bytes its decoder cannot read."""
 
+    handles = _HANDLE in decoders
+
     def hook(code: int, data: bytes) -> Any:
+        if code == _HANDLE and handles and len(data) == 8:  # (most of a batch's extension values: one call less)
+            return HandleRef(_from_bytes(data, "little"))
         decoder = decoders.get(code)
         if decoder is None:
             if opaque:

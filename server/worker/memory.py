@@ -75,6 +75,9 @@ class MemoryAccount:
         self._entries: dict[int, _Entry] = {}
         self._owner = owner
         self._device_memory_for = device_memory_for
+        #: Whether storages are residency-managed (oversubscription or a device budget is on). A
+        #: plain attribute, not a property: it is read several times for every op.
+        self.managed = device_memory_for is not None
         self.allocated = 0
         self.peak = 0
         self.peak_count = 0
@@ -85,11 +88,6 @@ class MemoryAccount:
         #: id of a weakref to each held tensor -> (the weakref, its storage's key). (By id: a
         #: weakref compares equal by its live referents, and tensors compare elementwise.)
         self._holders: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
-
-    @property
-    def managed(self) -> bool:
-        """Whether storages are residency-managed (oversubscription or a device budget is on)."""
-        return self._device_memory_for is not None
 
     def add(self, tensor: torch.Tensor) -> Any:
         """Charge for ``tensor``'s storage (once per storage); return the key to release it by. A
