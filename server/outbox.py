@@ -16,7 +16,11 @@ from typing import Any
 
 import zmq
 
+from libremote_wire.zmq_events import send_parts
+
 from . import limits
+
+_NOBLOCK = int(zmq.NOBLOCK)
 
 log = logging.getLogger("libremote.server")
 
@@ -41,7 +45,7 @@ class Outbox:
         ``track`` (zero-copy frames only), a ``zmq.MessageTracker`` that is done once ZeroMQ has
         let go of the frames (they went to the network), else True."""
         try:
-            tracker = self._socket.send_multipart([identity, *parts], flags=zmq.NOBLOCK, copy=copy, track=track)
+            tracker = send_parts(self._socket, [identity, *parts], _NOBLOCK, copy=copy, track=track)
             return tracker if track else True
         except zmq.Again:
             self.dropped += 1

@@ -34,12 +34,13 @@ from zmq.utils.monitor import recv_monitor_message
 from libremote_wire import codec, curve_keys, messages, torch_codec
 from libremote_wire import stripes as wire_stripes
 from libremote_wire.messages import ErrorKind, Msg
-from libremote_wire.zmq_events import readable
+from libremote_wire.zmq_events import readable, send_parts
 
 from ..errors import ConnectionFailed, Refused
 from .stripes import Stripes, stripe_count
 
 _POLL_SLICE_MS = 100
+_NOBLOCK = int(zmq.NOBLOCK)
 #: How long a closing connection may take to send what is queued (its BYE) before it goes.
 _CLOSE_LINGER_MS = 500
 #: When the worker's connection drops, how long to wait for the front to say why.
@@ -231,8 +232,7 @@ class Connection:
         zero_copy = bool(frames)
         while True:
             try:
-                tracker = self._socket.send_multipart(data, flags=zmq.NOBLOCK, copy=not zero_copy,
-                                                      track=track and zero_copy)
+                tracker = send_parts(self._socket, data, _NOBLOCK, copy=not zero_copy, track=track and zero_copy)
                 if trackers:
                     tracker = zmq.MessageTracker(*trackers, *([tracker] if tracker is not None else []))
                 self.last_send = time.monotonic()

@@ -238,18 +238,29 @@ class Message:
     sender: str  # who sends it: "client", "front", "worker", "admin tool" (several: "client, front")
     doc: str
     fields: tuple[Field, ...] = ()
+    #: (Worked out once: every message received is parsed, a round trip's two included.)
+    _required: int = field(init=False, repr=False, compare=False, default=0)
+    _name: str = field(init=False, repr=False, compare=False, default="")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_required", sum(1 for spec in self.fields if not spec.optional))
+        object.__setattr__(self, "_name", self.kind.name)
 
     def parse(self, header: list[Any]) -> list[Any]:
         """The fields after the kind, checked (absent optional ones as None)."""
         given = len(header) - 1
-        required = sum(1 for spec in self.fields if not spec.optional)
-        if not required <= given <= len(self.fields):
-            raise ProtocolError(f"{self.kind.name} is [{', '.join([self.kind.name, *(f.name for f in self.fields)])}]")
-        for position, spec in enumerate(self.fields[:given]):
-            if isinstance(spec.type, Record) and type(header[position + 1]) is not dict:
-                raise ProtocolError(f"{self.kind.name} is {self.spelled()}: {spec.name} must be a map")
-        values = [spec.check(header[position + 1], self.kind.name) for position, spec in enumerate(self.fields[:given])]
-        return values + [None] * (len(self.fields) - given)
+        fields, name = self.fields, self._name
+        if not self._required <= given <= len(fields):
+            raise ProtocolError(f"{name} is [{', '.join([name, *(f.name for f in fields)])}]")
+        values = []
+        for position in range(given):
+            spec, value = fields[position], header[position + 1]
+            if isinstance(spec.type, Record) and type(value) is not dict:
+                raise ProtocolError(f"{name} is {self.spelled()}: {spec.name} must be a map")
+            values.append(spec.check(value, name))
+        if given < len(fields):
+            values.extend([None] * (len(fields) - given))
+        return values
 
     def spelled(self) -> str:
         names = [self.kind.name, *((f"{f.name}?" if f.optional else f.name) for f in self.fields)]
