@@ -53,50 +53,17 @@ def test_a_pool_daemon_refuses_clients_the_pool_did_not_place(tmp_path):
         daemon = pool_daemon(address, "n1")
         try:
             wait_view(address, registered("n1"), "the daemon")
-            client = spawn_client("""
-                import json, torch, libremote
-                try:
-                    torch.ones(2, device="cuda").sum().item()
-                except libremote.ConnectionFailed as exc:
-                    print(json.dumps({"refused": str(exc)}))
-            """, daemon.address)
+            client = spawn_client("use_a_pool_daemon_directly.py", daemon.address)
             out, err = finish(client, "the direct client did not finish", CLIENT_TIMEOUT_S)
             refusal = last_json(out)["refused"]
             assert "belongs to the pool" in refusal and "etcd://" in refusal, refusal
             # A forged reservation is refused too: the daemon checks it in etcd.
-            forged = spawn_client("""
-                import json, torch, libremote
-                from libremote.client import session
-                original = session.Connection.handshake
-                def handshake(self, *args, **kwargs):
-                    kwargs["reservation"] = "0123456789abcdef:not-the-secret"
-                    return original(self, *args, **kwargs)
-                session.Connection.handshake = handshake
-                try:
-                    torch.ones(2, device="cuda").sum().item()
-                except libremote.ConnectionFailed as exc:
-                    print(json.dumps({"refused": str(exc)}))
-            """, daemon.address)
+            forged = spawn_client("forge_a_reservation.py", daemon.address)
             out, err = finish(forged, "the forging client did not finish", CLIENT_TIMEOUT_S)
             refusal = last_json(out)["refused"]
             assert "holds no reservation" in refusal, refusal
             # A real reservation is good for one session: its second use is refused.
-            twice = spawn_client("""
-                import json, os, libremote
-                from libremote import pool
-                from libremote.client.session import ClientSession
-                from libremote.config import Settings
-                from libremote_wire import __version__
-                placed, = pool.resolve(os.environ["LIBREMOTE_SERVER"])
-                settings = Settings.from_env()
-                first = ClientSession(settings, placed.address, __version__, reservation=placed.reservation)
-                try:
-                    ClientSession(settings, placed.address, __version__, reservation=placed.reservation)
-                except libremote.ConnectionFailed as exc:
-                    print(json.dumps({"refused": str(exc), "first": first.session_id}))
-                first.close()
-                pool.release()
-            """, address)
+            twice = spawn_client("use_one_reservation_twice.py", address)
             out, err = finish(twice, "the client reusing its reservation did not finish", CLIENT_TIMEOUT_S)
             result = last_json(out)
             assert result["first"] and "already used for a session" in result["refused"], result
@@ -137,18 +104,7 @@ def test_connect_takes_a_pool_address_and_resolve_gives_one_placement_per_device
         daemon = pool_daemon(address, "n1", device="cpu,cpu")
         try:
             wait_view(address, registered("n1"), "the daemon")
-            done = run_python("""
-                import json, os, torch, libremote
-                from libremote import pool
-                placements = pool.resolve(os.environ["POOL"], pool.Request(devices=2, memory=1 << 30))
-                rows = [[p.address, p.device, p.node, p.daemon, bool(p.reservation)] for p in placements]
-                pool.release()
-                libremote.connect(os.environ["POOL"])          # (no LIBREMOTE_SERVER in this process)
-                x = torch.arange(6.0).reshape(2, 3)
-                print(json.dumps({"placements": rows, "equal": torch.equal((x.cuda() * 2).cpu(), x * 2),
-                                  "address": libremote.client.runtime.current().address}))
-                libremote.disconnect()
-            """, timeout=CLIENT_TIMEOUT_S, POOL=address)
+            done = run_python("resolve_two_devices_then_connect_to_the_pool.py", timeout=CLIENT_TIMEOUT_S, POOL=address)
             assert done.returncode == 0, done.stderr
             result = last_json(done.stdout)
             daemon_id = f"n1:{daemon.port}"
