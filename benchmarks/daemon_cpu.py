@@ -26,33 +26,18 @@ import sys
 import tempfile
 from pathlib import Path
 
+import psutil  # (requirements-dev.txt)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.checkouts import CHAIN_CLIENT, REPO, checkout_env, free_address, start_daemon, stop, wait_for  # noqa: E402
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        todo.extend(children.get(current, []))
-    return found
-
-
 def cpu_ns(pid: int) -> int:
     """CPU time, in ns, of every thread of ``pid`` and its descendants."""
     total = 0
-    for process in _descendants(pid):
+    root = psutil.Process(pid)
+    for process in [pid, *(child.pid for child in root.children(recursive=True))]:
         try:
             tasks = os.listdir(f"/proc/{process}/task")
         except OSError:

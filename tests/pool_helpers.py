@@ -6,6 +6,7 @@ Daemons are tests/conftest.py's :class:`Daemon` with ``--pool``; etcd is tests/e
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -13,6 +14,8 @@ from etcd_cluster import EtcdCluster  # noqa: F401  (re-exported)
 
 from libremote_wire.pool import address as pool_address
 from libremote_wire.pool.etcd import Etcd, EtcdUnavailable
+from libremote_wire.pool.placement import Request
+from libremote_wire.pool.placer import PlacementError, Placer
 from libremote_wire.pool.view import PoolView, read, with_figures
 
 from conftest import Daemon
@@ -53,3 +56,36 @@ def wait_view(etcd_address: str, predicate: Callable[[PoolView], bool], what: st
 
 def registered(*nodes: str) -> Callable[[PoolView], bool]:
     return lambda view: sorted(d.node for d in view.daemons) == sorted(nodes)
+
+
+def race_placements(address: str, requests: list[Request], timeout_s: float) -> tuple[list[tuple[Placer, Request]], list[str]]:
+    """Place every request at once, each from its own client (thread, lease): the winners, each
+    with its request, and the losers' errors. The losers' placers are released and closed; the
+    caller releases the winners'."""
+    pool = pool_address.parse(address)
+    placers = [Placer(Etcd(pool)) for _ in requests]
+    won: list[tuple[Placer, Request]] = []
+    lost: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(len(requests))
+
+    def place(placer: Placer, request: Request) -> None:
+        start.wait()
+        try:
+            placer.place(request, timeout_s)
+            with lock:
+                won.append((placer, request))
+        except PlacementError as exc:
+            with lock:
+                lost.append(str(exc))
+
+    threads = [threading.Thread(target=place, args=pair) for pair in zip(placers, requests)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for placer in placers:
+        if all(placer is not winner for winner, _ in won):
+            placer.release()  # (the losers' leases: nothing left under them)
+            placer.etcd.close()
+    return won, lost

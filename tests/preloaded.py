@@ -256,9 +256,10 @@ class PreloadedPopen(subprocess.Popen):
         stdio = [null if p2cread == -1 else p2cread,  # (-1: inherited; the test's own stdin is nothing to read)
                  1 if c2pwrite == -1 else c2pwrite, 2 if errwrite == -1 else errwrite]
         status_read, status_write = os.pipe()
+        where = str(cwd or os.getcwd())
         try:
-            self.pid = launcher(self._base_env, cwd or os.getcwd()).launch(
-                list(args[1:]), str(cwd or os.getcwd()), dict(env if env is not None else os.environ), stdio, status_write)
+            self.pid = launcher(self._base_env, where).launch(
+                list(args[1:]), where, dict(env if env is not None else os.environ), stdio, status_write)
             self._status_fd = status_read
         except BaseException:
             os.close(status_read)

@@ -5,47 +5,15 @@ same device slot or quota twice; ``libremote admin/status --pool`` set and show 
 from __future__ import annotations
 
 import json
-import threading
 import time
 
-from pool_helpers import COMPUTE_CLIENT, EtcdCluster, pool_daemon, pool_view, registered, wait_view
+from pool_helpers import COMPUTE_CLIENT, EtcdCluster, pool_daemon, pool_view, race_placements, registered, wait_view
 
-from libremote_wire.pool import address as pool_address
-from libremote_wire.pool.etcd import Etcd
 from libremote_wire.pool.placement import Request
-from libremote_wire.pool.placer import PlacementError, Placer
 
 from helpers import CLIENT_TIMEOUT_S, HOLDING_CLIENT, cli, finish, last_json, spawn_client, wait_for_file
 
 GiB = 1 << 30
-
-
-def _race(address: str, requests: list[Request], timeout_s: float) -> tuple[list[Placer], list[str]]:
-    """Place every request at once, each from its own client (thread, lease); the winners' placers
-    and the losers' errors."""
-    pool = pool_address.parse(address)
-    placers = [Placer(Etcd(pool)) for _ in requests]
-    won: list[Placer] = []
-    lost: list[str] = []
-    lock = threading.Lock()
-    start = threading.Barrier(len(requests))
-
-    def place(placer: Placer, request: Request) -> None:
-        start.wait()
-        try:
-            placer.place(request, timeout_s)
-            with lock:
-                won.append(placer)
-        except PlacementError as exc:
-            with lock:
-                lost.append(str(exc))
-
-    threads = [threading.Thread(target=place, args=pair) for pair in zip(placers, requests)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    return won, lost
 
 
 def test_racing_clients_never_take_a_device_past_its_sessions(tmp_path):
@@ -54,17 +22,17 @@ def test_racing_clients_never_take_a_device_past_its_sessions(tmp_path):
         daemon = pool_daemon(address, "n1", "--max-sessions", "3", "--memory-quota", "1GiB")
         try:
             wait_view(address, registered("n1"), "the daemon")
-            won, lost = _race(address, [Request(tenant=f"t{i}") for i in range(10)], timeout_s=3)
+            won, lost = race_placements(address, [Request(tenant=f"t{i}") for i in range(10)], timeout_s=3)
             assert (len(won), len(lost)) == (3, 7), lost
             view = pool_view(address)
             assert len(view.reservations) == 3 and view.load()[(view.daemons[0].id, 0)].sessions == 3
-            for placer in won:
+            for placer, _ in won:
                 placer.release()
         finally:
             daemon.stop()
 
 
-def test_a_tenants_pool_quota_holds_across_daemons_when_placements_race(tmp_path):
+def test_a_tenants_pool_quota_holds_across_daemons_when_placementsrace_placements(tmp_path):
     with EtcdCluster(tmp_path) as etcd:
         address = etcd.address("quota")
         daemons = [pool_daemon(address, "n1", device="cpu,cpu"), pool_daemon(address, "n2", device="cpu,cpu")]
@@ -74,13 +42,13 @@ def test_a_tenants_pool_quota_holds_across_daemons_when_placements_race(tmp_path
             assert done.returncode == 0 and "quota set" in done.stdout, done
             requests = [Request(tenant="research", memory=GiB, policy="spread") for _ in range(8)]
             requests += [Request(tenant="other", memory=GiB, policy="spread") for _ in range(4)]
-            won, lost = _race(address, requests, timeout_s=3)
+            won, lost = race_placements(address, requests, timeout_s=3)
             view = pool_view(address)
             assert view.tenant_usage("research").sessions == 3 and view.tenant_usage("research").memory == 3 * GiB
             assert view.tenant_usage("other").sessions == 4 and len(won) == 7
             assert all("holds 3 of its 3 devices" in message for message in lost), lost
             # A request the quota can never hold is refused at once, saying so.
-            never, = _race(address, [Request(tenant="research", memory=4 * GiB)], timeout_s=30)[1]
+            never, = race_placements(address, [Request(tenant="research", memory=4 * GiB)], timeout_s=30)[1]
             assert "the pool refuses" in never and "4GiB" in never and "tenant-quota" in never, never
             report = json.loads(cli("status", "--pool", address, "--json").stdout)
             assert report["tenants"]["research"] == {"memory": 3 * GiB, "devices": 3, "quota_memory": 3 * GiB,
@@ -89,7 +57,7 @@ def test_a_tenants_pool_quota_holds_across_daemons_when_placements_race(tmp_path
             assert sum(dev["placed"] for d in report["daemons"] for dev in d["devices"]) == 7
             text = cli("status", "--pool", address).stdout
             assert "research: memory 3.0GiB of 3.0GiB, devices 3 of 3" in text, text
-            for placer in won:
+            for placer, _ in won:
                 placer.release()
             # A real client of the tenant, within its quota again, computes as local torch does.
             client = spawn_client(COMPUTE_CLIENT, address, LIBREMOTE_TENANT="research", LIBREMOTE_MEMORY="1GiB")

@@ -14,14 +14,10 @@ again (libremote/client/runtime.py ``_pool_servers``), a bounded number of times
 from __future__ import annotations
 
 import json
-import threading
 
-from pool_helpers import EtcdCluster, pool_daemon, pool_view, registered, wait_view
+from pool_helpers import EtcdCluster, pool_daemon, pool_view, race_placements, registered, wait_view
 
-from libremote_wire.pool import address as pool_address
-from libremote_wire.pool.etcd import Etcd
 from libremote_wire.pool.placement import Request
-from libremote_wire.pool.placer import PlacementError, Placer
 
 from helpers import CLIENT_TIMEOUT_S, cli, finish, last_json, run_python, spawn_client, wait_for_file
 
@@ -46,38 +42,7 @@ def test_two_devices_through_the_pool_span_two_one_device_daemons_and_a_pipeline
             n2.stop()
 
 
-def _race(address: str, requests: list[Request], timeout_s: float) -> tuple[list[tuple[Placer, Request]], list[str]]:
-    """Place every request at once, each from its own client (thread, lease)."""
-    pool = pool_address.parse(address)
-    placers = [Placer(Etcd(pool)) for _ in requests]
-    won: list[tuple[Placer, Request]] = []
-    lost: list[str] = []
-    lock = threading.Lock()
-    start = threading.Barrier(len(requests))
-
-    def place(placer: Placer, request: Request) -> None:
-        start.wait()
-        try:
-            placer.place(request, timeout_s)
-            with lock:
-                won.append((placer, request))
-        except PlacementError as exc:
-            with lock:
-                lost.append(str(exc))
-
-    threads = [threading.Thread(target=place, args=pair) for pair in zip(placers, requests)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    for placer in placers:
-        if all(placer is not winner for winner, _ in won):
-            placer.release()  # (the losers' leases: nothing left under them)
-            placer.etcd.close()
-    return won, lost
-
-
-def test_a_pool_quota_of_two_devices_holds_when_a_spanning_program_and_others_race(tmp_path):
+def test_a_pool_quota_of_two_devices_holds_when_a_spanning_program_and_othersrace_placements(tmp_path):
     with EtcdCluster(tmp_path) as etcd:
         address = etcd.address("spanquota")
         n1 = pool_daemon(address, "n1", "--max-sessions", "4")
@@ -91,7 +56,7 @@ def test_a_pool_quota_of_two_devices_holds_when_a_spanning_program_and_others_ra
                 # A spanning request and a one-device request at once: whichever transaction wins,
                 # the other cannot fit the quota (2 + 1 > 2, 1 + 2 > 2) and the tenant holds at most 2.
                 requests = [Request(devices=2, tenant="research", memory=GiB), Request(tenant="research", memory=GiB)]
-                won, lost = _race(address, requests, timeout_s=2)
+                won, lost = race_placements(address, requests, timeout_s=2)
                 view = pool_view(address)
                 assert len(won) == 1 and len(lost) == 1, (won, lost)
                 assert view.tenant_usage("research").sessions == won[0][1].devices, view.reservations
@@ -112,7 +77,7 @@ def test_a_pool_quota_of_two_devices_holds_when_a_spanning_program_and_others_ra
             assert sorted(held) == sorted([n1.address, n2.address]), held
             assert pool_view(address).tenant_usage("research").sessions == 2
             assert len({r.daemon for r in pool_view(address).reservations}) == 2
-            won, lost = _race(address, [Request(tenant="research", memory=GiB) for _ in range(3)], timeout_s=1)
+            won, lost = race_placements(address, [Request(tenant="research", memory=GiB) for _ in range(3)], timeout_s=1)
             assert not won and all("holds 2 of its 2 devices" in message for message in lost), lost
             second = spawn_client("hold_two_devices_until_go.py", address, NAME="s", DIR=str(tmp_path), LIBREMOTE_TENANT="research",
                                   LIBREMOTE_DEVICES="1", LIBREMOTE_QUEUE_TIMEOUT="2")

@@ -86,22 +86,14 @@ class Stripes:
     def send(self, header: list[Any], frames: list[Any], *, track: bool) -> tuple[list[Any], list[Any], list[Any]]:
         """Send the large frames of a message as CHUNKs; return the message to send on the
         session's connection (``striped`` added, empty frames in their place) and the trackers."""
-        striped, kept, trackers = [], [], []
-        for index, frame in enumerate(frames, start=1):
-            if not wire_stripes.striped(frame):
-                kept.append(frame)
-                continue
-            transfer, nbytes = next(self._transfers), memoryview(frame).nbytes
-            for offset, piece in wire_stripes.pieces(frame, self.count):
-                socket = self.sockets[self._next]
-                self._next = (self._next + 1) % self.count
-                sent = socket.send_multipart([codec.packb([Msg.CHUNK, transfer, offset, nbytes]), piece],
-                                             copy=False, track=track)
-                if track:
-                    trackers.append(sent)
-            striped.append([index, transfer, nbytes])
-            kept.append(b"")
-            self.bytes_sent += nbytes
+        def send_chunk(parts: list[Any]) -> Any:
+            socket = self.sockets[self._next]
+            self._next = (self._next + 1) % self.count
+            sent = socket.send_multipart(parts, copy=False, track=track)
+            return sent if track else None
+
+        striped, kept, trackers = wire_stripes.send_chunks(frames, self._transfers, self.count, send_chunk)
+        self.bytes_sent += sum(nbytes for _, _, nbytes in striped)
         return [*header, striped] if striped else header, kept, trackers
 
     def receive(self, striped: list[Any], frames: list[Any], broken: Any) -> list[Any]:

@@ -17,11 +17,11 @@ connections, so a chunk may arrive before the message that names its transfer: i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from .codec import ProtocolError
-from .messages import MAX_STRIPES, STRIPE_CHUNK_BYTES, STRIPE_MIN_BYTES
+from .codec import ProtocolError, packb
+from .messages import MAX_STRIPES, STRIPE_CHUNK_BYTES, STRIPE_MIN_BYTES, Msg
 
 
 def striped(frame: Any) -> bool:
@@ -44,6 +44,30 @@ def pieces(frame: Any, stripes: int) -> Iterator[tuple[int, memoryview]]:
     size = max(STRIPE_CHUNK_BYTES, -(-view.nbytes // most))
     for offset in range(0, view.nbytes, size):
         yield offset, view[offset:offset + size]
+
+
+def send_chunks(frames: Sequence[Any], transfers: Iterator[int], stripes: int,
+                send_chunk: Callable[[list[Any]], Any]) -> tuple[list[Any], list[Any], list[Any]]:
+    """Send a message's large frames as CHUNKs, each by ``send_chunk(parts)`` (which picks the
+    stripe; it returns a tracker to keep, or None). Returns the message's ``striped`` entries
+    (``[frame, transfer, nbytes]``, empty when nothing was large), its frames with an empty one
+    in place of each striped frame, and the chunks' trackers. Both ends send this way: the
+    client its uploads, the worker its replies."""
+    entries: list[Any] = []
+    kept: list[Any] = []
+    trackers: list[Any] = []
+    for index, frame in enumerate(frames, start=1):
+        if not striped(frame):
+            kept.append(frame)
+            continue
+        transfer, nbytes = next(transfers), memoryview(frame).nbytes
+        for offset, piece in pieces(frame, stripes):
+            tracker = send_chunk([packb([Msg.CHUNK, transfer, offset, nbytes]), piece])
+            if tracker is not None:
+                trackers.append(tracker)
+        entries.append([index, transfer, nbytes])
+        kept.append(b"")
+    return entries, kept, trackers
 
 
 def check_count(count: int) -> int:

@@ -25,7 +25,6 @@ from typing import Any
 from libremote_wire import codec, messages
 from libremote_wire import stripes as wire_stripes
 from libremote_wire.codec import ProtocolError
-from libremote_wire.messages import Msg
 
 from .. import limits
 
@@ -125,18 +124,13 @@ class StripeTable:
         entry = self._sessions.get(session)
         if entry is None or not entry.identities or not any(wire_stripes.striped(frame) for frame in frames):
             return header, list(frames), []
-        striped, kept, trackers = [], [], []
-        for index, frame in enumerate(frames, start=1):
-            if not wire_stripes.striped(frame):
-                kept.append(frame)
-                continue
-            transfer, nbytes = next(self._transfers), memoryview(frame).nbytes
-            for offset, piece in wire_stripes.pieces(frame, len(entry.identities)):
-                stripe = entry.identities[entry.next_stripe % len(entry.identities)]
-                entry.next_stripe += 1
-                sent = send(stripe, [codec.packb([Msg.CHUNK, transfer, offset, nbytes]), piece], track)
-                if track and sent is not True and sent is not False:
-                    trackers.append(sent)
-            striped.append([index, transfer, nbytes])
-            kept.append(b"")
+        live, identities = entry, entry.identities  # (``live``: not Optional inside the closure)
+
+        def send_chunk(parts: list[Any]) -> Any:
+            stripe = identities[live.next_stripe % len(identities)]
+            live.next_stripe += 1
+            sent = send(stripe, parts, track)
+            return sent if track and sent is not True and sent is not False else None
+
+        striped, kept, trackers = wire_stripes.send_chunks(frames, self._transfers, len(identities), send_chunk)
         return [*header, striped], kept, trackers
