@@ -218,6 +218,10 @@ ONE_GIB_REQUESTS = {
     "outer product (mm)": [op(1, "aten::view.default", [H(2), [1 << 14, 1]], {}, [8]),
                            op(2, "aten::view.default", [H(2), [1, 1 << 14]], {}, [9]),
                            op(3, "aten::mm.default", [H(8), H(9)], {}, [10])],
+    # An empty operand's zero taken for its size: 16384x0 @ 0x16384 makes 2**28 zeros.
+    "mm of empty matrices": [op(1, "aten::empty.memory_format", [[1 << 14, 0]], {"dtype": F32, **DEVICE}, [8]),
+                             op(2, "aten::empty.memory_format", [[0, 1 << 14]], {"dtype": F32, **DEVICE}, [9]),
+                             op(3, "aten::mm.default", [H(8), H(9)], {}, [10])],
     "broadcast add": [op(1, "aten::view.default", [H(2), [1 << 14, 1]], {}, [8]),
                       op(2, "aten::add.Tensor", [H(8), H(2)], {}, [10])],
     "cat of expanded views": [op(1, "aten::expand.default", [H(1), [1 << 27]], {}, [9]),

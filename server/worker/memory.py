@@ -95,6 +95,10 @@ class MemoryAccount:
         tuple of theirs (see sparse.py)."""
         if tensor.layout is not torch.strided:
             return tuple(self.add(part) for part in sparse.parts(tensor))
+        return self.add_strided(tensor)
+
+    def add_strided(self, tensor: torch.Tensor) -> int:
+        """:meth:`add` of a tensor known to be strided (one storage; its key is the storage's)."""
         storage = tensor.untyped_storage()
         key = storage._cdata
         entry = self._entries.get(key)

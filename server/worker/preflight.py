@@ -22,10 +22,12 @@ rule, from each op's schema (worked out once per op, :class:`Sizing`):
   tensor arguments as the op sees them (``numel``: an expanded view counts in full, so
   ``expand(...).contiguous()`` is seen), per tensor it returns, times ``1 + |n|`` for each integer
   it takes in a size-like position (``repeat``'s repeats, ``new_*``'s sizes, padding, ``one_hot``'s
-  classes), with two refinements: a pointwise op's elements are its inputs' broadcast shape;
-  an op combining several tensors (``mm``, convolutions, ``embedding``, ``index_select``,
-  ``kron``: outputs may grow with the *product* of their inputs' sizes) takes the product of their
-  element counts. Only when the
+  classes), with two refinements: an op combining several tensors (``mm``, convolutions,
+  ``embedding``, ``index_select``, ``kron``: outputs may grow with the *product* of their inputs'
+  sizes) takes the product of their element counts; a pointwise op takes that product too, and
+  its inputs' broadcast shape only when the product does not fit (the product is a looser bound,
+  and cheaper to take). An empty tensor counts its sizes with each 0 taken as 1 (``mm`` of a
+  1000x0 and a 0x1000 matrix makes a million zeros). Only when the
   bound does not fit in what the session has left does the meta kernel run, and its answer (the
   bytes of every fresh result storage, plus what existing storages grow by) is what is checked.
   Answers are cached per op and argument layout, since a training loop asks the same ones every
@@ -146,7 +148,7 @@ def needed_bytes(entry: Any, args: list[Any], kwargs: dict[str, Any], headroom: 
     if not sizing.allocates:
         return None
     if not sizing.exact_only and not sizing.sized_by_data:
-        bound = cheap_bound(sizing, args, kwargs)
+        bound = cheap_bound(sizing, args, kwargs, headroom)
         if bound <= headroom:
             return None
     if _sparse_arguments(args, kwargs):
@@ -170,22 +172,38 @@ def _sparse_arguments(args: list[Any], kwargs: dict[str, Any]) -> bool:
     return False
 
 
-def cheap_bound(sizing: Sizing, args: list[Any], kwargs: dict[str, Any]) -> int:
+def cheap_bound(sizing: Sizing, args: list[Any], kwargs: dict[str, Any], headroom: int) -> int:
     """An upper bound of the bytes the op allocates, from its arguments' element counts and
     size-like integers alone (see the module docstring). On every op's path: kept lean (the
-    daemon's tensors are plain ``torch.Tensor``s, so an exact type test suffices)."""
+    daemon's tensors are plain ``torch.Tensor``s, so an exact type test suffices). A pointwise
+    op's broadcast shape is worked out only when the product of its inputs' element counts, a
+    looser bound, does not fit in ``headroom``: for the usual op it does, at a fraction of the cost."""
     tensors = [value for value in args if type(value) is _Tensor]
     if len(tensors) != len(args) or kwargs:
         _add_listed_and_keyword_tensors(tensors, args, kwargs)
-    if sizing.multiplies:
+    if sizing.multiplies or (sizing.pointwise and len(tensors) > 1):
         elements = 1
         for tensor in tensors:
-            elements *= tensor.numel() or 1
-    elif sizing.pointwise and len(tensors) > 1:
-        elements = _broadcast_elements([tensor.shape for tensor in tensors])
+            elements *= tensor.numel() or _extent(tensor)
     else:
-        elements = sum([tensor.numel() for tensor in tensors])
-    bound = (elements or 1) * sizing.scale
+        elements = sum([tensor.numel() or _extent(tensor) for tensor in tensors])
+    bound = _times_size_arguments(sizing, args, kwargs, (elements or 1) * sizing.scale)
+    if bound > headroom and sizing.pointwise and not sizing.multiplies and len(tensors) > 1:
+        elements = _broadcast_elements([tensor.shape for tensor in tensors])
+        bound = _times_size_arguments(sizing, args, kwargs, (elements or 1) * sizing.scale)
+    return bound
+
+
+def _extent(tensor: torch.Tensor) -> int:
+    """An empty tensor's sizes multiplied with each 0 taken as 1: what it may contribute to an
+    output all the same (``mm`` of a 1000x0 and a 0x1000 matrix makes 1000x1000 zeros)."""
+    extent = 1
+    for size in tensor.shape:
+        extent *= max(size, 1)
+    return extent
+
+
+def _times_size_arguments(sizing: Sizing, args: list[Any], kwargs: dict[str, Any], bound: int) -> int:
     for where, key in sizing.size_arguments:
         value = (args[key] if key < len(args) else None) if where == "arg" else kwargs.get(key)
         for number in (value if type(value) is list else (value,)):

@@ -443,15 +443,18 @@ class Session(QuotaMixin, GraphsMixin, ResidencyMixin, CommandsMixin, TransfersM
             raise CommandError(ErrorKind.OP, "", f"expected a tensor result for handle {handle}, got {type(tensor).__name__}")
         if handle in self.tensors:
             raise ProtocolError(f"handle {handle} is already in use")
-        refusal = values.unstorable(tensor, self.devices)
+        strided = tensor.layout is torch.strided  # (read once: this runs for every stored result)
+        refusal = values.unstorable_strided(tensor, self.devices) if strided else values.unstorable(tensor, self.devices)
         if refusal is not None:  # checked before anything is stored: close() never meets it
             raise CommandError(ErrorKind.REFUSED, "", f"the result for handle {handle} {refusal}")
-        if tensor.layout is not torch.strided:  # sparse (unstorable refuses other layouts)
+        if strided:
+            if self._sparse_indices.counts:  # (a dict's truth)
+                tensor = self._sparse_indices.strided(tensor)
+            self._storage_keys[handle] = self.memory.add_strided(tensor)
+        else:  # sparse (unstorable refuses other layouts)
             tensor = self._sparse_indices.admit(tensor, self.memory.is_charged)
             self._sparse_indices.add(handle, tensor)
-        elif self._sparse_indices.counts:  # (a dict's truth: this runs for every stored result)
-            tensor = self._sparse_indices.strided(tensor)
-        self._storage_keys[handle] = self.memory.add(tensor)
+            self._storage_keys[handle] = self.memory.add(tensor)
         self._failed.pop(handle, None)
         self.tensors[handle] = tensor
 
@@ -523,6 +526,19 @@ class Session(QuotaMixin, GraphsMixin, ResidencyMixin, CommandsMixin, TransfersM
             return self._explicit_generator(value)
         return value
 
+    def _resolve_arguments(self, args: list[Any]) -> list[Any]:
+        """:meth:`_resolve` of an op's argument list, with its handles (most arguments) looked up
+        here rather than in a call each: this runs for every op."""
+        tensors = self.tensors
+        resolved = []
+        for item in args:
+            if type(item) is HandleRef:
+                tensor = tensors.get(item.handle)
+                resolved.append(tensor if tensor is not None else self.tensor(item.handle))
+            else:
+                resolved.append(self._resolve(item, 1))
+        return resolved
+
     # ------------------------------------------------------------------------------------------
     # Command handlers, one per protocol command
     # ------------------------------------------------------------------------------------------
@@ -555,7 +571,7 @@ class Session(QuotaMixin, GraphsMixin, ResidencyMixin, CommandsMixin, TransfersM
         entry = self._op_entry(ref)
         codec.check(type(args) is list and type(kwargs) is dict, "OP args must be a list and kwargs a map")
         try:
-            args = self._resolve(args)
+            args = self._resolve_arguments(args)
             if kwargs:
                 kwargs = {key: self._resolve(value) for key, value in kwargs.items()}
         except CommandError as exc:

@@ -74,6 +74,11 @@ def unstorable(tensor: torch.Tensor, devices: Sequence[torch.device]) -> str | N
         if sparse.is_sparse(tensor):
             return sparse.unstorable(tensor, devices)
         return f"is a {tensor.layout} tensor; the daemon keeps strided and sparse tensors only"
+    return unstorable_strided(tensor, devices)
+
+
+def unstorable_strided(tensor: torch.Tensor, devices: Sequence[torch.device]) -> str | None:
+    """:func:`unstorable` of a tensor known to be strided."""
     if tensor.is_quantized:
         return "is a quantized tensor; the daemon keeps strided tensors only"
     if tensor.device not in devices:
