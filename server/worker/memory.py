@@ -100,7 +100,7 @@ class MemoryAccount:
     def add_strided(self, tensor: torch.Tensor) -> int:
         """:meth:`add` of a tensor known to be strided (one storage; its key is the storage's)."""
         storage = tensor.untyped_storage()
-        key = storage._cdata
+        key: int = storage._cdata
         entry = self._entries.get(key)
         if entry is not None:
             entry.handles += 1
