@@ -59,30 +59,37 @@ def _stream_one_tensor(func: torch._ops.OpOverload, info: OpInfo, args: tuple[An
     session = None
     values_matter = not info.pointwise
     key: list[Any] = []
+    #: The arguments as they travel, while every one is a tensor (as WireEncoder would encode them).
+    wire_args: list[Any] | None = []
     index = -1
     for arg in args:
         if type(arg) is RemoteTensor:
-            if arg._ref.session is not session:
+            ref = arg._ref
+            if ref.session is not session:
                 if session is not None:
                     return None
-                session = arg._ref.session
+                session = ref.session
             if index != arg._device_index:
                 if index >= 0:
                     return None
                 index = arg._device_index
             key.append(arg._spec)
+            if wire_args is not None:
+                wire_args.append(ref.wire)
         elif isinstance(arg, torch.Tensor):  # a host tensor, or a subclass: the general path
             return None
         elif type(arg) is list and any(isinstance(item, torch.Tensor) for item in arg):
             return None  # tensor lists (cat, index): the general path checks their devices
         else:
             key.append(meta.signature(arg, values_matter))
+            wire_args = None
     if index < 0 or session.closed:
         return None
     specs = meta.cached(func, tuple(key))
     if specs is None or specs[0] is None:
         return None
-    wire_args, _ = WireEncoder(session, info.name).arguments(info, args, {})
+    if wire_args is None:  # (a scalar or other value among them: defaults are left out, values encoded)
+        wire_args, _ = WireEncoder(session, info.name).arguments(info, args, {})
     tensor = make(specs[0], session, index, None if info.view_of is None else args[info.view_of],
                   info.view_keeps_inference)
     session.submit([Cmd.OP, session.op_ref(info.name), wire_args, {}, [tensor._ref.id]])

@@ -204,14 +204,12 @@ class RemoteTensor(torch.Tensor):
             # switch the mode to the base's for the construction only (no op runs under it).
             with torch._C._InferenceMode(base.is_inference()):
                 tensor = torch.Tensor._make_wrapper_subclass(
-                    cls, shape, strides=stride, storage_offset=offset, dtype=dtype,
-                    device=backend.device(device_index), requires_grad=False,
+                    cls, shape, strides=stride, storage_offset=offset, dtype=dtype, device=backend.device(device_index),
                 )
         else:
             tensor = torch.Tensor._make_wrapper_subclass(
-                cls, shape, strides=stride, storage_offset=offset, dtype=dtype,
-                device=backend.device(device_index), requires_grad=False,
-            )
+                cls, shape, strides=stride, storage_offset=offset, dtype=dtype, device=backend.device(device_index),
+            )  # (requires_grad: False by default; autograd sets it on the results it tracks)
         tensor._ref = ref
         tensor._spec = spec
         tensor._device_index = device_index
@@ -329,6 +327,9 @@ def bind(dispatch: Any, reduce: Any) -> None:
     _dispatch, _reduce = dispatch, reduce
 
 
+_new_remote_tensor = RemoteTensor.__new__
+
+
 def make(spec: Spec, session: Any, device_index: int = 0, view_of: Any = None,
          keeps_inference: bool = True) -> RemoteTensor:
     """A new tensor with a fresh handle (the caller tells the daemon what to put there).
@@ -339,8 +340,8 @@ def make(spec: Spec, session: Any, device_index: int = 0, view_of: Any = None,
         tensor = RemoteTensor(spec, _HandleRef(session.new_handle(), session), device_index,
                               view_of if keeps_inference else None)
         share_storage(tensor, view_of)
-    else:
-        tensor = RemoteTensor(spec, _HandleRef(session.new_handle(), session), device_index)
+    else:  # (__new__ called directly: RemoteTensor(...) would call the no-op __init__ too)
+        tensor = _new_remote_tensor(RemoteTensor, spec, _HandleRef(session.new_handle(), session), device_index)
     if session.made_while_recording is not None:  # torch.cuda.graph: see ClientSession.start_recording
         session.made_while_recording.append(weakref.ref(tensor))
     return tensor
