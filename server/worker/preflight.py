@@ -188,7 +188,7 @@ def cheap_bound(sizing: Sizing, args: list[Any], kwargs: dict[str, Any], headroo
     else:
         elements = sum([tensor.numel() or _extent(tensor) for tensor in tensors])
     bound = _times_size_arguments(sizing, args, kwargs, (elements or 1) * sizing.scale)
-    if bound > headroom and sizing.pointwise and not sizing.multiplies and len(tensors) > 1:
+    if bound > headroom and sizing.pointwise and len(tensors) > 1:  # (pointwise ops never multiply)
         elements = _broadcast_elements([tensor.shape for tensor in tensors])
         bound = _times_size_arguments(sizing, args, kwargs, (elements or 1) * sizing.scale)
     return bound
