@@ -187,7 +187,9 @@ def cheap_bound(sizing: Sizing, args: list[Any], kwargs: dict[str, Any], headroo
             elements *= tensor.numel() or _extent(tensor)
     else:
         elements = sum([tensor.numel() or _extent(tensor) for tensor in tensors])
-    bound = _times_size_arguments(sizing, args, kwargs, (elements or 1) * sizing.scale)
+    bound = (elements or 1) * sizing.scale
+    if sizing.size_arguments:
+        bound = _times_size_arguments(sizing, args, kwargs, bound)
     if bound > headroom and sizing.pointwise and len(tensors) > 1:  # (pointwise ops never multiply)
         elements = _broadcast_elements([tensor.shape for tensor in tensors])
         bound = _times_size_arguments(sizing, args, kwargs, (elements or 1) * sizing.scale)

@@ -455,7 +455,8 @@ class Session(QuotaMixin, GraphsMixin, ResidencyMixin, CommandsMixin, TransfersM
             tensor = self._sparse_indices.admit(tensor, self.memory.is_charged)
             self._sparse_indices.add(handle, tensor)
             self._storage_keys[handle] = self.memory.add(tensor)
-        self._failed.pop(handle, None)
+        if self._failed:  # (almost always empty)
+            self._failed.pop(handle, None)
         self.tensors[handle] = tensor
 
     def reclaim_captures(self) -> None:
