@@ -366,6 +366,19 @@ def test_opinfo_samples_match_local_strides(remote):
     assert not mismatches, "\n".join(mismatches)
 
 
+def test_fused_attention_results_are_laid_out_as_promised(remote):
+    # The fused attention streams (its meta kernel answers for it): every tensor it returns
+    # (output, logsumexp, RNG seed and offset) must be on the daemon as the client's metadata
+    # says. The CPU kernel's logsumexp is a transposed view, made contiguous by the daemon
+    # (without that: strides (32, 1, 4) on the daemon against the promised (32, 8, 1)).
+    query = torch.randn(2, 4, 8, 16, device="cuda")
+    for q in (query, query.transpose(1, 2).contiguous().transpose(1, 2)):
+        outputs = torch.ops.aten._scaled_dot_product_fused_attention_overrideable(q, q, q, None, 0.0, False, False)
+        for index, out in enumerate(outputs):
+            if isinstance(out, torch.Tensor):
+                assert layout(out) == daemon_layout(out), f"result {index}"
+
+
 def test_attention_block_gradients(remote):
     """The same block trained: every gradient autograd produces (through the fused attention
     backward, the group norm backward and the views) has local torch's layout."""

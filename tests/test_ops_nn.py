@@ -328,6 +328,25 @@ def test_scaled_dot_product_attention(remote, variant):
     check(lambda a, b, c, **kw: F.scaled_dot_product_attention(a, b, c, **kw), q, k, v, atol=1e-5, rtol=1e-5, **kwargs)
 
 
+def test_attention_streams_with_the_other_ops(remote):
+    # The fused attention's forward and backward go out with the step's other ops: a training
+    # step waits for the daemon once, not at every attention layer. (Fails before: the client
+    # dropped the forward's meta kernel with torch's Python ones, so each call waited for the
+    # daemon's answer, a batch of its own.)
+    import libremote
+
+    q, k, v = (randn(2, 3, 5, 8, seed=seed).cuda().requires_grad_() for seed in range(3))
+    batches = libremote.session_stats()["batches"]
+    for _ in range(10):
+        F.scaled_dot_product_attention(q, k, v).sum().backward()
+    assert libremote.session_stats()["batches"] - batches <= 2  # (the stats query is one)
+    expected = [randn(2, 3, 5, 8, seed=seed).requires_grad_() for seed in range(3)]
+    for _ in range(10):
+        F.scaled_dot_product_attention(*expected).sum().backward()
+    for got, want in zip((q, k, v), expected):
+        compare(got.grad.cpu(), want.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_multihead_attention_module(remote):
     torch.manual_seed(0)
     mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)

@@ -229,6 +229,12 @@ def _has_native_meta_kernel(op: torch._ops.OpOverload) -> bool:
     has, name = torch._C._dispatch_has_kernel_for_dispatch_key, op.name()
     if has(name, "Meta"):
         return True
+    if "_overrideable" in name:
+        # PyTorch's hooks for backends with kernels of their own (the fused attention SDPA
+        # uses on the remote device, ``convolution_overrideable``): their composite kernel is a
+        # stub that raises NotImplementedError, so the Python meta kernel is the only one. (Taken
+        # off, every attention forward waited for a round trip: NeedsDaemon.)
+        return False
     composite_everywhere = has(name, "CompositeExplicitAutograd") and not has(name, "CPU")
     return composite_everywhere and (not _tensor_iterator_op(op) or op._schema.name in _COMPOSITE_OF_SEVERAL_OPS)
 

@@ -82,7 +82,10 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
             query, key, value, dropout_p, is_causal, attn_mask=attn_bias, scale=scale
         )
-        return _like(out, query), lse, None, None, max_q, max_k, no_rng, no_rng.clone(), None
+        # The CPU kernel's logsumexp is a transposed view, (B, L, H) memory; the client was
+        # promised (B, H, L) contiguous (the op's meta kernel), and the CPU backward reads it by
+        # its strides either way (bit-identical gradients).
+        return _like(out, query), lse.contiguous(), None, None, max_q, max_k, no_rng, no_rng.clone(), None
     out = _math_attention(query, key, value, attn_bias, dropout_p, is_causal, scale)
     empty_lse = torch.empty((0,), dtype=torch.float32, device=query.device)
     return _like(out, query), empty_lse, None, None, max_q, max_k, no_rng, no_rng.clone(), None
