@@ -366,6 +366,45 @@ def test_opinfo_samples_match_local_strides(remote):
     assert not mismatches, "\n".join(mismatches)
 
 
+CONVOLUTIONS = {
+    "conv1d": (lambda x, w, b: F.conv1d(x, w, b, padding=1), (2, 3, 9), (4, 3, 3)),
+    "conv2d": (lambda x, w, b: F.conv2d(x, w, b, stride=2, padding=1), (2, 3, 8, 8), (4, 3, 3, 3)),
+    "conv2d_dilated_grouped": (lambda x, w, b: F.conv2d(x, w, b, dilation=2, groups=2), (2, 4, 9, 9), (6, 2, 3, 3)),
+    "conv2d_depthwise": (lambda x, w, b: F.conv2d(x, w, b, padding=1, groups=4), (2, 4, 6, 6), (4, 1, 3, 3)),
+    "conv2d_one_channel": (lambda x, w, b: F.conv2d(x, w, b), (2, 1, 6, 6), (3, 1, 3, 3)),  # (ambiguous layouts:
+    "conv2d_1x1_spatial": (lambda x, w, b: F.conv2d(x, w, b), (2, 3, 1, 1), (4, 3, 1, 1)),  # contiguous and channels-last)
+    "conv3d": (lambda x, w, b: F.conv3d(x, w, b, padding=1), (1, 2, 4, 5, 5), (3, 2, 3, 3, 3)),
+    "conv_transpose2d": (lambda x, w, b: F.conv_transpose2d(x, w, b, stride=2), (2, 3, 4, 4), (3, 5, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONVOLUTIONS))
+def test_convolutions_stream_and_keep_their_layouts(remote, name):
+    # A convolution on contiguous tensors streams, forward and backward, its results laid out as
+    # the devices lay them (contiguous); channels-last ones still take the daemon's answer
+    # (test_conv_batch_norm_training_layouts). Fails before: each call was a batch of its own.
+    import libremote
+
+    conv, input_shape, weight_shape = CONVOLUTIONS[name]
+    torch.manual_seed(0)
+    host = [torch.randn(input_shape), torch.randn(weight_shape), torch.randn(weight_shape[1] if "transpose" in name
+                                                                            else weight_shape[0])]
+    remote_ins = [t.cuda().requires_grad_() for t in host]
+    local_ins = [t.clone().requires_grad_() for t in host]
+    batches = libremote.session_stats()["batches"]
+    for _ in range(5):
+        out = conv(*remote_ins)
+        out.square().sum().backward()
+    assert libremote.session_stats()["batches"] - batches <= 2, "convolutions waited for the daemon"
+    for _ in range(5):
+        expected = conv(*local_ins)
+        expected.square().sum().backward()
+    check_layout(out, expected, f"{name} output")
+    for index, (got, want) in enumerate(zip(remote_ins, local_ins)):
+        check_layout(got.grad, want.grad, f"{name} gradient {index}")
+        torch.testing.assert_close(got.grad.cpu(), want.grad, atol=1e-4, rtol=1e-4)
+
+
 def test_fused_attention_results_are_laid_out_as_promised(remote):
     # The fused attention streams (its meta kernel answers for it): every tensor it returns
     # (output, logsumexp, RNG seed and offset) must be on the daemon as the client's metadata

@@ -361,6 +361,49 @@ _KERNEL_LAYOUTS: dict[Any, Any] = {
 }
 
 
+#: Convolutions, by the positions of the tensors whose layout decides their results' (input and
+#: weight; grad_output too for the backward). torch's C++ composite picks its backend by device
+#: and cannot run on ``meta`` (it reaches the ``*_overrideable`` stub), and its Python meta
+#: kernel decides memory formats unlike the devices' (contiguous where CPU and CUDA give
+#: channels-last). Every device backend (``determine_backend_memory_format`` in ATen's
+#: Convolution.cpp: cuDNN, MKL-DNN, the slow and depthwise kernels) lays its results out
+#: contiguously when those tensors are unambiguously contiguous: those calls are inferred here,
+#: shapes from the Python kernel. Any other layout waits for the daemon's answer, as every
+#: convolution did before (a round trip for each, forward and backward).
+_CONVOLUTIONS: dict[Any, tuple[int, ...]] = {
+    torch.ops.aten.convolution.default: (0, 1),
+    torch.ops.aten.convolution_backward.default: (0, 1, 2),
+}
+
+
+def _convolution_on_meta(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    kernel = func.py_kernels.get(torch._C.DispatchKey.Meta)
+    if kwargs or kernel is None or not all(_plainly_contiguous(args[index]) for index in _CONVOLUTIONS[func]):
+        raise NeedsDaemon()
+    result = kernel(*args)
+    if isinstance(result, torch.Tensor):
+        return result.contiguous()
+    return tuple(item.contiguous() if isinstance(item, torch.Tensor) else item for item in result)
+
+
+def _plainly_contiguous(tensor: Any) -> bool:
+    """Contiguous, and what the kernels' ``suggest_memory_format`` makes of it is contiguous too
+    (a size-1 channel or spatial extent can make a tensor channels-last as well; torch's Python
+    mirror of the C++ function decides those as the kernels do)."""
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_contiguous():
+        return False
+    if tensor.dim() not in (4, 5):
+        return True  # (no channels-last formats)
+    return _suggest_memory_format(tensor) == torch.contiguous_format
+
+
+def _suggest_memory_format(tensor: torch.Tensor) -> torch.memory_format | None:
+    from torch import _prims_common
+
+    suggest = getattr(_prims_common, "suggest_memory_format", None)
+    return None if suggest is None else suggest(tensor)
+
+
 _DEVICE_MISMATCH = re.compile(r"Tensor on device (\S+) is not on the expected device (\S+)!")
 
 
@@ -441,7 +484,10 @@ def infer(func: torch._ops.OpOverload, info: OpInfo, args: tuple[Any, ...], kwar
     warnings_before = warning_location.moved
     out_shape = _out_shape(meta_kwargs)
     try:
-        result = func(*meta_args, **meta_kwargs)
+        if device is _META and func in _CONVOLUTIONS:
+            result = _convolution_on_meta(func, meta_args, meta_kwargs)
+        else:
+            result = func(*meta_args, **meta_kwargs)
     except NotImplementedError:
         ops_without_meta.add(func)
         raise NeedsDaemon() from None
