@@ -22,6 +22,7 @@ import re
 from typing import Any
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 from . import backend, warning_location
 from .ops import OpInfo, Return
@@ -394,14 +395,7 @@ def _plainly_contiguous(tensor: Any) -> bool:
         return False
     if tensor.dim() not in (4, 5):
         return True  # (no channels-last formats)
-    return _suggest_memory_format(tensor) == torch.contiguous_format
-
-
-def _suggest_memory_format(tensor: torch.Tensor) -> torch.memory_format | None:
-    from torch import _prims_common
-
-    suggest = getattr(_prims_common, "suggest_memory_format", None)
-    return None if suggest is None else suggest(tensor)
+    return suggest_memory_format(tensor) == torch.contiguous_format
 
 
 _DEVICE_MISMATCH = re.compile(r"Tensor on device (\S+) is not on the expected device (\S+)!")
